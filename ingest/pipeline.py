@@ -1,0 +1,331 @@
+"""The ingest pipeline: one forward pass per cell, every kept layer pooled, streamed to the store.
+
+Stages, overlapped:
+
+* a prefetch thread reads the next chunk of cells from the .h5ad (in the store's cell order)
+  and tokenizes it, in worker processes when ``workers > 0``;
+* the main thread batches the chunk by sequence length and runs the model (hooks pool every
+  block inside the hook);
+* a writer thread writes the finished chunk to TileDB (fsynced) and only then advances the
+  run's watermark in the catalog.
+
+Each cell's tokens depend only on ``(seed, cell_idx)`` and chunks start at fixed boundaries, so
+a run killed at any moment resumes from its watermark and ends bit-identical to an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import multiprocessing as mp
+import os
+import queue
+import re
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sclstore.store import ArraySpec, Backend, IngestConfig, RunInfo, cache_key, parse_layers, validate_name
+from sclstore.store.arrays import ENCODING_VERSION
+from sclstore.store.errors import IngestError, InvalidInputError, LeaseHeldError
+
+from .adapter import GeneMapping, ModelAdapter
+from .models import load_adapter
+from .progress import make_progress
+from .source import CountsSource
+
+__all__ = ["IngestResult", "ingest", "resolve_device"]
+
+logger = logging.getLogger(__name__)
+_DONE = object()
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What one ``ingest`` call did."""
+
+    run_id: int
+    dataset: str
+    model: str
+    cache_hit: bool
+    cells: int
+    cells_embedded: int
+    layers: tuple[int, ...]
+    pools: tuple[str, ...]
+    seconds: float
+    cells_per_s: float
+    gene_mapping: dict[str, Any]
+    device: str
+
+    @property
+    def id(self) -> int:
+        """The run id (``store.ingest(...).id``)."""
+        return self.run_id
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        d["pools"] = list(self.pools)
+        return d
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError("--device cuda asked for but no CUDA GPU is visible: use --device cpu or auto")
+    return torch.device(device)
+
+
+def _default_name(path: Path) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip(".-_") or "dataset"
+    return stem[:128]
+
+
+def _tokenize(tokenizer: Any, counts: Any, cell_idx: np.ndarray, seed: int) -> list[Any]:
+    return tokenizer.tokenize(counts, cell_idx, seed=seed)
+
+
+class _Prefetch:
+    """Reads and tokenizes chunks ahead of the model, in a thread (+ worker processes)."""
+
+    def __init__(
+        self, source: CountsSource, order: np.ndarray, mapping: GeneMapping, tokenizer: Any,
+        chunks: Sequence[tuple[int, int]], seed: int, workers: int,
+    ) -> None:
+        self._q: queue.Queue[Any] = queue.Queue(maxsize=2)
+        self._stop = threading.Event()
+        self._pool = (
+            cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) if workers > 0 else None
+        )
+        self._args = (source, order, mapping, tokenizer, chunks, seed, workers)
+        self._thread = threading.Thread(target=self._run, name="sclstore-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        source, order, mapping, tokenizer, chunks, seed, workers = self._args
+        try:
+            for lo, hi in chunks:
+                if self._stop.is_set():
+                    return
+                counts = source.take(order[lo:hi])[:, mapping.var_index].tocsr()
+                cell_idx = np.arange(lo, hi, dtype=np.int64)
+                if self._pool is None:
+                    records = _tokenize(tokenizer, counts, cell_idx, seed)
+                else:
+                    step = max(1, -(-(hi - lo) // workers))
+                    futs = [self._pool.submit(_tokenize, tokenizer, counts[i : i + step], cell_idx[i : i + step], seed)
+                            for i in range(0, hi - lo, step)]
+                    records = [r for f in futs for r in f.result()]
+                self._put((lo, records))
+            self._put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            self._put(exc)
+
+    def _put(self, item: Any) -> None:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self) -> Iterator[tuple[int, list[Any]]]:
+        while True:
+            item = self._q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Writer:
+    """Writes finished chunks (array first, then the watermark) in a background thread."""
+
+    def __init__(self, backend: Backend, run: RunInfo, lease: Any, progress: Any) -> None:
+        self._q: queue.Queue[Any] = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        self._args = (backend, run, lease, progress)
+        self._thread = threading.Thread(target=self._run, name="sclstore-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        backend, run, lease, progress = self._args
+        while True:
+            item = self._q.get()
+            if item is _DONE or self.error is not None:
+                return
+            lo, block = item
+            try:
+                backend.write_block(run, lease, lo, block)
+                progress.advance(next(iter(block.values())).shape[1])
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+                self.error = exc
+
+    def put(self, lo: int, block: dict[str, np.ndarray]) -> None:
+        self.check()
+        self._q.put((lo, block))
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def finish(self) -> None:
+        self._q.put(_DONE)
+        self._thread.join()
+        self.check()
+
+    def abort(self) -> None:
+        """Stop after the chunk being written (if any); used when the model side failed."""
+        if self.error is None:
+            self.error = IngestError("ingest aborted")
+        try:
+            self._q.put_nowait(_DONE)
+        except queue.Full:
+            pass
+        self._thread.join(timeout=60)
+
+
+def _embed_chunk(
+    adapter: ModelAdapter, records: list[Any], *, layers: Sequence[int], pools: Sequence[str],
+    batch_size: int, device: torch.device,
+) -> dict[str, np.ndarray]:
+    """Embed one chunk: batches of similar length, results back in the chunk's cell order."""
+    n = len(records)
+    lengths = np.array([adapter.tokenizer.seq_len(r) for r in records])
+    order = np.lexsort((np.arange(n), lengths))
+    out = {p: np.empty((len(layers), n, adapter.d_model), dtype=np.float32) for p in pools}
+    cuda = device.type == "cuda"
+    for b in range(0, n, batch_size):
+        idx = order[b : b + batch_size]
+        batch = adapter.collate([records[i] for i in idx])
+        if cuda:
+            batch = batch.pin_memory()
+        batch = batch.to(device, non_blocking=cuda)
+        pooled = adapter.embed(batch, layers=layers, pools=pools)
+        for pool, tensor in pooled.items():
+            out[pool][:, idx, :] = tensor.float().cpu().numpy()
+    return out
+
+
+def ingest(backend: Backend, path: str | os.PathLike[str], config: IngestConfig, *, adapter: ModelAdapter | None = None) -> IngestResult:
+    """Embed every cell of an .h5ad file with every kept layer, into ``backend``.
+
+    Everything that can be wrong with the input is checked before the store is touched. A
+    completed identical run is a cache hit that loads no weights; an interrupted one resumes.
+
+    Parameters
+    ----------
+    backend
+        The open store.
+    path
+        The .h5ad file with raw counts.
+    config
+        Model, layers, pools, dtype and the other ingest options.
+    adapter
+        A ready adapter (tests, custom models); by default built from ``config.model`` and
+        ``config.checkpoint``.
+
+    Returns
+    -------
+    IngestResult
+
+    Raises
+    ------
+    InvalidInputError, DatasetError, CheckpointError
+        On bad input, before anything is written.
+    LeaseHeldError
+        If another process is ingesting the same run and ``config.wait`` is false.
+    """
+    t0 = time.perf_counter()
+    path = Path(path).expanduser()
+    name = config.name or validate_name(_default_name(path), what="dataset")
+    device = resolve_device(config.device)
+    if adapter is None:
+        adapter = load_adapter(config.model, config.checkpoint, max_genes=config.max_genes)
+    with CountsSource(path, counts_layer=config.counts_layer, gene_column=config.gene_column) as source:
+        mapping = adapter.map_genes(source.gene_ids)
+        layers = parse_layers(config.layers, adapter.n_layers)
+        pools = tuple(config.pools) if config.pools else tuple(adapter.default_pools)
+        unknown = [p for p in pools if p not in adapter.supported_pools]
+        if unknown:
+            raise InvalidInputError(f"pool(s) {unknown} not available for {adapter.family}; choose from {', '.join(adapter.supported_pools)}")
+        content_hash = source.scan()
+        precision = "bf16" if device.type == "cuda" else "fp32"
+        params = {"family": adapter.family, "layers": list(layers), "pools": list(pools), "dtype": config.dtype,
+                  "seed": int(config.seed), "max_genes": config.max_genes, "precision": precision,
+                  "chunk_cells": int(config.chunk_cells), "counts": source.counts_key}
+        key = cache_key(content_hash, adapter.family, adapter.checkpoint_hash, params, ENCODING_VERSION)
+        hit = backend.find_run(key)
+        if hit is not None and hit.status == "complete":
+            logger.info("cache hit: run %s already holds this extraction", hit.id)
+            return _result(hit, cache_hit=True, embedded=0, t0=t0, device=device, mapping=mapping)
+        dataset = backend.register_dataset(name=name, content_hash=content_hash, obs=source.obs, n_vars=source.n_vars,
+                                           source_path=str(path.resolve()), cluster_by=config.cluster_by)
+        model = backend.register_model(family=adapter.family, name=adapter.name, checkpoint_hash=adapter.checkpoint_hash,
+                                       n_layers=adapter.n_layers, d_model=adapter.d_model, config=adapter.describe())
+        spec = ArraySpec(n_layers=len(layers), n_cells=dataset.n_obs, dim=adapter.d_model, pools=pools, dtype=config.dtype)
+        run = backend.create_run(dataset=dataset, model=model, key=key, params=params, layers=layers, spec=spec)
+        lease = backend.acquire(run.id, wait=config.wait)
+        if lease is None:  # finished by another process while we waited
+            return _result(backend.get_run(run.id), cache_hit=True, embedded=0, t0=t0, device=device, mapping=mapping)
+        try:
+            run = backend.get_run(run.id)
+            start = run.watermark
+            order = backend.cell_order(dataset.id)
+            chunks = [(lo, min(lo + config.chunk_cells, run.n_cells)) for lo in range(start, run.n_cells, config.chunk_cells)]
+            if start % config.chunk_cells and start < run.n_cells:
+                raise IngestError(f"run {run.id} watermark {start} is not a chunk boundary of {config.chunk_cells}")
+            logger.info("run %s: embedding cells %d..%d of %d on %s", run.id, start, run.n_cells, run.n_cells, device)
+            adapter.load(device)
+            with make_progress(f"ingest {name}", total=run.n_cells, done=start, enabled=config.progress) as progress:
+                writer = _Writer(backend, run, lease, progress)
+                prefetch = _Prefetch(source, order, mapping, adapter.tokenizer, chunks, config.seed, config.workers)
+                try:
+                    for lo, records in prefetch:
+                        writer.check()
+                        block = _embed_chunk(adapter, records, layers=layers, pools=pools,
+                                             batch_size=config.batch_size, device=device)
+                        writer.put(lo, block)
+                    writer.finish()
+                except BaseException:
+                    writer.abort()
+                    raise
+                finally:
+                    prefetch.close()
+            elapsed = time.perf_counter() - t0
+            embedded = run.n_cells - start
+            stats = {"gene_mapping": mapping.stats(), "seconds": round(elapsed, 3), "device": str(device),
+                     "cells_per_s": round(embedded / elapsed, 2) if elapsed > 0 else None, "resumed_from": start}
+            run = backend.complete(run, lease, stats)
+        except LeaseHeldError:
+            raise
+        except BaseException as exc:
+            backend.fail(run, lease, f"{type(exc).__name__}: {exc}")
+            raise
+    return _result(run, cache_hit=False, embedded=embedded, t0=t0, device=device, mapping=mapping)
+
+
+def _result(run: RunInfo, *, cache_hit: bool, embedded: int, t0: float, device: torch.device, mapping: GeneMapping) -> IngestResult:
+    secs = time.perf_counter() - t0
+    return IngestResult(
+        run_id=run.id, dataset=run.dataset_name, model=run.model_name, cache_hit=cache_hit, cells=run.n_cells,
+        cells_embedded=embedded, layers=run.layers, pools=run.pools, seconds=round(secs, 3),
+        cells_per_s=round(embedded / secs, 2) if secs > 0 and embedded else 0.0,
+        gene_mapping=mapping.stats(), device=str(device),
+    )

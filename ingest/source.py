@@ -1,0 +1,156 @@
+"""Reading raw counts from an .h5ad file in row blocks (never the whole matrix at once).
+
+The counts come from ``X`` or ``layers[KEY]``; CSR, CSC and dense encodings are read through
+h5py / ``anndata.io.sparse_dataset``, so a file larger than memory can be ingested.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata.io import read_elem, sparse_dataset
+
+from sclstore.store.errors import DatasetError, InvalidInputError
+
+__all__ = ["CountsSource"]
+
+logger = logging.getLogger(__name__)
+
+
+class CountsSource:
+    """An open .h5ad file: obs, gene ids and row-block access to raw counts.
+
+    Parameters
+    ----------
+    path
+        The .h5ad file.
+    counts_layer
+        Read counts from ``layers[counts_layer]`` instead of ``X``.
+    gene_column
+        Take gene ids from ``var[gene_column]`` instead of the var index.
+
+    Raises
+    ------
+    InvalidInputError
+        If the file is missing or not an h5ad, or the layer / gene column does not exist.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, counts_layer: str | None = None, gene_column: str | None = None) -> None:
+        self.path = Path(path).expanduser()
+        if not self.path.is_file():
+            raise InvalidInputError(f"data file {self.path} does not exist: pass the path of an .h5ad file")
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise InvalidInputError(f"{self.path} is not an .h5ad (HDF5) file: {exc}") from None
+        try:
+            self.obs: pd.DataFrame = read_elem(self._file["obs"])
+            var: pd.DataFrame = read_elem(self._file["var"])
+            self.counts_key = "X"
+            if counts_layer is not None:
+                layers = list(self._file["layers"].keys()) if "layers" in self._file else []
+                if counts_layer not in layers:
+                    raise InvalidInputError(f"--counts-layer {counts_layer!r} not in the file; layers: {', '.join(layers) or '(none)'}")
+                self.counts_key = f"layers/{counts_layer}"
+            elif "X" not in self._file:
+                raise InvalidInputError(f"{self.path} has no X matrix: pass --counts-layer with the layer holding raw counts")
+            if gene_column is not None:
+                if gene_column not in var.columns:
+                    raise InvalidInputError(f"--gene-column {gene_column!r} not in var; var columns: {', '.join(map(str, var.columns)) or '(none)'}")
+                self.gene_ids = var[gene_column].astype(str).to_numpy()
+            else:
+                self.gene_ids = var.index.astype(str).to_numpy()
+            self.var_names = var.index.astype(str).to_numpy()
+            elem = self._file[self.counts_key]
+            self._dense = isinstance(elem, h5py.Dataset)
+            self._matrix = elem if self._dense else sparse_dataset(elem)
+            shape = tuple(elem.shape) if self._dense else tuple(self._matrix.shape)
+        except BaseException:
+            self._file.close()
+            raise
+        self.n_obs, self.n_vars = int(shape[0]), int(shape[1])
+        if self.n_obs != self.obs.shape[0] or self.n_vars != len(self.gene_ids):
+            self.close()
+            raise DatasetError(f"{self.path}: counts shape {shape} does not match obs/var ({self.obs.shape[0]}, {len(self.gene_ids)})")
+
+    def __enter__(self) -> CountsSource:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def rows(self, lo: int, hi: int) -> sp.csr_matrix:
+        """Counts of cells ``lo..hi-1`` (file order) as float32 CSR with sorted indices."""
+        block = self._matrix[lo:hi]
+        m = sp.csr_matrix(block, dtype=np.float32) if not sp.issparse(block) else block.tocsr().astype(np.float32)
+        m.sum_duplicates()
+        m.eliminate_zeros()
+        m.sort_indices()
+        return m
+
+    def take(self, rows: np.ndarray) -> sp.csr_matrix:
+        """Counts of arbitrary file rows, in the order given (read in sorted runs)."""
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        parts = []
+        lo = 0
+        while lo < len(sorted_rows):  # contiguous runs of rows read as slices
+            hi = lo + 1
+            while hi < len(sorted_rows) and sorted_rows[hi] == sorted_rows[hi - 1] + 1:
+                hi += 1
+            parts.append(self.rows(int(sorted_rows[lo]), int(sorted_rows[hi - 1]) + 1))
+            lo = hi
+        stacked = sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, self.n_vars), dtype=np.float32)
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return stacked[inverse]
+
+    def blocks(self, block_rows: int = 8192) -> Iterator[tuple[int, sp.csr_matrix]]:
+        for lo in range(0, self.n_obs, block_rows):
+            yield lo, self.rows(lo, min(lo + block_rows, self.n_obs))
+
+    def scan(self, *, block_rows: int = 8192) -> str:
+        """Validate the counts and return the dataset's content hash.
+
+        The hash covers the counts (values and sparsity, independent of storage dtype and
+        encoding), the obs names and the var names.
+
+        Raises
+        ------
+        DatasetError
+            On an empty matrix, negative, NaN/inf or non-integer counts.
+        """
+        if self.n_obs == 0 or self.n_vars == 0:
+            raise DatasetError(f"{self.path} is empty ({self.n_obs} cells x {self.n_vars} genes): nothing to ingest")
+        where = "X" if self.counts_key == "X" else self.counts_key
+        h = hashlib.sha256()
+        h.update(f"{self.n_obs}x{self.n_vars}".encode())
+        for lo, m in self.blocks(block_rows):
+            data = m.data
+            if not np.all(np.isfinite(data)):
+                raise DatasetError(f"{where} has NaN or infinite values (rows {lo}..): sclstore needs raw integer counts")
+            if (data < 0).any():
+                raise DatasetError(f"{where} has negative values (rows {lo}..): sclstore needs raw counts, not scaled data; pass --counts-layer with raw counts")
+            if not np.all(data == np.round(data)):
+                msg = f"{where} has non-integer values (rows {lo}..): it looks normalised; pass --counts-layer with raw integer counts"
+                raise DatasetError(msg)
+            h.update(np.diff(m.indptr).astype(np.int64).tobytes())
+            h.update(m.indices.astype(np.int64).tobytes())
+            h.update(data.astype(np.float64).tobytes())
+        for names in (self.obs.index.astype(str), self.var_names):
+            for name in names:
+                h.update(name.encode())
+                h.update(b"\0")
+        return h.hexdigest()

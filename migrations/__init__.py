@@ -1,0 +1,1 @@
+"""Alembic migrations of the sclstore catalog (shipped in the wheel)."""

@@ -1,0 +1,240 @@
+"""The ``sclstore`` command line: parse, call one Store method, render.
+
+Every command takes ``--store`` and ``--catalog``; reporting commands take ``--json`` and then
+print exactly one JSON document on stdout. Errors are one line on stderr, exit code 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sclstore.api import Store, default_store_path, open_store
+from sclstore.store import catalog as catalogdb
+from sclstore.store.backend import Backend
+from sclstore.store.config import parse_csv
+from sclstore.store.errors import SclstoreError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="sclstore",
+    help="Layer-wise embedding store for single-cell foundation models: every layer, every cell, computed once.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+db_app = typer.Typer(help="Catalog schema (Alembic) commands.", no_args_is_help=True)
+eval_app = typer.Typer(help="Score every stored layer on a task.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(eval_app, name="eval")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+StoreOpt = Annotated[str, typer.Option("--store", envvar="SCLSTORE_STORE", help="Store folder.", show_default=True)]
+CatalogOpt = Annotated[
+    str | None, typer.Option("--catalog", envvar="SCLSTORE_CATALOG", help="Catalog URL (default: SQLite inside the store).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else.")]
+VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="Log to stderr (-v info, -vv debug).")]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handled(fn: F) -> F:
+    """Turn SclstoreError into one stderr line and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _logging(kwargs.get("verbose", 0))
+        try:
+            return fn(*args, **kwargs)
+        except SclstoreError as exc:
+            err.print(f"error: {exc}", markup=False, highlight=False)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _logging(verbose: int) -> None:
+    if verbose:
+        logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def emit_json(data: Any) -> None:
+    """Write one JSON document to stdout."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _open(store: str, catalog: str | None, *, create: bool = False) -> Store:
+    return open_store(store, catalog, create=create)
+
+
+# ------------------------------------------------------------------------------ store admin
+@app.command()
+@handled
+def init(store: StoreOpt = default_store_path(), catalog: CatalogOpt = None, json_out: JsonOpt = False, verbose: VerboseOpt = 0) -> None:
+    """Create the store, or upgrade its catalog to the newest schema."""
+    backend = Backend.create(store, catalog)
+    try:
+        rev = catalogdb.current_revision(backend.engine)
+        info = {"store": str(backend.root.resolve()), "catalog": catalogdb.redact(backend.catalog_url), "schema": rev}
+    finally:
+        backend.close()
+    if json_out:
+        emit_json(info)
+    else:
+        out.print(f"store ready at {info['store']} (catalog {info['catalog']}, schema {rev})", markup=False)
+
+
+@db_app.command("upgrade")
+@handled
+def db_upgrade(store: StoreOpt = default_store_path(), catalog: CatalogOpt = None, json_out: JsonOpt = False, verbose: VerboseOpt = 0) -> None:
+    """Upgrade the catalog schema to the newest revision."""
+    init(store=store, catalog=catalog, json_out=json_out, verbose=verbose)
+
+
+@db_app.command("current")
+@handled
+def db_current(store: StoreOpt = default_store_path(), catalog: CatalogOpt = None, json_out: JsonOpt = False, verbose: VerboseOpt = 0) -> None:
+    """Show the catalog's schema revision and the newest one this sclstore knows."""
+    url = catalog or Backend.default_catalog(Path(store))
+    if catalog is None and not (Path(store) / "sclstore.json").is_file():
+        Backend.open(store, catalog)  # raises the "not a store" error
+    engine = catalogdb.make_engine(url)
+    try:
+        cur, head = catalogdb.current_revision(engine), catalogdb.head_revision()
+    finally:
+        engine.dispose()
+    if json_out:
+        emit_json({"current": cur, "head": head, "up_to_date": cur == head})
+    else:
+        state = "up to date" if cur == head else "run `sclstore db upgrade`"
+        out.print(f"catalog at {cur or '(empty)'}; head {head}: {state}", markup=False)
+
+
+def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*[str(x) for x in row])
+    return table
+
+
+@app.command("ls")
+@handled
+def ls(
+    what: Annotated[str, typer.Argument(help="datasets, models or runs.")] = "runs",
+    store: StoreOpt = default_store_path(),
+    catalog: CatalogOpt = None,
+    json_out: JsonOpt = False,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """List what the store holds: datasets, models or runs."""
+    if what not in ("datasets", "models", "runs"):
+        err.print(f"error: cannot list {what!r}: choose datasets, models or runs", markup=False)
+        raise typer.Exit(2)
+    with _open(store, catalog) as st:
+        items = {"datasets": st.datasets, "models": st.models, "runs": st.runs}[what]()
+        if json_out:
+            emit_json([i.to_json() for i in items])
+            return
+        if what == "datasets":
+            rows = [[d.id, d.name, d.n_obs, d.n_vars, ",".join(c.name for c in d.obs_schema), d.content_hash[:12]] for d in items]
+            out.print(_table("datasets", ["id", "name", "cells", "genes", "obs columns", "hash"], rows))
+        elif what == "models":
+            rows = [[m.id, m.family, m.name, m.n_layers, m.d_model, m.checkpoint_hash[:12]] for m in items]
+            out.print(_table("models", ["id", "family", "name", "blocks", "d_model", "checkpoint"], rows))
+        else:
+            rows = [[r.id, r.dataset_name, r.model_name, r.status, f"{r.watermark}/{r.n_cells}",
+                     f"{r.layers[0]}..{r.layers[-1]} ({len(r.layers)})", ",".join(r.pools), r.dtype] for r in items]
+            out.print(_table("runs", ["id", "dataset", "model", "status", "cells", "layers", "pools", "dtype"], rows))
+
+
+@app.command()
+@handled
+def verify(
+    run: Annotated[str | None, typer.Argument(help="Run id or dataset/model (default: every complete run).")] = None,
+    store: StoreOpt = default_store_path(),
+    catalog: CatalogOpt = None,
+    json_out: JsonOpt = False,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Check that every complete run's array exists with the catalog's shape, encoding and extent."""
+    with _open(store, catalog) as st:
+        reports = st.verify(run)
+    bad = [r for r in reports if not r["ok"]]
+    if json_out:
+        emit_json({"ok": not bad, "runs": reports})
+    else:
+        for r in reports:
+            mark = "ok" if r["ok"] else "PROBLEM"
+            out.print(f"run {r['run']} {r['label']}: {mark}" + ("".join(f"\n  - {p}" for p in r["problems"])), markup=False)
+        out.print(f"{len(reports)} run(s) checked, {len(bad)} with problems", markup=False)
+    if bad:
+        raise typer.Exit(1)
+
+
+# ------------------------------------------------------------------------------ ingest
+@app.command()
+@handled
+def ingest(
+    data: Annotated[Path, typer.Argument(help=".h5ad file with raw counts.")],
+    model: Annotated[str, typer.Option("--model", help="tahoe-x1, scfoundation, scgpt, geneformer or sclstore-tiny.")],
+    checkpoint: Annotated[str | None, typer.Option(help="Local checkpoint folder (not for sclstore-tiny).")] = None,
+    name: Annotated[str | None, typer.Option(help="Dataset name (default: the file name).")] = None,
+    pool: Annotated[str | None, typer.Option("--pool", help="Pools, e.g. cls,mean (default: the model's).")] = None,
+    layers: Annotated[str, typer.Option(help="all, a list 0,6,12 or a range 0:12.")] = "all",
+    dtype: Annotated[str, typer.Option(help="float32 or float16.")] = "float32",
+    batch_size: Annotated[int, typer.Option(help="Cells per forward pass.")] = 32,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    counts_layer: Annotated[str | None, typer.Option(help="Read counts from layers[KEY] instead of X.")] = None,
+    gene_column: Annotated[str | None, typer.Option(help="var column with gene ids (default: var index).")] = None,
+    cluster_by: Annotated[str | None, typer.Option(help="obs columns to order cells by, e.g. condition,donor.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of gene subsampling.")] = 0,
+    workers: Annotated[int, typer.Option(help="Tokenizer worker processes (0 = in process).")] = 1,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Fail instead of waiting when another process ingests the same run.")] = False,
+    store: StoreOpt = default_store_path(),
+    catalog: CatalogOpt = None,
+    json_out: JsonOpt = False,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Embed every cell with every layer of a model, once; prints the run id."""
+    with _open(store, catalog, create=True) as st:
+        res = st.ingest(
+            data, model, checkpoint, name=name, pools=parse_csv(pool) or None, layers=layers, dtype=dtype,  # type: ignore[arg-type]
+            batch_size=batch_size, device=device, counts_layer=counts_layer, gene_column=gene_column,
+            cluster_by=parse_csv(cluster_by), seed=seed, workers=workers, progress=not json_out, wait=not no_wait,
+        )
+    if json_out:
+        emit_json(res.to_json())
+        return
+    what = "cache hit: already stored as run" if res.cache_hit else "stored run"
+    err.print(f"{what} {res.run_id} ({res.dataset}/{res.model}): {res.cells} cells x {len(res.layers)} layers x "
+              f"pools {','.join(res.pools)}; genes matched {res.gene_mapping['n_matched']}/{res.gene_mapping['n_vars']}; "
+              f"{res.seconds:.1f} s", markup=False, highlight=False)
+    sys.stdout.write(f"{res.run_id}\n")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+from sclstore import cli_work  # noqa: E402,F401  (registers query, eval and demo on `app`)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

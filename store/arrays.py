@@ -1,0 +1,277 @@
+"""TileDB arrays: one dense array per run, dims (layer slot, cell, feature), one attribute per pool.
+
+Tiles are ``(1, C, D)`` with ``C`` a power of two giving ~256 KB-1 MB tiles, so one layer is
+physically separate from the others and a contiguous cell range touches few tiles
+(research/storage.md). float32 is stored as is; float16 is stored as its uint16 bit pattern
+(TileDB has no float16 type). The encoding is recorded in the array metadata and the catalog.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import tiledb
+
+from .config import ArraySpec
+from .errors import ArrayError, EncodingVersionError
+
+__all__ = [
+    "ENCODING_TYPE",
+    "ENCODING_VERSION",
+    "SUPPORTED_ENCODING_VERSIONS",
+    "cell_tile",
+    "coalesce",
+    "create_array",
+    "write_block",
+    "consolidate",
+    "ArrayReader",
+    "array_info",
+]
+
+logger = logging.getLogger(__name__)
+
+ENCODING_TYPE = "sclstore-layer-embeddings"
+ENCODING_VERSION = "1"
+SUPPORTED_ENCODING_VERSIONS = frozenset({"1"})
+_TARGET_TILE_BYTES = 512 * 1024
+_CELL_DOMAIN_MAX = 2**40 - 1
+
+
+def _storage_dtype(dtype: str) -> np.dtype:
+    return np.dtype(np.uint16) if dtype == "float16" else np.dtype(np.float32)
+
+
+def cell_tile(dim: int, dtype: str) -> int:
+    """Cells per tile: a power of two with ``C * dim * itemsize`` near 512 KB, within [32, 8192]."""
+    itemsize = _storage_dtype(dtype).itemsize
+    c = max(1, _TARGET_TILE_BYTES // (dim * itemsize))
+    c = 1 << (c.bit_length() - 1)
+    return int(min(8192, max(32, c)))
+
+
+def coalesce(cells: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted unique cell indices -> inclusive ``(start, stop)`` ranges."""
+    if cells.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(cells) != 1)
+    starts = np.concatenate(([cells[0]], cells[breaks + 1]))
+    stops = np.concatenate((cells[breaks], [cells[-1]]))
+    return [(int(a), int(b)) for a, b in zip(starts, stops)]
+
+
+def create_array(uri: str, spec: ArraySpec, *, layers: Sequence[int], meta: dict[str, Any], ctx: tiledb.Ctx | None = None) -> None:
+    """Create the dense array of one run and write its self-description into the metadata.
+
+    Raises
+    ------
+    ArrayError
+        If the array cannot be created (e.g. the folder exists or is not writable).
+    """
+    if len(layers) != spec.n_layers:
+        raise ArrayError(f"internal: {len(layers)} layer numbers for {spec.n_layers} slots")
+    c = cell_tile(spec.dim, spec.dtype)
+    dom = tiledb.Domain(
+        tiledb.Dim(name="layer", domain=(0, spec.n_layers - 1), tile=1, dtype=np.int64),
+        tiledb.Dim(name="cell", domain=(0, max(spec.n_cells - 1, 0)), tile=min(c, max(spec.n_cells, 1)), dtype=np.int64),
+        tiledb.Dim(name="feature", domain=(0, spec.dim - 1), tile=spec.dim, dtype=np.int64),
+    )
+    sdt = _storage_dtype(spec.dtype)
+    attrs = [tiledb.Attr(name=p, dtype=sdt, fill=np.nan if sdt == np.float32 else 0xFFFF) for p in spec.pools]
+    schema = tiledb.ArraySchema(domain=dom, attrs=attrs, sparse=False, cell_order="row-major", tile_order="row-major")
+    try:
+        tiledb.Array.create(uri, schema, ctx=ctx)
+        with tiledb.open(uri, "w", ctx=ctx) as arr:
+            arr.meta["sclstore_encoding_type"] = ENCODING_TYPE
+            arr.meta["sclstore_encoding_version"] = ENCODING_VERSION
+            arr.meta["dtype"] = spec.dtype
+            arr.meta["layers"] = json.dumps([int(x) for x in layers])
+            arr.meta["pools"] = json.dumps(list(spec.pools))
+            arr.meta["info"] = json.dumps(meta, sort_keys=True)
+    except tiledb.TileDBError as exc:
+        msg = f"cannot create array at {uri}: {exc}; check the store folder is writable and has free space"
+        raise ArrayError(msg) from exc
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        dfd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def write_block(
+    uri: str, start: int, block: dict[str, np.ndarray], *, dtype: str, durable: bool = True, ctx: tiledb.Ctx | None = None
+) -> None:
+    """Write cells ``start .. start+n-1`` of every slot: ``block[pool]`` has shape (slots, n, dim).
+
+    With ``durable`` the new fragment and commit files are fsynced before returning, so a
+    watermark advanced afterwards never points past data a power cut could lose.
+    """
+    first = next(iter(block.values()))
+    n_slots, n, dim = first.shape
+    data = {}
+    for pool, arr in block.items():
+        if arr.shape != first.shape:
+            raise ArrayError(f"internal: pool {pool} has shape {arr.shape}, expected {first.shape}")
+        if dtype == "float16":
+            data[pool] = np.ascontiguousarray(arr, dtype=np.float16).view(np.uint16)
+        else:
+            data[pool] = np.ascontiguousarray(arr, dtype=np.float32)
+    try:
+        with tiledb.open(uri, "w", ctx=ctx) as arr:
+            arr[0:n_slots, start : start + n, 0:dim] = data
+        if durable and "://" not in uri:
+            for sub in ("__fragments", "__commits"):
+                p = Path(uri) / sub
+                if p.exists():
+                    _fsync_tree(p)
+    except tiledb.TileDBError as exc:
+        msg = f"writing cells {start}:{start + n} to {uri} failed: {exc}; check free disk space and rerun the same ingest to resume"
+        raise ArrayError(msg) from exc
+
+
+def consolidate(uri: str, *, full: bool, ctx: tiledb.Ctx | None = None) -> None:
+    """Consolidate fragment metadata and commits (cheap), or everything plus vacuum (``full``)."""
+    modes = ("fragment_meta", "commits") if not full else ("fragments", "fragment_meta", "commits", "array_meta")
+    try:
+        for mode in modes:
+            cfg = tiledb.Config({"sm.consolidation.mode": mode, "sm.vacuum.mode": mode})
+            tiledb.consolidate(uri, config=cfg, ctx=ctx)
+            if full:
+                tiledb.vacuum(uri, config=cfg, ctx=ctx)
+    except tiledb.TileDBError as exc:
+        raise ArrayError(f"consolidating {uri} failed: {exc}") from exc
+
+
+def array_info(uri: str, ctx: tiledb.Ctx | None = None) -> dict[str, Any]:
+    """Shape, pools, encoding and written cell extent of an array (for ``verify``).
+
+    Raises
+    ------
+    ArrayError
+        If no array exists at ``uri``.
+    """
+    if tiledb.object_type(uri, ctx=ctx) != "array":
+        raise ArrayError(f"no TileDB array at {uri}")
+    with tiledb.open(uri, "r", ctx=ctx) as arr:
+        dom = arr.schema.domain
+        ned = arr.nonempty_domain()
+        return {
+            "shape": tuple(int(dom.dim(i).domain[1]) + 1 for i in range(3)),
+            "pools": tuple(arr.schema.attr(i).name for i in range(arr.schema.nattr)),
+            "encoding_type": arr.meta.get("sclstore_encoding_type"),
+            "encoding_version": arr.meta.get("sclstore_encoding_version"),
+            "dtype": arr.meta.get("dtype"),
+            "layers": tuple(json.loads(arr.meta.get("layers", "[]"))),
+            "written_cells": None if ned is None else (int(ned[1][0]), int(ned[1][1])),
+            "fragments": len(tiledb.array_fragments(uri, ctx=ctx)),
+        }
+
+
+class ArrayReader:
+    """Reads slices of one run's array; open once, read many times.
+
+    Not thread-safe: use one reader per thread.
+    """
+
+    def __init__(self, uri: str, *, ctx: tiledb.Ctx | None = None) -> None:
+        try:
+            self._arr = tiledb.open(uri, "r", ctx=ctx)
+        except tiledb.TileDBError as exc:
+            msg = f"cannot open array {uri}: {exc}; run `sclstore verify` to check the store"
+            raise ArrayError(msg) from exc
+        version = self._arr.meta.get("sclstore_encoding_version")
+        if version not in SUPPORTED_ENCODING_VERSIONS:
+            self._arr.close()
+            msg = f"array {uri} has encoding version {version!r}, this sclstore reads {sorted(SUPPORTED_ENCODING_VERSIONS)}: upgrade sclstore"
+            raise EncodingVersionError(msg)
+        self.uri = uri
+        self.dtype: str = self._arr.meta["dtype"]
+        dom = self._arr.schema.domain
+        self.n_slots = int(dom.dim(0).domain[1]) + 1
+        self.n_cells = int(dom.dim(1).domain[1]) + 1
+        self.dim = int(dom.dim(2).domain[1]) + 1
+        self.cell_tile = int(dom.dim(1).tile)
+        self.pools = tuple(self._arr.schema.attr(i).name for i in range(self._arr.schema.nattr))
+
+    def __enter__(self) -> ArrayReader:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._arr.close()
+
+    def _decode(self, raw: np.ndarray) -> np.ndarray:
+        if self.dtype == "float16":
+            return raw.view(np.float16).astype(np.float32)
+        return raw if raw.dtype == np.float32 else raw.astype(np.float32)
+
+    def _check_pool(self, pool: str) -> None:
+        if pool not in self.pools:
+            from .errors import NotFoundError
+
+            raise NotFoundError(f"pool {pool!r} not stored in this run; stored pools: {', '.join(self.pools)}")
+
+    def read(self, slots: Sequence[int], cells: np.ndarray | None, pool: str) -> np.ndarray:
+        """Read ``(len(slots), n_cells, dim)`` float32 for sorted unique ``cells`` (None = all).
+
+        Selected cells are coalesced into contiguous ranges. When the ranges touch most tiles of
+        their bounding span, one bounding read plus a numpy take is used instead.
+        """
+        self._check_pool(pool)
+        slots = [int(s) for s in slots]
+        if not slots:
+            return np.empty((0, 0 if cells is None else len(cells), self.dim), dtype=np.float32)
+        if any(s < 0 or s >= self.n_slots for s in slots):
+            raise ArrayError(f"layer slot out of range 0..{self.n_slots - 1}: {slots}")
+        order = np.argsort(slots, kind="stable")
+        sorted_slots = np.asarray(slots)[order]
+        slot_ranges = coalesce(np.unique(sorted_slots))
+        if cells is None:
+            lo, hi = 0, self.n_cells - 1
+            out = self._arr.multi_index[slot_ranges, [(lo, hi)], :][pool]
+        elif cells.size == 0:
+            return np.empty((len(slots), 0, self.dim), dtype=np.float32)
+        else:
+            cells = np.asarray(cells, dtype=np.int64)
+            ranges = coalesce(cells)
+            lo, hi = int(cells[0]), int(cells[-1])
+            span_tiles = (hi // self.cell_tile) - (lo // self.cell_tile) + 1
+            touched = len(np.unique(cells // self.cell_tile))
+            if len(ranges) > 64 and touched >= 0.5 * span_tiles:
+                block = self._arr.multi_index[slot_ranges, [(lo, hi)], :][pool]
+                out = block[:, cells - lo, :]
+            else:
+                out = self._arr.multi_index[slot_ranges, ranges, :][pool]
+        out = self._decode(out)
+        uniq = np.unique(sorted_slots)
+        if len(uniq) != len(slots) or not np.array_equal(uniq, np.asarray(slots)):
+            pos = np.searchsorted(uniq, np.asarray(slots))
+            out = out[pos]
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    def iter_chunks(
+        self, slots: Sequence[int], cells: np.ndarray | None, pool: str, *, chunk_cells: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(cell_idx, block)`` chunks of at most ``chunk_cells`` cells, in cell order."""
+        all_cells = np.arange(self.n_cells, dtype=np.int64) if cells is None else np.asarray(cells, dtype=np.int64)
+        for lo in range(0, len(all_cells), chunk_cells):
+            part = all_cells[lo : lo + chunk_cells]
+            yield part, self.read(slots, part, pool)

@@ -1,0 +1,535 @@
+"""The persistence layer: a store folder (arrays) plus a catalog database, and the one
+transaction story that ties them: array first, catalog row second.
+
+``Backend`` knows nothing of models, queries or metrics; :class:`sclstore.Store` composes it
+with ingest, query and eval.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, joinedload
+
+from . import arrays
+from . import catalog as catalogdb
+from .config import ArraySpec, StoreSettings, validate_name
+from .errors import (
+    DatasetError,
+    InvalidInputError,
+    LeaseHeldError,
+    NotFoundError,
+    RunNotFoundError,
+    SclstoreError,
+    StoreExistsError,
+    StoreNotFoundError,
+)
+from .info import DatasetInfo, ModelInfo, RunInfo
+from .lease import Lease, try_acquire
+from .models import Dataset, Evaluation, Intermediate, Model, Run, utcnow
+from .obs import ObsColumn, build_obs_table, infer_obs_schema, obs_rows, obs_table_name
+
+__all__ = ["Backend", "MARKER", "cache_key"]
+
+logger = logging.getLogger(__name__)
+MARKER = "sclstore.json"
+STORE_FORMAT_VERSION = 1
+
+
+def cache_key(*parts: Any) -> str:
+    """sha256 of the canonical JSON of ``parts`` (the run and evaluation cache keys)."""
+    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class Backend:
+    """An open store: its folder, its catalog engine and its settings.
+
+    Use :meth:`open` (or :meth:`create`); close with :meth:`close` or a ``with`` block.
+    """
+
+    def __init__(self, root: Path, catalog_url: str, engine: Engine, settings: StoreSettings) -> None:
+        self.root = root
+        self.catalog_url = catalog_url
+        self.engine = engine
+        self.settings = settings
+        self._obs_md = sa.MetaData()
+
+    # ------------------------------------------------------------------ opening
+    @staticmethod
+    def default_catalog(root: Path) -> str:
+        return f"sqlite:///{(root / 'catalog.sqlite').resolve()}"
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], catalog: str | None = None, *, settings: StoreSettings | None = None) -> Backend:
+        """Create a store (or open an existing one) and bring its catalog to the newest schema."""
+        root = Path(path).expanduser()
+        marker = root / MARKER
+        if root.exists() and not root.is_dir():
+            raise StoreExistsError(f"{root} exists and is not a folder: choose another --store path")
+        if root.is_dir() and not marker.exists() and any(root.iterdir()):
+            raise StoreExistsError(f"{root} is a non-empty folder that is not an sclstore store: choose an empty or new --store path")
+        url = catalog or cls.default_catalog(root)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "arrays").mkdir(exist_ok=True)
+        try:
+            engine = catalogdb.make_engine(url)
+        except SclstoreError:
+            if not marker.exists():
+                shutil.rmtree(root / "arrays", ignore_errors=True)
+            raise
+        catalogdb.upgrade(engine)
+        if not marker.exists():
+            tmp = root / f".{MARKER}.tmp"
+            tmp.write_text(json.dumps({"format": "sclstore", "version": STORE_FORMAT_VERSION, "created_at": utcnow().isoformat()}))
+            os.replace(tmp, marker)
+        return cls(root, url, engine, settings or StoreSettings())
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], catalog: str | None = None, *, settings: StoreSettings | None = None) -> Backend:
+        """Open an existing store; the catalog must be at this code's schema revision.
+
+        Raises
+        ------
+        StoreNotFoundError
+            If ``path`` is not a store.
+        SchemaVersionError
+            If the catalog needs ``sclstore db upgrade`` or a newer sclstore.
+        CatalogConnectionError
+            If the catalog database cannot be reached.
+        """
+        root = Path(path).expanduser()
+        if not (root / MARKER).is_file():
+            msg = f"{root} is not an sclstore store (no {MARKER}): run `sclstore init --store {root}` or pass the right --store"
+            raise StoreNotFoundError(msg)
+        url = catalog or cls.default_catalog(root)
+        engine = catalogdb.make_engine(url)
+        try:
+            catalogdb.check_schema(engine, url)
+        except SclstoreError:
+            engine.dispose()
+            raise
+        return cls(root, url, engine, settings or StoreSettings())
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def array_path(self, uri: str) -> str:
+        """Absolute array location of a catalog ``array_uri`` (stored relative to the store)."""
+        return uri if "://" in uri or os.path.isabs(uri) else str(self.root / uri)
+
+    # ------------------------------------------------------------------ datasets
+    def find_dataset(self, content_hash: str) -> DatasetInfo | None:
+        with Session(self.engine) as s:
+            row = s.scalar(sa.select(Dataset).where(Dataset.content_hash == content_hash))
+            return None if row is None else DatasetInfo.from_row(row)
+
+    def register_dataset(
+        self,
+        *,
+        name: str,
+        content_hash: str,
+        obs: pd.DataFrame,
+        n_vars: int,
+        source_path: str | None,
+        cluster_by: Sequence[str] = (),
+    ) -> DatasetInfo:
+        """Register a dataset and its typed obs table in one transaction (or return the existing one).
+
+        Cells are ordered by ``cluster_by`` columns (stable), so filters on them become few
+        contiguous cell ranges; ``cell_idx`` is the position in that order.
+
+        Raises
+        ------
+        DatasetError
+            If the name is taken by other data, the same data was registered with another
+            ``cluster_by``, a ``cluster_by`` column is missing, or obs is unusable.
+        """
+        validate_name(name, what="dataset")
+        existing = self.find_dataset(content_hash)
+        if existing is not None:
+            if cluster_by and tuple(cluster_by) != existing.cluster_by:
+                msg = (
+                    f"this data is already registered as {existing.name!r} with cells ordered by "
+                    f"{list(existing.cluster_by)}; omit --cluster-by or pass --cluster-by {','.join(existing.cluster_by) or '(none)'}"
+                )
+                raise DatasetError(msg)
+            return existing
+        if obs.shape[0] == 0:
+            raise DatasetError("the dataset has no cells: nothing to ingest")
+        schema = infer_obs_schema(obs)
+        missing = [c for c in cluster_by if c not in set(map(str, obs.columns))]
+        if missing:
+            msg = f"--cluster-by column(s) {missing} not in obs; obs columns are: {', '.join(map(str, obs.columns))}"
+            raise DatasetError(msg)
+        if cluster_by:
+            keys = pd.DataFrame({c: obs[c].to_numpy() for c in cluster_by})
+            order = keys.reset_index(drop=True).sort_values(list(cluster_by), kind="mergesort", na_position="last").index.to_numpy()
+        else:
+            order = np.arange(obs.shape[0])
+        tname = obs_table_name(content_hash)
+        table = build_obs_table(tname, schema, sa.MetaData())
+        try:
+            with catalogdb.write_tx(self.engine) as conn:
+                taken = conn.execute(sa.select(Dataset.id).where(Dataset.name == name)).first()
+                if taken is not None:
+                    msg = f"dataset name {name!r} is already used by other data: pass another --name"
+                    raise DatasetError(msg)
+                table.create(conn)
+                for rows in obs_rows(obs, schema, order):
+                    conn.execute(table.insert(), rows)
+                conn.execute(
+                    sa.insert(Dataset).values(
+                        name=name,
+                        content_hash=content_hash,
+                        n_obs=int(obs.shape[0]),
+                        n_vars=int(n_vars),
+                        source_path=source_path,
+                        obs_table=tname,
+                        obs_schema=[c.to_json() for c in schema],
+                        cluster_by=list(cluster_by),
+                        created_at=utcnow(),
+                    )
+                )
+        except sa.exc.IntegrityError:
+            again = self.find_dataset(content_hash)  # a concurrent registration won
+            if again is None:
+                raise
+            return again
+        info = self.find_dataset(content_hash)
+        assert info is not None
+        logger.info("registered dataset %s (%d cells, %d obs columns)", name, info.n_obs, len(schema))
+        return info
+
+    def get_dataset(self, dataset: int | str) -> DatasetInfo:
+        """A dataset by id or name."""
+        with Session(self.engine) as s:
+            cond = Dataset.id == dataset if isinstance(dataset, int) else Dataset.name == str(dataset)
+            row = s.scalar(sa.select(Dataset).where(cond))
+            if row is None:
+                names = s.scalars(sa.select(Dataset.name).order_by(Dataset.id)).all()
+                raise NotFoundError(f"no dataset {dataset!r}; datasets: {', '.join(names) or '(none: ingest one first)'}")
+            return DatasetInfo.from_row(row)
+
+    def list_datasets(self) -> list[DatasetInfo]:
+        with Session(self.engine) as s:
+            return [DatasetInfo.from_row(r) for r in s.scalars(sa.select(Dataset).order_by(Dataset.id))]
+
+    def obs_table(self, dataset_id: int) -> sa.Table:
+        """The SQLAlchemy Table of a dataset's obs (cached per backend)."""
+        info = self.get_dataset(dataset_id)
+        if info.obs_table in self._obs_md.tables:
+            return self._obs_md.tables[info.obs_table]
+        return build_obs_table(info.obs_table, info.obs_schema, self._obs_md)
+
+    def read_obs(self, dataset_id: int, cells: np.ndarray | None = None) -> pd.DataFrame:
+        """Obs of a dataset in ``cell_idx`` order with original names and dtypes (+ ``src_idx``)."""
+        info = self.get_dataset(dataset_id)
+        table = self.obs_table(dataset_id)
+        stmt = sa.select(table).order_by(table.c.cell_idx)
+        if cells is not None:
+            stmt = stmt.where(table.c.cell_idx.in_([int(c) for c in cells]))
+        with self.engine.connect() as conn:
+            df = pd.DataFrame(conn.execute(stmt).mappings().all(), columns=[c.name for c in table.columns])
+        return frame_from_rows(df, info.obs_schema)
+
+    def cell_order(self, dataset_id: int) -> np.ndarray:
+        """``src_idx`` of every cell in ``cell_idx`` order: where each stored cell sits in the source file."""
+        table = self.obs_table(dataset_id)
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(table.c.src_idx).order_by(table.c.cell_idx)).scalars().all()
+        return np.asarray(rows, dtype=np.int64)
+
+    # ------------------------------------------------------------------ models
+    def register_model(
+        self, *, family: str, name: str, checkpoint_hash: str, n_layers: int, d_model: int, config: dict[str, Any]
+    ) -> ModelInfo:
+        """Register a model checkpoint (idempotent on family + checkpoint hash)."""
+        cond = sa.and_(Model.family == family, Model.checkpoint_hash == checkpoint_hash)
+        with Session(self.engine) as s:
+            row = s.scalar(sa.select(Model).where(cond))
+            if row is not None:
+                return ModelInfo.from_row(row)
+        try:
+            with catalogdb.write_tx(self.engine) as conn:
+                conn.execute(
+                    sa.insert(Model).values(
+                        family=family, name=name, checkpoint_hash=checkpoint_hash, n_layers=n_layers,
+                        d_model=d_model, config=config, created_at=utcnow(),
+                    )
+                )
+        except sa.exc.IntegrityError:
+            pass  # registered concurrently
+        with Session(self.engine) as s:
+            return ModelInfo.from_row(s.scalars(sa.select(Model).where(cond)).one())
+
+    def list_models(self) -> list[ModelInfo]:
+        with Session(self.engine) as s:
+            return [ModelInfo.from_row(r) for r in s.scalars(sa.select(Model).order_by(Model.id))]
+
+    # ------------------------------------------------------------------ runs
+    def _run_query(self) -> sa.Select[tuple[Run]]:
+        return sa.select(Run).options(joinedload(Run.dataset), joinedload(Run.model))
+
+    def _info(self, row: Run) -> RunInfo:
+        return RunInfo.from_row(row, self.array_path(row.array_uri))
+
+    def get_run(self, run: int | str) -> RunInfo:
+        """A run by id, ``"7"``, or ``"dataset/model"`` name pair.
+
+        Raises
+        ------
+        RunNotFoundError
+            Listing the runs that exist, or the candidates when a name pair is ambiguous.
+        """
+        with Session(self.engine) as s:
+            if isinstance(run, int) or (isinstance(run, str) and run.strip().isdigit()):
+                row = s.scalar(self._run_query().where(Run.id == int(run)))
+                if row is None:
+                    raise RunNotFoundError(f"no run {run}; runs: {self._run_list_text(s)}")
+                return self._info(row)
+            if not isinstance(run, str) or "/" not in run:
+                raise RunNotFoundError(f"run {run!r} is neither an id nor 'dataset/model'; runs: {self._run_list_text(s)}")
+            ds, model = run.split("/", 1)
+            rows = s.scalars(
+                self._run_query().join(Run.dataset).join(Run.model).where(Dataset.name == ds, Model.name == model).order_by(Run.id)
+            ).unique().all()
+            if not rows:
+                raise RunNotFoundError(f"no run {run!r}; runs: {self._run_list_text(s)}")
+            complete = [r for r in rows if r.status == "complete"]
+            if len(complete if complete else rows) > 1:
+                cands = ", ".join(f"{r.id} ({r.status}, layers {r.layers[0]}..{r.layers[-1]}, pools {','.join(r.pools)})" for r in rows)
+                raise RunNotFoundError(f"{run!r} matches several runs: {cands}; pass the run id")
+            return self._info((complete or rows)[0])
+
+    def _run_list_text(self, s: Session) -> str:
+        rows = s.scalars(self._run_query().order_by(Run.id)).unique().all()
+        if not rows:
+            return "(none: ingest a dataset first)"
+        return ", ".join(f"{r.id}={r.dataset.name}/{r.model.name} ({r.status})" for r in rows)
+
+    def list_runs(self, *, dataset: str | None = None, model: str | None = None, status: str | None = None) -> list[RunInfo]:
+        """Runs, optionally filtered by dataset name, model name and status."""
+        stmt = self._run_query().join(Run.dataset).join(Run.model).order_by(Run.id)
+        if dataset is not None:
+            stmt = stmt.where(Dataset.name == dataset)
+        if model is not None:
+            stmt = stmt.where(Model.name == model)
+        if status is not None:
+            stmt = stmt.where(Run.status == status)
+        with Session(self.engine) as s:
+            return [self._info(r) for r in s.scalars(stmt).unique().all()]
+
+    def find_run(self, key: str) -> RunInfo | None:
+        with Session(self.engine) as s:
+            row = s.scalar(self._run_query().where(Run.cache_key == key))
+            return None if row is None else self._info(row)
+
+    def create_run(
+        self,
+        *,
+        dataset: DatasetInfo,
+        model: ModelInfo,
+        key: str,
+        params: dict[str, Any],
+        layers: Sequence[int],
+        spec: ArraySpec,
+    ) -> RunInfo:
+        """Create a run's array, then its catalog row (or return the run with this cache key)."""
+        found = self.find_run(key)
+        if found is not None:
+            return found
+        rel = f"arrays/run-{uuid.uuid4().hex}"
+        uri = self.array_path(rel)
+        meta = {"dataset": dataset.name, "dataset_hash": dataset.content_hash, "model": model.name,
+                "family": model.family, "checkpoint_hash": model.checkpoint_hash, "cache_key": key}
+        arrays.create_array(uri, spec, layers=layers, meta=meta)
+        try:
+            with catalogdb.write_tx(self.engine) as conn:
+                conn.execute(
+                    sa.insert(Run).values(
+                        dataset_id=dataset.id, model_id=model.id, cache_key=key, params=params,
+                        layers=[int(x) for x in layers], pools=list(spec.pools), dim=spec.dim,
+                        n_cells=spec.n_cells, dtype=spec.dtype, encoding_type=arrays.ENCODING_TYPE,
+                        encoding_version=arrays.ENCODING_VERSION, array_uri=rel, status="running",
+                        watermark=0, stats={}, created_at=utcnow(),
+                    )
+                )
+        except sa.exc.IntegrityError:
+            shutil.rmtree(uri, ignore_errors=True)  # another process created the run first
+        except BaseException:
+            shutil.rmtree(uri, ignore_errors=True)
+            raise
+        found = self.find_run(key)
+        assert found is not None
+        return found
+
+    def acquire(self, run_id: int, *, wait: bool, poll_s: float = 1.0) -> Lease | None:
+        """Lease a run for writing. ``None`` means the run is (or became) complete.
+
+        Raises
+        ------
+        LeaseHeldError
+            If another live process holds it and ``wait`` is false.
+        """
+        st = self.settings
+        while True:
+            lease = try_acquire(self.engine, run_id, ttl_s=st.lease_ttl_s, heartbeat_s=st.heartbeat_s)
+            if lease is not None:
+                return lease
+            info = self.get_run(run_id)
+            if info.status == "complete":
+                return None
+            if not wait:
+                age = time.time() - (info.heartbeat_at or 0)
+                msg = (
+                    f"run {run_id} is being written by {info.lease_host} pid {info.lease_pid} "
+                    f"(heartbeat {age:.0f} s ago): wait for it, or rerun once its lease expires ({st.lease_ttl_s:.0f} s)"
+                )
+                raise LeaseHeldError(msg)
+            time.sleep(poll_s)
+
+    def _owned_update(self, lease: Lease, **values: Any) -> None:
+        with catalogdb.write_tx(self.engine) as conn:
+            res = conn.execute(
+                sa.update(Run).where(Run.id == lease.run_id, Run.lease_owner == lease.owner).values(heartbeat_at=time.time(), **values)
+            )
+        if res.rowcount != 1:
+            lease.lost.set()
+            raise LeaseHeldError(f"lost the lease on run {lease.run_id} to another process; it will finish the run")
+
+    def write_block(self, run: RunInfo, lease: Lease, start: int, block: dict[str, np.ndarray]) -> None:
+        """Write cells ``start..`` of every slot, durably, then advance the watermark."""
+        if lease.lost.is_set():
+            raise LeaseHeldError(f"lost the lease on run {run.id} to another process; it will finish the run")
+        n = next(iter(block.values())).shape[1]
+        arrays.write_block(run.array_uri, start, block, dtype=run.dtype)
+        self._owned_update(lease, watermark=start + n)
+
+    def complete(self, run: RunInfo, lease: Lease, stats: dict[str, Any]) -> RunInfo:
+        """Fully consolidate the array, then mark the run complete."""
+        arrays.consolidate(run.array_uri, full=True)
+        self._owned_update(lease, status="complete", stats=stats, finished_at=utcnow(),
+                           lease_owner=None, lease_host=None, lease_pid=None)
+        lease.release()
+        return self.get_run(run.id)
+
+    def fail(self, run: RunInfo, lease: Lease, error: str) -> None:
+        """Mark a run failed (its written prefix stays; an identical ingest resumes it)."""
+        try:
+            self._owned_update(lease, status="failed", error=error[:2000], lease_owner=None, lease_host=None, lease_pid=None)
+        except (LeaseHeldError, sa.exc.SQLAlchemyError) as exc:
+            logger.warning("could not mark run %s failed: %s", run.id, exc)
+        lease.release()
+
+    def open_reader(self, run_id: int) -> arrays.ArrayReader:
+        """A reader over a complete run's array.
+
+        Raises
+        ------
+        InvalidInputError
+            If the run is not complete.
+        """
+        info = self.get_run(run_id)
+        if info.status != "complete":
+            msg = f"run {run_id} is {info.status} ({info.watermark}/{info.n_cells} cells): rerun the same ingest to finish it"
+            raise InvalidInputError(msg)
+        return arrays.ArrayReader(info.array_uri)
+
+    # ------------------------------------------------------------------ verify
+    def verify(self, run: int | str | None = None) -> list[dict[str, Any]]:
+        """Check that each complete run's array exists with the catalog's shape, encoding and extent.
+
+        Returns one report per checked run: ``{"run", "ok", "problems": [...]}``.
+        """
+        runs = [self.get_run(run)] if run is not None else self.list_runs(status="complete")
+        reports = []
+        for info in runs:
+            problems: list[str] = []
+            try:
+                a = arrays.array_info(info.array_uri)
+            except SclstoreError as exc:
+                problems.append(f"array missing or unreadable: {exc}")
+            else:
+                want = (len(info.layers), info.n_cells, info.dim)
+                if a["shape"] != want:
+                    problems.append(f"array shape {a['shape']} != catalog {want}")
+                if tuple(a["pools"]) != info.pools:
+                    problems.append(f"array pools {a['pools']} != catalog {info.pools}")
+                if a["encoding_version"] != info.encoding_version or a["dtype"] != info.dtype:
+                    problems.append(f"array encoding {a['encoding_version']}/{a['dtype']} != catalog {info.encoding_version}/{info.dtype}")
+                if tuple(a["layers"]) != info.layers:
+                    problems.append(f"array layers {a['layers']} != catalog {info.layers}")
+                if info.status == "complete" and a["written_cells"] != (0, info.n_cells - 1):
+                    problems.append(f"written cells {a['written_cells']} do not cover 0..{info.n_cells - 1}")
+            reports.append({"run": info.id, "label": info.label, "status": info.status, "ok": not problems, "problems": problems})
+        return reports
+
+    # ------------------------------------------------------------------ caches
+    def get_evaluation(self, run_id: int, task: str, params_hash: str) -> dict[str, Any] | None:
+        with Session(self.engine) as s:
+            row = s.scalar(sa.select(Evaluation).where(Evaluation.run_id == run_id, Evaluation.task == task, Evaluation.params_hash == params_hash))
+            return None if row is None else dict(row.result)
+
+    def put_evaluation(self, run_id: int, task: str, params_hash: str, params: dict[str, Any], result: dict[str, Any]) -> None:
+        try:
+            with catalogdb.write_tx(self.engine) as conn:
+                conn.execute(sa.insert(Evaluation).values(run_id=run_id, task=task, params_hash=params_hash,
+                                                          params=params, result=result, created_at=utcnow()))
+        except sa.exc.IntegrityError:
+            pass  # stored concurrently by an identical evaluation
+
+    def get_intermediate(self, key_hash: str) -> bytes | None:
+        with Session(self.engine) as s:
+            return s.scalar(sa.select(Intermediate.payload).where(Intermediate.key_hash == key_hash))
+
+    def put_intermediate(self, kind: str, key_hash: str, params: dict[str, Any], payload: bytes) -> None:
+        try:
+            with catalogdb.write_tx(self.engine) as conn:
+                conn.execute(sa.insert(Intermediate).values(kind=kind, key_hash=key_hash, params=params,
+                                                            payload=payload, created_at=utcnow()))
+        except sa.exc.IntegrityError:
+            pass
+
+
+def frame_from_rows(df: pd.DataFrame, schema: Sequence[ObsColumn]) -> pd.DataFrame:
+    """Rebuild an obs DataFrame (original names, dtypes, categories) from obs-table rows."""
+    out = pd.DataFrame(index=pd.Index(df["cell"].astype(str).to_numpy() if len(df) else [], name=None))
+    for col in schema:
+        values = df[col.column].to_numpy() if len(df) else np.array([])
+        if col.kind == "category":
+            out[col.name] = pd.Categorical(values)
+        elif col.kind == "int":
+            s = pd.Series(values, index=out.index)
+            out[col.name] = s.astype("Int64") if s.isna().any() else s.astype(np.int64)
+        elif col.kind == "float":
+            out[col.name] = pd.Series(values, index=out.index, dtype=np.float64)
+        elif col.kind == "bool":
+            s = pd.Series(values, index=out.index)
+            out[col.name] = s.astype("boolean") if s.isna().any() else s.astype(bool)
+        else:
+            out[col.name] = pd.Series(values, index=out.index, dtype=object)
+    out["cell_idx"] = df["cell_idx"].to_numpy(dtype=np.int64) if len(df) else np.array([], dtype=np.int64)
+    out["src_idx"] = df["src_idx"].to_numpy(dtype=np.int64) if len(df) else np.array([], dtype=np.int64)
+    return out
+

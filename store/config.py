@@ -1,0 +1,202 @@
+"""Frozen, validated configuration objects shared by every part of sclstore.
+
+They live on the ground floor (``sclstore.store``) so that ingest, query and eval can use them
+without importing upward; the facade re-exports them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+from .errors import InvalidInputError
+
+__all__ = [
+    "Dtype",
+    "DTYPES",
+    "Device",
+    "DEVICES",
+    "Pool",
+    "POOLS",
+    "ArraySpec",
+    "IngestConfig",
+    "StoreSettings",
+    "parse_layers",
+    "parse_csv",
+    "validate_name",
+]
+
+Dtype = Literal["float32", "float16"]
+DTYPES: tuple[str, ...] = get_args(Dtype)
+Device = Literal["auto", "cpu", "cuda"]
+DEVICES: tuple[str, ...] = get_args(Device)
+Pool = str  # "cls", "mean", "max", and model-specific ones such as "T", "S", "official"
+POOLS: tuple[str, ...] = ("cls", "mean", "max")
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def validate_name(value: str, *, what: str) -> str:
+    """Check a user-supplied name (dataset, model, pool) and return it.
+
+    Names are 1-128 characters of letters, digits, ``.``, ``_`` and ``-``, starting with a
+    letter or digit, so they are safe in paths, URIs and log lines.
+
+    Raises
+    ------
+    InvalidInputError
+        If the name has other characters.
+    """
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        msg = (
+            f"invalid {what} name {value!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+        raise InvalidInputError(msg)
+    return value
+
+
+def parse_csv(text: str | None) -> tuple[str, ...]:
+    """Split ``"a,b , c"`` into ``("a", "b", "c")``; ``None`` or ``""`` give ``()``."""
+    if not text:
+        return ()
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def parse_layers(spec: str | tuple[int, ...] | list[int] | None, n_layers: int) -> tuple[int, ...]:
+    """Resolve a layer selection against a model with layers ``0..n_layers``.
+
+    Parameters
+    ----------
+    spec
+        ``None`` or ``"all"`` for every layer, ``"0,6,12"`` for a list, ``"0:12"`` for an
+        inclusive range, or a sequence of ints.
+    n_layers
+        Number of transformer blocks ``L``; valid layers are ``0`` (input to block 0) to ``L``.
+
+    Returns
+    -------
+    tuple of int
+        Sorted, unique layer numbers.
+
+    Raises
+    ------
+    InvalidInputError
+        If the text does not parse or a layer is out of range.
+    """
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
+        return tuple(range(n_layers + 1))
+    layers: list[int] = []
+    try:
+        if isinstance(spec, str):
+            for part in parse_csv(spec):
+                if ":" in part:
+                    lo, hi = (int(x) for x in part.split(":", 1))
+                    layers.extend(range(lo, hi + 1))
+                else:
+                    layers.append(int(part))
+        else:
+            layers = [int(x) for x in spec]
+    except ValueError:
+        msg = f"cannot parse --layers {spec!r}: use 'all', a list like '0,6,12' or a range like '0:12'"
+        raise InvalidInputError(msg) from None
+    bad = [x for x in layers if x < 0 or x > n_layers]
+    if bad or not layers:
+        msg = (
+            f"layers {bad or spec!r} out of range: this model has layers 0..{n_layers} "
+            f"(0 = embedding output, 1..{n_layers} = blocks); pass --layers within that range"
+        )
+        raise InvalidInputError(msg)
+    return tuple(sorted(set(layers)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArraySpec:
+    """Physical description of one run's TileDB array."""
+
+    n_layers: int
+    """Number of stored layer slots (the kept layers, in order)."""
+    n_cells: int
+    dim: int
+    pools: tuple[str, ...]
+    dtype: Dtype = "float32"
+
+    def __post_init__(self) -> None:
+        if self.n_layers < 1 or self.n_cells < 1 or self.dim < 1:
+            msg = f"array shape must be positive, got layers={self.n_layers} cells={self.n_cells} dim={self.dim}"
+            raise InvalidInputError(msg)
+        if not self.pools:
+            raise InvalidInputError("at least one pool is needed, e.g. --pool cls,mean")
+        for pool in self.pools:
+            validate_name(pool, what="pool")
+        if len(set(self.pools)) != len(self.pools):
+            raise InvalidInputError(f"pools repeat: {self.pools}")
+        if self.dtype not in DTYPES:
+            raise InvalidInputError(f"dtype {self.dtype!r} is not one of {DTYPES}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class IngestConfig:
+    """Everything ``sclstore ingest`` needs besides the data file.
+
+    The fields that change the stored numbers (model, checkpoint, pools, layers, dtype,
+    max_genes, seed, precision) enter the run's cache key; batch size, device placement and
+    worker counts do not.
+    """
+
+    model: str
+    checkpoint: str | None = None
+    name: str | None = None
+    pools: tuple[str, ...] | None = None
+    layers: str | tuple[int, ...] | None = None
+    dtype: Dtype = "float32"
+    batch_size: int = 32
+    device: Device = "auto"
+    counts_layer: str | None = None
+    gene_column: str | None = None
+    cluster_by: tuple[str, ...] = ()
+    seed: int = 0
+    max_genes: int | None = None
+    chunk_cells: int = 4096
+    workers: int = 1
+    progress: bool = True
+    wait: bool = True
+
+    def __post_init__(self) -> None:
+        if self.name is not None:
+            validate_name(self.name, what="dataset")
+        if self.dtype not in DTYPES:
+            raise InvalidInputError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.device not in DEVICES:
+            raise InvalidInputError(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.batch_size < 1:
+            raise InvalidInputError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.chunk_cells < 1:
+            raise InvalidInputError(f"chunk_cells must be >= 1, got {self.chunk_cells}")
+        if self.max_genes is not None and self.max_genes < 2:
+            raise InvalidInputError(f"max_genes must be >= 2, got {self.max_genes}")
+        if self.workers < 0:
+            raise InvalidInputError(f"workers must be >= 0, got {self.workers}")
+        if self.pools is not None:
+            for pool in self.pools:
+                validate_name(pool, what="pool")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreSettings:
+    """Process-level knobs of an open store."""
+
+    lease_ttl_s: float = 60.0
+    """A run whose lease heartbeat is older than this may be taken over."""
+    heartbeat_s: float = 5.0
+    memory_budget_bytes: int = 4 * 1024**3
+    """Largest query result materialised in memory."""
+    tiledb_config: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_s <= 0 or self.lease_ttl_s <= self.heartbeat_s:
+            msg = f"lease_ttl_s ({self.lease_ttl_s}) must exceed heartbeat_s ({self.heartbeat_s}) > 0"
+            raise InvalidInputError(msg)
+        if self.memory_budget_bytes <= 0:
+            raise InvalidInputError("memory_budget_bytes must be positive")

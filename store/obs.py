@@ -1,0 +1,138 @@
+"""Typed per-dataset obs tables: one SQL column per obs column, indexes on categorical ones.
+
+Obs column names are user text; they never become SQL identifiers. Each obs column gets a
+generated column name (``c0``, ``c1``, ...) and the mapping lives in ``datasets.obs_schema``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import BigInteger, Boolean, Column, Float, Index, MetaData, String, Table, Text
+
+from .errors import DatasetError, DuplicateObsNamesError
+
+__all__ = ["ObsColumn", "ObsKind", "infer_obs_schema", "build_obs_table", "obs_rows", "obs_table_name"]
+
+ObsKind = Literal["category", "string", "int", "float", "bool"]
+
+
+@dataclass(frozen=True)
+class ObsColumn:
+    """One obs column: its user-facing name, its SQL column and its kind."""
+
+    name: str
+    column: str
+    kind: ObsKind
+
+    def to_json(self) -> dict[str, str]:
+        return {"name": self.name, "column": self.column, "kind": self.kind}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ObsColumn:
+        return cls(name=str(data["name"]), column=str(data["column"]), kind=data["kind"])
+
+
+def obs_table_name(dataset_key: str) -> str:
+    """Table name for a dataset's obs: derived from its content hash, never from user text."""
+    return f"obs_{dataset_key[:16]}"
+
+
+def _kind(series: pd.Series) -> ObsKind:
+    dtype = series.dtype
+    if isinstance(dtype, pd.CategoricalDtype):
+        return "category"
+    if pd.api.types.is_bool_dtype(dtype):
+        return "bool"
+    if pd.api.types.is_integer_dtype(dtype):
+        return "int"
+    if pd.api.types.is_float_dtype(dtype):
+        return "float"
+    return "string"
+
+
+def infer_obs_schema(obs: pd.DataFrame) -> tuple[ObsColumn, ...]:
+    """Map every obs column to a typed SQL column.
+
+    Raises
+    ------
+    DuplicateObsNamesError
+        If the obs index has duplicates.
+    DatasetError
+        If two obs columns have the same name or a name is not a string.
+    """
+    if not obs.index.is_unique:
+        dup = obs.index[obs.index.duplicated()].unique()[:3].tolist()
+        msg = (
+            f"obs names are not unique (e.g. {dup}): make them unique first, e.g. "
+            "adata.obs_names_make_unique() in Python, then write the file again"
+        )
+        raise DuplicateObsNamesError(msg)
+    names = [str(c) for c in obs.columns]
+    if len(set(names)) != len(names):
+        msg = f"obs has repeated column names {sorted({n for n in names if names.count(n) > 1})}: rename them"
+        raise DatasetError(msg)
+    reserved = {"cell", "cell_idx", "run", "dataset", "model", "layer", "depth", "embedding"}
+    clash = sorted(reserved.intersection(names))
+    if clash:
+        msg = (
+            f"obs column(s) {clash} clash with query column names {sorted(reserved)}: "
+            "rename them in the AnnData (e.g. adata.obs.rename(columns={...}))"
+        )
+        raise DatasetError(msg)
+    return tuple(ObsColumn(name=n, column=f"c{i}", kind=_kind(obs[c])) for i, (n, c) in enumerate(zip(names, obs.columns)))
+
+
+_SQL_TYPES = {"category": lambda: String(255), "string": lambda: Text(), "int": BigInteger, "float": Float, "bool": Boolean}
+
+
+def build_obs_table(name: str, schema: Sequence[ObsColumn], metadata: MetaData | None = None) -> Table:
+    """The SQLAlchemy Table for an obs table (not bound to the ORM metadata)."""
+    md = metadata if metadata is not None else MetaData()
+    cols: list[Any] = [
+        Column("cell_idx", BigInteger, primary_key=True, autoincrement=False),
+        Column("cell", Text, nullable=False),
+        Column("src_idx", BigInteger, nullable=False),
+    ]
+    cols += [Column(c.column, _SQL_TYPES[c.kind](), nullable=True) for c in schema]
+    table = Table(name, md, *cols)
+    Index(f"ix_{name}_cell", table.c.cell, unique=True)
+    for c in schema:
+        if c.kind in ("category", "bool", "int"):
+            Index(f"ix_{name}_{c.column}", table.c[c.column])
+    return table
+
+
+def _python_values(series: pd.Series, kind: ObsKind) -> list[Any]:
+    if kind == "category":
+        values = series.astype(object)
+        return [None if pd.isna(v) else str(v) for v in values]
+    if kind == "string":
+        return [None if (v is None or (isinstance(v, float) and np.isnan(v))) else str(v) for v in series.astype(object)]
+    if kind == "bool":
+        return [None if pd.isna(v) else bool(v) for v in series.astype(object)]
+    if kind == "int":
+        return [None if pd.isna(v) else int(v) for v in series.astype(object)]
+    arr = series.to_numpy(dtype=np.float64, na_value=np.nan)
+    return [None if not np.isfinite(v) else float(v) for v in arr]
+
+
+def obs_rows(
+    obs: pd.DataFrame, schema: Sequence[ObsColumn], order: np.ndarray, *, chunk: int = 20_000
+) -> Iterator[list[dict[str, Any]]]:
+    """Yield insert rows in ``cell_idx`` order; ``order[i]`` is the obs row of cell ``i``."""
+    cols = {c.column: _python_values(obs[obs.columns[i]], c.kind) for i, c in enumerate(schema)}
+    names = obs.index.astype(str).to_numpy()
+    for lo in range(0, len(order), chunk):
+        rows = []
+        for cell_idx in range(lo, min(lo + chunk, len(order))):
+            src = int(order[cell_idx])
+            row = {"cell_idx": cell_idx, "cell": names[src], "src_idx": src}
+            for col, values in cols.items():
+                row[col] = values[src]
+            rows.append(row)
+        yield rows
