@@ -50,6 +50,10 @@ MARKER = "sclstore.json"
 STORE_FORMAT_VERSION = 1
 
 
+class _AlreadyRegistered(Exception):
+    """Internal: another process registered the same dataset first."""
+
+
 def cache_key(*parts: Any) -> str:
     """sha256 of the canonical JSON of ``parts`` (the run and evaluation cache keys)."""
     text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
@@ -191,6 +195,8 @@ class Backend:
         table = build_obs_table(tname, schema, sa.MetaData())
         try:
             with catalogdb.write_tx(self.engine) as conn:
+                if conn.execute(sa.select(Dataset.id).where(Dataset.content_hash == content_hash)).first() is not None:
+                    raise _AlreadyRegistered
                 taken = conn.execute(sa.select(Dataset.id).where(Dataset.name == name)).first()
                 if taken is not None:
                     msg = f"dataset name {name!r} is already used by other data: pass another --name"
@@ -211,7 +217,7 @@ class Backend:
                         created_at=utcnow(),
                     )
                 )
-        except sa.exc.IntegrityError:
+        except (_AlreadyRegistered, sa.exc.IntegrityError, sa.exc.ProgrammingError):
             again = self.find_dataset(content_hash)  # a concurrent registration won
             if again is None:
                 raise
