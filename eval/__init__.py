@@ -1,1 +1,111 @@
-"""sclstore subpackage."""
+"""Per-layer evaluation metrics (pure functions: arrays in, numbers out; no store access).
+
+* :mod:`~sclstore.eval.dpt` and :mod:`~sclstore.eval.trajectory`: kNN -> diffusion map -> DPT
+  -> Spearman per representation, with subsampling intervals and paired differences.
+* :mod:`~sclstore.eval.de` and :mod:`~sclstore.eval.perturbation`: pseudobulk DE (pydeseq2 or
+  fast) and RSA between DE similarity and embedding-shift similarity, with Mantel p-values,
+  perturbation bootstrap and a split-half DE ceiling.
+* :mod:`~sclstore.eval.stats`: resampling helpers; :mod:`~sclstore.eval.results`: per-layer
+  tables; :mod:`~sclstore.eval.plot`: the score-vs-depth figure;
+  :mod:`~sclstore.eval.simulate`: seeded simulators with a known answer.
+
+Lifecycle: experimental.
+"""
+
+from __future__ import annotations
+
+from sclstore.eval.de import (
+    DE_MODES,
+    DEMode,
+    DEResult,
+    de_fast,
+    de_pydeseq2,
+    expressed_genes,
+    median_of_ratios,
+    pseudobulk,
+    pydeseq2_inputs,
+    run_de,
+)
+from sclstore.eval.perturbation import (
+    VARIANTS,
+    PerturbationScore,
+    SplitHalfCeiling,
+    Variant,
+    embedding_vectors,
+    group_centroids,
+    perturbation_paired_difference,
+    rsa_from_centroids,
+    score_perturbation,
+    select_perturbations,
+    split_half_ceiling,
+)
+from sclstore.eval.plot import plot_layer_scores
+from sclstore.eval.results import (
+    BASELINE_LAYER,
+    TABLE_COLUMNS,
+    LayerScore,
+    LayerSummary,
+    layer_depth,
+    layer_table,
+    summarize_layers,
+)
+from sclstore.eval.simulate import (
+    CONTROL_LABEL,
+    PERTURBSEQ_CONDITIONS,
+    default_gene_names,
+    log_pca,
+    simulate_layers,
+    simulate_perturbseq,
+    simulate_trajectory,
+)
+from sclstore.eval.stats import (
+    PairedDifference,
+    bootstrap_rsa,
+    cosine_similarity_matrix,
+    de_similarity,
+    mantel_test,
+    paired_difference,
+    percentile_ci,
+    rsa_spearman,
+    upper_triangle,
+)
+from sclstore.eval.dpt import (
+    ROOT_RULES,
+    DPTResult,
+    ReferencePseudotime,
+    RootRule,
+    as_time,
+    dpt_pseudotime,
+    reference_pseudotime,
+)
+from sclstore.eval.trajectory import (
+    SubsampleScores,
+    TrajectoryScore,
+    paired_subsample_scores,
+    score_trajectory,
+    trajectory_paired_difference,
+)
+
+__all__ = [
+    # trajectory
+    "ROOT_RULES", "RootRule", "DPTResult", "ReferencePseudotime", "TrajectoryScore", "SubsampleScores", "as_time",
+    "dpt_pseudotime", "reference_pseudotime", "score_trajectory", "paired_subsample_scores",
+    "trajectory_paired_difference",
+    # DE
+    "DE_MODES", "DEMode", "DEResult", "pseudobulk", "expressed_genes", "median_of_ratios",
+    "de_fast", "de_pydeseq2", "pydeseq2_inputs", "run_de",
+    # perturbation
+    "VARIANTS", "Variant", "PerturbationScore", "SplitHalfCeiling", "select_perturbations",
+    "group_centroids", "embedding_vectors", "cosine_similarity_matrix", "de_similarity",
+    "rsa_from_centroids", "score_perturbation", "perturbation_paired_difference",
+    "split_half_ceiling",
+    # stats
+    "PairedDifference", "percentile_ci", "paired_difference", "upper_triangle", "rsa_spearman",
+    "mantel_test", "bootstrap_rsa",
+    # results and plot
+    "BASELINE_LAYER", "TABLE_COLUMNS", "LayerScore", "LayerSummary", "layer_depth", "layer_table",
+    "summarize_layers", "plot_layer_scores",
+    # simulators
+    "CONTROL_LABEL", "PERTURBSEQ_CONDITIONS", "default_gene_names", "simulate_trajectory",
+    "simulate_perturbseq", "simulate_layers", "log_pca",
+]

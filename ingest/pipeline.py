@@ -292,11 +292,12 @@ def ingest(backend: Backend, path: str | os.PathLike[str], config: IngestConfig,
             if start % config.chunk_cells and start < run.n_cells:
                 raise IngestError(f"run {run.id} watermark {start} is not a chunk boundary of {config.chunk_cells}")
             logger.info("run %s: embedding cells %d..%d of %d on %s", run.id, start, run.n_cells, run.n_cells, device)
-            adapter.load(device)
+            # start reading/tokenizing (and worker start-up) before the weights load, so they overlap
+            prefetch = _Prefetch(source, order, mapping, adapter.tokenizer, chunks, config.seed, config.workers)
             with make_progress(f"ingest {name}", total=run.n_cells, done=start, enabled=config.progress) as progress:
                 writer = _Writer(backend, run, lease, progress)
-                prefetch = _Prefetch(source, order, mapping, adapter.tokenizer, chunks, config.seed, config.workers)
                 try:
+                    adapter.load(device)
                     for lo, records in prefetch:
                         writer.check()
                         block = _embed_chunk(adapter, records, layers=layers, pools=pools,

@@ -1,0 +1,126 @@
+"""The result of evaluating every layer of a run: a per-layer table plus its summary.
+
+An :class:`EvalReport` round-trips through JSON (that is how it is cached in the catalog),
+renders as a rich table, and plots score vs depth.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from rich.table import Table
+
+from .plot import plot_layer_scores
+
+__all__ = ["EvalReport"]
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float | np.floating):
+        return None if not math.isfinite(float(value)) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    return [_clean(r) for r in df.astype(object).where(df.notna(), None).to_dict(orient="records")]
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """Per-layer scores of one run on one task.
+
+    Attributes
+    ----------
+    task
+        ``"trajectory"`` or ``"perturbation"``.
+    run_id, run_label
+        The evaluated run.
+    params
+        Everything that determined the result (its hash is the cache key).
+    table
+        One row per (layer or baseline) x pool x condition x metric (see
+        :data:`sclstore.eval.TABLE_COLUMNS`).
+    summary
+        Best layer, final layer and gain per (pool, condition, metric).
+    notes
+        Extra facts (DE mode, ceilings, dropped cells, whether the result came from the cache).
+    """
+
+    task: str
+    run_id: int
+    run_label: str
+    params: dict[str, Any]
+    table: pd.DataFrame
+    summary: pd.DataFrame
+    notes: dict[str, Any] = field(default_factory=dict)
+    cached: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able form (NaN becomes null)."""
+        return {
+            "task": self.task, "run": self.run_id, "run_label": self.run_label, "params": _clean(self.params),
+            "table": _records(self.table), "summary": _records(self.summary), "notes": _clean(self.notes),
+            "cached": self.cached,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], *, cached: bool = False) -> EvalReport:
+        table = pd.DataFrame(data["table"])
+        for col in ("score", "ci_low", "ci_high", "p_value", "diff_vs_final", "diff_ci_low", "diff_ci_high", "diff_p_value", "depth"):
+            if col in table:
+                table[col] = pd.to_numeric(table[col], errors="coerce").astype(float)
+        return cls(task=data["task"], run_id=int(data["run"]), run_label=data["run_label"], params=data["params"],
+                   table=table, summary=pd.DataFrame(data["summary"]), notes=data.get("notes", {}), cached=cached)
+
+    def metric_table(self, metric: str | None = None) -> pd.DataFrame:
+        """Rows of one metric (default: the task's primary metric)."""
+        metric = metric or self.params.get("primary_metric")
+        return self.table if metric is None else self.table[self.table["metric"] == metric]
+
+    def rich_table(self) -> Table:
+        """The primary metric per layer, conditions side by side."""
+        df = self.metric_table()
+        title = f"{self.task}: run {self.run_id} {self.run_label} ({self.params.get('primary_metric')}, pool {self.params.get('pool')})"
+        table = Table(title=title + (" [cached]" if self.cached else ""))
+        for col in ("layer", "depth", "condition", "score", "95% CI", "p", "vs final (95% CI)"):
+            table.add_column(col, justify="right" if col not in ("condition",) else "left")
+
+        def f(x: Any, nd: int = 3) -> str:
+            return "" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}f}"
+
+        for r in df.itertuples(index=False):
+            layer = "PCA" if r.representation != "layer" else str(int(r.layer))
+            diff = "" if not math.isfinite(r.diff_vs_final) else f"{r.diff_vs_final:+.3f} ({f(r.diff_ci_low)}, {f(r.diff_ci_high)})"
+            table.add_row(layer, f(r.depth, 2), str(r.condition or ""), f(r.score), f"{f(r.ci_low)}..{f(r.ci_high)}",
+                          f(r.p_value, 4), diff)
+        return table
+
+    def headline(self) -> list[str]:
+        """One sentence per condition: best layer, final layer, gain."""
+        lines = []
+        metric = self.params.get("primary_metric")
+        s = self.summary[self.summary["metric"] == metric] if "metric" in self.summary else self.summary
+        for r in s.to_dict(orient="records"):
+            cond = f"[{r['condition']}] " if r.get("condition") else ""
+            lines.append(
+                f"{cond}best layer {r['best_layer']} (depth {r['best_depth']:.2f}, {metric} {r['best_score']:.3f}) vs "
+                f"final layer {r['final_layer']} ({r['final_score']:.3f}): gain {r['gain']:+.3f}"
+            )
+        return lines
+
+    def plot(self, out_png: str | Path) -> Path:
+        """Score vs depth with CI bands, best and final layer marked."""
+        ylabel = {"spearman_time": "Spearman ρ (DPT vs time)", "rsa_shift": "RSA (Spearman)",
+                  "rsa_centroid": "RSA (Spearman, centroid variant)"}.get(str(self.params.get("primary_metric")), "score")
+        return plot_layer_scores(self.metric_table(), out_png, title=f"{self.task} - {self.run_label}", ylabel=ylabel)

@@ -1,0 +1,282 @@
+"""Write query results to files; the extension picks the format.
+
+=========== ===========================================================================
+``.h5ad``   AnnData: obs plus one ``obsm`` matrix per layer (``X_<model>_L07_<pool>``)
+``.npy``    the float32 ``(n_layers, n_rows, dim)`` array only
+``.npz``    ``embeddings``, ``layers``, ``depths``, ``cells``, ``cell_idx`` (or ``counts``),
+            and each obs column as ``obs_<name>``
+``.parquet`` long format: one row per layer x cell, columns ``layer``, ``depth``, ``cell``,
+            ``cell_idx``, the obs columns, then ``e0`` ... ``e{dim-1}``
+``.csv``    the same long format as text (floats with 9 significant digits: exact float32)
+=========== ===========================================================================
+
+Every writer consumes ``iter_blocks`` (one layer x one chunk of rows at a time), so a
+:class:`~sclstore.query.result.QueryStream` larger than memory is written without holding it.
+Files are written under a temporary name and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from sclstore.store.errors import InvalidInputError
+
+from .result import QueryResult, QueryStream, _uns
+
+if TYPE_CHECKING:
+    from .plan import Backend
+
+__all__ = ["FORMATS", "write_result", "query_to_file"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_CELLS = 65_536
+
+
+def _need_embeddings(res: QueryResult | QueryStream, fmt: str) -> None:
+    if res.pool is None:
+        msg = f"{fmt} holds embeddings, but the query selects none: add `embedding` (or AVG(embedding)) to the select list, or write .csv/.parquet"
+        raise InvalidInputError(msg)
+
+
+def _npy_header(shape: tuple[int, ...]) -> dict[str, Any]:
+    return {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": shape}
+
+
+def _shape(res: QueryResult | QueryStream) -> tuple[int, int, int]:
+    return (len(res.layers), res.n_rows, res.dim)
+
+
+def _write_npy(res: QueryResult | QueryStream, path: Path, chunk: int) -> None:
+    _need_embeddings(res, ".npy")
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=_shape(res))
+    for i, lo, block in res.iter_blocks(chunk_cells=chunk):
+        out[i, lo : lo + block.shape[0]] = block
+    out.flush()
+    del out
+
+
+def _text_array(values: pd.Series) -> np.ndarray:
+    return np.array(["" if pd.isna(v) else str(v) for v in values.astype(object)], dtype=str)
+
+
+def _obs_arrays(res: QueryResult | QueryStream) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {"cells": _text_array(pd.Series(res.obs.index))}
+    for name in res.obs.columns:
+        col = res.obs[name]
+        if isinstance(col.dtype, pd.CategoricalDtype) or col.dtype == object:
+            arrays[f"obs_{name}"] = _text_array(col)
+        elif pd.api.types.is_bool_dtype(col.dtype) and not col.isna().any():
+            arrays[f"obs_{name}"] = col.to_numpy(dtype=bool)
+        elif pd.api.types.is_integer_dtype(col.dtype) and not col.isna().any():
+            arrays[f"obs_{name}"] = col.to_numpy(dtype=np.int64)
+        else:
+            arrays[f"obs_{name}"] = col.to_numpy(dtype=np.float64, na_value=np.nan)
+    return arrays
+
+
+def _write_npz(res: QueryResult | QueryStream, path: Path, chunk: int) -> None:
+    _need_embeddings(res, ".npz")
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("embeddings.npy", "w", force_zip64=True) as fp:
+            np.lib.format.write_array_header_2_0(fp, _npy_header(_shape(res)))
+            for _, _, block in res.iter_blocks(chunk_cells=chunk):
+                fp.write(np.ascontiguousarray(block, dtype=np.float32).tobytes())
+        small: dict[str, np.ndarray] = {
+            "layers": np.asarray(res.layers, dtype=np.int64),
+            "depths": np.asarray(res.depths, dtype=np.float64),
+            **_obs_arrays(res),
+        }
+        if res.cell_idx is not None:
+            small["cell_idx"] = np.asarray(res.cell_idx, dtype=np.int64)
+        if res.counts is not None:
+            small["counts"] = np.asarray(res.counts, dtype=np.int64)
+        for name, arr in small.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as fp:
+                np.lib.format.write_array(fp, arr, allow_pickle=False)
+
+
+def _write_h5ad(res: QueryResult | QueryStream, path: Path, chunk: int) -> None:
+    import anndata as ad
+    import h5py
+
+    obs = res.obs.copy()
+    obs.index = obs.index.astype(str)
+    if not obs.index.is_unique:
+        obs.index = pd.Index([f"{name}-{i}" for i, name in enumerate(obs.index)])
+    if res.cell_idx is not None and "cell_idx" not in obs:
+        obs["cell_idx"] = np.asarray(res.cell_idx, dtype=np.int64)
+    if res.counts is not None and "count" not in obs:
+        obs["n_cells"] = np.asarray(res.counts, dtype=np.int64)
+    adata = ad.AnnData(obs=obs)
+    adata.uns["sclstore"] = _uns(res)
+    adata.write_h5ad(path)
+    if res.pool is None:
+        return
+    keys = res.obsm_keys()
+    with h5py.File(path, "r+") as f:
+        grp = f["obsm"]
+        dsets = []
+        for key in keys:
+            ds = grp.create_dataset(key, shape=(res.n_rows, res.dim), dtype=np.float32)
+            ds.attrs["encoding-type"] = "array"
+            ds.attrs["encoding-version"] = "0.2.0"
+            dsets.append(ds)
+        for i, lo, block in res.iter_blocks(chunk_cells=chunk):
+            if block.shape[0]:
+                dsets[i][lo : lo + block.shape[0]] = block
+
+
+def _long_frames(res: QueryResult | QueryStream, chunk: int, *, with_embeddings: bool = True) -> Iterator[pd.DataFrame]:
+    """Yield long-format DataFrames (one row per layer x row) block by block.
+
+    ``with_embeddings=False`` yields the metadata columns only, one frame per ``chunk`` rows
+    of the first layer (used to infer the Parquet schema without reading any array data).
+    """
+    obs = res.obs
+    base_cols = ["cell"] if not res.grouped else ["group"]
+    emb_cols = [f"e{j}" for j in range(res.dim)]
+    ids = None if res.cell_idx is None else np.asarray(res.cell_idx, dtype=np.int64)
+    counts = None if res.counts is None else np.asarray(res.counts, dtype=np.int64)
+
+    def frame(lo: int, n: int, layer_pos: int | None, block: np.ndarray | None) -> pd.DataFrame:
+        part = obs.iloc[lo : lo + n]
+        data: dict[str, Any] = {}
+        if layer_pos is not None:
+            data["layer"] = np.full(n, res.layers[layer_pos], dtype=np.int64)
+            data["depth"] = np.full(n, res.depths[layer_pos], dtype=np.float64)
+        data[base_cols[0]] = part.index.astype(str).to_numpy(dtype=object)
+        if ids is not None:
+            data["cell_idx"] = ids[lo : lo + n]
+        for name in part.columns:
+            data[str(name)] = part[name].to_numpy() if not isinstance(part[name].dtype, pd.CategoricalDtype) else part[name].array
+        if counts is not None and "count" not in part.columns:
+            data["n_cells"] = counts[lo : lo + n]
+        df = pd.DataFrame(data)
+        if block is not None:
+            emb = pd.DataFrame(np.asarray(block, dtype=np.float32), columns=emb_cols)
+            df = pd.concat([df, emb], axis=1)
+        return df
+
+    if res.pool is None or not with_embeddings:
+        layer0 = 0 if res.pool is not None else None
+        for lo in range(0, max(res.n_rows, 1), chunk):
+            yield frame(lo, min(chunk, res.n_rows - lo), layer0, None)
+        return
+    for i, lo, block in res.iter_blocks(chunk_cells=chunk):
+        yield frame(lo, block.shape[0], i, block)
+
+
+def _write_parquet(res: QueryResult | QueryStream, path: Path, chunk: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # One schema for every block, inferred from all rows' metadata (a text column that is NULL
+    # in the first block must still be text), plus float32 embedding columns.
+    template = next(_long_frames(res, max(res.n_rows, 1), with_embeddings=False))
+    schema = pa.Schema.from_pandas(template, preserve_index=False)
+    for j in range(res.dim if res.pool is not None else 0):
+        schema = schema.append(pa.field(f"e{j}", pa.float32()))
+    schema = schema.with_metadata({**(schema.metadata or {}), b"sclstore": json.dumps(res.summary()).encode()})
+    with pq.ParquetWriter(path, schema) as writer:
+        for df in _long_frames(res, chunk):
+            writer.write_table(pa.Table.from_pandas(df, schema=schema, preserve_index=False))
+
+
+def _write_csv(res: QueryResult | QueryStream, path: Path, chunk: int) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        for k, df in enumerate(_long_frames(res, chunk)):
+            df.to_csv(fh, index=False, header=(k == 0), float_format="%.9g")
+
+
+FORMATS: dict[str, Callable[[QueryResult | QueryStream, Path, int], None]] = {
+    ".h5ad": _write_h5ad,
+    ".npy": _write_npy,
+    ".npz": _write_npz,
+    ".parquet": _write_parquet,
+    ".csv": _write_csv,
+}
+
+
+def write_result(
+    result: QueryResult | QueryStream, out_path: str | os.PathLike[str], *, chunk_cells: int = DEFAULT_CHUNK_CELLS
+) -> Path:
+    """Write a query result (or stream) to a file; the extension picks the format.
+
+    Parameters
+    ----------
+    result
+        From :func:`sclstore.query.execute_query` or :func:`sclstore.query.open_query`.
+    out_path
+        Target file ending in ``.h5ad``, ``.npy``, ``.npz``, ``.parquet`` or ``.csv``
+        (see the module docstring for the layout of each).
+    chunk_cells
+        Rows per block while streaming.
+
+    Returns
+    -------
+    pathlib.Path
+        The written file.
+
+    Raises
+    ------
+    InvalidInputError
+        For an unknown extension, or a format that needs embeddings when none are selected.
+
+    Examples
+    --------
+    >>> write_result(open_query(backend, "SELECT * FROM embeddings WHERE run = 1"), "all.npy")  # doctest: +SKIP
+    """
+    path = Path(out_path).expanduser()
+    suffix = path.suffix.lower()
+    writer = FORMATS.get(suffix)
+    if writer is None:
+        msg = f"cannot write {path.name!r}: unknown extension {suffix or '(none)'!r}; use one of {', '.join(FORMATS)}"
+        raise InvalidInputError(msg)
+    if chunk_cells < 1:
+        raise InvalidInputError(f"chunk_cells must be >= 1, got {chunk_cells}")
+    if path.parent and not path.parent.exists():
+        raise InvalidInputError(f"folder {str(path.parent)!r} does not exist: create it first")
+    tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}{suffix}")
+    try:
+        writer(result, tmp, chunk_cells)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    logger.info("wrote %s (%s)", path, suffix)
+    return path
+
+
+def query_to_file(
+    backend: Backend, sql: str, out_path: str | os.PathLike[str], *, memory_budget: int | None = None
+) -> dict[str, Any]:
+    """Run a query and stream its result into ``out_path`` (no memory budget on cell data).
+
+    Returns
+    -------
+    dict
+        The result's summary plus ``"path"``.
+
+    Raises
+    ------
+    InvalidQueryError, RunNotFoundError, NotFoundError, InvalidInputError
+        As :func:`sclstore.query.open_query` and :func:`write_result`.
+    """
+    from .read import open_query
+
+    suffix = Path(out_path).suffix.lower()
+    if suffix not in FORMATS:  # fail before any work
+        raise InvalidInputError(f"unknown output extension {suffix or '(none)'!r}; use one of {', '.join(FORMATS)}")
+    res = open_query(backend, sql, memory_budget=memory_budget)
+    path = write_result(res, out_path)
+    return {**res.summary(), "path": str(path)}

@@ -1,0 +1,310 @@
+"""Execute a planned query: resolve cells in the catalog, then read the run's array.
+
+Obs predicates, ORDER BY and LIMIT run as one bound SELECT on the dataset's obs table (so its
+indexes are used). The selected ``cell_idx`` go to the run's reader sorted and unique; the
+reader coalesces them into contiguous ranges and picks range reads or a bounding read.
+GROUP BY queries never hold the cells' embeddings: chunks are streamed and summed per group.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import sqlalchemy as sa
+
+from sclstore.store.errors import QueryTooLargeError
+
+from .compile import bind_columns, compile_order, compile_predicate
+from .parse import parse_query
+from .plan import Backend, QueryPlan, plan_query
+from .result import QueryResult, QueryStream, format_bytes
+from .spec import OrderItem
+
+__all__ = ["execute_query", "open_query", "check_budget", "select_cells", "read_cells", "DEFAULT_CHUNK_BYTES"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_BYTES = 128 * 1024**2
+"""Target size of one streamed chunk (all selected layers × chunk cells × dim, float32)."""
+
+
+def _budget(backend: Backend, memory_budget: int | None) -> int:
+    if memory_budget is not None:
+        return int(memory_budget)
+    settings = getattr(backend, "settings", None)
+    return int(getattr(settings, "memory_budget_bytes", 4 * 1024**3))
+
+
+def check_budget(plan: QueryPlan, n_rows: int, budget: int) -> None:
+    """Refuse a result whose embedding block would exceed ``budget`` bytes.
+
+    Raises
+    ------
+    QueryTooLargeError
+        Stating the size, the budget and how to narrow the query.
+    """
+    if plan.pool is None:
+        return
+    itemsize = 8 if plan.aggregate else 4  # centroids accumulate in float64
+    size = len(plan.layers) * n_rows * plan.run.dim * itemsize
+    if size <= budget:
+        return
+    what = "groups" if plan.aggregate else "cells"
+    msg = (
+        f"query result is {format_bytes(size)} ({len(plan.layers)} layers x {n_rows:,} {what} x {plan.run.dim} dims), "
+        f"above the memory budget of {format_bytes(budget)}: pin fewer layers (e.g. `layer = {plan.layers[-1]}`), "
+        "filter cells on obs columns, add LIMIT, raise memory_budget, or write it to a file "
+        "(`sclstore query \"...\" -o out.npy`, which streams)"
+    )
+    raise QueryTooLargeError(msg)
+
+
+def _frame(rows: list[Any], names: list[str], kinds: dict[str, str]) -> tuple[np.ndarray, pd.DataFrame]:
+    """``cell_idx`` and the obs DataFrame from raw ``(cell_idx, cell, *cols)`` rows.
+
+    Columns get their original names and dtypes; categories are the values present in the
+    selection, in code-point order (as ``Backend.read_obs`` builds them).
+    """
+    n = len(rows)
+    arr = np.array(rows, dtype=object) if n else np.empty((0, 2 + len(names)), dtype=object)
+    arr = arr.reshape(n, 2 + len(names))
+    cell_idx = arr[:, 0].astype(np.int64)
+    index = pd.Index(arr[:, 1], dtype=object)
+    data: dict[str, Any] = {}
+    for j, name in enumerate(names):
+        values = arr[:, 2 + j]
+        kind = kinds[name]
+        null = pd.isna(values)
+        if kind == "category":
+            data[name] = pd.Categorical(values)
+        elif kind == "int":
+            data[name] = pd.array(values, dtype="Int64") if null.any() else values.astype(np.int64)
+        elif kind == "float":
+            data[name] = np.where(null, np.nan, values).astype(np.float64)
+        elif kind == "bool":
+            if null.any():
+                data[name] = pd.array([None if v is None else bool(v) for v in values], dtype="boolean")
+            else:
+                data[name] = values.astype(bool)
+        else:
+            data[name] = values
+    return cell_idx, pd.DataFrame(data, index=index, columns=names)
+
+
+@functools.lru_cache(maxsize=64)
+def _obs_table(name: str, schema: tuple[Any, ...]) -> sa.Table:
+    """The obs Table of a dataset, built from its catalog description (no catalog round trip).
+
+    Same construction as ``Backend.obs_table``; datasets are immutable once registered, so
+    the (name, schema) pair identifies the table.
+    """
+    from sclstore.store.obs import build_obs_table
+
+    return build_obs_table(name, schema, sa.MetaData())
+
+
+def select_cells(
+    backend: Backend, plan: QueryPlan, *, sort_by_cell: bool = False
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Run the obs part of a plan in the catalog: ``(cell_idx, obs)`` in output order.
+
+    Parameters
+    ----------
+    sort_by_cell
+        Ignore ORDER BY/LIMIT and return cells ordered by ``cell_idx`` (for GROUP BY).
+    """
+    t0 = time.perf_counter()
+    table = _obs_table(plan.dataset.obs_table, tuple(plan.dataset.obs_schema))
+    columns = bind_columns(table, plan.dataset.obs_schema)
+    dialect = backend.engine.dialect.name
+    names = list(plan.obs_columns)
+    stmt = sa.select(table.c.cell_idx, table.c.cell, *(columns[n].sql for n in names))
+    if plan.where is not None:
+        stmt = stmt.where(compile_predicate(plan.where, columns, dialect=dialect))
+    if sort_by_cell:
+        stmt = stmt.order_by(table.c.cell_idx)
+    else:
+        stmt = stmt.order_by(*compile_order(plan.order_by, columns, dialect=dialect))
+        if plan.limit is not None:
+            stmt = stmt.limit(plan.limit)
+    kinds = {n: columns[n].kind for n in names}
+    with backend.engine.connect() as conn:
+        # raw DB-API rows: values are converted per column in _frame, much faster than per row
+        rows = conn.execute(stmt).cursor.fetchall()
+    cell_idx, obs = _frame(rows, names, kinds)
+    logger.debug("resolved %d cells of dataset %s in %.3f s", len(rows), plan.dataset.name, time.perf_counter() - t0)
+    return cell_idx, obs
+
+
+def _chunk_cells(plan: QueryPlan, budget: int) -> int:
+    per_cell = max(1, len(plan.layers) * plan.run.dim * 4)
+    return int(max(1, min(1 << 20, min(DEFAULT_CHUNK_BYTES, budget // 4) // per_cell)))
+
+
+def read_cells(backend: Backend, plan: QueryPlan, cell_idx: np.ndarray) -> np.ndarray:
+    """Read ``(n_layers, len(cell_idx), dim)`` float32 for cells in any order."""
+    assert plan.pool is not None
+    cells = np.asarray(cell_idx, dtype=np.int64)
+    t0 = time.perf_counter()
+    is_sorted = cells.size < 2 or bool(np.all(cells[1:] > cells[:-1]))
+    order = None if is_sorted else np.argsort(cells, kind="stable")
+    wanted = cells if order is None else cells[order]
+    with backend.open_reader(plan.run.id) as reader:
+        everything = wanted.size == plan.run.n_cells and (wanted.size == 0 or (wanted[0] == 0 and wanted[-1] == wanted.size - 1))
+        data = reader.read(list(plan.slots), None if everything and wanted.size else wanted, plan.pool)
+    if order is not None:
+        for i in range(data.shape[0]):  # undo the sort one layer at a time (bounded extra memory)
+            layer = np.empty_like(data[i])
+            layer[order] = data[i]
+            data[i] = layer
+    logger.debug("read %s from run %s in %.3f s", data.shape, plan.run.id, time.perf_counter() - t0)
+    return data
+
+
+def _sort_groups(groups: pd.DataFrame, keys: list[OrderItem]) -> np.ndarray:
+    """Stable multi-key sort of the group table with SQL NULL placement."""
+    perm = np.arange(len(groups))
+    for key in reversed(keys):
+        col = groups[key.column].iloc[perm]
+        if isinstance(col.dtype, pd.CategoricalDtype):
+            col = col.astype(object)
+        nulls_first = key.nulls_first if key.nulls_first is not None else not key.desc
+        ordered = col.reset_index(drop=True).sort_values(
+            ascending=not key.desc, kind="mergesort", na_position="first" if nulls_first else "last"
+        )
+        perm = perm[ordered.index.to_numpy()]
+    return perm
+
+
+def _aggregate(backend: Backend, plan: QueryPlan, budget: int) -> QueryResult:
+    cell_idx, keys = select_cells(backend, plan, sort_by_cell=True)
+    cols = list(plan.group_by)
+    if cols:
+        codes = keys.groupby(cols, sort=False, dropna=False, observed=True).ngroup().to_numpy()
+        _, first = np.unique(codes, return_index=True)  # row of each group's first cell, by code
+        groups = keys[cols].iloc[first].reset_index(drop=True)
+    else:
+        codes = np.zeros(len(cell_idx), dtype=np.int64)
+        groups = pd.DataFrame(index=range(1 if len(cell_idx) else 0))
+    counts_all = np.bincount(codes, minlength=len(groups)).astype(np.int64)
+    default = [OrderItem(c) for c in cols]
+    perm = _sort_groups(groups, [*plan.order_by, *default]) if cols else np.arange(len(groups))
+    if plan.limit is not None:
+        perm = perm[: plan.limit]
+    rank = np.full(len(groups), -1, dtype=np.int64)
+    rank[perm] = np.arange(len(perm))
+    groups = groups.iloc[perm].reset_index(drop=True)
+    counts = counts_all[perm]
+    check_budget(plan, len(groups), budget)
+    cell_rank = rank[codes] if len(codes) else codes
+    keep = cell_rank >= 0
+    cells, cell_rank = cell_idx[keep], cell_rank[keep]
+
+    centroids: np.ndarray | None = None
+    if plan.pool is not None:
+        from scipy import sparse
+
+        n_groups = len(groups)
+        sums = np.zeros((len(plan.layers), n_groups, plan.run.dim), dtype=np.float64)
+        if cells.size:
+            with backend.open_reader(plan.run.id) as reader:
+                chunks = reader.iter_chunks(list(plan.slots), cells, plan.pool, chunk_cells=_chunk_cells(plan, budget))
+                pos = 0
+                for part, block in chunks:
+                    r = cell_rank[pos : pos + part.size]
+                    pos += part.size
+                    onehot = sparse.csr_matrix((np.ones(part.size), (r, np.arange(part.size))), shape=(n_groups, part.size))
+                    for i in range(block.shape[0]):
+                        sums[i] += onehot @ block[i].astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            centroids = (sums / np.maximum(counts, 1)[None, :, None]).astype(np.float32)
+    obs = groups.copy()
+    if plan.want_count:
+        obs["count"] = counts
+    labels = ["|".join("NA" if pd.isna(v) else str(v) for v in row) for row in groups.itertuples(index=False)] if cols else ["all"] * len(groups)
+    obs.index = pd.Index(labels, dtype=object)
+    return QueryResult(
+        run_info=plan.run, layers=plan.layers, pool=plan.pool, obs=obs, embeddings=centroids,
+        grouped=True, counts=counts, sql=plan.query.sql,
+    )
+
+
+def _prepare(backend: Backend, sql: str) -> QueryPlan:
+    query = parse_query(sql)
+    plan = plan_query(backend, query)
+    logger.info(
+        "query on run %s: layers %s, pool %s, %s", plan.run.id, list(plan.layers), plan.pool,
+        "grouped" if plan.aggregate else "cells",
+    )
+    return plan
+
+
+def execute_query(backend: Backend, sql: str, *, memory_budget: int | None = None) -> QueryResult:
+    """Run a slice query and return its result in memory.
+
+    Parameters
+    ----------
+    backend
+        An open :class:`sclstore.store.Backend`.
+    sql
+        ``SELECT ... FROM embeddings WHERE run = N ...`` (see ``DESIGN.md``).
+    memory_budget
+        Largest embedding block materialised, in bytes (default: the store's
+        ``settings.memory_budget_bytes``).
+
+    Returns
+    -------
+    QueryResult
+        Embeddings ``(n_layers, n_cells, dim)`` in output order, layers, obs and cell ids; for
+        a GROUP BY query, per-group centroids and counts.
+
+    Raises
+    ------
+    InvalidQueryError
+        If the query is not valid (message names the offending part).
+    QueryTooLargeError
+        If the result exceeds the memory budget (use :func:`open_query` + ``write_result``).
+    RunNotFoundError, NotFoundError
+        If the run, a layer or a pool does not exist.
+
+    Examples
+    --------
+    >>> res = execute_query(backend, "SELECT * FROM embeddings WHERE run = 1 AND layer = 7")  # doctest: +SKIP
+    >>> res.embeddings.shape  # doctest: +SKIP
+    (1, 5000, 512)
+    """
+    budget = _budget(backend, memory_budget)
+    plan = _prepare(backend, sql)
+    if plan.aggregate:
+        return _aggregate(backend, plan, budget)
+    cell_idx, obs = select_cells(backend, plan)
+    check_budget(plan, len(cell_idx), budget)
+    emb = read_cells(backend, plan, cell_idx) if plan.pool is not None else None
+    return QueryResult(
+        run_info=plan.run, layers=plan.layers, pool=plan.pool, obs=obs, embeddings=emb, cell_idx=cell_idx, sql=sql
+    )
+
+
+def open_query(backend: Backend, sql: str, *, memory_budget: int | None = None) -> QueryResult | QueryStream:
+    """Resolve a query's cells without reading embeddings, for streaming to a file.
+
+    Cell-level queries give a :class:`QueryStream` (read chunk by chunk by
+    :func:`sclstore.query.export.write_result`); GROUP BY queries are computed at once
+    (streaming over cells) and give a :class:`QueryResult`.
+
+    Raises
+    ------
+    InvalidQueryError, QueryTooLargeError, RunNotFoundError, NotFoundError
+        As :func:`execute_query` (only centroid tables are checked against the budget).
+    """
+    budget = _budget(backend, memory_budget)
+    plan = _prepare(backend, sql)
+    if plan.aggregate:
+        return _aggregate(backend, plan, budget)
+    cell_idx, obs = select_cells(backend, plan)
+    return QueryStream(backend, plan, cell_idx, obs, budget)

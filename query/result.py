@@ -1,0 +1,311 @@
+"""Query results: an in-memory :class:`QueryResult` and a lazy :class:`QueryStream`.
+
+Both expose the same description of the slice (run, pool, layers, obs, cell ids) and
+:meth:`iter_blocks`, which the file writers in :mod:`sclstore.query.export` consume, so a result
+too large for memory can still be written to a file one chunk at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:
+    import anndata
+
+    from sclstore.store.info import RunInfo
+
+    from .plan import Backend, QueryPlan
+
+__all__ = ["QueryResult", "QueryStream", "obsm_key", "format_bytes"]
+
+logger = logging.getLogger(__name__)
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def obsm_key(model: str, layer: int, pool: str, n_model_layers: int) -> str:
+    """The AnnData ``obsm`` key of one layer, e.g. ``X_tahoe-x1_L07_cls``.
+
+    The layer number is zero-padded to the width of the model's last layer (at least two
+    digits) so keys sort in layer order; characters other than letters, digits, ``.``, ``_``
+    and ``-`` in the model name become ``_``.
+    """
+    width = max(2, len(str(n_model_layers)))
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", model)
+    return f"X_{safe}_L{layer:0{width}d}_{pool}"
+
+
+class _Slice:
+    """Shared description of a query's output (mixin for result and stream)."""
+
+    run_info: RunInfo
+    layers: tuple[int, ...]
+    pool: str | None
+    obs: pd.DataFrame
+    cell_idx: np.ndarray | None
+    grouped: bool
+    counts: np.ndarray | None
+    sql: str
+
+    @property
+    def run(self) -> int:
+        """The run id."""
+        return int(self.run_info.id)
+
+    @property
+    def depths(self) -> tuple[float, ...]:
+        """``layer / L`` of each returned layer."""
+        n = self.run_info.n_model_layers
+        return tuple(layer / n if n else 0.0 for layer in self.layers)
+
+    @property
+    def dim(self) -> int:
+        """Embedding width (0 when no embedding is selected)."""
+        return int(self.run_info.dim) if self.pool is not None else 0
+
+    @property
+    def n_rows(self) -> int:
+        """Number of cells (or groups for a GROUP BY query)."""
+        return int(self.obs.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the embedding block, ``n_layers * n_rows * dim * 4`` bytes."""
+        return len(self.layers) * self.n_rows * self.dim * 4
+
+    def __enter__(self) -> _Slice:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Nothing to release: readers are opened and closed per read."""
+        return None
+
+    def obsm_keys(self) -> list[str]:
+        """AnnData ``obsm`` key of each layer (see :func:`obsm_key`)."""
+        if self.pool is None:
+            return []
+        return [obsm_key(self.run_info.model_name, layer, self.pool, self.run_info.n_model_layers) for layer in self.layers]
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-able description (what ``sclstore query --json`` prints)."""
+        out: dict[str, Any] = {
+            "run": self.run,
+            "dataset": self.run_info.dataset_name,
+            "model": self.run_info.model_name,
+            "pool": self.pool,
+            "layers": list(self.layers),
+            "depths": [round(d, 6) for d in self.depths],
+            "grouped": self.grouped,
+            "n_groups" if self.grouped else "n_cells": self.n_rows,
+            "dim": self.dim,
+            "shape": [len(self.layers), self.n_rows, self.dim] if self.pool is not None else None,
+            "nbytes": self.nbytes,
+            "obs_columns": [str(c) for c in self.obs.columns],
+        }
+        return out
+
+    def iter_blocks(self, *, chunk_cells: int = 65_536) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Yield ``(layer_position, first_row, block)`` with ``block`` of shape ``(n, dim)``.
+
+        Layers come in output order; within a layer, rows come in output order.
+        """
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, eq=False)
+class QueryResult(_Slice):
+    """The answer to a slice query, held in memory.
+
+    Attributes
+    ----------
+    embeddings
+        float32 ``(n_layers, n_cells, dim)`` (for a GROUP BY query ``(n_layers, n_groups, dim)``
+        centroids); ``None`` when the select list has no ``embedding``/``AVG(embedding)``.
+    layers
+        Stored layer numbers along axis 0 (``depths`` gives ``layer / L``).
+    obs
+        The selected cells' metadata: index = cell names, original obs column names and
+        dtypes (categoricals as pandas categoricals). For a GROUP BY query one row per group
+        with the group columns and ``count`` (if ``COUNT(*)`` was selected).
+    cell_idx
+        int64 positions of the cells in the run's arrays (``None`` for GROUP BY queries).
+    run_info
+        The run the query pinned (``run`` is its id).
+    pool
+        The pooling that was read (``None`` without an embedding).
+    grouped, counts
+        Whether this is a GROUP BY result, and the cells per group.
+
+    Notes
+    -----
+    Memory: ``nbytes`` (``n_layers * n_cells * dim * 4``) for the embeddings, checked against
+    the store's memory budget before anything is read, plus the obs frame. The result owns
+    plain numpy/pandas objects and is safe to share read-only between threads. It is also a
+    (no-op) context manager, like :class:`QueryStream`.
+    """
+
+    run_info: RunInfo
+    layers: tuple[int, ...]
+    pool: str | None
+    obs: pd.DataFrame
+    embeddings: np.ndarray | None
+    cell_idx: np.ndarray | None = None
+    grouped: bool = False
+    counts: np.ndarray | None = None
+    sql: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        what = f"{self.n_rows} groups" if self.grouped else f"{self.n_rows} cells"
+        return (
+            f"<QueryResult run {self.run} ({self.run_info.dataset_name}/{self.run_info.model_name}) "
+            f"{what} x layers {list(self.layers)} pool={self.pool} dim={self.dim}>"
+        )
+
+    def layer(self, layer: int) -> np.ndarray:
+        """The ``(n_cells, dim)`` matrix of one stored layer.
+
+        Raises
+        ------
+        NotFoundError
+            If the layer is not part of this result.
+        """
+        from sclstore.store.errors import NotFoundError
+
+        if self.embeddings is None:
+            raise NotFoundError("this result has no embeddings; select `embedding` in the query")
+        if layer not in self.layers:
+            raise NotFoundError(f"layer {layer} is not in this result; it has layers {list(self.layers)}")
+        return self.embeddings[self.layers.index(layer)]
+
+    def iter_blocks(self, *, chunk_cells: int = 65_536) -> Iterator[tuple[int, int, np.ndarray]]:
+        if self.embeddings is None:
+            return
+        for i in range(len(self.layers)):
+            for lo in range(0, self.n_rows, chunk_cells):
+                yield i, lo, self.embeddings[i, lo : lo + chunk_cells]
+            if self.n_rows == 0:
+                yield i, 0, self.embeddings[i, :0]
+
+    def to_anndata(self) -> anndata.AnnData:
+        """An AnnData with ``obs`` and one ``obsm`` matrix per layer.
+
+        Keys look like ``X_<model>_L07_<pool>`` (see :func:`obsm_key`), so
+        ``sc.pp.neighbors(adata, use_rep="X_tahoe-x1_L07_cls")`` works directly. ``X`` is empty
+        (zero genes); ``uns["sclstore"]`` records run, dataset, model, pool, layers, depths and
+        the query text.
+
+        Examples
+        --------
+        >>> adata = store.query("SELECT * FROM embeddings WHERE run = 1 AND layer = 7").to_anndata()  # doctest: +SKIP
+        >>> adata.obsm["X_tahoe-x1_L07_cls"].shape  # doctest: +SKIP
+        (5000, 512)
+        """
+        import anndata as ad
+
+        obs = self.obs.copy()
+        obs.index = obs.index.astype(str)
+        if not obs.index.is_unique:  # group labels can collide; keep AnnData happy
+            obs.index = pd.Index([f"{name}-{i}" for i, name in enumerate(obs.index)])
+        adata = ad.AnnData(obs=obs)
+        if self.embeddings is not None:
+            for key, i in zip(self.obsm_keys(), range(len(self.layers))):
+                adata.obsm[key] = np.asarray(self.embeddings[i])
+        if self.cell_idx is not None:
+            adata.obs["cell_idx"] = np.asarray(self.cell_idx, dtype=np.int64) if "cell_idx" not in obs else obs["cell_idx"]
+        if self.counts is not None and "count" not in obs:
+            adata.obs["n_cells"] = np.asarray(self.counts, dtype=np.int64)
+        adata.uns["sclstore"] = _uns(self)
+        return adata
+
+
+def _uns(s: _Slice) -> dict[str, Any]:
+    info = s.run_info
+    return {
+        "run": int(info.id),
+        "dataset": info.dataset_name,
+        "model": info.model_name,
+        "family": info.family,
+        "pool": s.pool or "",
+        "layers": np.asarray(s.layers, dtype=np.int64),
+        "depths": np.asarray(s.depths, dtype=np.float64),
+        "obsm_keys": list(s.obsm_keys()),
+        "query": s.sql,
+    }
+
+
+class QueryStream(_Slice):
+    """A cell-level query whose cells are resolved but whose embeddings are not read yet.
+
+    Obtained from :func:`sclstore.query.open_query`. ``iter_blocks`` reads one layer × one
+    chunk of cells at a time, so memory stays at ``chunk_cells * dim * 4`` bytes however big
+    the slice is; :meth:`materialize` loads everything (subject to the memory budget).
+
+    Not thread-safe: the stream opens a reader on the run's array for each iteration.
+    """
+
+    def __init__(self, backend: Backend, plan: QueryPlan, cell_idx: np.ndarray, obs: pd.DataFrame, budget: int) -> None:
+        self.backend = backend
+        self.plan = plan
+        self.run_info = plan.run
+        self.layers = plan.layers
+        self.pool = plan.pool
+        self.obs = obs
+        self.cell_idx = cell_idx
+        self.grouped = False
+        self.counts = None
+        self.sql = plan.query.sql
+        self.budget = budget
+
+    def __repr__(self) -> str:
+        return (
+            f"<QueryStream run {self.run} {self.n_rows} cells x layers {list(self.layers)} pool={self.pool} "
+            f"({format_bytes(self.nbytes)})>"
+        )
+
+    def iter_blocks(self, *, chunk_cells: int = 65_536) -> Iterator[tuple[int, int, np.ndarray]]:
+        if self.pool is None:
+            return
+        cells = np.asarray(self.cell_idx, dtype=np.int64)
+        with self.backend.open_reader(self.run_info.id) as reader:
+            for i, slot in enumerate(self.plan.slots):
+                if cells.size == 0:
+                    yield i, 0, np.empty((0, self.dim), dtype=np.float32)
+                for lo in range(0, cells.size, chunk_cells):
+                    part = cells[lo : lo + chunk_cells]
+                    order = np.argsort(part, kind="stable")
+                    block = reader.read([slot], part[order], self.pool)[0]
+                    out = np.empty_like(block)
+                    out[order] = block
+                    yield i, lo, out
+
+    def materialize(self) -> QueryResult:
+        """Read everything into a :class:`QueryResult`.
+
+        Raises
+        ------
+        QueryTooLargeError
+            If the slice is larger than the memory budget.
+        """
+        from .read import check_budget, read_cells
+
+        check_budget(self.plan, self.n_rows, self.budget)
+        emb = read_cells(self.backend, self.plan, self.cell_idx) if self.pool is not None else None
+        return QueryResult(
+            run_info=self.run_info, layers=self.layers, pool=self.pool, obs=self.obs, embeddings=emb,
+            cell_idx=self.cell_idx, sql=self.sql,
+        )

@@ -1,0 +1,112 @@
+"""The evaluation runner over a real store, on simulated layers with a planted best layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sclstore
+from sclstore.eval import runner as runner_mod
+from sclstore.eval.simulate import log_pca, simulate_layers, simulate_perturbseq, simulate_trajectory
+from sclstore.ingest.source import CountsSource
+from sclstore.store import ArraySpec, Backend, cache_key
+from sclstore.store.errors import EvaluationError
+
+
+def _store_with_layers(root: Path, adata, layers: np.ndarray, *, name: str, cluster_by=(), key: str = "k") -> tuple[Backend, int]:  # noqa: ANN001
+    """Register ``adata`` (written next to the store) and a complete run holding ``layers`` (file order)."""
+    path = root / f"{name}.h5ad"
+    if not path.exists():
+        adata.write_h5ad(path)
+    backend = Backend.create(root / "store")
+    with CountsSource(path) as src:
+        ds = backend.register_dataset(name=name, content_hash=src.scan(), obs=src.obs, n_vars=src.n_vars,
+                                      source_path=str(path), cluster_by=cluster_by)
+    n_layers, n, dim = layers.shape
+    model = backend.register_model(family="synthetic", name=f"planted-{key}", checkpoint_hash=cache_key(key), n_layers=n_layers - 1,
+                                   d_model=dim, config={})
+    run = backend.create_run(dataset=ds, model=model, key=cache_key(name, key), params={}, layers=list(range(n_layers)),
+                             spec=ArraySpec(n_layers=n_layers, n_cells=n, dim=dim, pools=("cls", "mean")))
+    order = backend.cell_order(ds.id)
+    lease = backend.acquire(run.id, wait=False)
+    backend.write_block(run, lease, 0, {"cls": layers[:, order], "mean": layers[:, order] * 0.5})
+    backend.complete(run, lease, {})
+    return backend, run.id
+
+
+def test_trajectory_best_layer_cached_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    adata = simulate_trajectory(n_cells=600, n_genes=300, seed=1)
+    t = adata.obs["latent_time"].to_numpy()
+    latent = np.column_stack([t, (adata.obs["fate"] == "monocyte").to_numpy() * t])
+    layers = simulate_layers(latent, n_layers=7, best_layer=3, seed=1)
+    backend, run_id = _store_with_layers(tmp_path, adata, layers, name="traj", cluster_by=("day",))
+    with sclstore.Store(backend) as st:
+        rep = st.evaluate_trajectory(run_id, pseudotime_key="latent_time", n_subsamples=4, n_neighbors=15)
+        prim = rep.metric_table()
+        lay = prim[prim["representation"] == "layer"]
+        best = int(lay.loc[lay["score"].idxmax(), "layer"])
+        assert abs(best - 3) <= 1
+        assert lay.loc[lay["layer"] == 3, "score"].item() > lay.loc[lay["layer"] == 6, "score"].item()
+        assert (prim["representation"] == "pca_hvg").sum() == 1  # the PCA-of-counts baseline row
+        assert set(rep.table["metric"]) == {"spearman_time", "spearman_ref"}
+        assert lay.loc[lay["layer"] == 6, "diff_vs_final"].item() == 0.0
+        assert rep.summary.query("metric == 'spearman_time'")["final_layer"].item() == 6
+        assert not rep.cached
+
+        def boom(*_a: object, **_k: object) -> None:
+            raise AssertionError("a repeated evaluation must not recompute anything")
+
+        monkeypatch.setattr(runner_mod, "score_trajectory", boom)
+        monkeypatch.setattr(runner_mod, "execute_query", boom)
+        again = st.evaluate_trajectory(run_id, pseudotime_key="latent_time", n_subsamples=4, n_neighbors=15)
+        assert again.cached
+        np.testing.assert_allclose(again.table["score"].to_numpy(float), rep.table["score"].to_numpy(float), equal_nan=True)
+        monkeypatch.undo()
+
+        with pytest.raises(EvaluationError, match="'nope' is not in the obs.*it has: day, latent_time"):
+            st.evaluate_trajectory(run_id, pseudotime_key="nope")
+        with pytest.raises(EvaluationError, match="numeric obs columns: day, latent_time, phase"):
+            st.evaluate_trajectory(run_id, pseudotime_key="donor")
+        with pytest.raises(EvaluationError, match="no pool 'max'.*cls, mean"):
+            st.evaluate_trajectory(run_id, pseudotime_key="latent_time", pool="max")
+
+
+def test_perturbation_per_condition_with_de_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    adata = simulate_perturbseq(n_perturbations=16, n_genes=300, cells_per_perturbation=30, n_control_cells=120,
+                                conditions=("Rest", "Stim8hr"), effect_scale=(1.0, 2.0), n_donors=2, seed=2)
+    layers = simulate_layers(log_pca(adata.X, n_comps=20), n_layers=9, best_layer=4, seed=3)
+    backend, run_id = _store_with_layers(tmp_path, adata, layers, name="pert", cluster_by=("condition", "gene"))
+    calls = {"de": 0}
+    real = runner_mod.run_de
+
+    def counting(*a: object, **k: object):  # noqa: ANN202
+        calls["de"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner_mod, "run_de", counting)
+    kw = dict(perturbation_key="gene", control="NTC", condition_key="condition", replicate_key="donor", de_mode="fast",
+              n_boot=50, n_perm=99)
+    with sclstore.Store(backend) as st:
+        rep = st.evaluate_perturbation(run_id, **kw)
+        assert calls["de"] == 2  # once per condition, never pooled
+        assert set(rep.table["condition"]) == {"Rest", "Stim8hr"}
+        for c in ("Rest", "Stim8hr"):
+            rows = rep.table[rep.table["condition"] == c]
+            best = int(rows.loc[rows["score"].idxmax(), "layer"])
+            assert abs(best - 4) <= 1, (c, rows[["layer", "score"]])
+            assert rows.loc[rows["layer"] == 4, "p_value"].item() <= 0.05
+            assert 3 <= rep.notes["conditions"][c]["perturbations"] <= 16
+        again = st.evaluate_perturbation(run_id, **kw)
+        assert again.cached and calls["de"] == 2
+        # another run of the same dataset: layers are read again, DE comes from the catalog
+        backend2, run2 = _store_with_layers(tmp_path, adata, layers[::-1].copy(), name="pert", cluster_by=("condition", "gene"), key="k2")
+        other = sclstore.Store(backend2).evaluate_perturbation(run2, **kw)
+        assert calls["de"] == 2 and not other.cached
+        np.testing.assert_allclose(other.table["score"].to_numpy(float),  # reversed layers, same scores reversed
+                                   rep.table.groupby("condition", sort=False)["score"].transform(lambda s: s[::-1].to_numpy()).to_numpy(float))
+        with pytest.raises(EvaluationError, match="control label 'CTRL' is not a value of 'gene'"):
+            st.evaluate_perturbation(run_id, **{**kw, "control": "CTRL"})
+        with pytest.raises(EvaluationError, match="condition column 'state' is not in the obs"):
+            st.evaluate_perturbation(run_id, **{**kw, "condition_key": "state"})
