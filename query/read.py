@@ -154,7 +154,7 @@ def read_cells(backend: Backend, plan: QueryPlan, cell_idx: np.ndarray) -> np.nd
     is_sorted = cells.size < 2 or bool(np.all(cells[1:] > cells[:-1]))
     order = None if is_sorted else np.argsort(cells, kind="stable")
     wanted = cells if order is None else cells[order]
-    with backend.open_reader(plan.run.id) as reader:
+    with backend.open_reader(plan.run) as reader:
         everything = wanted.size == plan.run.n_cells and (wanted.size == 0 or (wanted[0] == 0 and wanted[-1] == wanted.size - 1))
         data = reader.read(list(plan.slots), None if everything and wanted.size else wanted, plan.pool)
     if order is not None:
@@ -212,7 +212,7 @@ def _aggregate(backend: Backend, plan: QueryPlan, budget: int) -> QueryResult:
         n_groups = len(groups)
         sums = np.zeros((len(plan.layers), n_groups, plan.run.dim), dtype=np.float64)
         if cells.size:
-            with backend.open_reader(plan.run.id) as reader:
+            with backend.open_reader(plan.run) as reader:
                 chunks = reader.iter_chunks(list(plan.slots), cells, plan.pool, chunk_cells=_chunk_cells(plan, budget))
                 pos = 0
                 for part, block in chunks:

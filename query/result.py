@@ -281,7 +281,7 @@ class QueryStream(_Slice):
         if self.pool is None:
             return
         cells = np.asarray(self.cell_idx, dtype=np.int64)
-        with self.backend.open_reader(self.run_info.id) as reader:
+        with self.backend.open_reader(self.run_info) as reader:
             for i, slot in enumerate(self.plan.slots):
                 if cells.size == 0:
                     yield i, 0, np.empty((0, self.dim), dtype=np.float32)

@@ -145,12 +145,17 @@ def write_block(
         raise ArrayError(msg) from exc
 
 
-def consolidate(uri: str, *, full: bool, ctx: tiledb.Ctx | None = None) -> None:
-    """Consolidate fragment metadata and commits (cheap), or everything plus vacuum (``full``)."""
+def consolidate(uri: str, *, full: bool, array_bytes: int | None = None, ctx: tiledb.Ctx | None = None) -> None:
+    """Consolidate fragment metadata and commits (cheap), or everything plus vacuum (``full``).
+
+    ``array_bytes`` (per attribute) sizes TileDB's consolidation buffers: its 50 MB default
+    costs about a second of allocation even for a tiny array.
+    """
     modes = ("fragment_meta", "commits") if not full else ("fragments", "fragment_meta", "commits", "array_meta")
+    buffer = 50 * 2**20 if array_bytes is None else int(min(64 * 2**20, max(2**20, array_bytes)))
     try:
         for mode in modes:
-            cfg = tiledb.Config({"sm.consolidation.mode": mode, "sm.vacuum.mode": mode})
+            cfg = tiledb.Config({"sm.consolidation.mode": mode, "sm.vacuum.mode": mode, "sm.consolidation.buffer_size": str(buffer)})
             tiledb.consolidate(uri, config=cfg, ctx=ctx)
             if full:
                 tiledb.vacuum(uri, config=cfg, ctx=ctx)

@@ -434,7 +434,8 @@ class Backend:
 
     def complete(self, run: RunInfo, lease: Lease, stats: dict[str, Any]) -> RunInfo:
         """Fully consolidate the array, then mark the run complete."""
-        arrays.consolidate(run.array_uri, full=True)
+        itemsize = 2 if run.dtype == "float16" else 4
+        arrays.consolidate(run.array_uri, full=True, array_bytes=len(run.layers) * run.n_cells * run.dim * itemsize)
         self._owned_update(lease, status="complete", stats=stats, finished_at=utcnow(),
                            lease_owner=None, lease_host=None, lease_pid=None)
         lease.release()
@@ -448,15 +449,16 @@ class Backend:
             logger.warning("could not mark run %s failed: %s", run.id, exc)
         lease.release()
 
-    def open_reader(self, run_id: int) -> arrays.ArrayReader:
-        """A reader over a complete run's array.
+    def open_reader(self, run: int | RunInfo) -> arrays.ArrayReader:
+        """A reader over a complete run's array (pass a ``RunInfo`` to skip the catalog lookup).
 
         Raises
         ------
         InvalidInputError
             If the run is not complete.
         """
-        info = self.get_run(run_id)
+        info = run if isinstance(run, RunInfo) else self.get_run(run)
+        run_id = info.id
         if info.status != "complete":
             msg = f"run {run_id} is {info.status} ({info.watermark}/{info.n_cells} cells): rerun the same ingest to finish it"
             raise InvalidInputError(msg)
