@@ -1,0 +1,476 @@
+"""The model-adapter protocol: what the ingest pipeline needs from any single-cell model.
+
+An adapter owns one checkpoint. Constructing it reads only small files (configs, vocabulary);
+:meth:`ModelAdapter.load` builds the network and loads the weights. The pipeline then calls,
+in order:
+
+1. :meth:`ModelAdapter.map_genes` on the dataset's gene ids -> a :class:`GeneMapping`; this also
+   binds :attr:`ModelAdapter.tokenizer` to that mapping;
+2. ``adapter.tokenizer.tokenize(X[rows][:, mapping.var_index], cell_idx, seed=seed)`` in worker
+   processes (the tokenizer is picklable and holds no weights) -> one record per cell;
+3. :meth:`ModelAdapter.collate` on a list of records -> a padded :class:`TokenBatch`;
+4. :meth:`ModelAdapter.embed` -> ``{pool: (n_layers_kept, B, d) float32}``.
+
+Layer numbering: ``0`` is the input of block 0 (the embedding-layer output); ``l`` is the output
+of block ``l`` (1-based), so a model with ``L`` blocks has stored layers ``0..L``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import scipy.sparse
+import torch
+from torch import nn
+
+from sclstore.store.errors import InvalidInputError, ModelError
+
+from .capture import LayerCapture, PoolingInfo
+
+__all__ = [
+    "GeneMapping",
+    "TokenRecord",
+    "Tokenizer",
+    "Batch",
+    "TokenBatch",
+    "ModelAdapter",
+    "looks_like_ensembl",
+    "map_to_vocab",
+    "cell_generator",
+    "hash_files",
+    "autocast_for",
+]
+
+logger = logging.getLogger(__name__)
+
+_ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+_VERSION_RE = re.compile(r"\.\d+$")
+
+
+@dataclass(frozen=True)
+class GeneMapping:
+    """Which dataset genes a model knows, and their token ids.
+
+    Attributes
+    ----------
+    var_index
+        int64 positions (in ``adata.var`` order, increasing) of the genes found in the vocabulary.
+    token_ids
+        int64 token id of each of those genes.
+    n_vars
+        Number of genes in the dataset.
+    """
+
+    var_index: np.ndarray
+    token_ids: np.ndarray
+    n_vars: int
+
+    def __post_init__(self) -> None:
+        if self.var_index.shape != self.token_ids.shape or self.var_index.ndim != 1:
+            msg = f"var_index {self.var_index.shape} and token_ids {self.token_ids.shape} must be equal 1-d"
+            raise ModelError(msg)
+
+    @property
+    def n_matched(self) -> int:
+        """Number of dataset genes found in the vocabulary."""
+        return int(self.var_index.shape[0])
+
+    def stats(self) -> dict[str, float | int]:
+        """Return JSON-able mapping statistics (``n_vars``, ``n_matched``, ``matched_fraction``)."""
+        frac = self.n_matched / self.n_vars if self.n_vars else 0.0
+        return {"n_vars": int(self.n_vars), "n_matched": self.n_matched, "matched_fraction": round(frac, 6)}
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """The tokens of one cell, ready to be collated (picklable, numpy only).
+
+    Attributes
+    ----------
+    cell_idx
+        Global index of the cell in the dataset.
+    gene_ids
+        int64 token ids, special tokens included.
+    values
+        float32 input value of each token.
+    """
+
+    cell_idx: int
+    gene_ids: np.ndarray
+    values: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.gene_ids.shape[0])
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """Turns raw counts into per-cell token records; picklable, holds no weights."""
+
+    def tokenize(self, counts: scipy.sparse.csr_matrix, cell_idx: np.ndarray, *, seed: int) -> list[Any]:
+        """Tokenize the rows of ``counts`` (columns = the mapping's genes, in mapping order)."""
+        ...
+
+    def seq_len(self, record: Any) -> int:
+        """Number of tokens of a record (for length-bucketed batching)."""
+        ...
+
+
+class Batch(Protocol):
+    """A collated batch: tensors plus what the hooks need to pool."""
+
+    @property
+    def size(self) -> int:
+        """Number of cells."""
+        ...
+
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> Batch:
+        """Copy to a device."""
+        ...
+
+    def pooling_info(self) -> PoolingInfo:
+        """Gene-token mask and pooling positions."""
+        ...
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """A padded batch of token records.
+
+    Attributes
+    ----------
+    gene_ids
+        ``(B, S)`` int64 token ids, padded with the pad token.
+    values
+        ``(B, S)`` float32 input values, padded with the pad value.
+    padding_mask
+        ``(B, S)`` bool, True at real tokens (attend), False at padding.
+    gene_mask
+        ``(B, S)`` bool, True at gene tokens (real and not special).
+    positions
+        Position pools, name -> ``(B,)`` int64 index.
+    cell_idx
+        ``(B,)`` int64 global cell indices (numpy, stays on the CPU).
+    """
+
+    gene_ids: torch.Tensor
+    values: torch.Tensor
+    padding_mask: torch.Tensor
+    gene_mask: torch.Tensor
+    positions: Mapping[str, torch.Tensor]
+    cell_idx: np.ndarray = field(repr=False)
+
+    @property
+    def size(self) -> int:
+        """Number of cells in the batch."""
+        return int(self.gene_ids.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the tensors."""
+        return self.gene_ids.device
+
+    def _map(self, fn: Any) -> TokenBatch:
+        return TokenBatch(
+            gene_ids=fn(self.gene_ids),
+            values=fn(self.values),
+            padding_mask=fn(self.padding_mask),
+            gene_mask=fn(self.gene_mask),
+            positions={k: fn(v) for k, v in self.positions.items()},
+            cell_idx=self.cell_idx,
+        )
+
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> TokenBatch:
+        """Return the batch on ``device`` (non-blocking copies need pinned memory to overlap)."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> TokenBatch:
+        """Return the batch in page-locked CPU memory (for asynchronous copies to CUDA)."""
+        return self._map(lambda t: t.pin_memory())
+
+    def pooling_info(self) -> PoolingInfo:
+        """Return the pooling information of this batch."""
+        return PoolingInfo(gene_mask=self.gene_mask, positions=self.positions)
+
+
+def looks_like_ensembl(ids: Sequence[str]) -> bool:
+    """Return True when most ids look like Ensembl gene ids (``ENSG00000141510``, ``ENSMUSG…``)."""
+    ids = [str(i) for i in ids]
+    if not ids:
+        return False
+    hits = sum(1 for i in ids if _ENSEMBL_RE.match(i))
+    return hits > len(ids) / 2
+
+
+def map_to_vocab(
+    gene_ids: Sequence[str],
+    vocab: Mapping[str, int],
+    *,
+    model: str,
+    min_fraction: float = 0.10,
+    min_matched: int = 10,
+) -> GeneMapping:
+    """Map dataset gene ids to token ids of a vocabulary, with clear errors for bad input.
+
+    Special tokens (``<pad>``, ``<cls>``, ...) never match. Ensembl ids with a version suffix
+    (``ENSG00000141510.17``) also match the unversioned id when the vocabulary has no versions.
+
+    Parameters
+    ----------
+    gene_ids
+        Gene id of each dataset column, in ``adata.var`` order.
+    vocab
+        ``{gene id: token id}`` of the model.
+    model
+        Model name used in messages.
+    min_fraction, min_matched
+        Fewer matched genes than ``min_fraction`` of the dataset, or than
+        ``min(min_matched, n_vars)``, is an error.
+
+    Returns
+    -------
+    GeneMapping
+
+    Raises
+    ------
+    InvalidInputError
+        If the ids look like the wrong id type (symbols vs Ensembl ids) or too few genes match.
+    """
+    ids = [str(g) for g in gene_ids]
+    n_vars = len(ids)
+    if n_vars == 0:
+        raise InvalidInputError("the dataset has no genes (var is empty); nothing to embed")
+    genes = [k for k in vocab if not k.startswith("<")]
+    vocab_ensembl = looks_like_ensembl(genes[:2000])
+    data_ensembl = looks_like_ensembl(ids)
+    want = "Ensembl ids" if vocab_ensembl else "gene symbols"
+    example_col = "ensembl_id" if vocab_ensembl else "gene_symbols"
+    if vocab_ensembl != data_ensembl:
+        have = "Ensembl ids" if data_ensembl else "gene symbols"
+        msg = (
+            f"gene ids look like {have} (e.g. {', '.join(map(repr, ids[:3]))}) but {model} uses {want} "
+            f"(e.g. {genes[0]!r}): pass the var column holding {want}, e.g. --gene-column {example_col}"
+        )
+        raise InvalidInputError(msg)
+    var_index: list[int] = []
+    token_ids: list[int] = []
+    for i, gid in enumerate(ids):
+        tok = vocab.get(gid)
+        if tok is None and vocab_ensembl:
+            tok = vocab.get(_VERSION_RE.sub("", gid))
+        if tok is not None and not gid.startswith("<"):
+            var_index.append(i)
+            token_ids.append(int(tok))
+    mapping = GeneMapping(
+        var_index=np.asarray(var_index, dtype=np.int64),
+        token_ids=np.asarray(token_ids, dtype=np.int64),
+        n_vars=n_vars,
+    )
+    need = min(min_matched, n_vars)
+    if mapping.n_matched < need or mapping.n_matched < min_fraction * n_vars or mapping.n_matched == 0:
+        msg = (
+            f"only {mapping.n_matched} of {n_vars} gene ids ({100 * mapping.n_matched / n_vars:.1f}%) are in "
+            f"the vocabulary of {model} ({len(genes)} {want}); pass the var column holding {want} "
+            f"with --gene-column (e.g. --gene-column {example_col}) or use a model that knows these genes"
+        )
+        raise InvalidInputError(msg)
+    logger.info("gene mapping for %s: %d/%d genes matched", model, mapping.n_matched, n_vars)
+    return mapping
+
+
+def cell_generator(seed: int, cell_idx: int) -> torch.Generator:
+    """Return a torch CPU generator seeded from ``(seed, cell_idx)`` only.
+
+    A cell's random choices then depend neither on its batch nor on where a run resumed.
+    """
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, int(cell_idx)]).generate_state(2, np.uint32)
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed((int(state[0]) << 31) ^ int(state[1]))
+    return gen
+
+
+_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def _file_digest(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    cached = _HASH_CACHE.get(key)
+    if cached is not None:
+        return cached
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    _HASH_CACHE[key] = digest
+    return digest
+
+
+def hash_files(paths: Sequence[Path]) -> str:
+    """Return a sha256 over the names, sizes and contents of files (streamed, cached per process).
+
+    The cache key is (path, size, mtime), so a rewritten file is hashed again.
+    """
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(f"{path.name}\0{path.stat().st_size}\0{_file_digest(path)}\n".encode())
+    return h.hexdigest()
+
+
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA, nothing (fp32) elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class ModelAdapter(ABC):
+    """One model checkpoint, seen by the ingest pipeline.
+
+    Subclasses set the class/instance attributes below, build their network in :meth:`load`
+    and implement :meth:`blocks` and :meth:`_encode`; hooking and pooling are shared
+    (:meth:`embed`).
+
+    Attributes
+    ----------
+    family, name
+        Model family (``"tahoe-x1"``) and checkpoint name.
+    n_layers
+        Number of blocks ``L``; stored layers are ``0..L``.
+    d_model
+        Width of every stored vector.
+    supported_pools, default_pools
+        Pools :meth:`embed` can compute, and those used when the user names none.
+    tokenizer
+        Bound to the last :meth:`map_genes` result.
+    """
+
+    family: str = ""
+    name: str
+    n_layers: int
+    d_model: int
+    supported_pools: tuple[str, ...] = ("cls", "mean", "max")
+    default_pools: tuple[str, ...] = ("cls", "mean")
+    tokenizer: Tokenizer
+
+    _device: torch.device | None = None
+
+    # --- identity -------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def checkpoint_hash(self) -> str:
+        """sha256 over the checkpoint's config, vocabulary and weight files (no model built)."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """JSON-able summary stored in the catalog."""
+
+    # --- data -----------------------------------------------------------------------------
+    @abstractmethod
+    def map_genes(self, gene_ids: Sequence[str]) -> GeneMapping:
+        """Map dataset gene ids to the vocabulary and bind :attr:`tokenizer` to the result."""
+
+    @abstractmethod
+    def collate(self, records: list[Any]) -> TokenBatch:
+        """Pad records into a CPU batch."""
+
+    # --- model ----------------------------------------------------------------------------
+    @abstractmethod
+    def load(self, device: torch.device) -> None:
+        """Build the network, load the weights strictly and move it to ``device`` (idempotent)."""
+
+    @abstractmethod
+    def blocks(self) -> Sequence[nn.Module]:
+        """The ``L`` transformer blocks in forward order (valid after :meth:`load`)."""
+
+    @abstractmethod
+    def _encode(self, batch: TokenBatch, *, n_blocks: int | None = None) -> torch.Tensor:
+        """Run the encoder through its first ``n_blocks`` blocks (all when None); return hidden states."""
+
+    @abstractmethod
+    def official_embedding(self, batch: TokenBatch) -> torch.Tensor:
+        """``(B, d)`` float32 official cell embedding of the model."""
+
+    @abstractmethod
+    def final_transform(self, pooled_last: torch.Tensor) -> torch.Tensor:
+        """Map the stored last-layer ``cls`` vectors ``(B, d)`` to the official embedding."""
+
+    # --- shared machinery -------------------------------------------------------------------
+    @property
+    def is_loaded(self) -> bool:
+        """Whether :meth:`load` has run."""
+        return self._device is not None
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the loaded model.
+
+        Raises
+        ------
+        ModelError
+            If the weights are not loaded yet.
+        """
+        if self._device is None:
+            msg = f"{self.family} model {self.name!r} is not loaded: call adapter.load(device) first"
+            raise ModelError(msg)
+        return self._device
+
+    def _check_request(self, layers: Sequence[int], pools: Sequence[str]) -> None:
+        bad_pools = [p for p in pools if p not in self.supported_pools]
+        if bad_pools or not pools:
+            msg = (
+                f"pools {bad_pools or list(pools)} not supported by {self.family}; "
+                f"use {', '.join(self.supported_pools)}"
+            )
+            raise InvalidInputError(msg)
+        bad = [layer for layer in layers if not 0 <= int(layer) <= self.n_layers]
+        if bad or not layers:
+            msg = f"layers {bad or list(layers)} out of range: {self.name} has layers 0..{self.n_layers}"
+            raise InvalidInputError(msg)
+
+    @torch.no_grad()
+    def embed(self, batch: TokenBatch, *, layers: Sequence[int], pools: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Run one forward pass and return the pooled embeddings of the kept layers.
+
+        Parameters
+        ----------
+        batch
+            A batch from :meth:`collate`, best already on the model's device (moved otherwise).
+        layers
+            Stored layer numbers to keep (``0..n_layers``), in output order.
+        pools
+            Pools to compute, each in :attr:`supported_pools`.
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            ``{pool: float32 (len(layers), B, d_model)}`` on the batch's device.
+
+        Raises
+        ------
+        InvalidInputError
+            If a layer or pool is not valid for this model.
+        ModelError
+            If the model is not loaded.
+        """
+        layers, pools = [int(x) for x in layers], list(pools)
+        self._check_request(layers, pools)
+        device = self.device
+        if batch.device != device:
+            batch = batch.to(device)
+        with (
+            autocast_for(device),
+            LayerCapture(self.blocks(), layers=layers, pools=pools, info=batch.pooling_info()) as cap,
+        ):
+            self._encode(batch, n_blocks=max(max(layers), 1))  # layer 0 is seen by block 0's pre-hook
+        return cap.result()

@@ -1,0 +1,82 @@
+"""Model adapters, by family.
+
+The registry is explicit: :data:`FAMILIES` maps a family name to a factory
+``(checkpoint, max_genes) -> ModelAdapter``. ``sclstore-tiny`` is the built-in model (a small
+Tahoe-X1 trained by :mod:`sclstore.ingest.models.train_tiny`, shipped in
+``sclstore-tiny/``) and needs no checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from sclstore.store.errors import InvalidInputError
+
+from ..adapter import ModelAdapter
+from .tahoe import TahoeAdapter
+
+__all__ = ["FAMILIES", "TINY_CHECKPOINT", "load_adapter"]
+
+TINY_CHECKPOINT = Path(__file__).resolve().parent / "sclstore-tiny"
+"""Folder of the committed sclstore-tiny checkpoint (Tahoe-X1 HF layout)."""
+
+AdapterFactory = Callable[[Path | None, int | None], ModelAdapter]
+
+
+def _tahoe(checkpoint: Path | None, max_genes: int | None) -> ModelAdapter:
+    if checkpoint is None:
+        msg = (
+            "model family 'tahoe-x1' needs --checkpoint DIR: a folder with model_config.yml, "
+            "collator_config.yml, vocab.json and model.safetensors (e.g. the HF '70m-model' folder)"
+        )
+        raise InvalidInputError(msg)
+    return TahoeAdapter(checkpoint, max_genes=max_genes)
+
+
+def _tiny(checkpoint: Path | None, max_genes: int | None) -> ModelAdapter:
+    folder = checkpoint or TINY_CHECKPOINT
+    return TahoeAdapter(folder, max_genes=max_genes, family="sclstore-tiny", name="sclstore-tiny")
+
+
+FAMILIES: dict[str, AdapterFactory] = {
+    "tahoe-x1": _tahoe,
+    "sclstore-tiny": _tiny,
+}
+
+
+def load_adapter(family: str, checkpoint: str | Path | None = None, *, max_genes: int | None = None) -> ModelAdapter:
+    """Return the adapter of a model family for a checkpoint, without loading weights.
+
+    Parameters
+    ----------
+    family
+        One of :data:`FAMILIES` (e.g. ``"tahoe-x1"``, ``"sclstore-tiny"``).
+    checkpoint
+        Checkpoint folder; not needed for ``"sclstore-tiny"`` (default: the packaged one).
+    max_genes
+        Maximum sequence length in tokens (``<cls>`` included); the model's default when None.
+
+    Returns
+    -------
+    ModelAdapter
+        Configs and vocabulary read; call ``load(device)`` before ``embed``.
+
+    Raises
+    ------
+    InvalidInputError
+        If the family is unknown or needs a checkpoint that was not given.
+    CheckpointError
+        If the checkpoint folder is incomplete or invalid.
+
+    Examples
+    --------
+    >>> adapter = load_adapter("sclstore-tiny")
+    >>> adapter.n_layers, adapter.d_model
+    (6, 64)
+    """
+    factory = FAMILIES.get(family)
+    if factory is None:
+        msg = f"unknown model family {family!r}; choose one of: {', '.join(sorted(FAMILIES))}"
+        raise InvalidInputError(msg)
+    return factory(None if checkpoint is None else Path(checkpoint), max_genes)

@@ -1,0 +1,273 @@
+"""Tahoe-X1 adapter: a faithful plain-PyTorch Tahoe-X1 encoder behind :class:`ModelAdapter`.
+
+Facts and pitfalls of the official model: ``research/models.md`` §1. In short:
+
+* input: raw counts of the genes in the vocabulary (Ensembl ids for the released checkpoints),
+  nonzero genes in ``adata.var`` order, ``<cls>`` first with value ``pad_value`` (-2), values
+  binned per cell into 1..50, at most ``max_length`` tokens (2048 at inference; a seeded random
+  subset beyond that), padding with ``<pad>``/-2;
+* model: gene embedding (+LN) + value MLP (+LN), pre-LN blocks with fused ``Wqkv``, final LN;
+* official cell embedding: ``<cls>`` of the final-LN output, L2-normalised;
+* stored layer ``l`` is the residual stream (before the final LN), so
+  ``official == normalize(final_norm(stored layer L cls))``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sclstore.store.errors import CheckpointError, InvalidInputError, ModelError
+
+from ..adapter import (
+    GeneMapping,
+    ModelAdapter,
+    TokenBatch,
+    TokenRecord,
+    autocast_for,
+    hash_files,
+    looks_like_ensembl,
+    map_to_vocab,
+)
+from .tahoe_checkpoint import (
+    CheckpointFiles,
+    check_state_dict,
+    locate_checkpoint,
+    read_state_dict,
+    read_vocab,
+    read_yaml,
+)
+from .tahoe_data import TahoeTokenizer, collate_records
+from .tahoe_model import TahoeConfig, TahoeModel
+
+__all__ = ["TahoeAdapter", "INFERENCE_MAX_LENGTH"]
+
+logger = logging.getLogger(__name__)
+
+INFERENCE_MAX_LENGTH = 2048
+"""Official inference sequence cap (``predict_embeddings.py``: ``seq_len_dataset`` default 2048)."""
+
+
+class TahoeAdapter(ModelAdapter):
+    """Tahoe-X1 checkpoint (HF layout or Composer ``best-model.pt``) as a :class:`ModelAdapter`.
+
+    Constructing reads only the configs and the vocabulary; :meth:`load` builds the encoder and
+    loads its weights strictly.
+
+    Parameters
+    ----------
+    checkpoint
+        Checkpoint folder (or its weight file).
+    max_genes
+        Maximum sequence length in tokens, ``<cls>`` included (the collator's ``max_length``);
+        default 2048 as the official inference code.
+    family
+        Family name recorded in the catalog (``"tahoe-x1"``; ``"sclstore-tiny"`` for the
+        built-in model).
+    name
+        Model name; default: the checkpoint folder's name.
+
+    Raises
+    ------
+    CheckpointError
+        If files are missing or the configs/vocabulary are invalid or unsupported.
+    """
+
+    family = "tahoe-x1"
+    supported_pools = ("cls", "mean", "max")
+    default_pools = ("cls", "mean")
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        *,
+        max_genes: int | None = None,
+        family: str | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.files: CheckpointFiles = locate_checkpoint(checkpoint)
+        model_cfg = read_yaml(self.files.model_config)
+        collator_cfg = read_yaml(self.files.collator_config)
+        self.config = TahoeConfig.from_dicts(model_cfg, collator_cfg)
+        self.vocab = read_vocab(self.files.vocab)
+        cfg = self.config
+        if max(self.vocab.values()) >= cfg.vocab_size:
+            msg = (
+                f"vocab.json has ids up to {max(self.vocab.values())} but model_config.yml vocab_size "
+                f"is {cfg.vocab_size}; the files do not belong together"
+            )
+            raise CheckpointError(msg)
+        if self.vocab["<pad>"] != cfg.pad_token_id:
+            logger.warning(
+                "collator pad_token_id %d differs from vocab['<pad>'] %d; using the collator's, as upstream",
+                cfg.pad_token_id,
+                self.vocab["<pad>"],
+            )
+        if cfg.use_chem_token:
+            logger.info("checkpoint was trained with a <drug> token; running without chemistry (use_chem_inf=False)")
+        if cfg.keep_first_n_tokens > 1:
+            logger.warning(
+                "keep_first_n_tokens=%d: as upstream, the first %d expressed gene(s) of each cell are fed unbinned",
+                cfg.keep_first_n_tokens,
+                cfg.keep_first_n_tokens - 1,
+            )
+        if family is not None:
+            self.family = family
+        self.name = name or re.sub(r"[^A-Za-z0-9._-]", "-", self.files.folder.resolve().name).strip("-.") or "tahoe-x1"
+        self.n_layers = cfg.n_layers
+        self.d_model = cfg.d_model
+        self.max_length = int(max_genes) if max_genes is not None else INFERENCE_MAX_LENGTH
+        self._base_tokenizer = TahoeTokenizer(
+            cls_id=int(self.vocab["<cls>"]),
+            pad_token_id=cfg.pad_token_id,
+            pad_value=cfg.pad_value,
+            num_bins=cfg.num_bins,
+            right_binning=cfg.right_binning,
+            keep_first_n_tokens=cfg.keep_first_n_tokens,
+            max_length=self.max_length,
+            do_binning=cfg.do_binning,
+            log_transform=cfg.log_transform,
+            target_sum=cfg.target_sum,
+        )
+        self.tokenizer = self._base_tokenizer
+        self.model: TahoeModel | None = None
+        self._device = None
+
+    # --- identity -------------------------------------------------------------------------
+    @functools.cached_property
+    def checkpoint_hash(self) -> str:  # type: ignore[override]
+        """sha256 over ``model_config.yml``, ``collator_config.yml``, ``vocab.json`` and the weights file."""
+        return hash_files(self.files.all())
+
+    def describe(self) -> dict[str, Any]:
+        """Return a JSON-able summary of the checkpoint for the catalog."""
+        cfg = self.config
+        return {
+            "family": self.family,
+            "name": self.name,
+            "architecture": "tahoe-x1",
+            "n_layers": cfg.n_layers,
+            "d_model": cfg.d_model,
+            "n_heads": cfg.n_heads,
+            "ffn_dim": cfg.ffn_dim,
+            "activation": cfg.activation,
+            "norm_scheme": cfg.norm_scheme,
+            "use_glu": cfg.use_glu,
+            "vocab_size": cfg.vocab_size,
+            "n_genes_in_vocab": sum(1 for k in self.vocab if not k.startswith("<")),
+            "gene_id_type": "ensembl" if self._vocab_is_ensembl() else "symbol",
+            "max_length": self.max_length,
+            "keep_first_n_tokens": cfg.keep_first_n_tokens,
+            "value_encoding": "binning" if cfg.do_binning else ("log1p" if cfg.log_transform else "raw"),
+            "num_bins": cfg.num_bins,
+            "pad_value": cfg.pad_value,
+            "checkpoint_format": self.files.fmt,
+            "checkpoint_files": [p.name for p in self.files.all()],
+            "supported_pools": list(self.supported_pools),
+            "default_pools": list(self.default_pools),
+            "precision": {"cuda": "bf16-autocast", "cpu": "fp32"},
+            "layer_0": "input of block 0 (gene embedding + value embedding)",
+            "stored_layers_include_final_norm": False,
+            "official_embedding": "l2_normalize(transformer_encoder.norm(layer L))[cls]",
+        }
+
+    def _vocab_is_ensembl(self) -> bool:
+        return looks_like_ensembl([k for k in list(self.vocab)[:2000] if not k.startswith("<")])
+
+    # --- data -----------------------------------------------------------------------------
+    def map_genes(self, gene_ids: Sequence[str]) -> GeneMapping:
+        """Map dataset gene ids to the vocabulary and bind :attr:`tokenizer` to the mapping.
+
+        Raises
+        ------
+        InvalidInputError
+            If the ids are of the wrong type (symbols vs Ensembl ids) or too few match.
+        """
+        mapping = map_to_vocab(gene_ids, self.vocab, model=f"{self.family} ({self.name})")
+        self.tokenizer = self._base_tokenizer.bind(mapping)
+        return mapping
+
+    def collate(self, records: list[TokenRecord]) -> TokenBatch:
+        """Pad records with ``<pad>`` / ``pad_value`` into a CPU batch (``cls`` at position 0)."""
+        return collate_records(
+            records,
+            pad_token_id=self.config.pad_token_id,
+            pad_value=self.config.pad_value,
+            n_special=1,
+            position_pools={"cls": 0},
+        )
+
+    # --- model ----------------------------------------------------------------------------
+    def build_model(self) -> TahoeModel:
+        """Return the encoder with the checkpoint's weights loaded strictly (on the CPU, fp32).
+
+        Raises
+        ------
+        CheckpointError
+            If an encoder weight is missing or misshapen, or a key is neither encoder nor an
+            allow-listed head.
+        """
+        model = TahoeModel(self.config)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        state = read_state_dict(self.files)
+        encoder = check_state_dict(state, expected, where=repr(str(self.files.weights)))
+        model.load_state_dict({k: v.float() for k, v in encoder.items()}, strict=True)
+        return model.eval()
+
+    def load(self, device: torch.device | str) -> None:
+        """Build the encoder, load the weights strictly and move it to ``device`` (idempotent)."""
+        device = torch.device(device)
+        if self.model is None:
+            logger.info("loading %s weights from %s", self.name, self.files.weights)
+            self.model = self.build_model()
+        if self._device != device:
+            self.model.to(device)
+            self._device = device
+
+    def blocks(self) -> Sequence[nn.Module]:
+        """The transformer blocks ``transformer_encoder.layers``."""
+        return list(self._require_model().blocks)
+
+    def _require_model(self) -> TahoeModel:
+        if self.model is None:
+            raise ModelError(f"{self.family} model {self.name!r} is not loaded: call adapter.load(device) first")
+        return self.model
+
+    def _encode(self, batch: TokenBatch, *, n_blocks: int | None = None) -> torch.Tensor:
+        model = self._require_model()
+        mask = batch.padding_mask[:, None, None, :]
+        return model(batch.gene_ids, batch.values, mask, n_blocks=n_blocks)
+
+    @torch.no_grad()
+    def official_embedding(self, batch: TokenBatch) -> torch.Tensor:
+        """The official cell embedding: ``<cls>`` of the final-LN output, L2-normalised, float32."""
+        model = self._require_model()
+        with autocast_for(self.device):
+            hidden = model.final_norm(self._encode(batch))
+            cls = hidden[:, 0].float()
+        return F.normalize(cls, p=2, dim=-1)
+
+    @torch.no_grad()
+    def final_transform(self, pooled_last: torch.Tensor) -> torch.Tensor:
+        """Map stored last-layer ``cls`` vectors to the official embedding (final LN, then L2).
+
+        Raises
+        ------
+        InvalidInputError
+            If the vectors do not have ``d_model`` columns.
+        """
+        model = self._require_model()
+        if pooled_last.shape[-1] != self.d_model:
+            raise InvalidInputError(f"expected vectors of size {self.d_model}, got {tuple(pooled_last.shape)}")
+        x = pooled_last.to(self.device, dtype=torch.float32)
+        with autocast_for(self.device):
+            y = model.final_norm(x).float()
+        return F.normalize(y, p=2, dim=-1)

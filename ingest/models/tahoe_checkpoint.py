@@ -1,0 +1,274 @@
+"""Locate and read Tahoe-X1 checkpoint folders (HF layout or Composer ``best-model.pt``).
+
+A folder holds ``model_config.yml``, ``collator_config.yml``, ``vocab.json`` and either
+``model.safetensors`` (the Hugging Face release) or ``best-model.pt`` (a local Composer
+checkpoint, ``torch.load(...)["state"]["model"]``). Keys are prefixed ``model.`` in both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+
+from sclstore.store.errors import CheckpointError
+
+__all__ = [
+    "CONFIG_FILES",
+    "WEIGHT_FILES",
+    "IGNORED_PREFIXES",
+    "CheckpointFiles",
+    "locate_checkpoint",
+    "read_yaml",
+    "read_vocab",
+    "read_state_dict",
+    "check_state_dict",
+]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILES: tuple[str, ...] = ("model_config.yml", "collator_config.yml", "vocab.json")
+WEIGHT_FILES: dict[str, str] = {"hf": "model.safetensors", "composer": "best-model.pt"}
+IGNORED_PREFIXES: tuple[str, ...] = ("expression_decoder.", "mvc_decoder.", "chem_encoder.")
+"""Heads of ``TXModel`` that the encoder does not use; their weights are skipped on load."""
+
+CheckpointFormat = Literal["hf", "composer"]
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """The files of one checkpoint folder."""
+
+    folder: Path
+    model_config: Path
+    collator_config: Path
+    vocab: Path
+    weights: Path
+    fmt: CheckpointFormat
+
+    def all(self) -> tuple[Path, ...]:
+        """Config, vocabulary and weight files, in hashing order."""
+        return (self.model_config, self.collator_config, self.vocab, self.weights)
+
+
+def locate_checkpoint(path: str | Path) -> CheckpointFiles:
+    """Find the files of a Tahoe-X1 checkpoint folder.
+
+    Parameters
+    ----------
+    path
+        The folder, or its weight file.
+
+    Returns
+    -------
+    CheckpointFiles
+
+    Raises
+    ------
+    CheckpointError
+        If the folder or any required file is missing (the message names them).
+    """
+    folder = Path(path).expanduser()
+    if folder.is_file() and folder.name in WEIGHT_FILES.values():
+        folder = folder.parent
+    if not folder.is_dir():
+        msg = (
+            f"checkpoint folder {str(folder)!r} does not exist; pass --checkpoint DIR holding "
+            f"{', '.join(CONFIG_FILES)} and model.safetensors"
+        )
+        raise CheckpointError(msg)
+    missing = [name for name in CONFIG_FILES if not (folder / name).is_file()]
+    fmt: CheckpointFormat | None = None
+    for candidate, name in WEIGHT_FILES.items():
+        if (folder / name).is_file():
+            fmt = candidate  # type: ignore[assignment]
+            break
+    if fmt is None:
+        missing.append(" or ".join(WEIGHT_FILES.values()))
+    if missing:
+        msg = (
+            f"checkpoint folder {str(folder)!r} is missing {', '.join(missing)}; a Tahoe-X1 checkpoint needs "
+            f"{', '.join(CONFIG_FILES)} and model.safetensors (HF) or best-model.pt (Composer)"
+        )
+        raise CheckpointError(msg)
+    assert fmt is not None
+    return CheckpointFiles(
+        folder=folder,
+        model_config=folder / "model_config.yml",
+        collator_config=folder / "collator_config.yml",
+        vocab=folder / "vocab.json",
+        weights=folder / WEIGHT_FILES[fmt],
+        fmt=fmt,
+    )
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read an (OmegaConf-written) YAML mapping.
+
+    Raises
+    ------
+    CheckpointError
+        If the file does not parse to a mapping.
+    """
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise CheckpointError(f"cannot read {path.name} in {str(path.parent)!r}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path.name} in {str(path.parent)!r} is not a YAML mapping")
+    return data
+
+
+def read_vocab(path: Path) -> dict[str, int]:
+    """Read ``vocab.json`` (``{token: id}``).
+
+    Raises
+    ------
+    CheckpointError
+        If it is not a JSON object of integer ids or lacks ``<cls>``/``<pad>``.
+    """
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read vocab.json in {str(path.parent)!r}: {exc}") from exc
+    if not isinstance(data, dict) or not all(isinstance(v, int) for v in data.values()):
+        raise CheckpointError(f"vocab.json in {str(path.parent)!r} must be a JSON object {{token: integer id}}")
+    for token in ("<cls>", "<pad>"):
+        if token not in data:
+            raise CheckpointError(f"vocab.json in {str(path.parent)!r} lacks the special token {token!r}")
+    return data
+
+
+class _Stub:
+    """Stand-in for classes of packages that are not installed (e.g. composer's Timestamp)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Stub:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["_state"] = state
+
+
+class _TolerantUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            logger.debug("best-model.pt references %s.%s, which is not importable; using a stub", module, name)
+            return type(name, (_Stub,), {"__module__": module})
+
+
+_tolerant_pickle = types.ModuleType("sclstore_tolerant_pickle")
+_tolerant_pickle.Unpickler = _TolerantUnpickler  # type: ignore[attr-defined]
+_tolerant_pickle.load = pickle.load  # type: ignore[attr-defined]
+_tolerant_pickle.__dict__["UnpicklingError"] = pickle.UnpicklingError
+
+
+def _load_composer(path: Path) -> Mapping[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as first:  # noqa: BLE001 - fall back to the full unpickler, as upstream
+        kind = type(first).__name__
+        logger.info("best-model.pt holds non-tensor objects (%s); loading with weights_only=False", kind)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_tolerant_pickle)
+        except Exception as exc:
+            raise CheckpointError(f"cannot read {path.name} in {str(path.parent)!r}: {exc}") from exc
+    try:
+        state = obj["state"]["model"]
+    except (KeyError, TypeError, IndexError):
+        msg = f"{path.name} in {str(path.parent)!r} has no ['state']['model'] entry: not a Composer checkpoint"
+        raise CheckpointError(msg) from None
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path.name}: ['state']['model'] is not a state dict")
+    return state
+
+
+def read_state_dict(files: CheckpointFiles) -> dict[str, torch.Tensor]:
+    """Read the weights and strip the ``model.`` prefix of ``ComposerTX``.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        Keys as in ``TXModel.state_dict()``.
+
+    Raises
+    ------
+    CheckpointError
+        If the file cannot be read, or some keys carry the prefix and others do not.
+    """
+    if files.fmt == "hf":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            raw: Mapping[str, torch.Tensor] = load_file(str(files.weights), device="cpu")
+        except (OSError, SafetensorError) as exc:
+            raise CheckpointError(f"cannot read model.safetensors in {str(files.folder)!r}: {exc}") from exc
+    else:
+        raw = _load_composer(files.weights)
+    prefixed = [k.startswith("model.") for k in raw]
+    if all(prefixed):
+        return {k[len("model.") :]: v for k, v in raw.items()}
+    if not any(prefixed):
+        return dict(raw)
+    odd = [k for k in raw if not k.startswith("model.")][:3]
+    msg = f"{files.weights.name} in {str(files.folder)!r} mixes 'model.'-prefixed keys with others, e.g. {odd}"
+    raise CheckpointError(msg)
+
+
+def check_state_dict(
+    state: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Size],
+    *,
+    where: str,
+) -> dict[str, torch.Tensor]:
+    """Check a checkpoint against the encoder strictly and return the encoder weights.
+
+    Every expected key must be present with its exact shape; every other key must start with
+    one of :data:`IGNORED_PREFIXES`.
+
+    Raises
+    ------
+    CheckpointError
+        Naming the first missing, misshapen or unexpected key(s).
+    """
+    missing = [k for k in expected if k not in state]
+    if missing:
+        k = missing[0]
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        msg = (
+            f"checkpoint {where} lacks encoder weight {k!r} of shape {list(expected[k])}{more}; "
+            "the checkpoint is incomplete or not Tahoe-X1"
+        )
+        raise CheckpointError(msg)
+    bad = [k for k, shape in expected.items() if tuple(state[k].shape) != tuple(shape)]
+    if bad:
+        k = bad[0]
+        msg = (
+            f"checkpoint {where}: weight {k!r} has shape {list(state[k].shape)} but model_config.yml implies "
+            f"{list(expected[k])}; the config does not match the weights"
+        )
+        raise CheckpointError(msg)
+    unexpected = [k for k in state if k not in expected and not k.startswith(IGNORED_PREFIXES)]
+    if unexpected:
+        msg = (
+            f"checkpoint {where} has unexpected weights {unexpected[:5]} that are neither part of the Tahoe-X1 "
+            f"encoder nor of an ignored head ({', '.join(p.rstrip('.') for p in IGNORED_PREFIXES)})"
+        )
+        raise CheckpointError(msg)
+    skipped = sorted({k.split(".", 1)[0] for k in state if k not in expected})
+    if skipped:
+        logger.debug("ignoring checkpoint heads %s", skipped)
+    return {k: state[k] for k in expected}
