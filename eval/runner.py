@@ -181,29 +181,45 @@ def evaluate_trajectory(
         base = score_trajectory(pca, time, reference=ref_pt, n_neighbors=n_neighbors, root=root, n_subsamples=n_subsamples, seed=seed)
         ref_rho = base.rho_time
     Xs = _layers(backend, info, pool)
-    scores = [score_trajectory(X, time, reference=ref_pt, n_neighbors=n_neighbors, root=root, n_subsamples=n_subsamples, seed=seed)
-              for X in Xs]
+    scores: list[Any] = []
+    undefined: dict[int, str] = {}
+    for layer, X in zip(info.layers, Xs):
+        if np.ptp(X, axis=0).max() == 0:
+            undefined[layer] = "the embedding is the same for every cell (e.g. cls at the input layer)"
+            scores.append(None)
+            continue
+        try:
+            scores.append(score_trajectory(X, time, reference=ref_pt, n_neighbors=n_neighbors, root=root,
+                                           n_subsamples=n_subsamples, seed=seed))
+        except EvaluationError as exc:
+            undefined[layer] = str(exc)
+            scores.append(None)
     final = scores[-1]
     rows = []
     for layer, sc in zip(info.layers, scores):
         depth = info.depth(layer)
-        for metric, against, value, lo, hi in (("spearman_time", "time", sc.rho_time, sc.ci_low, sc.ci_high),
-                                               ("spearman_ref", "reference", sc.rho_ref, sc.ref_ci_low, sc.ref_ci_high)):
+        for metric, against in (("spearman_time", "time"), ("spearman_ref", "reference")):
             if metric == "spearman_ref" and ref_pt is None:
                 continue
-            diff = trajectory_paired_difference(sc, final, against=against) if sc is not final else None  # type: ignore[arg-type]
+            if sc is None:
+                rows.append(LayerScore(layer=layer, depth=depth, score=float("nan"), pool=pool, metric=metric, n=0))
+                continue
+            value, lo, hi = (sc.rho_time, sc.ci_low, sc.ci_high) if against == "time" else (sc.rho_ref, sc.ref_ci_low, sc.ref_ci_high)
+            diff = trajectory_paired_difference(sc, final, against=against) if final is not None and sc is not final else None  # type: ignore[arg-type]
             rows.append(LayerScore(layer=layer, depth=depth, score=_finite(value), ci_low=_finite(lo), ci_high=_finite(hi),
                                    pool=pool, metric=metric, n=sc.n_cells - sc.n_dropped,
-                                   diff_vs_final=diff.estimate if diff else 0.0, diff_ci_low=diff.ci_low if diff else float("nan"),
-                                   diff_ci_high=diff.ci_high if diff else float("nan"), diff_p_value=diff.p_value if diff else float("nan")))
+                                   diff_vs_final=diff.estimate if diff else (0.0 if sc is final else float("nan")),
+                                   diff_ci_low=diff.ci_low if diff else float("nan"),
+                                   diff_ci_high=diff.ci_high if diff else float("nan"),
+                                   diff_p_value=diff.p_value if diff else float("nan")))
     if ref_pt is not None:
         rows.append(LayerScore(layer=BASELINE_LAYER, depth=float("nan"), score=_finite(base.rho_time), ci_low=_finite(base.ci_low),
                                ci_high=_finite(base.ci_high), pool=pool, metric="spearman_time", representation="pca_hvg",
                                n=base.n_cells - base.n_dropped))
     table = layer_table(rows)
     report = EvalReport(task="trajectory", run_id=info.id, run_label=info.label, params=params, table=table,
-                        summary=summarize_layers(table), notes={"n_cells": int(len(time)), "root": int(scores[-1].root),
-                                                               "pca_reference_rho": ref_rho})
+                        summary=summarize_layers(table), notes={"n_cells": int(len(time)), "pca_reference_rho": ref_rho,
+                                                               "undefined_layers": {str(k): v for k, v in undefined.items()}})
     backend.put_evaluation(info.id, "trajectory", phash, params, report.to_json())
     return report
 
@@ -313,15 +329,25 @@ def evaluate_perturbation(
         notes["conditions"][cond] = cond_note
         where = f" AND {_quote_ident(condition_key)} = {_quote_value(cond)}" if condition_key else ""
         cents = _centroids(backend, info, pool, perturbation_key, where)
-        scores = {layer: rsa_from_centroids(cents[layer], control, lfc, variant=variant, n_boot=n_boot, n_perm=n_perm, seed=seed)  # type: ignore[arg-type]
-                  for layer in info.layers}
+        scores: dict[int, Any] = {}
+        for layer in info.layers:
+            try:
+                scores[layer] = rsa_from_centroids(cents[layer], control, lfc, variant=variant, n_boot=n_boot,  # type: ignore[arg-type]
+                                                   n_perm=n_perm, seed=seed)
+            except EvaluationError as exc:  # e.g. cls at the input layer: every shift is zero
+                scores[layer] = None
+                cond_note.setdefault("undefined_layers", {})[str(layer)] = str(exc)
         final = scores[info.layers[-1]]
+        label = None if cond == "all" and not condition_key else cond
         for layer, sc in scores.items():
-            diff = perturbation_paired_difference(sc, final) if layer != info.layers[-1] and n_boot > 0 else None
+            if sc is None:
+                rows.append(LayerScore(layer=layer, depth=info.depth(layer), score=float("nan"), pool=pool, condition=label,
+                                       metric=f"rsa_{variant}", n=0))
+                continue
+            diff = perturbation_paired_difference(sc, final) if final is not None and sc is not final and n_boot > 0 else None
             rows.append(LayerScore(layer=layer, depth=info.depth(layer), score=sc.score, ci_low=sc.ci_low, ci_high=sc.ci_high,
-                                   p_value=sc.p_value, pool=pool, condition=None if cond == "all" and not condition_key else cond,
-                                   metric=f"rsa_{variant}", n=sc.n_perturbations,
-                                   diff_vs_final=diff.estimate if diff else (0.0 if layer == info.layers[-1] else float("nan")),
+                                   p_value=sc.p_value, pool=pool, condition=label, metric=f"rsa_{variant}", n=sc.n_perturbations,
+                                   diff_vs_final=diff.estimate if diff else (0.0 if sc is final else float("nan")),
                                    diff_ci_low=diff.ci_low if diff else float("nan"), diff_ci_high=diff.ci_high if diff else float("nan"),
                                    diff_p_value=diff.p_value if diff else float("nan")))
     table = layer_table(rows)

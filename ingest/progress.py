@@ -37,12 +37,14 @@ class _Null:
 
 
 class _CellsPerSecond(TextColumn):
-    def __init__(self) -> None:
+    def __init__(self, start: int) -> None:
         super().__init__("")
+        self._start = start
 
     def render(self, task):  # type: ignore[no-untyped-def]
-        speed = task.finished_speed or task.speed
-        return "" if not speed else f"{speed:,.0f} cells/s"
+        elapsed = task.finished_time if task.finished else task.elapsed
+        done = task.completed - self._start
+        return "" if not elapsed or done <= 0 else f"{done / elapsed:,.0f} cells/s"
 
 
 class _Rich:
@@ -52,7 +54,7 @@ class _Rich:
             BarColumn(),
             MofNCompleteColumn(),
             TaskProgressColumn(),
-            _CellsPerSecond(),
+            _CellsPerSecond(done),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=Console(stderr=True),
