@@ -130,7 +130,11 @@ def main() -> None:
         t_h5, got_h5 = timed(h5ad(slots, cells), args.repeats)
         assert np.array_equal(got, ref) and np.array_equal(got_h5, ref), f"{label}: results differ"
         rows.append((label, t_tdb, t_mm, t_h5))
-    print(f"\n{n} cells x {nl} layers x {d} dims, {args.dtype}; warm, median of {args.repeats}; results checked equal\n")
+    import os
+
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\n{n} cells x {nl} layers x {d} dims, {args.dtype}; warm, median of {args.repeats}; results checked equal; "
+          f"load average {load}\n")
     print("| read | sclstore s | memmap s | h5ad (h5py) s | sclstore / memmap | h5ad / memmap |")
     print("|---|---|---|---|---|---|")
     for label, a, b, c in rows:
