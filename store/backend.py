@@ -7,6 +7,7 @@ with ingest, query and eval.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
+import tiledb
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, joinedload
 
@@ -29,6 +31,8 @@ from . import arrays
 from . import catalog as catalogdb
 from .config import ArraySpec, StoreSettings, validate_name
 from .errors import (
+    ArrayError,
+    CatalogConnectionError,
     DatasetError,
     InvalidInputError,
     LeaseHeldError,
@@ -50,6 +54,34 @@ MARKER = "sclstore.json"
 STORE_FORMAT_VERSION = 1
 
 
+def _translate_errors(cls: type) -> type:
+    """Translate backend exceptions escaping any public method into ``SclstoreError``s, once, here."""
+
+    def wrap(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+                reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+                msg = f"catalog database error: {reason}; check that the catalog database is up and reachable, then retry"
+                raise CatalogConnectionError(msg) from exc
+            except tiledb.TileDBError as exc:
+                msg = f"array storage error: {exc}; run `sclstore verify` to check the store"
+                raise ArrayError(msg) from exc
+
+        return inner
+
+    for name, attr in list(vars(cls).items()):
+        if name.startswith("_"):
+            continue
+        if isinstance(attr, classmethod):
+            setattr(cls, name, classmethod(wrap(attr.__func__)))
+        elif callable(attr) and not isinstance(attr, staticmethod):
+            setattr(cls, name, wrap(attr))
+    return cls
+
+
 class _AlreadyRegistered(Exception):
     """Internal: another process registered the same dataset first."""
 
@@ -60,6 +92,7 @@ def cache_key(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+@_translate_errors
 class Backend:
     """An open store: its folder, its catalog engine and its settings.
 

@@ -95,3 +95,16 @@ def test_wrong_password_is_one_clear_error(tmp_path: Path, postgres_server) -> N
     assert not (tmp_path / "s" / "sclstore.json").exists()
     # the same role with the right password connects: the failure was the password alone
     catalogdb.make_engine(postgres_server.url_for(user=role, password=password)).dispose()
+
+
+def test_catalog_lost_mid_session_is_a_clear_error(tmp_path: Path, postgres_server) -> None:  # noqa: ANN001
+    url = postgres_server.new_database()
+    st = sclstore.open_store(tmp_path / "s", url, create=True)
+    name = sa.engine.make_url(url).database
+    admin = sa.create_engine(postgres_server.admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    admin.dispose()
+    with pytest.raises(CatalogConnectionError, match="catalog database error: .*check that the catalog database is up"):
+        st.runs()
+    st.close()
