@@ -117,6 +117,11 @@ class EvalReport:
                 f"{cond}best layer {r['best_layer']} (depth {r['best_depth']:.2f}, {metric} {r['best_score']:.3f}) vs "
                 f"final layer {r['final_layer']} ({r['final_score']:.3f}): gain {r['gain']:+.3f}"
             )
+        base = self.metric_table()
+        base = base[base["representation"] != "layer"] if "representation" in base else base.iloc[0:0]
+        for r in base.to_dict(orient="records"):
+            cond = f"[{r['condition']}] " if r.get("condition") else ""
+            lines.append(f"{cond}baseline {r['representation']} (PCA of highly variable genes of the counts): {metric} {r['score']:.3f}")
         return lines
 
     def plot(self, out_png: str | Path) -> Path:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["toy_obs"]
+from sclstore.eval.simulate import simulate_layers, simulate_perturbseq, simulate_trajectory
+
+__all__ = ["toy_obs", "simulate_trajectory", "simulate_perturbseq", "simulate_layers"]
 
 
 def toy_obs(n: int = 12, seed: int = 0) -> pd.DataFrame:
