@@ -114,7 +114,12 @@ class TokenRecord:
 
 @runtime_checkable
 class Tokenizer(Protocol):
-    """Turns raw counts into per-cell token records; picklable, holds no weights."""
+    """Turns raw counts into per-cell token records; picklable, holds no weights.
+
+    A tokenizer that needs each cell's total count over all genes (Geneformer) sets
+    ``needs_cell_totals = True`` and provides ``cell_totals(full_counts, obs_rows)``; the pipeline
+    then passes ``totals=`` to :meth:`tokenize`.
+    """
 
     def tokenize(self, counts: scipy.sparse.csr_matrix, cell_idx: np.ndarray, *, seed: int) -> list[Any]:
         """Tokenize the rows of ``counts`` (columns = the mapping's genes, in mapping order)."""
@@ -383,6 +388,10 @@ class ModelAdapter(ABC):
     @abstractmethod
     def collate(self, records: list[Any]) -> TokenBatch:
         """Pad records into a CPU batch."""
+
+    def check_obs(self, obs: Any) -> Any:
+        """Validate the cell metadata this model reads (default: none); raise ``InvalidInputError``."""
+        return None
 
     # --- model ----------------------------------------------------------------------------
     @abstractmethod

@@ -90,8 +90,10 @@ def _default_name(path: Path) -> str:
     return stem[:128]
 
 
-def _tokenize(tokenizer: Any, counts: Any, cell_idx: np.ndarray, seed: int) -> list[Any]:
-    return tokenizer.tokenize(counts, cell_idx, seed=seed)
+def _tokenize(tokenizer: Any, counts: Any, cell_idx: np.ndarray, seed: int, totals: np.ndarray | None = None) -> list[Any]:
+    if totals is None:
+        return tokenizer.tokenize(counts, cell_idx, seed=seed)
+    return tokenizer.tokenize(counts, cell_idx, seed=seed, totals=totals)
 
 
 class _Prefetch:
@@ -116,13 +118,18 @@ class _Prefetch:
             for lo, hi in chunks:
                 if self._stop.is_set():
                     return
-                counts = source.take(order[lo:hi])[:, mapping.var_index].tocsr()
+                rows = order[lo:hi]
+                full = source.take(rows)
+                counts = full[:, mapping.var_index].tocsr()
+                totals = (tokenizer.cell_totals(full, source.obs.iloc[rows])
+                          if getattr(tokenizer, "needs_cell_totals", False) else None)
                 cell_idx = np.arange(lo, hi, dtype=np.int64)
                 if self._pool is None:
-                    records = _tokenize(tokenizer, counts, cell_idx, seed)
+                    records = _tokenize(tokenizer, counts, cell_idx, seed, totals)
                 else:
                     step = max(1, -(-(hi - lo) // workers))
-                    futs = [self._pool.submit(_tokenize, tokenizer, counts[i : i + step], cell_idx[i : i + step], seed)
+                    futs = [self._pool.submit(_tokenize, tokenizer, counts[i : i + step], cell_idx[i : i + step], seed,
+                                              None if totals is None else totals[i : i + step])
                             for i in range(0, hi - lo, step)]
                     records = [r for f in futs for r in f.result()]
                 self._put((lo, records))
@@ -260,6 +267,7 @@ def ingest(backend: Backend, path: str | os.PathLike[str], config: IngestConfig,
         adapter = load_adapter(config.model, config.checkpoint, max_genes=config.max_genes)
     with CountsSource(path, counts_layer=config.counts_layer, gene_column=config.gene_column) as source:
         mapping = adapter.map_genes(source.gene_ids)
+        adapter.check_obs(source.obs)  # e.g. Geneformer's obs['n_counts'], before anything is written
         layers = parse_layers(config.layers, adapter.n_layers)
         pools = tuple(config.pools) if config.pools else tuple(adapter.default_pools)
         unknown = [p for p in pools if p not in adapter.supported_pools]

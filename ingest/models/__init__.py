@@ -14,6 +14,9 @@ from pathlib import Path
 from sclstore.store.errors import InvalidInputError
 
 from ..adapter import ModelAdapter
+from .geneformer import from_checkpoint as _geneformer
+from .scfoundation import scfoundation_factory as _scfoundation
+from .scgpt import from_checkpoint as _scgpt
 from .tahoe import TahoeAdapter
 
 __all__ = ["FAMILIES", "TINY_CHECKPOINT", "load_adapter"]
@@ -42,6 +45,9 @@ def _tiny(checkpoint: Path | None, max_genes: int | None) -> ModelAdapter:
 FAMILIES: dict[str, AdapterFactory] = {
     "tahoe-x1": _tahoe,
     "sclstore-tiny": _tiny,
+    "geneformer": _geneformer,
+    "scgpt": _scgpt,
+    "scfoundation": _scfoundation,
 }
 
 

@@ -1,0 +1,325 @@
+"""Geneformer adapter: a faithful plain-PyTorch BERT encoder behind :class:`ModelAdapter`.
+
+Facts and pitfalls of the official model: ``research/models.md`` §4. In short:
+
+* checkpoint: one folder with the HF model files (``config.json`` + ``model.safetensors`` or
+  ``pytorch_model.bin``, a ``BertForMaskedLM`` or ``BertModel`` save) and the release's
+  ``*token_dictionary*.pkl`` and ``*gene_median*.pkl``;
+* version: token dictionary without ``<cls>`` -> V1 (genes only, input size 2048, official cell
+  embedding = mean over gene tokens); with ``<cls>``/``<eos>`` -> V2 (``<cls>`` + genes +
+  ``<eos>``, input size 4096, official cell embedding = ``<cls>``). The input size is the
+  model's ``max_position_embeddings`` (2048 for V1, 4096 for V2 releases);
+* input: genes matched by Ensembl id, ``counts / n_counts * 10_000 / gene_median``, non-zero
+  genes ranked by decreasing value, truncated (:mod:`.geneformer_data`);
+* model: post-LN BERT, absolute positions, token type 0, no final norm
+  (:mod:`.geneformer_model`);
+* official cell embedding (``EmbExtractor``, default ``emb_layer=-1``): ``hidden_states[L-1]``
+  of ``BertModel``, the output of the **second-to-last** block. Stored layer ``l`` equals
+  ``hidden_states[l]`` (0 = embeddings), so the official embedding is the stored ``cls`` (V2)
+  or ``mean`` (V1) vector of stored layer ``L - 1`` (:attr:`GeneformerAdapter.official_layer`),
+  with no transform (:meth:`GeneformerAdapter.final_transform` is the identity).
+
+Upstream divides by each cell's total count over **all** genes; the pipeline passes it to
+``tokenize(..., totals=adapter.tokenizer.cell_totals(all_gene_counts, obs_rows))``. The rank
+order is invariant to that per-cell scale, so without it only the recorded ``values`` (and the
+rounding of exact near-ties) differ.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from sclstore.store.errors import CheckpointError, InvalidInputError, ModelError
+
+from ..adapter import GeneMapping, ModelAdapter, TokenBatch, TokenRecord, autocast_for, hash_files, map_to_vocab
+from ..capture import pool_hidden
+from .geneformer_checkpoint import (
+    GeneformerFiles,
+    check_state_dict,
+    locate_checkpoint,
+    read_config,
+    read_dictionaries,
+    read_state_dict,
+)
+from .geneformer_data import GeneformerTokenizer, collate_geneformer
+from .geneformer_model import BertEncoderConfig, GeneformerBert
+
+__all__ = ["GeneformerAdapter", "from_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+
+class GeneformerAdapter(ModelAdapter):
+    """A Geneformer (V1 or V2) checkpoint folder as a :class:`ModelAdapter`.
+
+    Constructing reads ``config.json`` and the two dictionaries only; :meth:`load` builds the
+    encoder and loads its weights strictly.
+
+    Parameters
+    ----------
+    checkpoint
+        The checkpoint folder (or its ``config.json`` / weight file).
+    max_genes
+        Input size in tokens, special tokens included; default and maximum: the model's
+        ``max_position_embeddings`` (the official ``model_input_size``).
+    name
+        Model name; default: the folder's name.
+
+    Attributes
+    ----------
+    version
+        ``"V1"`` or ``"V2"``.
+    official_layer
+        Stored layer holding the official embedding (``L - 1``, upstream ``emb_layer=-1``).
+    official_pool
+        Pool holding it: ``"cls"`` (V2) or ``"mean"`` (V1).
+
+    Raises
+    ------
+    CheckpointError
+        If files are missing, the folder belongs to another family, or the config and the
+        dictionaries are invalid or do not belong together.
+    InvalidInputError
+        If ``max_genes`` is out of range.
+
+    Examples
+    --------
+    >>> adapter = GeneformerAdapter("Geneformer-V2-104M")      # doctest: +SKIP
+    >>> adapter.version, adapter.official_layer, adapter.official_pool  # doctest: +SKIP
+    ('V2', 11, 'cls')
+    """
+
+    family = "geneformer"
+
+    def __init__(self, checkpoint: str | Path, *, max_genes: int | None = None, name: str | None = None) -> None:
+        self.files: GeneformerFiles = locate_checkpoint(checkpoint)
+        self.raw_config = read_config(self.files)
+        self.config = BertEncoderConfig.from_dict(self.raw_config)
+        self.dicts = read_dictionaries(self.files)
+        cfg, dicts = self.config, self.dicts
+        top = max(dicts.tokens.values())
+        if top >= cfg.vocab_size or min(dicts.tokens.values()) < 0:
+            msg = (
+                f"{self.files.token_dictionary.name} has token ids up to {top} but config.json vocab_size is "
+                f"{cfg.vocab_size}; the dictionary and the model are of different releases"
+            )
+            raise CheckpointError(msg)
+        self.version = dicts.version
+        self.pad_token_id = int(dicts.tokens["<pad>"])
+        if self.pad_token_id != cfg.pad_token_id:
+            logger.warning(
+                "token dictionary <pad>=%d differs from config.json pad_token_id=%d; padding with the dictionary's "
+                "(as upstream; padded positions are masked either way)", self.pad_token_id, cfg.pad_token_id,
+            )
+        limit = cfg.max_position_embeddings
+        self.max_length = limit if max_genes is None else int(max_genes)
+        if self.max_length > limit:
+            msg = f"--max-genes {self.max_length} exceeds the model's input size {limit} (max_position_embeddings)"
+            raise InvalidInputError(msg)
+        v2 = self.version == "V2"
+        folder_name = re.sub(r"[^A-Za-z0-9._-]", "-", self.files.folder.resolve().name).strip("-.")
+        self.name = name or folder_name or "geneformer"
+        self.n_layers = cfg.num_hidden_layers
+        self.d_model = cfg.hidden_size
+        self.supported_pools = ("cls", "mean", "max") if v2 else ("mean", "max")
+        self.default_pools = ("cls", "mean") if v2 else ("mean",)
+        self.official_layer = max(self.n_layers - 1, 0)
+        self.official_pool = "cls" if v2 else "mean"
+        self._genes = dicts.genes
+        self._median_of_token = {tok: dicts.medians[g] for g, tok in self._genes.items()}
+        self._base_tokenizer = GeneformerTokenizer(
+            max_length=self.max_length,
+            cls_id=int(dicts.tokens["<cls>"]) if v2 else None,
+            eos_id=int(dicts.tokens["<eos>"]) if v2 else None,
+        )
+        self.tokenizer = self._base_tokenizer
+        self.model: GeneformerBert | None = None
+        self._device = None
+        logger.info(
+            "Geneformer %s %s: %d layers, d=%d, %d genes, input size %d",
+            self.version, self.name, self.n_layers, self.d_model, len(self._genes), self.max_length,
+        )
+
+    # --- identity -------------------------------------------------------------------------
+    @functools.cached_property
+    def checkpoint_hash(self) -> str:  # type: ignore[override]
+        """sha256 over ``config.json``, the weight file and the two dictionaries."""
+        return hash_files(self.files.all())
+
+    def describe(self) -> dict[str, Any]:
+        """Return a JSON-able summary of the checkpoint for the catalog."""
+        cfg = self.config
+        return {
+            "family": self.family,
+            "name": self.name,
+            "architecture": "bert (post-LN, absolute positions)",
+            "version": self.version,
+            "n_layers": cfg.num_hidden_layers,
+            "d_model": cfg.hidden_size,
+            "n_heads": cfg.num_attention_heads,
+            "ffn_dim": cfg.intermediate_size,
+            "activation": cfg.hidden_act,
+            "vocab_size": cfg.vocab_size,
+            "max_position_embeddings": cfg.max_position_embeddings,
+            "n_genes_in_vocab": len(self._genes),
+            "gene_id_type": "ensembl",
+            "max_length": self.max_length,
+            "special_tokens": ["<cls>", "<eos>"] if self.version == "V2" else [],
+            "value_encoding": "rank of counts / n_counts * 10000 / gene median (descending)",
+            "cell_totals": "obs['n_counts'] when present, else row sums of the raw counts",
+            "checkpoint_format": self.files.fmt,
+            "checkpoint_files": [p.name for p in self.files.all()],
+            "supported_pools": list(self.supported_pools),
+            "default_pools": list(self.default_pools),
+            "precision": {"cuda": "bf16-autocast", "cpu": "fp32"},
+            "layer_0": "embedding output (hidden_states[0]: LayerNorm(word + position + token_type))",
+            "stored_layers_include_final_norm": False,
+            "official_embedding": (
+                f"stored layer {self.official_layer} (hidden_states[L-1]), pool {self.official_pool!r}, no transform"
+            ),
+            "official_layer": self.official_layer,
+            "official_pool": self.official_pool,
+        }
+
+    # --- data -----------------------------------------------------------------------------
+    def map_genes(self, gene_ids: Sequence[str]) -> GeneMapping:
+        """Map dataset Ensembl ids to the token dictionary and bind :attr:`tokenizer`.
+
+        Raises
+        ------
+        InvalidInputError
+            If the ids are gene symbols (pass ``--gene-column`` with Ensembl ids) or too few match.
+        """
+        mapping = map_to_vocab(gene_ids, self._genes, model=f"{self.family} ({self.name})")
+        medians = [self._median_of_token[int(t)] for t in mapping.token_ids]
+        self.tokenizer = self._base_tokenizer.bind(mapping, medians)
+        return mapping
+
+    def check_obs(self, obs: pd.DataFrame | None) -> str:
+        """Validate the cells' total counts before anything is written (see :meth:`GeneformerTokenizer.check_obs`)."""
+        where = self._base_tokenizer.check_obs(obs)
+        logger.info("Geneformer normalises by the total count per cell from %s", where)
+        return where
+
+    def collate(self, records: list[TokenRecord]) -> TokenBatch:
+        """Pad records with ``<pad>`` into a CPU batch (V2: ``cls`` at position 0, ``<eos>`` last)."""
+        return collate_geneformer(records, pad_token_id=self.pad_token_id, n_special=self._base_tokenizer.n_special)
+
+    # --- model ----------------------------------------------------------------------------
+    def build_model(self) -> GeneformerBert:
+        """Return the encoder with the checkpoint's weights loaded strictly (on the CPU, fp32).
+
+        Raises
+        ------
+        CheckpointError
+            If an encoder weight is missing or misshapen, or a key is neither encoder nor an
+            allow-listed head.
+        """
+        model = GeneformerBert(self.config)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        state = read_state_dict(self.files)
+        encoder = check_state_dict(state, expected, where=repr(str(self.files.weights)))
+        model.load_state_dict({k: v.float() for k, v in encoder.items()}, strict=True)
+        return model.eval()
+
+    def load(self, device: torch.device | str) -> None:
+        """Build the encoder, load the weights strictly and move it to ``device`` (idempotent)."""
+        device = torch.device(device)
+        if self.model is None:
+            logger.info("loading %s weights from %s", self.name, self.files.weights)
+            self.model = self.build_model()
+        if self._device != device:
+            self.model.to(device)
+            self._device = device
+
+    def blocks(self) -> Sequence[nn.Module]:
+        """The BERT blocks ``encoder.layer``."""
+        return list(self._require_model().blocks)
+
+    def _require_model(self) -> GeneformerBert:
+        if self.model is None:
+            raise ModelError(f"{self.family} model {self.name!r} is not loaded: call adapter.load(device) first")
+        return self.model
+
+    def _check_request(self, layers: Sequence[int], pools: Sequence[str]) -> None:
+        if self.version == "V1" and "cls" in pools:
+            msg = (
+                "pool 'cls' is not available for Geneformer V1: its input has no <cls> token "
+                "(the official V1 cell embedding is 'mean'); use --pool mean,max"
+            )
+            raise InvalidInputError(msg)
+        super()._check_request(layers, pools)
+
+    def _encode(self, batch: TokenBatch, *, n_blocks: int | None = None) -> torch.Tensor:
+        return self._require_model()(batch.gene_ids, batch.padding_mask, n_blocks=n_blocks)
+
+    @torch.no_grad()
+    def official_embedding(self, batch: TokenBatch, *, layer: int | None = None) -> torch.Tensor:
+        """The official cell embedding (``EmbExtractor``), float32 ``(B, d)``.
+
+        V2: ``<cls>`` of ``hidden_states[layer]``; V1: mean over gene tokens (no special
+        tokens, no padding). No L2 normalisation, as upstream.
+
+        Parameters
+        ----------
+        batch
+            A batch from :meth:`collate`.
+        layer
+            ``hidden_states`` index = stored layer; default :attr:`official_layer` (``L - 1``,
+            upstream ``emb_layer=-1``); ``n_layers`` is upstream ``emb_layer=0``.
+
+        Raises
+        ------
+        InvalidInputError
+            If ``layer`` is out of range.
+        """
+        layer = self.official_layer if layer is None else int(layer)
+        if not 0 <= layer <= self.n_layers:
+            raise InvalidInputError(f"layer {layer} out of range: {self.name} has layers 0..{self.n_layers}")
+        if batch.device != self.device:
+            batch = batch.to(self.device)
+        with autocast_for(self.device):
+            hidden = self._encode(batch, n_blocks=layer)
+        return pool_hidden(hidden, batch.pooling_info(), [self.official_pool])[self.official_pool]
+
+    @torch.no_grad()
+    def final_transform(self, pooled_last: torch.Tensor) -> torch.Tensor:
+        """Identity: the official embedding *is* the stored vector.
+
+        Apply it to the stored :attr:`official_pool` vectors of layer :attr:`official_layer`
+        (``L - 1``), not of the last layer.
+
+        Raises
+        ------
+        InvalidInputError
+            If the vectors do not have ``d_model`` columns.
+        """
+        if pooled_last.shape[-1] != self.d_model:
+            raise InvalidInputError(f"expected vectors of size {self.d_model}, got {tuple(pooled_last.shape)}")
+        return pooled_last.to(dtype=torch.float32).clone()
+
+
+def from_checkpoint(checkpoint: Path | None, max_genes: int | None) -> GeneformerAdapter:
+    """Registry factory of the ``geneformer`` family (:data:`sclstore.ingest.models.FAMILIES`).
+
+    Raises
+    ------
+    InvalidInputError
+        If no checkpoint folder is given.
+    """
+    if checkpoint is None:
+        msg = (
+            "model family 'geneformer' needs --checkpoint DIR: a folder with config.json, model.safetensors "
+            "(or pytorch_model.bin) and the release's *token_dictionary*.pkl and *gene_median*.pkl"
+        )
+        raise InvalidInputError(msg)
+    return GeneformerAdapter(checkpoint, max_genes=max_genes)

@@ -1,0 +1,208 @@
+"""scGPT data path: random-tie binning, tokenizing and subsampling, as the official zero-shot code.
+
+Official path (``scgpt.tasks.cell_emb.get_batch_cell_embeddings`` with ``DataCollator(do_binning=True,
+do_mlm=False, sampling=True, keep_first_n_tokens=1, max_length=1200)``):
+
+1. per cell, the nonzero entries of the row (genes in ``adata.var`` order, vocabulary genes
+   only), as float32; ``<cls>`` prepended with value ``pad_value`` (-2);
+2. the values after ``<cls>`` binned by ``scgpt.preprocess.binning(row, n_bins=51)``: boundaries
+   ``np.quantile(nonzero, linspace(0, 1, 50))``, then ``_digitize(side="both")``, which places a
+   value tied with boundaries *uniformly at random* between its right- and left-sided bin,
+   ``ceil(u * (right - left) + left)`` with ``u = np.random.rand()``; bins 1..50;
+3. if the cell has more than ``max_length`` tokens, ``torch.randperm`` keeps ``<cls>`` and a random
+   ``max_length - 1`` of the genes, in permuted order;
+4. padding with ``<pad>`` / ``pad_value`` and a key-padding mask.
+
+Upstream draws from the global numpy and torch generators, so its embeddings change from run to
+run. Here one generator per cell, seeded from ``(seed, cell_idx)`` only
+(:func:`~sclstore.ingest.adapter.cell_generator`), draws first the tie-breaking uniforms (float64,
+one per nonzero value) and then the subsampling permutation, so a cell's tokens depend neither on
+its batch nor on where a run resumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse
+import torch
+
+from sclstore.store.errors import InvalidInputError, ModelError
+
+from ..adapter import GeneMapping, TokenRecord, cell_generator
+
+__all__ = ["OFFICIAL_N_BINS", "digitize_random", "binning", "ScGPTTokenizer"]
+
+logger = logging.getLogger(__name__)
+
+OFFICIAL_N_BINS = 51
+"""``DataCollator`` calls ``binning(row, n_bins=51)`` whatever ``args.json`` says: bins 1..50."""
+
+
+def digitize_random(x: np.ndarray, bins: np.ndarray, rands: np.ndarray) -> np.ndarray:
+    """Digitize ``x`` into ``bins``, spreading ties uniformly: upstream ``_digitize(side="both")``.
+
+    ``left = np.digitize(x, bins)`` (number of boundaries <= x), ``right = np.digitize(x, bins,
+    right=True)`` (number of boundaries < x); the bin is ``ceil(u * (right - left) + left)`` for a
+    uniform ``u`` in ``[0, 1)``, i.e. ``left`` when no boundary equals ``x`` and otherwise one of
+    ``right + 1 .. left``.
+
+    Parameters
+    ----------
+    x
+        Values (1-d).
+    bins
+        Increasing boundaries.
+    rands
+        One uniform number in ``[0, 1)`` per value.
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 bin of each value.
+
+    Examples
+    --------
+    >>> digitize_random(np.array([1.0, 1.0, 2.0]), np.array([1.0, 1.0, 2.0]), np.array([0.0, 0.9, 0.5])).tolist()
+    [2, 1, 3]
+    """
+    if x.ndim != 1 or bins.ndim != 1 or rands.shape != x.shape:
+        msg = f"digitize_random needs 1-d x, bins and rands of x's shape; got {x.shape}, {bins.shape}, {rands.shape}"
+        raise ModelError(msg)
+    left = np.digitize(x, bins)
+    right = np.digitize(x, bins, right=True)
+    return np.ceil(rands * (right - left) + left).astype(np.int64)
+
+
+def binning(row: np.ndarray, n_bins: int = OFFICIAL_N_BINS, *, generator: torch.Generator) -> np.ndarray:
+    """Bin one cell's values into ``1..n_bins-1`` exactly as upstream ``scgpt.preprocess.binning``.
+
+    Boundaries are ``np.quantile`` of the cell's nonzero float32 values at
+    ``linspace(0, 1, n_bins - 1)``; ties are spread by :func:`digitize_random` with uniforms
+    drawn from ``generator`` (one float64 per nonzero value, in order). Zeros stay 0 (never present
+    in the official inference path); an all-zero or empty row gives zeros.
+
+    Parameters
+    ----------
+    row
+        Values of one cell (1-d); cast to float32 as upstream (``torch.from_numpy(...).float()``).
+    n_bins
+        51 in the official collator (bins 1..50).
+    generator
+        Source of the tie-breaking uniforms.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 bin of each value.
+    """
+    arr = np.asarray(row, dtype=np.float32).reshape(-1)
+    out = np.zeros(arr.shape, dtype=np.int64)
+    if arr.size == 0 or arr.max() == 0:
+        return out.astype(np.float32)
+    nz = np.nonzero(arr)[0] if arr.min() <= 0 else np.arange(arr.size)
+    x = arr[nz]
+    bins = np.quantile(x, np.linspace(0, 1, n_bins - 1))
+    rands = torch.rand(x.size, generator=generator, dtype=torch.float64).numpy()
+    out[nz] = digitize_random(x, bins, rands)
+    return out.astype(np.float32)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScGPTTokenizer:
+    """Picklable scGPT tokenizer (configuration and the bound gene -> token ids, no weights).
+
+    Use :meth:`bind` (or ``adapter.map_genes``, which binds ``adapter.tokenizer``) before
+    :meth:`tokenize`.
+
+    Attributes
+    ----------
+    cls_id, pad_token_id
+        Ids of ``<cls>`` and of the pad token.
+    pad_value
+        Value of ``<cls>`` and of padding (``args.json`` ``pad_value``, -2).
+    max_length
+        Most tokens per cell, ``<cls>`` included (1200 in ``embed_data``).
+    n_bins
+        Number of bins + 1 (51).
+    token_ids
+        Token id of each mapped gene column (set by :meth:`bind`).
+    """
+
+    cls_id: int
+    pad_token_id: int
+    pad_value: float
+    max_length: int
+    n_bins: int = OFFICIAL_N_BINS
+    token_ids: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_length < 2:
+            msg = f"max length {self.max_length} leaves no room for genes after <cls>; pass --max-genes 2 or more"
+            raise InvalidInputError(msg)
+
+    def bind(self, mapping: GeneMapping) -> ScGPTTokenizer:
+        """Return a copy that tokenizes count columns in the order of ``mapping``."""
+        return dataclasses.replace(self, token_ids=np.asarray(mapping.token_ids, dtype=np.int64).copy())
+
+    def seq_len(self, record: TokenRecord) -> int:
+        """Number of tokens of a record (``<cls>`` included)."""
+        return len(record)
+
+    def tokenize(self, counts: scipy.sparse.csr_matrix, cell_idx: np.ndarray, *, seed: int) -> list[TokenRecord]:
+        """Tokenize count rows, one :class:`TokenRecord` per row.
+
+        Parameters
+        ----------
+        counts
+            Expression values (raw counts in practice; binning is invariant to any monotone
+            per-cell transform), rows = cells, columns = the bound mapping's genes in mapping order.
+        cell_idx
+            Global index of each row (seeds the per-cell generator).
+        seed
+            Run seed.
+
+        Returns
+        -------
+        list of TokenRecord
+
+        Raises
+        ------
+        ModelError
+            If the tokenizer is not bound to a gene mapping.
+        InvalidInputError
+            If shapes disagree or values are negative or not finite.
+        """
+        if self.token_ids is None:
+            raise ModelError("tokenizer is not bound to a gene mapping: call adapter.map_genes(gene_ids) first")
+        counts = scipy.sparse.csr_matrix(counts)
+        cell_idx = np.asarray(cell_idx, dtype=np.int64).reshape(-1)
+        if counts.shape[1] != self.token_ids.shape[0]:
+            msg = f"counts have {counts.shape[1]} columns but the gene mapping has {self.token_ids.shape[0]} genes"
+            raise InvalidInputError(msg)
+        if counts.shape[0] != cell_idx.shape[0]:
+            raise InvalidInputError(f"{counts.shape[0]} count rows but {cell_idx.shape[0]} cell indices")
+        if counts.nnz and (not np.all(np.isfinite(counts.data)) or counts.data.min() < 0):
+            raise InvalidInputError("counts must be finite and non-negative raw counts; check --counts-layer")
+        if not counts.has_canonical_format:  # unsorted or duplicate entries: var order, summed
+            counts = counts.copy()
+            counts.sum_duplicates()
+        return [self._tokenize_row(counts, i, int(cell_idx[i]), seed) for i in range(counts.shape[0])]
+
+    def _tokenize_row(self, counts: scipy.sparse.csr_matrix, row: int, cell: int, seed: int) -> TokenRecord:
+        assert self.token_ids is not None
+        lo, hi = counts.indptr[row], counts.indptr[row + 1]
+        cols, data = counts.indices[lo:hi], counts.data[lo:hi].astype(np.float32)
+        keep = data != 0
+        cols, data = cols[keep], data[keep]
+        gen = cell_generator(seed, cell)
+        genes = np.concatenate(([self.cls_id], self.token_ids[cols])).astype(np.int64)
+        values = np.concatenate(([self.pad_value], binning(data, self.n_bins, generator=gen))).astype(np.float32)
+        if genes.shape[0] > self.max_length:
+            perm = torch.randperm(genes.shape[0] - 1, generator=gen)[: self.max_length - 1].numpy()
+            idx = np.concatenate(([0], perm + 1))
+            genes, values = genes[idx], values[idx]
+        return TokenRecord(cell_idx=cell, gene_ids=genes, values=values)

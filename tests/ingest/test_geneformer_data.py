@@ -1,0 +1,199 @@
+"""Geneformer data path: median-normalised rank encoding, truncation, totals, collating."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from sclstore.ingest.adapter import GeneMapping
+from sclstore.ingest.models.geneformer_data import GeneformerTokenizer, collate_geneformer
+from sclstore.store.errors import InvalidInputError, ModelError
+
+CLS, EOS = 2, 3
+MEDIANS = [1.0, 2.0, 0.25, 5.0, 1.0]
+
+
+def _mapping(tokens: list[int]) -> GeneMapping:
+    n = len(tokens)
+    return GeneMapping(var_index=np.arange(n), token_ids=np.asarray(tokens, dtype=np.int64), n_vars=n)
+
+
+def _tok(version: str = "V1", max_length: int = 64, tokens: list[int] | None = None,
+         medians: list[float] | None = None) -> GeneformerTokenizer:
+    v2 = version == "V2"
+    tok = GeneformerTokenizer(max_length=max_length, cls_id=CLS if v2 else None, eos_id=EOS if v2 else None)
+    tokens = tokens if tokens is not None else [10 + i for i in range(5)]
+    return tok.bind(_mapping(tokens), medians if medians is not None else MEDIANS[: len(tokens)])
+
+
+def _row(values: list[float]) -> sp.csr_matrix:
+    return sp.csr_matrix(np.asarray([values], dtype=np.float32))
+
+
+# ---------------------------------------------------------------- hand-computed cells
+# counts [0, 4, 1, 8, 3], total 20, medians [1, 2, 0.25, 5, 1]:
+#   gene1 4/20*1e4/2 = 1000, gene2 1/20*1e4/0.25 = 2000, gene3 8/20*1e4/5 = 800, gene4 3/20*1e4/1 = 1500
+# -> rank order gene2, gene4, gene1, gene3 (gene3 has the most counts but the largest median)
+HAND = [0, 4, 1, 8, 3]
+
+
+def test_v1_rank_order_and_values_hand_case() -> None:
+    (rec,) = _tok("V1").tokenize(_row(HAND), np.array([5]), seed=0, totals=np.array([20.0]))
+    assert rec.cell_idx == 5
+    assert rec.gene_ids.tolist() == [12, 14, 11, 13]
+    np.testing.assert_allclose(rec.values, [2000, 1500, 1000, 800], rtol=1e-7)
+
+
+def test_v2_adds_cls_and_eos_hand_case() -> None:
+    (rec,) = _tok("V2").tokenize(_row(HAND), np.array([0]), seed=0, totals=np.array([20.0]))
+    assert rec.gene_ids.tolist() == [CLS, 12, 14, 11, 13, EOS]
+    assert rec.values[0] == 0 and rec.values[-1] == 0
+
+
+@pytest.mark.parametrize(("version", "max_length", "expected"), [
+    ("V1", 3, [12, 14, 11]),            # the top-ranked genes are kept
+    ("V1", 1, [12]),
+    ("V2", 4, [CLS, 12, 14, EOS]),      # model_input_size - 2 genes, then <cls>/<eos>
+    ("V2", 3, [CLS, 12, EOS]),
+])
+def test_truncation_keeps_top_ranked_genes(version: str, max_length: int, expected: list[int]) -> None:
+    (rec,) = _tok(version, max_length).tokenize(_row(HAND), np.array([0]), seed=0, totals=np.array([20.0]))
+    assert rec.gene_ids.tolist() == expected
+
+
+def test_total_scales_values_but_not_the_rank_order() -> None:
+    tok = _tok("V1")
+    (a,) = tok.tokenize(_row(HAND), np.array([0]), seed=0, totals=np.array([20.0]))
+    (b,) = tok.tokenize(_row(HAND), np.array([0]), seed=0, totals=np.array([40.0]))
+    (c,) = tok.tokenize(_row(HAND), np.array([0]), seed=0)  # default: row sum of the given counts (16)
+    assert a.gene_ids.tolist() == b.gene_ids.tolist() == c.gene_ids.tolist()
+    np.testing.assert_allclose(b.values, a.values / 2, rtol=1e-7)
+    np.testing.assert_allclose(c.values, a.values * 20 / 16, rtol=1e-7)
+
+
+def test_duplicate_ensembl_ids_are_summed_and_placed_last() -> None:
+    # columns: gene 10, gene 11, gene 10 again -> slots [11, 10(summed)], as upstream sum_ensembl_ids
+    tok = _tok("V1", tokens=[10, 11, 10], medians=[1.0, 2.0, 1.0])
+    (rec,) = tok.tokenize(_row([1, 4, 2]), np.array([0]), seed=0, totals=np.array([10.0]))
+    # gene 10: (1 + 2)/10*1e4/1 = 3000; gene 11: 4/10*1e4/2 = 2000
+    assert rec.gene_ids.tolist() == [10, 11]
+    np.testing.assert_allclose(rec.values, [3000, 2000])
+    assert tok.token_ids is not None and tok.token_ids.tolist() == [11, 10]
+
+
+def test_empty_cells() -> None:
+    counts = sp.csr_matrix(np.zeros((1, 5), dtype=np.float32))
+    (v1,) = _tok("V1").tokenize(counts, np.array([0]), seed=0, totals=np.array([0.0]))
+    (v2,) = _tok("V2").tokenize(counts, np.array([0]), seed=0, totals=np.array([7.0]))
+    assert len(v1) == 0 and v2.gene_ids.tolist() == [CLS, EOS]
+
+
+# ---------------------------------------------------------------- against the official arithmetic
+def _official(X: np.ndarray, n_counts: np.ndarray, medians: np.ndarray, tokens: np.ndarray, size: int,
+              special: bool) -> list[list[int]]:
+    """The official ``tokenize_anndata`` + ``create_dataset`` arithmetic, written out from its description.
+
+    Dense ``X / n_counts[:, None] * 10_000 / medians``, converted to CSR, each row's non-zero
+    entries ranked by ``np.argsort(-values)``, truncated, ``<cls>``/``<eos>`` added for V2.
+    """
+    X_norm = sp.csr_matrix(X / n_counts[:, None] * 10_000 / medians)
+    out = []
+    for i in range(X_norm.shape[0]):
+        ranked = tokens[X_norm[i].indices][np.argsort(-X_norm[i].data)]
+        out.append([CLS, *ranked[: size - 2], EOS] if special else list(ranked[:size]))
+    return out
+
+
+@pytest.mark.parametrize("n_counts_dtype", [np.float64, np.float32, np.int64])
+@pytest.mark.parametrize("version", ["V1", "V2"])
+def test_matches_official_arithmetic_with_many_ties(version: str, n_counts_dtype: type) -> None:
+    rng = np.random.default_rng(7)
+    n_genes = 60
+    medians = rng.choice([0.5, 1.0, 1.5, 3.0], size=n_genes)  # repeated medians + small counts -> ties
+    tokens = np.arange(10, 10 + n_genes)
+    X = (rng.random((25, n_genes)) < 0.6) * rng.integers(1, 4, size=(25, n_genes))
+    X = X.astype(np.float32)
+    n_counts = (X.sum(1) + rng.integers(0, 50, size=25)).astype(n_counts_dtype)  # unmapped genes count too
+    size = 20
+    tok = _tok(version, size, tokens.tolist(), medians.tolist())
+    recs = tok.tokenize(sp.csr_matrix(X), np.arange(25), seed=0, totals=n_counts)
+    expected = _official(X, n_counts, medians, tokens, size, version == "V2")
+    assert [r.gene_ids.tolist() for r in recs] == expected
+    assert any(len(r) == size for r in recs)
+
+
+# ---------------------------------------------------------------- totals and obs
+def test_cell_totals_prefers_obs_n_counts() -> None:
+    full = sp.csr_matrix(np.array([[1, 2, 0, 5], [0, 0, 3, 0]], dtype=np.float32))
+    np.testing.assert_array_equal(GeneformerTokenizer.cell_totals(full), [8.0, 3.0])
+    obs = pd.DataFrame({"n_counts": np.array([100, 30], dtype=np.int32)}, index=["a", "b"])
+    totals = GeneformerTokenizer.cell_totals(full, obs)
+    assert totals.dtype == np.float64 and totals.tolist() == [100.0, 30.0]
+    obs32 = pd.DataFrame({"n_counts": np.array([100, 30], dtype=np.float32)})
+    assert GeneformerTokenizer.cell_totals(full, obs32).dtype == np.float32  # followed as upstream
+    assert GeneformerTokenizer.cell_totals(full, pd.DataFrame({"other": [1, 2]})).tolist() == [8.0, 3.0]
+
+
+def test_check_obs_and_bad_totals() -> None:
+    assert GeneformerTokenizer.check_obs(pd.DataFrame({"x": [1]})) == "row sums of the raw counts"
+    assert GeneformerTokenizer.check_obs(pd.DataFrame({"n_counts": [3.0]})) == "obs['n_counts']"
+    for bad in ([1.0, np.nan], [1.0, -2.0], ["a", "b"]):
+        with pytest.raises(InvalidInputError, match="n_counts") as err:
+            GeneformerTokenizer.check_obs(pd.DataFrame({"n_counts": bad}))
+        assert "\n" not in str(err.value)
+    with pytest.raises(InvalidInputError, match=r"cell 4 has counts but a total count of 0"):
+        _tok().tokenize(_row(HAND), np.array([4]), seed=0, totals=np.array([0.0]))
+
+
+def test_tokenize_errors() -> None:
+    unbound = GeneformerTokenizer(max_length=8)
+    with pytest.raises(ModelError, match="map_genes"):
+        unbound.tokenize(_row(HAND), np.array([0]), seed=0)
+    tok = _tok()
+    with pytest.raises(InvalidInputError, match="columns"):
+        tok.tokenize(sp.csr_matrix((1, 4), dtype=np.float32), np.array([0]), seed=0)
+    with pytest.raises(InvalidInputError, match="non-negative"):
+        tok.tokenize(_row([1, -1, 0, 0, 0]), np.array([0]), seed=0)
+    with pytest.raises(InvalidInputError, match="totals differ"):
+        tok.tokenize(_row(HAND), np.array([0]), seed=0, totals=np.array([1.0, 2.0]))
+    with pytest.raises(InvalidInputError, match="no room for genes"):
+        GeneformerTokenizer(max_length=2, cls_id=CLS, eos_id=EOS)
+    with pytest.raises(ModelError, match="both <cls> and <eos>"):
+        GeneformerTokenizer(max_length=8, cls_id=CLS)
+
+
+def test_tokenizer_pickles_small() -> None:
+    tok = _tok("V2")
+    blob = pickle.dumps(tok)
+    assert len(blob) < 4096 and b"torch" not in blob
+    clone = pickle.loads(blob)
+    a = clone.tokenize(_row(HAND), np.array([0]), seed=0, totals=np.array([20.0]))[0]
+    b = tok.tokenize(_row(HAND), np.array([0]), seed=0, totals=np.array([20.0]))[0]
+    np.testing.assert_array_equal(a.gene_ids, b.gene_ids)
+
+
+# ---------------------------------------------------------------- collate
+def test_collate_v2_masks_exclude_cls_eos_and_padding() -> None:
+    recs = _tok("V2").tokenize(sp.csr_matrix(np.array([HAND, [0, 0, 0, 1, 0]], dtype=np.float32)),
+                               np.array([3, 9]), seed=0, totals=np.array([20.0, 1.0]))
+    batch = collate_geneformer(recs, pad_token_id=0, n_special=2)
+    assert batch.gene_ids.tolist() == [[CLS, 12, 14, 11, 13, EOS], [CLS, 13, EOS, 0, 0, 0]]
+    assert batch.padding_mask.tolist() == [[True] * 6, [True] * 3 + [False] * 3]
+    assert batch.gene_mask.tolist() == [[False, True, True, True, True, False], [False, True] + [False] * 4]
+    assert batch.positions["cls"].tolist() == [0, 0] and batch.cell_idx.tolist() == [3, 9]
+
+
+def test_collate_v1_has_no_cls_and_handles_empty_cells() -> None:
+    recs = _tok("V1").tokenize(sp.csr_matrix(np.array([[0] * 5, [0, 0, 0, 1, 0]], dtype=np.float32)),
+                               np.array([0, 1]), seed=0)
+    batch = collate_geneformer(recs, pad_token_id=0, n_special=0)
+    assert batch.gene_ids.tolist() == [[0], [13]]
+    assert batch.gene_mask.tolist() == [[False], [True]] and dict(batch.positions) == {}
+    only_empty = collate_geneformer(recs[:1], pad_token_id=0, n_special=0)
+    assert only_empty.gene_ids.shape == (1, 1) and not only_empty.padding_mask.any()
+    assert isinstance(batch.values, torch.Tensor) and batch.values.dtype == torch.float32
