@@ -85,7 +85,7 @@ def _child_rss(store: Path, data: Path, ckpt: Path, device: str, batch_size: int
         f"max_genes={max_genes}, progress=False, workers=1)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=store.parent)
     return float(out.stdout.strip().splitlines()[-1]) / 1024.0  # MB (ru_maxrss is KiB on Linux)
 
 

@@ -124,7 +124,10 @@ _CHILD = textwrap.dedent(
 
 
 def _spawn(store: Path, data: Path, ckpt: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-c", _CHILD, str(store), str(data), str(ckpt)], stderr=subprocess.PIPE)
+    # cwd outside the repository: `python -c` puts the cwd on sys.path, and the repo's sclstore/
+    # folder would shadow the installed package
+    return subprocess.Popen([sys.executable, "-c", _CHILD, str(store), str(data), str(ckpt)], stderr=subprocess.PIPE,
+                            cwd=store.parent)
 
 
 def _watermark(store: Path) -> int:
