@@ -22,6 +22,7 @@ import multiprocessing as mp
 import os
 import queue
 import re
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -96,6 +97,21 @@ def _tokenize(tokenizer: Any, counts: Any, cell_idx: np.ndarray, seed: int, tota
     return tokenizer.tokenize(counts, cell_idx, seed=seed, totals=totals)
 
 
+def start_workers(workers: int) -> cf.ProcessPoolExecutor | None:
+    """A warmed-up pool of tokenizer processes (None for ``workers == 0``).
+
+    On Linux the workers are forked (instant, like torch's DataLoader workers); elsewhere they
+    are spawned, which costs a fresh interpreter importing torch per worker.
+    """
+    if workers <= 0:
+        return None
+    method = "fork" if sys.platform.startswith("linux") else "spawn"
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method))
+    for fut in [pool.submit(os.getpid) for _ in range(workers)]:
+        fut.result()
+    return pool
+
+
 class _Prefetch:
     """Reads and tokenizes chunks ahead of the model, in a thread (+ worker processes)."""
 
@@ -105,9 +121,7 @@ class _Prefetch:
     ) -> None:
         self._q: queue.Queue[Any] = queue.Queue(maxsize=2)
         self._stop = threading.Event()
-        self._pool = (
-            cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) if workers > 0 else None
-        )
+        self._pool = start_workers(workers)
         self._args = (source, order, mapping, tokenizer, chunks, seed, workers)
         self._thread = threading.Thread(target=self._run, name="sclstore-prefetch", daemon=True)
         self._thread.start()
