@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
 
 from sclstore.query import execute_query
 from sclstore.store import Backend, DatasetInfo, RunInfo, cache_key
@@ -178,7 +179,9 @@ def evaluate_trajectory(
         ref_df = _cached_intermediate(backend, "reference_pseudotime", ref_params, compute_ref)
         ref_pt = ref_df["pseudotime"].to_numpy()
         pca = ref_df[[c for c in ref_df.columns if c.startswith("pc")]].to_numpy()
-        base = score_trajectory(pca, time, reference=ref_pt, n_neighbors=n_neighbors, root=root, n_subsamples=n_subsamples, seed=seed)
+        with threadpool_limits(limits=1):
+            base = score_trajectory(pca, time, reference=ref_pt, n_neighbors=n_neighbors, root=root, n_subsamples=n_subsamples,
+                                    seed=seed)
         ref_rho = base.rho_time
     Xs = _layers(backend, info, pool)
     scores: list[Any] = []
@@ -189,8 +192,9 @@ def evaluate_trajectory(
             scores.append(None)
             continue
         try:
-            scores.append(score_trajectory(X, time, reference=ref_pt, n_neighbors=n_neighbors, root=root,
-                                           n_subsamples=n_subsamples, seed=seed))
+            with threadpool_limits(limits=1):  # kNN/diffmap on these sizes: oversubscribed threads cost up to 10x
+                scores.append(score_trajectory(X, time, reference=ref_pt, n_neighbors=n_neighbors, root=root,
+                                               n_subsamples=n_subsamples, seed=seed))
         except EvaluationError as exc:
             undefined[layer] = str(exc)
             scores.append(None)
