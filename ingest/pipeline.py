@@ -25,6 +25,7 @@ import re
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -107,8 +108,12 @@ def start_workers(workers: int) -> cf.ProcessPoolExecutor | None:
         return None
     method = "fork" if sys.platform.startswith("linux") else "spawn"
     pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method))
-    for fut in [pool.submit(os.getpid) for _ in range(workers)]:
-        fut.result()
+    with warnings.catch_warnings():
+        # TileDB warns about fork after a context exists; the workers only tokenize (numpy/torch)
+        # and never touch TileDB, so its internal threads and locks are irrelevant to them.
+        warnings.filterwarnings("ignore", message="TileDB is a multithreading library")
+        for fut in [pool.submit(os.getpid) for _ in range(workers)]:
+            fut.result()
     return pool
 
 
