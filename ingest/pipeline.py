@@ -98,6 +98,18 @@ def _tokenize(tokenizer: Any, counts: Any, cell_idx: np.ndarray, seed: int, tota
     return tokenizer.tokenize(counts, cell_idx, seed=seed, totals=totals)
 
 
+def _worker_init() -> None:
+    """Single-threaded torch and BLAS in a tokenizer worker.
+
+    A forked child must not enter the OpenMP pool its parent already started (libgomp hangs);
+    like torch's DataLoader workers, each worker runs its ops on one thread.
+    """
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(1)
+    threadpool_limits(limits=1)
+
+
 def start_workers(workers: int) -> cf.ProcessPoolExecutor | None:
     """A warmed-up pool of tokenizer processes (None for ``workers == 0``).
 
@@ -107,7 +119,7 @@ def start_workers(workers: int) -> cf.ProcessPoolExecutor | None:
     if workers <= 0:
         return None
     method = "fork" if sys.platform.startswith("linux") else "spawn"
-    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method))
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method), initializer=_worker_init)
     with warnings.catch_warnings():
         # TileDB warns about fork after a context exists; the workers only tokenize (numpy/torch)
         # and never touch TileDB, so its internal threads and locks are irrelevant to them.

@@ -250,3 +250,31 @@ def test_counts_source_encodings(tmp_path: Path, random_counts, tiny_gene_ids, e
         h = src.scan()
     with CountsSource(_write_h5ad(tmp_path / "y.h5ad", X, genes)) as src2:
         assert src2.scan() == h  # content hash ignores the storage encoding
+
+
+def test_forked_workers_do_not_hang_after_torch_ran_in_parent(tmp_path: Path) -> None:
+    code = textwrap.dedent(
+        """
+        import json, numpy as np, scipy.sparse as sp, torch
+        from sclstore.ingest.models import TINY_CHECKPOINT, load_adapter
+        from sclstore.ingest.pipeline import _tokenize, start_workers
+        torch.set_num_threads(2)
+        x = torch.randn(600, 600)
+        for _ in range(5):
+            x = torch.tanh(x @ x / 600)  # the parent's OpenMP pool is up and warm
+        genes = [g for g in json.load(open(TINY_CHECKPOINT / "vocab.json")) if not g.startswith("<")]
+        adapter = load_adapter("sclstore-tiny")
+        adapter.map_genes(genes)
+        counts = sp.random(64, len(genes), density=0.3, format="csr", random_state=0)
+        counts.data = np.ceil(counts.data * 20).astype(np.float32)
+        pool = start_workers(2)
+        records = [r for f in [pool.submit(_tokenize, adapter.tokenizer, counts[i:i + 32], np.arange(i, i + 32), 0) for i in (0, 32)]
+                   for r in f.result(timeout=60)]
+        inline = _tokenize(adapter.tokenizer, counts, np.arange(64), 0)
+        assert all(np.array_equal(a.values, b.values) and np.array_equal(a.gene_ids, b.gene_ids) for a, b in zip(records, inline))
+        pool.shutdown()
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
