@@ -81,14 +81,15 @@ def write_data(path: Path, genes: list[str], n_cells: int, *, nnz: int, seed: in
 
 def _child_rss(store: Path, data: Path, ckpt: Path, device: str, batch_size: int, max_genes: int) -> float:
     code = (
-        "import sys, resource, sclstore\n"
+        "import sys, sclstore\n"
         f"st = sclstore.open_store({str(store)!r}, create=True)\n"
         f"st.ingest({str(data)!r}, 'tahoe-x1', {str(ckpt)!r}, device={device!r}, batch_size={batch_size}, "
         f"max_genes={max_genes}, progress=False, workers=1)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        # VmHWM: this process's own peak (ru_maxrss would carry the parent's peak across exec)
+        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=store.parent)
-    return float(out.stdout.strip().splitlines()[-1]) / 1024.0  # MB (ru_maxrss is KiB on Linux)
+    return float(out.stdout.strip().splitlines()[-1]) / 1024.0  # MB (VmHWM is in kB)
 
 
 def main() -> None:
@@ -107,6 +108,7 @@ def main() -> None:
     ap.add_argument("--rss-d-model", type=int, default=512)
     ap.add_argument("--rss-max-genes", type=int, default=16)
     ap.add_argument("--skip-rss", action="store_true")
+    ap.add_argument("--only-rss", action="store_true", help="skip (a) and (b)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sclstore-bench-ingest-"))
     ckpt = work / "tx1-70m-random"
@@ -117,65 +119,66 @@ def main() -> None:
     print(f"model: Tahoe-X1 architecture, {args.layers} blocks x d={args.d_model}, random init; {args.cells} cells, "
           f"<= {args.max_genes} tokens each; device {device}; torch threads {torch.get_num_threads()}")
 
-    # the exact tokens and batches ingest uses (one chunk of all cells)
-    adapter = load_adapter("tahoe-x1", ckpt, max_genes=args.max_genes)
-    with CountsSource(data) as src:
-        mapping = adapter.map_genes(src.gene_ids)
-        counts = src.rows(0, src.n_obs)[:, mapping.var_index].tocsr()
-    records = adapter.tokenizer.tokenize(counts, np.arange(args.cells), seed=0)
-    adapter.load(device)
-    lengths = np.array([adapter.tokenizer.seq_len(r) for r in records])
-    order = np.lexsort((np.arange(len(records)), lengths))
-    batches = [adapter.collate([records[i] for i in order[b : b + args.batch_size]]).to(device) for b in range(0, len(records), args.batch_size)]
-    layers = list(range(args.layers + 1))
+    if not args.only_rss:
+        # the exact tokens and batches ingest uses (one chunk of all cells)
+        adapter = load_adapter("tahoe-x1", ckpt, max_genes=args.max_genes)
+        with CountsSource(data) as src:
+            mapping = adapter.map_genes(src.gene_ids)
+            counts = src.rows(0, src.n_obs)[:, mapping.var_index].tocsr()
+        records = adapter.tokenizer.tokenize(counts, np.arange(args.cells), seed=0)
+        adapter.load(device)
+        lengths = np.array([adapter.tokenizer.seq_len(r) for r in records])
+        order = np.lexsort((np.arange(len(records)), lengths))
+        batches = [adapter.collate([records[i] for i in order[b : b + args.batch_size]]).to(device) for b in range(0, len(records), args.batch_size)]
+        layers = list(range(args.layers + 1))
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        def sync() -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
 
-    def bare() -> None:
-        with torch.no_grad():
-            for b in batches:
-                adapter._encode(b)
-        sync()
+        def bare() -> None:
+            with torch.no_grad():
+                for b in batches:
+                    adapter._encode(b)
+            sync()
 
-    def naive() -> None:
-        for layer in layers:
-            for b in batches:
-                adapter.embed(b, layers=[layer], pools=["cls", "mean"])
-        sync()
+        def naive() -> None:
+            for layer in layers:
+                for b in batches:
+                    adapter.embed(b, layers=[layer], pools=["cls", "mean"])
+            sync()
 
-    def hooked() -> None:
-        _embed_chunk(adapter, records, layers=layers, pools=["cls", "mean"], batch_size=args.batch_size, device=device)
-        sync()
+        def hooked() -> None:
+            _embed_chunk(adapter, records, layers=layers, pools=["cls", "mean"], batch_size=args.batch_size, device=device)
+            sync()
 
-    def timed(fn: Callable[[], object]) -> float:
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
+        def timed(fn: Callable[[], object]) -> float:
+            t = time.perf_counter()
+            fn()
+            return time.perf_counter() - t
 
-    def ingest() -> object:
-        with sclstore.open_store(work / f"store-{time.time_ns()}", create=True) as st:
-            return st.ingest(data, "tahoe-x1", str(ckpt), max_genes=args.max_genes, batch_size=args.batch_size,
-                             device=str(device), progress=False, workers=args.workers)
+        def ingest() -> object:
+            with sclstore.open_store(work / f"store-{time.time_ns()}", create=True) as st:
+                return st.ingest(data, "tahoe-x1", str(ckpt), max_genes=args.max_genes, batch_size=args.batch_size,
+                                 device=str(device), progress=False, workers=args.workers)
 
-    bare()  # warm-up
-    # interleaved, so a change of machine load hits anchor and measurement alike
-    t_bare1 = timed(bare)
-    t_ingest = timed(ingest)
-    t_bare2 = timed(bare)
-    t_hooked = timed(hooked)
-    t_bare = (t_bare1 + t_bare2) / 2
-    t_naive = timed(naive)
-    res = ingest()  # cache hit: for the layer count only
-    print(f"\nbare forward passes {t_bare1:.2f} s and {t_bare2:.2f} s (mean used); load average "
-          + ", ".join(f"{x:.1f}" for x in os.getloadavg()))
-    print("\n| measurement | seconds | cells/s | / bare forward |")
-    print("|---|---|---|---|")
-    for name, secs in (("bare forward pass (no hooks, no writes)", t_bare), ("forward + hooks + pooling (no I/O)", t_hooked),
-                       (f"sclstore ingest end to end ({len(res.layers)} layers x 2 pools, TileDB)", t_ingest),  # type: ignore[attr-defined]
-                       (f"naive: one pass per layer ({len(layers)} passes)", t_naive)):
-        print(f"| {name} | {secs:.2f} | {args.cells / secs:.1f} | {secs / t_bare:.2f} |")
+        bare()  # warm-up
+        # interleaved, so a change of machine load hits anchor and measurement alike
+        t_bare1 = timed(bare)
+        t_ingest = timed(ingest)
+        t_bare2 = timed(bare)
+        t_hooked = timed(hooked)
+        t_bare = (t_bare1 + t_bare2) / 2
+        t_naive = timed(naive)
+        res = ingest()  # cache hit: for the layer count only
+        print(f"\nbare forward passes {t_bare1:.2f} s and {t_bare2:.2f} s (mean used); load average "
+              + ", ".join(f"{x:.1f}" for x in os.getloadavg()))
+        print("\n| measurement | seconds | cells/s | / bare forward |")
+        print("|---|---|---|---|")
+        for name, secs in (("bare forward pass (no hooks, no writes)", t_bare), ("forward + hooks + pooling (no I/O)", t_hooked),
+                           (f"sclstore ingest end to end ({len(res.layers)} layers x 2 pools, TileDB)", t_ingest),  # type: ignore[attr-defined]
+                           (f"naive: one pass per layer ({len(layers)} passes)", t_naive)):
+            print(f"| {name} | {secs:.2f} | {args.cells / secs:.1f} | {secs / t_bare:.2f} |")
 
     if not args.skip_rss:
         ck2 = work / "rss-model"

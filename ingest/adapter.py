@@ -18,6 +18,7 @@ of block ``l`` (1-based), so a model with ``L`` blocks has stored layers ``0..L`
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import re
@@ -25,7 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import scipy.sparse
@@ -51,6 +52,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
 
 _ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 _VERSION_RE = re.compile(r"\.\d+$")
@@ -339,12 +342,14 @@ def autocast_for(device: torch.device) -> contextlib.AbstractContextManager[Any]
     return contextlib.nullcontext()
 
 
-class ModelAdapter(ABC):
+class ModelAdapter(ABC, Generic[ModelT]):
     """One model checkpoint, seen by the ingest pipeline.
 
-    Subclasses set the class/instance attributes below, build their network in :meth:`load`
-    and implement :meth:`blocks` and :meth:`_encode`; hooking and pooling are shared
-    (:meth:`embed`).
+    Subclasses set the class/instance attributes below and implement :meth:`_new_model` (the
+    network), :meth:`_encoder_state` (its weights, checked strictly) and :meth:`_encode`. Shared:
+    building and loading (:meth:`build_model`, :meth:`load`), the blocks of a model exposing them
+    as ``model.blocks`` (:meth:`blocks`), the catalog summary around :meth:`_describe_checkpoint`
+    and :meth:`_describe_layers`, hooking and pooling (:meth:`embed`).
 
     Attributes
     ----------
@@ -358,6 +363,10 @@ class ModelAdapter(ABC):
         Pools :meth:`embed` can compute, and those used when the user names none.
     tokenizer
         Bound to the last :meth:`map_genes` result.
+    files
+        The checkpoint's located files; ``files.weights`` is the weight file :meth:`load` reads.
+    model
+        The network, once :meth:`load` has built it.
     """
 
     family: str = ""
@@ -367,18 +376,43 @@ class ModelAdapter(ABC):
     supported_pools: tuple[str, ...] = ("cls", "mean", "max")
     default_pools: tuple[str, ...] = ("cls", "mean")
     tokenizer: Tokenizer
+    files: Any
+    model: ModelT | None = None
 
     _device: torch.device | None = None
 
     # --- identity -------------------------------------------------------------------------
-    @property
-    @abstractmethod
+    @functools.cached_property
     def checkpoint_hash(self) -> str:
-        """sha256 over the checkpoint's config, vocabulary and weight files (no model built)."""
+        """sha256 over the checkpoint's config, vocabulary and weight files (no model built).
+
+        Default: :func:`hash_files` over ``files.all()``, which lists them in hashing order.
+        """
+        return hash_files(self.files.all())
+
+    def describe(self) -> dict[str, Any]:
+        """Return a JSON-able summary of the checkpoint for the catalog.
+
+        ``family`` and ``name``, then :meth:`_describe_checkpoint`, the pools and precision, then
+        :meth:`_describe_layers`.
+        """
+        return {
+            "family": self.family,
+            "name": self.name,
+            **self._describe_checkpoint(),
+            "supported_pools": list(self.supported_pools),
+            "default_pools": list(self.default_pools),
+            "precision": {"cuda": "bf16-autocast", "cpu": "fp32"},
+            **self._describe_layers(),
+        }
 
     @abstractmethod
-    def describe(self) -> dict[str, Any]:
-        """JSON-able summary stored in the catalog."""
+    def _describe_checkpoint(self) -> dict[str, Any]:
+        """Architecture, vocabulary, input encoding and checkpoint files, for :meth:`describe`."""
+
+    @abstractmethod
+    def _describe_layers(self) -> dict[str, Any]:
+        """What the stored layers hold and how the official embedding follows, for :meth:`describe`."""
 
     # --- data -----------------------------------------------------------------------------
     @abstractmethod
@@ -395,12 +429,56 @@ class ModelAdapter(ABC):
 
     # --- model ----------------------------------------------------------------------------
     @abstractmethod
-    def load(self, device: torch.device) -> None:
-        """Build the network, load the weights strictly and move it to ``device`` (idempotent)."""
+    def _new_model(self) -> ModelT:
+        """The network of the checkpoint's config, with fresh weights."""
 
     @abstractmethod
+    def _encoder_state(self, expected: Mapping[str, torch.Size]) -> Mapping[str, torch.Tensor]:
+        """Read the checkpoint and return exactly the ``expected`` weights, checked strictly.
+
+        Raises
+        ------
+        CheckpointError
+            If a weight is missing or misshapen, or a key is neither expected nor an allow-listed head.
+        """
+
+    def build_model(self) -> ModelT:
+        """Return the network with the checkpoint's weights loaded strictly (on the CPU, fp32, eval mode).
+
+        Raises
+        ------
+        CheckpointError
+            If an encoder weight is missing or misshapen, or a key is neither encoder nor an
+            allow-listed head.
+        """
+        model = self._new_model()
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        encoder = self._encoder_state(expected)
+        model.load_state_dict({k: v.float() for k, v in encoder.items()}, strict=True)
+        return model.eval()
+
+    def load(self, device: torch.device | str) -> None:
+        """Build the network, load the weights strictly and move it to ``device`` (idempotent)."""
+        device = torch.device(device)
+        if self.model is None:
+            logging.getLogger(type(self).__module__).info("loading %s weights from %s", self.name, self.files.weights)
+            self.model = self.build_model()
+        if self._device != device:
+            self.model.to(device)
+            self._device = device
+
     def blocks(self) -> Sequence[nn.Module]:
-        """The ``L`` transformer blocks in forward order (valid after :meth:`load`)."""
+        """The ``L`` transformer blocks in forward order, ``model.blocks`` (valid after :meth:`load`)."""
+        return list(self._require_model().blocks)
+
+    def _require_model(self) -> ModelT:
+        """The loaded network; raises ``ModelError`` before :meth:`load`."""
+        if self.model is None:
+            raise ModelError(self._not_loaded())
+        return self.model
+
+    def _not_loaded(self) -> str:
+        return f"{self.family} model {self.name!r} is not loaded: call adapter.load(device) first"
 
     @abstractmethod
     def _encode(self, batch: TokenBatch, *, n_blocks: int | None = None) -> torch.Tensor:
@@ -430,9 +508,18 @@ class ModelAdapter(ABC):
             If the weights are not loaded yet.
         """
         if self._device is None:
-            msg = f"{self.family} model {self.name!r} is not loaded: call adapter.load(device) first"
-            raise ModelError(msg)
+            raise ModelError(self._not_loaded())
         return self._device
+
+    def _on_device(self, batch: TokenBatch) -> TokenBatch:
+        """``batch`` on the model's device (copied if needed; ``ModelError`` before :meth:`load`)."""
+        device = self.device
+        return batch.to(device) if batch.device != device else batch
+
+    def _check_width(self, vectors: torch.Tensor) -> None:
+        """Raise ``InvalidInputError`` unless ``vectors`` have ``d_model`` columns."""
+        if vectors.shape[-1] != self.d_model:
+            raise InvalidInputError(f"expected vectors of size {self.d_model}, got {tuple(vectors.shape)}")
 
     def _check_request(self, layers: Sequence[int], pools: Sequence[str]) -> None:
         bad_pools = [p for p in pools if p not in self.supported_pools]
@@ -475,8 +562,7 @@ class ModelAdapter(ABC):
         layers, pools = [int(x) for x in layers], list(pools)
         self._check_request(layers, pools)
         device = self.device
-        if batch.device != device:
-            batch = batch.to(device)
+        batch = self._on_device(batch)
         with (
             autocast_for(device),
             LayerCapture(self.blocks(), layers=layers, pools=pools, info=batch.pooling_info()) as cap,

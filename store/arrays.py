@@ -152,7 +152,7 @@ def consolidate(uri: str, *, full: bool, array_bytes: int | None = None, ctx: ti
     costs about a second of allocation even for a tiny array.
     """
     modes = ("fragment_meta", "commits") if not full else ("fragments", "fragment_meta", "commits", "array_meta")
-    buffer = 50 * 2**20 if array_bytes is None else int(min(64 * 2**20, max(2**20, array_bytes)))
+    buffer = 50 * 2**20 if array_bytes is None else int(min(16 * 2**20, max(2**20, array_bytes)))
     try:
         for mode in modes:
             cfg = tiledb.Config({"sm.consolidation.mode": mode, "sm.vacuum.mode": mode, "sm.consolidation.buffer_size": str(buffer)})

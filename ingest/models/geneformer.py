@@ -27,21 +27,19 @@ rounding of exact near-ties) differ.
 
 from __future__ import annotations
 
-import functools
 import logging
-import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
-from torch import nn
 
-from sclstore.store.errors import CheckpointError, InvalidInputError, ModelError
+from sclstore.store.errors import CheckpointError, InvalidInputError
 
-from ..adapter import GeneMapping, ModelAdapter, TokenBatch, TokenRecord, autocast_for, hash_files, map_to_vocab
+from ..adapter import GeneMapping, ModelAdapter, TokenBatch, TokenRecord, autocast_for, map_to_vocab
 from ..capture import pool_hidden
+from ._common import name_from_folder
 from .geneformer_checkpoint import (
     GeneformerFiles,
     check_state_dict,
@@ -58,7 +56,7 @@ __all__ = ["GeneformerAdapter", "from_checkpoint"]
 logger = logging.getLogger(__name__)
 
 
-class GeneformerAdapter(ModelAdapter):
+class GeneformerAdapter(ModelAdapter[GeneformerBert]):
     """A Geneformer (V1 or V2) checkpoint folder as a :class:`ModelAdapter`.
 
     Constructing reads ``config.json`` and the two dictionaries only; :meth:`load` builds the
@@ -126,8 +124,7 @@ class GeneformerAdapter(ModelAdapter):
             msg = f"--max-genes {self.max_length} exceeds the model's input size {limit} (max_position_embeddings)"
             raise InvalidInputError(msg)
         v2 = self.version == "V2"
-        folder_name = re.sub(r"[^A-Za-z0-9._-]", "-", self.files.folder.resolve().name).strip("-.")
-        self.name = name or folder_name or "geneformer"
+        self.name = name or name_from_folder(self.files.folder, "geneformer")
         self.n_layers = cfg.num_hidden_layers
         self.d_model = cfg.hidden_size
         self.supported_pools = ("cls", "mean", "max") if v2 else ("mean", "max")
@@ -142,25 +139,15 @@ class GeneformerAdapter(ModelAdapter):
             eos_id=int(dicts.tokens["<eos>"]) if v2 else None,
         )
         self.tokenizer = self._base_tokenizer
-        self.model: GeneformerBert | None = None
-        self._device = None
         logger.info(
             "Geneformer %s %s: %d layers, d=%d, %d genes, input size %d",
             self.version, self.name, self.n_layers, self.d_model, len(self._genes), self.max_length,
         )
 
     # --- identity -------------------------------------------------------------------------
-    @functools.cached_property
-    def checkpoint_hash(self) -> str:  # type: ignore[override]
-        """sha256 over ``config.json``, the weight file and the two dictionaries."""
-        return hash_files(self.files.all())
-
-    def describe(self) -> dict[str, Any]:
-        """Return a JSON-able summary of the checkpoint for the catalog."""
+    def _describe_checkpoint(self) -> dict[str, Any]:
         cfg = self.config
         return {
-            "family": self.family,
-            "name": self.name,
             "architecture": "bert (post-LN, absolute positions)",
             "version": self.version,
             "n_layers": cfg.num_hidden_layers,
@@ -178,9 +165,10 @@ class GeneformerAdapter(ModelAdapter):
             "cell_totals": "obs['n_counts'] when present, else row sums of the raw counts",
             "checkpoint_format": self.files.fmt,
             "checkpoint_files": [p.name for p in self.files.all()],
-            "supported_pools": list(self.supported_pools),
-            "default_pools": list(self.default_pools),
-            "precision": {"cuda": "bf16-autocast", "cpu": "fp32"},
+        }
+
+    def _describe_layers(self) -> dict[str, Any]:
+        return {
             "layer_0": "embedding output (hidden_states[0]: LayerNorm(word + position + token_type))",
             "stored_layers_include_final_norm": False,
             "official_embedding": (
@@ -215,40 +203,11 @@ class GeneformerAdapter(ModelAdapter):
         return collate_geneformer(records, pad_token_id=self.pad_token_id, n_special=self._base_tokenizer.n_special)
 
     # --- model ----------------------------------------------------------------------------
-    def build_model(self) -> GeneformerBert:
-        """Return the encoder with the checkpoint's weights loaded strictly (on the CPU, fp32).
+    def _new_model(self) -> GeneformerBert:
+        return GeneformerBert(self.config)
 
-        Raises
-        ------
-        CheckpointError
-            If an encoder weight is missing or misshapen, or a key is neither encoder nor an
-            allow-listed head.
-        """
-        model = GeneformerBert(self.config)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        state = read_state_dict(self.files)
-        encoder = check_state_dict(state, expected, where=repr(str(self.files.weights)))
-        model.load_state_dict({k: v.float() for k, v in encoder.items()}, strict=True)
-        return model.eval()
-
-    def load(self, device: torch.device | str) -> None:
-        """Build the encoder, load the weights strictly and move it to ``device`` (idempotent)."""
-        device = torch.device(device)
-        if self.model is None:
-            logger.info("loading %s weights from %s", self.name, self.files.weights)
-            self.model = self.build_model()
-        if self._device != device:
-            self.model.to(device)
-            self._device = device
-
-    def blocks(self) -> Sequence[nn.Module]:
-        """The BERT blocks ``encoder.layer``."""
-        return list(self._require_model().blocks)
-
-    def _require_model(self) -> GeneformerBert:
-        if self.model is None:
-            raise ModelError(f"{self.family} model {self.name!r} is not loaded: call adapter.load(device) first")
-        return self.model
+    def _encoder_state(self, expected: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
+        return check_state_dict(read_state_dict(self.files), expected, where=repr(str(self.files.weights)))
 
     def _check_request(self, layers: Sequence[int], pools: Sequence[str]) -> None:
         if self.version == "V1" and "cls" in pools:
@@ -285,8 +244,7 @@ class GeneformerAdapter(ModelAdapter):
         layer = self.official_layer if layer is None else int(layer)
         if not 0 <= layer <= self.n_layers:
             raise InvalidInputError(f"layer {layer} out of range: {self.name} has layers 0..{self.n_layers}")
-        if batch.device != self.device:
-            batch = batch.to(self.device)
+        batch = self._on_device(batch)
         with autocast_for(self.device):
             hidden = self._encode(batch, n_blocks=layer)
         return pool_hidden(hidden, batch.pooling_info(), [self.official_pool])[self.official_pool]
@@ -303,8 +261,7 @@ class GeneformerAdapter(ModelAdapter):
         InvalidInputError
             If the vectors do not have ``d_model`` columns.
         """
-        if pooled_last.shape[-1] != self.d_model:
-            raise InvalidInputError(f"expected vectors of size {self.d_model}, got {tuple(pooled_last.shape)}")
+        self._check_width(pooled_last)
         return pooled_last.to(dtype=torch.float32).clone()
 
 

@@ -29,6 +29,8 @@ import torch
 
 from sclstore.store.errors import CheckpointError
 
+from ._common import check_state_dict_strict
+
 __all__ = [
     "WEIGHT_FILES",
     "IGNORED_PREFIXES",
@@ -325,41 +327,12 @@ def read_state_dict(files: GeneformerFiles) -> dict[str, torch.Tensor]:
 def check_state_dict(
     state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], *, where: str
 ) -> dict[str, torch.Tensor]:
-    """Check a checkpoint against the encoder strictly and return the encoder weights.
+    """Return the BERT encoder weights of ``state`` (``bert.`` stripped), checked strictly.
 
-    Every expected key must be present with its exact shape; every other key must start with
-    one of :data:`IGNORED_PREFIXES`.
-
-    Raises
-    ------
-    CheckpointError
-        Naming the first missing, misshapen or unexpected key(s).
+    Other keys must start with one of :data:`IGNORED_PREFIXES`. See
+    :func:`._common.check_state_dict_strict` (``CheckpointError`` naming the first bad key).
     """
-    missing = [k for k in expected if k not in state]
-    if missing:
-        k = missing[0]
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        msg = (
-            f"checkpoint {where} lacks encoder weight {k!r} of shape {list(expected[k])}{more}; "
-            "the checkpoint is incomplete or not a Geneformer BERT"
-        )
-        raise CheckpointError(msg)
-    bad = [k for k, shape in expected.items() if tuple(state[k].shape) != tuple(shape)]
-    if bad:
-        k = bad[0]
-        msg = (
-            f"checkpoint {where}: weight {k!r} has shape {list(state[k].shape)} but config.json implies "
-            f"{list(expected[k])}; the config does not match the weights"
-        )
-        raise CheckpointError(msg)
-    unexpected = [k for k in state if k not in expected and not k.startswith(IGNORED_PREFIXES)]
-    if unexpected:
-        msg = (
-            f"checkpoint {where} has unexpected weights {unexpected[:5]} that are neither part of the BERT encoder "
-            f"nor of an ignored head ({', '.join(p.rstrip('.') for p in IGNORED_PREFIXES)})"
-        )
-        raise CheckpointError(msg)
-    skipped = sorted({k.split(".", 1)[0] for k in state if k not in expected})
-    if skipped:
-        logger.debug("ignoring checkpoint heads %s", skipped)
-    return {k: state[k] for k in expected}
+    return check_state_dict_strict(
+        state, expected, subject=f"checkpoint {where}", model="a Geneformer BERT", encoder="BERT encoder",
+        ignored=IGNORED_PREFIXES, config_source="config.json",
+    )

@@ -35,6 +35,7 @@ import torch
 from sclstore.store.errors import InvalidInputError, ModelError
 
 from ..adapter import GeneMapping, TokenBatch, TokenRecord
+from ._common import NOT_BOUND, csr_row, drop_zeros, pad_records, validate_counts
 
 __all__ = ["TARGET_SUM", "N_COUNTS", "GeneformerTokenizer", "collate_geneformer"]
 
@@ -233,37 +234,24 @@ class GeneformerTokenizer:
             total of 0.
         """
         if self.token_ids is None or self.medians is None:
-            raise ModelError("tokenizer is not bound to a gene mapping: call adapter.map_genes(gene_ids) first")
+            raise ModelError(NOT_BOUND)
         counts = scipy.sparse.csr_matrix(counts)
-        if totals is None:
-            totals = self.cell_totals(counts)
-        cell_idx = np.asarray(cell_idx, dtype=np.int64).reshape(-1)
-        totals = np.asarray(totals).reshape(-1)
+        totals = np.asarray(self.cell_totals(counts) if totals is None else totals).reshape(-1)
         n_cols = self.token_ids.shape[0] if self.col_slot is None else self.col_slot.shape[0]
-        if counts.shape[1] != n_cols:
-            raise InvalidInputError(f"counts have {counts.shape[1]} columns but the gene mapping has {n_cols} genes")
-        if not counts.shape[0] == cell_idx.shape[0] == totals.shape[0]:
-            msg = f"{counts.shape[0]} count rows, {cell_idx.shape[0]} cell indices and {totals.shape[0]} totals differ"
-            raise InvalidInputError(msg)
-        if counts.nnz and (not np.all(np.isfinite(counts.data)) or counts.data.min() < 0):
-            raise InvalidInputError("counts must be finite and non-negative raw counts; check --counts-layer")
-        if not counts.has_canonical_format:
-            counts = counts.copy()
-            counts.sum_duplicates()
+        counts, cell_idx = validate_counts(counts, cell_idx, n_cols, totals=totals)
         return [self._tokenize_row(counts, i, int(cell_idx[i]), totals[i]) for i in range(counts.shape[0])]
 
     def _tokenize_row(self, counts: scipy.sparse.csr_matrix, row: int, cell: int, total: Any) -> TokenRecord:
         assert self.token_ids is not None and self.medians is not None
-        lo, hi = counts.indptr[row], counts.indptr[row + 1]
-        slots, data = counts.indices[lo:hi].astype(np.int64), counts.data[lo:hi]
+        slots, data = csr_row(counts, row)
+        slots = slots.astype(np.int64)
         if self.col_slot is not None and slots.size:
             slots = self.col_slot[slots]
             order = np.argsort(slots, kind="stable")
             slots, data = slots[order], data[order]
             slots, start = np.unique(slots, return_index=True)
             data = np.add.reduceat(data, start) if data.size else data
-        keep = data != 0
-        slots, data = slots[keep], data[keep]
+        slots, data = drop_zeros(slots, data)
         if data.size and not total > 0:
             msg = f"cell {cell} has counts but a total count of {total!r}; fix obs['n_counts'] or drop it"
             raise InvalidInputError(msg)
@@ -303,30 +291,13 @@ def collate_geneformer(records: Sequence[TokenRecord], *, pad_token_id: int, n_s
     ModelError
         If ``records`` is empty.
     """
-    if not records:
-        raise ModelError("cannot collate an empty list of records")
-    b = len(records)
-    lengths = np.array([len(r) for r in records], dtype=np.int64)
-    s = max(int(lengths.max()), 1)
-    gene_ids = np.full((b, s), pad_token_id, dtype=np.int64)
-    values = np.zeros((b, s), dtype=np.float32)
-    for i, rec in enumerate(records):
-        gene_ids[i, : len(rec)] = rec.gene_ids
-        values[i, : len(rec)] = rec.values
-    pos = torch.arange(s).unsqueeze(0)
-    n = torch.from_numpy(lengths).unsqueeze(1)
+    padded = pad_records(records, pad_id=pad_token_id, pad_value=0.0)
+    pos, n = padded.pos, padded.n
     padding_mask = pos < n
     if n_special:
         gene_mask = padding_mask & (pos >= 1) & (pos < n - 1)
-        positions = {"cls": torch.zeros(b, dtype=torch.int64)}
+        positions = {"cls": torch.zeros(len(records), dtype=torch.int64)}
     else:
         gene_mask = padding_mask.clone()
         positions = {}
-    return TokenBatch(
-        gene_ids=torch.from_numpy(gene_ids),
-        values=torch.from_numpy(values),
-        padding_mask=padding_mask,
-        gene_mask=gene_mask,
-        positions=positions,
-        cell_idx=np.asarray([r.cell_idx for r in records], dtype=np.int64),
-    )
+    return padded.batch(padding_mask=padding_mask, gene_mask=gene_mask, positions=positions)

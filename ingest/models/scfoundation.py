@@ -35,10 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from sclstore.store.errors import CheckpointError, InvalidInputError, ModelError
+from sclstore.store.errors import CheckpointError, InvalidInputError
 
 from ..adapter import GeneMapping, ModelAdapter, TokenBatch, TokenRecord, autocast_for, hash_files, map_to_vocab
 from ..capture import pool_hidden
+from ._common import name_from_folder
 from .scfoundation_checkpoint import (
     CheckpointFiles,
     check_state_dict,
@@ -144,7 +145,7 @@ def split_checkpoint_options(checkpoint: str | Path) -> tuple[Path, dict[str, st
     return Path(path), {k: v.strip() for k, v in options.items()}
 
 
-class ScFoundationAdapter(ModelAdapter):
+class ScFoundationAdapter(ModelAdapter[ScFoundationModel]):
     """One scFoundation sub-model as a :class:`ModelAdapter`.
 
     Constructing reads the configs (memory-mapped, no tensor data) and the gene list;
@@ -201,30 +202,25 @@ class ScFoundationAdapter(ModelAdapter):
             )
             raise CheckpointError(msg)
         self.vocab = {g: i for i, g in enumerate(self.genes)}
-        folder = re.sub(r"[^A-Za-z0-9._-]", "-", self.files.weights.parent.resolve().name).strip("-.") or "scfoundation"
+        folder = name_from_folder(self.files.weights.parent, "scfoundation")
         self.name = name or f"{folder}-{self.sub_model}-{self.resolution}"
         self.n_layers = cfg.n_layers
         self.d_model = cfg.d_model
         self._base_tokenizer = ScFoundationTokenizer(n_genes=cfg.n_genes, resolution=self.resolution)
         self.tokenizer = self._base_tokenizer
-        self.model: ScFoundationModel | None = None
-        self._device = None
 
     # --- identity -------------------------------------------------------------------------
     @functools.cached_property
-    def checkpoint_hash(self) -> str:  # type: ignore[override]
+    def checkpoint_hash(self) -> str:
         """sha256 over ``models.ckpt``, the gene list, the sub-model and ``tgthighres``."""
         genes = self.files.gene_list or GENE_LIST_FILE
         h = hashlib.sha256(hash_files([self.files.weights, genes]).encode())
         h.update(f"\0sub_model={self.sub_model}\0tgthighres={self.resolution}".encode())
         return h.hexdigest()
 
-    def describe(self) -> dict[str, Any]:
-        """Return a JSON-able summary of the checkpoint for the catalog."""
+    def _describe_checkpoint(self) -> dict[str, Any]:
         cfg = self.config
         return {
-            "family": self.family,
-            "name": self.name,
             "architecture": "scfoundation (MaeAutobin encoder: pytorchTransformerModule, post-LN)",
             "sub_model": self.sub_model,
             "available_sub_models": self.available_sub_models,
@@ -245,9 +241,10 @@ class ScFoundationAdapter(ModelAdapter):
             "resolution_tokens": "T per tgthighres, S = log10(total raw count); values <= 0 dropped as upstream",
             "max_length": None,
             "checkpoint_files": [p.name for p in (self.files.weights, self.files.gene_list) if p is not None],
-            "supported_pools": list(self.supported_pools),
-            "default_pools": list(self.default_pools),
-            "precision": {"cuda": "bf16-autocast", "cpu": "fp32"},
+        }
+
+    def _describe_layers(self) -> dict[str, Any]:
+        return {
             "layer_0": "input of block 0 (token_emb(value) + pos_emb(gene position))",
             "stored_layers_include_final_norm": "layer L only (the official encoder output)",
             "official_embedding": "concat[S, T, max, mean] of layer L (4*d_model), no normalisation",
@@ -276,41 +273,17 @@ class ScFoundationAdapter(ModelAdapter):
         return collate_records(records, pad_value=float(self.config.pad_token_id), pad_position=self.config.seq_len)
 
     # --- model ----------------------------------------------------------------------------
-    def build_model(self) -> ScFoundationModel:
-        """Return the encoder with the sub-model's weights loaded strictly (CPU, fp32).
+    def _new_model(self) -> ScFoundationModel:
+        return ScFoundationModel(self.config)
 
-        Raises
-        ------
-        CheckpointError
-            If an encoder weight is missing or misshapen, or a key is neither encoder nor an
-            allow-listed head.
-        """
-        model = ScFoundationModel(self.config)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
+    def _encoder_state(self, expected: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
+        """The sub-model's encoder weights, checked strictly."""
         ckpt = open_checkpoint(self.files.weights)
         sub = select_sub_model(ckpt, self.sub_model, path=self.files.weights)
-        state = read_state_dict(sub, where=self._where)
-        encoder = check_state_dict(state, expected, where=self._where)
-        model.load_state_dict({k: v.float() for k, v in encoder.items()}, strict=True)
-        return model.eval()
-
-    def load(self, device: torch.device | str) -> None:
-        """Build the encoder, load the weights strictly and move it to ``device`` (idempotent)."""
-        device = torch.device(device)
-        if self.model is None:
-            logger.info("loading %s weights from %s", self.name, self.files.weights)
-            self.model = self.build_model()
-        if self._device != device:
-            self.model.to(device)
-            self._device = device
-
-    def _require_model(self) -> ScFoundationModel:
-        if self.model is None:
-            raise ModelError(f"{self.family} model {self.name!r} is not loaded: call adapter.load(device) first")
-        return self.model
+        return check_state_dict(read_state_dict(sub, where=self._where), expected, where=self._where)
 
     def blocks(self) -> Sequence[nn.Module]:
-        """The ``L`` stages (blocks; the last one followed by the final LayerNorm)."""
+        """The ``L`` stages (blocks; the last one followed by the final LayerNorm), ``model.stages``."""
         return list(self._require_model().stages)
 
     def _encode(self, batch: TokenBatch, *, n_blocks: int | None = None) -> torch.Tensor:
@@ -331,7 +304,7 @@ class ScFoundationAdapter(ModelAdapter):
     def official_embedding(self, batch: TokenBatch) -> torch.Tensor:
         """The official cell embedding ``concat[S, T, max, mean]`` of the encoder output, ``(B, 4 d)``."""
         self._require_model()
-        batch = batch.to(self.device) if batch.device != self.device else batch
+        batch = self._on_device(batch)
         with autocast_for(self.device):
             hidden = self._encode(batch)
         pooled = pool_hidden(hidden, batch.pooling_info(), OFFICIAL_POOLS)

@@ -25,6 +25,8 @@ import torch
 
 from sclstore.store.errors import CheckpointError, InvalidInputError
 
+from ._common import check_state_dict_strict
+
 __all__ = [
     "CKPT_NAME",
     "GENE_INDEX_GLOB",
@@ -235,41 +237,12 @@ def read_state_dict(sub: Mapping[str, Any], *, where: str) -> dict[str, torch.Te
 def check_state_dict(
     state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], *, where: str
 ) -> dict[str, torch.Tensor]:
-    """Check the weights against the encoder strictly; return the encoder's weights.
+    """Check a sub-model's weights against the encoder strictly; return the encoder's weights.
 
-    Every expected key must be present with its exact shape; every other key must start with one
-    of :data:`IGNORED_PREFIXES`.
-
-    Raises
-    ------
-    CheckpointError
-        Naming the first missing, misshapen or unexpected key(s).
+    The decoder and value head (:data:`IGNORED_PREFIXES`) are skipped; anything else missing,
+    misshapen or unexpected is a ``CheckpointError`` (:func:`._common.check_state_dict_strict`).
     """
-    missing = [k for k in expected if k not in state]
-    if missing:
-        k = missing[0]
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        msg = (
-            f"{where} lacks encoder weight {k!r} of shape {list(expected[k])}{more}; "
-            "the checkpoint is incomplete or not scFoundation"
-        )
-        raise CheckpointError(msg)
-    bad = [k for k, shape in expected.items() if tuple(state[k].shape) != tuple(shape)]
-    if bad:
-        k = bad[0]
-        msg = (
-            f"{where}: weight {k!r} has shape {list(state[k].shape)} but the checkpoint config implies "
-            f"{list(expected[k])}; the config does not match the weights"
-        )
-        raise CheckpointError(msg)
-    unexpected = [k for k in state if k not in expected and not k.startswith(IGNORED_PREFIXES)]
-    if unexpected:
-        msg = (
-            f"{where} has unexpected weights {unexpected[:5]} that are neither part of the scFoundation encoder "
-            f"nor of an ignored head ({', '.join(p.rstrip('.') for p in IGNORED_PREFIXES)})"
-        )
-        raise CheckpointError(msg)
-    skipped = sorted({k.split(".", 1)[0] for k in state if k not in expected})
-    if skipped:
-        logger.debug("ignoring checkpoint parts %s", skipped)
-    return {k: state[k] for k in expected}
+    return check_state_dict_strict(
+        state, expected, subject=where, model="scFoundation", encoder="scFoundation encoder",
+        ignored=IGNORED_PREFIXES, config_source="the checkpoint config", skipped="parts",
+    )

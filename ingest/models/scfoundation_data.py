@@ -43,6 +43,7 @@ import torch
 from sclstore.store.errors import CheckpointError, InvalidInputError, ModelError
 
 from ..adapter import GeneMapping, TokenBatch, TokenRecord
+from ._common import NOT_BOUND, csr_row, pad_records, validate_counts
 
 __all__ = [
     "GENE_LIST_FILE",
@@ -255,22 +256,14 @@ class ScFoundationTokenizer:
         """
         del seed
         if self.positions is None:
-            raise ModelError("tokenizer is not bound to a gene mapping: call adapter.map_genes(gene_ids) first")
-        counts = scipy.sparse.csr_matrix(counts)
-        cell_idx = np.asarray(cell_idx, dtype=np.int64).reshape(-1)
-        if counts.shape[1] != self.positions.shape[0]:
-            msg = f"counts have {counts.shape[1]} columns but the gene mapping has {self.positions.shape[0]} genes"
-            raise InvalidInputError(msg)
-        if counts.shape[0] != cell_idx.shape[0]:
-            raise InvalidInputError(f"{counts.shape[0]} count rows but {cell_idx.shape[0]} cell indices")
-        if counts.nnz and (not np.all(np.isfinite(counts.data)) or counts.data.min() < 0):
-            raise InvalidInputError("counts must be finite and non-negative raw counts; check --counts-layer")
+            raise ModelError(NOT_BOUND)
+        counts, cell_idx = validate_counts(counts, cell_idx, self.positions.shape[0], canonical=False)
         records = []
         dense = np.zeros(self.n_genes, dtype=np.float64)
         for i in range(counts.shape[0]):
-            lo, hi = counts.indptr[i], counts.indptr[i + 1]
+            cols, data = csr_row(counts, i)
             dense[:] = 0.0
-            np.add.at(dense, self.positions[counts.indices[lo:hi]], counts.data[lo:hi])
+            np.add.at(dense, self.positions[cols], data)
             pos, val = gather_positive(cell_values(dense, self.resolution))
             records.append(TokenRecord(cell_idx=int(cell_idx[i]), gene_ids=pos, values=val))
         return records
@@ -301,30 +294,13 @@ def collate_records(records: Sequence[TokenRecord], *, pad_value: float, pad_pos
     ModelError
         If ``records`` is empty.
     """
-    if not records:
-        raise ModelError("cannot collate an empty list of records")
-    b = len(records)
-    lengths = np.array([len(r) for r in records], dtype=np.int64)
-    s = max(1, int(lengths.max()))
-    gene_ids = np.full((b, s), pad_position, dtype=np.int64)
-    values = np.full((b, s), pad_value, dtype=np.float32)
-    for i, rec in enumerate(records):
-        gene_ids[i, : len(rec)] = rec.gene_ids
-        values[i, : len(rec)] = rec.values
-    pos = torch.arange(s).unsqueeze(0)
-    n = torch.from_numpy(lengths).unsqueeze(1)
+    padded = pad_records(records, pad_id=pad_position, pad_value=pad_value)
+    pos, n, lengths = padded.pos, padded.n, padded.lengths
     padding_mask = (pos < n) | ((n == 0) & (pos == 0))
     gene_mask = pos < n - 2
     t = torch.from_numpy(np.maximum(lengths - 2, 0))
     s_pos = torch.from_numpy(np.maximum(lengths - 1, 0))
-    return TokenBatch(
-        gene_ids=torch.from_numpy(gene_ids),
-        values=torch.from_numpy(values),
-        padding_mask=padding_mask,
-        gene_mask=gene_mask,
-        positions={"T": t, "S": s_pos},
-        cell_idx=np.asarray([r.cell_idx for r in records], dtype=np.int64),
-    )
+    return padded.batch(padding_mask=padding_mask, gene_mask=gene_mask, positions={"T": t, "S": s_pos})
 
 
 def empty_rows(batch: TokenBatch, pad_position: int) -> torch.Tensor:

@@ -14,20 +14,18 @@ Facts and pitfalls of the official model: ``research/models.md`` §2. In short:
 
 from __future__ import annotations
 
-import functools
 import logging
-import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from sclstore.store.errors import CheckpointError, InvalidInputError, ModelError
+from sclstore.store.errors import CheckpointError, InvalidInputError
 
-from ..adapter import GeneMapping, ModelAdapter, TokenBatch, TokenRecord, autocast_for, hash_files, map_to_vocab
+from ..adapter import GeneMapping, ModelAdapter, TokenBatch, TokenRecord, autocast_for, map_to_vocab
+from ._common import name_from_folder
 from .scgpt_checkpoint import (
     ScGPTFiles,
     check_state_dict,
@@ -49,7 +47,7 @@ INFERENCE_MAX_LENGTH = 1200
 """Official inference sequence cap (``embed_data(max_length=1200)``), ``<cls>`` included."""
 
 
-class ScGPTAdapter(ModelAdapter):
+class ScGPTAdapter(ModelAdapter[ScGPTModel]):
     """scGPT checkpoint folder (``args.json``, ``vocab.json``, ``best_model.pt``) as a :class:`ModelAdapter`.
 
     Constructing reads only ``args.json`` and ``vocab.json``; :meth:`load` builds the encoder and
@@ -94,7 +92,7 @@ class ScGPTAdapter(ModelAdapter):
         if cfg.n_bins != OFFICIAL_N_BINS:
             logger.warning("args.json n_bins=%d, but the official embedding path bins into %d; following it",
                            cfg.n_bins, OFFICIAL_N_BINS)
-        self.name = name or re.sub(r"[^A-Za-z0-9._-]", "-", self.files.folder.resolve().name).strip("-.") or "scgpt"
+        self.name = name or name_from_folder(self.files.folder, "scgpt")
         self.n_layers = cfg.n_layers
         self.d_model = cfg.d_model
         self.max_length = int(max_genes) if max_genes is not None else INFERENCE_MAX_LENGTH
@@ -106,21 +104,11 @@ class ScGPTAdapter(ModelAdapter):
             max_length=self.max_length,
         )
         self.tokenizer = self._base_tokenizer
-        self.model: ScGPTModel | None = None
-        self._device = None
 
     # --- identity -------------------------------------------------------------------------
-    @functools.cached_property
-    def checkpoint_hash(self) -> str:  # type: ignore[override]
-        """sha256 over ``args.json``, ``vocab.json`` and ``best_model.pt``."""
-        return hash_files(self.files.all())
-
-    def describe(self) -> dict[str, Any]:
-        """Return a JSON-able summary of the checkpoint for the catalog."""
+    def _describe_checkpoint(self) -> dict[str, Any]:
         cfg = self.config
         return {
-            "family": self.family,
-            "name": self.name,
             "architecture": "scgpt",
             "n_layers": cfg.n_layers,
             "d_model": cfg.d_model,
@@ -140,9 +128,10 @@ class ScGPTAdapter(ModelAdapter):
             "pad_value": cfg.pad_value,
             "checkpoint_format": "scgpt",
             "checkpoint_files": [p.name for p in self.files.all()],
-            "supported_pools": list(self.supported_pools),
-            "default_pools": list(self.default_pools),
-            "precision": {"cuda": "bf16-autocast", "cpu": "fp32"},
+        }
+
+    def _describe_layers(self) -> dict[str, Any]:
+        return {
             "layer_0": "input of block 0 (gene embedding + value embedding)",
             "final_norm": None,
             "stored_layers_include_final_norm": False,
@@ -173,41 +162,13 @@ class ScGPTAdapter(ModelAdapter):
         )
 
     # --- model ----------------------------------------------------------------------------
-    def build_model(self) -> ScGPTModel:
-        """Return the encoder with the checkpoint's weights loaded strictly (on the CPU, fp32).
+    def _new_model(self) -> ScGPTModel:
+        return ScGPTModel(self.config)
 
-        Raises
-        ------
-        CheckpointError
-            If an encoder weight is missing or misshapen, or a key is neither encoder nor an
-            allow-listed head.
-        """
-        model = ScGPTModel(self.config)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
+    def _encoder_state(self, expected: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
         where = repr(str(self.files.weights))
         state = rename_flash_keys(read_state_dict(self.files), where=where)
-        encoder = check_state_dict(state, expected, where=where)
-        model.load_state_dict({k: v.float() for k, v in encoder.items()}, strict=True)
-        return model.eval()
-
-    def load(self, device: torch.device | str) -> None:
-        """Build the encoder, load the weights strictly and move it to ``device`` (idempotent)."""
-        device = torch.device(device)
-        if self.model is None:
-            logger.info("loading %s weights from %s", self.name, self.files.weights)
-            self.model = self.build_model()
-        if self._device != device:
-            self.model.to(device)
-            self._device = device
-
-    def blocks(self) -> Sequence[nn.Module]:
-        """The transformer blocks ``transformer_encoder.layers``."""
-        return list(self._require_model().blocks)
-
-    def _require_model(self) -> ScGPTModel:
-        if self.model is None:
-            raise ModelError(f"{self.family} model {self.name!r} is not loaded: call adapter.load(device) first")
-        return self.model
+        return check_state_dict(state, expected, where=where)
 
     def _encode(self, batch: TokenBatch, *, n_blocks: int | None = None) -> torch.Tensor:
         model = self._require_model()
@@ -218,8 +179,7 @@ class ScGPTAdapter(ModelAdapter):
     def official_embedding(self, batch: TokenBatch) -> torch.Tensor:
         """The official cell embedding: ``<cls>`` of the last block's output, L2-normalised, float32."""
         self._require_model()
-        if batch.device != self.device:
-            batch = batch.to(self.device)
+        batch = self._on_device(batch)
         with autocast_for(self.device):
             cls = self._encode(batch)[:, 0].float()
         return F.normalize(cls, p=2, dim=-1)
@@ -233,8 +193,7 @@ class ScGPTAdapter(ModelAdapter):
         InvalidInputError
             If the vectors do not have ``d_model`` columns.
         """
-        if pooled_last.shape[-1] != self.d_model:
-            raise InvalidInputError(f"expected vectors of size {self.d_model}, got {tuple(pooled_last.shape)}")
+        self._check_width(pooled_last)
         return F.normalize(pooled_last.to(dtype=torch.float32), p=2, dim=-1)
 
 

@@ -32,6 +32,8 @@ import torch
 
 from sclstore.store.errors import CheckpointError
 
+from ._common import check_state_dict_strict
+
 __all__ = [
     "REQUIRED_FILES",
     "SPECIAL_TOKENS",
@@ -275,49 +277,22 @@ def _flash_hint(key: str) -> str:
     return ""
 
 
+def _shape_source(key: str) -> str:
+    return "vocab.json (with the appended specials)" if key == "encoder.embedding.weight" else "args.json"
+
+
 def check_state_dict(
-    state: Mapping[str, torch.Tensor],
-    expected: Mapping[str, torch.Size],
-    *,
-    where: str,
+    state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], *, where: str
 ) -> dict[str, torch.Tensor]:
-    """Check a renamed checkpoint against the encoder strictly and return the encoder weights.
+    """Check a renamed checkpoint (:func:`rename_flash_keys`) strictly; return the encoder weights.
 
-    Every expected key must be present with its exact shape; every other key must match one of
-    :data:`IGNORED_PATTERNS`.
-
-    Raises
-    ------
-    CheckpointError
-        Naming the first missing, misshapen or unexpected key(s).
+    Keys outside the encoder must match one of :data:`IGNORED_PATTERNS`; a missing attention
+    weight names its flash-attention spelling. See :func:`._common.check_state_dict_strict`.
     """
-    missing = [k for k in expected if k not in state]
-    if missing:
-        k = missing[0]
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        msg = (
-            f"checkpoint {where} lacks encoder weight {k!r}{_flash_hint(k)} of shape {list(expected[k])}{more}; "
-            "the checkpoint is incomplete or not an scGPT TransformerModel"
-        )
-        raise CheckpointError(msg)
-    bad = [k for k, shape in expected.items() if tuple(state[k].shape) != tuple(shape)]
-    if bad:
-        k = bad[0]
-        source = "vocab.json (with the appended specials)" if k == "encoder.embedding.weight" else "args.json"
-        msg = (
-            f"checkpoint {where}: weight {k!r} has shape {list(state[k].shape)} but {source} implies "
-            f"{list(expected[k])}; the files do not belong together"
-        )
-        raise CheckpointError(msg)
-    unexpected = [k for k in state if k not in expected and not _IGNORED_RE.match(k)]
-    if unexpected:
-        msg = (
-            f"checkpoint {where} has unexpected weights {unexpected[:5]} that are neither part of the scGPT "
-            "encoder (encoder, value_encoder, transformer_encoder) nor of an ignored head "
-            "(decoder, mvc_decoder, cls_decoder, flag_encoder, batch_encoder, dsbn, bn, grad_reverse_discriminator)"
-        )
-        raise CheckpointError(msg)
-    skipped = sorted({k.split(".", 1)[0] for k in state if k not in expected})
-    if skipped:
-        logger.debug("ignoring checkpoint heads %s", skipped)
-    return {k: state[k] for k in expected}
+    heads = "decoder, mvc_decoder, cls_decoder, flag_encoder, batch_encoder, dsbn, bn, grad_reverse_discriminator"
+    return check_state_dict_strict(
+        state, expected, subject=f"checkpoint {where}", model="an scGPT TransformerModel",
+        encoder="scGPT encoder (encoder, value_encoder, transformer_encoder)", ignored=_IGNORED_RE,
+        ignored_heads=heads, config_source=_shape_source, mismatch="the files do not belong together",
+        key_hint=_flash_hint,
+    )

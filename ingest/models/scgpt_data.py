@@ -22,7 +22,6 @@ its batch nor on where a run resumed.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -32,7 +31,8 @@ import torch
 
 from sclstore.store.errors import InvalidInputError, ModelError
 
-from ..adapter import GeneMapping, TokenRecord, cell_generator
+from ..adapter import TokenRecord, cell_generator
+from ._common import RowTokenizer, csr_row, drop_zeros
 
 __all__ = ["OFFICIAL_N_BINS", "digitize_random", "binning", "ScGPTTokenizer"]
 
@@ -112,11 +112,12 @@ def binning(row: np.ndarray, n_bins: int = OFFICIAL_N_BINS, *, generator: torch.
 
 
 @dataclass(frozen=True, kw_only=True)
-class ScGPTTokenizer:
+class ScGPTTokenizer(RowTokenizer):
     """Picklable scGPT tokenizer (configuration and the bound gene -> token ids, no weights).
 
     Use :meth:`bind` (or ``adapter.map_genes``, which binds ``adapter.tokenizer``) before
-    :meth:`tokenize`.
+    :meth:`tokenize` (both from :class:`RowTokenizer`). :meth:`tokenize` takes expression values,
+    raw counts in practice: the binning is invariant to any monotone per-cell transform.
 
     Attributes
     ----------
@@ -144,60 +145,10 @@ class ScGPTTokenizer:
             msg = f"max length {self.max_length} leaves no room for genes after <cls>; pass --max-genes 2 or more"
             raise InvalidInputError(msg)
 
-    def bind(self, mapping: GeneMapping) -> ScGPTTokenizer:
-        """Return a copy that tokenizes count columns in the order of ``mapping``."""
-        return dataclasses.replace(self, token_ids=np.asarray(mapping.token_ids, dtype=np.int64).copy())
-
-    def seq_len(self, record: TokenRecord) -> int:
-        """Number of tokens of a record (``<cls>`` included)."""
-        return len(record)
-
-    def tokenize(self, counts: scipy.sparse.csr_matrix, cell_idx: np.ndarray, *, seed: int) -> list[TokenRecord]:
-        """Tokenize count rows, one :class:`TokenRecord` per row.
-
-        Parameters
-        ----------
-        counts
-            Expression values (raw counts in practice; binning is invariant to any monotone
-            per-cell transform), rows = cells, columns = the bound mapping's genes in mapping order.
-        cell_idx
-            Global index of each row (seeds the per-cell generator).
-        seed
-            Run seed.
-
-        Returns
-        -------
-        list of TokenRecord
-
-        Raises
-        ------
-        ModelError
-            If the tokenizer is not bound to a gene mapping.
-        InvalidInputError
-            If shapes disagree or values are negative or not finite.
-        """
-        if self.token_ids is None:
-            raise ModelError("tokenizer is not bound to a gene mapping: call adapter.map_genes(gene_ids) first")
-        counts = scipy.sparse.csr_matrix(counts)
-        cell_idx = np.asarray(cell_idx, dtype=np.int64).reshape(-1)
-        if counts.shape[1] != self.token_ids.shape[0]:
-            msg = f"counts have {counts.shape[1]} columns but the gene mapping has {self.token_ids.shape[0]} genes"
-            raise InvalidInputError(msg)
-        if counts.shape[0] != cell_idx.shape[0]:
-            raise InvalidInputError(f"{counts.shape[0]} count rows but {cell_idx.shape[0]} cell indices")
-        if counts.nnz and (not np.all(np.isfinite(counts.data)) or counts.data.min() < 0):
-            raise InvalidInputError("counts must be finite and non-negative raw counts; check --counts-layer")
-        if not counts.has_canonical_format:  # unsorted or duplicate entries: var order, summed
-            counts = counts.copy()
-            counts.sum_duplicates()
-        return [self._tokenize_row(counts, i, int(cell_idx[i]), seed) for i in range(counts.shape[0])]
-
     def _tokenize_row(self, counts: scipy.sparse.csr_matrix, row: int, cell: int, seed: int) -> TokenRecord:
         assert self.token_ids is not None
-        lo, hi = counts.indptr[row], counts.indptr[row + 1]
-        cols, data = counts.indices[lo:hi], counts.data[lo:hi].astype(np.float32)
-        keep = data != 0
-        cols, data = cols[keep], data[keep]
+        cols, data = csr_row(counts, row)
+        cols, data = drop_zeros(cols, data.astype(np.float32))
         gen = cell_generator(seed, cell)
         genes = np.concatenate(([self.cls_id], self.token_ids[cols])).astype(np.int64)
         values = np.concatenate(([self.pad_value], binning(data, self.n_bins, generator=gen))).astype(np.float32)

@@ -14,18 +14,15 @@ Facts and pitfalls of the official model: ``research/models.md`` §1. In short:
 
 from __future__ import annotations
 
-import functools
 import logging
-import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from sclstore.store.errors import CheckpointError, InvalidInputError, ModelError
+from sclstore.store.errors import CheckpointError
 
 from ..adapter import (
     GeneMapping,
@@ -33,10 +30,10 @@ from ..adapter import (
     TokenBatch,
     TokenRecord,
     autocast_for,
-    hash_files,
     looks_like_ensembl,
     map_to_vocab,
 )
+from ._common import name_from_folder
 from .tahoe_checkpoint import (
     CheckpointFiles,
     check_state_dict,
@@ -56,7 +53,7 @@ INFERENCE_MAX_LENGTH = 2048
 """Official inference sequence cap (``predict_embeddings.py``: ``seq_len_dataset`` default 2048)."""
 
 
-class TahoeAdapter(ModelAdapter):
+class TahoeAdapter(ModelAdapter[TahoeModel]):
     """Tahoe-X1 checkpoint (HF layout or Composer ``best-model.pt``) as a :class:`ModelAdapter`.
 
     Constructing reads only the configs and the vocabulary; :meth:`load` builds the encoder and
@@ -121,7 +118,7 @@ class TahoeAdapter(ModelAdapter):
             )
         if family is not None:
             self.family = family
-        self.name = name or re.sub(r"[^A-Za-z0-9._-]", "-", self.files.folder.resolve().name).strip("-.") or "tahoe-x1"
+        self.name = name or name_from_folder(self.files.folder, "tahoe-x1")
         self.n_layers = cfg.n_layers
         self.d_model = cfg.d_model
         self.max_length = int(max_genes) if max_genes is not None else INFERENCE_MAX_LENGTH
@@ -138,21 +135,11 @@ class TahoeAdapter(ModelAdapter):
             target_sum=cfg.target_sum,
         )
         self.tokenizer = self._base_tokenizer
-        self.model: TahoeModel | None = None
-        self._device = None
 
     # --- identity -------------------------------------------------------------------------
-    @functools.cached_property
-    def checkpoint_hash(self) -> str:  # type: ignore[override]
-        """sha256 over ``model_config.yml``, ``collator_config.yml``, ``vocab.json`` and the weights file."""
-        return hash_files(self.files.all())
-
-    def describe(self) -> dict[str, Any]:
-        """Return a JSON-able summary of the checkpoint for the catalog."""
+    def _describe_checkpoint(self) -> dict[str, Any]:
         cfg = self.config
         return {
-            "family": self.family,
-            "name": self.name,
             "architecture": "tahoe-x1",
             "n_layers": cfg.n_layers,
             "d_model": cfg.d_model,
@@ -171,9 +158,10 @@ class TahoeAdapter(ModelAdapter):
             "pad_value": cfg.pad_value,
             "checkpoint_format": self.files.fmt,
             "checkpoint_files": [p.name for p in self.files.all()],
-            "supported_pools": list(self.supported_pools),
-            "default_pools": list(self.default_pools),
-            "precision": {"cuda": "bf16-autocast", "cpu": "fp32"},
+        }
+
+    def _describe_layers(self) -> dict[str, Any]:
+        return {
             "layer_0": "input of block 0 (gene embedding + value embedding)",
             "stored_layers_include_final_norm": False,
             "official_embedding": "l2_normalize(transformer_encoder.norm(layer L))[cls]",
@@ -206,40 +194,11 @@ class TahoeAdapter(ModelAdapter):
         )
 
     # --- model ----------------------------------------------------------------------------
-    def build_model(self) -> TahoeModel:
-        """Return the encoder with the checkpoint's weights loaded strictly (on the CPU, fp32).
+    def _new_model(self) -> TahoeModel:
+        return TahoeModel(self.config)
 
-        Raises
-        ------
-        CheckpointError
-            If an encoder weight is missing or misshapen, or a key is neither encoder nor an
-            allow-listed head.
-        """
-        model = TahoeModel(self.config)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        state = read_state_dict(self.files)
-        encoder = check_state_dict(state, expected, where=repr(str(self.files.weights)))
-        model.load_state_dict({k: v.float() for k, v in encoder.items()}, strict=True)
-        return model.eval()
-
-    def load(self, device: torch.device | str) -> None:
-        """Build the encoder, load the weights strictly and move it to ``device`` (idempotent)."""
-        device = torch.device(device)
-        if self.model is None:
-            logger.info("loading %s weights from %s", self.name, self.files.weights)
-            self.model = self.build_model()
-        if self._device != device:
-            self.model.to(device)
-            self._device = device
-
-    def blocks(self) -> Sequence[nn.Module]:
-        """The transformer blocks ``transformer_encoder.layers``."""
-        return list(self._require_model().blocks)
-
-    def _require_model(self) -> TahoeModel:
-        if self.model is None:
-            raise ModelError(f"{self.family} model {self.name!r} is not loaded: call adapter.load(device) first")
-        return self.model
+    def _encoder_state(self, expected: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
+        return check_state_dict(read_state_dict(self.files), expected, where=repr(str(self.files.weights)))
 
     def _encode(self, batch: TokenBatch, *, n_blocks: int | None = None) -> torch.Tensor:
         model = self._require_model()
@@ -265,8 +224,7 @@ class TahoeAdapter(ModelAdapter):
             If the vectors do not have ``d_model`` columns.
         """
         model = self._require_model()
-        if pooled_last.shape[-1] != self.d_model:
-            raise InvalidInputError(f"expected vectors of size {self.d_model}, got {tuple(pooled_last.shape)}")
+        self._check_width(pooled_last)
         x = pooled_last.to(self.device, dtype=torch.float32)
         with autocast_for(self.device):
             y = model.final_norm(x).float()

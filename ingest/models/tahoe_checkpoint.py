@@ -21,6 +21,8 @@ import yaml
 
 from sclstore.store.errors import CheckpointError
 
+from ._common import check_state_dict_strict
+
 __all__ = [
     "CONFIG_FILES",
     "WEIGHT_FILES",
@@ -229,46 +231,14 @@ def read_state_dict(files: CheckpointFiles) -> dict[str, torch.Tensor]:
 
 
 def check_state_dict(
-    state: Mapping[str, torch.Tensor],
-    expected: Mapping[str, torch.Size],
-    *,
-    where: str,
+    state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], *, where: str
 ) -> dict[str, torch.Tensor]:
-    """Check a checkpoint against the encoder strictly and return the encoder weights.
+    """Return the Tahoe-X1 encoder weights of ``state``, checked strictly (:func:`._common.check_state_dict_strict`).
 
-    Every expected key must be present with its exact shape; every other key must start with
-    one of :data:`IGNORED_PREFIXES`.
-
-    Raises
-    ------
-    CheckpointError
-        Naming the first missing, misshapen or unexpected key(s).
+    Keys outside the encoder must start with one of :data:`IGNORED_PREFIXES`; raises
+    ``CheckpointError`` naming the first missing, misshapen or unexpected key(s).
     """
-    missing = [k for k in expected if k not in state]
-    if missing:
-        k = missing[0]
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        msg = (
-            f"checkpoint {where} lacks encoder weight {k!r} of shape {list(expected[k])}{more}; "
-            "the checkpoint is incomplete or not Tahoe-X1"
-        )
-        raise CheckpointError(msg)
-    bad = [k for k, shape in expected.items() if tuple(state[k].shape) != tuple(shape)]
-    if bad:
-        k = bad[0]
-        msg = (
-            f"checkpoint {where}: weight {k!r} has shape {list(state[k].shape)} but model_config.yml implies "
-            f"{list(expected[k])}; the config does not match the weights"
-        )
-        raise CheckpointError(msg)
-    unexpected = [k for k in state if k not in expected and not k.startswith(IGNORED_PREFIXES)]
-    if unexpected:
-        msg = (
-            f"checkpoint {where} has unexpected weights {unexpected[:5]} that are neither part of the Tahoe-X1 "
-            f"encoder nor of an ignored head ({', '.join(p.rstrip('.') for p in IGNORED_PREFIXES)})"
-        )
-        raise CheckpointError(msg)
-    skipped = sorted({k.split(".", 1)[0] for k in state if k not in expected})
-    if skipped:
-        logger.debug("ignoring checkpoint heads %s", skipped)
-    return {k: state[k] for k in expected}
+    return check_state_dict_strict(
+        state, expected, subject=f"checkpoint {where}", model="Tahoe-X1", encoder="Tahoe-X1 encoder",
+        ignored=IGNORED_PREFIXES, config_source="model_config.yml",
+    )

@@ -12,7 +12,6 @@ if the sequence is longer than ``max_length`` a ``randperm`` subset is kept (fir
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 from collections.abc import Sequence
@@ -22,9 +21,10 @@ import numpy as np
 import scipy.sparse
 import torch
 
-from sclstore.store.errors import InvalidInputError, ModelError
+from sclstore.store.errors import InvalidInputError
 
-from ..adapter import GeneMapping, TokenBatch, TokenRecord, cell_generator
+from ..adapter import TokenBatch, TokenRecord, cell_generator
+from ._common import RowTokenizer, csr_row, drop_zeros, pad_records
 
 __all__ = ["binning", "log_transform", "TahoeTokenizer", "collate_records"]
 
@@ -90,11 +90,11 @@ def log_transform(row: np.ndarray, target_sum: float, eps: float = 1e-9) -> np.n
 
 
 @dataclass(frozen=True, kw_only=True)
-class TahoeTokenizer:
+class TahoeTokenizer(RowTokenizer):
     """Picklable Tahoe-X1 tokenizer (configuration and the bound gene -> token ids, no weights).
 
     Use :meth:`bind` (or ``adapter.map_genes``, which binds ``adapter.tokenizer``) before
-    :meth:`tokenize`.
+    :meth:`tokenize` (both from :class:`RowTokenizer`).
     """
 
     cls_id: int
@@ -117,59 +117,9 @@ class TahoeTokenizer:
             )
             raise InvalidInputError(msg)
 
-    def bind(self, mapping: GeneMapping) -> TahoeTokenizer:
-        """Return a copy that tokenizes count columns in the order of ``mapping``."""
-        return dataclasses.replace(self, token_ids=np.asarray(mapping.token_ids, dtype=np.int64).copy())
-
-    def seq_len(self, record: TokenRecord) -> int:
-        """Number of tokens of a record (``<cls>`` included)."""
-        return len(record)
-
-    def tokenize(self, counts: scipy.sparse.csr_matrix, cell_idx: np.ndarray, *, seed: int) -> list[TokenRecord]:
-        """Tokenize raw counts, one :class:`TokenRecord` per row.
-
-        Parameters
-        ----------
-        counts
-            Raw counts, rows = cells, columns = the bound mapping's genes in mapping order.
-        cell_idx
-            Global index of each row (seeds the per-cell subsampling generator).
-        seed
-            Run seed.
-
-        Returns
-        -------
-        list of TokenRecord
-
-        Raises
-        ------
-        ModelError
-            If the tokenizer is not bound to a gene mapping.
-        InvalidInputError
-            If shapes disagree or counts are negative or not finite.
-        """
-        if self.token_ids is None:
-            raise ModelError("tokenizer is not bound to a gene mapping: call adapter.map_genes(gene_ids) first")
-        counts = scipy.sparse.csr_matrix(counts)
-        cell_idx = np.asarray(cell_idx, dtype=np.int64).reshape(-1)
-        if counts.shape[1] != self.token_ids.shape[0]:
-            msg = f"counts have {counts.shape[1]} columns but the gene mapping has {self.token_ids.shape[0]} genes"
-            raise InvalidInputError(msg)
-        if counts.shape[0] != cell_idx.shape[0]:
-            raise InvalidInputError(f"{counts.shape[0]} count rows but {cell_idx.shape[0]} cell indices")
-        if counts.nnz and (not np.all(np.isfinite(counts.data)) or counts.data.min() < 0):
-            raise InvalidInputError("counts must be finite and non-negative raw counts; check --counts-layer")
-        if not counts.has_canonical_format:  # unsorted or duplicate entries: var order, summed
-            counts = counts.copy()
-            counts.sum_duplicates()
-        return [self._tokenize_row(counts, i, int(cell_idx[i]), seed) for i in range(counts.shape[0])]
-
     def _tokenize_row(self, counts: scipy.sparse.csr_matrix, row: int, cell: int, seed: int) -> TokenRecord:
         assert self.token_ids is not None
-        lo, hi = counts.indptr[row], counts.indptr[row + 1]
-        cols, data = counts.indices[lo:hi], counts.data[lo:hi]
-        keep = data != 0
-        cols, data = cols[keep], data[keep]
+        cols, data = drop_zeros(*csr_row(counts, row))
         genes = np.concatenate(([self.cls_id], self.token_ids[cols])).astype(np.int64)
         values = np.concatenate(([self.pad_value], data)).astype(np.float32)
         k = self.keep_first_n_tokens
@@ -217,27 +167,9 @@ def collate_records(
     ModelError
         If ``records`` is empty.
     """
-    if not records:
-        raise ModelError("cannot collate an empty list of records")
+    padded = pad_records(records, pad_id=pad_token_id, pad_value=pad_value, min_width=0)
+    padding_mask = padded.pos < padded.n
+    gene_mask = padding_mask & (padded.pos >= n_special)
     b = len(records)
-    s = max(len(r) for r in records)
-    gene_ids = np.full((b, s), pad_token_id, dtype=np.int64)
-    values = np.full((b, s), pad_value, dtype=np.float32)
-    lengths = np.empty(b, dtype=np.int64)
-    for i, rec in enumerate(records):
-        n = len(rec)
-        gene_ids[i, :n] = rec.gene_ids
-        values[i, :n] = rec.values
-        lengths[i] = n
-    pos = torch.arange(s).unsqueeze(0)
-    padding_mask = pos < torch.from_numpy(lengths).unsqueeze(1)
-    gene_mask = padding_mask & (pos >= n_special)
     positions = {name: torch.full((b,), p, dtype=torch.int64) for name, p in (position_pools or {}).items()}
-    return TokenBatch(
-        gene_ids=torch.from_numpy(gene_ids),
-        values=torch.from_numpy(values),
-        padding_mask=padding_mask,
-        gene_mask=gene_mask,
-        positions=positions,
-        cell_idx=np.asarray([r.cell_idx for r in records], dtype=np.int64),
-    )
+    return padded.batch(padding_mask=padding_mask, gene_mask=gene_mask, positions=positions)
