@@ -7,7 +7,6 @@ with ingest, query and eval.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -23,7 +22,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
-import tiledb
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, joinedload
 
@@ -31,8 +29,6 @@ from . import arrays
 from . import catalog as catalogdb
 from .config import ArraySpec, StoreSettings, validate_name
 from .errors import (
-    ArrayError,
-    CatalogConnectionError,
     DatasetError,
     InvalidInputError,
     LeaseHeldError,
@@ -44,42 +40,15 @@ from .errors import (
 )
 from .info import DatasetInfo, ModelInfo, RunInfo
 from .lease import Lease, try_acquire
+from ._translate import translate_errors
 from .models import Dataset, Evaluation, Intermediate, Model, Run, utcnow
-from .obs import ObsColumn, build_obs_table, infer_obs_schema, obs_rows, obs_table_name
+from .obs import build_obs_table, frame_from_rows, infer_obs_schema, obs_rows, obs_table_name
 
 __all__ = ["Backend", "MARKER", "cache_key"]
 
 logger = logging.getLogger(__name__)
 MARKER = "sclstore.json"
 STORE_FORMAT_VERSION = 1
-
-
-def _translate_errors(cls: type) -> type:
-    """Translate backend exceptions escaping any public method into ``SclstoreError``s, once, here."""
-
-    def wrap(fn: Any) -> Any:
-        @functools.wraps(fn)
-        def inner(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(*args, **kwargs)
-            except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
-                reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-                msg = f"catalog database error: {reason}; check that the catalog database is up and reachable, then retry"
-                raise CatalogConnectionError(msg) from exc
-            except tiledb.TileDBError as exc:
-                msg = f"array storage error: {exc}; run `sclstore verify` to check the store"
-                raise ArrayError(msg) from exc
-
-        return inner
-
-    for name, attr in list(vars(cls).items()):
-        if name.startswith("_"):
-            continue
-        if isinstance(attr, classmethod):
-            setattr(cls, name, classmethod(wrap(attr.__func__)))
-        elif callable(attr) and not isinstance(attr, staticmethod):
-            setattr(cls, name, wrap(attr))
-    return cls
 
 
 class _AlreadyRegistered(Exception):
@@ -92,7 +61,7 @@ def cache_key(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-@_translate_errors
+@translate_errors
 class Backend:
     """An open store: its folder, its catalog engine and its settings.
 
@@ -551,26 +520,3 @@ class Backend:
                                                             payload=payload, created_at=utcnow()))
         except sa.exc.IntegrityError:
             pass
-
-
-def frame_from_rows(df: pd.DataFrame, schema: Sequence[ObsColumn]) -> pd.DataFrame:
-    """Rebuild an obs DataFrame (original names, dtypes, categories) from obs-table rows."""
-    out = pd.DataFrame(index=pd.Index(df["cell"].astype(str).to_numpy() if len(df) else [], name=None))
-    for col in schema:
-        values = df[col.column].to_numpy() if len(df) else np.array([])
-        if col.kind == "category":
-            out[col.name] = pd.Categorical(values)
-        elif col.kind == "int":
-            s = pd.Series(values, index=out.index)
-            out[col.name] = s.astype("Int64") if s.isna().any() else s.astype(np.int64)
-        elif col.kind == "float":
-            out[col.name] = pd.Series(values, index=out.index, dtype=np.float64)
-        elif col.kind == "bool":
-            s = pd.Series(values, index=out.index)
-            out[col.name] = s.astype("boolean") if s.isna().any() else s.astype(bool)
-        else:
-            out[col.name] = pd.Series(values, index=out.index, dtype=object)
-    out["cell_idx"] = df["cell_idx"].to_numpy(dtype=np.int64) if len(df) else np.array([], dtype=np.int64)
-    out["src_idx"] = df["src_idx"].to_numpy(dtype=np.int64) if len(df) else np.array([], dtype=np.int64)
-    return out
-

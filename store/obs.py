@@ -16,7 +16,7 @@ from sqlalchemy import BigInteger, Boolean, Column, Float, Index, Integer, MetaD
 
 from .errors import DatasetError, DuplicateObsNamesError
 
-__all__ = ["ObsColumn", "ObsKind", "infer_obs_schema", "build_obs_table", "obs_rows", "obs_table_name"]
+__all__ = ["ObsColumn", "ObsKind", "infer_obs_schema", "build_obs_table", "obs_rows", "obs_table_name", "frame_from_rows"]
 
 ObsKind = Literal["category", "string", "int", "float", "bool"]
 
@@ -152,3 +152,25 @@ def obs_rows(
                 row[col] = values[src]
             rows.append(row)
         yield rows
+
+
+def frame_from_rows(df: pd.DataFrame, schema: Sequence[ObsColumn]) -> pd.DataFrame:
+    """Rebuild an obs DataFrame (original names, dtypes, categories) from obs-table rows."""
+    out = pd.DataFrame(index=pd.Index(df["cell"].astype(str).to_numpy() if len(df) else [], name=None))
+    for col in schema:
+        values = df[col.column].to_numpy() if len(df) else np.array([])
+        if col.kind == "category":
+            out[col.name] = pd.Categorical(values)
+        elif col.kind == "int":
+            s = pd.Series(values, index=out.index)
+            out[col.name] = s.astype("Int64") if s.isna().any() else s.astype(np.int64)
+        elif col.kind == "float":
+            out[col.name] = pd.Series(values, index=out.index, dtype=np.float64)
+        elif col.kind == "bool":
+            s = pd.Series(values, index=out.index)
+            out[col.name] = s.astype("boolean") if s.isna().any() else s.astype(bool)
+        else:
+            out[col.name] = pd.Series(values, index=out.index, dtype=object)
+    out["cell_idx"] = df["cell_idx"].to_numpy(dtype=np.int64) if len(df) else np.array([], dtype=np.int64)
+    out["src_idx"] = df["src_idx"].to_numpy(dtype=np.int64) if len(df) else np.array([], dtype=np.int64)
+    return out
