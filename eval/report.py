@@ -93,17 +93,26 @@ class EvalReport:
         df = self.metric_table()
         title = f"{self.task}: run {self.run_id} {self.run_label} ({self.params.get('primary_metric')}, pool {self.params.get('pool')})"
         table = Table(title=title + (" [cached]" if self.cached else ""))
-        for col in ("layer", "depth", "condition", "score", "95% CI", "p", "vs final (95% CI)"):
-            table.add_column(col, justify="right" if col not in ("condition",) else "left")
+        show_cond = bool(df["condition"].notna().any()) if "condition" in df else False
+        show_p = bool(np.isfinite(df["p_value"].astype(float)).any()) if "p_value" in df else False
+        cols = ["layer", "depth", *(["condition"] if show_cond else []), "score", "95% CI", *(["p"] if show_p else []),
+                "vs final (95% CI)"]
+        for col in cols:
+            table.add_column(col, justify="left" if col == "condition" else "right")
 
         def f(x: Any, nd: int = 3) -> str:
             return "" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}f}"
 
         for r in df.itertuples(index=False):
-            layer = "PCA" if r.representation != "layer" else str(int(r.layer))
-            diff = "" if not math.isfinite(r.diff_vs_final) else f"{r.diff_vs_final:+.3f} ({f(r.diff_ci_low)}, {f(r.diff_ci_high)})"
-            table.add_row(layer, f(r.depth, 2), str(r.condition or ""), f(r.score), f"{f(r.ci_low)}..{f(r.ci_high)}",
-                          f(r.p_value, 4), diff)
+            is_layer = r.representation == "layer"
+            layer = str(int(r.layer)) if is_layer else str(r.representation)
+            final = is_layer and math.isfinite(r.diff_vs_final) and r.diff_vs_final == 0 and not math.isfinite(r.diff_ci_low)
+            diff = ("final" if final else "" if not math.isfinite(r.diff_vs_final)
+                    else f"{r.diff_vs_final:+.3f} ({f(r.diff_ci_low)}, {f(r.diff_ci_high)})")
+            ci = f"{f(r.ci_low)}, {f(r.ci_high)}" if math.isfinite(r.ci_low) else ""
+            cells = [layer, f(r.depth, 2), *([str(r.condition or "")] if show_cond else []),
+                     f(r.score) if math.isfinite(r.score) else "undefined", ci, *([f(r.p_value, 4)] if show_p else []), diff]
+            table.add_row(*cells)
         return table
 
     def headline(self) -> list[str]:
