@@ -74,6 +74,9 @@ class Backend:
         self.engine = engine
         self.settings = settings
         self._obs_md = sa.MetaData()
+        # complete runs and registered datasets never change: look them up in the catalog once
+        self._complete_runs: dict[int, RunInfo] = {}
+        self._datasets: dict[int | str, DatasetInfo] = {}
 
     # ------------------------------------------------------------------ opening
     @staticmethod
@@ -231,13 +234,18 @@ class Backend:
 
     def get_dataset(self, dataset: int | str) -> DatasetInfo:
         """A dataset by id or name."""
+        cached = self._datasets.get(dataset)
+        if cached is not None:
+            return cached
         with Session(self.engine) as s:
             cond = Dataset.id == dataset if isinstance(dataset, int) else Dataset.name == str(dataset)
             row = s.scalar(sa.select(Dataset).where(cond))
             if row is None:
                 names = s.scalars(sa.select(Dataset.name).order_by(Dataset.id)).all()
                 raise NotFoundError(f"no dataset {dataset!r}; datasets: {', '.join(names) or '(none: ingest one first)'}")
-            return DatasetInfo.from_row(row)
+            info = DatasetInfo.from_row(row)
+        self._datasets[info.id] = self._datasets[info.name] = info
+        return info
 
     def list_datasets(self) -> list[DatasetInfo]:
         with Session(self.engine) as s:
@@ -310,12 +318,19 @@ class Backend:
         RunNotFoundError
             Listing the runs that exist, or the candidates when a name pair is ambiguous.
         """
+        if isinstance(run, int) or (isinstance(run, str) and run.strip().isdigit()):
+            cached = self._complete_runs.get(int(run))
+            if cached is not None:
+                return cached
         with Session(self.engine) as s:
             if isinstance(run, int) or (isinstance(run, str) and run.strip().isdigit()):
                 row = s.scalar(self._run_query().where(Run.id == int(run)))
                 if row is None:
                     raise RunNotFoundError(f"no run {run}; runs: {self._run_list_text(s)}")
-                return self._info(row)
+                info = self._info(row)
+                if info.status == "complete":
+                    self._complete_runs[info.id] = info
+                return info
             if not isinstance(run, str) or "/" not in run:
                 raise RunNotFoundError(f"run {run!r} is neither an id nor 'dataset/model'; runs: {self._run_list_text(s)}")
             ds, model = run.split("/", 1)
