@@ -14,8 +14,10 @@ Q1  a catalog of ``--catalog-cells`` cells (default 1M; obs with categorical col
 Q2  a store of ``--cells`` cells (default 100k) x ``--layers`` (13) x ``--dim`` (512), float32,
     synthetic embeddings written through ``Backend.write_block``, the dataset clustered by
     ``sample`` (``cluster_by``). ``execute_query`` of one layer x 10% of the cells
-    (``sample = 'S03'``) vs a direct TileDB read of the same coordinates
-    (``backend.open_reader(run).read([slot], cells, pool)``; target <= 1.3x), and vs loading the
+    (``sample = 'S03'``) vs a direct TileDB read of the same coordinates (``tiledb.open`` +
+    ``multi_index`` of the coalesced cell ranges: libtiledb's own reader; target <= 1.3x), vs
+    sclstore's ``ArrayReader.read`` of the same cells without the catalog (which reads complete
+    runs straight from their tile files, so it shows the query layer's own overhead), and vs loading the
     same slice from an .h5ad holding one obsm matrix per layer written by anndata (anchors:
     ``h5py`` indexing of that obsm dataset, ``h5py`` full-layer read + numpy take, and
     ``anndata.read_h5ad(backed="r")`` + indexing). Results are checked equal.
@@ -50,10 +52,12 @@ from typing import Any
 import h5py
 import numpy as np
 import pandas as pd
+import tiledb
 
 from sclstore.query import execute_query, parse_query, plan_query
 from sclstore.query.read import select_cells
 from sclstore.store import ArraySpec, Backend, cache_key
+from sclstore.store.arrays import coalesce
 
 VALUE = "S03"  # the predicate value: one of 10 equally likely samples -> ~10% of the cells
 
@@ -196,8 +200,14 @@ def store_part(backend: Backend, work: Path, n: int, nl: int, d: int, repeats: i
             return res.embeddings[0]
         return fn
 
+    ranges = coalesce(cells)
+
     def tiledb_direct() -> np.ndarray:
-        with backend.open_reader(run) as rd:
+        with tiledb.open(run.array_uri) as arr:  # libtiledb's own reader, same coordinates
+            return arr.multi_index[[(layer, layer)], ranges, :]["cls"][0]
+
+    def sclstore_reader() -> np.ndarray:
+        with backend.open_reader(run) as rd:  # sclstore's reader (direct tile-file reads when they qualify)
             return rd.read([layer], cells, "cls")[0]
 
     def h5py_index() -> np.ndarray:
@@ -218,6 +228,7 @@ def store_part(backend: Backend, work: Path, n: int, nl: int, d: int, repeats: i
 
     cases = [
         ("direct TileDB read (anchor)", tiledb_direct),
+        ("sclstore ArrayReader.read, same cells (no catalog)", sclstore_reader),
         ("execute_query `SELECT embedding ...`", query(sql_emb)),
         ("execute_query `SELECT * ...` (+ 6 obs columns)", query(sql_star)),
         ("h5ad: h5py index of the obsm dataset", h5py_index),
@@ -277,9 +288,12 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for label, t, t_min in store_rows:
         print(f"| {label} | {t:.4f} | {t_min:.4f} | {t / anchor:.2f} | {t_min / anchor_min:.2f} |")
-    q, q_min = store_rows[1][1] / anchor, store_rows[1][2] / anchor_min
+    q, q_min = store_rows[2][1] / anchor, store_rows[2][2] / anchor_min
     verdict = "met" if q <= 1.3 and q_min <= 1.3 else "NOT met" if q > 1.3 and q_min > 1.3 else "borderline (median and min disagree)"
     print(f"\nQ2 target (execute_query `SELECT embedding` <= 1.3x direct TileDB read): median {q:.2f}x, min {q_min:.2f}x -> {verdict}")
+    own = store_rows[2][1] - store_rows[1][1]
+    print(f"query layer over sclstore's own reader of the same cells: {store_rows[2][1] / store_rows[1][1]:.2f}x median "
+          f"(+{own * 1e3:.1f} ms: parse, plan, catalog range check, cell names)")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,16 @@ from .plan import Backend, QueryPlan, plan_query
 from .result import QueryResult, QueryStream, format_bytes
 from .spec import OrderItem
 
-__all__ = ["execute_query", "open_query", "check_budget", "select_cells", "read_cells", "DEFAULT_CHUNK_BYTES"]
+__all__ = [
+    "execute_query",
+    "open_query",
+    "check_budget",
+    "select_cells",
+    "contiguous_range",
+    "select_range",
+    "read_cells",
+    "DEFAULT_CHUNK_BYTES",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,20 +74,27 @@ def check_budget(plan: QueryPlan, n_rows: int, budget: int) -> None:
     raise QueryTooLargeError(msg)
 
 
-def _frame(rows: list[Any], names: list[str], kinds: dict[str, str]) -> tuple[np.ndarray, pd.DataFrame]:
-    """``cell_idx`` and the obs DataFrame from raw ``(cell_idx, cell, *cols)`` rows.
+def _frame(
+    rows: list[Any], names: list[str], kinds: dict[str, str], cell_idx: np.ndarray | None = None
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """``cell_idx`` and the obs DataFrame from raw ``(cell_idx, cell, *cols)`` rows, or from
+    ``(cell, *cols)`` rows when ``cell_idx`` is already known.
 
     Columns get their original names and dtypes; categories are the values present in the
     selection, in code-point order (as ``Backend.read_obs`` builds them).
     """
     n = len(rows)
-    arr = np.array(rows, dtype=object) if n else np.empty((0, 2 + len(names)), dtype=object)
-    arr = arr.reshape(n, 2 + len(names))
-    cell_idx = arr[:, 0].astype(np.int64)
-    index = pd.Index(arr[:, 1], dtype=object)
+    lead = 1 if cell_idx is not None else 2
+    if cell_idx is not None and not names:  # names only: no 2-D object array needed
+        return cell_idx, pd.DataFrame(index=pd.Index([r[0] for r in rows], dtype=object))
+    arr = np.array(rows, dtype=object) if n else np.empty((0, lead + len(names)), dtype=object)
+    arr = arr.reshape(n, lead + len(names))
+    if cell_idx is None:
+        cell_idx = arr[:, 0].astype(np.int64)
+    index = pd.Index(arr[:, lead - 1], dtype=object)
     data: dict[str, Any] = {}
     for j, name in enumerate(names):
-        values = arr[:, 2 + j]
+        values = arr[:, lead + j]
         kind = kinds[name]
         null = pd.isna(values)
         if kind == "category":
@@ -108,6 +125,17 @@ def _obs_table(name: str, schema: tuple[Any, ...]) -> sa.Table:
     return build_obs_table(name, schema, sa.MetaData())
 
 
+def _bound(backend: Backend, plan: QueryPlan) -> tuple[sa.Table, dict[str, Any], str]:
+    table = _obs_table(plan.dataset.obs_table, tuple(plan.dataset.obs_schema))
+    return table, bind_columns(table, plan.dataset.obs_schema), backend.engine.dialect.name
+
+
+def _fetch(backend: Backend, stmt: sa.Select[Any]) -> list[Any]:
+    with backend.engine.connect() as conn:
+        # raw DB-API rows: values are converted per column in _frame, much faster than per row
+        return conn.execute(stmt).cursor.fetchall()
+
+
 def select_cells(
     backend: Backend, plan: QueryPlan, *, sort_by_cell: bool = False
 ) -> tuple[np.ndarray, pd.DataFrame]:
@@ -119,9 +147,7 @@ def select_cells(
         Ignore ORDER BY/LIMIT and return cells ordered by ``cell_idx`` (for GROUP BY).
     """
     t0 = time.perf_counter()
-    table = _obs_table(plan.dataset.obs_table, tuple(plan.dataset.obs_schema))
-    columns = bind_columns(table, plan.dataset.obs_schema)
-    dialect = backend.engine.dialect.name
+    table, columns, dialect = _bound(backend, plan)
     names = list(plan.obs_columns)
     stmt = sa.select(table.c.cell_idx, table.c.cell, *(columns[n].sql for n in names))
     if plan.where is not None:
@@ -132,13 +158,55 @@ def select_cells(
         stmt = stmt.order_by(*compile_order(plan.order_by, columns, dialect=dialect))
         if plan.limit is not None:
             stmt = stmt.limit(plan.limit)
-    kinds = {n: columns[n].kind for n in names}
-    with backend.engine.connect() as conn:
-        # raw DB-API rows: values are converted per column in _frame, much faster than per row
-        rows = conn.execute(stmt).cursor.fetchall()
-    cell_idx, obs = _frame(rows, names, kinds)
+    rows = _fetch(backend, stmt)
+    cell_idx, obs = _frame(rows, names, {n: columns[n].kind for n in names})
     logger.debug("resolved %d cells of dataset %s in %.3f s", len(rows), plan.dataset.name, time.perf_counter() - t0)
     return cell_idx, obs
+
+
+def contiguous_range(backend: Backend, plan: QueryPlan) -> tuple[int, int] | None:
+    """``(first, last)`` when the plan selects exactly the cells ``first..last``, in that order.
+
+    One aggregate over the predicate (``COUNT``, ``MIN``, ``MAX`` of ``cell_idx``: an index
+    scan that returns one row). Datasets registered with ``cluster_by`` store each metadata
+    group as one run of ``cell_idx``, so filters on those columns usually qualify; the cells
+    are then known before any row is fetched and the array read can start at once.
+
+    Returns ``None`` (use :func:`select_cells`) for ORDER BY other than ``cell_idx``, LIMIT,
+    an empty selection, or cells with gaps.
+    """
+    if plan.limit is not None or any(item.column != "cell_idx" or item.desc for item in plan.order_by):
+        return None
+    table, columns, dialect = _bound(backend, plan)
+    idx = table.c.cell_idx
+    stmt = sa.select(sa.func.count(), sa.func.min(idx), sa.func.max(idx))
+    if plan.where is not None:
+        stmt = stmt.where(compile_predicate(plan.where, columns, dialect=dialect))
+    n, lo, hi = _fetch(backend, stmt)[0]
+    if not n or int(hi) - int(lo) + 1 != int(n):
+        return None
+    return int(lo), int(hi)
+
+
+def select_range(backend: Backend, plan: QueryPlan, first: int, last: int) -> tuple[np.ndarray, pd.DataFrame]:
+    """``(cell_idx, obs)`` of the cells ``first..last`` (a :func:`contiguous_range`), in cell order.
+
+    A primary-key range scan: the predicate is not evaluated again.
+    """
+    table, columns, _ = _bound(backend, plan)
+    names = list(plan.obs_columns)
+    stmt = (
+        sa.select(table.c.cell, *(columns[n].sql for n in names))
+        .where(table.c.cell_idx.between(first, last))
+        .order_by(table.c.cell_idx)
+    )
+    rows = _fetch(backend, stmt)
+    if len(rows) != last - first + 1:  # datasets are immutable: this means a damaged catalog
+        from sclstore.store.errors import SclstoreError
+
+        msg = f"obs table of dataset {plan.dataset.name!r} lacks cells in {first}..{last}: run `sclstore verify`"
+        raise SclstoreError(msg)
+    return _frame(rows, names, {n: columns[n].kind for n in names}, cell_idx=np.arange(first, last + 1, dtype=np.int64))
 
 
 def _chunk_cells(plan: QueryPlan, budget: int) -> int:
@@ -282,9 +350,20 @@ def execute_query(backend: Backend, sql: str, *, memory_budget: int | None = Non
     plan = _prepare(backend, sql)
     if plan.aggregate:
         return _aggregate(backend, plan, budget)
-    cell_idx, obs = select_cells(backend, plan)
-    check_budget(plan, len(cell_idx), budget)
-    emb = read_cells(backend, plan, cell_idx) if plan.pool is not None else None
+    span = contiguous_range(backend, plan) if plan.pool is not None else None
+    if span is not None:
+        # the cells are known: read the array in a thread (libtiledb releases the GIL) while
+        # this thread fetches their names and metadata from the catalog
+        first, last = span
+        check_budget(plan, last - first + 1, budget)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sclstore-read") as pool:
+            reading = pool.submit(read_cells, backend, plan, np.arange(first, last + 1, dtype=np.int64))
+            cell_idx, obs = select_range(backend, plan, first, last)
+            emb: np.ndarray | None = reading.result()
+    else:
+        cell_idx, obs = select_cells(backend, plan)
+        check_budget(plan, len(cell_idx), budget)
+        emb = read_cells(backend, plan, cell_idx) if plan.pool is not None else None
     return QueryResult(
         run_info=plan.run, layers=plan.layers, pool=plan.pool, obs=obs, embeddings=emb, cell_idx=cell_idx, sql=sql
     )

@@ -21,6 +21,7 @@ import tiledb
 
 from .config import ArraySpec
 from .errors import ArrayError, EncodingVersionError
+from .tilefile import LayoutError, TileFile, single_fragment
 
 __all__ = [
     "ENCODING_TYPE",
@@ -41,6 +42,8 @@ ENCODING_TYPE = "sclstore-layer-embeddings"
 ENCODING_VERSION = "1"
 SUPPORTED_ENCODING_VERSIONS = frozenset({"1"})
 _TARGET_TILE_BYTES = 512 * 1024
+_MAX_RANGES = 64
+"""More cell ranges than this are read as the tiles they touch plus a take."""
 _CELL_DOMAIN_MAX = 2**40 - 1
 
 
@@ -191,10 +194,14 @@ def array_info(uri: str, ctx: tiledb.Ctx | None = None) -> dict[str, Any]:
 class ArrayReader:
     """Reads slices of one run's array; open once, read many times.
 
+    A complete run's single consolidated fragment is read straight from its tile files
+    (:mod:`sclstore.store.tilefile`) when ``direct`` and its layout checks pass; any other array
+    (or ``direct=False``) is read through libtiledb. Both give identical values.
+
     Not thread-safe: use one reader per thread.
     """
 
-    def __init__(self, uri: str, *, ctx: tiledb.Ctx | None = None) -> None:
+    def __init__(self, uri: str, *, ctx: tiledb.Ctx | None = None, direct: bool = True) -> None:
         try:
             self._arr = tiledb.open(uri, "r", ctx=ctx)
         except tiledb.TileDBError as exc:
@@ -213,6 +220,38 @@ class ArrayReader:
         self.dim = int(dom.dim(2).domain[1]) + 1
         self.cell_tile = int(dom.dim(1).tile)
         self.pools = tuple(self._arr.schema.attr(i).name for i in range(self._arr.schema.nattr))
+        self._direct: dict[str, TileFile] | None = None
+        if direct:
+            try:
+                self._direct = self._open_direct()
+            except LayoutError as exc:
+                logger.debug("array %s is read through libtiledb: %s", uri, exc)
+
+    @property
+    def direct(self) -> bool:
+        """Whether reads bypass libtiledb (see :mod:`sclstore.store.tilefile`)."""
+        return self._direct is not None
+
+    def _open_direct(self) -> dict[str, TileFile]:
+        schema = self._arr.schema
+        dom = schema.domain
+        if schema.sparse or schema.cell_order != "row-major" or schema.tile_order != "row-major":
+            raise LayoutError("not a dense row-major array")
+        if int(dom.dim(0).tile) != 1 or int(dom.dim(2).tile) != self.dim:
+            raise LayoutError("tiles are not (1, C, dim)")
+        full = ((0, self.n_slots - 1), (0, self.n_cells - 1), (0, self.dim - 1))
+        ned = self._arr.nonempty_domain()
+        if ned is None or tuple((int(a), int(b)) for a, b in ned) != full:
+            raise LayoutError(f"written domain {ned} is not the full domain {full}")
+        fragment = single_fragment(self.uri)
+        n_tiles = self.n_slots * (-(-self.n_cells // self.cell_tile))
+        files = {}
+        for i in range(schema.nattr):
+            attr = schema.attr(i)
+            if len(attr.filters):
+                raise LayoutError(f"attribute {attr.name} has filters")
+            files[attr.name] = TileFile(fragment / f"a{i}.tdb", n_tiles=n_tiles, tile_elems=self.cell_tile * self.dim, dtype=attr.dtype)
+        return files
 
     def __enter__(self) -> ArrayReader:
         return self
@@ -221,6 +260,7 @@ class ArrayReader:
         self.close()
 
     def close(self) -> None:
+        self.close_direct()
         self._arr.close()
 
     def _decode(self, raw: np.ndarray) -> np.ndarray:
@@ -246,31 +286,97 @@ class ArrayReader:
             return np.empty((0, 0 if cells is None else len(cells), self.dim), dtype=np.float32)
         if any(s < 0 or s >= self.n_slots for s in slots):
             raise ArrayError(f"layer slot out of range 0..{self.n_slots - 1}: {slots}")
-        order = np.argsort(slots, kind="stable")
-        sorted_slots = np.asarray(slots)[order]
-        slot_ranges = coalesce(np.unique(sorted_slots))
-        if cells is None:
-            lo, hi = 0, self.n_cells - 1
-            out = self._arr.multi_index[slot_ranges, [(lo, hi)], :][pool]
-        elif cells.size == 0:
-            return np.empty((len(slots), 0, self.dim), dtype=np.float32)
-        else:
+        if cells is not None:
             cells = np.asarray(cells, dtype=np.int64)
-            ranges = coalesce(cells)
-            lo, hi = int(cells[0]), int(cells[-1])
-            span_tiles = (hi // self.cell_tile) - (lo // self.cell_tile) + 1
-            touched = len(np.unique(cells // self.cell_tile))
-            if len(ranges) > 64 and touched >= 0.5 * span_tiles:
-                block = self._arr.multi_index[slot_ranges, [(lo, hi)], :][pool]
-                out = block[:, cells - lo, :]
-            else:
-                out = self._arr.multi_index[slot_ranges, ranges, :][pool]
+            if cells.size == 0:
+                return np.empty((len(slots), 0, self.dim), dtype=np.float32)
+        uniq = np.unique(np.asarray(slots))
+        out = None
+        if self._direct is not None:
+            try:
+                out = self._read_direct(self._direct[pool], uniq, cells)
+            except LayoutError as exc:
+                logger.warning("direct read of %s failed (%s): reading it through libtiledb", self.uri, exc)
+                self.close_direct()
+        if out is None:
+            out = self._read_tiledb(uniq, cells, pool)
         out = self._decode(out)
-        uniq = np.unique(sorted_slots)
         if len(uniq) != len(slots) or not np.array_equal(uniq, np.asarray(slots)):
-            pos = np.searchsorted(uniq, np.asarray(slots))
-            out = out[pos]
+            out = out[np.searchsorted(uniq, np.asarray(slots))]
         return np.ascontiguousarray(out, dtype=np.float32)
+
+    def close_direct(self) -> None:
+        """Stop reading tile files directly (later reads go through libtiledb)."""
+        for tf in (self._direct or {}).values():
+            tf.close()
+        self._direct = None
+
+    def _read_tiledb(self, slots: np.ndarray, cells: np.ndarray | None, pool: str) -> np.ndarray:
+        slot_ranges = coalesce(slots)
+        if cells is None:
+            return self._arr.multi_index[slot_ranges, [(0, self.n_cells - 1)], :][pool]
+        ranges = coalesce(cells)
+        lo, hi = int(cells[0]), int(cells[-1])
+        span_tiles = (hi // self.cell_tile) - (lo // self.cell_tile) + 1
+        touched = len(np.unique(cells // self.cell_tile))
+        if len(ranges) > _MAX_RANGES and touched >= 0.5 * span_tiles:
+            block = self._arr.multi_index[slot_ranges, [(lo, hi)], :][pool]
+            return block[:, cells - lo, :]
+        return self._arr.multi_index[slot_ranges, ranges, :][pool]
+
+    def _read_direct(self, tf: TileFile, slots: np.ndarray, cells: np.ndarray | None) -> np.ndarray:
+        c, d = self.cell_tile, self.dim
+        n_ct = -(-self.n_cells // c)
+        ranges = [(0, self.n_cells - 1)] if cells is None else coalesce(cells)
+        out = np.empty((len(slots), self.n_cells if cells is None else cells.size, d), dtype=tf.dtype)
+        if len(ranges) <= _MAX_RANGES:
+            for i, slot in enumerate(slots):
+                pos = 0
+                for lo, hi in ranges:
+                    self._copy_range(tf, int(slot) * n_ct, lo, hi, out[i, pos : pos + hi - lo + 1])
+                    pos += hi - lo + 1
+            return out
+        assert cells is not None
+        tile_of, row_of = np.divmod(cells, c)
+        for i, slot in enumerate(slots):  # many ranges: copy the selected rows straight from the file
+            rows = tf.gather(int(slot) * n_ct + tile_of, row_of, d)
+            if rows is None:
+                break
+            out[i] = rows
+        else:
+            return out
+        tiles = np.unique(tile_of)  # rows may straddle chunks: decode the tiles touched, then take
+        rank = np.zeros(n_ct, dtype=np.int64)
+        rank[tiles] = np.arange(tiles.size)
+        take = rank[tile_of] * c + row_of
+        buf = np.empty((tiles.size, c * d), dtype=tf.dtype)
+        for i, slot in enumerate(slots):
+            k = 0
+            for a, b in coalesce(tiles):
+                base = int(slot) * n_ct
+                tf.decode(base + a, base + b + 1, buf[k : k + b - a + 1])
+                k += b - a + 1
+            np.take(buf.reshape(-1, d), take, axis=0, out=out[i])
+        return out
+
+    def _copy_range(self, tf: TileFile, base: int, lo: int, hi: int, dest: np.ndarray) -> None:
+        """Cells ``lo..hi`` of the slot whose first tile is ``base`` into ``dest`` (hi-lo+1, dim).
+
+        Whole tiles are decoded straight into ``dest``; the partial tiles at either end go
+        through a one-tile buffer.
+        """
+        c, d = self.cell_tile, self.dim
+        t_first, t_last = lo // c, hi // c
+        a = t_first if lo % c == 0 else t_first + 1
+        b = t_last if (hi + 1) % c == 0 else t_last - 1
+        if a <= b:
+            r0 = a * c - lo
+            tf.decode(base + a, base + b + 1, dest[r0 : r0 + (b - a + 1) * c].reshape(b - a + 1, c * d))
+        for t in dict.fromkeys(t for t in (t_first, t_last) if not a <= t <= b):
+            tmp = np.empty((1, c * d), dtype=tf.dtype)
+            tf.decode(base + t, base + t + 1, tmp)
+            c0, c1 = max(lo, t * c), min(hi, t * c + c - 1)
+            dest[c0 - lo : c1 - lo + 1] = tmp.reshape(c, d)[c0 - t * c : c1 - t * c + 1]
 
     def iter_chunks(
         self, slots: Sequence[int], cells: np.ndarray | None, pool: str, *, chunk_cells: int

@@ -479,36 +479,19 @@ class Backend:
         if info.status != "complete":
             msg = f"run {run_id} is {info.status} ({info.watermark}/{info.n_cells} cells): rerun the same ingest to finish it"
             raise InvalidInputError(msg)
-        return arrays.ArrayReader(info.array_uri)
+        return arrays.ArrayReader(info.array_uri, direct=self.settings.direct_reads)
 
     # ------------------------------------------------------------------ verify
     def verify(self, run: int | str | None = None) -> list[dict[str, Any]]:
         """Check that each complete run's array exists with the catalog's shape, encoding and extent.
 
-        Returns one report per checked run: ``{"run", "ok", "problems": [...]}``.
+        Returns one report per checked run: ``{"run", "ok", "problems": [...], "direct_reads"}``
+        (see :func:`sclstore.store.verify.verify_run`).
         """
+        from .verify import verify_run
+
         runs = [self.get_run(run)] if run is not None else self.list_runs(status="complete")
-        reports = []
-        for info in runs:
-            problems: list[str] = []
-            try:
-                a = arrays.array_info(info.array_uri)
-            except SclstoreError as exc:
-                problems.append(f"array missing or unreadable: {exc}")
-            else:
-                want = (len(info.layers), info.n_cells, info.dim)
-                if a["shape"] != want:
-                    problems.append(f"array shape {a['shape']} != catalog {want}")
-                if tuple(a["pools"]) != info.pools:
-                    problems.append(f"array pools {a['pools']} != catalog {info.pools}")
-                if a["encoding_version"] != info.encoding_version or a["dtype"] != info.dtype:
-                    problems.append(f"array encoding {a['encoding_version']}/{a['dtype']} != catalog {info.encoding_version}/{info.dtype}")
-                if tuple(a["layers"]) != info.layers:
-                    problems.append(f"array layers {a['layers']} != catalog {info.layers}")
-                if info.status == "complete" and a["written_cells"] != (0, info.n_cells - 1):
-                    problems.append(f"written cells {a['written_cells']} do not cover 0..{info.n_cells - 1}")
-            reports.append({"run": info.id, "label": info.label, "status": info.status, "ok": not problems, "problems": problems})
-        return reports
+        return [verify_run(info, direct_reads=self.settings.direct_reads) for info in runs]
 
     # ------------------------------------------------------------------ caches
     def get_evaluation(self, run_id: int, task: str, params_hash: str) -> dict[str, Any] | None:

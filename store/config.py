@@ -193,6 +193,9 @@ class StoreSettings:
     memory_budget_bytes: int = 4 * 1024**3
     """Largest query result materialised in memory."""
     tiledb_config: dict[str, str] = field(default_factory=dict)
+    direct_reads: bool = True
+    """Read complete runs straight from their tile files when their layout qualifies
+    (:mod:`sclstore.store.tilefile`); ``False`` reads everything through libtiledb."""
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0 or self.lease_ttl_s <= self.heartbeat_s:

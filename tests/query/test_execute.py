@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -292,3 +293,67 @@ def test_random_group_by_matches_pandas(store60: BuiltStore, data: st.DataObject
         rows = src_rows[[k == key for k in keys]]
         assert res.counts[j] == rows.size
         np.testing.assert_allclose(res.embeddings[:, j], b.emb["mean"][[0, 3]][:, rows].astype(np.float64).mean(axis=1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "cell_type = 'T'",  # the clustering column: one run of cell_idx
+        "cell_type IN ('B', 'T')",
+        "score > 0",  # scattered
+        "cell_idx BETWEEN 10 AND 19",
+        "cell_idx IN (3, 5)",  # a gap
+        "cell_type = 'no such type'",  # empty
+        "",
+    ],
+)
+def test_contiguous_range_matches_numpy(store60: BuiltStore, where: str) -> None:
+    from sclstore.query import parse_query, plan_query
+    from sclstore.query.read import contiguous_range
+
+    b = store60
+    sql = f"SELECT embedding FROM embeddings WHERE run = {b.run_id} AND layer = 2" + (f" AND {where}" if where else "")
+    cells = np.sort(execute_query(b.backend, sql.replace("SELECT embedding ", "SELECT cell_idx ")).cell_idx)  # no array read
+    contiguous = cells.size > 0 and cells[-1] - cells[0] + 1 == cells.size
+    plan = plan_query(b.backend, parse_query(sql))
+    assert contiguous_range(b.backend, plan) == ((int(cells[0]), int(cells[-1])) if contiguous else None)
+    # ORDER BY another column or LIMIT: cells are not "first..last in order", never a range
+    for tail in (" ORDER BY score", " LIMIT 5", " ORDER BY cell_idx DESC"):
+        assert contiguous_range(b.backend, plan_query(b.backend, parse_query(sql + tail))) is None
+
+
+@pytest.mark.parametrize(
+    ("where", "mask"),
+    [
+        ("cell_type = 'T'", lambda obs: (obs.cell_type == "T").to_numpy()),
+        ("cell_type = 'B'", lambda obs: (obs.cell_type == "B").to_numpy()),
+        ("cell_idx BETWEEN 0 AND 59", lambda obs: np.ones(len(obs), dtype=bool)),
+    ],
+)
+def test_range_path_equals_row_path(store60: BuiltStore, where: str, mask: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The overlapped range path (array read in a thread) returns exactly what the row path does."""
+    import sclstore.query.read as read_mod
+
+    b = store60
+    sql = f"SELECT * FROM embeddings WHERE run = {b.run_id} AND layer IN (0, 5) AND {where}"
+    plan = read_mod.plan_query(b.backend, read_mod.parse_query(sql))
+    assert read_mod.contiguous_range(b.backend, plan) is not None
+    calls: list[tuple[int, int]] = []
+    real_select_range = read_mod.select_range
+
+    def spy(backend, plan, first, last):  # noqa: ANN001, ANN202
+        calls.append((first, last))
+        return real_select_range(backend, plan, first, last)
+
+    monkeypatch.setattr(read_mod, "select_range", spy)
+    fast = execute_query(b.backend, sql)
+    assert len(calls) == 1
+    monkeypatch.setattr(read_mod, "contiguous_range", lambda *_a: None)
+    slow = execute_query(b.backend, sql)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(fast.cell_idx, slow.cell_idx)
+    np.testing.assert_array_equal(fast.embeddings, slow.embeddings)
+    pd.testing.assert_frame_equal(fast.obs, slow.obs)
+    rows = np.flatnonzero(mask(b.obs))
+    rows = rows[np.argsort(b.cell_idx_of_src[rows])]  # numpy oracle, in cell_idx order
+    check_cells(b, fast, rows, (0, 5), "cls")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
@@ -107,6 +108,9 @@ def test_postgres_results_equal_sqlite_results(sqlite_store: BuiltStore, pg_stor
         "SELECT * FROM embeddings WHERE run = 1 AND layer = 3 AND cell_type LIKE 'mono!_!%' ESCAPE '!'",
         "SELECT * FROM embeddings WHERE run = 1 AND layer = 3 AND \"donor id\" LIKE '%\\%'",
         "SELECT * FROM embeddings WHERE run = 1 AND depth = 0.6 AND NOT is_ctrl ORDER BY score NULLS FIRST LIMIT 9",
+        # one run of cell_idx (clustered by cell_type): the overlapped range path
+        "SELECT * FROM embeddings WHERE run = 1 AND layer IN (0, 3) AND cell_type = 'T'",
+        "SELECT embedding.mean FROM embeddings WHERE run = 1 AND layer = 8 AND cell_idx BETWEEN 5 AND 20",
     ]
     for sql in queries:
         a = execute_query(sqlite_store.backend, sql)
@@ -114,6 +118,7 @@ def test_postgres_results_equal_sqlite_results(sqlite_store: BuiltStore, pg_stor
         assert list(a.obs.index) == list(b.obs.index), sql
         np.testing.assert_array_equal(a.embeddings, b.embeddings)
         np.testing.assert_array_equal(a.cell_idx, b.cell_idx)
+        pd.testing.assert_frame_equal(a.obs, b.obs)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -96,7 +96,7 @@ def test_run_lifecycle_and_reads(store: sclstore.Store) -> None:
         np.testing.assert_array_equal(rd.read([1], None, "mean"), full["mean"][[1]])
         cells = np.array([0, 3, 4, 5, 11])
         np.testing.assert_array_equal(rd.read([2, 0], cells, "cls"), full["cls"][[2, 0]][:, cells])
-    assert store.verify() == [{"run": run.id, "label": "toy/fake-m", "status": "complete", "ok": True, "problems": []}]
+    assert store.verify() == [{"run": run.id, "label": "toy/fake-m", "status": "complete", "ok": True, "problems": [], "direct_reads": True}]
     assert store.run("toy/fake-m").id == run.id
     with pytest.raises(RunNotFoundError, match="no run 99; runs: 1=toy/fake-m"):
         store.run(99)
@@ -162,3 +162,27 @@ def test_unknown_pool_is_a_clear_error(store: sclstore.Store) -> None:
     store.backend.complete(run, lease, {})
     with store.backend.open_reader(run.id) as rd, pytest.raises(NotFoundError, match="stored pools: cls, mean"):
         rd.read([0], None, "max")
+
+
+def test_verify_compares_direct_reads_with_libtiledb(store: sclstore.Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sclstore.store.tilefile import TileFile
+
+    run = _run(store)
+    lease = store.backend.acquire(run.id, wait=False)
+    values = np.random.default_rng(0).normal(size=(3, 12, 8)).astype(np.float32)
+    store.backend.write_block(run, lease, 0, {p: values for p in ("cls", "mean")})
+    store.backend.complete(run, lease, {})
+    (report,) = store.verify()
+    assert report["ok"] and report["direct_reads"]
+    with store.backend.open_reader(run.id) as rd:
+        assert rd.direct
+        np.testing.assert_array_equal(rd.read([2, 0], None, "mean"), values[[2, 0]])
+    real = TileFile.decode
+
+    def flip(self: TileFile, t0: int, t1: int, dest: np.ndarray) -> None:  # a decoder bug
+        real(self, t0, t1, dest)
+        dest[0, 0] += 1
+
+    monkeypatch.setattr(TileFile, "decode", flip)
+    (report,) = store.verify()
+    assert not report["ok"] and "differ from libtiledb" in report["problems"][0]

@@ -1,0 +1,203 @@
+"""Direct reads of a complete run's tiles, without libtiledb's three copies.
+
+A complete run's array is fully consolidated and vacuumed: one fragment covering the whole
+domain, whose attribute files hold every tile in global (row-major) tile order. Our attributes
+have an empty filter pipeline, and TileDB stores each tile as a *filtered buffer* (TileDB format
+specification, "Tile"): a ``uint64`` chunk count, then per chunk a ``uint32`` unfiltered size, a
+``uint32`` filtered size, a ``uint32`` metadata size, the metadata and the chunk's bytes. With no
+filters a chunk's bytes are the tile's own values, so a tile is a few strided numpy views of the
+memory-mapped file and a layer is copied out of the page cache in one pass -- where libtiledb's
+dense reader reads each tile into a buffer, "unfilters" it into a second one and copies it into
+the result (``BENCHMARKS.md``).
+
+The direct path is used only when every condition holds (otherwise libtiledb reads):
+
+* a local array, dense, row-major, tiles ``(1, C, dim)``, attributes without filters;
+* exactly one fragment folder, of a TileDB format version this module was tested against, and a
+  non-empty domain equal to the full domain (every cell written and committed);
+* each attribute file's size equals the layout computed from the schema and its first tile
+  header;
+* before any tile is copied, the headers of every chunk of the tiles read are checked.
+
+Neither path checks a checksum (the attributes carry no checksum filter, and libtiledb returns
+a flipped data byte as it is). ``sclstore verify`` compares direct and libtiledb reads of every
+complete run, and ``StoreSettings(direct_reads=False)`` turns the path off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+__all__ = ["TileFile", "LayoutError", "KNOWN_FORMAT_VERSIONS", "single_fragment"]
+
+logger = logging.getLogger(__name__)
+
+KNOWN_FORMAT_VERSIONS = frozenset({22})
+"""TileDB fragment format versions whose data files this module decodes (TileDB 2.30 writes 22)."""
+
+_COUNT_BYTES = 8
+_CHUNK_HEADER_BYTES = 12
+
+
+class LayoutError(Exception):
+    """The file is not laid out as this module expects: read it through libtiledb instead."""
+
+
+def single_fragment(uri: str) -> Path:
+    """The only fragment folder of a fully consolidated local array.
+
+    Raises
+    ------
+    LayoutError
+        If the array is remote, has no or several fragments, or an unknown format version.
+    """
+    if "://" in uri:
+        raise LayoutError("not a local array")
+    frag_dir = Path(uri) / "__fragments"
+    try:
+        names = [e.name for e in os.scandir(frag_dir) if e.is_dir()]
+    except OSError as exc:
+        raise LayoutError(f"no fragments folder: {exc}") from exc
+    if len(names) != 1:
+        raise LayoutError(f"{len(names)} fragments (not fully consolidated)")
+    version = names[0].rsplit("_", 1)[-1]
+    if not version.isdigit() or int(version) not in KNOWN_FORMAT_VERSIONS:
+        raise LayoutError(f"fragment format version {version!r} not in {sorted(KNOWN_FORMAT_VERSIONS)}")
+    return frag_dir / names[0]
+
+
+class TileFile:
+    """The tiles of one attribute of a single-fragment dense array, as views of the file.
+
+    Parameters
+    ----------
+    path
+        The attribute's data file (``a<i>.tdb`` in the fragment folder).
+    n_tiles
+        Tiles in the fragment (layer slots x cell tiles).
+    tile_elems
+        Values per tile (cells per tile x dim).
+    dtype
+        The attribute's stored dtype.
+
+    Raises
+    ------
+    LayoutError
+        If the file's size or first tile header does not match an unfiltered tile layout.
+    """
+
+    def __init__(self, path: Path, *, n_tiles: int, tile_elems: int, dtype: np.dtype) -> None:
+        self.dtype = np.dtype(dtype)
+        self.n_tiles = int(n_tiles)
+        self.tile_elems = int(tile_elems)
+        item = self.dtype.itemsize
+        tile_bytes = self.tile_elems * item
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise LayoutError(f"missing data file {path.name}") from exc
+        if size < _COUNT_BYTES + _CHUNK_HEADER_BYTES:
+            raise LayoutError(f"{path.name} is too small")
+        raw = np.memmap(path, dtype=np.uint8, mode="r")
+        n_chunks = int(raw[:_COUNT_BYTES].view("<u8")[0])
+        chunk_bytes = int(raw[_COUNT_BYTES : _COUNT_BYTES + 4].view("<u4")[0])
+        if n_chunks < 1 or chunk_bytes < item or chunk_bytes % item or -(-tile_bytes // chunk_bytes) != n_chunks:
+            raise LayoutError(f"{path.name}: first tile has {n_chunks} chunks of {chunk_bytes} bytes for a {tile_bytes}-byte tile")
+        stride = _COUNT_BYTES + n_chunks * _CHUNK_HEADER_BYTES + tile_bytes
+        if size != self.n_tiles * stride:
+            raise LayoutError(f"{path.name} has {size} bytes, an unfiltered layout of {self.n_tiles} tiles has {self.n_tiles * stride}")
+        last = tile_bytes - (n_chunks - 1) * chunk_bytes
+        sizes = np.full(n_chunks, chunk_bytes, dtype=np.uint32)
+        sizes[-1] = last
+        # every chunk header must read (size, size, 0): unfiltered size, filtered size, metadata size
+        self._expected = np.stack([sizes, sizes, np.zeros_like(sizes)], axis=1)
+        step = chunk_bytes + _CHUNK_HEADER_BYTES
+        self._counts = np.ndarray((self.n_tiles, 2), "<u4", raw, 0, (stride, 4))
+        self._headers = np.ndarray((self.n_tiles, n_chunks, 3), "<u4", raw, _COUNT_BYTES, (stride, step, 4))
+        self._n_full = n_chunks if last == chunk_bytes else n_chunks - 1
+        self._chunk_elems = chunk_bytes // item
+        first_data = _COUNT_BYTES + _CHUNK_HEADER_BYTES
+        self._full = np.ndarray((self.n_tiles, self._n_full, self._chunk_elems), self.dtype, raw, first_data, (stride, step, item))
+        self._tail: np.ndarray | None = None
+        if self._n_full < n_chunks:
+            tail_offset = first_data + self._n_full * step
+            self._tail = np.ndarray((self.n_tiles, last // item), self.dtype, raw, tail_offset, (stride, item))
+        self._n_chunks = n_chunks
+        self._raw = raw
+        self.check(0, 1)
+
+    def check(self, t0: int, t1: int) -> None:
+        """Check the headers of tiles ``t0 .. t1-1``.
+
+        Raises
+        ------
+        LayoutError
+            If any chunk count or chunk header differs from the unfiltered layout.
+        """
+        self._check(slice(t0, t1), f"tiles {t0}..{t1 - 1}")
+
+    def _check(self, which: slice | np.ndarray, label: str) -> None:
+        counts = self._counts[which]
+        if not (np.all(counts[:, 0] == self._n_chunks) and np.all(counts[:, 1] == 0)):
+            raise LayoutError(f"{label}: unexpected chunk count")
+        headers = self._headers[which]
+        if not np.array_equal(headers, np.broadcast_to(self._expected, headers.shape)):
+            raise LayoutError(f"{label}: unexpected chunk header")
+
+    def decode(self, t0: int, t1: int, dest: np.ndarray) -> None:
+        """Copy tiles ``t0 .. t1-1`` into ``dest``, a C-contiguous ``(t1 - t0, tile_elems)`` array.
+
+        Raises
+        ------
+        LayoutError
+            If their headers do not match (nothing is copied then).
+        """
+        if not (0 <= t0 < t1 <= self.n_tiles) or dest.shape != (t1 - t0, self.tile_elems) or not dest.flags.c_contiguous:
+            raise ValueError(f"decode({t0}, {t1}) into {dest.shape}: bad tile range or destination")
+        self.check(t0, t1)
+        k, item = t1 - t0, self.dtype.itemsize
+        body = as_strided(dest, shape=(k, self._n_full, self._chunk_elems), strides=(self.tile_elems * item, self._chunk_elems * item, item))
+        np.copyto(body, self._full[t0:t1])
+        if self._tail is not None:
+            np.copyto(dest[:, self._n_full * self._chunk_elems :], self._tail[t0:t1])
+
+    def gather(self, tiles: np.ndarray, rows: np.ndarray, dim: int) -> np.ndarray | None:
+        """Rows ``rows[i]`` (of ``dim`` values) of tiles ``tiles[i]``, copied straight from the file.
+
+        Reads only the selected rows (a scattered selection costs its own bytes, not its
+        tiles'). Returns ``None`` when a chunk boundary can split a row (then decode the tiles).
+
+        Raises
+        ------
+        LayoutError
+            If the headers of a touched tile do not match.
+        """
+        item = self.dtype.itemsize
+        tail = 0 if self._tail is None else self._tail.shape[1]
+        if self._chunk_elems % dim or tail % dim:
+            return None
+        per_chunk = self._chunk_elems // dim
+        touched = np.unique(tiles)
+        self._check(touched, f"{touched.size} tiles in {int(touched[0])}..{int(touched[-1])}")
+        chunk, row = np.divmod(rows, per_chunk)
+        full = self._full
+        body = as_strided(full, shape=(*full.shape[:2], per_chunk, dim), strides=(*full.strides[:2], dim * item, item), writeable=False)
+        if self._tail is None:
+            return body[tiles, chunk, row]
+        out = np.empty((rows.size, dim), dtype=self.dtype)
+        in_body = chunk < self._n_full
+        out[in_body] = body[tiles[in_body], chunk[in_body], row[in_body]]
+        rest = ~in_body
+        tail_rows = as_strided(self._tail, shape=(self.n_tiles, tail // dim, dim), strides=(self._tail.strides[0], dim * item, item), writeable=False)
+        out[rest] = tail_rows[tiles[rest], rows[rest] - self._n_full * per_chunk]
+        return out
+
+    def close(self) -> None:
+        """Drop the views (the mapping closes when the last one is garbage collected)."""
+        for name in ("_counts", "_headers", "_full", "_tail", "_raw"):
+            setattr(self, name, None)

@@ -1,0 +1,65 @@
+"""``sclstore verify``: each run's array against its catalog row, and direct reads against libtiledb."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import arrays
+from .errors import SclstoreError
+from .info import RunInfo
+
+__all__ = ["verify_run", "compare_direct"]
+
+
+def verify_run(info: RunInfo, *, direct_reads: bool = True) -> dict[str, Any]:
+    """Check one run's array: existence, shape, pools, encoding, layers, written extent.
+
+    Returns
+    -------
+    dict
+        ``{"run", "label", "status", "ok", "problems": [...], "direct_reads"}``; ``direct_reads``
+        says whether reads of the run bypass libtiledb (after agreeing with it on a sample).
+    """
+    problems: list[str] = []
+    try:
+        a = arrays.array_info(info.array_uri)
+    except SclstoreError as exc:
+        problems.append(f"array missing or unreadable: {exc}")
+    else:
+        want = (len(info.layers), info.n_cells, info.dim)
+        if a["shape"] != want:
+            problems.append(f"array shape {a['shape']} != catalog {want}")
+        if tuple(a["pools"]) != info.pools:
+            problems.append(f"array pools {a['pools']} != catalog {info.pools}")
+        if a["encoding_version"] != info.encoding_version or a["dtype"] != info.dtype:
+            problems.append(f"array encoding {a['encoding_version']}/{a['dtype']} != catalog {info.encoding_version}/{info.dtype}")
+        if tuple(a["layers"]) != info.layers:
+            problems.append(f"array layers {a['layers']} != catalog {info.layers}")
+        if info.status == "complete" and a["written_cells"] != (0, info.n_cells - 1):
+            problems.append(f"written cells {a['written_cells']} do not cover 0..{info.n_cells - 1}")
+    direct = False
+    if not problems and info.status == "complete" and direct_reads:
+        direct, mismatch = compare_direct(info)
+        problems.extend(mismatch)
+    return {"run": info.id, "label": info.label, "status": info.status, "ok": not problems, "problems": problems,
+            "direct_reads": direct}
+
+
+def compare_direct(info: RunInfo) -> tuple[bool, list[str]]:
+    """Whether the run's array is read straight from its tile files, and whether those reads
+    equal libtiledb's on the first and last tile of the first and last layer of every pool."""
+    with arrays.ArrayReader(info.array_uri) as fast:
+        if not fast.direct:
+            return False, []
+        n, c = info.n_cells, fast.cell_tile
+        cells = np.unique(np.concatenate([np.arange(min(n, c)), np.arange(max(0, n - c), n)]))
+        slots = sorted({0, fast.n_slots - 1})
+        with arrays.ArrayReader(info.array_uri, direct=False) as slow:
+            for pool in info.pools:
+                if not np.array_equal(fast.read(slots, cells, pool), slow.read(slots, cells, pool), equal_nan=True):
+                    msg = (f"direct tile reads of pool {pool} differ from libtiledb's: open the store with "
+                           "StoreSettings(direct_reads=False) and report this")
+                    return True, [msg]
+    return True, []
