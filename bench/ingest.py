@@ -7,7 +7,11 @@ measures in the same run, on the same cells, batches and tokens:
   (a) ``Store.ingest`` end to end (read h5ad, tokenize, forward with hooks, pool, write TileDB)
       vs the bare forward pass of the same model over the same batches (no hooks, no writes);
   (b) vs the naive approach: one forward pass per stored layer, keeping that layer only;
-  (c) peak RSS of an ingest of N1 vs N2 cells (separate processes).
+  (c) peak RSS of an ingest of N1 vs N2 cells (separate processes);
+  (d) the pipeline's own ceiling: a full ingest of ``--ceiling-cells`` cells (h5ad reading,
+      tokenizer workers, batching, the writer thread, TileDB writes with fsync, consolidation)
+      with the model's forward replaced by zeros of the right shape -- the rate above which a
+      GPU would wait for the CPU side. Compare it with the model's own cells/s on your device.
 
 Usage::
 
@@ -92,6 +96,35 @@ def _child_rss(store: Path, data: Path, ckpt: Path, device: str, batch_size: int
     return float(out.stdout.strip().splitlines()[-1]) / 1024.0  # MB (VmHWM is in kB)
 
 
+def pipeline_ceiling(work: Path, ckpt: Path, genes: list[str], args: argparse.Namespace) -> None:
+    """(d): ingest end to end with the forward pass replaced by zeros (same shapes, same writes)."""
+    from sclstore.ingest.pipeline import ingest as run_ingest
+    from sclstore.store import Backend, IngestConfig
+
+    data = work / "ceiling.h5ad"
+    write_data(data, genes, args.ceiling_cells, nnz=args.nnz, seed=11)
+    adapter = load_adapter("tahoe-x1", ckpt, max_genes=args.max_genes)
+    adapter.load("cpu")
+
+    def no_forward(batch: object, *, layers: list[int], pools: list[str]) -> dict[str, torch.Tensor]:
+        b = int(batch.gene_ids.shape[0])  # type: ignore[attr-defined]
+        return {p: torch.zeros((len(layers), b, adapter.d_model)) for p in pools}
+
+    adapter.embed = no_forward  # type: ignore[method-assign]
+    config = IngestConfig(model="tahoe-x1", checkpoint=str(ckpt), max_genes=args.max_genes, batch_size=args.batch_size,
+                          device="cpu", progress=False, workers=args.workers)
+    with Backend.create(work / "ceiling-store") as backend:
+        t = time.perf_counter()
+        res = run_ingest(backend, data, config, adapter=adapter)
+        secs = time.perf_counter() - t
+        with backend.open_reader(res.run_id) as rd:
+            assert not rd.read([len(res.layers) - 1], np.arange(10), "cls").any()  # the zeros were written
+    n_bytes = args.ceiling_cells * len(res.layers) * len(res.pools) * adapter.d_model * 4
+    print(f"\npipeline ceiling (forward replaced by zeros; {args.ceiling_cells} cells, {len(res.layers)} layers x "
+          f"{len(res.pools)} pools x {adapter.d_model}, {n_bytes / 2**20:.0f} MiB written, {args.workers} tokenizer worker(s)): "
+          f"{secs:.1f} s, {args.ceiling_cells / secs:.0f} cells/s; load average " + ", ".join(f"{x:.1f}" for x in os.getloadavg()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cells", type=int, default=512)
@@ -107,8 +140,12 @@ def main() -> None:
     ap.add_argument("--rss-cells", type=int, nargs=2, default=[10_000, 50_000])
     ap.add_argument("--rss-d-model", type=int, default=512)
     ap.add_argument("--rss-max-genes", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds of bare / ingest / hooked")
+    ap.add_argument("--skip-naive", action="store_true", help="skip (b), which costs one pass per layer")
+    ap.add_argument("--ceiling-cells", type=int, default=0, help="(d): cells of the pipeline-ceiling ingest (0: skip)")
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--only-rss", action="store_true", help="skip (a) and (b)")
+    ap.add_argument("--only-ceiling", action="store_true", help="skip (a) and (b); run (d)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sclstore-bench-ingest-"))
     ckpt = work / "tx1-70m-random"
@@ -119,7 +156,7 @@ def main() -> None:
     print(f"model: Tahoe-X1 architecture, {args.layers} blocks x d={args.d_model}, random init; {args.cells} cells, "
           f"<= {args.max_genes} tokens each; device {device}; torch threads {torch.get_num_threads()}")
 
-    if not args.only_rss:
+    if not args.only_rss and not args.only_ceiling:
         # the exact tokens and batches ingest uses (one chunk of all cells)
         adapter = load_adapter("tahoe-x1", ckpt, max_genes=args.max_genes)
         with CountsSource(data) as src:
@@ -163,22 +200,31 @@ def main() -> None:
                                  device=str(device), progress=False, workers=args.workers)
 
         bare()  # warm-up
-        # interleaved, so a change of machine load hits anchor and measurement alike
-        t_bare1 = timed(bare)
-        t_ingest = timed(ingest)
-        t_bare2 = timed(bare)
-        t_hooked = timed(hooked)
-        t_bare = (t_bare1 + t_bare2) / 2
-        t_naive = timed(naive)
+        # interleaved rounds, so a change of machine load hits anchor and measurements alike
+        times: dict[str, list[float]] = {"bare": [], "ingest": [], "hooked": [], "naive": []}
+        for _ in range(args.repeats):
+            times["bare"].append(timed(bare))
+            times["ingest"].append(timed(ingest))
+            times["hooked"].append(timed(hooked))
+        times["bare"].append(timed(bare))
+        if not args.skip_naive:
+            times["naive"].append(timed(naive))
         res = ingest()  # cache hit: for the layer count only
-        print(f"\nbare forward passes {t_bare1:.2f} s and {t_bare2:.2f} s (mean used); load average "
-              + ", ".join(f"{x:.1f}" for x in os.getloadavg()))
-        print("\n| measurement | seconds | cells/s | / bare forward |")
-        print("|---|---|---|---|")
-        for name, secs in (("bare forward pass (no hooks, no writes)", t_bare), ("forward + hooks + pooling (no I/O)", t_hooked),
-                           (f"sclstore ingest end to end ({len(res.layers)} layers x 2 pools, TileDB)", t_ingest),  # type: ignore[attr-defined]
-                           (f"naive: one pass per layer ({len(layers)} passes)", t_naive)):
-            print(f"| {name} | {secs:.2f} | {args.cells / secs:.1f} | {secs / t_bare:.2f} |")
+        med = {k: float(np.median(v)) for k, v in times.items() if v}
+        print(f"\n{args.repeats} interleaved rounds; bare forward passes " + ", ".join(f"{t:.2f}" for t in times["bare"])
+              + " s (median used); load average " + ", ".join(f"{x:.1f}" for x in os.getloadavg()))
+        print("\n| measurement | median s | all s | cells/s | / bare forward |")
+        print("|---|---|---|---|---|")
+        rows = [("bare forward pass (no hooks, no writes)", "bare"), ("forward + hooks + pooling (no I/O)", "hooked"),
+                (f"sclstore ingest end to end ({len(res.layers)} layers x 2 pools, TileDB)", "ingest"),  # type: ignore[attr-defined]
+                (f"naive: one pass per layer ({len(layers)} passes)", "naive")]
+        for name, key in rows:
+            if key in med:
+                secs = med[key]
+                print(f"| {name} | {secs:.2f} | {', '.join(f'{t:.2f}' for t in times[key])} | {args.cells / secs:.1f} | {secs / med['bare']:.2f} |")
+
+    if args.ceiling_cells:
+        pipeline_ceiling(work, ckpt, genes, args)
 
     if not args.skip_rss:
         ck2 = work / "rss-model"

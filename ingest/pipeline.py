@@ -295,7 +295,7 @@ def ingest(backend: Backend, path: str | os.PathLike[str], config: IngestConfig,
     name = config.name or validate_name(_default_name(path), what="dataset")
     device = resolve_device(config.device)
     if adapter is None:
-        adapter = load_adapter(config.model, config.checkpoint, max_genes=config.max_genes)
+        adapter = load_adapter(config.model, config.checkpoint, max_genes=config.max_genes, options=dict(config.model_options))
     with CountsSource(path, counts_layer=config.counts_layer, gene_column=config.gene_column) as source:
         mapping = adapter.map_genes(source.gene_ids)
         adapter.check_obs(source.obs)  # e.g. Geneformer's obs['n_counts'], before anything is written

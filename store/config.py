@@ -7,8 +7,9 @@ without importing upward; the facade re-exports them.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from .errors import InvalidInputError
 
@@ -24,6 +25,7 @@ __all__ = [
     "StoreSettings",
     "parse_layers",
     "parse_csv",
+    "parse_model_options",
     "validate_name",
 ]
 
@@ -158,6 +160,9 @@ class IngestConfig:
     cluster_by: tuple[str, ...] = ()
     seed: int = 0
     max_genes: int | None = None
+    model_options: tuple[tuple[str, str], ...] = ()
+    """Model-specific options as ``(key, value)`` pairs (a dict is accepted), e.g. scFoundation's
+    ``(("sub_model", "rde"),)``; the adapter validates the keys and hashes them with the checkpoint."""
     chunk_cells: int = 4096
     workers: int = 1
     progress: bool = True
@@ -181,6 +186,41 @@ class IngestConfig:
         if self.pools is not None:
             for pool in self.pools:
                 validate_name(pool, what="pool")
+        object.__setattr__(self, "model_options", parse_model_options(self.model_options))
+
+
+_OPTION_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_OPTION_VALUE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+def parse_model_options(options: Any) -> tuple[tuple[str, str], ...]:
+    """Normalise model options to sorted ``(key, value)`` pairs.
+
+    Accepts a mapping, ``(key, value)`` pairs or ``"key=value"`` strings (the CLI's
+    ``--model-option``).
+
+    Raises
+    ------
+    InvalidInputError
+        For a malformed or repeated key, or a value with characters other than letters, digits, ``._-``.
+    """
+    items = options.items() if isinstance(options, Mapping) else options
+    pairs: dict[str, str] = {}
+    for item in items or ():
+        if isinstance(item, str):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise InvalidInputError(f"model option {item!r} is not KEY=VALUE, e.g. --model-option sub_model=rde")
+        else:
+            key, value = item
+        key, value = str(key).strip(), str(value).strip()
+        if not _OPTION_KEY.match(key) or not _OPTION_VALUE.match(value):
+            msg = f"model option {key}={value!r} is malformed: KEY is an identifier, VALUE letters, digits, '.', '_' or '-'"
+            raise InvalidInputError(msg)
+        if key in pairs and pairs[key] != value:
+            raise InvalidInputError(f"model option {key!r} given twice ({pairs[key]!r} and {value!r}): keep one")
+        pairs[key] = value
+    return tuple(sorted(pairs.items()))
 
 
 @dataclass(frozen=True, kw_only=True)

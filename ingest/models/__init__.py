@@ -8,7 +8,7 @@ Tahoe-X1 trained by :mod:`sclstore.ingest.models.train_tiny`, shipped in
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from sclstore.store.errors import InvalidInputError
@@ -51,7 +51,10 @@ FAMILIES: dict[str, AdapterFactory] = {
 }
 
 
-def load_adapter(family: str, checkpoint: str | Path | None = None, *, max_genes: int | None = None) -> ModelAdapter:
+def load_adapter(
+    family: str, checkpoint: str | Path | None = None, *, max_genes: int | None = None,
+    options: Mapping[str, str] | None = None,
+) -> ModelAdapter:
     """Return the adapter of a model family for a checkpoint, without loading weights.
 
     Parameters
@@ -62,6 +65,9 @@ def load_adapter(family: str, checkpoint: str | Path | None = None, *, max_genes
         Checkpoint folder; not needed for ``"sclstore-tiny"`` (default: the packaged one).
     max_genes
         Maximum sequence length in tokens (``<cls>`` included); the model's default when None.
+    options
+        Model-specific options (``--model-option``); only scFoundation has any
+        (``sub_model``, ``tgthighres``).
 
     Returns
     -------
@@ -85,4 +91,11 @@ def load_adapter(family: str, checkpoint: str | Path | None = None, *, max_genes
     if factory is None:
         msg = f"unknown model family {family!r}; choose one of: {', '.join(sorted(FAMILIES))}"
         raise InvalidInputError(msg)
-    return factory(None if checkpoint is None else Path(checkpoint), max_genes)
+    path = None if checkpoint is None else Path(checkpoint)
+    if options:
+        if family != "scfoundation":
+            given = ", ".join(f"{k}={v}" for k, v in options.items())
+            msg = f"model family {family!r} takes no model options (got {given}); only scfoundation has any (sub_model, tgthighres)"
+            raise InvalidInputError(msg)
+        return _scfoundation(path, max_genes, options=dict(options))
+    return factory(path, max_genes)

@@ -17,8 +17,9 @@ Facts and pitfalls: ``research/models.md`` §3. In short:
   :func:`official_from_pools`.
 
 Options that change the numbers (``sub_model``, ``tgthighres``) are part of
-:attr:`ScFoundationAdapter.checkpoint_hash`. From the command line they follow the checkpoint
-path after ``#``: ``--checkpoint 'model/models#sub_model=rde,tgthighres=a5'``.
+:attr:`ScFoundationAdapter.checkpoint_hash`. From the command line: ``--model-option sub_model=rde
+--model-option tgthighres=a5`` (``IngestConfig.model_options``), or after ``#`` in the checkpoint
+path: ``--checkpoint 'model/models#sub_model=rde,tgthighres=a5'``.
 """
 
 from __future__ import annotations
@@ -345,22 +346,32 @@ class ScFoundationAdapter(ModelAdapter[ScFoundationModel]):
         return official_from_pools(pools)
 
 
-def scfoundation_factory(checkpoint: Path | None, max_genes: int | None) -> ModelAdapter:
-    """Registry factory: ``--checkpoint DIR[#sub_model=...,tgthighres=...]``; no ``--max-genes``.
+def scfoundation_factory(checkpoint: Path | None, max_genes: int | None, *, options: dict[str, str] | None = None) -> ModelAdapter:
+    """Registry factory: ``--checkpoint DIR[#sub_model=...,tgthighres=...]`` and/or ``options``
+    (``--model-option sub_model=rde``); no ``--max-genes``.
 
     Raises
     ------
     InvalidInputError
-        If no checkpoint is given, an option is unknown, or ``max_genes`` is set.
+        If no checkpoint is given, an option is unknown or given twice with different values,
+        or ``max_genes`` is set.
     """
     if checkpoint is None:
         msg = (
             "model family 'scfoundation' needs --checkpoint DIR: the folder holding models.ckpt (scFoundation's "
-            "model/models/); options follow '#', e.g. DIR#sub_model=rde,tgthighres=a5"
+            "model/models/); options: --model-option sub_model=rde (or DIR#sub_model=rde)"
         )
         raise InvalidInputError(msg)
     if max_genes is not None:
         msg = "scFoundation embeds every expressed gene, as the official code (no length cap): drop --max-genes"
         raise InvalidInputError(msg)
-    path, options = split_checkpoint_options(checkpoint)
-    return ScFoundationAdapter(path, **options)
+    path, in_path = split_checkpoint_options(checkpoint)
+    extra = dict(options or {})
+    unknown = sorted(set(extra) - set(_OPTIONS))
+    if unknown:
+        raise InvalidInputError(f"unknown scFoundation model option(s) {unknown}; use {', '.join(_OPTIONS)}, e.g. --model-option sub_model=rde")
+    clash = sorted(k for k in extra if k in in_path and in_path[k] != extra[k])
+    if clash:
+        msg = f"scFoundation option(s) {clash} differ between the checkpoint path (after '#') and --model-option: give each once"
+        raise InvalidInputError(msg)
+    return ScFoundationAdapter(path, **{**in_path, **extra})

@@ -28,6 +28,9 @@ def test_ingest_json_then_query(tmp_path: Path) -> None:
     again = json.loads(runner.invoke(app, ["ingest", str(data), "--model", "sclstore-tiny", "--workers", "0", "--store", store,
                                            "--json"]).stdout)
     assert again["cache_hit"] and again["run_id"] == summary["run_id"]
+    capped = json.loads(runner.invoke(app, ["ingest", str(data), "--model", "sclstore-tiny", "--workers", "0", "--max-genes", "32",
+                                            "--store", store, "--json"]).stdout)
+    assert not capped["cache_hit"] and capped["run_id"] != summary["run_id"]  # --max-genes changes the numbers
     out = tmp_path / "slice.npz"
     sql = f"SELECT * FROM embeddings WHERE run = {summary['run_id']} AND depth = 0.5 AND bulk_labels = 'Dendritic'"
     res = runner.invoke(app, ["query", sql, "-o", str(out), "--store", store, "--json"], catch_exceptions=False)

@@ -223,6 +223,10 @@ def test_other_bad_inputs(tmp_path: Path, random_counts, tiny_gene_ids, tiny_tah
         (good, {"pools": ("cls", "median")}, InvalidInputError, "not available"),
         (tmp_path / "missing.h5ad", {}, InvalidInputError, "does not exist"),
         (good, {"counts_layer": "raw"}, InvalidInputError, "--counts-layer 'raw' not in the file"),
+        (good, {"model_options": {"sub_model": "rde"}}, InvalidInputError, "'tahoe-x1' takes no model options"),
+        (good, {"model_options": ("sub_model",)}, InvalidInputError, "not KEY=VALUE"),
+        (good, {"model_options": ("sub_model=rde;drop",)}, InvalidInputError, "malformed"),
+        (good, {"model_options": ("a=1", "a=2")}, InvalidInputError, "given twice"),
     ]
     with sclstore.open_store(tmp_path / "s", create=True) as st:
         before = _dump(st)

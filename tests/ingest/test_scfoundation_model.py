@@ -391,6 +391,17 @@ def test_sub_model_and_option_errors(tiny: Path, tmp_path: Path) -> None:
     rde = load_adapter("scfoundation", f"{tiny}#sub_model=rde,tgthighres=a5")
     assert isinstance(rde, ScFoundationAdapter) and (rde.sub_model, str(rde.resolution)) == ("rde", "a5")
     assert rde.name == "models-rde-a5" and rde.describe()["available_sub_models"] == ["cell", "gene", "rde"]
+    # the same options through --model-option (IngestConfig.model_options): the same model and cache identity
+    via_options = load_adapter("scfoundation", tiny, options={"sub_model": "rde", "tgthighres": "a5"})
+    assert (via_options.name, via_options.checkpoint_hash) == (rde.name, rde.checkpoint_hash)
+    mixed = load_adapter("scfoundation", f"{tiny}#sub_model=rde", options={"tgthighres": "a5"})
+    assert mixed.checkpoint_hash == rde.checkpoint_hash != load_adapter("scfoundation", tiny).checkpoint_hash
+    with pytest.raises(sclstore.InvalidInputError, match=r"differ between the checkpoint path .* and --model-option"):
+        load_adapter("scfoundation", f"{tiny}#sub_model=rde", options={"sub_model": "gene"})
+    with pytest.raises(sclstore.InvalidInputError, match=r"unknown scFoundation model option\(s\) \['depth'\]"):
+        load_adapter("scfoundation", tiny, options={"depth": "3"})
+    with pytest.raises(sclstore.InvalidInputError, match="'tahoe-x1' takes no model options"):
+        load_adapter("tahoe-x1", tiny, options={"sub_model": "rde"})
     perf = write_tiny_scfoundation(tmp_path / "p", encoder_overrides={"module_type": "performer"})
     with pytest.raises(sclstore.CheckpointError, match=r"encoder module_type 'performer' is not supported"):
         ScFoundationAdapter(perf)
