@@ -243,22 +243,36 @@ def _embed_chunk(
     adapter: ModelAdapter, records: list[Any], *, layers: Sequence[int], pools: Sequence[str],
     batch_size: int, device: torch.device,
 ) -> dict[str, np.ndarray]:
-    """Embed one chunk: batches of similar length, results back in the chunk's cell order."""
+    """Embed one chunk: batches of similar length, results back in the chunk's cell order.
+
+    On CUDA each batch is collated into pinned memory and copied without blocking, and the
+    pooled results stay on the GPU until the chunk is done: the host never waits for a batch,
+    so it collates batch k+1 while the GPU runs batch k, and synchronises once per chunk.
+    """
     n = len(records)
     lengths = np.array([adapter.tokenizer.seq_len(r) for r in records])
     order = np.lexsort((np.arange(n), lengths))
     out = {p: np.empty((len(layers), n, adapter.d_model), dtype=np.float32) for p in pools}
     cuda = device.type == "cuda"
+    pending: list[tuple[np.ndarray, dict[str, torch.Tensor]]] = []
     for b in range(0, n, batch_size):
         idx = order[b : b + batch_size]
         batch = adapter.collate([records[i] for i in idx])
         if cuda:
             batch = batch.pin_memory()
         batch = batch.to(device, non_blocking=cuda)
-        pooled = adapter.embed(batch, layers=layers, pools=pools)
+        pending.append((idx, adapter.embed(batch, layers=layers, pools=pools)))
+        if not cuda:  # on the CPU there is nothing to overlap: copy now, hold one batch at a time
+            _collect(out, pending)
+    _collect(out, pending)  # on CUDA: one device-to-host synchronisation per chunk
+    return out
+
+
+def _collect(out: dict[str, np.ndarray], pending: list[tuple[np.ndarray, dict[str, torch.Tensor]]]) -> None:
+    for idx, pooled in pending:
         for pool, tensor in pooled.items():
             out[pool][:, idx, :] = tensor.float().cpu().numpy()
-    return out
+    pending.clear()
 
 
 def ingest(backend: Backend, path: str | os.PathLike[str], config: IngestConfig, *, adapter: ModelAdapter | None = None) -> IngestResult:
