@@ -51,6 +51,8 @@ class BoundColumn:
     name: str
     sql: Any  # sqlalchemy Column
     kind: str
+    categories: tuple[str, ...] | None = None  # a categorical column's order in the AnnData
+    ordered: bool = False
 
 
 def bind_columns(table: sa.Table, schema: Sequence[ObsColumn]) -> dict[str, BoundColumn]:
@@ -68,7 +70,7 @@ def bind_columns(table: sa.Table, schema: Sequence[ObsColumn]) -> dict[str, Boun
         "cell_idx": BoundColumn("cell_idx", table.c.cell_idx, "int"),
     }
     for col in schema:
-        cols[col.name] = BoundColumn(col.name, table.c[col.column], col.kind)
+        cols[col.name] = BoundColumn(col.name, table.c[col.column], col.kind, col.categories, col.ordered)
     return cols
 
 

@@ -19,8 +19,9 @@ import pandas as pd
 import sqlalchemy as sa
 
 from sclstore.store.errors import QueryTooLargeError
+from sclstore.store.obs import make_categorical
 
-from .compile import bind_columns, compile_order, compile_predicate
+from .compile import BoundColumn, bind_columns, compile_order, compile_predicate
 from .parse import parse_query
 from .plan import Backend, QueryPlan, plan_query
 from .result import QueryResult, QueryStream, format_bytes
@@ -75,13 +76,13 @@ def check_budget(plan: QueryPlan, n_rows: int, budget: int) -> None:
 
 
 def _frame(
-    rows: list[Any], names: list[str], kinds: dict[str, str], cell_idx: np.ndarray | None = None
+    rows: list[Any], names: list[str], columns: dict[str, BoundColumn], cell_idx: np.ndarray | None = None
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """``cell_idx`` and the obs DataFrame from raw ``(cell_idx, cell, *cols)`` rows, or from
     ``(cell, *cols)`` rows when ``cell_idx`` is already known.
 
     Columns get their original names and dtypes; categories are the values present in the
-    selection, in code-point order (as ``Backend.read_obs`` builds them).
+    selection, in the AnnData's category order (as ``Backend.read_obs`` builds them).
     """
     n = len(rows)
     lead = 1 if cell_idx is not None else 2
@@ -95,10 +96,10 @@ def _frame(
     data: dict[str, Any] = {}
     for j, name in enumerate(names):
         values = arr[:, lead + j]
-        kind = kinds[name]
+        kind = columns[name].kind
         null = pd.isna(values)
         if kind == "category":
-            data[name] = pd.Categorical(values)
+            data[name] = make_categorical(values, columns[name].categories, columns[name].ordered)
         elif kind == "int":
             data[name] = pd.array(values, dtype="Int64") if null.any() else values.astype(np.int64)
         elif kind == "float":
@@ -159,7 +160,7 @@ def select_cells(
         if plan.limit is not None:
             stmt = stmt.limit(plan.limit)
     rows = _fetch(backend, stmt)
-    cell_idx, obs = _frame(rows, names, {n: columns[n].kind for n in names})
+    cell_idx, obs = _frame(rows, names, {n: columns[n] for n in names})
     logger.debug("resolved %d cells of dataset %s in %.3f s", len(rows), plan.dataset.name, time.perf_counter() - t0)
     return cell_idx, obs
 
@@ -206,7 +207,7 @@ def select_range(backend: Backend, plan: QueryPlan, first: int, last: int) -> tu
 
         msg = f"obs table of dataset {plan.dataset.name!r} lacks cells in {first}..{last}: run `sclstore verify`"
         raise SclstoreError(msg)
-    return _frame(rows, names, {n: columns[n].kind for n in names}, cell_idx=np.arange(first, last + 1, dtype=np.int64))
+    return _frame(rows, names, {n: columns[n] for n in names}, cell_idx=np.arange(first, last + 1, dtype=np.int64))
 
 
 def _chunk_cells(plan: QueryPlan, budget: int) -> int:

@@ -16,25 +16,65 @@ from sqlalchemy import BigInteger, Boolean, Column, Float, Index, Integer, MetaD
 
 from .errors import DatasetError, DuplicateObsNamesError
 
-__all__ = ["ObsColumn", "ObsKind", "infer_obs_schema", "build_obs_table", "obs_rows", "obs_table_name", "frame_from_rows"]
+__all__ = [
+    "ObsColumn",
+    "ObsKind",
+    "MAX_KEPT_CATEGORIES",
+    "infer_obs_schema",
+    "build_obs_table",
+    "obs_rows",
+    "obs_table_name",
+    "frame_from_rows",
+    "make_categorical",
+]
 
 ObsKind = Literal["category", "string", "int", "float", "bool"]
 
 
+MAX_KEPT_CATEGORIES = 10_000
+"""Category lists up to this length are kept in the catalog (their order and ``ordered`` flag)."""
+
+
 @dataclass(frozen=True)
 class ObsColumn:
-    """One obs column: its user-facing name, its SQL column and its kind."""
+    """One obs column: its user-facing name, its SQL column and its kind.
+
+    For categorical columns, ``categories`` keeps the AnnData's category order (and ``ordered``
+    its flag), so a developmental-stage column comes back in stage order, not alphabetically;
+    ``None`` (older catalogs, or more than :data:`MAX_KEPT_CATEGORIES` categories) means
+    code-point order.
+    """
 
     name: str
     column: str
     kind: ObsKind
+    categories: tuple[str, ...] | None = None
+    ordered: bool = False
 
-    def to_json(self) -> dict[str, str]:
-        return {"name": self.name, "column": self.column, "kind": self.kind}
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "column": self.column, "kind": self.kind}
+        if self.categories is not None:
+            out["categories"] = list(self.categories)
+            out["ordered"] = self.ordered
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ObsColumn:
-        return cls(name=str(data["name"]), column=str(data["column"]), kind=data["kind"])
+        cats = data.get("categories")
+        return cls(name=str(data["name"]), column=str(data["column"]), kind=data["kind"],
+                   categories=None if cats is None else tuple(str(c) for c in cats), ordered=bool(data.get("ordered", False)))
+
+
+def make_categorical(values: Any, categories: Sequence[str] | None = None, ordered: bool = False) -> pd.Categorical:
+    """A categorical of ``values`` whose categories are the values present, in the order of
+    ``categories`` when given (values outside it follow, in code-point order), else code-point order."""
+    cat = pd.Categorical(values)
+    if categories is None:
+        return cat
+    present = set(cat.categories)
+    known = set(categories)
+    order = [c for c in categories if c in present] + [c for c in cat.categories if c not in known]
+    return pd.Categorical(values, categories=order, ordered=ordered)
 
 
 def obs_table_name(dataset_key: str) -> str:
@@ -84,7 +124,14 @@ def infer_obs_schema(obs: pd.DataFrame) -> tuple[ObsColumn, ...]:
             "rename them in the AnnData (e.g. adata.obs.rename(columns={...}))"
         )
         raise DatasetError(msg)
-    return tuple(ObsColumn(name=n, column=f"c{i}", kind=_kind(obs[c])) for i, (n, c) in enumerate(zip(names, obs.columns)))
+    schema = []
+    for i, (n, c) in enumerate(zip(names, obs.columns)):
+        kind = _kind(obs[c])
+        cats, ordered = None, False
+        if kind == "category" and len(obs[c].cat.categories) <= MAX_KEPT_CATEGORIES:
+            cats, ordered = tuple(str(x) for x in obs[c].cat.categories), bool(obs[c].cat.ordered)
+        schema.append(ObsColumn(name=n, column=f"c{i}", kind=kind, categories=cats, ordered=ordered))
+    return tuple(schema)
 
 
 _SQL_TYPES = {"category": lambda: String(255), "string": lambda: Text(), "int": BigInteger, "float": Float, "bool": Boolean}
@@ -160,7 +207,7 @@ def frame_from_rows(df: pd.DataFrame, schema: Sequence[ObsColumn]) -> pd.DataFra
     for col in schema:
         values = df[col.column].to_numpy() if len(df) else np.array([])
         if col.kind == "category":
-            out[col.name] = pd.Categorical(values)
+            out[col.name] = make_categorical(values, col.categories, col.ordered)
         elif col.kind == "int":
             s = pd.Series(values, index=out.index)
             out[col.name] = s.astype("Int64") if s.isna().any() else s.astype(np.int64)

@@ -357,3 +357,26 @@ def test_range_path_equals_row_path(store60: BuiltStore, where: str, mask: Any, 
     rows = np.flatnonzero(mask(b.obs))
     rows = rows[np.argsort(b.cell_idx_of_src[rows])]  # numpy oracle, in cell_idx order
     check_cells(b, fast, rows, (0, 5), "cls")
+
+
+def test_category_order_and_ordered_flag_survive_the_catalog(tmp_path: Path) -> None:
+    from sclstore.store.obs import ObsColumn
+
+    obs = random_obs(40, seed=3)
+    stages = ["zygote", "blast", "adult", "never-used"]  # developmental order, not alphabetical
+    obs["stage"] = pd.Categorical(np.random.default_rng(3).choice(stages[:3], size=40), categories=stages, ordered=True)
+    b = build_store(tmp_path / "s", obs=obs, cluster_by=("stage",), consolidate=False)
+    try:
+        full = b.backend.read_obs(1)["stage"]
+        assert list(full.cat.categories) == stages[:3] and full.cat.ordered  # present ones, in the AnnData's order
+        res = execute_query(b.backend, f"SELECT stage FROM embeddings WHERE run = {b.run_id} AND layer = 0 AND stage IN ('adult', 'zygote')")
+        got = res.obs["stage"]
+        assert list(got.cat.categories) == ["zygote", "adult"] and got.cat.ordered
+        want = obs["stage"].to_numpy()[np.argsort(b.cell_idx_of_src)][np.asarray(res.cell_idx)]  # by cell_idx
+        assert list(got.astype(str)) == [str(x) for x in want]
+        # catalogs written before categories were kept: code-point order, unordered
+        old = ObsColumn.from_json({"name": "stage", "column": "c9", "kind": "category"})
+        assert old.categories is None and not old.ordered
+        assert ObsColumn.from_json(ObsColumn("s", "c0", "category", ("b", "a"), True).to_json()) == ObsColumn("s", "c0", "category", ("b", "a"), True)
+    finally:
+        b.backend.close()
