@@ -180,7 +180,7 @@ def verify(
         emit_json({"ok": not bad, "runs": reports})
     else:
         for r in reports:
-            mark = "ok" if r["ok"] else "PROBLEM"
+            mark = ("ok" + (", direct tile reads" if r.get("direct_reads") else "")) if r["ok"] else "PROBLEM"
             out.print(f"run {r['run']} {r['label']}: {mark}" + ("".join(f"\n  - {p}" for p in r["problems"])), markup=False)
         out.print(f"{len(reports)} run(s) checked, {len(bad)} with problems", markup=False)
     if bad:

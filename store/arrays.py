@@ -277,8 +277,11 @@ class ArrayReader:
     def read(self, slots: Sequence[int], cells: np.ndarray | None, pool: str) -> np.ndarray:
         """Read ``(len(slots), n_cells, dim)`` float32 for sorted unique ``cells`` (None = all).
 
-        Selected cells are coalesced into contiguous ranges. When the ranges touch most tiles of
-        their bounding span, one bounding read plus a numpy take is used instead.
+        Selected cells are coalesced into contiguous ranges. Direct reads copy up to 64 ranges
+        tile by tile and gather the rows of more scattered selections straight from the file;
+        through libtiledb, ranges that touch most tiles of their span become one bounding read
+        plus a numpy take. A direct read that finds a tile not laid out as expected is redone
+        through libtiledb (and the reader stays on libtiledb).
         """
         self._check_pool(pool)
         slots = [int(s) for s in slots]

@@ -170,32 +170,24 @@ class TileFile:
         """Rows ``rows[i]`` (of ``dim`` values) of tiles ``tiles[i]``, copied straight from the file.
 
         Reads only the selected rows (a scattered selection costs its own bytes, not its
-        tiles'). Returns ``None`` when a chunk boundary can split a row (then decode the tiles).
+        tiles'). Returns ``None`` when a row can straddle two chunks, i.e. unless every chunk
+        holds whole rows (then decode the tiles instead).
 
         Raises
         ------
         LayoutError
             If the headers of a touched tile do not match.
         """
-        item = self.dtype.itemsize
-        tail = 0 if self._tail is None else self._tail.shape[1]
-        if self._chunk_elems % dim or tail % dim:
+        if self._tail is not None or self._chunk_elems % dim:
             return None
+        item = self.dtype.itemsize
         per_chunk = self._chunk_elems // dim
         touched = np.unique(tiles)
         self._check(touched, f"{touched.size} tiles in {int(touched[0])}..{int(touched[-1])}")
         chunk, row = np.divmod(rows, per_chunk)
         full = self._full
         body = as_strided(full, shape=(*full.shape[:2], per_chunk, dim), strides=(*full.strides[:2], dim * item, item), writeable=False)
-        if self._tail is None:
-            return body[tiles, chunk, row]
-        out = np.empty((rows.size, dim), dtype=self.dtype)
-        in_body = chunk < self._n_full
-        out[in_body] = body[tiles[in_body], chunk[in_body], row[in_body]]
-        rest = ~in_body
-        tail_rows = as_strided(self._tail, shape=(self.n_tiles, tail // dim, dim), strides=(self._tail.strides[0], dim * item, item), writeable=False)
-        out[rest] = tail_rows[tiles[rest], rows[rest] - self._n_full * per_chunk]
-        return out
+        return body[tiles, chunk, row]
 
     def close(self) -> None:
         """Drop the views (the mapping closes when the last one is garbage collected)."""
