@@ -250,7 +250,10 @@ class ArrayReader:
             attr = schema.attr(i)
             if len(attr.filters):
                 raise LayoutError(f"attribute {attr.name} has filters")
-            files[attr.name] = TileFile(fragment / f"a{i}.tdb", n_tiles=n_tiles, tile_elems=self.cell_tile * self.dim, dtype=attr.dtype)
+            view = np.dtype(np.float16) if self.dtype == "float16" else np.dtype(attr.dtype)  # uint16 bits are float16
+            if view.itemsize != np.dtype(attr.dtype).itemsize:
+                raise LayoutError(f"attribute {attr.name} stores {attr.dtype}, not {self.dtype}")
+            files[attr.name] = TileFile(fragment / f"a{i}.tdb", n_tiles=n_tiles, tile_elems=self.cell_tile * self.dim, dtype=view)
         return files
 
     def __enter__(self) -> ArrayReader:
@@ -297,13 +300,12 @@ class ArrayReader:
         out = None
         if self._direct is not None:
             try:
-                out = self._read_direct(self._direct[pool], uniq, cells)
+                out = self._read_direct(self._direct[pool], uniq, cells)  # float32 already
             except LayoutError as exc:
                 logger.warning("direct read of %s failed (%s): reading it through libtiledb", self.uri, exc)
                 self.close_direct()
         if out is None:
-            out = self._read_tiledb(uniq, cells, pool)
-        out = self._decode(out)
+            out = self._decode(self._read_tiledb(uniq, cells, pool))
         if len(uniq) != len(slots) or not np.array_equal(uniq, np.asarray(slots)):
             out = out[np.searchsorted(uniq, np.asarray(slots))]
         return np.ascontiguousarray(out, dtype=np.float32)
@@ -328,11 +330,12 @@ class ArrayReader:
         return self._arr.multi_index[slot_ranges, ranges, :][pool]
 
     def _read_direct(self, tf: TileFile, slots: np.ndarray, cells: np.ndarray | None) -> np.ndarray:
+        """float32 ``(len(slots), n, dim)``; float16 storage is converted while it is copied."""
         c, d = self.cell_tile, self.dim
         n_ct = -(-self.n_cells // c)
         ranges = [(0, self.n_cells - 1)] if cells is None else coalesce(cells)
         if len(ranges) <= _MAX_RANGES:
-            out = np.empty((len(slots), self.n_cells if cells is None else cells.size, d), dtype=tf.dtype)
+            out = np.empty((len(slots), self.n_cells if cells is None else cells.size, d), dtype=np.float32)
             for i, slot in enumerate(slots):
                 pos = 0
                 for lo, hi in ranges:
@@ -345,13 +348,13 @@ class ArrayReader:
         tiles = (np.asarray(slots, dtype=np.int64)[:, None] * n_ct + tile_of[None, :]).ravel()
         rows = tf.gather(tiles, np.tile(row_of, len(slots)), d)
         if rows is not None:
-            return rows.reshape(len(slots), cells.size, d)
+            return rows.reshape(len(slots), cells.size, d).astype(np.float32, copy=False)
         tiles = np.unique(tile_of)  # rows may straddle chunks: decode the tiles touched, then take
         rank = np.zeros(n_ct, dtype=np.int64)
         rank[tiles] = np.arange(tiles.size)
         take = rank[tile_of] * c + row_of
-        out = np.empty((len(slots), cells.size, d), dtype=tf.dtype)
-        buf = np.empty((tiles.size, c * d), dtype=tf.dtype)
+        out = np.empty((len(slots), cells.size, d), dtype=np.float32)
+        buf = np.empty((tiles.size, c * d), dtype=np.float32)
         for i, slot in enumerate(slots):
             k = 0
             for a, b in coalesce(tiles):
@@ -375,7 +378,7 @@ class ArrayReader:
             r0 = a * c - lo
             tf.decode(base + a, base + b + 1, dest[r0 : r0 + (b - a + 1) * c].reshape(b - a + 1, c * d))
         for t in dict.fromkeys(t for t in (t_first, t_last) if not a <= t <= b):
-            tmp = np.empty((1, c * d), dtype=tf.dtype)
+            tmp = np.empty((1, c * d), dtype=np.float32)
             tf.decode(base + t, base + t + 1, tmp)
             c0, c1 = max(lo, t * c), min(hi, t * c + c - 1)
             dest[c0 - lo : c1 - lo + 1] = tmp.reshape(c, d)[c0 - t * c : c1 - t * c + 1]

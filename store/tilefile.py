@@ -3,7 +3,7 @@
 A complete run's array is fully consolidated and vacuumed: one fragment covering the whole
 domain, whose attribute files hold every tile in global (row-major) tile order. Our attributes
 have an empty filter pipeline, and TileDB stores each tile as a *filtered buffer* (TileDB format
-specification, "Tile"): a ``uint64`` chunk count, then per chunk a ``uint32`` unfiltered size, a
+specification, version 22, ``format_spec/tile.md`` in TileDB's repository): a ``uint64`` chunk count, then per chunk a ``uint32`` unfiltered size, a
 ``uint32`` filtered size, a ``uint32`` metadata size, the metadata and the chunk's bytes. With no
 filters a chunk's bytes are the tile's own values, so a tile is a few strided numpy views of the
 memory-mapped file and a layer is copied out of the page cache in one pass -- where libtiledb's
@@ -17,7 +17,9 @@ The direct path is used only when every condition holds (otherwise libtiledb rea
   non-empty domain equal to the full domain (every cell written and committed);
 * each attribute file's size equals the layout computed from the schema and its first tile
   header;
-* before any tile is copied, the headers of every chunk of the tiles read are checked.
+* before anything is copied, the chunk count of every tile read and the header of every chunk
+  read from are checked (all chunks of a tile copied whole; the chunks holding the rows of a
+  scattered selection).
 
 Neither path checks a checksum (the attributes carry no checksum filter, and libtiledb returns
 a flipped data byte as it is). ``sclstore verify`` compares direct and libtiledb reads of every
@@ -83,7 +85,8 @@ class TileFile:
     tile_elems
         Values per tile (cells per tile x dim).
     dtype
-        The attribute's stored dtype.
+        The dtype to view the stored values as (its itemsize must be the attribute's: e.g.
+        ``float16`` for float16 values stored as ``uint16`` bits).
 
     Raises
     ------
@@ -141,16 +144,23 @@ class TileFile:
         """
         self._check(slice(t0, t1), f"tiles {t0}..{t1 - 1}")
 
-    def _check(self, which: slice | np.ndarray, label: str) -> None:
+    def _check(self, which: slice | np.ndarray, label: str, *, chunks: np.ndarray | None = None) -> None:
+        """Check the chunk counts of tiles ``which`` and all their chunk headers, or with
+        ``chunks`` (same length as ``which``) only the header of chunk ``chunks[i]`` of tile ``which[i]``."""
         counts = self._counts[which]
         if not (np.all(counts[:, 0] == self._n_chunks) and np.all(counts[:, 1] == 0)):
             raise LayoutError(f"{label}: unexpected chunk count")
-        headers = self._headers[which]
-        if not np.array_equal(headers, np.broadcast_to(self._expected, headers.shape)):
+        if chunks is None:
+            headers = self._headers[which]
+            ok = np.array_equal(headers, np.broadcast_to(self._expected, headers.shape))
+        else:
+            ok = np.array_equal(self._headers[which, chunks], self._expected[chunks])
+        if not ok:
             raise LayoutError(f"{label}: unexpected chunk header")
 
     def decode(self, t0: int, t1: int, dest: np.ndarray) -> None:
-        """Copy tiles ``t0 .. t1-1`` into ``dest``, a C-contiguous ``(t1 - t0, tile_elems)`` array.
+        """Copy tiles ``t0 .. t1-1`` into ``dest``, a C-contiguous ``(t1 - t0, tile_elems)`` array
+        of this file's dtype or one it casts to safely.
 
         Raises
         ------
@@ -160,9 +170,9 @@ class TileFile:
         if not (0 <= t0 < t1 <= self.n_tiles) or dest.shape != (t1 - t0, self.tile_elems) or not dest.flags.c_contiguous:
             raise ValueError(f"decode({t0}, {t1}) into {dest.shape}: bad tile range or destination")
         self.check(t0, t1)
-        k, item = t1 - t0, self.dtype.itemsize
+        k, item = t1 - t0, dest.itemsize
         body = as_strided(dest, shape=(k, self._n_full, self._chunk_elems), strides=(self.tile_elems * item, self._chunk_elems * item, item))
-        np.copyto(body, self._full[t0:t1])
+        np.copyto(body, self._full[t0:t1])  # converts to dest's dtype in the same pass (e.g. float16 -> float32)
         if self._tail is not None:
             np.copyto(dest[:, self._n_full * self._chunk_elems :], self._tail[t0:t1])
 
@@ -182,9 +192,11 @@ class TileFile:
             return None
         item = self.dtype.itemsize
         per_chunk = self._chunk_elems // dim
-        touched = np.unique(tiles)
-        self._check(touched, f"{touched.size} tiles in {int(touched[0])}..{int(touched[-1])}")
         chunk, row = np.divmod(rows, per_chunk)
+        # check every touched tile's chunk count and the header of every chunk read from (not
+        # all chunks of the tile: each header is another page to fault in for a few rows)
+        t, c = np.divmod(np.unique(tiles * self._n_chunks + chunk), self._n_chunks)
+        self._check(t, f"{np.unique(t).size} tiles in {int(t[0])}..{int(t[-1])}", chunks=c)
         full = self._full
         body = as_strided(full, shape=(*full.shape[:2], per_chunk, dim), strides=(*full.strides[:2], dim * item, item), writeable=False)
         return body[tiles, chunk, row]

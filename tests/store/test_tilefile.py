@@ -108,8 +108,11 @@ def test_layout_checks_refuse_foreign_files(tmp_path: Path) -> None:
     tf.decode(0, 4, np.empty((4, tile_elems), dtype=np.float32))
     with pytest.raises(LayoutError, match="chunk header"):
         tf.decode(3, 5, np.empty((2, tile_elems), dtype=np.float32))
+    rows = tf.gather(np.array([4, 4]), np.array([0, 31]), 512)  # chunk 0 of tile 4 is intact (32 rows/chunk)
+    assert rows is not None
+    np.testing.assert_array_equal(rows, truth["cls"][1, [256, 287]])
     with pytest.raises(LayoutError, match="chunk header"):
-        tf.gather(np.array([4]), np.array([0]), 512)
+        tf.gather(np.array([4]), np.array([3 * 32 + 1]), 512)  # a row of chunk 3
     with pytest.raises(LayoutError, match="chunks"):
         TileFile(bad, n_tiles=n_tiles, tile_elems=tile_elems * 2, dtype=np.dtype(np.float32))
 
@@ -127,7 +130,7 @@ def test_layout_checks_refuse_foreign_files(tmp_path: Path) -> None:
 def test_reader_falls_back_to_libtiledb_on_a_bad_tile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     uri, truth = _build(tmp_path, n=600, dim=512, dtype="float32", slots=2, pools=("cls",))
 
-    def refuse(self: TileFile, which: object, label: str) -> None:
+    def refuse(self: TileFile, which: object, label: str, *, chunks: object = None) -> None:
         raise LayoutError(f"{label}: unexpected chunk header")
 
     with arrays.ArrayReader(uri) as rd:
