@@ -178,11 +178,12 @@ def contiguous_range(backend: Backend, plan: QueryPlan) -> tuple[int, int] | Non
     """
     if plan.limit is not None or any(item.column != "cell_idx" or item.desc for item in plan.order_by):
         return None
+    if plan.where is None:  # every cell: known from the catalog row, no scan
+        n = int(plan.dataset.n_obs)
+        return (0, n - 1) if n else None
     table, columns, dialect = _bound(backend, plan)
     idx = table.c.cell_idx
-    stmt = sa.select(sa.func.count(), sa.func.min(idx), sa.func.max(idx))
-    if plan.where is not None:
-        stmt = stmt.where(compile_predicate(plan.where, columns, dialect=dialect))
+    stmt = sa.select(sa.func.count(), sa.func.min(idx), sa.func.max(idx)).where(compile_predicate(plan.where, columns, dialect=dialect))
     n, lo, hi = _fetch(backend, stmt)[0]
     if not n or int(hi) - int(lo) + 1 != int(n):
         return None

@@ -219,6 +219,7 @@ class ArrayReader:
         self.n_cells = int(dom.dim(1).domain[1]) + 1
         self.dim = int(dom.dim(2).domain[1]) + 1
         self.cell_tile = int(dom.dim(1).tile)
+        self._n_cell_tiles = -(-self.n_cells // self.cell_tile)
         self.pools = tuple(self._arr.schema.attr(i).name for i in range(self._arr.schema.nattr))
         self._direct: dict[str, TileFile] | None = None
         if direct:
@@ -244,7 +245,7 @@ class ArrayReader:
         if ned is None or tuple((int(a), int(b)) for a, b in ned) != full:
             raise LayoutError(f"written domain {ned} is not the full domain {full}")
         fragment = single_fragment(self.uri)
-        n_tiles = self.n_slots * (-(-self.n_cells // self.cell_tile))
+        n_tiles = self.n_slots * self._n_cell_tiles
         files = {}
         for i in range(schema.nattr):
             attr = schema.attr(i)
@@ -331,8 +332,7 @@ class ArrayReader:
 
     def _read_direct(self, tf: TileFile, slots: np.ndarray, cells: np.ndarray | None) -> np.ndarray:
         """float32 ``(len(slots), n, dim)``; float16 storage is converted while it is copied."""
-        c, d = self.cell_tile, self.dim
-        n_ct = -(-self.n_cells // c)
+        c, d, n_ct = self.cell_tile, self.dim, self._n_cell_tiles
         ranges = [(0, self.n_cells - 1)] if cells is None else coalesce(cells)
         if len(ranges) <= _MAX_RANGES:
             out = np.empty((len(slots), self.n_cells if cells is None else cells.size, d), dtype=np.float32)
@@ -355,10 +355,10 @@ class ArrayReader:
         take = rank[tile_of] * c + row_of
         out = np.empty((len(slots), cells.size, d), dtype=np.float32)
         buf = np.empty((tiles.size, c * d), dtype=np.float32)
+        runs = coalesce(tiles)
         for i, slot in enumerate(slots):
-            k = 0
-            for a, b in coalesce(tiles):
-                base = int(slot) * n_ct
+            base, k = int(slot) * n_ct, 0
+            for a, b in runs:
                 tf.decode(base + a, base + b + 1, buf[k : k + b - a + 1])
                 k += b - a + 1
             np.take(buf.reshape(-1, d), take, axis=0, out=out[i])

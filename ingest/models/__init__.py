@@ -1,7 +1,7 @@
 """Model adapters, by family.
 
 The registry is explicit: :data:`FAMILIES` maps a family name to a factory
-``(checkpoint, max_genes) -> ModelAdapter``. ``sclstore-tiny`` is the built-in model (a small
+``(checkpoint, max_genes, options) -> ModelAdapter``; families without model options refuse any. ``sclstore-tiny`` is the built-in model (a small
 Tahoe-X1 trained by :mod:`sclstore.ingest.models.train_tiny`, shipped in
 ``sclstore-tiny/``) and needs no checkpoint.
 """
@@ -24,7 +24,20 @@ __all__ = ["FAMILIES", "TINY_CHECKPOINT", "load_adapter"]
 TINY_CHECKPOINT = Path(__file__).resolve().parent / "sclstore-tiny"
 """Folder of the committed sclstore-tiny checkpoint (Tahoe-X1 HF layout)."""
 
-AdapterFactory = Callable[[Path | None, int | None], ModelAdapter]
+AdapterFactory = Callable[[Path | None, int | None, Mapping[str, str]], ModelAdapter]
+
+
+def _no_options(family: str, factory: Callable[[Path | None, int | None], ModelAdapter]) -> AdapterFactory:
+    """The factory of a family that has no model options: it refuses any."""
+
+    def make(checkpoint: Path | None, max_genes: int | None, options: Mapping[str, str]) -> ModelAdapter:
+        if options:
+            given = ", ".join(f"{k}={v}" for k, v in options.items())
+            msg = f"model family {family!r} takes no model options (got {given}); only scfoundation has any (sub_model, tgthighres)"
+            raise InvalidInputError(msg)
+        return factory(checkpoint, max_genes)
+
+    return make
 
 
 def _tahoe(checkpoint: Path | None, max_genes: int | None) -> ModelAdapter:
@@ -43,10 +56,10 @@ def _tiny(checkpoint: Path | None, max_genes: int | None) -> ModelAdapter:
 
 
 FAMILIES: dict[str, AdapterFactory] = {
-    "tahoe-x1": _tahoe,
-    "sclstore-tiny": _tiny,
-    "geneformer": _geneformer,
-    "scgpt": _scgpt,
+    "tahoe-x1": _no_options("tahoe-x1", _tahoe),
+    "sclstore-tiny": _no_options("sclstore-tiny", _tiny),
+    "geneformer": _no_options("geneformer", _geneformer),
+    "scgpt": _no_options("scgpt", _scgpt),
     "scfoundation": _scfoundation,
 }
 
@@ -91,11 +104,4 @@ def load_adapter(
     if factory is None:
         msg = f"unknown model family {family!r}; choose one of: {', '.join(sorted(FAMILIES))}"
         raise InvalidInputError(msg)
-    path = None if checkpoint is None else Path(checkpoint)
-    if options:
-        if family != "scfoundation":
-            given = ", ".join(f"{k}={v}" for k, v in options.items())
-            msg = f"model family {family!r} takes no model options (got {given}); only scfoundation has any (sub_model, tgthighres)"
-            raise InvalidInputError(msg)
-        return _scfoundation(path, max_genes, options=dict(options))
-    return factory(path, max_genes)
+    return factory(None if checkpoint is None else Path(checkpoint), max_genes, dict(options or {}))

@@ -346,7 +346,7 @@ class ScFoundationAdapter(ModelAdapter[ScFoundationModel]):
         return official_from_pools(pools)
 
 
-def scfoundation_factory(checkpoint: Path | None, max_genes: int | None, *, options: dict[str, str] | None = None) -> ModelAdapter:
+def scfoundation_factory(checkpoint: Path | None, max_genes: int | None, options: Mapping[str, str] | None = None) -> ModelAdapter:
     """Registry factory: ``--checkpoint DIR[#sub_model=...,tgthighres=...]`` and/or ``options``
     (``--model-option sub_model=rde``); no ``--max-genes``.
 

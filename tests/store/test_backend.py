@@ -177,6 +177,14 @@ def test_verify_compares_direct_reads_with_libtiledb(store: sclstore.Store, monk
     with store.backend.open_reader(run.id) as rd:
         assert rd.direct
         np.testing.assert_array_equal(rd.read([2, 0], None, "mean"), values[[2, 0]])
+    from sclstore.store import Backend, StoreSettings
+
+    with Backend.open(store.backend.root, store.backend.catalog_url, settings=StoreSettings(direct_reads=False)) as off:
+        (report,) = off.verify()
+        assert report["ok"] and not report["direct_reads"]
+        with off.open_reader(run.id) as rd:
+            assert not rd.direct
+            np.testing.assert_array_equal(rd.read([2, 0], None, "mean"), values[[2, 0]])
     real = TileFile.decode
 
     def flip(self: TileFile, t0: int, t1: int, dest: np.ndarray) -> None:  # a decoder bug
