@@ -328,6 +328,9 @@ def ingest(backend: Backend, path: str | os.PathLike[str], config: IngestConfig,
         if hit is not None and hit.status == "complete":
             logger.info("cache hit: run %s already holds this extraction", hit.id)
             return _result(hit, cache_hit=True, embedded=0, t0=t0, device=device, mapping=mapping)
+        # the whole checkpoint (headers, tensor names and shapes against the config) is checked
+        # by loading it strictly, before the first catalog write
+        adapter.load(device)
         dataset = backend.register_dataset(name=name, content_hash=content_hash, obs=source.obs, n_vars=source.n_vars,
                                            source_path=str(path.resolve()), cluster_by=config.cluster_by)
         model = backend.register_model(family=adapter.family, name=adapter.name, checkpoint_hash=adapter.checkpoint_hash,
@@ -345,12 +348,10 @@ def ingest(backend: Backend, path: str | os.PathLike[str], config: IngestConfig,
             if start % config.chunk_cells and start < run.n_cells:
                 raise IngestError(f"run {run.id} watermark {start} is not a chunk boundary of {config.chunk_cells}")
             logger.info("run %s: embedding cells %d..%d of %d on %s", run.id, start, run.n_cells, run.n_cells, device)
-            # start reading/tokenizing (and worker start-up) before the weights load, so they overlap
             prefetch = _Prefetch(source, order, mapping, adapter.tokenizer, chunks, config.seed, config.workers)
             with make_progress(f"ingest {name}", total=run.n_cells, done=start, enabled=config.progress) as progress:
                 writer = _Writer(backend, run, lease, progress)
                 try:
-                    adapter.load(device)
                     for lo, records in prefetch:
                         writer.check()
                         block = _embed_chunk(adapter, records, layers=layers, pools=pools,

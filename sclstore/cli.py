@@ -237,6 +237,7 @@ def main() -> None:
 
 
 from sclstore import cli_work  # noqa: E402,F401  (registers query, eval and demo on `app`)
+from sclstore import cli_checkpoint  # noqa: E402,F401  (registers convert-checkpoint on `app`)
 
 
 if __name__ == "__main__":  # pragma: no cover
