@@ -39,6 +39,7 @@ from sclstore.store.arrays import ENCODING_VERSION
 from sclstore.store.errors import IngestError, InvalidInputError, LeaseHeldError
 
 from .adapter import GeneMapping, ModelAdapter
+from .gene_check import check_unique_tokens
 from .models import load_adapter
 from .progress import make_progress
 from .source import CountsSource
@@ -312,6 +313,7 @@ def ingest(backend: Backend, path: str | os.PathLike[str], config: IngestConfig,
         adapter = load_adapter(config.model, config.checkpoint, max_genes=config.max_genes, options=dict(config.model_options))
     with CountsSource(path, counts_layer=config.counts_layer, gene_column=config.gene_column) as source:
         mapping = adapter.map_genes(source.gene_ids)
+        check_unique_tokens(source.gene_ids, mapping)
         adapter.check_obs(source.obs)  # e.g. Geneformer's obs['n_counts'], before anything is written
         layers = parse_layers(config.layers, adapter.n_layers)
         pools = tuple(config.pools) if config.pools else tuple(adapter.default_pools)

@@ -147,16 +147,17 @@ def safe_torch_load(path: Path, *, inert_modules: tuple[str, ...] = (), mmap: bo
         except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file
             raise CheckpointError(f"cannot read {where} as a torch checkpoint: {_first_line(exc)}") from None
         extra = _resolve(names, inert_modules, path)
+        _check_crc(path, where)
     for _ in range(64):  # legacy files: learn the globals one refusal at a time
         try:
             with torch.serialization.safe_globals(extra):
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
         except pickle.UnpicklingError as exc:
             found = _UNSUPPORTED_RE.search(str(exc))
-            if found is None or any(name == found.group(1) for _, name in extra):
-                if "weights_only" in str(exc) or "Unsupported" in str(exc) or "allowlist" in str(exc):
-                    raise CheckpointError(unsafe_globals_message(path, [found.group(1) if found else "an object"])) from None
+            if found is None:  # not a refused global: the bytes are not a (complete) checkpoint
                 raise CheckpointError(f"cannot read {where} as a torch checkpoint: {_first_line(exc)}") from None
+            if any(name == found.group(1) for _, name in extra):
+                raise CheckpointError(unsafe_globals_message(path, [found.group(1)])) from None
             extra += _resolve([found.group(1)], inert_modules, path)
         except CheckpointError:
             raise
@@ -165,6 +166,19 @@ def safe_torch_load(path: Path, *, inert_modules: tuple[str, ...] = (), mmap: bo
     raise CheckpointError(unsafe_globals_message(path, [name for _, name in extra]))
 
 
+def _check_crc(path: Path, where: str) -> None:
+    """Compare every member of the zip container with its CRC-32 (torch itself does not)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {where} as a torch checkpoint: {_first_line(exc)}") from None
+    if bad is not None:
+        msg = f"{where} is damaged: {bad!r} fails its CRC-32 check; copy or download the checkpoint again"
+        raise CheckpointError(msg)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
+    first = text[0].split(". ")[0] if text else ""
+    return f"{type(exc).__name__}: {first}; the file is damaged or incomplete: copy or download it again"
