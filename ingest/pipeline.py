@@ -34,14 +34,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from sclstore.store import ArraySpec, Backend, IngestConfig, RunInfo, cache_key, parse_layers, validate_name
-from sclstore.store.arrays import ENCODING_VERSION
+from sclstore.store import ArraySpec, Backend, IngestConfig, RunInfo, parse_layers, validate_name
 from sclstore.store.errors import IngestError, InvalidInputError, LeaseHeldError
 
 from .adapter import GeneMapping, ModelAdapter
 from .gene_check import check_unique_tokens
 from .models import load_adapter
 from .progress import make_progress
+from .run_key import pin_resumed, run_key
 from .source import CountsSource
 
 __all__ = ["IngestResult", "ingest", "resolve_device"]
@@ -322,10 +322,12 @@ def ingest(backend: Backend, path: str | os.PathLike[str], config: IngestConfig,
             raise InvalidInputError(f"pool(s) {unknown} not available for {adapter.family}; choose from {', '.join(adapter.supported_pools)}")
         content_hash = source.scan()
         precision = "bf16" if device.type == "cuda" else "fp32"
-        params = {"family": adapter.family, "layers": list(layers), "pools": list(pools), "dtype": config.dtype,
-                  "seed": int(config.seed), "max_genes": config.max_genes, "precision": precision,
-                  "chunk_cells": int(config.chunk_cells), "counts": source.counts_key}
-        key = cache_key(content_hash, adapter.family, adapter.checkpoint_hash, params, ENCODING_VERSION)
+        derived = run_key(config, content_hash=content_hash, checkpoint_hash=adapter.checkpoint_hash, mapping=mapping,
+                          adapter_description=adapter.describe(), precision=precision,
+                          resolved={"model": adapter.family, "checkpoint": adapter.checkpoint_hash, "layers": list(layers),
+                                    "pools": list(pools), "counts_layer": source.counts_key,
+                                    "model_options": sorted(adapter.effective_options().items())})
+        key, params = derived.key, derived.params
         hit = backend.find_run(key)
         if hit is not None and hit.status == "complete":
             logger.info("cache hit: run %s already holds this extraction", hit.id)
@@ -345,10 +347,12 @@ def ingest(backend: Backend, path: str | os.PathLike[str], config: IngestConfig,
         try:
             run = backend.get_run(run.id)
             start = run.watermark
+            pinned = pin_resumed(run, config, start)
+            chunk_cells, batch_size = pinned["chunk_cells"], pinned["batch_size"]
             order = backend.cell_order(dataset.id)
-            chunks = [(lo, min(lo + config.chunk_cells, run.n_cells)) for lo in range(start, run.n_cells, config.chunk_cells)]
-            if start % config.chunk_cells and start < run.n_cells:
-                raise IngestError(f"run {run.id} watermark {start} is not a chunk boundary of {config.chunk_cells}")
+            chunks = [(lo, min(lo + chunk_cells, run.n_cells)) for lo in range(start, run.n_cells, chunk_cells)]
+            if start % chunk_cells and start < run.n_cells:
+                raise IngestError(f"run {run.id} watermark {start} is not a chunk boundary of {chunk_cells}")
             logger.info("run %s: embedding cells %d..%d of %d on %s", run.id, start, run.n_cells, run.n_cells, device)
             prefetch = _Prefetch(source, order, mapping, adapter.tokenizer, chunks, config.seed, config.workers)
             with make_progress(f"ingest {name}", total=run.n_cells, done=start, enabled=config.progress) as progress:
@@ -357,7 +361,7 @@ def ingest(backend: Backend, path: str | os.PathLike[str], config: IngestConfig,
                     for lo, records in prefetch:
                         writer.check()
                         block = _embed_chunk(adapter, records, layers=layers, pools=pools,
-                                             batch_size=config.batch_size, device=device)
+                                             batch_size=batch_size, device=device)
                         writer.put(lo, block)
                     writer.finish()
                 except BaseException:
