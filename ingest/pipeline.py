@@ -39,6 +39,7 @@ from sclstore.store.errors import IngestError, InvalidInputError, LeaseHeldError
 
 from .adapter import GeneMapping, ModelAdapter
 from .gene_check import check_unique_tokens
+from .lifecycle import worker_setup
 from .models import load_adapter
 from .progress import make_progress
 from .run_key import pin_resumed, run_key
@@ -99,14 +100,17 @@ def _tokenize(tokenizer: Any, counts: Any, cell_idx: np.ndarray, seed: int, tota
     return tokenizer.tokenize(counts, cell_idx, seed=seed, totals=totals)
 
 
-def _worker_init() -> None:
-    """Single-threaded torch and BLAS in a tokenizer worker.
+def _worker_init(parent_pid: int) -> None:
+    """Single-threaded torch and BLAS in a tokenizer worker, which dies with its parent.
 
     A forked child must not enter the OpenMP pool its parent already started (libgomp hangs);
-    like torch's DataLoader workers, each worker runs its ops on one thread.
+    like torch's DataLoader workers, each worker runs its ops on one thread. It exits when its
+    parent dies by any signal and leaves SIGINT/SIGTERM handling to the parent
+    (:func:`.lifecycle.worker_setup`).
     """
     from threadpoolctl import threadpool_limits
 
+    worker_setup(parent_pid)
     torch.set_num_threads(1)
     threadpool_limits(limits=1)
 
@@ -120,7 +124,8 @@ def start_workers(workers: int) -> cf.ProcessPoolExecutor | None:
     if workers <= 0:
         return None
     method = "fork" if sys.platform.startswith("linux") else "spawn"
-    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method), initializer=_worker_init)
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method), initializer=_worker_init,
+                                  initargs=(os.getpid(),))
     with warnings.catch_warnings():
         # TileDB warns about fork after a context exists; the workers only tokenize (numpy/torch)
         # and never touch TileDB, so its internal threads and locks are irrelevant to them.
