@@ -36,6 +36,7 @@ import torch
 
 from sclstore.store import ArraySpec, Backend, IngestConfig, RunInfo, parse_layers, validate_name
 from sclstore.store.errors import IngestError, InvalidInputError, LeaseHeldError
+from sclstore.store.hashcache import rehashing
 
 from .adapter import GeneMapping, ModelAdapter
 from .gene_check import check_unique_tokens
@@ -325,11 +326,13 @@ def ingest(backend: Backend, path: str | os.PathLike[str], config: IngestConfig,
         unknown = [p for p in pools if p not in adapter.supported_pools]
         if unknown:
             raise InvalidInputError(f"pool(s) {unknown} not available for {adapter.family}; choose from {', '.join(adapter.supported_pools)}")
-        content_hash = source.scan()
+        with rehashing(config.rehash):
+            content_hash = source.content_hash()
+            checkpoint_hash = adapter.checkpoint_hash
         precision = "bf16" if device.type == "cuda" else "fp32"
-        derived = run_key(config, content_hash=content_hash, checkpoint_hash=adapter.checkpoint_hash, mapping=mapping,
+        derived = run_key(config, content_hash=content_hash, checkpoint_hash=checkpoint_hash, mapping=mapping,
                           adapter_description=adapter.describe(), precision=precision,
-                          resolved={"model": adapter.family, "checkpoint": adapter.checkpoint_hash, "layers": list(layers),
+                          resolved={"model": adapter.family, "checkpoint": checkpoint_hash, "layers": list(layers),
                                     "pools": list(pools), "counts_layer": source.counts_key,
                                     "model_options": sorted(adapter.effective_options().items())})
         key, params = derived.key, derived.params

@@ -72,6 +72,7 @@ def test_every_field_one_at_a_time(world: dict[str, Any], tmp_path: Path) -> Non
         "workers": 1,
         "progress": True,
         "wait": False,
+        "rehash": True,
     }
     assert set(table) == {f.name for f in dataclasses.fields(IngestConfig)}  # a new field must be added here
     changed = set()
