@@ -78,7 +78,7 @@ _trusted_pickle.__dict__["UnpicklingError"] = pickle.UnpicklingError
 def _trusted_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_trusted_pickle)
-    except Exception as exc:  # noqa: BLE001 - any failure of a foreign file is one line
+    except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
         raise CheckpointError(f"cannot unpickle {path.name} in {str(path.parent)!r}: {type(exc).__name__}: {first}") from None
 

@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from types import FrameType
 
-__all__ = ["Interrupted", "worker_setup", "die_with_parent", "signals_as_exceptions", "exit_code"]
+__all__ = ["Interrupted", "die_with_parent", "exit_code", "signals_as_exceptions", "worker_setup"]
 
 logger = logging.getLogger(__name__)
 

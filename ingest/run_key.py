@@ -35,7 +35,7 @@ from sclstore.store.errors import ModelError
 
 from .adapter import GeneMapping
 
-__all__ = ["KEY_VERSION", "RunKey", "mapping_digest", "adapter_digest", "run_key", "pinned_values", "pin_resumed"]
+__all__ = ["KEY_VERSION", "RunKey", "adapter_digest", "mapping_digest", "pin_resumed", "pinned_values", "run_key"]
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,9 @@ __all__: list[str] = []
 def convert_checkpoint(
     src: Annotated[Path, typer.Argument(help="Checkpoint folder or weight file (best-model.pt, best_model.pt, models.ckpt).")],
     dst: Annotated[Path, typer.Argument(help="New folder for the converted checkpoint.")],
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="I trust SRC: unpickle it with the full unpickler (can run code).")] = False,
+    trust_pickle: Annotated[
+        bool, typer.Option("--trust-pickle", help="I trust SRC: unpickle it with the full unpickler (can run code).")
+    ] = False,
     model: Annotated[str | None, typer.Option("--model", help="tahoe-x1, scgpt or scfoundation (default: guessed).")] = None,
     json_out: JsonOpt = False,
     verbose: VerboseOpt = 0,

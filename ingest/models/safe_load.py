@@ -31,7 +31,7 @@ import torch
 
 from sclstore.store.errors import CheckpointError
 
-__all__ = ["NUMPY_DATA", "Inert", "safe_torch_load", "unsafe_globals_message", "convert_hint"]
+__all__ = ["NUMPY_DATA", "Inert", "convert_hint", "safe_torch_load", "unsafe_globals_message"]
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def safe_torch_load(path: Path, *, inert_modules: tuple[str, ...] = (), mmap: bo
     if is_zip:
         try:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file
+        except Exception as exc:
             raise CheckpointError(f"cannot read {where} as a torch checkpoint: {_first_line(exc)}") from None
         extra = _resolve(names, inert_modules, path)
         _check_crc(path, where)
@@ -161,7 +161,7 @@ def safe_torch_load(path: Path, *, inert_modules: tuple[str, ...] = (), mmap: bo
             extra += _resolve([found.group(1)], inert_modules, path)
         except CheckpointError:
             raise
-        except Exception as exc:  # noqa: BLE001 - truncated zip, garbage bytes, ...
+        except Exception as exc:
             raise CheckpointError(f"cannot read {where} as a torch checkpoint: {_first_line(exc)}") from None
     raise CheckpointError(unsafe_globals_message(path, [name for _, name in extra]))
 

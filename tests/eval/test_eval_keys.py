@@ -10,7 +10,6 @@ against the dataset's content hash) and how many processes compute (``n_jobs``).
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 from typing import Any
 
 import anndata as ad

@@ -50,12 +50,13 @@ def _d_model(folder: Path) -> None:
     (folder / "model_config.yml").write_text(yaml.safe_dump(cfg))
 
 
+DAMAGED = r"cannot read best-model\.pt in .* as a torch checkpoint.*download it again"
 TAHOE_CASES: list[tuple[str, str, Callable[[Path], None], str]] = [
     ("hf", "truncated", lambda f: _truncate(f / "model.safetensors"), r"cannot read model\.safetensors"),
     ("hf", "garbage", lambda f: _garbage(f / "model.safetensors"), r"cannot read model\.safetensors"),
     ("hf", "d_model", _d_model, r"weight '.*' has shape \[.*32.*\] but model_config\.yml implies \[.*64.*\]"),
-    ("composer", "truncated", lambda f: _truncate(f / "best-model.pt"), r"cannot read best-model\.pt in .* as a torch checkpoint.*download it again"),
-    ("composer", "garbage", lambda f: _garbage(f / "best-model.pt"), r"cannot read best-model\.pt in .* as a torch checkpoint.*download it again"),
+    ("composer", "truncated", lambda f: _truncate(f / "best-model.pt"), DAMAGED),
+    ("composer", "garbage", lambda f: _garbage(f / "best-model.pt"), DAMAGED),
 ]
 
 
