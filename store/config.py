@@ -170,8 +170,8 @@ class IngestConfig:
     the run's cache key is derived from all of them (:mod:`sclstore.ingest.run_key`), so a new
     such field enters the key by being marked. ``device`` enters through the precision it
     implies. Fields marked ``pinned`` (batch_size, chunk_cells) are kept from the run's first
-    attempt when it resumes; the others (name, cluster_by, workers, progress, wait) never change
-    a number.
+    attempt when it resumes; the others (name, cluster_by, workers, progress, wait, rehash) never
+    change a number.
     """
 
     model: str = _numerics()

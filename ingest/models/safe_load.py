@@ -51,7 +51,7 @@ def _numpy_data() -> dict[str, Any]:
 NUMPY_DATA: dict[str, Any] = _numpy_data()
 """Real objects allowed by name: numpy array/scalar reconstruction (data only) and ``argparse.Namespace``."""
 
-_UNSUPPORTED_RE = re.compile(r"GLOBAL ([\w.]+)")
+_UNSUPPORTED_RE = re.compile(r"GLOBAL ([\w.]+)|but got <class '([\w.]+)'>")
 
 
 class Inert:
@@ -140,13 +140,13 @@ def safe_torch_load(path: Path, *, inert_modules: tuple[str, ...] = (), mmap: bo
     """
     where = f"{path.name} in {str(path.parent)!r}"
     is_zip = _is_zip(path)
-    extra: list[tuple[Any, str]] = []
+    extra: list[tuple[Any, str]] = [(obj, name) for name, obj in NUMPY_DATA.items()]  # BUILD needs the dtype classes too
     if is_zip:
         try:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         except Exception as exc:
             raise CheckpointError(f"cannot read {where} as a torch checkpoint: {_first_line(exc)}") from None
-        extra = _resolve(names, inert_modules, path)
+        extra += _resolve([n for n in names if n not in NUMPY_DATA], inert_modules, path)
         _check_crc(path, where)
     for _ in range(64):  # legacy files: learn the globals one refusal at a time
         try:
@@ -156,9 +156,10 @@ def safe_torch_load(path: Path, *, inert_modules: tuple[str, ...] = (), mmap: bo
             found = _UNSUPPORTED_RE.search(str(exc))
             if found is None:  # not a refused global: the bytes are not a (complete) checkpoint
                 raise CheckpointError(f"cannot read {where} as a torch checkpoint: {_first_line(exc)}") from None
-            if any(name == found.group(1) for _, name in extra):
-                raise CheckpointError(unsafe_globals_message(path, [found.group(1)])) from None
-            extra += _resolve([found.group(1)], inert_modules, path)
+            name = found.group(1) or found.group(2)
+            if any(name == known for _, known in extra):
+                raise CheckpointError(unsafe_globals_message(path, [name])) from None
+            extra += _resolve([name], inert_modules, path)
         except CheckpointError:
             raise
         except Exception as exc:

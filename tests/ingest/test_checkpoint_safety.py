@@ -108,6 +108,17 @@ def test_composer_bookkeeping_objects_are_inert_placeholders(tmp_path: Path, wri
     adapter = load_adapter("tahoe-x1", folder)
     adapter.load("cpu")
     assert adapter.is_loaded
+    # a training checkpoint's RNG states (numpy arrays and dtypes) and timestamps load too, zip or legacy format
+    plain = write_tiny_tahoe(tmp_path / "p", "composer")
+    payload = torch.load(plain / "best-model.pt", weights_only=True)
+    payload["rng"] = [{"numpy": np.random.RandomState(5).get_state(), "python": (3, (1, 2), None)}]
+    payload["state"]["saved_at"] = datetime.datetime(2025, 1, 2)
+    for zipped in (True, False):
+        torch.save(payload, plain / "best-model.pt", _use_new_zipfile_serialization=zipped)
+        fresh = load_adapter("tahoe-x1", plain)
+        fresh.load("cpu")
+        for key, value in fresh.model.state_dict().items():
+            torch.testing.assert_close(value, adapter.model.state_dict()[key], rtol=0, atol=0)
 
 
 def _embeddings(family: str, folder: Path) -> dict[str, np.ndarray]:
