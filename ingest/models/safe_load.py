@@ -150,7 +150,7 @@ def safe_torch_load(path: Path, *, inert_modules: tuple[str, ...] = (), mmap: bo
         _check_crc(path, where)
     for _ in range(64):  # legacy files: learn the globals one refusal at a time
         try:
-            with torch.serialization.safe_globals(extra):
+            with torch.serialization.safe_globals(list(extra)):  # type: ignore[arg-type]
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
         except pickle.UnpicklingError as exc:
             found = _UNSUPPORTED_RE.search(str(exc))
