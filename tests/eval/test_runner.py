@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 import sclstore
-from sclstore.eval import runner as runner_mod
+from sclstore.eval import task_perturbation as pert_mod
+from sclstore.eval import task_trajectory as traj_mod
+from sclstore.eval import tasks as tasks_mod
 from sclstore.eval.simulate import log_pca, simulate_layers, simulate_perturbseq, simulate_trajectory
 from sclstore.ingest.source import CountsSource
 from sclstore.store import ArraySpec, Backend, cache_key
@@ -58,8 +60,8 @@ def test_trajectory_best_layer_cached_and_errors(tmp_path: Path, monkeypatch: py
         def boom(*_a: object, **_k: object) -> None:
             raise AssertionError("a repeated evaluation must not recompute anything")
 
-        monkeypatch.setattr(runner_mod, "score_trajectory", boom)
-        monkeypatch.setattr(runner_mod, "execute_query", boom)
+        monkeypatch.setattr(traj_mod, "score_trajectory", boom)
+        monkeypatch.setattr(tasks_mod.TaskContext, "read_layer", boom)
         again = st.evaluate_trajectory(run_id, pseudotime_key="latent_time", n_subsamples=4, n_neighbors=15)
         assert again.cached
         np.testing.assert_allclose(again.table["score"].to_numpy(float), rep.table["score"].to_numpy(float), equal_nan=True)
@@ -79,13 +81,13 @@ def test_perturbation_per_condition_with_de_cache(tmp_path: Path, monkeypatch: p
     layers = simulate_layers(log_pca(adata.X, n_comps=20), n_layers=9, best_layer=4, seed=3)
     backend, run_id = _store_with_layers(tmp_path, adata, layers, name="pert", cluster_by=("condition", "gene"))
     calls = {"de": 0}
-    real = runner_mod.run_de
+    real = pert_mod.run_de
 
     def counting(*a: object, **k: object):  # noqa: ANN202
         calls["de"] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(runner_mod, "run_de", counting)
+    monkeypatch.setattr(pert_mod, "run_de", counting)
     kw = dict(perturbation_key="gene", control="NTC", condition_key="condition", replicate_key="donor", de_mode="fast",
               n_boot=50, n_perm=99)
     with sclstore.Store(backend) as st:
