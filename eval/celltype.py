@@ -18,18 +18,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from sclstore.store.errors import EvaluationError, InvalidInputError
 
 __all__ = [
     "APPROX_KNN_ABOVE",
     "ProbeScore",
+    "bootstrap_f1",
     "encode_labels",
-    "nearest_neighbors",
     "knn_predictions",
+    "knn_vote",
     "logistic_predictions",
     "macro_f1",
-    "bootstrap_f1",
+    "nearest_neighbors",
     "probe_score",
 ]
 
@@ -116,7 +116,12 @@ def nearest_neighbors(X: np.ndarray, k: int, *, method: str = "auto", seed: int 
 
 def knn_predictions(X: np.ndarray, codes: np.ndarray, *, k: int = 15, method: str = "auto", seed: int = 0) -> np.ndarray:
     """Leave-one-out kNN majority-vote label per cell (ties: the nearest neighbour's class among the tied)."""
-    nn = nearest_neighbors(X, k, method=method, seed=seed)
+    return knn_vote(nearest_neighbors(X, k, method=method, seed=seed), codes)
+
+
+def knn_vote(nn: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Majority vote of precomputed neighbours ``nn`` (n x k, nearest first) over integer ``codes``."""
+    k = nn.shape[1]
     n_classes = int(codes.max()) + 1
     votes = np.zeros((nn.shape[0], n_classes))
     weights = 1.0 + 1e-6 * (k - np.arange(k))  # break ties in favour of closer neighbours

@@ -23,19 +23,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-
 from sclstore.store.errors import InvalidInputError
 
 __all__ = [
     "anisotropy",
-    "top_coordinate_share",
+    "cka_matrix",
     "covariance_spectrum",
+    "linear_cka",
     "participation_ratio",
     "participation_ratio_from_spectrum",
-    "twonn_dimension",
-    "linear_cka",
-    "cka_matrix",
     "subsample_rows",
+    "top_coordinate_share",
+    "twonn_dimension",
 ]
 
 

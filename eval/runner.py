@@ -21,21 +21,27 @@ import os
 import sys
 import time as _time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-
 from sclstore.store import Backend, DatasetInfo, RunInfo, cache_key
 from sclstore.store.errors import EvaluationError
 
 from .report import EvalReport
-from .tasks import Task, TaskConfig, TaskContext, config_params, get_task, replace_config
+from .tasks import (
+    Task,
+    TaskConfig,
+    TaskContext,
+    config_params,
+    get_task,
+    replace_config,
+)
 
-__all__ = ["run_task", "evaluate_trajectory", "evaluate_perturbation", "cpu_allowance", "LayerProgress", "EVAL_VERSION"]
+__all__ = ["EVAL_VERSION", "LayerProgress", "cpu_allowance", "evaluate_perturbation", "evaluate_trajectory", "run_task"]
 
 logger = logging.getLogger(__name__)
 EVAL_VERSION = "1"  # kept for compatibility; each task now has its own ``version``
@@ -137,7 +143,14 @@ class LayerProgress:
         self._task: Any = None
         if enabled and getattr(self.stream, "isatty", lambda: False)():
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
                                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
@@ -175,10 +188,10 @@ class LayerProgress:
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(task_name: str, config: TaskConfig, state: Any, threads: int) -> None:
+def _worker_init(task: Task, config: TaskConfig, state: Any, threads: int) -> None:
     from threadpoolctl import threadpool_limits
 
-    _WORKER["task"] = get_task(task_name)
+    _WORKER["task"] = task  # pickled by loky (cloudpickle): in-process registered tasks work too
     _WORKER["config"], _WORKER["state"] = config, state
     _WORKER["limits"] = threadpool_limits(limits=threads)  # kept alive for the worker's lifetime
 
@@ -196,13 +209,14 @@ def _compute_layers(task: Task, ctx: TaskContext, config: TaskConfig, state: Any
             results[layer] = task.compute_layer(config, state, layer, task.layer_input(ctx, config, state, layer))
             progress.advance()
         return results
-    import multiprocessing as mp
+    # loky (joblib's) executor: spawn-safe without re-running the caller's __main__
+    from joblib.externals.loky.process_executor import ProcessPoolExecutor
 
     threads = max(1, cpu_allowance() // jobs)  # processes x threads never exceed the CPUs we may use
     logger.info("%s: %d worker processes x %d threads over %d layers", task.name, jobs, threads, len(layers))
     pending: dict[Future[Any], int] = {}
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                             initargs=(task.name, config, task.worker_state(state), threads)) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, initializer=_worker_init,
+                             initargs=(task, config, task.worker_state(state), threads)) as pool:
         todo = list(layers)
         while todo or pending:
             while todo and len(pending) < jobs:  # at most `jobs` layers read and in flight

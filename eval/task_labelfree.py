@@ -8,18 +8,25 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sclstore.store.errors import EvaluationError, InvalidInputError
 from threadpoolctl import threadpool_limits
 
-from sclstore.store.errors import EvaluationError, InvalidInputError
-
 from .celltype import encode_labels, knn_predictions, logistic_predictions, probe_score
-from .diagnostics import anisotropy, cka_matrix, linear_cka, participation_ratio, subsample_rows, top_coordinate_share, twonn_dimension
+from .diagnostics import (
+    anisotropy,
+    cka_matrix,
+    linear_cka,
+    participation_ratio,
+    subsample_rows,
+    top_coordinate_share,
+    twonn_dimension,
+)
 from .report import EvalReport
 from .results import LayerScore, layer_table, summarize_layers
 from .stats import paired_difference
 from .tasks import Task, TaskConfig, TaskContext, register_task
 
-__all__ = ["DiagnosticsConfig", "DiagnosticsTask", "CelltypeConfig", "CelltypeTask", "DIAGNOSTIC_METRICS"]
+__all__ = ["DIAGNOSTIC_METRICS", "CelltypeConfig", "CelltypeTask", "DiagnosticsConfig", "DiagnosticsTask"]
 
 #: Metrics of the diagnostics task, in display order.
 DIAGNOSTIC_METRICS: tuple[str, ...] = ("anisotropy", "top_coordinate_share", "participation_ratio", "twonn_dimension",
@@ -62,7 +69,7 @@ class DiagnosticsTask(Task):
     title = "Label-free layer diagnostics"
     config_cls = DiagnosticsConfig
 
-    def primary_metric(self, config: TaskConfig) -> str:  # noqa: ARG002
+    def primary_metric(self, config: TaskConfig) -> str:
         return "cka_final"
 
     def prepare(self, ctx: TaskContext, config: TaskConfig) -> dict[str, Any]:
@@ -170,7 +177,7 @@ class CelltypeTask(Task):
     title = "Cell-type probing (macro-F1)"
     config_cls = CelltypeConfig
 
-    def primary_metric(self, config: TaskConfig) -> str:  # noqa: ARG002
+    def primary_metric(self, config: TaskConfig) -> str:
         return "logreg_f1"
 
     def prepare(self, ctx: TaskContext, config: TaskConfig) -> dict[str, Any]:

@@ -9,14 +9,25 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-
 from sclstore.store.errors import EvaluationError, InvalidInputError
 
 from .de import DE_MODES, DEResult, pseudobulk, run_de
-from .perturbation import VARIANTS, perturbation_paired_difference, rsa_from_centroids, select_perturbations, split_half_ceiling
+from .perturbation import (
+    VARIANTS,
+    perturbation_paired_difference,
+    rsa_from_centroids,
+    select_perturbations,
+    split_half_ceiling,
+)
 from .report import EvalReport
 from .results import LayerScore, layer_table, summarize_layers
-from .runner import _cached_intermediate, _counts, _quote_ident, _quote_value, cpu_allowance
+from .runner import (
+    _cached_intermediate,
+    _counts,
+    _quote_ident,
+    _quote_value,
+    cpu_allowance,
+)
 from .tasks import Task, TaskConfig, TaskContext, register_task
 
 __all__ = ["PerturbationConfig", "PerturbationTask"]

@@ -7,15 +7,19 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from threadpoolctl import threadpool_limits
-
 from sclstore.store.errors import EvaluationError, InvalidInputError
+from threadpoolctl import threadpool_limits
 
 from .report import EvalReport
 from .results import BASELINE_LAYER, LayerScore, layer_table, summarize_layers
 from .runner import _cached_intermediate, _counts, _finite
 from .tasks import Task, TaskConfig, TaskContext, register_task
-from .trajectory import as_time, reference_pseudotime, score_trajectory, trajectory_paired_difference
+from .trajectory import (
+    as_time,
+    reference_pseudotime,
+    score_trajectory,
+    trajectory_paired_difference,
+)
 
 __all__ = ["TrajectoryConfig", "TrajectoryTask"]
 
@@ -59,7 +63,7 @@ class TrajectoryTask(Task):
     title = "Trajectory inference (DPT vs time)"
     config_cls = TrajectoryConfig
 
-    def primary_metric(self, config: TaskConfig) -> str:  # noqa: ARG002
+    def primary_metric(self, config: TaskConfig) -> str:
         return "spearman_time"
 
     def prepare(self, ctx: TaskContext, config: TaskConfig) -> dict[str, Any]:
@@ -116,7 +120,7 @@ class TrajectoryTask(Task):
         info, pool, ref_pt = ctx.info, ctx.pool, state["ref"]
         undefined = {layer: r for layer, r in results.items() if isinstance(r, str)}
         scores = {layer: (None if isinstance(r, str) else r) for layer, r in results.items()}
-        final = scores[info.layers[-1]] if info.layers[-1] in scores else None
+        final = scores.get(info.layers[-1])
         rows = []
         for layer, sc in scores.items():
             depth = info.depth(layer)
@@ -142,7 +146,7 @@ class TrajectoryTask(Task):
         table = layer_table(rows)
         return EvalReport(task=self.name, run_id=info.id, run_label=info.label, params=params, table=table,
                           summary=summarize_layers(table),
-                          notes={"n_cells": int(len(state["time"])), "pca_reference_rho": state["ref_rho"],
+                          notes={"n_cells": len(state["time"]), "pca_reference_rho": state["ref_rho"],
                                  "undefined_layers": {str(k): v for k, v in undefined.items()}})
 
 

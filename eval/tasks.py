@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
-
 from sclstore.store.errors import EvaluationError, InvalidInputError
 
 if TYPE_CHECKING:
@@ -38,14 +37,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENTRY_POINT_GROUP",
-    "TaskConfig",
     "Task",
+    "TaskConfig",
     "TaskContext",
     "config_params",
-    "register_task",
     "get_task",
-    "task_names",
     "nokey",
+    "register_task",
+    "task_names",
 ]
 
 logger = logging.getLogger(__name__)
@@ -150,11 +149,11 @@ class Task:
     title: ClassVar[str] = ""
     config_cls: ClassVar[type[TaskConfig]] = TaskConfig
 
-    def primary_metric(self, config: TaskConfig) -> str:  # noqa: ARG002
+    def primary_metric(self, config: TaskConfig) -> str:
         """The metric the headline and the plot use."""
         return "score"
 
-    def layers(self, ctx: TaskContext, config: TaskConfig, state: Any) -> list[int]:  # noqa: ARG002
+    def layers(self, ctx: TaskContext, config: TaskConfig, state: Any) -> list[int]:
         """Layers to compute (default: every stored layer)."""
         return list(ctx.info.layers)
 
@@ -162,7 +161,7 @@ class Task:
         """Everything that is not per layer (validation, references, DE); returns the task state."""
         return None
 
-    def layer_input(self, ctx: TaskContext, config: TaskConfig, state: Any, layer: int) -> Any:  # noqa: ARG002
+    def layer_input(self, ctx: TaskContext, config: TaskConfig, state: Any, layer: int) -> Any:
         """What ``compute_layer`` gets for one layer (default: the layer's matrix)."""
         return ctx.read_layer(layer)
 

@@ -133,6 +133,46 @@ class Store:
 
         return evaluate_perturbation(self.backend, run, **options)
 
+    def evaluate(self, task: str, run: int | str, **options: Any) -> Any:
+        """Score every stored layer of a run on any registered task.
+
+        Parameters
+        ----------
+        task
+            ``trajectory``, ``perturbation``, ``diagnostics``, ``celltype`` or a plugin's task
+            (entry-point group ``sclstore.tasks``).
+        run
+            Run id or ``dataset/model``.
+        **options
+            Fields of the task's config (e.g. ``label_key="cell_type"``), ``n_jobs``,
+            ``progress``, and ``counts_path``.
+
+        Returns
+        -------
+        EvalReport
+            Cached in the catalog; a repeated identical call reads no embedding.
+        """
+        from sclstore.eval.runner import run_task
+
+        return run_task(self.backend, run, task, **options)
+
+    def evaluations(self, run: int | str | None = None) -> list[dict[str, Any]]:
+        """Cached evaluations (of one run, or all): id, run, task, parameters, created time."""
+        run_id = self.backend.get_run(run).id if run is not None else None
+        return self.backend.list_evaluations(run_id)
+
+    def evaluation(self, evaluation_id: int) -> Any:
+        """One cached evaluation, reloaded as an :class:`~sclstore.eval.report.EvalReport`."""
+        from sclstore.eval.report import EvalReport
+
+        return EvalReport.from_json(self.backend.get_evaluation_by_id(evaluation_id), cached=True)
+
+    def report(self, run: int | str, out_html: str | os.PathLike[str]) -> Path:
+        """Write a self-contained HTML report of every cached evaluation of a run (no Python needed to read it)."""
+        from sclstore.eval.html import write_run_report
+
+        return write_run_report(self, self.backend.get_run(run), out_html)
+
 
 def open_store(
     path: str | os.PathLike[str] | None = None,

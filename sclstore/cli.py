@@ -136,17 +136,23 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
 @app.command("ls")
 @handled
 def ls(
-    what: Annotated[str, typer.Argument(help="datasets, models or runs.")] = "runs",
+    what: Annotated[str, typer.Argument(help="datasets, models, runs or evals.")] = "runs",
+    run: Annotated[str | None, typer.Option("--run", help="With evals: only this run's.")] = None,
     store: StoreOpt = default_store_path(),
     catalog: CatalogOpt = None,
     json_out: JsonOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
-    """List what the store holds: datasets, models or runs."""
-    if what not in ("datasets", "models", "runs"):
-        err.print(f"error: cannot list {what!r}: choose datasets, models or runs", markup=False)
+    """List what the store holds: datasets, models, runs or evals (cached evaluations)."""
+    if what not in ("datasets", "models", "runs", "evals"):
+        err.print(f"error: cannot list {what!r}: choose datasets, models, runs or evals", markup=False)
         raise typer.Exit(2)
     with _open(store, catalog) as st:
+        if what == "evals":
+            from sclstore.cli_eval import print_evals
+
+            print_evals(st, run, json_out)
+            return
         items = {"datasets": st.datasets, "models": st.models, "runs": st.runs}[what]()
         if json_out:
             emit_json([i.to_json() for i in items])
@@ -236,7 +242,7 @@ def main() -> None:
     app()
 
 
-from sclstore import cli_work  # noqa: E402,F401  (registers query, eval and demo on `app`)
+from sclstore import cli_eval, cli_work  # noqa: E402,F401  (register query, eval, report and demo on `app`)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -42,21 +42,15 @@ def query(
 
 
 def _print_eval(result: Any, json_out: bool, plot: Path | None) -> None:
-    if plot is not None:
-        result.plot(plot)
-    if json_out:
-        emit_json(result.to_json())
-        return
-    out.print(result.rich_table())
-    for line in result.headline():
-        out.print(line, markup=False)
-    if plot is not None:
-        err.print(f"plot written to {plot}", markup=False)
+    from sclstore.cli_eval import print_eval
+
+    print_eval(result, json_out, plot)
 
 
 PoolOpt = Annotated[str | None, typer.Option("--pool", help="Pool to score (default: the run's first).")]
 BootOpt = Annotated[int, typer.Option("--bootstrap", help="Resamples for confidence intervals.")]
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Write a score-vs-depth PNG.")]
+JobsOpt = Annotated[int, typer.Option("--jobs", "-j", help="Worker processes over layers and DE fits (capped by the CPUs this process may use).")]
 
 
 @eval_app.command("trajectory")
@@ -67,6 +61,7 @@ def eval_trajectory(
     root_cell: Annotated[str | None, typer.Option("--root-cell", help="Root cell name (default: diffusion-extreme earliest cell).")] = None,
     pool: PoolOpt = None,
     bootstrap: BootOpt = 20,
+    jobs: JobsOpt = 1,
     plot: PlotOpt = None,
     store: StoreOpt = default_store_path(),
     catalog: CatalogOpt = None,
@@ -75,7 +70,8 @@ def eval_trajectory(
 ) -> None:
     """Score every stored layer on trajectory inference (DPT vs ground-truth time)."""
     with _open(store, catalog) as st:
-        res = st.evaluate_trajectory(run, pseudotime_key=pseudotime_key, root_cell=root_cell, pool=pool, n_subsamples=bootstrap)
+        res = st.evaluate_trajectory(run, pseudotime_key=pseudotime_key, root_cell=root_cell, pool=pool, n_subsamples=bootstrap,
+                                     n_jobs=jobs, progress=not json_out)
     _print_eval(res, json_out, plot)
 
 
@@ -90,6 +86,7 @@ def eval_perturbation(
     de: Annotated[str, typer.Option("--de", help="pydeseq2 (paper-faithful) or fast.")] = "pydeseq2",
     pool: PoolOpt = None,
     bootstrap: BootOpt = 200,
+    jobs: JobsOpt = 1,
     plot: PlotOpt = None,
     store: StoreOpt = default_store_path(),
     catalog: CatalogOpt = None,
@@ -99,7 +96,8 @@ def eval_perturbation(
     """Score every stored layer on perturbation response (RSA vs DE), per condition."""
     with _open(store, catalog) as st:
         res = st.evaluate_perturbation(run, perturbation_key=perturbation_key, control=control, condition_key=condition_key,
-                                       replicate_key=replicate_key, de_mode=de, pool=pool, n_boot=bootstrap)
+                                       replicate_key=replicate_key, de_mode=de, pool=pool, n_boot=bootstrap,
+                                       n_jobs=jobs, progress=not json_out)
     _print_eval(res, json_out, plot)
 
 

@@ -507,6 +507,24 @@ class Backend:
         except sa.exc.IntegrityError:
             pass  # stored concurrently by an identical evaluation
 
+    def list_evaluations(self, run_id: int | None = None) -> list[dict[str, Any]]:
+        """Cached evaluations (without their results), oldest first."""
+        cols = (Evaluation.id, Evaluation.run_id, Evaluation.task, Evaluation.params_hash, Evaluation.params, Evaluation.created_at)
+        stmt = sa.select(*cols).order_by(Evaluation.id)
+        if run_id is not None:
+            stmt = stmt.where(Evaluation.run_id == run_id)
+        with Session(self.engine) as s:
+            return [{"id": r.id, "run": r.run_id, "task": r.task, "params_hash": r.params_hash, "params": dict(r.params),
+                     "created_at": r.created_at.isoformat() if r.created_at else None} for r in s.execute(stmt)]
+
+    def get_evaluation_by_id(self, evaluation_id: int) -> dict[str, Any]:
+        """The stored result of one evaluation; NotFoundError names how to list them."""
+        with Session(self.engine) as s:
+            row = s.get(Evaluation, int(evaluation_id))
+            if row is None:
+                raise NotFoundError(f"no cached evaluation {evaluation_id}; list them with `sclstore ls evals`")
+            return dict(row.result)
+
     def get_intermediate(self, key_hash: str) -> bytes | None:
         with Session(self.engine) as s:
             return s.scalar(sa.select(Intermediate.payload).where(Intermediate.key_hash == key_hash))
