@@ -176,11 +176,11 @@ def linear_cka(X: np.ndarray, Y: np.ndarray) -> float:
 
 
 def cka_matrix(Xs: Sequence[np.ndarray]) -> np.ndarray:
-    """Symmetric matrix of linear CKA between every pair of representations (diagonal 1)."""
+    """Symmetric matrix of linear CKA between every pair of representations (diagonal 1; ``nan`` for a constant one)."""
     cs = [_centre(X) for X in Xs]
     norms = [float(np.linalg.norm(c.T @ c)) for c in cs]
     k = len(cs)
-    M = np.eye(k)
+    M = np.diag([1.0 if nm > 0 else float("nan") for nm in norms])  # a constant layer has no CKA, even with itself
     for a in range(k):
         for b in range(a + 1, k):
             den = norms[a] * norms[b]
