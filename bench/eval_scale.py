@@ -65,7 +65,7 @@ def e4(work: Path, args: argparse.Namespace) -> None:
     P = max(10, int(args.perturbations * args.size))
     adata = simulate_perturbseq(n_perturbations=P, n_genes=args.genes, cells_per_perturbation=args.cells_per_perturbation,
                                 n_control_cells=max(100, 5 * args.cells_per_perturbation), n_donors=2, seed=2)
-    layers = simulate_layers(log_pca(adata.X, n_comps=20), n_layers=args.layers, best_layer=4, dim=64, seed=3)
+    layers = simulate_layers(log_pca(adata.X, n_comps=20), n_layers=args.layers, best_layer=args.layers // 3, dim=64, seed=3)
     backend, run = store_with_layers(work / "e4", adata, layers, name="pert", cluster_by=("condition", "gene"))
     t0 = time.perf_counter()
     rep = sclstore.Store(backend).evaluate_perturbation(run, perturbation_key="gene", control="NTC", condition_key="condition",

@@ -185,19 +185,11 @@ class LayerProgress:
 
 
 # ----------------------------------------------------------------------------------- workers
-_WORKER: dict[str, Any] = {}
-
-
-def _worker_init(task: Task, config: TaskConfig, state: Any, threads: int) -> None:
+def _worker_compute(task: Task, config: TaskConfig, state: Any, threads: int, layer: int, data: Any) -> Any:
     from threadpoolctl import threadpool_limits
 
-    _WORKER["task"] = task  # pickled by loky (cloudpickle): in-process registered tasks work too
-    _WORKER["config"], _WORKER["state"] = config, state
-    _WORKER["limits"] = threadpool_limits(limits=threads)  # kept alive for the worker's lifetime
-
-
-def _worker_compute(layer: int, data: Any) -> Any:
-    return _WORKER["task"].compute_layer(_WORKER["config"], _WORKER["state"], layer, data)
+    with threadpool_limits(limits=threads):
+        return task.compute_layer(config, state, layer, data)
 
 
 def _compute_layers(task: Task, ctx: TaskContext, config: TaskConfig, state: Any, layers: list[int],
@@ -209,23 +201,30 @@ def _compute_layers(task: Task, ctx: TaskContext, config: TaskConfig, state: Any
             results[layer] = task.compute_layer(config, state, layer, task.layer_input(ctx, config, state, layer))
             progress.advance()
         return results
-    # loky (joblib's) executor: spawn-safe without re-running the caller's __main__
-    from joblib.externals.loky.process_executor import ProcessPoolExecutor
+    # loky (joblib's) reusable executor: spawn-safe without re-running the caller's __main__, tasks and
+    # configs pickled with cloudpickle (tasks registered in-process work too), and its workers stay warm
+    # between evaluations (their imports and JIT compilation are paid once per session, not per call).
+    from joblib.externals.loky import get_reusable_executor
 
     threads = max(1, cpu_allowance() // jobs)  # processes x threads never exceed the CPUs we may use
     logger.info("%s: %d worker processes x %d threads over %d layers", task.name, jobs, threads, len(layers))
+    wstate = task.worker_state(state)
+    pool = get_reusable_executor(max_workers=jobs, timeout=300)
     pending: dict[Future[Any], int] = {}
-    with ProcessPoolExecutor(max_workers=jobs, initializer=_worker_init,
-                             initargs=(task, config, task.worker_state(state), threads)) as pool:
-        todo = list(layers)
+    todo = list(layers)
+    try:
         while todo or pending:
             while todo and len(pending) < jobs:  # at most `jobs` layers read and in flight
                 layer = todo.pop(0)
-                pending[pool.submit(_worker_compute, layer, task.layer_input(ctx, config, state, layer))] = layer
+                data = task.layer_input(ctx, config, state, layer)
+                pending[pool.submit(_worker_compute, task, config, wstate, threads, layer, data)] = layer
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 results[pending.pop(fut)] = fut.result()
                 progress.advance()
+    finally:
+        for fut in pending:
+            fut.cancel()
     return {layer: results[layer] for layer in layers}
 
 
