@@ -231,5 +231,12 @@ class CelltypeTask(Task):
                                  "undefined_layers": undefined, "interval": "bootstrap over cells of out-of-fold predictions"})
 
 
+    def plot(self, report: EvalReport, out_png: str | Path) -> Path:
+        from .plot import plot_layer_scores
+
+        return plot_layer_scores(report.metric_table(), out_png, title=f"celltype ({report.params.get('label_key')}) - {report.run_label}",
+                                 ylabel="macro-F1, logistic-regression probe (5-fold CV)")
+
+
 register_task(DiagnosticsTask())
 register_task(CelltypeTask())
