@@ -5,6 +5,10 @@
 * :mod:`~sclstore.eval.de` and :mod:`~sclstore.eval.perturbation`: pseudobulk DE (pydeseq2 or
   fast) and RSA between DE similarity and embedding-shift similarity, with Mantel p-values,
   perturbation bootstrap and a split-half DE ceiling.
+* :mod:`~sclstore.eval.diagnostics` (label-free layer geometry, CKA) and
+  :mod:`~sclstore.eval.celltype` (kNN and logistic-regression label probes, macro-F1).
+* :mod:`~sclstore.eval.tasks`: the task registry (frozen configs = cache keys) run by
+  :func:`sclstore.eval.runner.run_task`.
 * :mod:`~sclstore.eval.stats`: resampling helpers; :mod:`~sclstore.eval.results`: per-layer
   tables; :mod:`~sclstore.eval.plot`: the score-vs-depth figure;
   :mod:`~sclstore.eval.simulate`: seeded simulators with a known answer.
@@ -86,7 +90,25 @@ from sclstore.eval.trajectory import (
     trajectory_paired_difference,
 )
 
+from sclstore.eval.celltype import ProbeScore, knn_predictions, logistic_predictions, macro_f1, nearest_neighbors, probe_score
+from sclstore.eval.diagnostics import (
+    anisotropy,
+    cka_matrix,
+    linear_cka,
+    participation_ratio,
+    participation_ratio_from_spectrum,
+    top_coordinate_share,
+    twonn_dimension,
+)
+from sclstore.eval.tasks import Task, TaskConfig, config_params, get_task, register_task, task_names
+
 __all__ = [
+    # tasks
+    "Task", "TaskConfig", "config_params", "get_task", "register_task", "task_names",
+    # diagnostics and label probes
+    "anisotropy", "top_coordinate_share", "participation_ratio", "participation_ratio_from_spectrum", "twonn_dimension",
+    "linear_cka", "cka_matrix", "ProbeScore", "nearest_neighbors", "knn_predictions", "logistic_predictions", "macro_f1",
+    "probe_score",
     # trajectory
     "ROOT_RULES", "RootRule", "DPTResult", "ReferencePseudotime", "TrajectoryScore", "SubsampleScores", "as_time",
     "dpt_pseudotime", "reference_pseudotime", "score_trajectory", "paired_subsample_scores",

@@ -48,49 +48,81 @@ def _png(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
+def _claim_rows(report: EvalReport) -> dict[str, dict[str, Any]]:
+    """Claim-aware summary rows of the primary metric, by condition ("" when none)."""
+    s, metric = report.summary, report.params.get("primary_metric")
+    if s is None or s.empty or "claimed" not in s:
+        return {}
+    s = s[s["metric"] == metric] if "metric" in s else s
+    out = {}
+    for r in s.to_dict(orient="records"):
+        cond = r.get("condition")
+        out["" if cond is None or (isinstance(cond, float) and math.isnan(cond)) else str(cond)] = r
+    return out
+
+
 def recommendations(report: EvalReport) -> list[dict[str, Any]]:
-    """Per condition (and metric = the primary one): the recommended layer and whether the data support it.
+    """Per condition (primary metric): the recommended layer and whether the data support it.
+
+    A better layer than the final one is recommended only when the claims of the evaluation
+    (:func:`~sclstore.eval.claims.layer_claims`: simultaneous intervals over all layers) support
+    it; without claims (too few resamples) the per-layer paired interval vs the final layer is used.
 
     Returns
     -------
     list of dict
         ``condition``, ``best_layer``, ``best_depth``, ``best_score``, ``ci_low``, ``ci_high``,
         ``final_layer``, ``final_score``, ``gain``, ``gain_ci_low``, ``gain_ci_high``,
-        ``supported`` (the paired interval vs the final layer excludes 0), ``recommended_layer``
-        (the best layer when supported, else the final layer) and ``text``.
+        ``supported``, ``recommended_layer`` (the best layer when supported, else the final
+        layer), ``best_set`` and ``win_frequency`` (when claims exist) and ``text``.
     """
     df = report.metric_table()
     if df.empty or "representation" not in df:
         return []
     df = df[df["representation"] == "layer"]
+    claims = _claim_rows(report)
+    metric = report.params.get("primary_metric")
     out = []
-    groups = df.groupby(df["condition"].astype(object).where(df["condition"].notna(), ""), sort=False) if "condition" in df else [("", df)]
-    for cond, g in groups:
+    conds = df["condition"].astype(object).where(df["condition"].notna(), "") if "condition" in df else pd.Series("", index=df.index)
+    for cond, g in df.groupby(conds, sort=False):
         g = g[np.isfinite(g["score"].astype(float))]
         if g.empty:
             continue
-        best = g.loc[g["score"].astype(float).idxmax()]
         final = g.loc[g["layer"].astype(int).idxmax()]
-        lo, hi = float(best["diff_ci_low"]), float(best["diff_ci_high"])
-        is_final = int(best["layer"]) == int(final["layer"])
-        supported = (not is_final) and math.isfinite(lo) and lo > 0
-        metric = report.params.get("primary_metric")
-        if is_final:
+        claim = claims.get(str(cond))
+        if claim is not None:
+            best = g[g["layer"].astype(int) == int(claim["best_layer"])].iloc[0]
+            lo, hi, supported = float(claim["gain_ci_low"]), float(claim["gain_ci_high"]), bool(claim["claimed"])
+            kind = "simultaneous 95% CI over all layers"
+        else:
+            best = g.loc[g["score"].astype(float).idxmax()]
+            lo, hi = float(best["diff_ci_low"]), float(best["diff_ci_high"])
+            supported = int(best["layer"]) != int(final["layer"]) and math.isfinite(lo) and lo > 0
+            kind = "paired 95% CI"
+        gain = float(best["score"]) - float(final["score"])
+        if int(best["layer"]) == int(final["layer"]):
             text = f"The final layer {int(final['layer'])} scores highest ({metric} {_f(final['score'])}); keep it."
         elif supported:
             text = (f"Use layer {int(best['layer'])} (depth {float(best['depth']):.2f}): {metric} {_f(best['score'])} "
-                    f"[{_f(best['ci_low'])}, {_f(best['ci_high'])}], {float(best['diff_vs_final']):+.3f} over the final layer "
-                    f"{int(final['layer'])} (paired 95% CI {_f(lo)} to {_f(hi)}).")
+                    f"[{_f(best['ci_low'])}, {_f(best['ci_high'])}], {gain:+.3f} over the final layer "
+                    f"{int(final['layer'])} ({kind} {_f(lo)} to {_f(hi)}).")
         else:
             text = (f"No layer is distinguishable from the final layer {int(final['layer'])} ({metric} {_f(final['score'])}): "
-                    f"the highest, layer {int(best['layer'])}, is {float(best['score']) - float(final['score']):+.3f} with a paired "
-                    f"95% CI {_f(lo)} to {_f(hi)} that includes 0. Keep the final layer.")
-        out.append({"condition": cond or None, "best_layer": int(best["layer"]), "best_depth": float(best["depth"]),
-                    "best_score": float(best["score"]), "ci_low": float(best["ci_low"]), "ci_high": float(best["ci_high"]),
-                    "final_layer": int(final["layer"]), "final_score": float(final["score"]),
-                    "gain": float(best["score"]) - float(final["score"]), "gain_ci_low": lo, "gain_ci_high": hi,
-                    "supported": bool(supported), "recommended_layer": int(best["layer"]) if supported else int(final["layer"]),
-                    "text": text})
+                    f"the highest, layer {int(best['layer'])}, is {gain:+.3f} with a {kind} {_f(lo)} to {_f(hi)} that includes 0. "
+                    "Keep the final layer.")
+        rec = {"condition": cond or None, "best_layer": int(best["layer"]), "best_depth": float(best["depth"]),
+               "best_score": float(best["score"]), "ci_low": float(best["ci_low"]), "ci_high": float(best["ci_high"]),
+               "final_layer": int(final["layer"]), "final_score": float(final["score"]), "gain": gain, "gain_ci_low": lo,
+               "gain_ci_high": hi, "supported": bool(supported),
+               "recommended_layer": int(best["layer"]) if supported else int(final["layer"]), "text": text}
+        if claim is not None:
+            rec["best_set"] = [int(x) for x in claim.get("best_set") or []]
+            wins = claim.get("win_frequency") or {}
+            top = sorted(wins.items(), key=lambda kv: -float(kv[1]))[:3]
+            rec["win_frequency"] = {str(k): float(v) for k, v in wins.items()}
+            rec["text"] += (f" Layers statistically indistinguishable from the best: {', '.join(map(str, rec['best_set'])) or '-'}; "
+                            "most frequent winners across resamples: " + ", ".join(f"layer {k} {float(v):.0%}" for k, v in top) + ".")
+        out.append(rec)
     return out
 
 

@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time as _time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 from typing import Any
@@ -29,9 +29,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from sclstore.store import Backend, DatasetInfo, RunInfo, cache_key
-from sclstore.store.errors import EvaluationError
+from sclstore.store.errors import EvaluationError, InvalidInputError
 
+from .claims import layer_claims
 from .report import EvalReport
+from .results import LayerScore, apply_claim, claim_summary_row
 from .tasks import (
     Task,
     TaskConfig,
@@ -44,7 +46,7 @@ from .tasks import (
 __all__ = ["EVAL_VERSION", "LayerProgress", "cpu_allowance", "evaluate_perturbation", "evaluate_trajectory", "run_task"]
 
 logger = logging.getLogger(__name__)
-EVAL_VERSION = "1"  # kept for compatibility; each task now has its own ``version``
+EVAL_VERSION = "2"  # kept for compatibility; each task now has its own ``version``
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -107,6 +109,25 @@ def _cached_intermediate(backend: Backend, kind: str, params: dict[str, Any], co
 
 def _finite(x: float | None) -> float:
     return float(x) if x is not None and math.isfinite(float(x)) else float("nan")
+
+
+# ----------------------------------------------------------------------------------- claims
+PROTOCOLS = ("default", "paper")
+
+
+def _claimed_rows(rows: list[LayerScore], est: np.ndarray, resamples: np.ndarray, info: RunInfo, layers: Sequence[int], *,
+                  scale: float, metric: str, seed: int, summary: list[dict[str, Any]], notes: dict[str, Any],
+                  **keys: Any) -> list[LayerScore]:
+    """Apply the shared claim logic to one group's rows; append its summary row."""
+    depths = {int(li): info.depth(li) for li in layers}
+    try:
+        claim = layer_claims(est, resamples, list(layers), scale=scale, seed=seed, metric=metric,
+                             depths=[depths[int(li)] for li in layers], final_layer=int(layers[-1]) if np.isfinite(est[-1]) else None)
+    except InvalidInputError as exc:  # too few resamples or no finite score: report estimates, claim nothing
+        notes.setdefault("claims_skipped", []).append(f"{keys}: {exc}")
+        return rows
+    summary.append(claim_summary_row(claim, depths=depths, metric=metric, **keys))
+    return apply_claim(rows, claim)
 
 
 def cpu_allowance() -> int:

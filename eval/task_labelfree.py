@@ -23,7 +23,7 @@ from .diagnostics import (
 )
 from .report import EvalReport
 from .results import LayerScore, layer_table, summarize_layers
-from .stats import paired_difference
+from .runner import _claimed_rows
 from .tasks import Task, TaskConfig, TaskContext, register_task
 
 __all__ = ["DIAGNOSTIC_METRICS", "CelltypeConfig", "CelltypeTask", "DiagnosticsConfig", "DiagnosticsTask"]
@@ -200,35 +200,36 @@ class CelltypeTask(Task):
 
     def summarise(self, ctx: TaskContext, config: TaskConfig, state: dict[str, Any], results: dict[int, Any],
                   params: dict[str, Any]) -> EvalReport:
+        assert isinstance(config, CelltypeConfig)
         info = ctx.info
-        final = results.get(info.layers[-1])
-        final = None if isinstance(final, str) else final
         rows: list[LayerScore] = []
+        summary: list[dict[str, Any]] = []
+        notes: dict[str, Any] = {"n_cells": info.n_cells, "classes": state["classes"],
+                                 "interval": "bootstrap over cells of out-of-fold predictions"}
         undefined = {str(la): r for la, r in results.items() if isinstance(r, str)}
         accuracy: dict[str, dict[str, float]] = {m: {} for m in CELLTYPE_METRICS}
+        ok = [la for la, r in results.items() if not isinstance(r, str)]
         for metric in CELLTYPE_METRICS:
-            for layer, res in results.items():
-                if isinstance(res, str):
-                    rows.append(LayerScore(layer=layer, depth=info.depth(layer), score=float("nan"), pool=ctx.pool, metric=metric, n=0))
-                    continue
-                sc = res[metric]
-                accuracy[metric][str(layer)] = sc.accuracy
-                is_final = final is not None and res is final
-                diff = (paired_difference(sc.boot, final[metric].boot, estimate=sc.macro_f1 - final[metric].macro_f1)
-                        if final is not None and not is_final and sc.boot.size else None)
-                rows.append(LayerScore(layer=layer, depth=info.depth(layer), score=sc.macro_f1, ci_low=sc.ci_low, ci_high=sc.ci_high,
-                                       pool=ctx.pool, metric=metric, n=sc.n_cells,
-                                       diff_vs_final=diff.estimate if diff else (0.0 if is_final else float("nan")),
-                                       diff_ci_low=diff.ci_low if diff else float("nan"),
-                                       diff_ci_high=diff.ci_high if diff else float("nan"),
-                                       diff_p_value=diff.p_value if diff else float("nan")))
+            rows += [LayerScore(layer=la, depth=info.depth(la), score=float("nan"), pool=ctx.pool, metric=metric, n=0)
+                     for la in results if str(la) in undefined]
+            grp = []
+            for la in ok:
+                sc = results[la][metric]
+                accuracy[metric][str(la)] = sc.accuracy
+                grp.append(LayerScore(layer=la, depth=info.depth(la), score=sc.macro_f1, ci_low=sc.ci_low, ci_high=sc.ci_high,
+                                      pool=ctx.pool, metric=metric, n=sc.n_cells))
+            if grp and config.n_boot >= 3 and ok[-1] == info.layers[-1]:  # claims from the paired bootstrap (same cells resampled)
+                est = np.array([results[la][metric].macro_f1 for la in ok])
+                R = np.vstack([results[la][metric].boot for la in ok])
+                grp = _claimed_rows(grp, est, R, info, ok, scale=1.0, metric=metric, seed=config.seed, summary=summary, notes=notes,
+                                    pool=ctx.pool)
+            rows += grp
+        notes.update({"accuracy": accuracy, "undefined_layers": undefined})
         table = layer_table(rows)
         if not np.isfinite(table["score"].astype(float)).any():
             raise EvaluationError("no layer could be probed: " + "; ".join(f"layer {k}: {v}" for k, v in undefined.items()))
         return EvalReport(task=self.name, run_id=info.id, run_label=info.label, params=params, table=table,
-                          summary=summarize_layers(table),
-                          notes={"n_cells": info.n_cells, "classes": state["classes"], "accuracy": accuracy,
-                                 "undefined_layers": undefined, "interval": "bootstrap over cells of out-of-fold predictions"})
+                          summary=pd.DataFrame(summary) if summary else summarize_layers(table), notes=notes)
 
 
     def plot(self, report: EvalReport, out_png: str | Path) -> Path:

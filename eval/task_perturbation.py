@@ -1,4 +1,10 @@
-"""The perturbation task: RSA between DE similarity and embedding-shift similarity per layer and condition."""
+"""The perturbation task: RSA between DE similarity and embedding-shift similarity per layer and condition.
+
+Cross-fitted by default (DE from one half of each group's cells, the layer's centroids from the
+other, both ways): the task streams each layer's cells of every condition to
+:func:`~sclstore.eval.perturbation.score_perturbation_crossfit`. ``crossfit=False`` scores DE and
+centroids of the same cells (leak-prone, labelled ``_samecells``) from one GROUP BY query.
+"""
 
 from __future__ import annotations
 
@@ -14,15 +20,19 @@ from sclstore.store.errors import EvaluationError, InvalidInputError
 from .de import DE_MODES, DEResult, pseudobulk, run_de
 from .perturbation import (
     VARIANTS,
-    perturbation_paired_difference,
+    crossfit_de,
+    crossfit_halves,
     rsa_from_centroids,
+    score_perturbation_crossfit,
     select_perturbations,
     split_half_ceiling,
 )
 from .report import EvalReport
-from .results import LayerScore, layer_table, summarize_layers
+from .results import BASELINE_LAYER, LayerScore, layer_table, summarize_layers
 from .runner import (
+    PROTOCOLS,
     _cached_intermediate,
+    _claimed_rows,
     _counts,
     _quote_ident,
     _quote_value,
@@ -46,9 +56,17 @@ class PerturbationConfig(TaskConfig):
     de_mode
         ``pydeseq2`` (paper-faithful) or ``fast``.
     variant
-        ``shift`` (default) or the paper's ``centroid``.
+        ``shift`` or the paper's ``centroid`` (``None``: ``centroid`` with ``protocol="paper"``, else ``shift``).
     n_boot, n_perm, min_cells, ceiling
-        Bootstrap size, Mantel permutations, minimum cells per group, split-half ceiling.
+        Bootstrap size, Mantel permutations, minimum cells per group, noise ceiling.
+    protocol
+        ``default`` or ``paper`` (raw centroids, Spearman between DE profiles, same cells).
+    crossfit
+        DE and centroids from disjoint halves (``None``: yes unless ``protocol="paper"``).
+    n_splits
+        Cross-fitting splits averaged.
+    similarity
+        ``pearson`` or ``spearman`` between DE profiles (``None``: by protocol).
     """
 
     perturbation_key: str
@@ -56,18 +74,35 @@ class PerturbationConfig(TaskConfig):
     condition_key: str | None = None
     replicate_key: str | None = None
     de_mode: str = "pydeseq2"
-    variant: str = "shift"
+    variant: str | None = None
     n_boot: int = 200
     n_perm: int = 999
     min_cells: int = 10
     ceiling: bool = True
+    protocol: str = "default"
+    crossfit: bool | None = None
+    n_splits: int = 1
+    similarity: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.protocol not in PROTOCOLS:
+            raise EvaluationError(f"unknown protocol {self.protocol!r}: pass one of {', '.join(PROTOCOLS)}")
+        paper = self.protocol == "paper"
+        # resolve the protocol's defaults here, so the cache key holds what was actually computed
+        object.__setattr__(self, "variant", self.variant or ("centroid" if paper else "shift"))
+        object.__setattr__(self, "similarity", self.similarity or ("spearman" if paper else "pearson"))
+        object.__setattr__(self, "crossfit", (not paper) if self.crossfit is None else bool(self.crossfit))
         if self.de_mode not in DE_MODES:
             raise EvaluationError(f"unknown DE mode {self.de_mode!r}: pass one of {', '.join(DE_MODES)}")
         if self.variant not in VARIANTS:
-            raise InvalidInputError(f"unknown RSA variant {self.variant!r}: pass one of {', '.join(VARIANTS)}")
+            raise EvaluationError(f"unknown variant {self.variant!r}: pass one of {', '.join(VARIANTS)}")
+        if self.similarity not in ("pearson", "spearman"):
+            raise EvaluationError(f"unknown DE similarity {self.similarity!r}: pass pearson or spearman")
+        if (self.crossfit and self.n_splits < 1) or self.n_boot < 0 or self.n_perm < 0 or self.min_cells < 1:
+            raise InvalidInputError("need n_splits >= 1 (cross-fitted), n_boot >= 0, n_perm >= 0, min_cells >= 1")
+        if not self.crossfit:
+            object.__setattr__(self, "n_splits", 0)
 
 
 def _pseudo_replicates(cells: Sequence[str], seed: int, n: int = 2) -> np.ndarray:
@@ -91,13 +126,13 @@ class PerturbationTask(Task):
     """Perturbation response per layer, per condition (see :mod:`sclstore.eval.perturbation`)."""
 
     name = "perturbation"
-    version = "1"
+    version = "2"
     title = "Perturbation response (RSA of DE vs embedding shifts)"
     config_cls = PerturbationConfig
 
     def primary_metric(self, config: TaskConfig) -> str:
         assert isinstance(config, PerturbationConfig)
-        return f"rsa_{config.variant}"
+        return f"rsa_{config.variant}" + ("" if config.crossfit else "_samecells")
 
     def prepare(self, ctx: TaskContext, config: TaskConfig) -> dict[str, Any]:
         assert isinstance(config, PerturbationConfig)
@@ -109,6 +144,7 @@ class PerturbationTask(Task):
         conds = (ctx.column(config.condition_key, "condition").astype(str) if config.condition_key
                  else pd.Series("all", index=obs.index))
         reps = ctx.column(config.replicate_key, "replicate").astype(str) if config.replicate_key else None
+        jobs = min(int(config.n_jobs), cpu_allowance())  # --jobs: parallel pydeseq2 fits
         counts: list[Any] = [None, None]
 
         def need_counts() -> tuple[sp.csr_matrix, np.ndarray]:
@@ -116,9 +152,10 @@ class PerturbationTask(Task):
                 counts[0], counts[1] = _counts(ds, ctx.counts_path, obs)
             return counts[0], counts[1]
 
-        notes: dict[str, Any] = {"de_mode": config.de_mode, "conditions": {}}
-        lfcs: dict[str, pd.DataFrame] = {}
-        cents: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+        notes: dict[str, Any] = {"de_mode": config.de_mode, "conditions": {}, "protocol": config.protocol,
+                                 "scoring": ("cross-fitted: DE from one half of the cells, centroids from the other" if config.crossfit
+                                             else "DE and centroids from the same cells (leak-prone)")}
+        conditions: dict[str, dict[str, Any]] = {}
         for cond in sorted(conds.unique()):
             mask = (conds == cond).to_numpy()
             rep = reps[mask] if reps is not None else _pseudo_replicates(obs.index[mask], config.seed)
@@ -127,44 +164,76 @@ class PerturbationTask(Task):
                          "key": config.perturbation_key, "replicate_key": config.replicate_key, "control": config.control,
                          "mode": config.de_mode, "min_cells": config.min_cells, "perturbations": sorted(keep), "seed": config.seed}
             others = [p for p in keep if p != config.control]
+            labels = perts[mask].to_numpy()
 
             def compute_de(mask: np.ndarray = mask, rep: Any = rep, others: list[str] = others) -> pd.DataFrame:
                 c, g = need_counts()
                 pb, meta = pseudobulk(c[mask], perts[mask].to_numpy(), np.asarray(rep), gene_names=list(g))
-                res: DEResult = run_de(pb, meta, config.control, mode=config.de_mode, perturbations=others,  # type: ignore[arg-type]
-                                       n_jobs=min(int(config.n_jobs), cpu_allowance()))  # --jobs: parallel pydeseq2 fits
+                res: DEResult = run_de(pb, meta, config.control, mode=config.de_mode, perturbations=others, n_jobs=jobs)  # type: ignore[arg-type]
                 return res.lfc
 
-            lfcs[cond] = _cached_intermediate(ctx.backend, "de", de_params, compute_de)
-            note: dict[str, Any] = {"perturbations": int(lfcs[cond].shape[0]), "genes": int(lfcs[cond].shape[1])}
+            lfc = _cached_intermediate(ctx.backend, "de", de_params, compute_de)
+            note: dict[str, Any] = {"perturbations": int(lfc.shape[0]), "genes": int(lfc.shape[1])}
+            halves = crossfit_halves(labels, np.asarray(rep), n_splits=config.n_splits, seed=config.seed) if config.crossfit else []
+            de_folds: list[pd.DataFrame] = []
+            for s_i in range(len(halves)):
+                for h_i in range(2):
+                    def compute_fold(s_i: int = s_i, h_i: int = h_i, mask: np.ndarray = mask, rep: Any = rep, others: list[str] = others,
+                                     halves: list[np.ndarray] = halves, lfc: pd.DataFrame = lfc) -> pd.DataFrame:
+                        c, g = need_counts()
+                        return crossfit_de(c[mask], perts[mask].to_numpy(), np.asarray(rep), config.control, [halves[s_i]],
+                                           perturbations=others, genes=lfc.columns, gene_names=list(g), mode=config.de_mode,  # type: ignore[arg-type]
+                                           n_jobs=jobs)[h_i]
+                    de_folds.append(_cached_intermediate(ctx.backend, "de_crossfit", {**de_params, "split": s_i, "half": h_i,
+                                                                                      "n_splits": config.n_splits}, compute_fold))
+            ceil_value = float("nan")
             if config.ceiling:
-                def compute_ceiling(mask: np.ndarray = mask, rep: Any = rep, others: list[str] = others) -> pd.DataFrame:
-                    c, _g = need_counts()
-                    ce = split_half_ceiling(c[mask], perts[mask].to_numpy(), np.asarray(rep), config.control,
-                                            perturbations=others, mode="fast", seed=config.seed)
-                    return pd.DataFrame({"rsa": [ce.rsa], "spearman_brown": [ce.spearman_brown]})
+                def compute_ceiling(mask: np.ndarray = mask, rep: Any = rep, others: list[str] = others,
+                                    lfc: pd.DataFrame = lfc) -> pd.DataFrame:
+                    c, g = need_counts()
+                    ce = split_half_ceiling(c[mask], perts[mask].to_numpy(), np.asarray(rep), config.control, perturbations=others,
+                                            genes=lfc.columns, gene_names=list(g), mode=config.de_mode,  # type: ignore[arg-type]
+                                            similarity=config.similarity, n_jobs=jobs, seed=config.seed)  # type: ignore[arg-type]
+                    return pd.DataFrame({"rsa": [ce.rsa], "spearman_brown": [ce.spearman_brown], "ceiling_full": [ce.ceiling_full],
+                                         "ceiling_half": [ce.ceiling_half]})
 
-                ce = _cached_intermediate(ctx.backend, "de_ceiling", de_params, compute_ceiling)
-                note["split_half_ceiling"] = float(ce["rsa"].iloc[0])
-                note["spearman_brown_ceiling"] = float(ce["spearman_brown"].iloc[0])
+                ce = _cached_intermediate(ctx.backend, "de_ceiling", {**de_params, "similarity": config.similarity, "v": 2}, compute_ceiling)
+                note["split_half_rsa"] = float(ce["rsa"].iloc[0])
+                note["spearman_brown"] = float(ce["spearman_brown"].iloc[0])
+                ceil_value = float(ce["ceiling_half" if config.crossfit else "ceiling_full"].iloc[0])
+                note["noise_ceiling"] = ceil_value
+                note["noise_ceiling_rule"] = ("sqrt(split-half RSA): the DE side uses half of the cells" if config.crossfit
+                                              else "sqrt(Spearman-Brown corrected split-half RSA)")
             notes["conditions"][cond] = note
             where = f" AND {_quote_ident(config.condition_key)} = {_quote_value(cond)}" if config.condition_key else ""
-            cents[cond] = _centroids(ctx, config.perturbation_key, where)
-        return {"lfcs": lfcs, "cents": cents, "notes": notes}
+            conditions[cond] = {"where": where, "lfc": lfc, "labels": labels, "halves": halves, "de_folds": de_folds,
+                                "ceiling": ceil_value,
+                                "cents": None if config.crossfit else _centroids(ctx, config.perturbation_key, where)}
+        return {"conditions": conditions, "notes": notes}
 
     def worker_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        return {"lfcs": state["lfcs"]}
+        return {"conditions": {c: {k: v for k, v in d.items() if k != "cents"} for c, d in state["conditions"].items()}}
 
     def layer_input(self, ctx: TaskContext, config: TaskConfig, state: dict[str, Any], layer: int) -> dict[str, Any]:
-        return {cond: c[layer] for cond, c in state["cents"].items()}
+        assert isinstance(config, PerturbationConfig)
+        if config.crossfit:  # the layer's cells of each condition (one layer in memory at a time)
+            return {cond: ctx.read_layer(layer, d["where"]) for cond, d in state["conditions"].items()}
+        return {cond: d["cents"][layer] for cond, d in state["conditions"].items()}
 
     def compute_layer(self, config: TaskConfig, state: dict[str, Any], layer: int, data: dict[str, Any]) -> dict[str, Any]:
         assert isinstance(config, PerturbationConfig)
         out: dict[str, Any] = {}
-        for cond, cent in data.items():
+        for cond, x in data.items():
+            d = state["conditions"][cond]
             try:
-                out[cond] = rsa_from_centroids(cent, config.control, state["lfcs"][cond], variant=config.variant,  # type: ignore[arg-type]
-                                               n_boot=config.n_boot, n_perm=config.n_perm, seed=config.seed)
+                if config.crossfit:
+                    out[cond] = score_perturbation_crossfit(x, d["labels"], config.control, d["de_folds"], d["halves"],
+                                                            variant=config.variant, similarity=config.similarity,  # type: ignore[arg-type]
+                                                            n_boot=config.n_boot, n_perm=config.n_perm, seed=config.seed)
+                else:
+                    out[cond] = rsa_from_centroids(x, config.control, d["lfc"], variant=config.variant,  # type: ignore[arg-type]
+                                                   similarity=config.similarity, n_boot=config.n_boot, n_perm=config.n_perm,  # type: ignore[arg-type]
+                                                   seed=config.seed)
             except EvaluationError as exc:  # e.g. cls at the input layer: every shift is zero
                 out[cond] = str(exc)
         return out
@@ -175,29 +244,36 @@ class PerturbationTask(Task):
         info, pool, notes = ctx.info, ctx.pool, state["notes"]
         metric = self.primary_metric(config)
         rows: list[LayerScore] = []
-        for cond in notes["conditions"]:
-            scores = {layer: res[cond] for layer, res in results.items()}
-            for layer, sc in scores.items():
-                if isinstance(sc, str):
-                    notes["conditions"][cond].setdefault("undefined_layers", {})[str(layer)] = sc
-            final = scores.get(info.layers[-1])
-            final = None if isinstance(final, str) else final
+        summary: list[dict[str, Any]] = []
+        for cond, d in state["conditions"].items():
+            cond_note = notes["conditions"][cond]
+            scores = {layer: (None if isinstance(res[cond], str) else res[cond]) for layer, res in results.items()}
+            for layer, res in results.items():
+                if isinstance(res[cond], str):
+                    cond_note.setdefault("undefined_layers", {})[str(layer)] = res[cond]
             label = None if cond == "all" and not config.condition_key else cond
+            grp: list[LayerScore] = []
             for layer, sc in scores.items():
-                if isinstance(sc, str):
+                if sc is None:
                     rows.append(LayerScore(layer=layer, depth=info.depth(layer), score=float("nan"), pool=pool, condition=label,
                                            metric=metric, n=0))
                     continue
-                diff = perturbation_paired_difference(sc, final) if final is not None and sc is not final and config.n_boot > 0 else None
-                rows.append(LayerScore(layer=layer, depth=info.depth(layer), score=sc.score, ci_low=sc.ci_low, ci_high=sc.ci_high,
-                                       p_value=sc.p_value, pool=pool, condition=label, metric=metric, n=sc.n_perturbations,
-                                       diff_vs_final=diff.estimate if diff else (0.0 if sc is final else float("nan")),
-                                       diff_ci_low=diff.ci_low if diff else float("nan"),
-                                       diff_ci_high=diff.ci_high if diff else float("nan"),
-                                       diff_p_value=diff.p_value if diff else float("nan")))
+                grp.append(LayerScore(layer=layer, depth=info.depth(layer), score=sc.score, ci_low=sc.ci_low, ci_high=sc.ci_high,
+                                      p_value=sc.p_value, pool=pool, condition=label, metric=metric, n=sc.n_perturbations))
+            ok_layers = [li for li, sc in scores.items() if sc is not None]
+            same_perts = len({scores[li].perturbations for li in ok_layers}) == 1
+            if grp and config.n_boot >= 3 and ok_layers[-1] == info.layers[-1] and same_perts:
+                est = np.array([scores[li].score for li in ok_layers])
+                R = np.vstack([scores[li].boot for li in ok_layers])
+                grp = _claimed_rows(grp, est, R, info, ok_layers, scale=1.0, metric=metric, seed=config.seed, summary=summary,
+                                    notes=notes, pool=pool, condition=label)
+            rows.extend(grp)
+            if np.isfinite(d["ceiling"]):
+                rows.append(LayerScore(layer=BASELINE_LAYER, depth=float("nan"), score=d["ceiling"], pool=pool, condition=label,
+                                       metric=metric, representation="noise_ceiling"))
         table = layer_table(rows)
         return EvalReport(task=self.name, run_id=info.id, run_label=info.label, params=params, table=table,
-                          summary=summarize_layers(table), notes=notes)
+                          summary=pd.DataFrame(summary) if summary else summarize_layers(table), notes=notes)
 
 
 register_task(PerturbationTask())

@@ -122,11 +122,15 @@ class TaskContext:
     pool: str
     counts_path: str | Path | None = None
 
-    def read_layer(self, layer: int) -> np.ndarray:
-        """One stored layer as a (cells x dim) float matrix in ``cell_idx`` order."""
+    def read_layer(self, layer: int, where: str = "") -> np.ndarray:
+        """One stored layer as a (cells x dim) float matrix in ``cell_idx`` order.
+
+        ``where`` is an extra ``AND …`` predicate built by the task with quoted identifiers and values.
+        """
         from sclstore.query import execute_query
 
-        sql = f"SELECT embedding.{self.pool} FROM embeddings WHERE run = {self.info.id} AND layer = {int(layer)} ORDER BY cell_idx"
+        sql = (f"SELECT embedding.{self.pool} FROM embeddings WHERE run = {self.info.id} AND layer = {int(layer)}{where} "
+               "ORDER BY cell_idx")
         return execute_query(self.backend, sql).embeddings[0]
 
     def column(self, key: str, what: str) -> pd.Series:

@@ -56,7 +56,7 @@ def test_labelfree_cli_ls_show_and_report(tmp_path: Path) -> None:
     assert best["layer"] in (1, 2, 3) and best["diff_ci_low"] > 0
 
     code, so, se = invoke("eval", "celltype", str(run_id), "--label-key", "cell_type", "--bootstrap", "100", "--store", store)
-    assert code == 0 and "logreg_f1" in so and "best layer" in so  # human table + headline
+    assert code == 0 and "logreg_f1" in so and "indistinguishable from the best" in so  # human table + claim headline
     code, so, _ = invoke("ls", "evals", "--store", store, "--json")
     evs = json.loads(so)
     assert [e["task"] for e in evs] == ["diagnostics", "celltype"] and all(e["run"] == run_id for e in evs)

@@ -60,7 +60,7 @@ def test_trajectory_best_layer_cached_and_errors(tmp_path: Path, monkeypatch: py
         def boom(*_a: object, **_k: object) -> None:
             raise AssertionError("a repeated evaluation must not recompute anything")
 
-        monkeypatch.setattr(traj_mod, "score_trajectory", boom)
+        monkeypatch.setattr(traj_mod, "layer_pseudotimes", boom)
         monkeypatch.setattr(tasks_mod.TaskContext, "read_layer", boom)
         again = st.evaluate_trajectory(run_id, pseudotime_key="latent_time", n_subsamples=4, n_neighbors=15)
         assert again.cached
@@ -95,7 +95,7 @@ def test_perturbation_per_condition_with_de_cache(tmp_path: Path, monkeypatch: p
         assert calls["de"] == 2  # once per condition, never pooled
         assert set(rep.table["condition"]) == {"Rest", "Stim8hr"}
         for c in ("Rest", "Stim8hr"):
-            rows = rep.table[rep.table["condition"] == c]
+            rows = rep.table[(rep.table["condition"] == c) & (rep.table["representation"] == "layer")]
             best = int(rows.loc[rows["score"].idxmax(), "layer"])
             assert abs(best - 4) <= 1, (c, rows[["layer", "score"]])
             assert rows.loc[rows["layer"] == 4, "p_value"].item() <= 0.05
@@ -106,8 +106,9 @@ def test_perturbation_per_condition_with_de_cache(tmp_path: Path, monkeypatch: p
         backend2, run2 = _store_with_layers(tmp_path, adata, layers[::-1].copy(), name="pert", cluster_by=("condition", "gene"), key="k2")
         other = sclstore.Store(backend2).evaluate_perturbation(run2, **kw)
         assert calls["de"] == 2 and not other.cached
-        np.testing.assert_allclose(other.table["score"].to_numpy(float),  # reversed layers, same scores reversed
-                                   rep.table.groupby("condition", sort=False)["score"].transform(lambda s: s[::-1].to_numpy()).to_numpy(float))
+        lay, lay2 = rep.table[rep.table["representation"] == "layer"], other.table[other.table["representation"] == "layer"]
+        np.testing.assert_allclose(lay2["score"].to_numpy(float),  # reversed layers, same scores reversed
+                                   lay.groupby("condition", sort=False)["score"].transform(lambda s: s[::-1].to_numpy()).to_numpy(float))
         with pytest.raises(EvaluationError, match="control label 'CTRL' is not a value of 'gene'"):
             st.evaluate_perturbation(run_id, **{**kw, "control": "CTRL"})
         with pytest.raises(EvaluationError, match="condition column 'state' is not in the obs"):
