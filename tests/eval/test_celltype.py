@@ -37,6 +37,7 @@ def test_probes_on_separable_and_random_labels(rng: np.random.Generator) -> None
         ct.encode_labels(np.array(["a", None, "b", np.nan], dtype=object))
 
 
+@pytest.mark.slow  # pynndescent compiles with numba on first use
 def test_approximate_knn_matches_exact(rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
     centres = rng.normal(scale=1.0, size=(8, 10))
     codes = rng.integers(0, 8, size=3000)

@@ -114,3 +114,25 @@ def test_config_key_is_derived_and_plugins_register() -> None:
     assert "mean-norm-test" in tasks.task_names()
     with pytest.raises(InvalidInputError, match="already registered"):
         tasks.register_task(type("Other", (MeanNorm,), {})())
+
+
+@pytest.mark.slow  # pynndescent compiles with numba on first use
+def test_trajectory_approximate_knn_scores_match_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sclstore.eval import task_trajectory as tt
+    from sclstore.eval.trajectory import GraphOptions, combine_layer_pseudotimes, layer_pseudotimes
+
+    rng = np.random.default_rng(7)
+    n = 3000
+    t = rng.uniform(0, 1, n)
+    X = simulate_layers(np.c_[t, np.sin(4 * t), rng.normal(scale=0.2, size=(n, 2))], n_layers=1, best_layer=0, dim=24, seed=7)[0]
+    scores = {}
+    for method in ("sklearn", "pynndescent"):
+        pts = layer_pseudotimes(X, t, options=GraphOptions(n_neighbors=30, transformer=method, seed=0))
+        scores[method] = float(combine_layer_pseudotimes([pts], t).rho_time[0])
+    assert scores["sklearn"] > 0.8
+    assert abs(scores["sklearn"] - scores["pynndescent"]) < 0.02, scores
+    cfg = tt.TrajectoryConfig(pseudotime_key="t")
+    assert tt._transformer(cfg, 8192) == "sklearn" and tt._transformer(cfg, 8193) == "pynndescent"  # scanpy's threshold
+    assert tt._transformer(tasks.replace_config(cfg, knn="exact"), 10**6) == "sklearn"
+    assert tt._transformer(tasks.replace_config(cfg, knn="approx"), 100) == "pynndescent"
+    assert tt._transformer(tasks.replace_config(cfg, protocol="paper"), 100) is None
