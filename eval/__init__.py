@@ -5,6 +5,8 @@
 * :mod:`~sclstore.eval.de` and :mod:`~sclstore.eval.perturbation`: pseudobulk DE (pydeseq2 or
   fast) and RSA between DE similarity and embedding-shift similarity, with Mantel p-values,
   perturbation bootstrap and a split-half DE ceiling.
+* :mod:`~sclstore.eval.claims`: what a per-layer result may claim (best-layer set, win
+  frequencies, max-statistic gain vs final), shared by every task;
 * :mod:`~sclstore.eval.stats`: resampling helpers; :mod:`~sclstore.eval.results`: per-layer
   tables; :mod:`~sclstore.eval.plot`: the score-vs-depth figure;
   :mod:`~sclstore.eval.simulate`: seeded simulators with a known answer.
@@ -14,6 +16,7 @@ Lifecycle: experimental.
 
 from __future__ import annotations
 
+from sclstore.eval.claims import Claim, layer_claims, simultaneous_critical_value
 from sclstore.eval.de import (
     DE_MODES,
     DEMode,
@@ -29,6 +32,11 @@ from sclstore.eval.de import (
 from sclstore.eval.perturbation import (
     VARIANTS,
     PerturbationScore,
+    Similarity,
+    crossfit_de,
+    crossfit_halves,
+    rsa_crossfit,
+    score_perturbation_crossfit,
     SplitHalfCeiling,
     Variant,
     embedding_vectors,
@@ -46,6 +54,8 @@ from sclstore.eval.results import (
     LayerScore,
     LayerSummary,
     layer_depth,
+    apply_claim,
+    claim_summary_row,
     layer_table,
     summarize_layers,
 )
@@ -61,6 +71,9 @@ from sclstore.eval.simulate import (
 from sclstore.eval.stats import (
     PairedDifference,
     bootstrap_rsa,
+    calibrated_interval,
+    rsa_folds,
+    subsample_scale,
     cosine_similarity_matrix,
     de_similarity,
     mantel_test,
@@ -77,8 +90,16 @@ from sclstore.eval.dpt import (
     as_time,
     dpt_pseudotime,
     reference_pseudotime,
+    standardize_columns,
 )
 from sclstore.eval.trajectory import (
+    GraphOptions,
+    LayerPseudotimes,
+    TrajectoryLayers,
+    combine_layer_pseudotimes,
+    earliest_roots,
+    layer_pseudotimes,
+    score_trajectory_layers,
     SubsampleScores,
     TrajectoryScore,
     paired_subsample_scores,
@@ -87,6 +108,14 @@ from sclstore.eval.trajectory import (
 )
 
 __all__ = [
+    # claims (shared by every task)
+    "Claim", "layer_claims", "simultaneous_critical_value", "apply_claim", "claim_summary_row",
+    # trajectory, several layers on one common cell set
+    "GraphOptions", "LayerPseudotimes", "TrajectoryLayers", "layer_pseudotimes", "combine_layer_pseudotimes",
+    "score_trajectory_layers", "earliest_roots", "standardize_columns",
+    # cross-fitted RSA and calibrated intervals
+    "Similarity", "crossfit_halves", "crossfit_de", "rsa_crossfit", "score_perturbation_crossfit", "rsa_folds",
+    "calibrated_interval", "subsample_scale",
     # trajectory
     "ROOT_RULES", "RootRule", "DPTResult", "ReferencePseudotime", "TrajectoryScore", "SubsampleScores", "as_time",
     "dpt_pseudotime", "reference_pseudotime", "score_trajectory", "paired_subsample_scores",

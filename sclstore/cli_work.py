@@ -57,6 +57,7 @@ def _print_eval(result: Any, json_out: bool, plot: Path | None) -> None:
 PoolOpt = Annotated[str | None, typer.Option("--pool", help="Pool to score (default: the run's first).")]
 BootOpt = Annotated[int, typer.Option("--bootstrap", help="Resamples for confidence intervals.")]
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Write a score-vs-depth PNG.")]
+ProtocolOpt = Annotated[str, typer.Option("--protocol", help="default, or paper: the authors' exact choices (README, Evaluation).")]
 
 
 @eval_app.command("trajectory")
@@ -68,6 +69,9 @@ def eval_trajectory(
     pool: PoolOpt = None,
     bootstrap: BootOpt = 20,
     plot: PlotOpt = None,
+    protocol: ProtocolOpt = "default",
+    standardize: Annotated[bool, typer.Option("--standardize", help="Z-score every embedding coordinate first.")] = False,
+    roots: Annotated[int, typer.Option("--roots", help="Random earliest-time roots for the root-sensitivity report.")] = 5,
     store: StoreOpt = default_store_path(),
     catalog: CatalogOpt = None,
     json_out: JsonOpt = False,
@@ -75,7 +79,8 @@ def eval_trajectory(
 ) -> None:
     """Score every stored layer on trajectory inference (DPT vs ground-truth time)."""
     with _open(store, catalog) as st:
-        res = st.evaluate_trajectory(run, pseudotime_key=pseudotime_key, root_cell=root_cell, pool=pool, n_subsamples=bootstrap)
+        res = st.evaluate_trajectory(run, pseudotime_key=pseudotime_key, root_cell=root_cell, pool=pool, n_subsamples=bootstrap,
+                                     protocol=protocol, standardize=standardize, n_roots=roots)
     _print_eval(res, json_out, plot)
 
 
@@ -91,6 +96,10 @@ def eval_perturbation(
     pool: PoolOpt = None,
     bootstrap: BootOpt = 200,
     plot: PlotOpt = None,
+    protocol: ProtocolOpt = "default",
+    same_cells: Annotated[bool, typer.Option("--same-cells", help="DE and centroids from the same cells (leak-prone; "
+                                                                   "default: cross-fitted halves).")] = False,
+    splits: Annotated[int, typer.Option("--splits", help="Cross-fitting splits averaged.")] = 1,
     store: StoreOpt = default_store_path(),
     catalog: CatalogOpt = None,
     json_out: JsonOpt = False,
@@ -99,7 +108,8 @@ def eval_perturbation(
     """Score every stored layer on perturbation response (RSA vs DE), per condition."""
     with _open(store, catalog) as st:
         res = st.evaluate_perturbation(run, perturbation_key=perturbation_key, control=control, condition_key=condition_key,
-                                       replicate_key=replicate_key, de_mode=de, pool=pool, n_boot=bootstrap)
+                                       replicate_key=replicate_key, de_mode=de, pool=pool, n_boot=bootstrap, protocol=protocol,
+                                       crossfit=False if same_cells else None, n_splits=splits)
     _print_eval(res, json_out, plot)
 
 
