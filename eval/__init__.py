@@ -33,6 +33,7 @@ from sclstore.eval.perturbation import (
     VARIANTS,
     PerturbationScore,
     Similarity,
+    ceiling_from_folds,
     crossfit_de,
     crossfit_halves,
     rsa_crossfit,
@@ -115,6 +116,7 @@ __all__ = [
     "score_trajectory_layers", "earliest_roots", "standardize_columns",
     # cross-fitted RSA and calibrated intervals
     "Similarity", "crossfit_halves", "crossfit_de", "rsa_crossfit", "score_perturbation_crossfit", "rsa_folds",
+    "ceiling_from_folds",
     "calibrated_interval", "subsample_scale",
     # trajectory
     "ROOT_RULES", "RootRule", "DPTResult", "ReferencePseudotime", "TrajectoryScore", "SubsampleScores", "as_time",

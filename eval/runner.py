@@ -28,12 +28,12 @@ from sclstore.store.errors import EvaluationError, InvalidInputError
 from .de import DE_MODES, DEResult, pseudobulk, run_de
 from .perturbation import (
     VARIANTS,
+    ceiling_from_folds,
     crossfit_de,
     crossfit_halves,
     rsa_from_centroids,
     score_perturbation_crossfit,
     select_perturbations,
-    split_half_ceiling,
 )
 from .report import EvalReport
 from .claims import layer_claims
@@ -419,7 +419,8 @@ def evaluate_perturbation(
 
         lfc = _cached_intermediate(backend, "de", de_params, compute_de)
         cond_note: dict[str, Any] = {"perturbations": int(lfc.shape[0]), "genes": int(lfc.shape[1])}
-        halves = crossfit_halves(perts[mask].to_numpy(), np.asarray(rep), n_splits=n_splits, seed=seed) if crossfit else []
+        # the halves serve the cross-fitted scores and the noise ceiling (DE(A) vs DE(B): no extra fits)
+        halves = crossfit_halves(perts[mask].to_numpy(), np.asarray(rep), n_splits=n_splits, seed=seed) if crossfit or ceiling else []
         de_folds: list[pd.DataFrame] = []
         for s_i, _half in enumerate(halves):
             for h_i in range(2):
@@ -427,23 +428,15 @@ def evaluate_perturbation(
                     c, g = need_counts()
                     return crossfit_de(c[mask], perts[mask].to_numpy(), np.asarray(rep), control, [halves[s_i]],
                                        perturbations=[p for p in keep if p != control], genes=lfc.columns, gene_names=list(g),
-                                       mode=de_mode, n_jobs=n_jobs)[h_i]  # type: ignore[arg-type]
+                                       mode=de_mode, n_jobs=n_jobs, only=h_i)[0]  # type: ignore[arg-type]
                 de_folds.append(_cached_intermediate(backend, "de_crossfit", {**de_params, "split": s_i, "half": h_i,
                                                                               "n_splits": n_splits}, compute_fold))
         ceil_value = float("nan")
         if ceiling:
-            def compute_ceiling() -> pd.DataFrame:
-                c, g = need_counts()
-                ce = split_half_ceiling(c[mask], perts[mask].to_numpy(), np.asarray(rep), control,
-                                        perturbations=[p for p in keep if p != control], genes=lfc.columns, gene_names=list(g),
-                                        mode=de_mode, similarity=similarity, n_jobs=n_jobs, seed=seed)  # type: ignore[arg-type]
-                return pd.DataFrame({"rsa": [ce.rsa], "spearman_brown": [ce.spearman_brown], "ceiling_full": [ce.ceiling_full],
-                                     "ceiling_half": [ce.ceiling_half]})
-
-            ce = _cached_intermediate(backend, "de_ceiling", {**de_params, "similarity": similarity, "v": 2}, compute_ceiling)
-            cond_note["split_half_rsa"] = float(ce["rsa"].iloc[0])
-            cond_note["spearman_brown"] = float(ce["spearman_brown"].iloc[0])
-            ceil_value = float(ce["ceiling_half" if crossfit else "ceiling_full"].iloc[0])
+            ce = ceiling_from_folds(de_folds, mode=de_mode, similarity=similarity)  # type: ignore[arg-type]
+            cond_note["split_half_rsa"] = ce.rsa
+            cond_note["spearman_brown"] = ce.spearman_brown
+            ceil_value = ce.ceiling_half if crossfit else ce.ceiling_full
             cond_note["noise_ceiling"] = ceil_value
             cond_note["noise_ceiling_rule"] = ("sqrt(split-half RSA): the DE side uses half of the cells" if crossfit
                                                else "sqrt(Spearman-Brown corrected split-half RSA)")

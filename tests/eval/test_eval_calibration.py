@@ -15,6 +15,7 @@ from threadpoolctl import threadpool_limits
 from sclstore.eval.claims import layer_claims
 from sclstore.eval.de import de_fast, pseudobulk
 from sclstore.eval.perturbation import (
+    ceiling_from_folds,
     crossfit_de,
     crossfit_halves,
     score_perturbation,
@@ -29,6 +30,7 @@ from sclstore.eval.stats import (
     paired_difference,
     percentile_ci,
     rsa_folds,
+    rsa_spearman,
     subsample_scale,
     upper_triangle,
 )
@@ -221,6 +223,9 @@ def test_noise_ceiling_bounds_a_perfect_layer():
     assert ce.ceiling_half == pytest.approx(np.sqrt(ce.rsa)) and ce.ceiling_full == pytest.approx(np.sqrt(ce.spearman_brown))
     assert cross <= ce.ceiling_half + 0.05 and full <= ce.ceiling_full + 0.05  # a ceiling, beyond noise
     assert cross >= 0.5 * ce.ceiling_half and full >= 0.5 * ce.ceiling_full  # the bound is not vacuous
+    fc = ceiling_from_folds(folds, mode="fast")  # the runner's ceiling: the cross-fit halves' DE, no extra fits
+    expect = np.mean([rsa_spearman(de_similarity(folds[i]), de_similarity(folds[i + 1])) for i in (0, 2)])
+    assert fc.rsa == pytest.approx(expect) and fc.ceiling_half == pytest.approx(np.sqrt(expect))
 
 
 _G, _D, _M = 60, 16, 5
