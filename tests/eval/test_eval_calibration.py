@@ -186,7 +186,7 @@ def _count_projection(adata, seed: int) -> np.ndarray:
 def test_crossfitted_rsa_of_a_count_projection_is_null_without_effects():
     """No perturbation effect, layer = random projection of each cell's counts: cross-fitting removes the leak."""
     cross_sig = leak_sig = 0
-    n = 20
+    n = 30
     for s in range(n):
         a = _null_screen(100 + s)
         pert, donor = a.obs["gene"].astype(str).to_numpy(), a.obs["donor"].astype(str).to_numpy()
@@ -200,7 +200,7 @@ def test_crossfitted_rsa_of_a_count_projection_is_null_without_effects():
         leak_sig += leak.p_value <= 0.05
         assert cross.n_folds == 2
     print(f"count projection, no effect: significant cross-fitted {cross_sig}/{n}, same cells {leak_sig}/{n}")
-    assert cross_sig <= 0.10 * n  # not significant in >= 90% of the datasets
+    assert cross_sig < 0.10 * n  # not significant in > 90% of the datasets
     assert leak_sig >= 0.5 * n  # the leak-prone variant is fooled (the issue saw 22 of 30)
 
 
