@@ -24,11 +24,15 @@ from typing import Literal, get_args
 import numpy as np
 import pandas as pd
 from scipy import sparse
-
-from sclstore.eval.de import DEMode, _missing_control, expressed_genes, pseudobulk, run_de
+from sclstore.eval.de import (
+    DEMode,
+    _missing_control,
+    expressed_genes,
+    pseudobulk,
+    run_de,
+)
 from sclstore.eval.stats import (
     PairedDifference,
-    bootstrap_rsa,
     cosine_similarity_matrix,
     de_similarity,
     paired_difference,
@@ -38,23 +42,23 @@ from sclstore.eval.stats import (
 from sclstore.store.errors import EvaluationError, InvalidInputError
 
 __all__ = [
-    "Variant",
     "VARIANTS",
     "PerturbationScore",
+    "Similarity",
     "SplitHalfCeiling",
-    "select_perturbations",
-    "group_centroids",
+    "Variant",
+    "ceiling_from_folds",
+    "crossfit_de",
+    "crossfit_halves",
     "embedding_vectors",
+    "group_centroids",
+    "perturbation_paired_difference",
+    "rsa_crossfit",
     "rsa_from_centroids",
     "score_perturbation",
-    "perturbation_paired_difference",
-    "split_half_ceiling",
-    "Similarity",
-    "crossfit_halves",
-    "crossfit_de",
-    "rsa_crossfit",
     "score_perturbation_crossfit",
-    "ceiling_from_folds",
+    "select_perturbations",
+    "split_half_ceiling",
 ]
 
 logger = logging.getLogger(__name__)

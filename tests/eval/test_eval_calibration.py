@@ -10,8 +10,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import stats as sps
-from threadpoolctl import threadpool_limits
-
 from sclstore.eval.claims import layer_claims
 from sclstore.eval.de import de_fast, pseudobulk
 from sclstore.eval.perturbation import (
@@ -41,6 +39,7 @@ from sclstore.eval.trajectory import (
     score_trajectory,
     score_trajectory_layers,
 )
+from threadpoolctl import threadpool_limits
 
 # ------------------------------------------------------------------ claims on hand-made resamples
 
