@@ -3,13 +3,15 @@
 =========== ===========================================================================
 ``.h5ad``   AnnData: obs plus one ``obsm`` matrix per layer (``X_<model>_L07_<pool>``)
 ``.npy``    the float32 ``(n_layers, n_rows, dim)`` array only
-``.npz``    ``embeddings``, ``layers``, ``depths``, ``cells``, ``cell_idx`` (or ``counts``),
+``.npz``    ``embeddings``, ``layers``, ``depths``, ``cells``, ``cell_idx``, ``src_idx`` (or ``counts``),
             and each obs column as ``obs_<name>``
 ``.parquet`` long format: one row per layer x cell, columns ``layer``, ``depth``, ``cell``,
-            ``cell_idx``, the obs columns, then ``e0`` ... ``e{dim-1}``
+            ``cell_idx``, ``src_idx``, the obs columns, then ``e0`` ... ``e{dim-1}``
 ``.csv``    the same long format as text (floats with 9 significant digits: exact float32)
 =========== ===========================================================================
 
+Rows come in the ingested AnnData's order (``src_idx``) unless the query has an ``ORDER BY``
+or ``order="store"`` is passed (the store's cell order, which ``cluster_by`` changes).
 Every writer consumes ``iter_blocks`` (one layer x one chunk of rows at a time), so a
 :class:`~sclstore.query.result.QueryStream` larger than memory is written without holding it.
 Files are written under a temporary name and renamed into place when complete.
@@ -96,8 +98,7 @@ def _write_npz(res: QueryResult | QueryStream, path: Path, chunk: int) -> None:
             "depths": np.asarray(res.depths, dtype=np.float64),
             **_obs_arrays(res),
         }
-        if res.cell_idx is not None:
-            small["cell_idx"] = np.asarray(res.cell_idx, dtype=np.int64)
+        small.update(res._index_columns())
         if res.counts is not None:
             small["counts"] = np.asarray(res.counts, dtype=np.int64)
         for name, arr in small.items():
@@ -113,8 +114,8 @@ def _write_h5ad(res: QueryResult | QueryStream, path: Path, chunk: int) -> None:
     obs.index = obs.index.astype(str)
     if not obs.index.is_unique:
         obs.index = pd.Index([f"{name}-{i}" for i, name in enumerate(obs.index)])
-    if res.cell_idx is not None and "cell_idx" not in obs:
-        obs["cell_idx"] = np.asarray(res.cell_idx, dtype=np.int64)
+    for name, values in res._index_columns().items():
+        obs[name] = values
     if res.counts is not None and "count" not in obs:
         obs["n_cells"] = np.asarray(res.counts, dtype=np.int64)
     adata = ad.AnnData(obs=obs)
@@ -145,7 +146,7 @@ def _long_frames(res: QueryResult | QueryStream, chunk: int, *, with_embeddings:
     obs = res.obs
     base_cols = ["cell"] if not res.grouped else ["group"]
     emb_cols = [f"e{j}" for j in range(res.dim)]
-    ids = None if res.cell_idx is None else np.asarray(res.cell_idx, dtype=np.int64)
+    index_cols = res._index_columns()
     counts = None if res.counts is None else np.asarray(res.counts, dtype=np.int64)
 
     def frame(lo: int, n: int, layer_pos: int | None, block: np.ndarray | None) -> pd.DataFrame:
@@ -155,8 +156,8 @@ def _long_frames(res: QueryResult | QueryStream, chunk: int, *, with_embeddings:
             data["layer"] = np.full(n, res.layers[layer_pos], dtype=np.int64)
             data["depth"] = np.full(n, res.depths[layer_pos], dtype=np.float64)
         data[base_cols[0]] = part.index.astype(str).to_numpy(dtype=object)
-        if ids is not None:
-            data["cell_idx"] = ids[lo : lo + n]
+        for name, values in index_cols.items():
+            data[name] = values[lo : lo + n]
         for name in part.columns:
             data[str(name)] = part[name].to_numpy() if not isinstance(part[name].dtype, pd.CategoricalDtype) else part[name].array
         if counts is not None and "count" not in part.columns:
@@ -208,7 +209,11 @@ FORMATS: dict[str, Callable[[QueryResult | QueryStream, Path, int], None]] = {
 
 
 def write_result(
-    result: QueryResult | QueryStream, out_path: str | os.PathLike[str], *, chunk_cells: int = DEFAULT_CHUNK_CELLS
+    result: QueryResult | QueryStream,
+    out_path: str | os.PathLike[str],
+    *,
+    chunk_cells: int = DEFAULT_CHUNK_CELLS,
+    order: str = "input",
 ) -> Path:
     """Write a query result (or stream) to a file; the extension picks the format.
 
@@ -221,6 +226,9 @@ def write_result(
         (see the module docstring for the layout of each).
     chunk_cells
         Rows per block while streaming.
+    order
+        ``"input"`` (default): rows in the ingested AnnData's order (``src_idx``), unless the
+        query has its own ``ORDER BY``; ``"store"``: the store's cell order (as queried).
 
     Returns
     -------
@@ -244,8 +252,12 @@ def write_result(
         raise InvalidInputError(msg)
     if chunk_cells < 1:
         raise InvalidInputError(f"chunk_cells must be >= 1, got {chunk_cells}")
-    if path.parent and not path.parent.exists():
-        raise InvalidInputError(f"folder {str(path.parent)!r} does not exist: create it first")
+    result = result.in_order(order)  # type: ignore[assignment]
+    if not path.parent.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidInputError(f"cannot create folder {str(path.parent)!r} for {path.name!r}: {exc.strerror or exc}") from None
     tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}{suffix}")
     try:
         writer(result, tmp, chunk_cells)
@@ -258,9 +270,18 @@ def write_result(
 
 
 def query_to_file(
-    backend: Backend, sql: str, out_path: str | os.PathLike[str], *, memory_budget: int | None = None
+    backend: Backend,
+    sql: str,
+    out_path: str | os.PathLike[str],
+    *,
+    memory_budget: int | None = None,
+    order: str = "input",
+    into: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Run a query and stream its result into ``out_path`` (no memory budget on cell data).
+
+    With ``into`` (an .h5ad), ``out_path`` is a copy of that file with the layers added to its
+    ``obsm``, rows matched by cell name (see :func:`sclstore.query.attach.write_into`).
 
     Returns
     -------
@@ -278,5 +299,9 @@ def query_to_file(
     if suffix not in FORMATS:  # fail before any work
         raise InvalidInputError(f"unknown output extension {suffix or '(none)'!r}; use one of {', '.join(FORMATS)}")
     res = open_query(backend, sql, memory_budget=memory_budget)
-    path = write_result(res, out_path)
-    return {**res.summary(), "path": str(path)}
+    if into is not None:
+        from .attach import write_into
+
+        return write_into(res, into, out_path)
+    path = write_result(res, out_path, order=order)
+    return {**res.summary(), "path": str(path), "order": order}

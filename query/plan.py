@@ -349,11 +349,15 @@ def plan_query(backend: Backend, query: SliceQuery) -> QueryPlan:
         if pool not in info.pools:
             raise NotFoundError(f"pool {pool!r} is not stored in run {info.id}; stored pools: {list(info.pools)}")
 
+    obs_names = {c.name for c in dataset.obs_schema}
     obs_cols: list[str] = []
     for item in query.select:
         if isinstance(item, StarItem):
             obs_cols.extend(c.name for c in dataset.obs_schema)
-        elif isinstance(item, ColumnItem) and item.column not in ("run", "dataset", "model", "layer", "depth", "cell", "cell_idx", "embedding"):
+        elif isinstance(item, ColumnItem) and (
+            item.column not in ("run", "dataset", "model", "layer", "depth", "cell", "cell_idx", "src_idx", "embedding")
+            or (item.column == "src_idx" and item.column in obs_names)
+        ):
             obs_cols.append(resolve_column(item.column, columns, "the select list").name)
     obs_cols = list(dict.fromkeys(obs_cols))
 
@@ -379,7 +383,7 @@ def plan_query(backend: Backend, query: SliceQuery) -> QueryPlan:
     for name in query.group_by:
         if name in ("layer", "depth"):
             continue
-        if name in ("run", "dataset", "model", "cell", "cell_idx", "embedding"):
+        if name in ("run", "dataset", "model", "cell", "cell_idx", "embedding") or (name == "src_idx" and name not in obs_names):
             raise InvalidQueryError(f"cannot GROUP BY {name}; group by obs columns and layer")
         group.append(resolve_column(name, columns, "GROUP BY").name)
     group = list(dict.fromkeys(group))
@@ -414,7 +418,11 @@ def plan_query(backend: Backend, query: SliceQuery) -> QueryPlan:
 
 def _columns_for(dataset: DatasetInfo) -> dict[str, BoundColumn]:
     """Name -> kind map used for validation before the obs table is touched."""
-    cols = {"cell": BoundColumn("cell", None, "string"), "cell_idx": BoundColumn("cell_idx", None, "int")}
+    cols = {
+        "cell": BoundColumn("cell", None, "string"),
+        "cell_idx": BoundColumn("cell_idx", None, "int"),
+        "src_idx": BoundColumn("src_idx", None, "int"),
+    }
     for col in dataset.obs_schema:
         cols[col.name] = BoundColumn(col.name, None, col.kind)
     return cols

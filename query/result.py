@@ -60,6 +60,8 @@ class _Slice:
     grouped: bool
     counts: np.ndarray | None
     sql: str
+    src_idx: np.ndarray | None
+    query_ordered: bool
 
     @property
     def run(self) -> int:
@@ -125,6 +127,47 @@ class _Slice:
         """
         raise NotImplementedError
 
+    def row_order(self, order: str = "input") -> np.ndarray | None:
+        """The permutation that puts rows in ``order``, or ``None`` to keep them as they are.
+
+        ``"input"`` (the default of :meth:`QueryResult.to_anndata` and every export): the rows of
+        the ingested AnnData (ascending ``src_idx``), unless the query has its own ``ORDER BY``
+        on cells, which is kept. ``"store"``: as the query returned them (the store's cell order,
+        which differs from the input order after ``cluster_by``).
+
+        Raises
+        ------
+        InvalidInputError
+            For another ``order``.
+        """
+        from sclstore.store.errors import InvalidInputError
+
+        if order not in ("input", "store"):
+            raise InvalidInputError(f"unknown row order {order!r}: use 'input' (the AnnData's rows) or 'store'")
+        if order == "store" or self.grouped or self.src_idx is None or self.query_ordered:
+            return None
+        src = np.asarray(self.src_idx, dtype=np.int64)
+        if src.size < 2 or bool(np.all(src[1:] > src[:-1])):
+            return None
+        return np.argsort(src, kind="stable")
+
+    def in_order(self, order: str = "input") -> _Slice:
+        """This slice with its rows in ``order`` (see :meth:`row_order`); itself when already so."""
+        perm = self.row_order(order)
+        return self if perm is None else self._take(perm)
+
+    def _take(self, perm: np.ndarray) -> _Slice:
+        raise NotImplementedError
+
+    def _index_columns(self) -> dict[str, np.ndarray]:
+        """``cell_idx`` and ``src_idx`` columns added to exported obs (when not obs columns)."""
+        cols: dict[str, np.ndarray] = {}
+        if self.cell_idx is not None and "cell_idx" not in self.obs:
+            cols["cell_idx"] = np.asarray(self.cell_idx, dtype=np.int64)
+        if self.src_idx is not None and "src_idx" not in self.obs:
+            cols["src_idx"] = np.asarray(self.src_idx, dtype=np.int64)
+        return cols
+
 
 @dataclass(frozen=True, eq=False)
 class QueryResult(_Slice):
@@ -143,6 +186,9 @@ class QueryResult(_Slice):
         with the group columns and ``count`` (if ``COUNT(*)`` was selected).
     cell_idx
         int64 positions of the cells in the run's arrays (``None`` for GROUP BY queries).
+    src_idx
+        int64 rows of the cells in the ingested AnnData (``None`` for GROUP BY queries); rows
+        come in store order, ``to_anndata()`` and the exports put them in this input order.
     run_info
         The run the query pinned (``run`` is its id).
     pool
@@ -168,6 +214,8 @@ class QueryResult(_Slice):
     counts: np.ndarray | None = None
     sql: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    src_idx: np.ndarray | None = None
+    query_ordered: bool = False
 
     def __repr__(self) -> str:
         what = f"{self.n_rows} groups" if self.grouped else f"{self.n_rows} cells"
@@ -201,8 +249,21 @@ class QueryResult(_Slice):
             if self.n_rows == 0:
                 yield i, 0, self.embeddings[i, :0]
 
-    def to_anndata(self) -> anndata.AnnData:
+    def _take(self, perm: np.ndarray) -> QueryResult:
+        return QueryResult(
+            run_info=self.run_info, layers=self.layers, pool=self.pool, obs=self.obs.iloc[perm],
+            embeddings=None if self.embeddings is None else self.embeddings[:, perm],
+            cell_idx=None if self.cell_idx is None else np.asarray(self.cell_idx)[perm], grouped=self.grouped,
+            counts=None if self.counts is None else np.asarray(self.counts)[perm], sql=self.sql, extra=dict(self.extra),
+            src_idx=None if self.src_idx is None else np.asarray(self.src_idx)[perm], query_ordered=self.query_ordered,
+        )
+
+    def to_anndata(self, *, order: str = "input") -> anndata.AnnData:
         """An AnnData with ``obs`` and one ``obsm`` matrix per layer.
+
+        Rows follow the ingested AnnData (``order="input"``, the default; an explicit ``ORDER BY``
+        in the query is kept) or the store's cell order (``order="store"``). ``obs`` gets
+        ``cell_idx`` (store position) and ``src_idx`` (input row) columns.
 
         Keys look like ``X_<model>_L07_<pool>`` (see :func:`obsm_key`), so
         ``sc.pp.neighbors(adata, use_rep="X_tahoe-x1_L07_cls")`` works directly. ``X`` is empty
@@ -217,6 +278,9 @@ class QueryResult(_Slice):
         """
         import anndata as ad
 
+        res = self.in_order(order)
+        if res is not self:
+            return res.to_anndata(order="store")  # type: ignore[union-attr]
         obs = self.obs.copy()
         obs.index = obs.index.astype(str)
         if not obs.index.is_unique:  # group labels can collide; keep AnnData happy
@@ -225,8 +289,8 @@ class QueryResult(_Slice):
         if self.embeddings is not None:
             for key, i in zip(self.obsm_keys(), range(len(self.layers))):
                 adata.obsm[key] = np.asarray(self.embeddings[i])
-        if self.cell_idx is not None:
-            adata.obs["cell_idx"] = np.asarray(self.cell_idx, dtype=np.int64) if "cell_idx" not in obs else obs["cell_idx"]
+        for name, values in self._index_columns().items():
+            adata.obs[name] = values
         if self.counts is not None and "count" not in obs:
             adata.obs["n_cells"] = np.asarray(self.counts, dtype=np.int64)
         adata.uns["sclstore"] = _uns(self)
@@ -258,7 +322,10 @@ class QueryStream(_Slice):
     Not thread-safe: the stream opens a reader on the run's array for each iteration.
     """
 
-    def __init__(self, backend: Backend, plan: QueryPlan, cell_idx: np.ndarray, obs: pd.DataFrame, budget: int) -> None:
+    def __init__(
+        self, backend: Backend, plan: QueryPlan, cell_idx: np.ndarray, obs: pd.DataFrame, budget: int,
+        *, src_idx: np.ndarray | None = None,
+    ) -> None:
         self.backend = backend
         self.plan = plan
         self.run_info = plan.run
@@ -270,6 +337,14 @@ class QueryStream(_Slice):
         self.counts = None
         self.sql = plan.query.sql
         self.budget = budget
+        self.src_idx = src_idx
+        self.query_ordered = bool(plan.order_by)
+
+    def _take(self, perm: np.ndarray) -> QueryStream:
+        return QueryStream(
+            self.backend, self.plan, np.asarray(self.cell_idx)[perm], self.obs.iloc[perm], self.budget,
+            src_idx=None if self.src_idx is None else np.asarray(self.src_idx)[perm],
+        )
 
     def __repr__(self) -> str:
         return (
@@ -307,5 +382,5 @@ class QueryStream(_Slice):
         emb = read_cells(self.backend, self.plan, self.cell_idx) if self.pool is not None else None
         return QueryResult(
             run_info=self.run_info, layers=self.layers, pool=self.pool, obs=self.obs, embeddings=emb,
-            cell_idx=self.cell_idx, sql=self.sql,
+            cell_idx=self.cell_idx, sql=self.sql, src_idx=self.src_idx, query_ordered=self.query_ordered,
         )

@@ -112,6 +112,11 @@ class Store:
     def query(self, sql: str, *, memory_budget: int | None = None) -> Any:
         """Run a slice query over the ``embeddings`` virtual table.
 
+        Rows come in the store's cell order (``cluster_by`` changes it); ``res.src_idx`` holds
+        each cell's row in the ingested AnnData and is queryable (``WHERE src_idx < 100``,
+        ``ORDER BY src_idx``). ``res.to_anndata()`` and file exports put rows back in the
+        input order (pass ``order="store"`` to keep the store's).
+
         Examples
         --------
         >>> res = store.query("SELECT * FROM embeddings WHERE run = 1 AND layer = 3")  # doctest: +SKIP
@@ -120,6 +125,40 @@ class Store:
         from sclstore.query import execute_query
 
         return execute_query(self.backend, sql, memory_budget=memory_budget)
+
+    def attach(
+        self,
+        adata: Any,
+        run: int | str,
+        *,
+        layers: list[int] | tuple[int, ...] | None = None,
+        pools: list[str] | tuple[str, ...] | None = None,
+        memory_budget: int | None = None,
+    ) -> list[str]:
+        """Write a run's embeddings into ``adata.obsm``, aligned by ``obs_names`` (in place).
+
+        Keys are ``X_<model>_L<layer>_<pool>`` (layer zero-padded, e.g. ``X_tahoe-x1_L07_cls``),
+        the same as :meth:`QueryResult.to_anndata` writes. Every cell of ``adata`` must be stored
+        (any order, any subset); provenance goes to ``adata.uns["sclstore"]``.
+
+        Returns
+        -------
+        list of str
+            The obsm keys written.
+
+        Raises
+        ------
+        InvalidInputError
+            If a cell is not stored or obs names repeat.
+
+        Examples
+        --------
+        >>> store.attach(adata, run=1, layers=[4, 8], pools=["cls"])     # doctest: +SKIP
+        ['X_sclstore-tiny_L04_cls', 'X_sclstore-tiny_L08_cls']
+        """
+        from sclstore.query.attach import attach
+
+        return attach(self.backend, adata, run, layers=layers, pools=pools, memory_budget=memory_budget)
 
     def evaluate_trajectory(self, run: int | str, **options: Any) -> Any:
         """Score every stored layer on trajectory inference (see :mod:`sclstore.eval`)."""

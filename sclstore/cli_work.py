@@ -18,6 +18,8 @@ __all__: list[str] = []
 def query(
     sql: Annotated[str, typer.Argument(help='e.g. "SELECT * FROM embeddings WHERE run = 1 AND layer = 3"')],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write .h5ad, .npy, .npz, .parquet or .csv.")] = None,
+    into: Annotated[Path | None, typer.Option("--into", help="With -o out.h5ad: write a copy of this source .h5ad with the layers added to obsm (rows matched by cell name).")] = None,
+    order: Annotated[str, typer.Option("--order", help="Row order of -o files: input (the ingested AnnData's rows) or store.")] = "input",
     store: StoreOpt = default_store_path(),
     catalog: CatalogOpt = None,
     json_out: JsonOpt = False,
@@ -28,7 +30,7 @@ def query(
 
     with _open(store, catalog) as st:
         if output is not None:
-            summary = query_to_file(st.backend, sql, output)
+            summary = query_to_file(st.backend, sql, output, order=order, into=into)
         else:
             summary = st.query(sql).summary()
     if json_out:

@@ -102,7 +102,7 @@ def test_all_cells_all_layers(store60: BuiltStore) -> None:
     b = store60
     res = execute_query(b.backend, f"SELECT * FROM embeddings WHERE run = {b.run_id}")
     check_cells(b, res, np.argsort(b.cell_idx_of_src), b.layers, "cls")
-    adata = res.to_anndata()
+    adata = res.to_anndata(order="store")
     assert list(adata.obsm) == [f"X_tiny-m_L0{x}_cls" for x in b.layers]
     np.testing.assert_array_equal(adata.obsm["X_tiny-m_L05_cls"], res.layer(5))
     assert adata.uns["sclstore"]["run"] == b.run_id
