@@ -41,6 +41,7 @@ from sclstore.store.errors import IngestError, InvalidInputError, LeaseHeldError
 from .adapter import GeneMapping, ModelAdapter
 from .models import load_adapter
 from .progress import make_progress
+from .anndata_source import is_anndata, open_source, source_provenance
 from .source import CountsSource
 
 __all__ = ["IngestResult", "ingest", "resolve_device"]
@@ -275,8 +276,8 @@ def _collect(out: dict[str, np.ndarray], pending: list[tuple[np.ndarray, dict[st
     pending.clear()
 
 
-def ingest(backend: Backend, path: str | os.PathLike[str], config: IngestConfig, *, adapter: ModelAdapter | None = None) -> IngestResult:
-    """Embed every cell of an .h5ad file with every kept layer, into ``backend``.
+def ingest(backend: Backend, path: str | os.PathLike[str] | Any, config: IngestConfig, *, adapter: ModelAdapter | None = None) -> IngestResult:
+    """Embed every cell of an .h5ad file (or an AnnData) with every kept layer, into ``backend``.
 
     Everything that can be wrong with the input is checked before the store is touched. A
     completed identical run is a cache hit that loads no weights; an interrupted one resumes.
@@ -286,7 +287,9 @@ def ingest(backend: Backend, path: str | os.PathLike[str], config: IngestConfig,
     backend
         The open store.
     path
-        The .h5ad file with raw counts.
+        The .h5ad file with raw counts, or an ``anndata.AnnData`` (in memory or backed): the
+        same checks and content hash; the catalog records ``in-memory`` (or the backing file)
+        as its source, and the default dataset name is ``anndata-<hash prefix>``.
     config
         Model, layers, pools, dtype and the other ingest options.
     adapter
@@ -305,12 +308,16 @@ def ingest(backend: Backend, path: str | os.PathLike[str], config: IngestConfig,
         If another process is ingesting the same run and ``config.wait`` is false.
     """
     t0 = time.perf_counter()
-    path = Path(path).expanduser()
-    name = config.name or validate_name(_default_name(path), what="dataset")
+    in_memory = is_anndata(path)
+    if not in_memory and not isinstance(path, (str, os.PathLike)):
+        open_source(path)  # raises: names what was passed
+    if not in_memory:
+        path = Path(path).expanduser()
+    name = config.name or (None if in_memory else validate_name(_default_name(path), what="dataset"))
     device = resolve_device(config.device)
     if adapter is None:
         adapter = load_adapter(config.model, config.checkpoint, max_genes=config.max_genes, options=dict(config.model_options))
-    with CountsSource(path, counts_layer=config.counts_layer, gene_column=config.gene_column) as source:
+    with open_source(path, counts_layer=config.counts_layer, gene_column=config.gene_column) as source:
         mapping = adapter.map_genes(source.gene_ids)
         adapter.check_obs(source.obs)  # e.g. Geneformer's obs['n_counts'], before anything is written
         layers = parse_layers(config.layers, adapter.n_layers)
@@ -319,6 +326,7 @@ def ingest(backend: Backend, path: str | os.PathLike[str], config: IngestConfig,
         if unknown:
             raise InvalidInputError(f"pool(s) {unknown} not available for {adapter.family}; choose from {', '.join(adapter.supported_pools)}")
         content_hash = source.scan()
+        name = name or f"anndata-{content_hash[:10]}"
         precision = "bf16" if device.type == "cuda" else "fp32"
         params = {"family": adapter.family, "layers": list(layers), "pools": list(pools), "dtype": config.dtype,
                   "seed": int(config.seed), "max_genes": config.max_genes, "precision": precision,
@@ -329,7 +337,7 @@ def ingest(backend: Backend, path: str | os.PathLike[str], config: IngestConfig,
             logger.info("cache hit: run %s already holds this extraction", hit.id)
             return _result(hit, cache_hit=True, embedded=0, t0=t0, device=device, mapping=mapping)
         dataset = backend.register_dataset(name=name, content_hash=content_hash, obs=source.obs, n_vars=source.n_vars,
-                                           source_path=str(path.resolve()), cluster_by=config.cluster_by)
+                                           source_path=source_provenance(source), cluster_by=config.cluster_by)
         model = backend.register_model(family=adapter.family, name=adapter.name, checkpoint_hash=adapter.checkpoint_hash,
                                        n_layers=adapter.n_layers, d_model=adapter.d_model, config=adapter.describe())
         spec = ArraySpec(n_layers=len(layers), n_cells=dataset.n_obs, dim=adapter.d_model, pools=pools, dtype=config.dtype)

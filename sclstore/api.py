@@ -79,13 +79,15 @@ class Store:
         return self.backend.verify(run)
 
     # ---------------------------------------------------------------- work
-    def ingest(self, data: str | os.PathLike[str], model: str, checkpoint: str | None = None, **options: Any) -> Any:
-        """Embed every cell of an .h5ad file with every layer of a model.
+    def ingest(self, data: str | os.PathLike[str] | Any, model: str, checkpoint: str | None = None, **options: Any) -> Any:
+        """Embed every cell of an .h5ad file (or an AnnData) with every layer of a model.
 
         Parameters
         ----------
         data
-            .h5ad file with raw counts (``X`` or ``counts_layer``).
+            .h5ad file with raw counts (``X`` or ``counts_layer``), or an ``anndata.AnnData``
+            in memory or backed (same checks; its content hash makes the file and the loaded
+            object one dataset; the catalog records ``in-memory`` or the backing file).
         model
             Model family: ``tahoe-x1``, ``scfoundation``, ``scgpt``, ``geneformer`` or ``sclstore-tiny``.
         checkpoint
