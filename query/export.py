@@ -48,6 +48,9 @@ def _need_embeddings(res: QueryResult | QueryStream, fmt: str) -> None:
     if res.pool is None:
         msg = f"{fmt} holds embeddings, but the query selects none: add `embedding` (or AVG(embedding)) to the select list, or write .csv/.parquet"
         raise InvalidInputError(msg)
+    if len(res.pools) > 1:
+        msg = f"{fmt} holds one pool, but the query selects {list(res.pools)}: write .h5ad, .parquet or .csv, or select one pool"
+        raise InvalidInputError(msg)
 
 
 def _npy_header(shape: tuple[int, ...]) -> dict[str, Any]:
@@ -149,12 +152,17 @@ def _long_frames(res: QueryResult | QueryStream, chunk: int, *, with_embeddings:
     index_cols = res._index_columns()
     counts = None if res.counts is None else np.asarray(res.counts, dtype=np.int64)
 
+    multi = len(res.pools) > 1
+
     def frame(lo: int, n: int, layer_pos: int | None, block: np.ndarray | None) -> pd.DataFrame:
         part = obs.iloc[lo : lo + n]
         data: dict[str, Any] = {}
         if layer_pos is not None:
-            data["layer"] = np.full(n, res.layers[layer_pos], dtype=np.int64)
-            data["depth"] = np.full(n, res.depths[layer_pos], dtype=np.float64)
+            pool, layer = res.block_label(layer_pos)
+            if multi:
+                data["pool"] = np.full(n, pool, dtype=object)
+            data["layer"] = np.full(n, layer, dtype=np.int64)
+            data["depth"] = np.full(n, res.depths[res.layers.index(layer)], dtype=np.float64)
         data[base_cols[0]] = part.index.astype(str).to_numpy(dtype=object)
         for name, values in index_cols.items():
             data[name] = values[lo : lo + n]

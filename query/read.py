@@ -9,6 +9,7 @@ GROUP BY queries never hold the cells' embeddings: chunks are streamed and summe
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -62,7 +63,7 @@ def check_budget(plan: QueryPlan, n_rows: int, budget: int) -> None:
     if plan.pool is None:
         return
     itemsize = 8 if plan.aggregate else 4  # centroids accumulate in float64
-    size = len(plan.layers) * n_rows * plan.run.dim * itemsize
+    size = len(plan.pools) * len(plan.layers) * n_rows * plan.run.dim * itemsize
     if size <= budget:
         return
     what = "groups" if plan.aggregate else "cells"
@@ -365,9 +366,10 @@ def execute_query(backend: Backend, sql: str, *, memory_budget: int | None = Non
         cell_idx, obs, src_idx = select_cells(backend, plan)
         check_budget(plan, len(cell_idx), budget)
         emb = read_cells(backend, plan, cell_idx) if plan.pool is not None else None
+    more = {p: read_cells(backend, replace(plan, pool=p), cell_idx) for p in plan.extra_pools}
     return QueryResult(
         run_info=plan.run, layers=plan.layers, pool=plan.pool, obs=obs, embeddings=emb, cell_idx=cell_idx, sql=sql,
-        src_idx=src_idx, query_ordered=bool(plan.order_by),
+        src_idx=src_idx, query_ordered=bool(plan.order_by), extra_pools=plan.extra_pools, extra_embeddings=more,
     )
 
 

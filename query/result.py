@@ -62,6 +62,12 @@ class _Slice:
     sql: str
     src_idx: np.ndarray | None
     query_ordered: bool
+    extra_pools: tuple[str, ...]
+
+    @property
+    def pools(self) -> tuple[str, ...]:
+        """Every pool in the result (``pool`` first); several with ``SELECT embedding.cls, embedding.mean``."""
+        return () if self.pool is None else (self.pool, *self.extra_pools)
 
     @property
     def run(self) -> int:
@@ -87,7 +93,7 @@ class _Slice:
     @property
     def nbytes(self) -> int:
         """Size of the embedding block, ``n_layers * n_rows * dim * 4`` bytes."""
-        return len(self.layers) * self.n_rows * self.dim * 4
+        return max(1, len(self.pools)) * len(self.layers) * self.n_rows * self.dim * 4
 
     def __enter__(self) -> _Slice:
         return self
@@ -97,10 +103,13 @@ class _Slice:
         return None
 
     def obsm_keys(self) -> list[str]:
-        """AnnData ``obsm`` key of each layer (see :func:`obsm_key`)."""
-        if self.pool is None:
-            return []
-        return [obsm_key(self.run_info.model_name, layer, self.pool, self.run_info.n_model_layers) for layer in self.layers]
+        """AnnData ``obsm`` key of each (pool, layer) block, pool-major (see :func:`obsm_key`)."""
+        return [obsm_key(self.run_info.model_name, layer, pool, self.run_info.n_model_layers) for pool in self.pools for layer in self.layers]
+
+    def block_label(self, i: int) -> tuple[str, int]:
+        """``(pool, layer)`` of block ``i`` of :meth:`iter_blocks`."""
+        n = len(self.layers)
+        return self.pools[i // n], self.layers[i % n]
 
     def summary(self) -> dict[str, Any]:
         """A JSON-able description (what ``sclstore query --json`` prints)."""
@@ -109,21 +118,23 @@ class _Slice:
             "dataset": self.run_info.dataset_name,
             "model": self.run_info.model_name,
             "pool": self.pool,
+            "pools": list(self.pools),
             "layers": list(self.layers),
             "depths": [round(d, 6) for d in self.depths],
             "grouped": self.grouped,
             "n_groups" if self.grouped else "n_cells": self.n_rows,
             "dim": self.dim,
-            "shape": [len(self.layers), self.n_rows, self.dim] if self.pool is not None else None,
+            "shape": [len(self.layers), self.n_rows, self.dim] if self.pool is not None else None,  # per pool
             "nbytes": self.nbytes,
             "obs_columns": [str(c) for c in self.obs.columns],
         }
         return out
 
     def iter_blocks(self, *, chunk_cells: int = 65_536) -> Iterator[tuple[int, int, np.ndarray]]:
-        """Yield ``(layer_position, first_row, block)`` with ``block`` of shape ``(n, dim)``.
+        """Yield ``(block_position, first_row, block)`` with ``block`` of shape ``(n, dim)``.
 
-        Layers come in output order; within a layer, rows come in output order.
+        Blocks are (pool, layer) pairs, pool-major (:meth:`block_label`; with one pool the
+        position is the layer position); within a block, rows come in output order.
         """
         raise NotImplementedError
 
@@ -216,6 +227,18 @@ class QueryResult(_Slice):
     extra: dict[str, Any] = field(default_factory=dict)
     src_idx: np.ndarray | None = None
     query_ordered: bool = False
+    extra_pools: tuple[str, ...] = ()
+    extra_embeddings: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def pool_embeddings(self, pool: str) -> np.ndarray:
+        """The ``(n_layers, n_rows, dim)`` array of one selected pool."""
+        from sclstore.store.errors import NotFoundError
+
+        if pool == self.pool and self.embeddings is not None:
+            return self.embeddings
+        if pool in self.extra_embeddings:
+            return self.extra_embeddings[pool]
+        raise NotFoundError(f"pool {pool!r} is not in this result; it has pools {list(self.pools)}")
 
     def __repr__(self) -> str:
         what = f"{self.n_rows} groups" if self.grouped else f"{self.n_rows} cells"
@@ -243,11 +266,14 @@ class QueryResult(_Slice):
     def iter_blocks(self, *, chunk_cells: int = 65_536) -> Iterator[tuple[int, int, np.ndarray]]:
         if self.embeddings is None:
             return
-        for i in range(len(self.layers)):
-            for lo in range(0, self.n_rows, chunk_cells):
-                yield i, lo, self.embeddings[i, lo : lo + chunk_cells]
-            if self.n_rows == 0:
-                yield i, 0, self.embeddings[i, :0]
+        n = len(self.layers)
+        for k, pool in enumerate(self.pools):
+            arr = self.pool_embeddings(pool)
+            for j in range(n):
+                for lo in range(0, self.n_rows, chunk_cells):
+                    yield k * n + j, lo, arr[j, lo : lo + chunk_cells]
+                if self.n_rows == 0:
+                    yield k * n + j, 0, arr[j, :0]
 
     def _take(self, perm: np.ndarray) -> QueryResult:
         return QueryResult(
@@ -256,6 +282,7 @@ class QueryResult(_Slice):
             cell_idx=None if self.cell_idx is None else np.asarray(self.cell_idx)[perm], grouped=self.grouped,
             counts=None if self.counts is None else np.asarray(self.counts)[perm], sql=self.sql, extra=dict(self.extra),
             src_idx=None if self.src_idx is None else np.asarray(self.src_idx)[perm], query_ordered=self.query_ordered,
+            extra_pools=self.extra_pools, extra_embeddings={p: a[:, perm] for p, a in self.extra_embeddings.items()},
         )
 
     def to_anndata(self, *, order: str = "input") -> anndata.AnnData:
@@ -287,8 +314,10 @@ class QueryResult(_Slice):
             obs.index = pd.Index([f"{name}-{i}" for i, name in enumerate(obs.index)])
         adata = ad.AnnData(obs=obs)
         if self.embeddings is not None:
-            for key, i in zip(self.obsm_keys(), range(len(self.layers))):
-                adata.obsm[key] = np.asarray(self.embeddings[i])
+            keys = iter(self.obsm_keys())
+            for pool in self.pools:
+                for block in self.pool_embeddings(pool):
+                    adata.obsm[next(keys)] = np.asarray(block)
         for name, values in self._index_columns().items():
             adata.obs[name] = values
         if self.counts is not None and "count" not in obs:
@@ -305,6 +334,7 @@ def _uns(s: _Slice) -> dict[str, Any]:
         "model": info.model_name,
         "family": info.family,
         "pool": s.pool or "",
+        "pools": list(s.pools),
         "layers": np.asarray(s.layers, dtype=np.int64),
         "depths": np.asarray(s.depths, dtype=np.float64),
         "obsm_keys": list(s.obsm_keys()),
@@ -339,6 +369,7 @@ class QueryStream(_Slice):
         self.budget = budget
         self.src_idx = src_idx
         self.query_ordered = bool(plan.order_by)
+        self.extra_pools = tuple(plan.extra_pools)
 
     def _take(self, perm: np.ndarray) -> QueryStream:
         return QueryStream(
@@ -356,17 +387,20 @@ class QueryStream(_Slice):
         if self.pool is None:
             return
         cells = np.asarray(self.cell_idx, dtype=np.int64)
+        n = len(self.plan.slots)
         with self.backend.open_reader(self.run_info) as reader:
-            for i, slot in enumerate(self.plan.slots):
-                if cells.size == 0:
-                    yield i, 0, np.empty((0, self.dim), dtype=np.float32)
-                for lo in range(0, cells.size, chunk_cells):
-                    part = cells[lo : lo + chunk_cells]
-                    order = np.argsort(part, kind="stable")
-                    block = reader.read([slot], part[order], self.pool)[0]
-                    out = np.empty_like(block)
-                    out[order] = block
-                    yield i, lo, out
+            for k, pool in enumerate(self.pools):
+                for j, slot in enumerate(self.plan.slots):
+                    i = k * n + j
+                    if cells.size == 0:
+                        yield i, 0, np.empty((0, self.dim), dtype=np.float32)
+                    for lo in range(0, cells.size, chunk_cells):
+                        part = cells[lo : lo + chunk_cells]
+                        order = np.argsort(part, kind="stable")
+                        block = reader.read([slot], part[order], pool)[0]
+                        out = np.empty_like(block)
+                        out[order] = block
+                        yield i, lo, out
 
     def materialize(self) -> QueryResult:
         """Read everything into a :class:`QueryResult`.
@@ -376,11 +410,15 @@ class QueryStream(_Slice):
         QueryTooLargeError
             If the slice is larger than the memory budget.
         """
+        from dataclasses import replace
+
         from .read import check_budget, read_cells
 
         check_budget(self.plan, self.n_rows, self.budget)
         emb = read_cells(self.backend, self.plan, self.cell_idx) if self.pool is not None else None
+        more = {p: read_cells(self.backend, replace(self.plan, pool=p), self.cell_idx) for p in self.extra_pools}
         return QueryResult(
             run_info=self.run_info, layers=self.layers, pool=self.pool, obs=self.obs, embeddings=emb,
             cell_idx=self.cell_idx, sql=self.sql, src_idx=self.src_idx, query_ordered=self.query_ordered,
+            extra_pools=self.extra_pools, extra_embeddings=more,
         )

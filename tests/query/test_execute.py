@@ -172,7 +172,7 @@ def test_group_by_edge_cases(store60: BuiltStore) -> None:
         ("SELECT * FROM embeddings WHERE run = 1 AND depth = 1.5", InvalidQueryError, r"depth is layer / L"),
         ("SELECT * FROM embeddings WHERE run = 1 AND layer = 'x'", InvalidQueryError, r"layer is a number"),
         ("SELECT embedding.max FROM embeddings WHERE run = 1", NotFoundError, r"pool 'max' is not stored.*cls"),
-        ("SELECT embedding.cls, embedding.mean FROM embeddings WHERE run = 1", InvalidQueryError, r"one pool per query"),
+        ("SELECT layer, AVG(embedding.cls), AVG(embedding.mean) FROM embeddings WHERE run = 1 AND layer = 2 GROUP BY layer", InvalidQueryError, r"one pool per GROUP BY query"),
         ("SELECT nope FROM embeddings WHERE run = 1", InvalidQueryError, r"unknown column 'nope' in the select list"),
         ("SELECT * FROM embeddings WHERE run = 1 ORDER BY nope", InvalidQueryError, r"unknown column 'nope' in ORDER BY"),
         ("SELECT * FROM embeddings WHERE run = 1 AND embedding = 1", InvalidQueryError, r"embedding cannot be filtered"),

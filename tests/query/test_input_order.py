@@ -115,3 +115,28 @@ def test_query_into_a_copy_of_the_source(b: BuiltStore, tmp_path: Path) -> None:
     assert got.uns["sclstore"]["run"] == b.run_id
     with pytest.raises(InvalidInputError, match="overwrite its source"):
         query_to_file(b.backend, sql, src, into=src)
+
+
+def test_several_pools_in_one_query(b: BuiltStore, tmp_path: Path) -> None:
+    from sclstore.query import open_query, write_result
+
+    sql = f"SELECT cell, embedding.mean, embedding.cls FROM embeddings WHERE run = {b.run_id} AND layer IN (0, 3)"
+    res = execute_query(b.backend, sql)
+    assert res.pools == ("mean", "cls") and res.layers == (0, 3)
+    store_names = res.obs.index
+    for pool in ("mean", "cls"):
+        for j, layer in enumerate((0, 3)):
+            np.testing.assert_array_equal(res.pool_embeddings(pool)[j], _truth(b, store_names, layer, pool))
+    adata = res.to_anndata()
+    assert list(adata.obsm) == ["X_tiny-m_L00_mean", "X_tiny-m_L03_mean", "X_tiny-m_L00_cls", "X_tiny-m_L03_cls"]
+    np.testing.assert_array_equal(adata.obsm["X_tiny-m_L03_mean"], _truth(b, adata.obs_names, 3, "mean"))
+    stream = open_query(b.backend, sql)
+    got = ad.read_h5ad(write_result(stream, tmp_path / "p.h5ad"))
+    for key in adata.obsm:
+        np.testing.assert_array_equal(got.obsm[key], adata.obsm[key])
+    df = pd.read_csv(write_result(stream, tmp_path / "p.csv"))
+    assert len(df) == 4 * 50 and list(df.columns[:3]) == ["pool", "layer", "depth"]
+    part = df[(df["pool"] == "cls") & (df["layer"] == 3)]
+    np.testing.assert_array_equal(part[[f"e{j}" for j in range(6)]].to_numpy(np.float32), _truth(b, pd.Index(part["cell"]), 3, "cls"))
+    with pytest.raises(InvalidInputError, match=r"\.npy holds one pool, but the query selects \['mean', 'cls'\]"):
+        write_result(stream, tmp_path / "p.npy")
