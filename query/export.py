@@ -37,7 +37,7 @@ from .result import QueryResult, QueryStream, _uns
 if TYPE_CHECKING:
     from .plan import Backend
 
-__all__ = ["FORMATS", "write_result", "query_to_file"]
+__all__ = ["FORMATS", "ROW_FORMATS", "write_result", "write_rows", "query_to_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +205,38 @@ def _write_csv(res: QueryResult | QueryStream, path: Path, chunk: int) -> None:
     with open(path, "w", newline="", encoding="utf-8") as fh:
         for k, df in enumerate(_long_frames(res, chunk)):
             df.to_csv(fh, index=False, header=(k == 0), float_format="%.9g")
+
+
+ROW_FORMATS: tuple[str, ...] = ("csv", "tsv", "nl")
+
+
+def write_rows(result: QueryResult | QueryStream, fh: Any, fmt: str = "csv", *, chunk_cells: int = 4096, order: str = "input") -> int:
+    """Stream the long format (one row per layer x cell, as ``.csv``) to a text stream.
+
+    ``fmt`` is ``csv``, ``tsv`` or ``nl`` (newline-delimited JSON, one object per row with the
+    embedding as a list under ``"embedding"``). Returns the number of rows written.
+
+    Raises
+    ------
+    InvalidInputError
+        For another ``fmt``.
+    """
+    if fmt not in ROW_FORMATS:
+        raise InvalidInputError(f"unknown row format {fmt!r}; use one of {', '.join(ROW_FORMATS)}")
+    res = result.in_order(order)
+    n = 0
+    emb_cols = [f"e{j}" for j in range(res.dim)]
+    for k, df in enumerate(_long_frames(res, chunk_cells)):
+        n += len(df)
+        if fmt == "nl":
+            if emb_cols and not df.empty:
+                emb = df[emb_cols].to_numpy(dtype=np.float64).round(9).tolist()
+                df = df.drop(columns=emb_cols).assign(embedding=emb)
+            if not df.empty:
+                fh.write(df.to_json(orient="records", lines=True, force_ascii=False, double_precision=9).rstrip("\n") + "\n")
+        else:
+            df.to_csv(fh, index=False, header=(k == 0), float_format="%.9g", sep="\t" if fmt == "tsv" else ",")
+    return n
 
 
 FORMATS: dict[str, Callable[[QueryResult | QueryStream, Path, int], None]] = {

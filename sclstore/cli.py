@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sclstore.api import Store, default_store_path, open_store
+from sclstore.cli_rows import CsvOpt, NlOpt, TsvOpt, emit_rows, print_table, row_format
 from sclstore.store import catalog as catalogdb
 from sclstore.store.backend import Backend
 from sclstore.store.config import parse_csv
@@ -140,27 +141,37 @@ def ls(
     store: StoreOpt = default_store_path(),
     catalog: CatalogOpt = None,
     json_out: JsonOpt = False,
+    csv_out: CsvOpt = False,
+    tsv_out: TsvOpt = False,
+    nl_out: NlOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
     """List what the store holds: datasets, models or runs."""
     if what not in ("datasets", "models", "runs"):
         err.print(f"error: cannot list {what!r}: choose datasets, models or runs", markup=False)
         raise typer.Exit(2)
+    fmt = row_format(csv_out, tsv_out, nl_out, json_out)
     with _open(store, catalog) as st:
         items = {"datasets": st.datasets, "models": st.models, "runs": st.runs}[what]()
         if json_out:
             emit_json([i.to_json() for i in items])
             return
+        full = fmt is not None  # machine-readable rows carry whole hashes
         if what == "datasets":
-            rows = [[d.id, d.name, d.n_obs, d.n_vars, ",".join(c.name for c in d.obs_schema), d.content_hash[:12]] for d in items]
-            out.print(_table("datasets", ["id", "name", "cells", "genes", "obs columns", "hash"], rows))
+            columns = ["id", "name", "cells", "genes", "obs columns", "hash"]
+            rows = [[d.id, d.name, d.n_obs, d.n_vars, ",".join(c.name for c in d.obs_schema),
+                     d.content_hash if full else d.content_hash[:12]] for d in items]
         elif what == "models":
-            rows = [[m.id, m.family, m.name, m.n_layers, m.d_model, m.checkpoint_hash[:12]] for m in items]
-            out.print(_table("models", ["id", "family", "name", "blocks", "d_model", "checkpoint"], rows))
+            columns = ["id", "family", "name", "blocks", "d_model", "checkpoint"]
+            rows = [[m.id, m.family, m.name, m.n_layers, m.d_model, m.checkpoint_hash if full else m.checkpoint_hash[:12]] for m in items]
         else:
+            columns = ["id", "dataset", "model", "status", "cells", "layers", "pools", "dtype"]
             rows = [[r.id, r.dataset_name, r.model_name, r.status, f"{r.watermark}/{r.n_cells}",
                      f"{r.layers[0]}..{r.layers[-1]} ({len(r.layers)})", ",".join(r.pools), r.dtype] for r in items]
-            out.print(_table("runs", ["id", "dataset", "model", "status", "cells", "layers", "pools", "dtype"], rows))
+        if fmt is not None:
+            emit_rows(fmt, columns, rows, records=[i.to_json() for i in items])
+        else:
+            print_table(what, columns, rows)
 
 
 @app.command()

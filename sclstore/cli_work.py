@@ -9,6 +9,7 @@ import typer
 
 from sclstore.cli import CatalogOpt, JsonOpt, StoreOpt, VerboseOpt, _open, app, emit_json, err, eval_app, handled, out
 from sclstore.api import default_store_path
+from sclstore.cli_rows import CsvOpt, NlOpt, TsvOpt, row_format
 
 __all__: list[str] = []
 
@@ -17,28 +18,60 @@ __all__: list[str] = []
 @handled
 def query(
     sql: Annotated[str, typer.Argument(help='e.g. "SELECT * FROM embeddings WHERE run = 1 AND layer = 3"')],
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write .h5ad, .npy, .npz, .parquet or .csv.")] = None,
+    output: Annotated[str | None, typer.Option("-o", "--output", help="Write .h5ad, .npy, .npz, .parquet or .csv; `-o -` writes rows to stdout (--csv, --tsv or --nl).")] = None,
     into: Annotated[Path | None, typer.Option("--into", help="With -o out.h5ad: write a copy of this source .h5ad with the layers added to obsm (rows matched by cell name).")] = None,
-    order: Annotated[str, typer.Option("--order", help="Row order of -o files: input (the ingested AnnData's rows) or store.")] = "input",
+    order: Annotated[str, typer.Option("--order", help="Row order of files and rows: input (the ingested AnnData's rows) or store.")] = "input",
     store: StoreOpt = default_store_path(),
     catalog: CatalogOpt = None,
     json_out: JsonOpt = False,
+    csv_out: CsvOpt = False,
+    tsv_out: TsvOpt = False,
+    nl_out: NlOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
-    """Slice embeddings by layer and cell metadata with a SQL-style query."""
-    from sclstore.query import query_to_file
+    """Slice embeddings by layer and cell metadata with a SQL-style query.
 
+    Without -o: a summary (and, in a terminal, a preview of the first rows); --csv/--tsv/--nl
+    print every row (one per layer x cell) on stdout; --json prints the summary as JSON.
+    """
+    import sys
+
+    from sclstore.query import query_to_file
+    from sclstore.store.errors import InvalidInputError
+
+    fmt = row_format(csv_out, tsv_out, nl_out, json_out)
+    if into is not None and (output is None or output == "-"):
+        raise InvalidInputError("--into needs -o OUT.h5ad: the copy of the source file to write")
     with _open(store, catalog) as st:
+        if output == "-" or (output is None and fmt is not None):
+            from sclstore.query import open_query
+            from sclstore.query.export import write_rows
+
+            res = open_query(st.backend, sql)
+            write_rows(res, sys.stdout, fmt or "csv", order=order)
+            summary = res.summary()
+            err.print(f"{summary.get('n_groups', summary.get('n_cells'))} rows x {len(res.layers)} layers x {max(1, len(res.pools))} pool(s) written to stdout",
+                      markup=False, highlight=False)
+            return
+        preview = None
         if output is not None:
-            summary = query_to_file(st.backend, sql, output, order=order, into=into)
+            summary = query_to_file(st.backend, sql, Path(output), order=order, into=into)
         else:
-            summary = st.query(sql).summary()
+            res = st.query(sql)
+            summary = res.summary()
+            if not json_out and sys.stdout.isatty():
+                from sclstore.cli_rows import preview_table
+
+                preview = preview_table(res)
     if json_out:
         emit_json(summary)
         return
     what = f"{summary.get('n_groups')} groups" if summary.get("grouped") else f"{summary.get('n_cells')} cells"
     out.print(f"run {summary['run']} ({summary['dataset']}/{summary['model']}): {what} x layers {summary['layers']}"
-              f" x {summary['dim']} dims, pool {summary['pool']}", markup=False)
+              f" x {summary['dim']} dims, pool {','.join(summary.get('pools') or []) or summary['pool']}", markup=False)
+    if preview is not None:
+        out.print(preview)
+        out.print("(all rows: add --csv, --tsv or --nl, or -o FILE)", markup=False)
     if output is not None:
         out.print(f"wrote {summary['path']}", markup=False)
 
