@@ -212,7 +212,6 @@ class _Writer:
             lo, block = item
             try:
                 backend.write_block(run, lease, lo, block)
-                progress.advance(next(iter(block.values())).shape[1])
             except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
                 self.error = exc
 
@@ -242,7 +241,7 @@ class _Writer:
 
 def _embed_chunk(
     adapter: ModelAdapter, records: list[Any], *, layers: Sequence[int], pools: Sequence[str],
-    batch_size: int, device: torch.device,
+    batch_size: int, device: torch.device, progress: Any = None,
 ) -> dict[str, np.ndarray]:
     """Embed one chunk: batches of similar length, results back in the chunk's cell order.
 
@@ -265,6 +264,8 @@ def _embed_chunk(
         pending.append((idx, adapter.embed(batch, layers=layers, pools=pools)))
         if not cuda:  # on the CPU there is nothing to overlap: copy now, hold one batch at a time
             _collect(out, pending)
+        if progress is not None:  # per batch (on CUDA: per batch queued), so small ingests move too
+            progress.advance(len(idx))
     _collect(out, pending)  # on CUDA: one device-to-host synchronisation per chunk
     return out
 
@@ -362,7 +363,7 @@ def ingest(backend: Backend, path: str | os.PathLike[str] | Any, config: IngestC
                     for lo, records in prefetch:
                         writer.check()
                         block = _embed_chunk(adapter, records, layers=layers, pools=pools,
-                                             batch_size=config.batch_size, device=device)
+                                             batch_size=config.batch_size, device=device, progress=progress)
                         writer.put(lo, block)
                     writer.finish()
                 except BaseException:

@@ -230,7 +230,7 @@ def ingest(
             data, model, checkpoint, name=name, pools=parse_csv(pool) or None, layers=layers, dtype=dtype,  # type: ignore[arg-type]
             batch_size=batch_size, device=device, counts_layer=counts_layer, gene_column=gene_column,
             cluster_by=parse_csv(cluster_by), seed=seed, max_genes=max_genes, model_options=tuple(model_option or ()),
-            workers=workers, progress=not json_out, wait=not no_wait,
+            workers=workers, progress=True, wait=not no_wait,  # progress goes to stderr: --json stays clean
         )
     if json_out:
         emit_json(res.to_json())

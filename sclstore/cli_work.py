@@ -149,6 +149,6 @@ def demo(
     """The whole pipeline on bundled data with the built-in model: ingest, query, evaluate, plot."""
     from sclstore.demo import run_demo
 
-    report = run_demo(out_dir, quick=quick, progress=not json_out, say=None if json_out else out.print)
+    report = run_demo(out_dir, quick=quick, progress=True, say=None if json_out else out.print)
     if json_out:
         emit_json(report)
