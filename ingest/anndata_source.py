@@ -62,6 +62,7 @@ class AnnDataSource(CountsSource):
         else:
             self.gene_ids = var.index.astype(str).to_numpy()
         self.var_names = var.index.astype(str).to_numpy()
+        self.var = var
         self._matrix = matrix
         self._dense = not sp.issparse(matrix) and not hasattr(matrix, "format")
         shape = tuple(int(x) for x in matrix.shape)

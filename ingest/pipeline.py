@@ -36,12 +36,13 @@ import torch
 
 from sclstore.store import ArraySpec, Backend, IngestConfig, RunInfo, cache_key, parse_layers, validate_name
 from sclstore.store.arrays import ENCODING_VERSION
-from sclstore.store.errors import IngestError, InvalidInputError, LeaseHeldError
+from sclstore.store.errors import DatasetError, IngestError, InvalidInputError, LeaseHeldError
 
 from .adapter import GeneMapping, ModelAdapter
 from .models import load_adapter
 from .progress import make_progress
 from .anndata_source import is_anndata, open_source, source_provenance
+from .hints import amend_counts_error, amend_gene_error
 from .source import CountsSource
 
 __all__ = ["IngestResult", "ingest", "resolve_device"]
@@ -319,14 +320,22 @@ def ingest(backend: Backend, path: str | os.PathLike[str] | Any, config: IngestC
     if adapter is None:
         adapter = load_adapter(config.model, config.checkpoint, max_genes=config.max_genes, options=dict(config.model_options))
     with open_source(path, counts_layer=config.counts_layer, gene_column=config.gene_column) as source:
-        mapping = adapter.map_genes(source.gene_ids)
+        try:
+            mapping = adapter.map_genes(source.gene_ids)
+        except InvalidInputError as exc:
+            if config.gene_column is not None:
+                raise
+            raise InvalidInputError(amend_gene_error(str(exc), getattr(source, "var", None))) from None
         adapter.check_obs(source.obs)  # e.g. Geneformer's obs['n_counts'], before anything is written
         layers = parse_layers(config.layers, adapter.n_layers)
         pools = tuple(config.pools) if config.pools else tuple(adapter.default_pools)
         unknown = [p for p in pools if p not in adapter.supported_pools]
         if unknown:
             raise InvalidInputError(f"pool(s) {unknown} not available for {adapter.family}; choose from {', '.join(adapter.supported_pools)}")
-        content_hash = source.scan()
+        try:
+            content_hash = source.scan()
+        except DatasetError as exc:
+            raise type(exc)(amend_counts_error(str(exc), source)) from None
         name = name or f"anndata-{content_hash[:10]}"
         precision = "bf16" if device.type == "cuda" else "fp32"
         params = {"family": adapter.family, "layers": list(layers), "pools": list(pools), "dtype": config.dtype,

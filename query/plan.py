@@ -233,8 +233,8 @@ def pin_run(backend: Backend, terms: Sequence[Compare]) -> RunInfo:
         return info
     dataset, model = given.get("dataset"), given.get("model")
     runs = backend.list_runs(dataset=dataset, model=model, status="complete")
-    if dataset is not None and model is not None and len(runs) == 1:
-        return runs[0]
+    if (dataset is not None or model is not None) and len(runs) == 1:
+        return runs[0]  # `dataset = 'pbmc'` with one complete run of pbmc pins it
     if dataset is not None and model is not None and not runs:
         others = backend.list_runs(dataset=dataset, status="complete") or backend.list_runs(status="complete")
         cands = _describe_runs(others) if others else "none (ingest a dataset first)"

@@ -25,6 +25,7 @@ from sclstore.store.obs import make_categorical
 from .compile import BoundColumn, bind_columns, compile_order, compile_predicate
 from .parse import parse_query
 from .plan import Backend, QueryPlan, plan_query
+from .hints import value_hints
 from .result import QueryResult, QueryStream, format_bytes
 from .spec import OrderItem
 
@@ -351,7 +352,9 @@ def execute_query(backend: Backend, sql: str, *, memory_budget: int | None = Non
     budget = _budget(backend, memory_budget)
     plan = _prepare(backend, sql)
     if plan.aggregate:
-        return _aggregate(backend, plan, budget)
+        res = _aggregate(backend, plan, budget)
+        res.extra.update({"hints": value_hints(backend, plan, empty=res.n_rows == 0)} if plan.where is not None else {})
+        return res
     span = contiguous_range(backend, plan) if plan.pool is not None else None
     if span is not None:
         # the cells are known: read the array in a thread (libtiledb releases the GIL) while
@@ -367,9 +370,11 @@ def execute_query(backend: Backend, sql: str, *, memory_budget: int | None = Non
         check_budget(plan, len(cell_idx), budget)
         emb = read_cells(backend, plan, cell_idx) if plan.pool is not None else None
     more = {p: read_cells(backend, replace(plan, pool=p), cell_idx) for p in plan.extra_pools}
+    hints = value_hints(backend, plan, empty=len(cell_idx) == 0)
     return QueryResult(
         run_info=plan.run, layers=plan.layers, pool=plan.pool, obs=obs, embeddings=emb, cell_idx=cell_idx, sql=sql,
         src_idx=src_idx, query_ordered=bool(plan.order_by), extra_pools=plan.extra_pools, extra_embeddings=more,
+        extra={"hints": hints} if hints else {},
     )
 
 
@@ -390,4 +395,6 @@ def open_query(backend: Backend, sql: str, *, memory_budget: int | None = None) 
     if plan.aggregate:
         return _aggregate(backend, plan, budget)
     cell_idx, obs, src_idx = select_cells(backend, plan)
-    return QueryStream(backend, plan, cell_idx, obs, budget, src_idx=src_idx)
+    stream = QueryStream(backend, plan, cell_idx, obs, budget, src_idx=src_idx)
+    stream._hints = value_hints(backend, plan, empty=len(cell_idx) == 0)
+    return stream

@@ -128,7 +128,16 @@ class _Slice:
             "nbytes": self.nbytes,
             "obs_columns": [str(c) for c in self.obs.columns],
         }
+        hints = self.hints
+        if hints:
+            out["hints"] = list(hints)
         return out
+
+    @property
+    def hints(self) -> list[str]:
+        """Warnings about compared values that match no cell but have near matches (see :mod:`.hints`)."""
+        extra = getattr(self, "extra", None)
+        return list(extra.get("hints", ())) if isinstance(extra, dict) else list(getattr(self, "_hints", ()))
 
     def iter_blocks(self, *, chunk_cells: int = 65_536) -> Iterator[tuple[int, int, np.ndarray]]:
         """Yield ``(block_position, first_row, block)`` with ``block`` of shape ``(n, dim)``.
@@ -370,12 +379,15 @@ class QueryStream(_Slice):
         self.src_idx = src_idx
         self.query_ordered = bool(plan.order_by)
         self.extra_pools = tuple(plan.extra_pools)
+        self._hints: list[str] = []
 
     def _take(self, perm: np.ndarray) -> QueryStream:
-        return QueryStream(
+        out = QueryStream(
             self.backend, self.plan, np.asarray(self.cell_idx)[perm], self.obs.iloc[perm], self.budget,
             src_idx=None if self.src_idx is None else np.asarray(self.src_idx)[perm],
         )
+        out._hints = list(self._hints)
+        return out
 
     def __repr__(self) -> str:
         return (
@@ -420,5 +432,5 @@ class QueryStream(_Slice):
         return QueryResult(
             run_info=self.run_info, layers=self.layers, pool=self.pool, obs=self.obs, embeddings=emb,
             cell_idx=self.cell_idx, sql=self.sql, src_idx=self.src_idx, query_ordered=self.query_ordered,
-            extra_pools=self.extra_pools, extra_embeddings=more,
+            extra_pools=self.extra_pools, extra_embeddings=more, extra={"hints": list(self._hints)} if self._hints else {},
         )

@@ -50,6 +50,7 @@ def query(
             res = open_query(st.backend, sql)
             write_rows(res, sys.stdout, fmt or "csv", order=order)
             summary = res.summary()
+            _print_hints(summary)
             err.print(f"{summary.get('n_groups', summary.get('n_cells'))} rows x {len(res.layers)} layers x {max(1, len(res.pools))} pool(s) written to stdout",
                       markup=False, highlight=False)
             return
@@ -63,6 +64,7 @@ def query(
                 from sclstore.cli_rows import preview_table
 
                 preview = preview_table(res)
+    _print_hints(summary)
     if json_out:
         emit_json(summary)
         return
@@ -74,6 +76,11 @@ def query(
         out.print("(all rows: add --csv, --tsv or --nl, or -o FILE)", markup=False)
     if output is not None:
         out.print(f"wrote {summary['path']}", markup=False)
+
+
+def _print_hints(summary: dict[str, Any]) -> None:
+    for line in summary.get("hints") or ():
+        err.print(f"hint: {line}", markup=False, highlight=False)
 
 
 def _print_eval(result: Any, json_out: bool, plot: Path | None) -> None:

@@ -159,7 +159,6 @@ def test_group_by_edge_cases(store60: BuiltStore) -> None:
     ("sql", "exc", "match"),
     [
         ("SELECT * FROM embeddings WHERE layer = 2", InvalidQueryError, r"must pin one run.*candidates: run 1 \(toy/tiny-m"),
-        ("SELECT * FROM embeddings WHERE dataset = 'toy'", InvalidQueryError, r"must pin one run.*run 1"),
         ("SELECT * FROM embeddings WHERE run = 99", RunNotFoundError, r"no run 99"),
         ("SELECT * FROM embeddings WHERE dataset = 'toy' AND model = 'other'", RunNotFoundError, r"no complete run of model 'other'.*run 1"),
         ("SELECT * FROM embeddings WHERE run = 1 AND dataset = 'nope'", InvalidQueryError, r"has dataset 'toy', not 'nope'"),
@@ -251,8 +250,9 @@ def test_incomplete_and_ambiguous_runs(tmp_path: Path) -> None:
         # a running run is no candidate: the name pair still pins the complete run
         res = execute_query(b.backend, "SELECT * FROM embeddings WHERE dataset = 'toy' AND model = 'tiny-m' AND layer = 0")
         assert res.run == b.run_id
-        with pytest.raises(InvalidQueryError, match=r"must pin one run.*run 1 \(toy/tiny-m.*complete\)$"):
-            execute_query(b.backend, "SELECT * FROM embeddings WHERE model = 'tiny-m'")
+        # one complete run of the model (or dataset): naming it pins that run (issue 15.6)
+        assert execute_query(b.backend, "SELECT cell FROM embeddings WHERE model = 'tiny-m'").run == b.run_id
+        assert execute_query(b.backend, "SELECT cell FROM embeddings WHERE dataset = 'toy'").run == b.run_id
         # once both are complete, the name pair is ambiguous and the error lists both
         from unittest import mock
 
@@ -263,6 +263,8 @@ def test_incomplete_and_ambiguous_runs(tmp_path: Path) -> None:
             b.backend.complete(running, lease, {})
         with pytest.raises(InvalidQueryError, match=rf"must pin one run.*candidates: run 1 .*; run {running.id} \(toy/tiny-m, 2 layers"):
             execute_query(b.backend, "SELECT * FROM embeddings WHERE dataset = 'toy' AND model = 'tiny-m'")
+        with pytest.raises(InvalidQueryError, match=r"must pin one run"):
+            execute_query(b.backend, "SELECT * FROM embeddings WHERE dataset = 'toy'")
         two = execute_query(b.backend, f"SELECT * FROM embeddings WHERE run = {running.id} AND depth = 1")
         assert two.layers == (8,) and not two.embeddings.any()
     finally:
