@@ -278,7 +278,10 @@ def _collect(out: dict[str, np.ndarray], pending: list[tuple[np.ndarray, dict[st
     pending.clear()
 
 
-def ingest(backend: Backend, path: str | os.PathLike[str] | Any, config: IngestConfig, *, adapter: ModelAdapter | None = None) -> IngestResult:
+def ingest(
+    backend: Backend, path: str | os.PathLike[str] | Any, config: IngestConfig, *, adapter: ModelAdapter | None = None,
+    source_label: str | None = None,
+) -> IngestResult:
     """Embed every cell of an .h5ad file (or an AnnData) with every kept layer, into ``backend``.
 
     Everything that can be wrong with the input is checked before the store is touched. A
@@ -297,6 +300,9 @@ def ingest(backend: Backend, path: str | os.PathLike[str] | Any, config: IngestC
     adapter
         A ready adapter (tests, custom models); by default built from ``config.model`` and
         ``config.checkpoint``.
+    source_label
+        What the catalog records as the source instead of the path / ``in-memory`` (e.g. a
+        SOMA URI and its obs filter).
 
     Returns
     -------
@@ -347,7 +353,7 @@ def ingest(backend: Backend, path: str | os.PathLike[str] | Any, config: IngestC
             logger.info("cache hit: run %s already holds this extraction", hit.id)
             return _result(hit, cache_hit=True, embedded=0, t0=t0, device=device, mapping=mapping)
         dataset = backend.register_dataset(name=name, content_hash=content_hash, obs=source.obs, n_vars=source.n_vars,
-                                           source_path=source_provenance(source), cluster_by=config.cluster_by)
+                                           source_path=source_label or source_provenance(source), cluster_by=config.cluster_by)
         model = backend.register_model(family=adapter.family, name=adapter.name, checkpoint_hash=adapter.checkpoint_hash,
                                        n_layers=adapter.n_layers, d_model=adapter.d_model, config=adapter.describe())
         spec = ArraySpec(n_layers=len(layers), n_cells=dataset.n_obs, dim=adapter.d_model, pools=pools, dtype=config.dtype)

@@ -109,7 +109,30 @@ def _write_npz(res: QueryResult | QueryStream, path: Path, chunk: int) -> None:
                 np.lib.format.write_array(fp, arr, allow_pickle=False)
 
 
-def _write_h5ad(res: QueryResult | QueryStream, path: Path, chunk: int) -> None:
+def source_counts(res: QueryResult | QueryStream, counts_from: Any) -> tuple[Any, pd.DataFrame]:
+    """The source counts (CSR, rows in the result's order) and var of a cell result.
+
+    ``counts_from`` is an open counts source (``take(rows)``, ``obs``, ``var``; e.g.
+    :class:`sclstore.ingest.source.CountsSource`) of the file the dataset was ingested from.
+
+    Raises
+    ------
+    InvalidInputError
+        For a GROUP BY result, or a source whose cells are not the dataset's.
+    """
+    if res.grouped or res.src_idx is None:
+        raise InvalidInputError("--with-counts needs cells: a GROUP BY result has no counts")
+    src = np.asarray(res.src_idx, dtype=np.int64)
+    names = pd.Index(counts_from.obs.index.astype(str))
+    if src.size and (int(src.max()) >= len(names) or not np.array_equal(names[src], res.obs.index.astype(str))):
+        msg = "the counts source does not hold this dataset's cells at their ingest rows: pass the file the dataset was ingested from"
+        raise InvalidInputError(msg)
+    var = pd.DataFrame(counts_from.var).copy()
+    var.index = var.index.astype(str)
+    return counts_from.take(src), var
+
+
+def _write_h5ad(res: QueryResult | QueryStream, path: Path, chunk: int, counts_from: Any = None) -> None:
     import anndata as ad
     import h5py
 
@@ -121,8 +144,12 @@ def _write_h5ad(res: QueryResult | QueryStream, path: Path, chunk: int) -> None:
         obs[name] = values
     if res.counts is not None and "count" not in obs:
         obs["n_cells"] = np.asarray(res.counts, dtype=np.int64)
-    adata = ad.AnnData(obs=obs)
-    adata.uns["sclstore"] = _uns(res)
+    if counts_from is not None:
+        X, var = source_counts(res, counts_from)
+        adata = ad.AnnData(X=X, obs=obs, var=var)
+    else:
+        adata = ad.AnnData(obs=obs)
+    adata.uns["sclstore"] = {**_uns(res), "with_counts": counts_from is not None}
     adata.write_h5ad(path)
     if res.pool is None:
         return
@@ -254,6 +281,7 @@ def write_result(
     *,
     chunk_cells: int = DEFAULT_CHUNK_CELLS,
     order: str = "input",
+    counts_from: Any = None,
 ) -> Path:
     """Write a query result (or stream) to a file; the extension picks the format.
 
@@ -269,6 +297,9 @@ def write_result(
     order
         ``"input"`` (default): rows in the ingested AnnData's order (``src_idx``), unless the
         query has its own ``ORDER BY``; ``"store"``: the store's cell order (as queried).
+    counts_from
+        .h5ad only: an open counts source of the ingested file (see :func:`source_counts`);
+        the file then carries the selected cells' raw counts as ``X`` and the genes as ``var``.
 
     Returns
     -------
@@ -293,6 +324,8 @@ def write_result(
     if chunk_cells < 1:
         raise InvalidInputError(f"chunk_cells must be >= 1, got {chunk_cells}")
     result = result.in_order(order)  # type: ignore[assignment]
+    if counts_from is not None and suffix != ".h5ad":
+        raise InvalidInputError(f"--with-counts writes .h5ad (or .soma), not {suffix}")
     if not path.parent.exists():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -300,7 +333,10 @@ def write_result(
             raise InvalidInputError(f"cannot create folder {str(path.parent)!r} for {path.name!r}: {exc.strerror or exc}") from None
     tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}{suffix}")
     try:
-        writer(result, tmp, chunk_cells)
+        if counts_from is not None:
+            _write_h5ad(result, tmp, chunk_cells, counts_from)
+        else:
+            writer(result, tmp, chunk_cells)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -317,6 +353,7 @@ def query_to_file(
     memory_budget: int | None = None,
     order: str = "input",
     into: str | os.PathLike[str] | None = None,
+    counts_from: Any = None,
 ) -> dict[str, Any]:
     """Run a query and stream its result into ``out_path`` (no memory budget on cell data).
 
@@ -343,5 +380,7 @@ def query_to_file(
         from .attach import write_into
 
         return write_into(res, into, out_path)
-    path = write_result(res, out_path, order=order)
-    return {**res.summary(), "path": str(path), "order": order}
+    if callable(counts_from):  # a factory given the result (opens the dataset's source)
+        counts_from = counts_from(res)
+    path = write_result(res, out_path, order=order, counts_from=counts_from)
+    return {**res.summary(), "path": str(path), "order": order, "with_counts": counts_from is not None}

@@ -305,6 +305,36 @@ def _aggregate(backend: Backend, plan: QueryPlan, budget: int) -> QueryResult:
     )
 
 
+def _sclstore_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sclstore")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
+
+
+def provenance(backend: Backend, plan: QueryPlan) -> dict[str, Any]:
+    """What exports record in ``uns["sclstore"]`` besides the slice: where the numbers came from."""
+    run = plan.run
+    model = next((m for m in backend.list_models() if m.id == run.model_id), None)
+    params = run.params or {}
+    return {
+        "checkpoint_hash": model.checkpoint_hash if model is not None else "",
+        "cache_key": run.cache_key,
+        "dataset_hash": plan.dataset.content_hash,
+        "source_path": plan.dataset.source_path or "",
+        "counts": str(params.get("counts", "X")),
+        "seed": int(params.get("seed", 0) or 0),
+        "dtype": run.dtype,
+        "precision": str(params.get("precision", "")),
+        "stored_pools": list(run.pools),
+        "stored_layers": list(run.layers),
+        "n_model_layers": int(run.n_model_layers),
+        "sclstore_version": _sclstore_version(),
+    }
+
+
 def _prepare(backend: Backend, sql: str) -> QueryPlan:
     query = parse_query(sql)
     plan = plan_query(backend, query)
@@ -354,6 +384,7 @@ def execute_query(backend: Backend, sql: str, *, memory_budget: int | None = Non
     if plan.aggregate:
         res = _aggregate(backend, plan, budget)
         res.extra.update({"hints": value_hints(backend, plan, empty=res.n_rows == 0)} if plan.where is not None else {})
+        res.extra["provenance"] = provenance(backend, plan)
         return res
     span = contiguous_range(backend, plan) if plan.pool is not None else None
     if span is not None:
@@ -374,7 +405,7 @@ def execute_query(backend: Backend, sql: str, *, memory_budget: int | None = Non
     return QueryResult(
         run_info=plan.run, layers=plan.layers, pool=plan.pool, obs=obs, embeddings=emb, cell_idx=cell_idx, sql=sql,
         src_idx=src_idx, query_ordered=bool(plan.order_by), extra_pools=plan.extra_pools, extra_embeddings=more,
-        extra={"hints": hints} if hints else {},
+        extra={"provenance": provenance(backend, plan), **({"hints": hints} if hints else {})},
     )
 
 
@@ -393,8 +424,11 @@ def open_query(backend: Backend, sql: str, *, memory_budget: int | None = None) 
     budget = _budget(backend, memory_budget)
     plan = _prepare(backend, sql)
     if plan.aggregate:
-        return _aggregate(backend, plan, budget)
+        res = _aggregate(backend, plan, budget)
+        res.extra["provenance"] = provenance(backend, plan)
+        return res
     cell_idx, obs, src_idx = select_cells(backend, plan)
     stream = QueryStream(backend, plan, cell_idx, obs, budget, src_idx=src_idx)
     stream._hints = value_hints(backend, plan, empty=len(cell_idx) == 0)
+    stream._provenance = provenance(backend, plan)
     return stream

@@ -134,6 +134,12 @@ class _Slice:
         return out
 
     @property
+    def provenance(self) -> dict[str, Any]:
+        """Checkpoint hash, cache key, dataset hash, source, sclstore version (see ``read.provenance``)."""
+        extra = getattr(self, "extra", None)
+        return dict(extra.get("provenance", {})) if isinstance(extra, dict) else dict(getattr(self, "_provenance", {}))
+
+    @property
     def hints(self) -> list[str]:
         """Warnings about compared values that match no cell but have near matches (see :mod:`.hints`)."""
         extra = getattr(self, "extra", None)
@@ -336,8 +342,12 @@ class QueryResult(_Slice):
 
 
 def _uns(s: _Slice) -> dict[str, Any]:
+    """``uns["sclstore"]``: the slice (run, model, layers, pools, query) and its provenance
+    (checkpoint hash, cache key, dataset hash, source, sclstore version)."""
     info = s.run_info
+    prov = s.provenance
     return {
+        **{k: (np.asarray(v, dtype=np.int64) if k in ("stored_layers",) else v) for k, v in prov.items()},
         "run": int(info.id),
         "dataset": info.dataset_name,
         "model": info.model_name,
@@ -380,6 +390,7 @@ class QueryStream(_Slice):
         self.query_ordered = bool(plan.order_by)
         self.extra_pools = tuple(plan.extra_pools)
         self._hints: list[str] = []
+        self._provenance: dict[str, Any] = {}
 
     def _take(self, perm: np.ndarray) -> QueryStream:
         out = QueryStream(
@@ -387,6 +398,7 @@ class QueryStream(_Slice):
             src_idx=None if self.src_idx is None else np.asarray(self.src_idx)[perm],
         )
         out._hints = list(self._hints)
+        out._provenance = dict(self._provenance)
         return out
 
     def __repr__(self) -> str:
@@ -432,5 +444,6 @@ class QueryStream(_Slice):
         return QueryResult(
             run_info=self.run_info, layers=self.layers, pool=self.pool, obs=self.obs, embeddings=emb,
             cell_idx=self.cell_idx, sql=self.sql, src_idx=self.src_idx, query_ordered=self.query_ordered,
-            extra_pools=self.extra_pools, extra_embeddings=more, extra={"hints": list(self._hints)} if self._hints else {},
+            extra_pools=self.extra_pools, extra_embeddings=more,
+            extra={"provenance": dict(self._provenance), **({"hints": list(self._hints)} if self._hints else {})},
         )

@@ -94,7 +94,10 @@ class Store:
             Local checkpoint folder (not needed for ``sclstore-tiny``).
         **options
             Any :class:`~sclstore.store.IngestConfig` field (``pools``, ``layers``, ``dtype``,
-            ``batch_size``, ``device``, ``cluster_by``, ``seed``, ...).
+            ``batch_size``, ``device``, ``cluster_by``, ``seed``, ...). For a SOMA Experiment URI
+            (``*.soma``, needs ``sclstore[soma]``): ``obs_filter`` (a SOMA value filter such as
+            ``"cell_type == 'B cell'"``), ``soma_measurement`` (default ``RNA``) and ``soma_x``
+            (the X layer with raw counts; default ``raw``, ``counts`` or ``data``).
 
         Returns
         -------
@@ -107,9 +110,23 @@ class Store:
         >>> run = store.ingest("pbmc.h5ad", model="sclstore-tiny")     # doctest: +SKIP
         """
         from sclstore.ingest.pipeline import ingest
+        from sclstore.ingest.soma_source import is_soma_uri, read_soma, soma_label
 
+        soma = {k: options.pop(k) for k in ("obs_filter", "soma_measurement", "soma_x") if k in options}
+        label = None
+        if is_soma_uri(data):
+            uri = str(data)
+            data = read_soma(uri, obs_filter=soma.get("obs_filter"), measurement=soma.get("soma_measurement") or "RNA",
+                             x_name=soma.get("soma_x"))
+            label = soma_label(uri, soma.get("obs_filter"))
+            if not options.get("name"):
+                options["name"] = Path(uri.rstrip("/")).stem or None
+        elif soma.get("obs_filter"):
+            from sclstore.store.errors import InvalidInputError
+
+            raise InvalidInputError(f"obs_filter applies to SOMA Experiments; {data!r} is not one")
         config = IngestConfig(model=model, checkpoint=checkpoint, **options)
-        return ingest(self.backend, data, config)
+        return ingest(self.backend, data, config, source_label=label)
 
     def query(self, sql: str, *, memory_budget: int | None = None) -> Any:
         """Run a slice query over the ``embeddings`` virtual table.
@@ -161,6 +178,60 @@ class Store:
         from sclstore.query.attach import attach
 
         return attach(self.backend, adata, run, layers=layers, pools=pools, memory_budget=memory_budget)
+
+    def export(
+        self,
+        sql: str,
+        path: str | os.PathLike[str],
+        *,
+        order: str = "input",
+        with_counts: bool = False,
+        counts_from: Any = None,
+        into: str | os.PathLike[str] | None = None,
+        memory_budget: int | None = None,
+    ) -> dict[str, Any]:
+        """Run a query and write it to ``path`` (``.h5ad .npy .npz .parquet .csv`` or ``.soma``).
+
+        Rows follow the ingested AnnData (``order="input"``) unless the query has an ORDER BY
+        or ``order="store"``. ``with_counts`` (``.h5ad``; always for ``.soma``) adds the cells'
+        raw counts as ``X`` and the genes as ``var``, read from the file recorded at ingest (or
+        ``counts_from``: a path or AnnData). ``uns["sclstore"]`` records run, model, checkpoint
+        hash, layers, pools, cache key and sclstore version. ``into``: see ``query --into``.
+
+        Returns
+        -------
+        dict
+            The result summary plus ``path``.
+        """
+        from sclstore.exports import open_counts, write_soma
+        from sclstore.query import open_query, query_to_file
+
+        if str(path).rstrip("/").endswith(".soma"):
+            res = open_query(self.backend, sql, memory_budget=memory_budget)
+            with open_counts(res, counts_from) as src:
+                return write_soma(res, path, counts_from=src, order=order)
+        if not (with_counts or counts_from is not None):
+            return query_to_file(self.backend, sql, path, memory_budget=memory_budget, order=order, into=into)
+        opened: list[Any] = []
+
+        def factory(res: Any) -> Any:
+            opened.append(open_counts(res, counts_from))
+            return opened[-1]
+
+        try:
+            return query_to_file(self.backend, sql, path, memory_budget=memory_budget, order=order, into=into, counts_from=factory)
+        finally:
+            for src in opened:
+                src.close()
+
+    def to_soma(self, sql: str, uri: str | os.PathLike[str], *, order: str = "input", counts_from: Any = None) -> dict[str, Any]:
+        """Write a query's cells as a SOMA Experiment: obs, counts (``X/data``), var and one ``obsm``
+        array per (pool, layer) (needs ``sclstore[soma]``). See :meth:`export`."""
+        if not str(uri).rstrip("/").endswith(".soma"):
+            from sclstore.store.errors import InvalidInputError
+
+            raise InvalidInputError(f"a SOMA export path ends in .soma, got {str(uri)!r}")
+        return self.export(sql, uri, order=order, counts_from=counts_from)
 
     def evaluate_trajectory(self, run: int | str, **options: Any) -> Any:
         """Score every stored layer on trajectory inference (see :mod:`sclstore.eval`)."""

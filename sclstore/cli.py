@@ -202,7 +202,7 @@ def verify(
 @app.command()
 @handled
 def ingest(
-    data: Annotated[Path, typer.Argument(help=".h5ad file with raw counts.")],
+    data: Annotated[str, typer.Argument(help=".h5ad file with raw counts, or a SOMA Experiment (*.soma; with --obs-filter).")],
     model: Annotated[str, typer.Option("--model", help="tahoe-x1, scfoundation, scgpt, geneformer or sclstore-tiny.")],
     checkpoint: Annotated[str | None, typer.Option(help="Local checkpoint folder (not for sclstore-tiny).")] = None,
     name: Annotated[str | None, typer.Option(help="Dataset name (default: the file name).")] = None,
@@ -219,6 +219,9 @@ def ingest(
     model_option: Annotated[list[str] | None, typer.Option("--model-option", help="KEY=VALUE, repeatable (scfoundation: sub_model, tgthighres).")] = None,
     workers: Annotated[int, typer.Option(help="Tokenizer worker processes (0 = in process).")] = 1,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Fail instead of waiting when another process ingests the same run.")] = False,
+    obs_filter: Annotated[str | None, typer.Option("--obs-filter", help="SOMA input: obs value filter, e.g. \"cell_type == 'B cell'\".")] = None,
+    soma_measurement: Annotated[str, typer.Option("--soma-measurement", help="SOMA input: measurement name.")] = "RNA",
+    soma_x: Annotated[str | None, typer.Option("--soma-x", help="SOMA input: X layer with raw counts (default raw, counts or data).")] = None,
     store: StoreOpt = default_store_path(),
     catalog: CatalogOpt = None,
     json_out: JsonOpt = False,
@@ -231,6 +234,8 @@ def ingest(
             batch_size=batch_size, device=device, counts_layer=counts_layer, gene_column=gene_column,
             cluster_by=parse_csv(cluster_by), seed=seed, max_genes=max_genes, model_options=tuple(model_option or ()),
             workers=workers, progress=True, wait=not no_wait,  # progress goes to stderr: --json stays clean
+            **({"obs_filter": obs_filter} if obs_filter else {}), soma_measurement=soma_measurement,
+            **({"soma_x": soma_x} if soma_x else {}),
         )
     if json_out:
         emit_json(res.to_json())

@@ -18,9 +18,11 @@ __all__: list[str] = []
 @handled
 def query(
     sql: Annotated[str, typer.Argument(help='e.g. "SELECT * FROM embeddings WHERE run = 1 AND layer = 3"')],
-    output: Annotated[str | None, typer.Option("-o", "--output", help="Write .h5ad, .npy, .npz, .parquet or .csv; `-o -` writes rows to stdout (--csv, --tsv or --nl).")] = None,
+    output: Annotated[str | None, typer.Option("-o", "--output", help="Write .h5ad, .npy, .npz, .parquet, .csv or .soma; `-o -` writes rows to stdout (--csv, --tsv or --nl).")] = None,
     into: Annotated[Path | None, typer.Option("--into", help="With -o out.h5ad: write a copy of this source .h5ad with the layers added to obsm (rows matched by cell name).")] = None,
     order: Annotated[str, typer.Option("--order", help="Row order of files and rows: input (the ingested AnnData's rows) or store.")] = "input",
+    with_counts: Annotated[bool, typer.Option("--with-counts", help="-o .h5ad: add the cells' raw counts (X) and genes (var) from the ingested file (always for .soma).")] = False,
+    counts_from: Annotated[Path | None, typer.Option("--counts-from", help="The .h5ad holding the counts, when the dataset's recorded source moved or was in memory.")] = None,
     store: StoreOpt = default_store_path(),
     catalog: CatalogOpt = None,
     json_out: JsonOpt = False,
@@ -56,7 +58,10 @@ def query(
             return
         preview = None
         if output is not None:
-            summary = query_to_file(st.backend, sql, Path(output), order=order, into=into)
+            if with_counts or counts_from is not None or output.rstrip("/").endswith(".soma"):
+                summary = st.export(sql, output, order=order, with_counts=True, counts_from=counts_from, into=into)
+            else:
+                summary = query_to_file(st.backend, sql, Path(output), order=order, into=into)
         else:
             res = st.query(sql)
             summary = res.summary()
