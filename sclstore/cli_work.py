@@ -112,6 +112,7 @@ def eval_trajectory(
     run: Annotated[str, typer.Argument(help="Run id or dataset/model.")],
     pseudotime_key: Annotated[str, typer.Option("--pseudotime-key", help="obs column with the ground-truth time.")],
     root_cell: Annotated[str | None, typer.Option("--root-cell", help="Root cell name (default: diffusion-extreme earliest cell).")] = None,
+    n_neighbors: Annotated[int, typer.Option("--n-neighbors", help="kNN graph size for diffusion pseudotime.")] = 30,
     pool: PoolOpt = None,
     bootstrap: BootOpt = 20,
     plot: PlotOpt = None,
@@ -122,7 +123,8 @@ def eval_trajectory(
 ) -> None:
     """Score every stored layer on trajectory inference (DPT vs ground-truth time)."""
     with _open(store, catalog) as st:
-        res = st.evaluate_trajectory(run, pseudotime_key=pseudotime_key, root_cell=root_cell, pool=pool, n_subsamples=bootstrap)
+        res = st.evaluate_trajectory(run, pseudotime_key=pseudotime_key, root_cell=root_cell, pool=pool, n_subsamples=bootstrap,
+                                     n_neighbors=n_neighbors)
     _print_eval(res, json_out, plot)
 
 
@@ -135,6 +137,7 @@ def eval_perturbation(
     condition_key: Annotated[str | None, typer.Option("--condition-key", help="obs column of cell state; scored separately.")] = None,
     replicate_key: Annotated[str | None, typer.Option("--replicate-key", help="obs column of donors/replicates.")] = None,
     de: Annotated[str, typer.Option("--de", help="pydeseq2 (paper-faithful) or fast.")] = "pydeseq2",
+    permutations: Annotated[int, typer.Option("--permutations", help="Permutations of the RSA test.")] = 999,
     pool: PoolOpt = None,
     bootstrap: BootOpt = 200,
     plot: PlotOpt = None,
@@ -146,7 +149,7 @@ def eval_perturbation(
     """Score every stored layer on perturbation response (RSA vs DE), per condition."""
     with _open(store, catalog) as st:
         res = st.evaluate_perturbation(run, perturbation_key=perturbation_key, control=control, condition_key=condition_key,
-                                       replicate_key=replicate_key, de_mode=de, pool=pool, n_boot=bootstrap)
+                                       replicate_key=replicate_key, de_mode=de, pool=pool, n_boot=bootstrap, n_perm=permutations)
     _print_eval(res, json_out, plot)
 
 
