@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from sclstore.cli import app
@@ -92,3 +93,25 @@ def test_several_pools_and_into_needs_output(tmp_path: Path) -> None:
     np.testing.assert_array_equal(mean[["e0", "e1", "e2"]].to_numpy(np.float32), -values[4][mean["src_idx"].to_numpy()])
     code, _, stderr = invoke("query", sql, "--store", str(root), "--into", str(tmp_path / "x.h5ad"))
     assert code == 1 and "--into needs -o" in stderr
+
+
+def test_preview_table_shows_first_rows_in_input_order(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from sclstore.api import open_store
+    from sclstore.cli_rows import preview_table
+
+    root = tmp_path / "s"
+    run_id, values, obs = _store(root)
+    with open_store(root) as st:
+        res = st.query(f"SELECT cell, cell_type, embedding FROM embeddings WHERE run = {run_id} AND layer = 1")
+    table = preview_table(res, n=4, dims=2)
+    console = Console(width=300, record=True, file=io.StringIO())
+    console.print(table)
+    text = console.export_text()
+    assert "first 4 of 30 rows" in text and "L1 cls[0]" in text
+    body = [ln.split("│")[1:-1] for ln in text.splitlines() if "│" in ln and any(n in ln for n in obs.index[:4])]
+    assert [cells[0].strip() for cells in body] == list(obs.index[:4])
+    for i, cells in enumerate(body):
+        assert cells[1].strip() == str(i)  # src_idx
+        assert float(cells[3]) == pytest.approx(values[1, i, 0], abs=1e-3 * max(1, abs(values[1, i, 0])))
