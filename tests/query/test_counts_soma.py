@@ -81,7 +81,8 @@ def test_with_counts_from_a_moved_or_in_memory_source(lab: tuple[sclstore.Store,
 
 
 def test_soma_round_trip(lab: tuple[sclstore.Store, int, ad.AnnData, Path], tmp_path: Path) -> None:
-    tiledbsoma = pytest.importorskip("tiledbsoma", reason="SOMA needs the optional extra sclstore[soma]")
+    pytest.importorskip("tiledbsoma", reason="SOMA needs the optional extra sclstore[soma]")
+    import tiledbsoma
     import tiledbsoma.io
 
     st, run_id, adata, root = lab
@@ -106,7 +107,8 @@ def test_soma_round_trip(lab: tuple[sclstore.Store, int, ad.AnnData, Path], tmp_
 
 
 def test_ingest_from_soma_with_obs_filter(lab: tuple[sclstore.Store, int, ad.AnnData, Path], tmp_path: Path) -> None:
-    tiledbsoma = pytest.importorskip("tiledbsoma", reason="SOMA needs the optional extra sclstore[soma]")
+    pytest.importorskip("tiledbsoma", reason="SOMA needs the optional extra sclstore[soma]")
+    import tiledbsoma
     import tiledbsoma.io
 
     _, _, adata, _ = lab
