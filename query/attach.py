@@ -153,6 +153,8 @@ def write_into(result: QueryResult | QueryStream, source: str | os.PathLike[str]
         names = ad.read_h5ad(src, backed="r").obs_names.astype(str)
     except (OSError, KeyError, ValueError) as exc:
         raise InvalidInputError(f"cannot read {str(src)!r} as .h5ad: {exc}") from None
+    if not pd.Index(names).is_unique:
+        raise InvalidInputError(f"{src.name!r} has repeated obs names: cells cannot be matched by name; make them unique first")
     where = pd.Index(names).get_indexer(pd.Index(result.obs.index.astype(str)))
     if (where < 0).any():
         bad = result.obs.index[where < 0]
