@@ -74,6 +74,10 @@ class AnnDataSource(CountsSource):
         """Nothing to close: the caller owns the AnnData (and its backing file)."""
         return None
 
+    def content_hash(self) -> str:
+        """:meth:`scan` every time: an object in memory has no file to key a digest cache on."""
+        return self.scan()
+
     def rows(self, lo: int, hi: int) -> sp.csr_matrix:
         """Counts of cells ``lo..hi-1`` as float32 CSR with sorted indices."""
         block = self._matrix[lo:hi]

@@ -37,6 +37,7 @@ import torch
 from sclstore.store import ArraySpec, Backend, IngestConfig, RunInfo, cache_key, parse_layers, validate_name
 from sclstore.store.arrays import ENCODING_VERSION
 from sclstore.store.errors import DatasetError, IngestError, InvalidInputError, LeaseHeldError
+from sclstore.store.hashcache import rehashing
 
 from .adapter import GeneMapping, ModelAdapter
 from .models import load_adapter
@@ -338,16 +339,18 @@ def ingest(
         unknown = [p for p in pools if p not in adapter.supported_pools]
         if unknown:
             raise InvalidInputError(f"pool(s) {unknown} not available for {adapter.family}; choose from {', '.join(adapter.supported_pools)}")
-        try:
-            content_hash = source.scan()
-        except DatasetError as exc:
-            raise type(exc)(amend_counts_error(str(exc), source)) from None
+        with rehashing(config.rehash):
+            try:
+                content_hash = source.content_hash()
+            except DatasetError as exc:
+                raise type(exc)(amend_counts_error(str(exc), source)) from None
+            checkpoint_hash = adapter.checkpoint_hash
         name = name or f"anndata-{content_hash[:10]}"
         precision = "bf16" if device.type == "cuda" else "fp32"
         params = {"family": adapter.family, "layers": list(layers), "pools": list(pools), "dtype": config.dtype,
                   "seed": int(config.seed), "max_genes": config.max_genes, "precision": precision,
                   "chunk_cells": int(config.chunk_cells), "counts": source.counts_key}
-        key = cache_key(content_hash, adapter.family, adapter.checkpoint_hash, params, ENCODING_VERSION)
+        key = cache_key(content_hash, adapter.family, checkpoint_hash, params, ENCODING_VERSION)
         hit = backend.find_run(key)
         if hit is not None and hit.status == "complete":
             logger.info("cache hit: run %s already holds this extraction", hit.id)

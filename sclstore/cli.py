@@ -219,6 +219,7 @@ def ingest(
     model_option: Annotated[list[str] | None, typer.Option("--model-option", help="KEY=VALUE, repeatable (scfoundation: sub_model, tgthighres).")] = None,
     workers: Annotated[int, typer.Option(help="Tokenizer worker processes (0 = in process).")] = 1,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Fail instead of waiting when another process ingests the same run.")] = False,
+    rehash: Annotated[bool, typer.Option("--rehash", help="Re-read the data and checkpoint to hash them (ignore the digest cache).")] = False,
     obs_filter: Annotated[str | None, typer.Option("--obs-filter", help="SOMA input: obs value filter, e.g. \"cell_type == 'B cell'\".")] = None,
     soma_measurement: Annotated[str, typer.Option("--soma-measurement", help="SOMA input: measurement name.")] = "RNA",
     soma_x: Annotated[str | None, typer.Option("--soma-x", help="SOMA input: X layer with raw counts (default raw, counts or data).")] = None,
@@ -233,7 +234,7 @@ def ingest(
             data, model, checkpoint, name=name, pools=parse_csv(pool) or None, layers=layers, dtype=dtype,  # type: ignore[arg-type]
             batch_size=batch_size, device=device, counts_layer=counts_layer, gene_column=gene_column,
             cluster_by=parse_csv(cluster_by), seed=seed, max_genes=max_genes, model_options=tuple(model_option or ()),
-            workers=workers, progress=True, wait=not no_wait,  # progress goes to stderr: --json stays clean
+            workers=workers, progress=True, wait=not no_wait, rehash=rehash,  # progress goes to stderr: --json stays clean
             **({"obs_filter": obs_filter} if obs_filter else {}), soma_measurement=soma_measurement,
             **({"soma_x": soma_x} if soma_x else {}),
         )
