@@ -20,7 +20,7 @@ from sclstore.store.errors import DatasetError, InvalidInputError
 
 from .source import CountsSource
 
-__all__ = ["AnnDataSource", "open_source", "is_anndata", "source_provenance"]
+__all__ = ["AnnDataSource", "is_anndata", "open_source", "source_provenance"]
 
 
 def is_anndata(data: Any) -> bool:
@@ -37,7 +37,7 @@ class AnnDataSource(CountsSource):
         If the layer or gene column does not exist, or counts are missing.
     """
 
-    def __init__(self, adata: Any, *, counts_layer: str | None = None, gene_column: str | None = None) -> None:  # noqa: D107
+    def __init__(self, adata: Any, *, counts_layer: str | None = None, gene_column: str | None = None) -> None:
         self.adata = adata
         backed = bool(getattr(adata, "isbacked", False))
         self.backed_path: Path | None = Path(adata.filename) if backed and adata.filename is not None else None
@@ -57,7 +57,8 @@ class AnnDataSource(CountsSource):
                 raise InvalidInputError("the AnnData has no X matrix: pass counts_layer with the layer holding raw counts")
         if gene_column is not None:
             if gene_column not in var.columns:
-                raise InvalidInputError(f"gene_column {gene_column!r} not in var; var columns: {', '.join(map(str, var.columns)) or '(none)'}")
+                cols = ", ".join(map(str, var.columns)) or "(none)"
+                raise InvalidInputError(f"gene_column {gene_column!r} not in var; var columns: {cols}")
             self.gene_ids = var[gene_column].astype(str).to_numpy()
         else:
             self.gene_ids = var.index.astype(str).to_numpy()

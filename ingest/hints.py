@@ -14,7 +14,7 @@ import pandas as pd
 
 from .adapter import looks_like_ensembl
 
-__all__ = ["gene_column_candidates", "amend_gene_error", "counts_alternatives", "amend_counts_error"]
+__all__ = ["amend_counts_error", "amend_gene_error", "counts_alternatives", "gene_column_candidates"]
 
 _GENE_EG = re.compile(r",? ?\(?e\.g\. --gene-column [^\s)]+\)?")
 
@@ -60,11 +60,11 @@ def counts_alternatives(source: Any) -> tuple[list[str], bool]:
     """``(layer names, has .raw)`` of the source (an .h5ad file or an AnnData)."""
     adata = getattr(source, "adata", None)
     if adata is not None:
-        return [str(k) for k in adata.layers.keys()], getattr(adata, "raw", None) is not None
+        return [str(k) for k in adata.layers], getattr(adata, "raw", None) is not None
     f = getattr(source, "_file", None)
     if f is None:
         return [], False
-    layers = [str(k) for k in f["layers"].keys()] if "layers" in f else []
+    layers = [str(k) for k in f["layers"]] if "layers" in f else []
     return layers, "raw" in f
 
 

@@ -40,10 +40,10 @@ from sclstore.store.errors import DatasetError, IngestError, InvalidInputError, 
 from sclstore.store.hashcache import rehashing
 
 from .adapter import GeneMapping, ModelAdapter
-from .models import load_adapter
-from .progress import make_progress
 from .anndata_source import is_anndata, open_source, source_provenance
 from .hints import amend_counts_error, amend_gene_error
+from .models import load_adapter
+from .progress import make_progress
 from .source import CountsSource
 
 __all__ = ["IngestResult", "ingest", "resolve_device"]
@@ -206,7 +206,7 @@ class _Writer:
         self._thread.start()
 
     def _run(self) -> None:
-        backend, run, lease, progress = self._args
+        backend, run, lease, _ = self._args  # progress advances per batch in _embed_chunk
         while True:
             item = self._q.get()
             if item is _DONE or self.error is not None:

@@ -11,10 +11,9 @@ import os
 import sys
 import threading
 import time
-from types import TracebackType
-from typing import TextIO
 from collections.abc import Callable
-from typing import Protocol
+from types import TracebackType
+from typing import Protocol, TextIO
 
 from rich.console import Console
 from rich.progress import (
@@ -27,7 +26,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-__all__ = ["CellProgress", "make_progress", "PlainProgress", "progress_interval"]
+__all__ = ["CellProgress", "PlainProgress", "make_progress", "progress_interval"]
 
 DEFAULT_INTERVAL_S = 10.0
 
@@ -87,7 +86,7 @@ class _Rich:
 
 
 def _clock(seconds: float) -> str:
-    s = int(round(seconds))
+    s = round(seconds)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 

@@ -60,7 +60,8 @@ def read_soma(uri: str | os.PathLike[str], *, obs_filter: str | None = None, mea
         if x_name is None:
             x_name = next((k for k in ("raw", "counts", "data") if k in layers), layers[0] if len(layers) == 1 else None)
         if x_name not in layers:
-            raise InvalidInputError(f"pick the X layer with raw counts (--soma-x NAME); {measurement} has X layers: {', '.join(layers) or '(none)'}")
+            have = ", ".join(layers) or "(none)"
+            raise InvalidInputError(f"pick the X layer with raw counts (--soma-x NAME); {measurement} has X layers: {have}")
         try:
             query = exp.axis_query(measurement, obs_query=tiledbsoma.AxisQuery(value_filter=obs_filter) if obs_filter else None)
             adata = query.to_anndata(X_name=x_name)

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from .plan import Backend
 
-__all__ = ["attach", "align_rows", "write_into"]
+__all__ = ["align_rows", "attach", "write_into"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def attach(
         if pos is None:
             pos = align_rows(adata.obs_names, res.obs.index, what="the AnnData")
         assert res.embeddings is not None
-        for key, i in zip(res.obsm_keys(), range(len(res.layers))):
+        for key, i in zip(res.obsm_keys(), range(len(res.layers)), strict=True):
             adata.obsm[key] = np.ascontiguousarray(res.embeddings[i][pos])
             keys.append(key)
         adata.uns.setdefault("sclstore", {})
@@ -124,7 +124,9 @@ def attach(
     return keys
 
 
-def write_into(result: QueryResult | QueryStream, source: str | os.PathLike[str], out_path: str | os.PathLike[str], *, chunk_cells: int = 65_536) -> dict[str, Any]:
+def write_into(
+    result: QueryResult | QueryStream, source: str | os.PathLike[str], out_path: str | os.PathLike[str], *, chunk_cells: int = 65_536
+) -> dict[str, Any]:
     """Copy the .h5ad ``source`` to ``out_path`` and add the result's layers to its ``obsm``.
 
     Rows are matched by cell name: every selected cell must be in ``source``; source cells the

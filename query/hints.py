@@ -20,7 +20,7 @@ from .spec import And, Compare, InList, Not, Or, Predicate
 if TYPE_CHECKING:
     from .plan import Backend, QueryPlan
 
-__all__ = ["value_hints", "near_values"]
+__all__ = ["near_values", "value_hints"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def near_values(value: str, known: list[str], n: int = 3) -> list[str]:
 def _distinct(backend: Backend, plan: QueryPlan, column: str) -> list[str] | None:
     from .read import _bound
 
-    table, columns, _ = _bound(backend, plan)
+    _, columns, _ = _bound(backend, plan)
     col = columns[column].sql
     stmt = sa.select(col).where(col.is_not(None)).distinct().limit(MAX_DISTINCT + 1)
     with backend.engine.connect() as conn:

@@ -9,10 +9,10 @@ GROUP BY queries never hold the cells' embeddings: chunks are streamed and summe
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -23,9 +23,9 @@ from sclstore.store.errors import QueryTooLargeError
 from sclstore.store.obs import make_categorical
 
 from .compile import BoundColumn, bind_columns, compile_order, compile_predicate
+from .hints import value_hints
 from .parse import parse_query
 from .plan import Backend, QueryPlan, plan_query
-from .hints import value_hints
 from .result import QueryResult, QueryStream, format_bytes
 from .spec import OrderItem
 

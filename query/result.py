@@ -104,7 +104,8 @@ class _Slice:
 
     def obsm_keys(self) -> list[str]:
         """AnnData ``obsm`` key of each (pool, layer) block, pool-major (see :func:`obsm_key`)."""
-        return [obsm_key(self.run_info.model_name, layer, pool, self.run_info.n_model_layers) for pool in self.pools for layer in self.layers]
+        info = self.run_info
+        return [obsm_key(info.model_name, layer, pool, info.n_model_layers) for pool in self.pools for layer in self.layers]
 
     def block_label(self, i: int) -> tuple[str, int]:
         """``(pool, layer)`` of block ``i`` of :meth:`iter_blocks`."""

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["CsvOpt", "TsvOpt", "NlOpt", "row_format", "emit_rows", "print_table", "preview_table"]
+__all__ = ["CsvOpt", "NlOpt", "TsvOpt", "emit_rows", "preview_table", "print_table", "row_format"]
 
 CsvOpt = Annotated[bool, typer.Option("--csv", help="Print rows as CSV on stdout.")]
 TsvOpt = Annotated[bool, typer.Option("--tsv", help="Print rows as tab-separated values on stdout.")]
@@ -34,7 +34,7 @@ def emit_rows(fmt: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], r
     """Write rows to stdout as ``csv``/``tsv`` (``columns`` header), or ``nl`` (one JSON object per
     line: ``records`` when given, else the rows keyed by ``columns``)."""
     if fmt == "nl":
-        for rec in records if records is not None else [dict(zip(columns, row)) for row in rows]:
+        for rec in records if records is not None else [dict(zip(columns, row, strict=True)) for row in rows]:
             sys.stdout.write(json.dumps(rec, default=str) + "\n")
         return
     writer = csv.writer(sys.stdout, delimiter="\t" if fmt == "tsv" else ",", lineterminator="\n")

@@ -7,22 +7,27 @@ from typing import Annotated, Any
 
 import typer
 
-from sclstore.cli import CatalogOpt, JsonOpt, StoreOpt, VerboseOpt, _open, app, emit_json, err, eval_app, handled, out
 from sclstore.api import default_store_path
+from sclstore.cli import CatalogOpt, JsonOpt, StoreOpt, VerboseOpt, _open, app, emit_json, err, eval_app, handled, out
 from sclstore.cli_rows import CsvOpt, NlOpt, TsvOpt, row_format
 
 __all__: list[str] = []
+
+
+_OUTPUT_HELP = "Write .h5ad, .npy, .npz, .parquet, .csv or .soma; `-o -` writes rows to stdout (--csv, --tsv or --nl)."
+_INTO_HELP = "With -o out.h5ad: write a copy of this source .h5ad with the layers added to obsm (rows matched by cell name)."
+_COUNTS_HELP = "-o .h5ad: add the cells' raw counts (X) and genes (var) from the ingested file (always for .soma)."
 
 
 @app.command()
 @handled
 def query(
     sql: Annotated[str, typer.Argument(help='e.g. "SELECT * FROM embeddings WHERE run = 1 AND layer = 3"')],
-    output: Annotated[str | None, typer.Option("-o", "--output", help="Write .h5ad, .npy, .npz, .parquet, .csv or .soma; `-o -` writes rows to stdout (--csv, --tsv or --nl).")] = None,
-    into: Annotated[Path | None, typer.Option("--into", help="With -o out.h5ad: write a copy of this source .h5ad with the layers added to obsm (rows matched by cell name).")] = None,
-    order: Annotated[str, typer.Option("--order", help="Row order of files and rows: input (the ingested AnnData's rows) or store.")] = "input",
-    with_counts: Annotated[bool, typer.Option("--with-counts", help="-o .h5ad: add the cells' raw counts (X) and genes (var) from the ingested file (always for .soma).")] = False,
-    counts_from: Annotated[Path | None, typer.Option("--counts-from", help="The .h5ad holding the counts, when the dataset's recorded source moved or was in memory.")] = None,
+    output: Annotated[str | None, typer.Option("-o", "--output", help=_OUTPUT_HELP)] = None,
+    into: Annotated[Path | None, typer.Option("--into", help=_INTO_HELP)] = None,
+    order: Annotated[str, typer.Option("--order", help="Row order: input (the ingested AnnData's rows) or store.")] = "input",
+    with_counts: Annotated[bool, typer.Option("--with-counts", help=_COUNTS_HELP)] = False,
+    counts_from: Annotated[Path | None, typer.Option("--counts-from", help="The .h5ad with the counts (source moved).")] = None,
     store: StoreOpt = default_store_path(),
     catalog: CatalogOpt = None,
     json_out: JsonOpt = False,
@@ -53,8 +58,9 @@ def query(
             write_rows(res, sys.stdout, fmt or "csv", order=order)
             summary = res.summary()
             _print_hints(summary)
-            err.print(f"{summary.get('n_groups', summary.get('n_cells'))} rows x {len(res.layers)} layers x {max(1, len(res.pools))} pool(s) written to stdout",
-                      markup=False, highlight=False)
+            n = summary.get("n_groups", summary.get("n_cells"))
+            what = f"{n} rows x {len(res.layers)} layers x {max(1, len(res.pools))} pool(s)"
+            err.print(f"{what} written to stdout", markup=False, highlight=False)
             return
         preview = None
         if output is not None:

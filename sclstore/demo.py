@@ -131,7 +131,8 @@ def run_demo(
         tell(f"3. perturbation (run {prun.id}, DE: {de_mode}):\n   " + "\n   ".join(pert.headline()) + f"\n   plot: {pert_png.name}")
         cli("ingest", shlex.quote(str(pert_path)), "--model sclstore-tiny --name sim-perturbseq --cluster-by condition,gene --workers 0")
         cli("eval perturbation", str(prun.id), "--perturbation-key gene --control NTC --condition-key condition --replicate-key donor",
-            f"--de {de_mode} --bootstrap {100 if quick else 200} --permutations {199 if quick else 999}", "--plot", shlex.quote(str(pert_png)))
+            f"--de {de_mode} --bootstrap {100 if quick else 200} --permutations {199 if quick else 999}",
+            "--plot", shlex.quote(str(pert_png)))
         report["perturbation"] = {"run": prun.id, "de_mode": de_mode, "summary": pert.to_json()["summary"], "plot": str(pert_png)}
     tell(f"everything is in {out}: store/ (catalog + arrays), the input .h5ad files, the query slice and the plots.\n"
          f"next: sclstore ls runs --store {out / 'store'}   |   sclstore query \"SELECT * FROM embeddings WHERE run = {run.id} "

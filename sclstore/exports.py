@@ -17,7 +17,7 @@ from typing import Any
 
 from sclstore.store.errors import InvalidInputError
 
-__all__ = ["open_counts", "write_soma", "require_tiledbsoma"]
+__all__ = ["open_counts", "require_tiledbsoma", "write_soma"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def require_tiledbsoma() -> Any:
     """Import :mod:`tiledbsoma` or say how to install it."""
     try:
         import tiledbsoma
-        import tiledbsoma.io  # noqa: F401
+        import tiledbsoma.io
     except ImportError:
         raise InvalidInputError("SOMA needs tiledbsoma: pip install 'sclstore[soma]' (or pip install tiledbsoma)") from None
     return tiledbsoma
@@ -59,7 +59,9 @@ def open_counts(result: Any, source: Any = None) -> Any:
     return open_source(source, counts_layer=layer)
 
 
-def write_soma(result: Any, uri: str | os.PathLike[str], *, counts_from: Any, order: str = "input", measurement: str = "RNA") -> dict[str, Any]:
+def write_soma(
+    result: Any, uri: str | os.PathLike[str], *, counts_from: Any, order: str = "input", measurement: str = "RNA"
+) -> dict[str, Any]:
     """Write a cell result as a SOMA Experiment at ``uri`` (a new folder).
 
     ``obs`` holds the result's obs plus ``cell_idx``/``src_idx``; measurement ``RNA`` holds the

@@ -83,7 +83,7 @@ def test_query_rows_on_stdout_in_input_order(tmp_path: Path) -> None:
 
 def test_several_pools_and_into_needs_output(tmp_path: Path) -> None:
     root = tmp_path / "s"
-    run_id, values, obs = _store(root)
+    run_id, values, _ = _store(root)
     sql = f"SELECT cell, embedding.cls, embedding.mean FROM embeddings WHERE run = {run_id} AND layer = 4"
     code, stdout, _ = invoke("query", sql, "--store", str(root), "--json")
     assert code == 0 and json.loads(stdout)["pools"] == ["cls", "mean"]

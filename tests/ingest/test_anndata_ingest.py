@@ -84,6 +84,6 @@ def test_same_checks_as_files(adata: ad.AnnData, tmp_path: Path) -> None:
             st.ingest(bad, "sclstore-tiny", progress=False, workers=0)
         with pytest.raises(InvalidInputError, match="counts_layer 'raw' not in the AnnData"):
             st.ingest(adata, "sclstore-tiny", progress=False, workers=0, counts_layer="raw")
-        with pytest.raises(InvalidInputError, match="cannot ingest a dict: pass the path of an .h5ad file or an anndata.AnnData"):
+        with pytest.raises(InvalidInputError, match=r"cannot ingest a dict: pass the path of an \.h5ad file or an anndata\.AnnData"):
             st.ingest({"X": 1}, "sclstore-tiny", progress=False, workers=0)  # type: ignore[arg-type]
         assert st.datasets() == [] and st.runs() == []

@@ -58,7 +58,9 @@ def h5ad(tmp_path: Path) -> Path:
     return path
 
 
-def test_ingest_reports_every_batch(h5ad: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ingest_reports_every_batch(
+    h5ad: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("SCLSTORE_PROGRESS_INTERVAL", "0")  # a line per batch
     with sclstore.open_store(tmp_path / "s", create=True) as st:
         st.ingest(h5ad, "sclstore-tiny", batch_size=8, chunk_cells=16, workers=0)

@@ -26,7 +26,8 @@ def b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BuiltStore]:
 
 @pytest.mark.parametrize("where", ["donor = d1", 'donor = "d1"', "d1 = donor"])
 def test_unquoted_value_says_did_you_mean(where: str) -> None:
-    with pytest.raises(InvalidQueryError, match=r"Did you mean the value '(d1|donor)'\? Quote values with single quotes: `\w+ = '(d1|donor)'`"):
+    want = r"Did you mean the value '(d1|donor)'\? Quote values with single quotes: `\w+ = '(d1|donor)'`"
+    with pytest.raises(InvalidQueryError, match=want):
         parse_query(f"SELECT * FROM embeddings WHERE run = 1 AND {where}")
 
 
@@ -45,7 +46,8 @@ def test_case_mismatch_hint_on_category_and_text(b: BuiltStore, caplog: pytest.L
     assert "did you mean 'NK'" in caplog.text
     # a text (non-categorical) column: checked when nothing matched
     stream = open_query(b.backend, f"SELECT cell FROM embeddings WHERE run = {b.run_id} AND \"donor id\" IN ('X*Y')")
-    assert stream.n_rows == 0 and stream.summary()["hints"] == ["donor id has no value 'X*Y'; did you mean 'x*y'? (comparisons are case-sensitive)"]
+    assert stream.n_rows == 0
+    assert stream.summary()["hints"] == ["donor id has no value 'X*Y'; did you mean 'x*y'? (comparisons are case-sensitive)"]
     ok = execute_query(b.backend, f"SELECT cell FROM embeddings WHERE run = {b.run_id} AND cell_type = 'NK'")
     assert ok.n_rows > 0 and "hints" not in ok.summary()
     # NOT / != terms are not equality claims: no hint

@@ -91,7 +91,7 @@ def test_attach_aligns_by_obs_names(b: BuiltStore) -> None:
         for pool in ("cls", "mean"):
             np.testing.assert_array_equal(adata.obsm[f"X_tiny-m_L{layer:02d}_{pool}"], _truth(b, adata.obs_names, layer, pool))
     unknown = ad.AnnData(obs=pd.DataFrame(index=[*b.obs.index[:3].astype(str), "not-a-cell"]))
-    with pytest.raises(InvalidInputError, match="1 of 4 cells .* not in .*'not-a-cell'"):
+    with pytest.raises(InvalidInputError, match=r"1 of 4 cells .* not in .*'not-a-cell'"):
         attach(b.backend, unknown, b.run_id, layers=[0])
     assert "X_tiny-m_L00_cls" not in unknown.obsm
 
