@@ -88,6 +88,9 @@ def _frame(
     """
     n = len(rows)
     lead = 2 if cell_idx is not None else 3
+    if cell_idx is not None and not names:  # names and input rows only: no 2-D object array needed
+        src = np.fromiter((r[1] for r in rows), dtype=np.int64, count=n)
+        return cell_idx, pd.DataFrame(index=pd.Index([r[0] for r in rows], dtype=object)), src
     arr = np.array(rows, dtype=object) if n else np.empty((0, lead + len(names)), dtype=object)
     arr = arr.reshape(n, lead + len(names))
     if cell_idx is None:
