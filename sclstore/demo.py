@@ -71,7 +71,7 @@ def run_demo(
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"out_dir": str(out), "store": str(out / "store"), "commands": []}
-    opts = {"progress": progress, "workers": 0}
+    opts: dict[str, Any] = {"progress": progress, "workers": 0}
     store_arg = f"--store {shlex.quote(str(out / 'store'))}"
 
     def cli(*args: str) -> None:
