@@ -49,7 +49,7 @@ def amend_gene_error(message: str, var: pd.DataFrame | None) -> str:
         hint = f" (var columns that look like {want}: {', '.join(cands[:5])}, e.g. --gene-column {cands[0]})"
     else:
         cols = ", ".join(map(str, var.columns[:10])) if var is not None and len(var.columns) else "(none)"
-        hint = f" (no var column looks like {want}; var columns: {cols}: add one mapping your genes to {want})"
+        hint = f" (no var column looks like {want}; var columns: {cols}: add one with your genes' {want} and pass --gene-column NAME)"
     stripped = _GENE_EG.sub("", message)
     if "with --gene-column" in stripped:
         return stripped.replace("with --gene-column", "with --gene-column" + hint, 1)
