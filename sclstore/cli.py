@@ -39,7 +39,8 @@ eval_app = typer.Typer(help="Score every stored layer on a task.", no_args_is_he
 app.add_typer(db_app, name="db")
 app.add_typer(eval_app, name="eval")
 
-out = Console(soft_wrap=True)
+# piped or redirected stdout has no width: never cut tables at 80 columns (issue 15.4)
+out = Console(soft_wrap=True) if sys.stdout.isatty() else Console(soft_wrap=True, width=100_000)
 err = Console(stderr=True, soft_wrap=True)
 
 StoreOpt = Annotated[str, typer.Option("--store", envvar="SCLSTORE_STORE", help="Store folder.", show_default=True)]

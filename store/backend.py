@@ -116,6 +116,9 @@ class Backend:
         if root.exists() and not root.is_dir():
             raise StoreExistsError(f"{root} exists and is not a folder: choose another --store path")
         if root.is_dir() and not marker.exists() and any(root.iterdir()):
+            inside = stores_below(root)
+            if inside:
+                raise StoreExistsError(f"{root} is not an sclstore store, but {inside[0]} is: pass --store {inside[0]}")
             raise StoreExistsError(f"{root} is a non-empty folder that is not an sclstore store: choose an empty or new --store path")
         url = catalog or cls.default_catalog(root)
         root.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import pytest
 from sclstore.query import execute_query, open_query, parse_query
 from sclstore.query.hints import near_values
 from sclstore.store import Backend
-from sclstore.store.errors import InvalidQueryError, StoreNotFoundError
+from sclstore.store.errors import InvalidQueryError, StoreExistsError, StoreNotFoundError
 
 from .helpers import BuiltStore, build_store, random_obs
 
@@ -61,6 +61,8 @@ def test_store_one_folder_too_high_says_where(b: BuiltStore) -> None:
         Backend.open(above)
     with pytest.raises(StoreNotFoundError, match=r"run `sclstore init"):
         Backend.open(above / "elsewhere")
+    with pytest.raises(StoreExistsError, match=rf"but {b.root} is: pass --store {b.root}"):  # ingest creates stores
+        Backend.create(above)
 
 
 def test_cli_prints_the_hint_on_stderr(b: BuiltStore, tmp_path: Path) -> None:
