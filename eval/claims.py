@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import stats as sps
-
 from sclstore.store.errors import InvalidInputError
 
 __all__ = ["Claim", "layer_claims", "simultaneous_critical_value"]
@@ -120,7 +119,7 @@ def simultaneous_critical_value(
     tuple
         The critical value and the simulated maxima (to turn statistics into adjusted p-values).
     """
-    m, B = deviations.shape
+    B = deviations.shape[1]
     if B < 3:
         msg = f"simultaneous intervals need at least 3 paired resamples, got {B}; increase --bootstrap"
         raise InvalidInputError(msg)
@@ -249,7 +248,7 @@ def layer_claims(
     gain = float(est[bi] - est[fi])
     g_lo, g_hi = (lo[best], hi[best]) if best != f_layer else (0.0, 0.0)
     claimed = best != f_layer and g_lo > 0
-    pct = int(round(level * 100))
+    pct = round(level * 100)
 
     def name(li: int) -> str:
         return f"layer {li}" + (f" (depth {dep[li]:.2f})" if li in dep and np.isfinite(dep[li]) else "")

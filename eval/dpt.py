@@ -20,17 +20,16 @@ import pandas as pd
 from scipy import sparse
 from scipy import stats as sps
 from scipy.sparse.csgraph import connected_components
-
 from sclstore.store.errors import EvaluationError, InvalidInputError
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
 __all__ = [
-    "RootRule",
     "ROOT_RULES",
     "DPTResult",
     "ReferencePseudotime",
+    "RootRule",
     "as_time",
     "dpt_pseudotime",
     "reference_pseudotime",

@@ -24,11 +24,15 @@ from typing import Literal, get_args
 import numpy as np
 import pandas as pd
 from scipy import sparse
-
-from sclstore.eval.de import DEMode, _missing_control, expressed_genes, pseudobulk, run_de
+from sclstore.eval.de import (
+    DEMode,
+    _missing_control,
+    expressed_genes,
+    pseudobulk,
+    run_de,
+)
 from sclstore.eval.stats import (
     PairedDifference,
-    bootstrap_rsa,
     cosine_similarity_matrix,
     de_similarity,
     paired_difference,
@@ -38,22 +42,23 @@ from sclstore.eval.stats import (
 from sclstore.store.errors import EvaluationError, InvalidInputError
 
 __all__ = [
-    "Variant",
     "VARIANTS",
     "PerturbationScore",
+    "Similarity",
     "SplitHalfCeiling",
-    "select_perturbations",
-    "group_centroids",
+    "Variant",
+    "ceiling_from_folds",
+    "crossfit_de",
+    "crossfit_halves",
     "embedding_vectors",
+    "group_centroids",
+    "perturbation_paired_difference",
+    "rsa_crossfit",
     "rsa_from_centroids",
     "score_perturbation",
-    "perturbation_paired_difference",
-    "split_half_ceiling",
-    "Similarity",
-    "crossfit_halves",
-    "crossfit_de",
-    "rsa_crossfit",
     "score_perturbation_crossfit",
+    "select_perturbations",
+    "split_half_ceiling",
 ]
 
 logger = logging.getLogger(__name__)
@@ -480,6 +485,7 @@ def crossfit_de(
     gene_names: Sequence[str] | None = None,
     mode: DEMode = "fast",
     n_jobs: int = 1,
+    only: int | None = None,
 ) -> list[pd.DataFrame]:
     """DE of each half of each split: ``[DE(A_1), DE(B_1), DE(A_2), ...]`` (log2 fold changes).
 
@@ -507,6 +513,9 @@ def crossfit_de(
         DE mode.
     n_jobs
         Parallel pydeseq2 fits.
+    only
+        Compute only fold ``only`` (an index into the output order; e.g. to cache folds one by
+        one) and return it as a one-element list.
 
     Returns
     -------
@@ -520,10 +529,12 @@ def crossfit_de(
         expressed_genes(pseudobulk(C, pert, rep, gene_names=names)[0])
     want = None if perturbations is None else [str(p) for p in perturbations if str(p) != control]
     out = []
-    for half in halves:
-        for h in (half, ~half):
-            pb, meta = pseudobulk(C[h], pert[h], rep[h], gene_names=names)
-            out.append(run_de(pb, meta, control, mode=mode, perturbations=want, genes=universe, n_jobs=n_jobs).lfc)
+    masks = [h for half in halves for h in (half, ~half)]
+    for i, h in enumerate(masks):
+        if only is not None and i != only:
+            continue
+        pb, meta = pseudobulk(C[h], pert[h], rep[h], gene_names=names)
+        out.append(run_de(pb, meta, control, mode=mode, perturbations=want, genes=universe, n_jobs=n_jobs).lfc)
     return out
 
 
@@ -761,4 +772,46 @@ def split_half_ceiling(
     sb = float(2 * r / (1 + r)) if r > -1 else float("nan")
     return SplitHalfCeiling(rsa=r, spearman_brown=sb, values=tuple(float(v) for v in values), n_perturbations=k, mode=mode,
                             ceiling_full=float(np.sqrt(sb)) if sb > 0 else 0.0, ceiling_half=float(np.sqrt(r)) if r > 0 else 0.0,
+                            similarity=similarity)
+
+
+def ceiling_from_folds(de_folds: Sequence[pd.DataFrame], *, mode: str, similarity: Similarity = "pearson") -> SplitHalfCeiling:
+    """Noise ceiling from the DE of the two halves of each cross-fitting split (no extra DE fits).
+
+    ``de_folds`` is :func:`crossfit_de` output ``[DE(A_1), DE(B_1), DE(A_2), ...]``; the split-half
+    reliability is the mean over splits of the RSA between ``DE(A_s)`` and ``DE(B_s)`` similarity
+    matrices, exactly as :func:`split_half_ceiling` computes it on its own splits.
+
+    Parameters
+    ----------
+    de_folds
+        DE of both halves of every split, over one gene universe.
+    mode
+        DE mode the folds were computed with (recorded).
+    similarity
+        DE similarity of the scores.
+
+    Returns
+    -------
+    SplitHalfCeiling
+    """
+    if len(de_folds) < 2 or len(de_folds) % 2:
+        msg = f"need the DE of both halves of each split, got {len(de_folds)} folds"
+        raise InvalidInputError(msg)
+    values: list[float] = []
+    k = 0
+    for a, b in zip(de_folds[0::2], de_folds[1::2]):
+        perts = [str(p) for p in a.index if p in set(map(str, b.index))]
+        sa = de_similarity(a.set_axis([str(x) for x in a.index], axis=0).loc[perts], method=similarity)
+        sb = de_similarity(b.set_axis([str(x) for x in b.index], axis=0).loc[perts], method=similarity)
+        mats, okf = _finite_folds([(sa, sb)], perts)
+        if len(okf) < 3:
+            msg = f"only {len(okf)} perturbations have a defined DE similarity in both halves; the ceiling needs >=3"
+            raise EvaluationError(msg)
+        values.append(rsa_folds(mats, n_boot=0, n_perm=0)[0])
+        k = len(okf)
+    r = float(np.nanmean(values))
+    sbv = float(2 * r / (1 + r)) if r > -1 else float("nan")
+    return SplitHalfCeiling(rsa=r, spearman_brown=sbv, values=tuple(float(v) for v in values), n_perturbations=k, mode=mode,
+                            ceiling_full=float(np.sqrt(sbv)) if sbv > 0 else 0.0, ceiling_half=float(np.sqrt(r)) if r > 0 else 0.0,
                             similarity=similarity)

@@ -136,6 +136,18 @@ class EvalReport:
                 f"{cond}highest point estimate: layer {r['best_layer']} (depth {r['best_depth']:.2f}, {metric} {r['best_score']:.3f}) vs "
                 f"final layer {r['final_layer']} ({r['final_score']:.3f}); no interval, so no claim"
             )
+        roots = self.notes.get("root_sensitivity") if isinstance(self.notes, dict) else None
+        if roots and roots.get("per_layer"):
+            sds = {k: v.get("sd") for k, v in roots["per_layer"].items() if v.get("sd") is not None}
+            if sds:
+                worst = max(sds, key=lambda k: sds[k])
+                lines.append(f"root sensitivity over {len(roots['roots'])} random earliest-time roots: sd of spearman_time "
+                             f"up to {sds[worst]:.3f} (layer {worst}); see notes.root_sensitivity")
+        cells = self.notes.get("cells") if isinstance(self.notes, dict) else None
+        if cells and any(cells.get("unreachable_per_layer", {}).values()):
+            lost = {k: v for k, v in cells["unreachable_per_layer"].items() if v}
+            lines.append(f"all layers scored on the same {cells['n_common']} cells; dropped because unreachable from the root: "
+                         + ", ".join(f"layer {k}: {v}" for k, v in lost.items()))
         base = self.metric_table()
         base = base[base["representation"] != "layer"] if "representation" in base else base.iloc[0:0]
         for r in base.to_dict(orient="records"):

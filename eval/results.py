@@ -13,20 +13,19 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
-
 from sclstore.eval.claims import Claim
 from sclstore.store.errors import InvalidInputError
 
 __all__ = [
-    "TABLE_COLUMNS",
     "BASELINE_LAYER",
+    "TABLE_COLUMNS",
     "LayerScore",
     "LayerSummary",
+    "apply_claim",
+    "claim_summary_row",
     "layer_depth",
     "layer_table",
     "summarize_layers",
-    "apply_claim",
-    "claim_summary_row",
 ]
 
 #: Layer value used for rows that are not a model layer (e.g. the PCA-of-counts baseline).

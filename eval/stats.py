@@ -14,25 +14,24 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
-
 from sclstore.store.errors import EvaluationError, InvalidInputError
 
 __all__ = [
     "PairedDifference",
+    "bootstrap_indices",
+    "bootstrap_rsa",
+    "calibrated_interval",
     "cosine_similarity_matrix",
     "de_similarity",
     "finite_subset",
-    "calibrated_interval",
-    "subsample_scale",
-    "percentile_ci",
-    "paired_difference",
-    "subsample_indices",
-    "bootstrap_indices",
-    "upper_triangle",
-    "rsa_spearman",
     "mantel_test",
-    "bootstrap_rsa",
+    "paired_difference",
+    "percentile_ci",
     "rsa_folds",
+    "rsa_spearman",
+    "subsample_indices",
+    "subsample_scale",
+    "upper_triangle",
 ]
 
 logger = logging.getLogger(__name__)
@@ -561,7 +560,7 @@ def rsa_folds(
 def _mantel_folds(pairs: Sequence[tuple[np.ndarray, np.ndarray]], *, n_perm: int, seed: int) -> float:
     k = pairs[0][0].shape[0]
     iu = np.triu_indices(k, k=1)
-    xs, rbs, ymeans, norms = [], [], [], []
+    xs, rbs, ymeans = [], [], []
     obs = 0.0
     for a, b in pairs:
         if not (np.isfinite(upper_triangle(a)).all() and np.isfinite(upper_triangle(b)).all()):

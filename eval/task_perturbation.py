@@ -15,17 +15,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
 from sclstore.store.errors import EvaluationError, InvalidInputError
 
 from .de import DE_MODES, DEResult, pseudobulk, run_de
 from .perturbation import (
     VARIANTS,
+    ceiling_from_folds,
     crossfit_de,
     crossfit_halves,
     rsa_from_centroids,
     score_perturbation_crossfit,
     select_perturbations,
-    split_half_ceiling,
 )
 from .report import EvalReport
 from .results import BASELINE_LAYER, LayerScore, layer_table, summarize_layers
@@ -174,7 +175,10 @@ class PerturbationTask(Task):
 
             lfc = _cached_intermediate(ctx.backend, "de", de_params, compute_de)
             note: dict[str, Any] = {"perturbations": int(lfc.shape[0]), "genes": int(lfc.shape[1])}
-            halves = crossfit_halves(labels, np.asarray(rep), n_splits=config.n_splits, seed=config.seed) if config.crossfit else []
+            # the halves serve the cross-fitted scores and the noise ceiling (DE(A) vs DE(B): no extra fits)
+            n_splits = max(1, config.n_splits)
+            halves = (crossfit_halves(labels, np.asarray(rep), n_splits=n_splits, seed=config.seed)
+                      if config.crossfit or config.ceiling else [])
             de_folds: list[pd.DataFrame] = []
             for s_i in range(len(halves)):
                 for h_i in range(2):
@@ -183,24 +187,15 @@ class PerturbationTask(Task):
                         c, g = need_counts()
                         return crossfit_de(c[mask], perts[mask].to_numpy(), np.asarray(rep), config.control, [halves[s_i]],
                                            perturbations=others, genes=lfc.columns, gene_names=list(g), mode=config.de_mode,  # type: ignore[arg-type]
-                                           n_jobs=jobs)[h_i]
+                                           n_jobs=jobs, only=h_i)[0]
                     de_folds.append(_cached_intermediate(ctx.backend, "de_crossfit", {**de_params, "split": s_i, "half": h_i,
-                                                                                      "n_splits": config.n_splits}, compute_fold))
+                                                                                      "n_splits": n_splits}, compute_fold))
             ceil_value = float("nan")
             if config.ceiling:
-                def compute_ceiling(mask: np.ndarray = mask, rep: Any = rep, others: list[str] = others,
-                                    lfc: pd.DataFrame = lfc) -> pd.DataFrame:
-                    c, g = need_counts()
-                    ce = split_half_ceiling(c[mask], perts[mask].to_numpy(), np.asarray(rep), config.control, perturbations=others,
-                                            genes=lfc.columns, gene_names=list(g), mode=config.de_mode,  # type: ignore[arg-type]
-                                            similarity=config.similarity, n_jobs=jobs, seed=config.seed)  # type: ignore[arg-type]
-                    return pd.DataFrame({"rsa": [ce.rsa], "spearman_brown": [ce.spearman_brown], "ceiling_full": [ce.ceiling_full],
-                                         "ceiling_half": [ce.ceiling_half]})
-
-                ce = _cached_intermediate(ctx.backend, "de_ceiling", {**de_params, "similarity": config.similarity, "v": 2}, compute_ceiling)
-                note["split_half_rsa"] = float(ce["rsa"].iloc[0])
-                note["spearman_brown"] = float(ce["spearman_brown"].iloc[0])
-                ceil_value = float(ce["ceiling_half" if config.crossfit else "ceiling_full"].iloc[0])
+                ce = ceiling_from_folds(de_folds, mode=config.de_mode, similarity=config.similarity)  # type: ignore[arg-type]
+                note["split_half_rsa"] = ce.rsa
+                note["spearman_brown"] = ce.spearman_brown
+                ceil_value = ce.ceiling_half if config.crossfit else ce.ceiling_full
                 note["noise_ceiling"] = ceil_value
                 note["noise_ceiling_rule"] = ("sqrt(split-half RSA): the DE side uses half of the cells" if config.crossfit
                                               else "sqrt(Spearman-Brown corrected split-half RSA)")

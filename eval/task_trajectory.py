@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sclstore.store.errors import EvaluationError, InvalidInputError
 from threadpoolctl import threadpool_limits
+
+from sclstore.store.errors import EvaluationError, InvalidInputError
 
 from .report import EvalReport
 from .results import BASELINE_LAYER, LayerScore, layer_table, summarize_layers
@@ -108,6 +109,12 @@ class TrajectoryTask(Task):
         assert isinstance(config, TrajectoryConfig)
         return "spearman_ref" if config.protocol == "paper" and config.reference else "spearman_time"
 
+    def derived_params(self, config: TaskConfig) -> dict[str, Any]:
+        assert isinstance(config, TrajectoryConfig)
+        paper = config.protocol == "paper"
+        return {"root": "explicit" if config.root_cell else ("first" if paper else "diffusion-extreme"),
+                "subsample_fraction": SUBSAMPLE_FRACTION, "common_cells": not paper, "diffmap_comps": 15 if paper else None}
+
     def prepare(self, ctx: TaskContext, config: TaskConfig) -> dict[str, Any]:
         assert isinstance(config, TrajectoryConfig)
         ds, obs = ctx.dataset, ctx.obs
@@ -121,7 +128,8 @@ class TrajectoryTask(Task):
         root: Any = "first" if paper else "diffusion-extreme"
         if config.root_cell is not None:
             if config.root_cell not in obs.index:
-                raise EvaluationError(f"root cell {config.root_cell!r} is not a cell of dataset {ds.name!r} (e.g. {', '.join(obs.index[:3])})")
+                raise EvaluationError(f"root cell {config.root_cell!r} is not a cell of dataset {ds.name!r} "
+                                      f"(e.g. {', '.join(obs.index[:3])})")
             root = int(obs.index.get_loc(config.root_cell))
         transformer = _transformer(config, len(time))
         options = GraphOptions(n_neighbors=config.n_neighbors, n_dcs=10, diffmap_comps=15 if paper else None,

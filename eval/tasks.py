@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
+
 from sclstore.store.errors import EvaluationError, InvalidInputError
 
 if TYPE_CHECKING:
@@ -104,6 +105,7 @@ def config_params(task: Task, config: TaskConfig) -> dict[str, Any]:
             continue
         v = getattr(config, f.name)
         out[f.name] = str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+    out.update(task.derived_params(config))
     out["primary_metric"] = task.primary_metric(config)
     return out
 
@@ -156,6 +158,10 @@ class Task:
     def primary_metric(self, config: TaskConfig) -> str:
         """The metric the headline and the plot use."""
         return "score"
+
+    def derived_params(self, config: TaskConfig) -> dict[str, Any]:
+        """Facts computed from the config that a reader of the parameters should see (e.g. a protocol's root rule)."""
+        return {}
 
     def layers(self, ctx: TaskContext, config: TaskConfig, state: Any) -> list[int]:
         """Layers to compute (default: every stored layer)."""

@@ -25,10 +25,8 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-
 from sclstore.eval.dpt import (
     ROOT_RULES,
-    standardize_columns,
     ReferencePseudotime,
     RootRule,
     _check_X,
@@ -39,8 +37,15 @@ from sclstore.eval.dpt import (
     as_time,
     dpt_pseudotime,
     reference_pseudotime,
+    standardize_columns,
 )
-from sclstore.eval.stats import PairedDifference, calibrated_interval, paired_difference, subsample_indices, subsample_scale
+from sclstore.eval.stats import (
+    PairedDifference,
+    calibrated_interval,
+    paired_difference,
+    subsample_indices,
+    subsample_scale,
+)
 from sclstore.store.errors import EvaluationError, InvalidInputError
 
 __all__ = [
