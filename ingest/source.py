@@ -22,7 +22,8 @@ from anndata.io import read_elem, sparse_dataset
 from sclstore.store.errors import DatasetError, InvalidInputError, SclstoreError
 from sclstore.store.hashcache import cached_digest
 
-from .csr_check import check_sparse_layout, check_sparse_structure, one_line as _one_line
+from .csr_check import check_sparse_layout, check_sparse_structure
+from .csr_check import one_line as _one_line
 
 __all__ = ["SCAN_VERSION", "CountsSource"]
 
@@ -70,7 +71,8 @@ class CountsSource:
             raise DatasetError(f"{self.path} cannot be decoded as an .h5ad: {_one_line(exc)}") from None
         if self.n_obs != self.obs.shape[0] or self.n_vars != len(self.gene_ids):
             self.close()
-            raise DatasetError(f"{self.path}: counts shape {(self.n_obs, self.n_vars)} does not match obs/var ({self.obs.shape[0]}, {len(self.gene_ids)})")
+            shape = (self.n_obs, self.n_vars)
+            raise DatasetError(f"{self.path}: counts shape {shape} does not match obs/var ({self.obs.shape[0]}, {len(self.gene_ids)})")
 
     def _open(self, counts_layer: str | None, gene_column: str | None) -> None:
         self.obs: pd.DataFrame = read_elem(self._file["obs"])
@@ -90,6 +92,7 @@ class CountsSource:
         else:
             self.gene_ids = var.index.astype(str).to_numpy()
         self.var_names = var.index.astype(str).to_numpy()
+        self.var = var  # for hints (ingest/hints.py)
         elem = self._file[self.counts_key]
         self._dense = isinstance(elem, h5py.Dataset)
         if not self._dense:
