@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ from .errors import (
     StoreNotFoundError,
 )
 from .info import DatasetInfo, ModelInfo, RunInfo
+from .location import StoreLocation
 from .lease import Lease, try_acquire
 from ._translate import translate_errors
 from .models import Dataset, Evaluation, Intermediate, Model, Run, utcnow
@@ -63,50 +63,70 @@ def cache_key(*parts: Any) -> str:
 
 @translate_errors
 class Backend:
-    """An open store: its folder, its catalog engine and its settings.
+    """An open store: its location (URI + TileDB context), its catalog engine and its settings.
 
     Use :meth:`open` (or :meth:`create`); close with :meth:`close` or a ``with`` block.
     """
 
-    def __init__(self, root: Path, catalog_url: str, engine: Engine, settings: StoreSettings) -> None:
-        self.root = root
+    def __init__(self, location: StoreLocation, catalog_url: str, engine: Engine) -> None:
+        self.location = location
         self.catalog_url = catalog_url
         self.engine = engine
-        self.settings = settings
+        self.settings = location.settings
         self._obs_md = sa.MetaData()
         # complete runs and registered datasets never change: look them up in the catalog once
         self._complete_runs: dict[int, RunInfo] = {}
         self._datasets: dict[int | str, DatasetInfo] = {}
 
     # ------------------------------------------------------------------ opening
+    @property
+    def root(self) -> Path:
+        """The local store folder (a remote store has none: use ``location.uri``)."""
+        path = self.location.path
+        if path is None:
+            raise InvalidInputError(f"store {self.location.uri} is not a local folder")
+        return path
+
     @staticmethod
-    def default_catalog(root: Path) -> str:
-        return f"sqlite:///{(root / 'catalog.sqlite').resolve()}"
+    def default_catalog(root: str | os.PathLike[str] | StoreLocation) -> str:
+        """The SQLite catalog inside a local store.
+
+        Raises
+        ------
+        InvalidInputError
+            For a remote store (an SQLite file cannot live on object storage).
+        """
+        loc = root if isinstance(root, StoreLocation) else None
+        uri = loc.uri if loc is not None else os.fspath(root)
+        if (loc is not None and not loc.is_local) or (loc is None and "://" in uri and not uri.startswith("file://")):
+            msg = (f"store {uri} is remote and SQLite cannot live there: pass --catalog (or $SCLSTORE_CATALOG) "
+                   "with a PostgreSQL URL, e.g. postgresql+psycopg://user@host/db")
+            raise InvalidInputError(msg)
+        return f"sqlite:///{(Path(uri) / 'catalog.sqlite').resolve()}"
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], catalog: str | None = None, *, settings: StoreSettings | None = None) -> Backend:
         """Create a store (or open an existing one) and bring its catalog to the newest schema."""
-        root = Path(path).expanduser()
-        marker = root / MARKER
-        if root.exists() and not root.is_dir():
-            raise StoreExistsError(f"{root} exists and is not a folder: choose another --store path")
-        if root.is_dir() and not marker.exists() and any(root.iterdir()):
-            raise StoreExistsError(f"{root} is a non-empty folder that is not an sclstore store: choose an empty or new --store path")
-        url = catalog or cls.default_catalog(root)
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "arrays").mkdir(exist_ok=True)
+        loc = StoreLocation(path, settings)
+        marker = loc.join(MARKER)
+        loc.check_creatable(MARKER)
+        url = catalog or cls.default_catalog(loc)
+        had_marker = loc.is_file(marker)
+        created_root = not loc.is_dir(loc.uri)
+        if loc.is_local:
+            Path(loc.uri).mkdir(parents=True, exist_ok=True)
+        loc.mkdir(loc.uri)
+        loc.mkdir(loc.join("arrays"))
         try:
             engine = catalogdb.make_engine(url)
         except SclstoreError:
-            if not marker.exists():
-                shutil.rmtree(root / "arrays", ignore_errors=True)
+            if not had_marker:
+                loc.remove_dir(loc.uri if created_root else loc.join("arrays"))
             raise
         catalogdb.upgrade(engine)
-        if not marker.exists():
-            tmp = root / f".{MARKER}.tmp"
-            tmp.write_text(json.dumps({"format": "sclstore", "version": STORE_FORMAT_VERSION, "created_at": utcnow().isoformat()}))
-            os.replace(tmp, marker)
-        return cls(root, url, engine, settings or StoreSettings())
+        if not had_marker:
+            loc.write_text(marker, json.dumps({"format": "sclstore", "version": STORE_FORMAT_VERSION, "created_at": utcnow().isoformat()}))
+        return cls(loc, url, engine)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], catalog: str | None = None, *, settings: StoreSettings | None = None) -> Backend:
@@ -121,18 +141,18 @@ class Backend:
         CatalogConnectionError
             If the catalog database cannot be reached.
         """
-        root = Path(path).expanduser()
-        if not (root / MARKER).is_file():
-            msg = f"{root} is not an sclstore store (no {MARKER}): run `sclstore init --store {root}` or pass the right --store"
+        loc = StoreLocation(path, settings)
+        if not loc.is_file(loc.join(MARKER)):
+            msg = f"{loc.uri} is not an sclstore store (no {MARKER}): run `sclstore init --store {loc.uri}` or pass the right --store"
             raise StoreNotFoundError(msg)
-        url = catalog or cls.default_catalog(root)
+        url = catalog or cls.default_catalog(loc)
         engine = catalogdb.make_engine(url)
         try:
             catalogdb.check_schema(engine, url)
         except SclstoreError:
             engine.dispose()
             raise
-        return cls(root, url, engine, settings or StoreSettings())
+        return cls(loc, url, engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -145,7 +165,7 @@ class Backend:
 
     def array_path(self, uri: str) -> str:
         """Absolute array location of a catalog ``array_uri`` (stored relative to the store)."""
-        return uri if "://" in uri or os.path.isabs(uri) else str(self.root / uri)
+        return self.location.resolve(uri)
 
     # ------------------------------------------------------------------ datasets
     def find_dataset(self, content_hash: str) -> DatasetInfo | None:
@@ -386,7 +406,7 @@ class Backend:
         uri = self.array_path(rel)
         meta = {"dataset": dataset.name, "dataset_hash": dataset.content_hash, "model": model.name,
                 "family": model.family, "checkpoint_hash": model.checkpoint_hash, "cache_key": key}
-        arrays.create_array(uri, spec, layers=layers, meta=meta)
+        arrays.create_array(uri, spec, layers=layers, meta=meta, ctx=self.location.ctx)
         try:
             with catalogdb.write_tx(self.engine) as conn:
                 conn.execute(
@@ -399,9 +419,9 @@ class Backend:
                     )
                 )
         except sa.exc.IntegrityError:
-            shutil.rmtree(uri, ignore_errors=True)  # another process created the run first
+            self.location.remove_dir(uri)  # another process created the run first
         except BaseException:
-            shutil.rmtree(uri, ignore_errors=True)
+            self.location.remove_dir(uri)
             raise
         found = self.find_run(key)
         assert found is not None
@@ -446,13 +466,16 @@ class Backend:
         if lease.lost.is_set():
             raise LeaseHeldError(f"lost the lease on run {run.id} to another process; it will finish the run")
         n = next(iter(block.values())).shape[1]
-        arrays.write_block(run.array_uri, start, block, dtype=run.dtype)
+        arrays.write_block(run.array_uri, start, block, dtype=run.dtype, ctx=self.location.ctx)
         self._owned_update(lease, watermark=start + n)
 
     def complete(self, run: RunInfo, lease: Lease, stats: dict[str, Any]) -> RunInfo:
-        """Fully consolidate the array, then mark the run complete."""
+        """Consolidate the array (see :meth:`full_consolidation`), then mark the run complete."""
         itemsize = 2 if run.dtype == "float16" else 4
-        arrays.consolidate(run.array_uri, full=True, array_bytes=len(run.layers) * run.n_cells * run.dim * itemsize)
+        nbytes = len(run.layers) * run.n_cells * run.dim * itemsize
+        ranges = arrays.finalise(run.array_uri, n_cells=run.n_cells, full=self.full_consolidation(nbytes * len(run.pools)),
+                                 array_bytes=nbytes, ctx=self.location.ctx)
+        logger.info("run %s complete: %d fragment(s)", run.id, len(ranges))
         self._owned_update(lease, status="complete", stats=stats, finished_at=utcnow(),
                            lease_owner=None, lease_host=None, lease_pid=None)
         lease.release()
@@ -479,7 +502,14 @@ class Backend:
         if info.status != "complete":
             msg = f"run {run_id} is {info.status} ({info.watermark}/{info.n_cells} cells): rerun the same ingest to finish it"
             raise InvalidInputError(msg)
-        return arrays.ArrayReader(info.array_uri, direct=self.settings.direct_reads)
+        return arrays.ArrayReader(info.array_uri, ctx=self.location.ctx, direct=self.settings.direct_reads)
+
+    def full_consolidation(self, array_bytes: int) -> bool:
+        """Whether a completed run's fragments are rewritten as one: always on a local store;
+        on object storage only up to ``StoreSettings.remote_consolidate_max_bytes`` (beyond it
+        rewriting costs a full download and upload, so only fragment metadata is consolidated
+        and reads go through libtiledb over the disjoint fragments)."""
+        return self.location.is_local or array_bytes <= self.settings.remote_consolidate_max_bytes
 
     # ------------------------------------------------------------------ verify
     def verify(self, run: int | str | None = None) -> list[dict[str, Any]]:
@@ -491,7 +521,7 @@ class Backend:
         from .verify import verify_run
 
         runs = [self.get_run(run)] if run is not None else self.list_runs(status="complete")
-        return [verify_run(info, direct_reads=self.settings.direct_reads) for info in runs]
+        return [verify_run(info, direct_reads=self.settings.direct_reads, ctx=self.location.ctx) for info in runs]
 
     # ------------------------------------------------------------------ caches
     def get_evaluation(self, run_id: int, task: str, params_hash: str) -> dict[str, Any] | None:
