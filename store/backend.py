@@ -108,9 +108,9 @@ class Backend:
     def create(cls, path: str | os.PathLike[str], catalog: str | None = None, *, settings: StoreSettings | None = None) -> Backend:
         """Create a store (or open an existing one) and bring its catalog to the newest schema."""
         loc = StoreLocation(path, settings)
+        url = catalog or cls.default_catalog(loc)
         marker = loc.join(MARKER)
         loc.check_creatable(MARKER)
-        url = catalog or cls.default_catalog(loc)
         had_marker = loc.is_file(marker)
         created_root = not loc.is_dir(loc.uri)
         if loc.is_local:
@@ -142,10 +142,10 @@ class Backend:
             If the catalog database cannot be reached.
         """
         loc = StoreLocation(path, settings)
+        url = catalog or cls.default_catalog(loc)
         if not loc.is_file(loc.join(MARKER)):
             msg = f"{loc.uri} is not an sclstore store (no {MARKER}): run `sclstore init --store {loc.uri}` or pass the right --store"
             raise StoreNotFoundError(msg)
-        url = catalog or cls.default_catalog(loc)
         engine = catalogdb.make_engine(url)
         try:
             catalogdb.check_schema(engine, url)

@@ -116,10 +116,19 @@ class StoreLocation:
         self.is_local = not _is_remote(self.uri)
         base = settings or StoreSettings()
         self._explicit = dict(base.tiledb_config)
-        self.settings = base
+        self._settings = base
+        self._resolved = False
         self._ctx: tiledb.Ctx | None = None
         self._vfs: tiledb.VFS | None = None
-        self._resolve_settings()
+
+    @property
+    def settings(self) -> StoreSettings:
+        """The store settings with the merged TileDB configuration (read on first use: for a
+        remote store that is a request to the store)."""
+        if not self._resolved:
+            self._resolved = True
+            self._resolve_settings()
+        return self._settings
 
     # ------------------------------------------------------------------ settings
     def _config_files(self) -> list[str]:
@@ -149,7 +158,7 @@ class StoreLocation:
         self._set_config({**merged, **self._explicit})
 
     def _set_config(self, config: dict[str, str]) -> None:
-        self.settings = dataclasses.replace(self.settings, tiledb_config=config)
+        self._settings = dataclasses.replace(self._settings, tiledb_config=config)
         self._ctx = None
         self._vfs = None
 
