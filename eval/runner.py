@@ -1,6 +1,6 @@
 """Evaluation runner: loops the pure metrics over a run's stored layers, caches everything.
 
-Embeddings are read through the slice language (:func:`sclstore.query.execute_query`); raw
+Embeddings are read through the programmatic slice API (:mod:`sclstore.query.slices`, no SQL text); raw
 counts (for the PCA reference and DE) come from the dataset's source .h5ad. DE results and
 reference pseudotimes are cached in the catalog keyed by the dataset's content hash and the
 parameters, so another run of the same dataset never recomputes them; a repeated identical
@@ -21,7 +21,7 @@ import pandas as pd
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from sclstore.query import execute_query
+from sclstore.query import cells_query, centroids_query, execute
 from sclstore.store import Backend, DatasetInfo, RunInfo, cache_key
 from sclstore.store.errors import EvaluationError, InvalidInputError
 
@@ -61,24 +61,16 @@ def _column(obs: pd.DataFrame, ds: DatasetInfo, key: str, what: str) -> pd.Serie
     return obs[key]
 
 
-def _quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+def _python_value(value: Any) -> Any:
+    """A numpy scalar as the Python value the slice API binds."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
-def _quote_value(value: Any) -> str:
-    if isinstance(value, bool | np.bool_):
-        return "TRUE" if value else "FALSE"
-    if isinstance(value, int | float | np.integer | np.floating):
-        return repr(float(value)) if isinstance(value, float | np.floating) else str(int(value))
-    return "'" + str(value).replace("'", "''") + "'"
-
-
-def _layers(backend: Backend, info: RunInfo, pool: str, where: str = "") -> list[np.ndarray]:
-    """Every stored layer as a (cells x dim) matrix in cell_idx order, read through the query layer."""
+def _layers(backend: Backend, info: RunInfo, pool: str, where: dict[str, Any] | None = None) -> list[np.ndarray]:
+    """Every stored layer as a (cells x dim) matrix in cell_idx order, read through the slice API."""
     out = []
     for layer in info.layers:
-        sql = f"SELECT embedding.{pool} FROM embeddings WHERE run = {info.id} AND layer = {layer}{where} ORDER BY cell_idx"
-        res = execute_query(backend, sql)
+        res = execute(backend, cells_query(info.id, layers=[layer], pool=pool, where=where))
         out.append(res.embeddings[0])
     return out
 
@@ -229,11 +221,9 @@ def evaluate_trajectory(
 
 
 # ----------------------------------------------------------------------------------- perturbation
-def _centroids(backend: Backend, info: RunInfo, pool: str, key: str, where: str) -> dict[int, dict[str, np.ndarray]]:
+def _centroids(backend: Backend, info: RunInfo, pool: str, key: str, where: dict[str, Any] | None) -> dict[int, dict[str, np.ndarray]]:
     """{layer: {label: centroid}} from one streaming GROUP BY query per condition."""
-    sql = (f"SELECT {_quote_ident(key)}, layer, AVG(embedding.{pool}), COUNT(*) FROM embeddings "
-           f"WHERE run = {info.id}{where} GROUP BY {_quote_ident(key)}, layer")
-    res = execute_query(backend, sql)
+    res = execute(backend, centroids_query(info.id, key, pool=pool, where=where))
     labels = res.obs[key].astype(str).to_numpy()
     out: dict[int, dict[str, np.ndarray]] = {}
     for li, layer in enumerate(res.layers):
@@ -331,7 +321,7 @@ def evaluate_perturbation(
             cond_note["split_half_ceiling"] = float(ce["rsa"].iloc[0])
             cond_note["spearman_brown_ceiling"] = float(ce["spearman_brown"].iloc[0])
         notes["conditions"][cond] = cond_note
-        where = f" AND {_quote_ident(condition_key)} = {_quote_value(cond)}" if condition_key else ""
+        where = {condition_key: _python_value(cond)} if condition_key else None
         cents = _centroids(backend, info, pool, perturbation_key, where)
         scores: dict[int, Any] = {}
         for layer in info.layers:

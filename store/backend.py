@@ -34,7 +34,6 @@ from .errors import (
     NotFoundError,
     RunNotFoundError,
     SclstoreError,
-    StoreExistsError,
     StoreNotFoundError,
 )
 from .info import DatasetInfo, ModelInfo, RunInfo
@@ -42,7 +41,8 @@ from .location import StoreLocation
 from .lease import Lease, try_acquire
 from ._translate import translate_errors
 from .models import Dataset, Evaluation, Intermediate, Model, Run, utcnow
-from .obs import build_obs_table, frame_from_rows, infer_obs_schema, obs_rows, obs_table_name
+from .obs import build_obs_table, infer_obs_schema, obs_rows, obs_table_name
+from .obs_index import ObsIndex
 
 __all__ = ["Backend", "MARKER", "cache_key"]
 
@@ -77,6 +77,7 @@ class Backend:
         # complete runs and registered datasets never change: look them up in the catalog once
         self._complete_runs: dict[int, RunInfo] = {}
         self._datasets: dict[int | str, DatasetInfo] = {}
+        self._obs_indexes: dict[int, ObsIndex] = {}
 
     # ------------------------------------------------------------------ opening
     @property
@@ -271,30 +272,25 @@ class Backend:
         with Session(self.engine) as s:
             return [DatasetInfo.from_row(r) for r in s.scalars(sa.select(Dataset).order_by(Dataset.id))]
 
+    def obs_index(self, dataset: int | DatasetInfo) -> ObsIndex:
+        """The obs index of a dataset (cell selection; cached per backend, datasets are immutable)."""
+        info = dataset if isinstance(dataset, DatasetInfo) else self.get_dataset(dataset)
+        index = self._obs_indexes.get(info.id)
+        if index is None:
+            index = self._obs_indexes[info.id] = ObsIndex(self.engine, info, ObsIndex.build_table(info, self._obs_md))
+        return index
+
     def obs_table(self, dataset_id: int) -> sa.Table:
         """The SQLAlchemy Table of a dataset's obs (cached per backend)."""
-        info = self.get_dataset(dataset_id)
-        if info.obs_table in self._obs_md.tables:
-            return self._obs_md.tables[info.obs_table]
-        return build_obs_table(info.obs_table, info.obs_schema, self._obs_md)
+        return self.obs_index(dataset_id).table
 
     def read_obs(self, dataset_id: int, cells: np.ndarray | None = None) -> pd.DataFrame:
         """Obs of a dataset in ``cell_idx`` order with original names and dtypes (+ ``src_idx``)."""
-        info = self.get_dataset(dataset_id)
-        table = self.obs_table(dataset_id)
-        stmt = sa.select(table).order_by(table.c.cell_idx)
-        if cells is not None:
-            stmt = stmt.where(table.c.cell_idx.in_([int(c) for c in cells]))
-        with self.engine.connect() as conn:
-            df = pd.DataFrame(conn.execute(stmt).mappings().all(), columns=[c.name for c in table.columns])
-        return frame_from_rows(df, info.obs_schema)
+        return self.obs_index(dataset_id).frame(cells)
 
     def cell_order(self, dataset_id: int) -> np.ndarray:
         """``src_idx`` of every cell in ``cell_idx`` order: where each stored cell sits in the source file."""
-        table = self.obs_table(dataset_id)
-        with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(table.c.src_idx).order_by(table.c.cell_idx)).scalars().all()
-        return np.asarray(rows, dtype=np.int64)
+        return self.obs_index(dataset_id).cell_order()
 
     # ------------------------------------------------------------------ models
     def register_model(
