@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -37,6 +36,7 @@ from .errors import (
     StoreNotFoundError,
 )
 from .info import DatasetInfo, ModelInfo, RunInfo
+from .array_store import ArrayStore
 from .location import StoreLocation
 from .lease import Lease, try_acquire
 from ._translate import translate_errors
@@ -70,6 +70,7 @@ class Backend:
 
     def __init__(self, location: StoreLocation, catalog_url: str, engine: Engine) -> None:
         self.location = location
+        self.array_store = ArrayStore(location)
         self.catalog_url = catalog_url
         self.engine = engine
         self.settings = location.settings
@@ -398,11 +399,10 @@ class Backend:
         found = self.find_run(key)
         if found is not None:
             return found
-        rel = f"arrays/run-{uuid.uuid4().hex}"
-        uri = self.array_path(rel)
+        rel, uri = self.array_store.new_array_uri()
         meta = {"dataset": dataset.name, "dataset_hash": dataset.content_hash, "model": model.name,
                 "family": model.family, "checkpoint_hash": model.checkpoint_hash, "cache_key": key}
-        arrays.create_array(uri, spec, layers=layers, meta=meta, ctx=self.location.ctx)
+        self.array_store.create(uri, spec, layers=layers, meta=meta)
         try:
             with catalogdb.write_tx(self.engine) as conn:
                 conn.execute(
@@ -415,9 +415,9 @@ class Backend:
                     )
                 )
         except sa.exc.IntegrityError:
-            self.location.remove_dir(uri)  # another process created the run first
+            self.array_store.remove(uri)  # another process created the run first
         except BaseException:
-            self.location.remove_dir(uri)
+            self.array_store.remove(uri)
             raise
         found = self.find_run(key)
         assert found is not None
@@ -462,16 +462,12 @@ class Backend:
         if lease.lost.is_set():
             raise LeaseHeldError(f"lost the lease on run {run.id} to another process; it will finish the run")
         n = next(iter(block.values())).shape[1]
-        arrays.write_block(run.array_uri, start, block, dtype=run.dtype, ctx=self.location.ctx)
+        self.array_store.write(run, start, block)
         self._owned_update(lease, watermark=start + n)
 
     def complete(self, run: RunInfo, lease: Lease, stats: dict[str, Any]) -> RunInfo:
-        """Consolidate the array (see :meth:`full_consolidation`), then mark the run complete."""
-        itemsize = 2 if run.dtype == "float16" else 4
-        nbytes = len(run.layers) * run.n_cells * run.dim * itemsize
-        ranges = arrays.finalise(run.array_uri, n_cells=run.n_cells, full=self.full_consolidation(nbytes * len(run.pools)),
-                                 array_bytes=nbytes, ctx=self.location.ctx)
-        logger.info("run %s complete: %d fragment(s)", run.id, len(ranges))
+        """Consolidate the array (see :meth:`ArrayStore.full_consolidation`), then mark the run complete."""
+        self.array_store.finalise(run)
         self._owned_update(lease, status="complete", stats=stats, finished_at=utcnow(),
                            lease_owner=None, lease_host=None, lease_pid=None)
         lease.release()
@@ -498,14 +494,7 @@ class Backend:
         if info.status != "complete":
             msg = f"run {run_id} is {info.status} ({info.watermark}/{info.n_cells} cells): rerun the same ingest to finish it"
             raise InvalidInputError(msg)
-        return arrays.ArrayReader(info.array_uri, ctx=self.location.ctx, direct=self.settings.direct_reads)
-
-    def full_consolidation(self, array_bytes: int) -> bool:
-        """Whether a completed run's fragments are rewritten as one: always on a local store;
-        on object storage only up to ``StoreSettings.remote_consolidate_max_bytes`` (beyond it
-        rewriting costs a full download and upload, so only fragment metadata is consolidated
-        and reads go through libtiledb over the disjoint fragments)."""
-        return self.location.is_local or array_bytes <= self.settings.remote_consolidate_max_bytes
+        return self.array_store.reader(info)
 
     # ------------------------------------------------------------------ verify
     def verify(self, run: int | str | None = None) -> list[dict[str, Any]]:
@@ -514,10 +503,8 @@ class Backend:
         Returns one report per checked run: ``{"run", "ok", "problems": [...], "direct_reads"}``
         (see :func:`sclstore.store.verify.verify_run`).
         """
-        from .verify import verify_run
-
         runs = [self.get_run(run)] if run is not None else self.list_runs(status="complete")
-        return [verify_run(info, direct_reads=self.settings.direct_reads, ctx=self.location.ctx) for info in runs]
+        return [self.array_store.verify(info) for info in runs]
 
     # ------------------------------------------------------------------ caches
     def get_evaluation(self, run_id: int, task: str, params_hash: str) -> dict[str, Any] | None:

@@ -59,7 +59,7 @@ def test_trajectory_best_layer_cached_and_errors(tmp_path: Path, monkeypatch: py
             raise AssertionError("a repeated evaluation must not recompute anything")
 
         monkeypatch.setattr(runner_mod, "score_trajectory", boom)
-        monkeypatch.setattr(runner_mod, "execute_query", boom)
+        monkeypatch.setattr(runner_mod, "execute", boom)
         again = st.evaluate_trajectory(run_id, pseudotime_key="latent_time", n_subsamples=4, n_neighbors=15)
         assert again.cached
         np.testing.assert_allclose(again.table["score"].to_numpy(float), rep.table["score"].to_numpy(float), equal_nan=True)

@@ -195,7 +195,7 @@ def test_s3_store_files_and_consolidation(s3, postgres_server) -> None:  # noqa:
         assert arrays.finalise(arr, n_cells=n, full=True, ctx=loc.ctx) == [(0, n - 1)]
         with arrays.ArrayReader(arr, ctx=loc.ctx) as rd:
             np.testing.assert_array_equal(rd.read([0, 1], None, "cls"), data)
-        assert b.full_consolidation(10) and not b.full_consolidation(b.settings.remote_consolidate_max_bytes + 1)
+        assert b.array_store.full_consolidation(10) and not b.array_store.full_consolidation(b.settings.remote_consolidate_max_bytes + 1)
         loc.remove_dir(arr)
         assert not loc.is_dir(arr) and tiledb.object_type(arr, ctx=loc.ctx) is None
     # reopen: marker found through the VFS; without credentials in the config, the AWS
