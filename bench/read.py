@@ -61,7 +61,7 @@ def timed(fns: list[Callable[[], np.ndarray]], repeats: int) -> list[tuple[float
             t = time.perf_counter()
             outs[i] = fn()
             times[i].append(time.perf_counter() - t)
-    return [(statistics.median(ts), min(ts), out) for ts, out in zip(times, outs)]
+    return [(statistics.median(ts), min(ts), out) for ts, out in zip(times, outs, strict=True)]
 
 
 def write_anchor(path: Path, layers: Iterator[np.ndarray], shape: tuple[int, ...], dtype: np.dtype) -> None:
@@ -120,7 +120,8 @@ def build_run(backend: Backend, mm: np.ndarray, dtype: str, n: int, nl: int, d: 
 def table(title: str, names: list[str], rows: list[tuple[str, list[float], list[float]]], anchor: int) -> None:
     """Markdown: median seconds per reader, then each reader / the anchor (median; min / min)."""
     print(f"\n{title}\n")
-    print("| read | " + " | ".join(f"{x} s" for x in names) + " | " + " | ".join(f"{x} / {names[anchor]}" for i, x in enumerate(names) if i != anchor) + " |")
+    ratios = [f"{x} / {names[anchor]}" for i, x in enumerate(names) if i != anchor]
+    print("| read | " + " | ".join(f"{x} s" for x in names) + " | " + " | ".join(ratios) + " |")
     print("|---" * (1 + 2 * len(names) - 1) + "|")
     for label, med, mins in rows:
         cells = [f"{m:.4f}" if m == m else "-" for m in med]

@@ -24,7 +24,8 @@ def translate_errors(cls: type) -> type:
             except (sa.exc.OperationalError, sa.exc.ProgrammingError) as exc:
                 reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
                 low = reason.lower()
-                if "no such table" in low or "no such column" in low or ("does not exist" in low and ("relation" in low or "column" in low)):
+                missing = "no such table" in low or "no such column" in low
+                if missing or ("does not exist" in low and ("relation" in low or "column" in low)):
                     msg = f"the catalog is damaged ({reason}): restore it from a backup, or re-ingest the dataset into a new store"
                     raise CatalogDamagedError(msg) from exc
                 if isinstance(exc, sa.exc.ProgrammingError):

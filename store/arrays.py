@@ -313,7 +313,7 @@ class ArrayReader:
         if ned is None or tuple((int(a), int(b)) for a, b in ned) != full:
             raise LayoutError(f"written domain {ned} is not the full domain {full}")
         info = tiledb.array_fragments(self.uri, ctx=self._ctx)
-        frags = list(zip(info.uri, info.version, info.nonempty_domain))
+        frags = list(zip(info.uri, info.version, info.nonempty_domain, strict=True))
         parts = disjoint_fragments(frags, n_slots=self.n_slots, n_cells=self.n_cells, dim=self.dim, cell_tile=self.cell_tile)
         files = {}
         for i in range(schema.nattr):
@@ -323,7 +323,8 @@ class ArrayReader:
             view = np.dtype(np.float16) if self.dtype == "float16" else np.dtype(attr.dtype)  # uint16 bits are float16
             if view.itemsize != np.dtype(attr.dtype).itemsize:
                 raise LayoutError(f"attribute {attr.name} stores {attr.dtype}, not {self.dtype}")
-            tfs = [(lo, hi, TileFile(folder / f"a{i}.tdb", n_tiles=self.n_slots * (hi - lo), tile_elems=self.cell_tile * self.dim, dtype=view))
+            elems = self.cell_tile * self.dim
+            tfs = [(lo, hi, TileFile(folder / f"a{i}.tdb", n_tiles=self.n_slots * (hi - lo), tile_elems=elems, dtype=view))
                    for lo, hi, folder in parts]
             files[attr.name] = FragmentTiles(tfs, self._n_cell_tiles)
         return files

@@ -18,18 +18,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tomllib
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import tiledb
+import tomllib
 
 from .config import StoreSettings
 from .errors import InvalidInputError, StoreExistsError
 
-__all__ = ["StoreLocation", "CONFIG_FILE", "parse_tiledb_options", "redact_config", "REMOTE_DEFAULTS"]
+__all__ = ["CONFIG_FILE", "REMOTE_DEFAULTS", "StoreLocation", "parse_tiledb_options", "redact_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,8 @@ def parse_tiledb_options(items: Any) -> dict[str, str]:
         for item in items or ():
             key, sep, value = str(item).partition("=")
             if not sep:
-                raise InvalidInputError(f"--tiledb-config {item.split('=')[0]!r} is not KEY=VALUE, e.g. --tiledb-config vfs.s3.region=eu-west-1")
+                msg = f"--tiledb-config {item.split('=')[0]!r} is not KEY=VALUE, e.g. --tiledb-config vfs.s3.region=eu-west-1"
+                raise InvalidInputError(msg)
             pairs.append((key, value))
     out: dict[str, str] = {}
     for key, value in pairs:

@@ -117,7 +117,8 @@ def disjoint_fragments(
     expect = 0
     for c0, c1, path in parts:
         if c0 != expect:
-            raise LayoutError(f"{len(parts)} fragments: cells {expect}.. {'overlap' if c0 < expect else 'have a gap'} at fragment {path.name}")
+            what = "overlap" if c0 < expect else "have a gap"
+            raise LayoutError(f"{len(parts)} fragments: cells {expect}.. {what} at fragment {path.name}")
         expect = c1 + 1
     if expect != n_cells:
         raise LayoutError(f"fragments cover cells 0..{expect - 1} of 0..{n_cells - 1}")

@@ -16,11 +16,12 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,10 @@ import pytest
 import sqlalchemy as sa
 
 import sclstore
+
+# The persistent digest cache (sclstore.store.hashcache) of the test session, never the user's;
+# subprocesses inherit it.
+os.environ["SCLSTORE_CACHE_DIR"] = tempfile.mkdtemp(prefix="sclstore-test-digests-")
 
 
 class PostgresServer:

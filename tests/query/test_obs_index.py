@@ -46,8 +46,8 @@ def test_slice_api_equals_sql_and_truth(tmp_path: Path) -> None:
     sel = res.obs["n_genes"].to_numpy() > 3
     np.testing.assert_array_equal(res.embeddings[:, sel], want)
     assert list(res.obs.index[sel]) == list(obs.index[src])
-    sql = execute_query(backend, "SELECT n_genes, embedding.mean FROM embeddings WHERE run = {} AND layer IN (3, 8) "
-                                 "AND cell_type IN ('T', 'it''s') ORDER BY cell_idx".format(b.run_id))
+    sql = execute_query(backend, f"SELECT n_genes, embedding.mean FROM embeddings WHERE run = {b.run_id} AND layer IN (3, 8) "
+                                 "AND cell_type IN ('T', 'it''s') ORDER BY cell_idx")
     np.testing.assert_array_equal(sql.embeddings, res.embeddings)
     pd.testing.assert_frame_equal(sql.obs, res.obs)
     assert "cell_type IN ('T', 'it''s')" in res.sql  # rendered for messages only; nothing parses it

@@ -40,7 +40,8 @@ def test_uris_are_normalised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 def test_tiledb_settings_precedence(tmp_path: Path) -> None:
     root = tmp_path / "lab"
     root.mkdir()
-    (tmp_path / "sclstore.toml").write_text('[tiledb]\n"sm.tile_cache_size" = "111"\n"vfs.s3.region" = "beside"\n"sm.io_concurrency_level" = 3\n')
+    beside = '[tiledb]\n"sm.tile_cache_size" = "111"\n"vfs.s3.region" = "beside"\n"sm.io_concurrency_level" = 3\n'
+    (tmp_path / "sclstore.toml").write_text(beside)
     (root / "sclstore.toml").write_text('[tiledb]\n"vfs.s3.region" = "inside"\n"vfs.s3.scheme" = "http"\n')
     loc = StoreLocation(root, StoreSettings(tiledb_config={"vfs.s3.scheme": "https"}))
     cfg = loc.settings.tiledb_config
@@ -166,7 +167,7 @@ def test_unaligned_fragments_fall_back_with_one_warning(tmp_path: Path, caplog: 
 
 
 # ------------------------------------------------------------------------------ S3 (moto on loopback)
-def test_s3_store_files_and_consolidation(s3, postgres_server) -> None:  # noqa: ANN001
+def test_s3_store_files_and_consolidation(s3, postgres_server) -> None:
     settings = StoreSettings(tiledb_config=s3.server.tiledb_config() | {"vfs.s3.max_parallel_ops": "4"})
     uri = s3.uri("lab")
     loc = StoreLocation(uri + "/", settings)

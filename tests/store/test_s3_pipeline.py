@@ -38,7 +38,7 @@ def _layers(st: sclstore.Store, run: int, pool: str) -> np.ndarray:
     return st.query(f"SELECT embedding.{pool} FROM embeddings WHERE run = {run} ORDER BY cell_idx").embeddings
 
 
-def test_pipeline_on_s3_equals_local(tmp_path: Path, s3, postgres_server) -> None:  # noqa: ANN001
+def test_pipeline_on_s3_equals_local(tmp_path: Path, s3, postgres_server) -> None:
     pbmc = tmp_path / "pbmc.h5ad"
     bundled_pbmc()[:240].copy().write_h5ad(pbmc)
     traj = tmp_path / "traj.h5ad"
@@ -71,8 +71,8 @@ def test_pipeline_on_s3_equals_local(tmp_path: Path, s3, postgres_server) -> Non
         qr, ql = remote.query(sql.format(ra)), local.query(sql.format(la))
         np.testing.assert_array_equal(qr.embeddings, ql.embeddings)
         pd.testing.assert_frame_equal(qr.obs, ql.obs)
-        gr = remote.query(f"SELECT bulk_labels, layer, AVG(embedding), COUNT(*) FROM embeddings WHERE run = {ra} GROUP BY bulk_labels, layer")
-        gl = local.query(f"SELECT bulk_labels, layer, AVG(embedding), COUNT(*) FROM embeddings WHERE run = {la} GROUP BY bulk_labels, layer")
+        group = "SELECT bulk_labels, layer, AVG(embedding), COUNT(*) FROM embeddings WHERE run = {} GROUP BY bulk_labels, layer"
+        gr, gl = remote.query(group.format(ra)), local.query(group.format(la))
         np.testing.assert_array_equal(gr.embeddings, gl.embeddings)
         er = remote.evaluate_trajectory(rb, pseudotime_key="latent_time", n_subsamples=3, n_neighbors=10, reference=False)
         el = local.evaluate_trajectory(lb, pseudotime_key="latent_time", n_subsamples=3, n_neighbors=10, reference=False)
@@ -123,7 +123,7 @@ def _watermark(catalog: str) -> int:
         eng.dispose()
 
 
-def test_sigkill_then_resume_on_s3(tmp_path: Path, s3, postgres_server) -> None:  # noqa: ANN001
+def test_sigkill_then_resume_on_s3(tmp_path: Path, s3, postgres_server) -> None:
     data = tmp_path / "traj.h5ad"
     simulate_trajectory(n_cells=1200, n_genes=200, seed=1).write_h5ad(data)
     uri, catalog = s3.uri("lab"), postgres_server.new_database()
