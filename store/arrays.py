@@ -258,6 +258,19 @@ def array_info(uri: str, ctx: tiledb.Ctx | None = None) -> dict[str, Any]:
         }
 
 
+def _single_fragment(uri: str, full: tuple[tuple[int, int], ...]) -> list[tuple[str, int, Any]] | None:
+    """The common case without a fragment-info load: one fragment folder in a local array whose
+    non-empty domain is the full domain (the caller checked), so the fragment covers it all."""
+    try:
+        names = [e.name for e in os.scandir(os.path.join(uri.removeprefix("file://"), "__fragments")) if e.is_dir()]
+    except OSError:
+        return None
+    version = names[0].rsplit("_", 1)[-1] if len(names) == 1 else ""
+    if not version.isdigit():
+        return None
+    return [(os.path.join(uri, "__fragments", names[0]), int(version), full)]
+
+
 class ArrayReader:
     """Reads slices of one run's array; open once, read many times.
 
@@ -312,8 +325,10 @@ class ArrayReader:
         ned = self._arr.nonempty_domain()
         if ned is None or tuple((int(a), int(b)) for a, b in ned) != full:
             raise LayoutError(f"written domain {ned} is not the full domain {full}")
-        info = tiledb.array_fragments(self.uri, ctx=self._ctx)
-        frags = list(zip(info.uri, info.version, info.nonempty_domain, strict=True))
+        frags = _single_fragment(self.uri, full)
+        if frags is None:  # several fragments (or unknown): ask TileDB for each one's domain (~1 ms)
+            info = tiledb.array_fragments(self.uri, ctx=self._ctx)
+            frags = list(zip(info.uri, info.version, info.nonempty_domain, strict=True))
         parts = disjoint_fragments(frags, n_slots=self.n_slots, n_cells=self.n_cells, dim=self.dim, cell_tile=self.cell_tile)
         files = {}
         for i in range(schema.nattr):
