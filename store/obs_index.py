@@ -58,7 +58,7 @@ class ObsIndex:
         limit: int | None = None,
         with_cell_idx: bool = True,
     ) -> list[Any]:
-        """Rows ``(cell_idx, cell, *columns)`` of the cells satisfying ``where``.
+        """Rows ``(cell_idx, cell, src_idx, *columns)`` of the cells satisfying ``where``.
 
         Parameters
         ----------
@@ -74,7 +74,7 @@ class ObsIndex:
             Whether rows start with ``cell_idx``.
         """
         t = self.table
-        lead = (t.c.cell_idx, t.c.cell) if with_cell_idx else (t.c.cell,)
+        lead = (t.c.cell_idx, t.c.cell, t.c.src_idx) if with_cell_idx else (t.c.cell, t.c.src_idx)
         stmt = sa.select(*lead, *columns)
         if where is not None:
             stmt = stmt.where(where)
@@ -106,10 +106,14 @@ class ObsIndex:
         return int(lo), int(hi)
 
     def range_rows(self, first: int, last: int, columns: Sequence[Any] = ()) -> list[Any]:
-        """Rows ``(cell, *columns)`` of cells ``first..last`` in cell order (a primary-key range scan)."""
+        """Rows ``(cell, src_idx, *columns)`` of cells ``first..last`` in cell order (a primary-key range scan)."""
         t = self.table
-        stmt = sa.select(t.c.cell, *columns).where(t.c.cell_idx.between(first, last)).order_by(t.c.cell_idx)
+        stmt = sa.select(t.c.cell, t.c.src_idx, *columns).where(t.c.cell_idx.between(first, last)).order_by(t.c.cell_idx)
         return self._rows(stmt)
+
+    def distinct(self, column: Any, limit: int) -> list[Any]:
+        """Up to ``limit`` distinct non-NULL values of one column of :attr:`table`."""
+        return [r[0] for r in self._rows(sa.select(column).where(column.is_not(None)).distinct().limit(limit))]
 
     def frame(self, cells: np.ndarray | None = None) -> pd.DataFrame:
         """Obs in ``cell_idx`` order with original names and dtypes (+ ``src_idx``), of all cells or ``cells``."""
