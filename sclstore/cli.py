@@ -22,7 +22,7 @@ from sclstore.api import Store, default_store_path, open_store
 from sclstore.cli_rows import CsvOpt, NlOpt, TsvOpt, emit_rows, print_table, row_format
 from sclstore.store import catalog as catalogdb
 from sclstore.store.backend import Backend
-from sclstore.store.config import parse_csv
+from sclstore.store.config import StoreSettings, parse_csv
 from sclstore.store.errors import SclstoreError
 
 __all__ = ["app", "main"]
@@ -79,8 +79,30 @@ def emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
+_tiledb_options: list[str] = []
+
+
+@app.callback()
+def _global_options(
+    tiledb_config: Annotated[
+        list[str] | None,
+        typer.Option("--tiledb-config", metavar="KEY=VALUE", envvar="SCLSTORE_TILEDB_CONFIG",
+                     help="TileDB setting for the store's arrays, repeatable (e.g. vfs.s3.region=eu-west-1); "
+                          "also read from a \\[tiledb] table in sclstore.toml inside or beside the store."),
+    ] = None,
+) -> None:
+    """Layer-wise embedding store for single-cell foundation models: every layer, every cell, computed once."""
+    _tiledb_options[:] = list(tiledb_config or ())
+
+
+def _settings() -> StoreSettings:
+    from sclstore.store.location import parse_tiledb_options
+
+    return StoreSettings(tiledb_config=parse_tiledb_options(_tiledb_options))
+
+
 def _open(store: str, catalog: str | None, *, create: bool = False) -> Store:
-    return open_store(store, catalog, create=create)
+    return open_store(store, catalog, create=create, settings=_settings())
 
 
 # ------------------------------------------------------------------------------ store admin
@@ -88,10 +110,10 @@ def _open(store: str, catalog: str | None, *, create: bool = False) -> Store:
 @handled
 def init(store: StoreOpt = default_store_path(), catalog: CatalogOpt = None, json_out: JsonOpt = False, verbose: VerboseOpt = 0) -> None:
     """Create the store, or upgrade its catalog to the newest schema."""
-    backend = Backend.create(store, catalog)
+    backend = Backend.create(store, catalog, settings=_settings())
     try:
         rev = catalogdb.current_revision(backend.engine)
-        info = {"store": str(backend.root.resolve()), "catalog": catalogdb.redact(backend.catalog_url), "schema": rev}
+        info = {"store": backend.location.uri, "catalog": catalogdb.redact(backend.catalog_url), "schema": rev}
     finally:
         backend.close()
     if json_out:
@@ -111,8 +133,12 @@ def db_upgrade(store: StoreOpt = default_store_path(), catalog: CatalogOpt = Non
 @handled
 def db_current(store: StoreOpt = default_store_path(), catalog: CatalogOpt = None, json_out: JsonOpt = False, verbose: VerboseOpt = 0) -> None:
     """Show the catalog's schema revision and the newest one this sclstore knows."""
-    url = catalog or Backend.default_catalog(Path(store))
-    if catalog is None and not (Path(store) / "sclstore.json").is_file():
+    from sclstore.store.backend import MARKER
+    from sclstore.store.location import StoreLocation
+
+    loc = StoreLocation(store, _settings())
+    url = catalog or Backend.default_catalog(loc)
+    if catalog is None and not loc.is_file(loc.join(MARKER)):
         Backend.open(store, catalog)  # raises the "not a store" error
     engine = catalogdb.make_engine(url)
     try:

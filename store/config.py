@@ -265,6 +265,9 @@ class StoreSettings:
     direct_reads: bool = True
     """Read complete runs straight from their tile files when their layout qualifies
     (:mod:`sclstore.store.tilefile`); ``False`` reads everything through libtiledb."""
+    remote_consolidate_max_bytes: int = 2 * 1024**3
+    """On object storage, a completed run's array up to this size is rewritten as one fragment;
+    a larger one keeps its (disjoint) fragments and only their metadata is consolidated."""
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0 or self.lease_ttl_s <= self.heartbeat_s:
