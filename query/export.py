@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from sclstore.store._translate import catalog_errors
 from sclstore.store.errors import InvalidInputError
 
 from .result import QueryResult, QueryStream, _uns
@@ -257,6 +258,7 @@ def write_result(
     return path
 
 
+@catalog_errors
 def query_to_file(
     backend: Backend, sql: str, out_path: str | os.PathLike[str], *, memory_budget: int | None = None
 ) -> dict[str, Any]:

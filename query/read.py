@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
+from sclstore.store._translate import catalog_errors
 from sclstore.store.errors import QueryTooLargeError
 from sclstore.store.obs import make_categorical
 
@@ -314,6 +315,7 @@ def _prepare(backend: Backend, sql: str) -> QueryPlan:
     return plan
 
 
+@catalog_errors
 def execute_query(backend: Backend, sql: str, *, memory_budget: int | None = None) -> QueryResult:
     """Run a slice query and return its result in memory.
 
@@ -371,6 +373,7 @@ def execute_query(backend: Backend, sql: str, *, memory_budget: int | None = Non
     )
 
 
+@catalog_errors
 def open_query(backend: Backend, sql: str, *, memory_budget: int | None = None) -> QueryResult | QueryStream:
     """Resolve a query's cells without reading embeddings, for streaming to a file.
 

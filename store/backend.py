@@ -40,6 +40,8 @@ from .errors import (
 )
 from .info import DatasetInfo, ModelInfo, RunInfo
 from .lease import Lease, try_acquire
+from .creating import check_empty_or_store, creation_lock, write_marker
+from .readonly import read_only_reason, refuse_write
 from ._translate import translate_errors
 from .models import Dataset, Evaluation, Intermediate, Model, Run, utcnow
 from .obs import build_obs_table, frame_from_rows, infer_obs_schema, obs_rows, obs_table_name
@@ -77,6 +79,8 @@ class Backend:
         # complete runs and registered datasets never change: look them up in the catalog once
         self._complete_runs: dict[int, RunInfo] = {}
         self._datasets: dict[int | str, DatasetInfo] = {}
+        self.read_only: str | None = None
+        """Why this process cannot write the store (``None``: it can); set by :meth:`open`."""
 
     # ------------------------------------------------------------------ opening
     @staticmethod
@@ -90,22 +94,26 @@ class Backend:
         marker = root / MARKER
         if root.exists() and not root.is_dir():
             raise StoreExistsError(f"{root} exists and is not a folder: choose another --store path")
-        if root.is_dir() and not marker.exists() and any(root.iterdir()):
-            raise StoreExistsError(f"{root} is a non-empty folder that is not an sclstore store: choose an empty or new --store path")
+        if marker.is_file():
+            reason = read_only_reason(root, None if catalog else root / "catalog.sqlite")
+            if reason is not None:
+                raise refuse_write(reason)
         url = catalog or cls.default_catalog(root)
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "arrays").mkdir(exist_ok=True)
         try:
-            engine = catalogdb.make_engine(url)
-        except SclstoreError:
-            if not marker.exists():
-                shutil.rmtree(root / "arrays", ignore_errors=True)
-            raise
-        catalogdb.upgrade(engine)
-        if not marker.exists():
-            tmp = root / f".{MARKER}.tmp"
-            tmp.write_text(json.dumps({"format": "sclstore", "version": STORE_FORMAT_VERSION, "created_at": utcnow().isoformat()}))
-            os.replace(tmp, marker)
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreExistsError(f"cannot create store folder {root}: {exc.strerror}; choose a --store path you can write") from None
+        with creation_lock(root):  # concurrent creators of one new store: one at a time
+            check_empty_or_store(root, marker)
+            (root / "arrays").mkdir(exist_ok=True)
+            try:
+                engine = catalogdb.make_engine(url)
+            except SclstoreError:
+                if not marker.exists():
+                    shutil.rmtree(root / "arrays", ignore_errors=True)
+                raise
+            catalogdb.upgrade(engine)
+            write_marker(marker, {"format": "sclstore", "version": STORE_FORMAT_VERSION, "created_at": utcnow().isoformat()})
         return cls(root, url, engine, settings or StoreSettings())
 
     @classmethod
@@ -126,13 +134,18 @@ class Backend:
             msg = f"{root} is not an sclstore store (no {MARKER}): run `sclstore init --store {root}` or pass the right --store"
             raise StoreNotFoundError(msg)
         url = catalog or cls.default_catalog(root)
-        engine = catalogdb.make_engine(url)
+        read_only = read_only_reason(root, None if catalog else root / "catalog.sqlite")
+        engine = catalogdb.make_engine(url, read_only=read_only)
         try:
             catalogdb.check_schema(engine, url)
         except SclstoreError:
             engine.dispose()
             raise
-        return cls(root, url, engine, settings or StoreSettings())
+        backend = cls(root, url, engine, settings or StoreSettings())
+        backend.read_only = read_only
+        if read_only is not None:
+            logger.info("%s: opened for reading only", read_only)
+        return backend
 
     def close(self) -> None:
         self.engine.dispose()

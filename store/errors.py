@@ -12,6 +12,8 @@ __all__ = [
     "StoreNotFoundError",
     "StoreExistsError",
     "CatalogConnectionError",
+    "CatalogBusyError",
+    "ReadOnlyStoreError",
     "SchemaVersionError",
     "InvalidInputError",
     "DatasetError",
@@ -44,6 +46,14 @@ class StoreExistsError(SclstoreError):
 
 class CatalogConnectionError(SclstoreError, ConnectionError):
     """The catalog database cannot be reached or refused the credentials."""
+
+
+class CatalogBusyError(CatalogConnectionError):
+    """The SQLite catalog stayed locked by another process for longer than the busy timeout."""
+
+
+class ReadOnlyStoreError(SclstoreError, PermissionError):
+    """A command would write to a store this user can only read."""
 
 
 class SchemaVersionError(SclstoreError):
