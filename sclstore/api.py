@@ -105,7 +105,10 @@ class Store:
         >>> run = store.ingest("pbmc.h5ad", model="sclstore-tiny")     # doctest: +SKIP
         """
         from sclstore.ingest.pipeline import ingest
+        from sclstore.store.readonly import refuse_write
 
+        if self.backend.read_only is not None:  # before reading any input
+            raise refuse_write(self.backend.read_only)
         config = IngestConfig(model=model, checkpoint=checkpoint, **options)
         return ingest(self.backend, data, config)
 

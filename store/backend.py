@@ -513,6 +513,9 @@ class Backend:
             return None if row is None else dict(row.result)
 
     def put_evaluation(self, run_id: int, task: str, params_hash: str, params: dict[str, Any], result: dict[str, Any]) -> None:
+        if self.read_only is not None:  # the result is still returned; only its cache entry is lost
+            logger.warning("%s: %s result not cached", self.read_only, task)
+            return
         try:
             with catalogdb.write_tx(self.engine) as conn:
                 conn.execute(sa.insert(Evaluation).values(run_id=run_id, task=task, params_hash=params_hash,
@@ -525,6 +528,9 @@ class Backend:
             return s.scalar(sa.select(Intermediate.payload).where(Intermediate.key_hash == key_hash))
 
     def put_intermediate(self, kind: str, key_hash: str, params: dict[str, Any], payload: bytes) -> None:
+        if self.read_only is not None:
+            logger.info("%s: %s intermediate not cached", self.read_only, kind)
+            return
         try:
             with catalogdb.write_tx(self.engine) as conn:
                 conn.execute(sa.insert(Intermediate).values(kind=kind, key_hash=key_hash, params=params,
