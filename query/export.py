@@ -29,14 +29,14 @@ import numpy as np
 import pandas as pd
 
 from sclstore.store._translate import catalog_errors
-from sclstore.store.errors import InvalidInputError
+from sclstore.store.errors import InvalidInputError, OutputError
 
 from .result import QueryResult, QueryStream, _uns
 
 if TYPE_CHECKING:
     from .plan import Backend
 
-__all__ = ["FORMATS", "write_result", "query_to_file"]
+__all__ = ["FORMATS", "write_result", "query_to_file", "check_output"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +58,21 @@ def _shape(res: QueryResult | QueryStream) -> tuple[int, int, int]:
 
 
 def _write_npy(res: QueryResult | QueryStream, path: Path, chunk: int) -> None:
+    # plain sequential writes (blocks arrive layer by layer, rows in order = C order): a full
+    # disk is an ordinary OSError here, never the SIGBUS of a memory-mapped write
     _need_embeddings(res, ".npy")
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=_shape(res))
-    for i, lo, block in res.iter_blocks(chunk_cells=chunk):
-        out[i, lo : lo + block.shape[0]] = block
-    out.flush()
-    del out
+    shape = _shape(res)
+    written = 0
+    with open(path, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, _npy_header(shape))
+        for _, _, block in res.iter_blocks(chunk_cells=chunk):
+            data = np.ascontiguousarray(block, dtype=np.float32)
+            fh.write(data.tobytes())
+            written += data.size
+        fh.flush()
+        os.fsync(fh.fileno())
+    if written != shape[0] * shape[1] * shape[2]:  # pragma: no cover - a reader bug, not user input
+        raise RuntimeError(f"wrote {written} values for an array of shape {shape}")
 
 
 def _text_array(values: pd.Series) -> np.ndarray:
@@ -114,6 +123,8 @@ def _write_h5ad(res: QueryResult | QueryStream, path: Path, chunk: int) -> None:
     obs.index = obs.index.astype(str)
     if not obs.index.is_unique:
         obs.index = pd.Index([f"{name}-{i}" for i, name in enumerate(obs.index)])
+    if any(not str(c) for c in obs.columns):  # h5ad cannot hold an unnamed column (older catalogs allowed one)
+        obs = obs.rename(columns={c: "unnamed" for c in obs.columns if not str(c)})
     if res.cell_idx is not None and "cell_idx" not in obs:
         obs["cell_idx"] = np.asarray(res.cell_idx, dtype=np.int64)
     if res.counts is not None and "count" not in obs:
@@ -208,8 +219,28 @@ FORMATS: dict[str, Callable[[QueryResult | QueryStream, Path, int], None]] = {
 }
 
 
+def check_output(path: Path, *, overwrite: bool) -> None:
+    """Refuse an output path that is a folder, sits in a missing folder, or exists (unless ``overwrite``).
+
+    Raises
+    ------
+    OutputError
+        Naming the path and the fix (``--force`` to replace an existing file).
+    """
+    if path.is_dir():
+        raise OutputError(f"output {str(path)!r} is a folder: name a file inside it, e.g. {str(path / ('result' + path.suffix))!r}")
+    if not path.parent.is_dir():
+        raise OutputError(f"folder {str(path.parent)!r} does not exist: create it first")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise OutputError(f"output {str(path)!r} already exists: pass --force (overwrite=True) to replace it, or choose another name")
+
+
 def write_result(
-    result: QueryResult | QueryStream, out_path: str | os.PathLike[str], *, chunk_cells: int = DEFAULT_CHUNK_CELLS
+    result: QueryResult | QueryStream,
+    out_path: str | os.PathLike[str],
+    *,
+    chunk_cells: int = DEFAULT_CHUNK_CELLS,
+    overwrite: bool = False,
 ) -> Path:
     """Write a query result (or stream) to a file; the extension picks the format.
 
@@ -222,6 +253,8 @@ def write_result(
         (see the module docstring for the layout of each).
     chunk_cells
         Rows per block while streaming.
+    overwrite
+        Replace an existing file (the CLI's ``--force``); by default an existing file is refused.
 
     Returns
     -------
@@ -232,6 +265,9 @@ def write_result(
     ------
     InvalidInputError
         For an unknown extension, or a format that needs embeddings when none are selected.
+    OutputError
+        If the target is a folder or exists (without ``overwrite``), or writing fails (e.g.
+        the disk is full); no partial file is left.
 
     Examples
     --------
@@ -245,12 +281,16 @@ def write_result(
         raise InvalidInputError(msg)
     if chunk_cells < 1:
         raise InvalidInputError(f"chunk_cells must be >= 1, got {chunk_cells}")
-    if path.parent and not path.parent.exists():
-        raise InvalidInputError(f"folder {str(path.parent)!r} does not exist: create it first")
+    check_output(path, overwrite=overwrite)
+    # a temporary file in the target folder, renamed into place only when complete
     tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}{suffix}")
     try:
         writer(result, tmp, chunk_cells)
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        reason = exc.strerror or str(exc).splitlines()[0]
+        raise OutputError(f"cannot write {str(path)!r}: {reason}; free space or choose another folder (nothing was written)") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -260,9 +300,12 @@ def write_result(
 
 @catalog_errors
 def query_to_file(
-    backend: Backend, sql: str, out_path: str | os.PathLike[str], *, memory_budget: int | None = None
+    backend: Backend, sql: str, out_path: str | os.PathLike[str], *, memory_budget: int | None = None, overwrite: bool = False
 ) -> dict[str, Any]:
     """Run a query and stream its result into ``out_path`` (no memory budget on cell data).
+
+    The output path is checked (see :func:`check_output`) before any work; ``overwrite``
+    replaces an existing file.
 
     Returns
     -------
@@ -279,6 +322,7 @@ def query_to_file(
     suffix = Path(out_path).suffix.lower()
     if suffix not in FORMATS:  # fail before any work
         raise InvalidInputError(f"unknown output extension {suffix or '(none)'!r}; use one of {', '.join(FORMATS)}")
+    check_output(Path(out_path).expanduser(), overwrite=overwrite)
     res = open_query(backend, sql, memory_budget=memory_budget)
-    path = write_result(res, out_path)
+    path = write_result(res, out_path, overwrite=overwrite)
     return {**res.summary(), "path": str(path)}

@@ -18,6 +18,7 @@ __all__: list[str] = []
 def query(
     sql: Annotated[str, typer.Argument(help='e.g. "SELECT * FROM embeddings WHERE run = 1 AND layer = 3"')],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write .h5ad, .npy, .npz, .parquet or .csv.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the -o file if it exists.")] = False,
     store: StoreOpt = default_store_path(),
     catalog: CatalogOpt = None,
     json_out: JsonOpt = False,
@@ -28,7 +29,7 @@ def query(
 
     with _open(store, catalog) as st:
         if output is not None:
-            summary = query_to_file(st.backend, sql, output)
+            summary = query_to_file(st.backend, sql, output, overwrite=force)
         else:
             summary = st.query(sql).summary()
     if json_out:

@@ -40,11 +40,19 @@ from .errors import (
 )
 from .info import DatasetInfo, ModelInfo, RunInfo
 from .lease import Lease, try_acquire
-from .creating import check_empty_or_store, creation_lock, write_marker
+from .creating import check_empty_or_store, check_store_path, creation_lock, write_marker
 from .readonly import read_only_reason, refuse_write
 from ._translate import translate_errors
 from .models import Dataset, Evaluation, Intermediate, Model, Run, utcnow
-from .obs import build_obs_table, frame_from_rows, infer_obs_schema, obs_rows, obs_table_name
+from .obs import (
+    build_obs_table,
+    check_obs_width,
+    frame_from_rows,
+    infer_obs_schema,
+    obs_rows,
+    obs_table_name,
+    unindexable_columns,
+)
 
 __all__ = ["Backend", "MARKER", "cache_key"]
 
@@ -92,6 +100,7 @@ class Backend:
         """Create a store (or open an existing one) and bring its catalog to the newest schema."""
         root = Path(path).expanduser()
         marker = root / MARKER
+        check_store_path(root)
         if root.exists() and not root.is_dir():
             raise StoreExistsError(f"{root} exists and is not a folder: choose another --store path")
         if marker.is_file():
@@ -130,6 +139,7 @@ class Backend:
             If the catalog database cannot be reached.
         """
         root = Path(path).expanduser()
+        check_store_path(root)
         if not (root / MARKER).is_file():
             msg = f"{root} is not an sclstore store (no {MARKER}): run `sclstore init --store {root}` or pass the right --store"
             raise StoreNotFoundError(msg)
@@ -200,6 +210,7 @@ class Backend:
         if obs.shape[0] == 0:
             raise DatasetError("the dataset has no cells: nothing to ingest")
         schema = infer_obs_schema(obs)
+        check_obs_width(len(schema), self.engine.dialect.name)
         missing = [c for c in cluster_by if c not in set(map(str, obs.columns))]
         if missing:
             msg = f"--cluster-by column(s) {missing} not in obs; obs columns are: {', '.join(map(str, obs.columns))}"
@@ -210,7 +221,7 @@ class Backend:
         else:
             order = np.arange(obs.shape[0])
         tname = obs_table_name(content_hash)
-        table = build_obs_table(tname, schema, sa.MetaData())
+        table = build_obs_table(tname, schema, sa.MetaData(), unindexed=unindexable_columns(obs, schema))
         try:
             with catalogdb.write_tx(self.engine) as conn:
                 if conn.execute(sa.select(Dataset.id).where(Dataset.content_hash == content_hash)).first() is not None:

@@ -17,9 +17,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from .errors import StoreExistsError
+from .errors import StoreExistsError, StoreNotFoundError
 
-__all__ = ["LOCK_NAME", "creation_lock", "check_empty_or_store", "write_marker", "migration_lock", "MIGRATION_LOCK_KEY"]
+__all__ = ["check_store_path", "LOCK_NAME", "creation_lock", "check_empty_or_store", "write_marker", "migration_lock", "MIGRATION_LOCK_KEY"]
 
 LOCK_NAME = ".sclstore.lock"
 """Lock file inside the store folder (taken while creating or upgrading the store)."""
@@ -44,6 +44,16 @@ def creation_lock(root: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def check_store_path(root: Path) -> None:
+    """Refuse a ``--store`` that is a symbolic link to nothing (a dangling link)."""
+    if root.is_symlink() and not root.exists():
+        msg = (
+            f"--store {root} is a symbolic link to {os.readlink(root)!r}, which does not exist: "
+            "create the folder it points to, fix the link, or pass another --store"
+        )
+        raise StoreNotFoundError(msg)
 
 
 def check_empty_or_store(root: Path, marker: Path) -> None:

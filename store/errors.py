@@ -14,6 +14,7 @@ __all__ = [
     "CatalogConnectionError",
     "CatalogBusyError",
     "ReadOnlyStoreError",
+    "OutputError",
     "SchemaVersionError",
     "InvalidInputError",
     "DatasetError",
@@ -62,6 +63,10 @@ class SchemaVersionError(SclstoreError):
 
 class InvalidInputError(SclstoreError, ValueError):
     """An argument or input file is not valid."""
+
+
+class OutputError(InvalidInputError, OSError):
+    """An output file cannot be written (exists, is a folder, disk full, no permission)."""
 
 
 class DatasetError(InvalidInputError):
