@@ -487,7 +487,7 @@ class Backend:
         try:
             self._owned_update(lease, status="failed", error=error[:2000], lease_owner=None, lease_host=None, lease_pid=None)
         except (LeaseHeldError, sa.exc.SQLAlchemyError) as exc:
-            logger.warning("could not mark run %s failed: %s", run.id, exc)
+            logger.warning("could not mark run %s failed: %s", run.id, catalogdb.first_line(exc))
         lease.release()
 
     def open_reader(self, run: int | RunInfo) -> arrays.ArrayReader:

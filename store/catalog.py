@@ -148,7 +148,6 @@ def make_engine(url: str, *, read_only: str | None = None) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     else:
-        quiet_driver_warnings()
         kwargs["pool_pre_ping"] = True
         kwargs["connect_args"] = {"connect_timeout": 10}
         engine = sa.create_engine(u, **kwargs)
@@ -184,16 +183,6 @@ def is_locked(exc: BaseException) -> bool:
     """Whether a driver error is SQLite's "database is locked" / "database table is locked"."""
     text = str(getattr(exc, "orig", None) or exc).lower()
     return "database is locked" in text or "database table is locked" in text
-
-
-def quiet_driver_warnings() -> None:
-    """Route psycopg's connection-attempt warnings (one per address tried) to logging, so an
-    outage prints one line (the translated error), not a screen of warnings."""
-    logging.captureWarnings(True)
-    for name in ("psycopg", "psycopg.pool", "py.warnings"):
-        lg = logging.getLogger(name)
-        if not lg.handlers and lg.level == logging.NOTSET:
-            lg.setLevel(logging.ERROR)
 
 
 @contextlib.contextmanager
