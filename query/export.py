@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -219,6 +220,18 @@ FORMATS: dict[str, Callable[[QueryResult | QueryStream, Path, int], None]] = {
 }
 
 
+def _write_failure(exc: BaseException) -> str | None:
+    """The reason of a failed file write (disk full, no permission, I/O error), or None for
+    anything else. HDF5 reports a full disk as a RuntimeError naming errno 28."""
+    if isinstance(exc, OSError):
+        return exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0]
+    if isinstance(exc, RuntimeError):
+        match = re.search(r"errno = (\d+)", str(exc))
+        if match:
+            return os.strerror(int(match.group(1)))
+    return None
+
+
 def check_output(path: Path, *, overwrite: bool) -> None:
     """Refuse an output path that is a folder, sits in a missing folder, or exists (unless ``overwrite``).
 
@@ -287,13 +300,12 @@ def write_result(
     try:
         writer(result, tmp, chunk_cells)
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        reason = exc.strerror or str(exc).splitlines()[0]
+        reason = _write_failure(exc)
+        if reason is None:
+            raise
         raise OutputError(f"cannot write {str(path)!r}: {reason}; free space or choose another folder (nothing was written)") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     logger.info("wrote %s (%s)", path, suffix)
     return path
 
