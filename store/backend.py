@@ -108,6 +108,7 @@ class Backend:
             if reason is not None:
                 raise refuse_write(reason)
         url = catalog or cls.default_catalog(root)
+        catalogdb.parse_url(url)  # a bad URL is refused before anything is created
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

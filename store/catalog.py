@@ -36,6 +36,7 @@ __all__ = [
     "check_models_match",
     "write_tx",
     "redact",
+    "parse_url",
     "busy_timeout_s",
     "locked_message",
     "first_line",
@@ -58,6 +59,18 @@ def redact(url: str | URL) -> str:
         return u.render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - only for messages
         return "<catalog url>"
+
+
+def parse_url(url: str) -> URL:
+    """Parse and check a catalog URL (``postgresql://`` becomes ``postgresql+psycopg://``).
+
+    Raises
+    ------
+    InvalidInputError
+        If it does not parse (the text is not echoed: it may hold a password) or names an
+        unsupported database.
+    """
+    return _normalise(url)
 
 
 def _normalise(url: str) -> URL:
