@@ -24,6 +24,9 @@ def translate_catalog_error(exc: sa.exc.SQLAlchemyError) -> SclstoreError:
         return CatalogBusyError(locked_message("sqlite catalog", busy_timeout_s()))
     if "readonly database" in reason or "read-only transaction" in reason:
         return refuse_write("the catalog is read-only for this user")
+    if "no such table" in reason or "no such column" in reason or ("relation" in reason and "does not exist" in reason):
+        msg = f"the catalog lacks a table or column it should have ({reason}): run `sclstore db upgrade`, then `sclstore verify`"
+        return SclstoreError(msg)
     if isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)):
         msg = f"catalog database error: {reason}; check that the catalog database is up and reachable, then retry"
         return CatalogConnectionError(msg)
