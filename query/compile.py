@@ -18,7 +18,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.compiler import compiles
@@ -193,7 +193,7 @@ class _Paren(ColumnElement[bool]):
 
     inherit_cache = True
     type = sa.Boolean()
-    _traverse_internals = [("inner", InternalTraversal.dp_clauseelement)]
+    _traverse_internals: ClassVar[list[tuple[str, Any]]] = [("inner", InternalTraversal.dp_clauseelement)]
 
     def __init__(self, inner: ColumnElement[bool]) -> None:
         self.inner = inner

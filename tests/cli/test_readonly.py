@@ -145,7 +145,7 @@ def test_uncached_eval_by_a_reader_computes_without_caching(shared_store: tuple[
 
 def test_store_in_use_by_its_owner_is_readable(shared_store: tuple[Path, int, np.ndarray]) -> None:
     """The owner has the catalog open (-wal and -shm exist, not writable by the reader)."""
-    root, run_id, layers = shared_store
+    root, run_id, _ = shared_store
     owner = sqlite3.connect(root / "catalog.sqlite")
     try:
         owner.execute("SELECT count(*) FROM runs").fetchall()

@@ -32,7 +32,7 @@ def test_flat_or_of_a_thousand_terms_parses_flat() -> None:
 
 
 def test_deep_parentheses_are_still_refused() -> None:
-    with pytest.raises(InvalidQueryError, match="nested too deeply|cannot parse"):
+    with pytest.raises(InvalidQueryError, match=r"nested too deeply|cannot parse"):
         parse_query("SELECT * FROM embeddings WHERE " + "(" * 3000 + "run = 1" + ")" * 3000)
 
 

@@ -225,7 +225,7 @@ def test_wide_obs(tmp_path: Path, catalog_url: str | None) -> None:
     before = store_snapshot(tmp_path / "s", catalog_url)
     most = 1997 if catalog_url is None else 1597
     with Backend.open(tmp_path / "s", catalog_url) as b:
-        with pytest.raises(DatasetError, match=f"obs has 2000 columns; a (sqlite|postgresql) catalog holds at most {most} per dataset"):
+        with pytest.raises(DatasetError, match=rf"obs has 2000 columns; a (sqlite|postgresql) catalog holds at most {most} per dataset"):
             b.register_dataset(name="wide", content_hash="w" * 64, obs=wide, n_vars=3, source_path=None)
     assert store_snapshot(tmp_path / "s", catalog_url) == before
     with Backend.open(tmp_path / "s", catalog_url) as b:
@@ -258,7 +258,7 @@ def test_four_processes_create_one_new_store(tmp_path: Path, catalog_url: str | 
     procs = [subprocess.Popen([sys.executable, str(script), str(store), catalog_url or "-", str(start)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
     results = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, results):
+    for p, (out, err) in zip(procs, results, strict=True):
         assert p.returncode == 0, err
         assert out.strip() == "0"
     assert json.loads((store / "sclstore.json").read_text())["format"] == "sclstore"
