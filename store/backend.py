@@ -49,7 +49,7 @@ from .obs import (
     check_obs_width,
     frame_from_rows,
     infer_obs_schema,
-    obs_rows,
+    insert_obs,
     obs_table_name,
     unindexable_columns,
 )
@@ -58,6 +58,31 @@ __all__ = ["Backend", "MARKER", "cache_key"]
 
 logger = logging.getLogger(__name__)
 MARKER = "sclstore.json"
+
+
+def stores_below(root: Path, depth: int = 2, limit: int = 200) -> list[Path]:
+    """Stores in subfolders of ``root`` (at most ``depth`` levels, ``limit`` folders looked at),
+    for the hint when ``--store`` names a folder above a store."""
+    found: list[Path] = []
+    level = [root]
+    seen = 0
+    for _ in range(depth):
+        nxt: list[Path] = []
+        for folder in level:
+            try:
+                children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+            except OSError:
+                continue
+            for child in children:
+                seen += 1
+                if seen > limit:
+                    return found
+                if (child / MARKER).is_file():
+                    found.append(child)
+                else:
+                    nxt.append(child)
+        level = nxt
+    return found
 STORE_FORMAT_VERSION = 1
 
 
@@ -114,7 +139,13 @@ class Backend:
         except OSError as exc:
             raise StoreExistsError(f"cannot create store folder {root}: {exc.strerror}; choose a --store path you can write") from None
         with creation_lock(root):  # concurrent creators of one new store: one at a time
-            check_empty_or_store(root, marker)
+            try:
+                check_empty_or_store(root, marker)
+            except StoreExistsError:
+                inside = stores_below(root)
+                if inside:
+                    raise StoreExistsError(f"{root} is not an sclstore store, but {inside[0]} is: pass --store {inside[0]}") from None
+                raise
             (root / "arrays").mkdir(exist_ok=True)
             try:
                 engine = catalogdb.make_engine(url)
@@ -142,7 +173,12 @@ class Backend:
         root = Path(path).expanduser()
         check_store_path(root)
         if not (root / MARKER).is_file():
-            msg = f"{root} is not an sclstore store (no {MARKER}): run `sclstore init --store {root}` or pass the right --store"
+            inside = stores_below(root)
+            if inside:
+                more = f" (and {len(inside) - 1} more)" if len(inside) > 1 else ""
+                msg = f"{root} is not an sclstore store, but {inside[0]} is{more}: pass --store {inside[0]}"
+            else:
+                msg = f"{root} is not an sclstore store (no {MARKER}): run `sclstore init --store {root}` or pass the right --store"
             raise StoreNotFoundError(msg)
         url = catalog or cls.default_catalog(root)
         read_only = read_only_reason(root, None if catalog else root / "catalog.sqlite")
@@ -231,9 +267,7 @@ class Backend:
                 if taken is not None:
                     msg = f"dataset name {name!r} is already used by other data: pass another --name"
                     raise DatasetError(msg)
-                table.create(conn)
-                for rows in obs_rows(obs, schema, order):
-                    conn.execute(table.insert(), rows)
+                insert_obs(conn, table, obs, schema, order)
                 conn.execute(
                     sa.insert(Dataset).values(
                         name=name,
