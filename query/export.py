@@ -430,7 +430,9 @@ def query_to_file(
     suffix = Path(out_path).suffix.lower()
     if suffix not in FORMATS:  # fail before any work
         raise InvalidInputError(f"unknown output extension {suffix or '(none)'!r}; use one of {', '.join(FORMATS)}")
-    check_output(Path(out_path).expanduser(), overwrite=overwrite)
+    target = Path(out_path).expanduser()
+    if into is None or target.resolve() != Path(into).expanduser().resolve():  # --into names its own clash
+        check_output(target, overwrite=overwrite)
     res = open_query(backend, sql, memory_budget=memory_budget)
     if into is not None:
         from .attach import write_into
