@@ -37,8 +37,19 @@ class Store:
     # ---------------------------------------------------------------- lifecycle
     @property
     def path(self) -> Path:
-        """The store folder."""
+        """The local store folder.
+
+        Raises
+        ------
+        InvalidInputError
+            For a store on object storage (use :attr:`uri`).
+        """
         return self.backend.root
+
+    @property
+    def uri(self) -> str:
+        """The store's location: an absolute folder path or a URI such as ``s3://bucket/prefix``."""
+        return self.backend.location.uri
 
     @property
     def catalog_url(self) -> str:
@@ -55,7 +66,7 @@ class Store:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Store({str(self.path)!r})"
+        return f"Store({self.uri!r})"
 
     # ---------------------------------------------------------------- contents
     def datasets(self) -> list[DatasetInfo]:
@@ -257,6 +268,46 @@ class Store:
 
         return evaluate_perturbation(self.backend, run, **options)
 
+    def evaluate(self, task: str, run: int | str, **options: Any) -> Any:
+        """Score every stored layer of a run on any registered task.
+
+        Parameters
+        ----------
+        task
+            ``trajectory``, ``perturbation``, ``diagnostics``, ``celltype`` or a plugin's task
+            (entry-point group ``sclstore.tasks``).
+        run
+            Run id or ``dataset/model``.
+        **options
+            Fields of the task's config (e.g. ``label_key="cell_type"``), ``n_jobs``,
+            ``progress``, and ``counts_path``.
+
+        Returns
+        -------
+        EvalReport
+            Cached in the catalog; a repeated identical call reads no embedding.
+        """
+        from sclstore.eval.runner import run_task
+
+        return run_task(self.backend, run, task, **options)
+
+    def evaluations(self, run: int | str | None = None) -> list[dict[str, Any]]:
+        """Cached evaluations (of one run, or all): id, run, task, parameters, created time."""
+        run_id = self.backend.get_run(run).id if run is not None else None
+        return self.backend.list_evaluations(run_id)
+
+    def evaluation(self, evaluation_id: int) -> Any:
+        """One cached evaluation, reloaded as an :class:`~sclstore.eval.report.EvalReport`."""
+        from sclstore.eval.report import EvalReport
+
+        return EvalReport.from_json(self.backend.get_evaluation_by_id(evaluation_id), cached=True)
+
+    def report(self, run: int | str, out_html: str | os.PathLike[str]) -> Path:
+        """Write a self-contained HTML report of every cached evaluation of a run (no Python needed to read it)."""
+        from sclstore.eval.html import write_run_report
+
+        return write_run_report(self, self.backend.get_run(run), out_html)
+
 
 def open_store(
     path: str | os.PathLike[str] | None = None,
@@ -270,12 +321,16 @@ def open_store(
     Parameters
     ----------
     path
-        Store folder; default ``$SCLSTORE_STORE`` or ``./sclstore-data``.
+        Store folder or URI (``s3://bucket/prefix``, any TileDB VFS scheme); default
+        ``$SCLSTORE_STORE`` or ``./sclstore-data``. A remote store needs ``catalog``.
     catalog
         SQLAlchemy URL of the catalog; default ``$SCLSTORE_CATALOG`` or an SQLite file inside
         the store. ``postgresql+psycopg://user:pass@host/db`` for a shared lab store.
     create
         Create the store if ``path`` does not hold one yet.
+    settings
+        Process-level knobs; ``settings.tiledb_config`` (endpoint, region, credentials, ...)
+        goes over ``sclstore.toml``'s ``[tiledb]`` table inside or beside the store.
 
     Raises
     ------
@@ -286,7 +341,7 @@ def open_store(
     CatalogConnectionError
         If the catalog cannot be reached.
     """
-    root = Path(path if path is not None else default_store_path())
+    root = os.fspath(path if path is not None else default_store_path())
     url = catalog if catalog is not None else default_catalog()
     if create:
         try:

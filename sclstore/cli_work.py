@@ -97,21 +97,16 @@ def _print_hints(summary: dict[str, Any]) -> None:
 
 
 def _print_eval(result: Any, json_out: bool, plot: Path | None) -> None:
-    if plot is not None:
-        result.plot(plot)
-    if json_out:
-        emit_json(result.to_json())
-        return
-    out.print(result.rich_table())
-    for line in result.headline():
-        out.print(line, markup=False)
-    if plot is not None:
-        err.print(f"plot written to {plot}", markup=False)
+    from sclstore.cli_eval import print_eval
+
+    print_eval(result, json_out, plot)
 
 
 PoolOpt = Annotated[str | None, typer.Option("--pool", help="Pool to score (default: the run's first).")]
 BootOpt = Annotated[int, typer.Option("--bootstrap", help="Resamples for confidence intervals.")]
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Write a score-vs-depth PNG.")]
+JobsOpt = Annotated[int, typer.Option("--jobs", "-j", help="Worker processes over layers and DE fits (capped by the CPUs this process may use).")]
+ProtocolOpt = Annotated[str, typer.Option("--protocol", help="default, or paper: the authors' exact choices (README, Evaluation).")]
 
 
 @eval_app.command("trajectory")
@@ -123,7 +118,12 @@ def eval_trajectory(
     n_neighbors: Annotated[int, typer.Option("--n-neighbors", help="kNN graph size for diffusion pseudotime.")] = 30,
     pool: PoolOpt = None,
     bootstrap: BootOpt = 20,
+    jobs: JobsOpt = 1,
     plot: PlotOpt = None,
+    protocol: ProtocolOpt = "default",
+    standardize: Annotated[bool, typer.Option("--standardize", help="Z-score every embedding coordinate first.")] = False,
+    roots: Annotated[int, typer.Option("--roots", help="Random earliest-time roots for the root-sensitivity report.")] = 5,
+    knn: Annotated[str, typer.Option("--knn", help="auto (exact up to 8,192 cells, pynndescent above), exact or approx.")] = "auto",
     store: StoreOpt = default_store_path(),
     catalog: CatalogOpt = None,
     json_out: JsonOpt = False,
@@ -132,7 +132,8 @@ def eval_trajectory(
     """Score every stored layer on trajectory inference (DPT vs ground-truth time)."""
     with _open(store, catalog) as st:
         res = st.evaluate_trajectory(run, pseudotime_key=pseudotime_key, root_cell=root_cell, pool=pool, n_subsamples=bootstrap,
-                                     n_neighbors=n_neighbors)
+                                     n_neighbors=n_neighbors, protocol=protocol, standardize=standardize, n_roots=roots,
+                                     knn=knn, n_jobs=jobs, progress=not json_out)
     _print_eval(res, json_out, plot)
 
 
@@ -148,7 +149,12 @@ def eval_perturbation(
     permutations: Annotated[int, typer.Option("--permutations", help="Permutations of the RSA test.")] = 999,
     pool: PoolOpt = None,
     bootstrap: BootOpt = 200,
+    jobs: JobsOpt = 1,
     plot: PlotOpt = None,
+    protocol: ProtocolOpt = "default",
+    same_cells: Annotated[bool, typer.Option("--same-cells", help="DE and centroids from the same cells (leak-prone; "
+                                                                   "default: cross-fitted halves).")] = False,
+    splits: Annotated[int, typer.Option("--splits", help="Cross-fitting splits averaged.")] = 1,
     store: StoreOpt = default_store_path(),
     catalog: CatalogOpt = None,
     json_out: JsonOpt = False,
@@ -157,7 +163,9 @@ def eval_perturbation(
     """Score every stored layer on perturbation response (RSA vs DE), per condition."""
     with _open(store, catalog) as st:
         res = st.evaluate_perturbation(run, perturbation_key=perturbation_key, control=control, condition_key=condition_key,
-                                       replicate_key=replicate_key, de_mode=de, pool=pool, n_boot=bootstrap, n_perm=permutations)
+                                       replicate_key=replicate_key, de_mode=de, pool=pool, n_boot=bootstrap, n_perm=permutations,
+                                       protocol=protocol, crossfit=False if same_cells else None, n_splits=splits,
+                                       n_jobs=jobs, progress=not json_out)
     _print_eval(res, json_out, plot)
 
 

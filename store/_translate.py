@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 import tiledb
 
-from .errors import ArrayError, CatalogBusyError, CatalogConnectionError, SclstoreError
+from .errors import ArrayError, CatalogBusyError, CatalogConnectionError, CatalogDamagedError, SclstoreError
 
 __all__ = ["translate_errors", "translate_catalog_error", "catalog_errors"]
 
@@ -24,9 +24,10 @@ def translate_catalog_error(exc: sa.exc.SQLAlchemyError) -> SclstoreError:
         return CatalogBusyError(locked_message("sqlite catalog", busy_timeout_s()))
     if "readonly database" in reason or "read-only transaction" in reason:
         return refuse_write("the catalog is read-only for this user")
-    if "no such table" in reason or "no such column" in reason or ("relation" in reason and "does not exist" in reason):
-        msg = f"the catalog lacks a table or column it should have ({reason}): run `sclstore db upgrade`, then `sclstore verify`"
-        return SclstoreError(msg)
+    low = reason.lower()
+    if "no such table" in low or "no such column" in low or ("does not exist" in low and ("relation" in low or "column" in low)):
+        msg = f"the catalog is damaged ({reason}): restore it from a backup, or re-ingest the dataset into a new store"
+        return CatalogDamagedError(msg)
     if isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)):
         msg = f"catalog database error: {reason}; check that the catalog database is up and reachable, then retry"
         return CatalogConnectionError(msg)

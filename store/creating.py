@@ -27,7 +27,7 @@ MIGRATION_LOCK_KEY = 0x5C15_70E0
 """PostgreSQL advisory lock key held while migrating a catalog."""
 
 # files a half-made or concurrently made store may already hold; anything else is the user's
-_OWN = {LOCK_NAME, "arrays", "catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm", "catalog.sqlite-journal"}
+_OWN = {LOCK_NAME, "sclstore.toml", "arrays", "catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm", "catalog.sqlite-journal"}
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ __all__ = [
     "CatalogBusyError",
     "ReadOnlyStoreError",
     "OutputError",
+    "CatalogDamagedError",
     "SchemaVersionError",
     "InvalidInputError",
     "DatasetError",
@@ -55,6 +56,10 @@ class CatalogBusyError(CatalogConnectionError):
 
 class ReadOnlyStoreError(SclstoreError, PermissionError):
     """A command would write to a store this user can only read."""
+
+
+class CatalogDamagedError(SclstoreError):
+    """The catalog lacks a table or column it should hold (e.g. a dataset's obs table was dropped)."""
 
 
 class SchemaVersionError(SclstoreError):
