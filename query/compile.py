@@ -18,10 +18,12 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import sqlalchemy as sa
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from sclstore.store.errors import InvalidQueryError
 
@@ -182,6 +184,35 @@ def _like(col: BoundColumn, pred: Like, dialect: str) -> ColumnElement[bool]:
     return col.sql.like(sa.literal(like, sa.String()), escape="\\")  # type: ignore[no-any-return]
 
 
+_FLAT_TERMS = 64
+"""Longest run of terms joined by one AND/OR in the SQL; longer chains become nested groups."""
+
+
+class _Paren(ColumnElement[bool]):
+    """A boolean expression rendered inside parentheses, always (SQLAlchemy flattens nested
+    AND/OR lists of one operator, which would undo the grouping)."""
+
+    inherit_cache = True
+    type = sa.Boolean()
+    _traverse_internals: ClassVar[list[tuple[str, Any]]] = [("inner", InternalTraversal.dp_clauseelement)]
+
+    def __init__(self, inner: ColumnElement[bool]) -> None:
+        self.inner = inner
+
+
+@compiles(_Paren)
+def _compile_paren(element: _Paren, compiler: Any, **kw: Any) -> str:
+    return "(" + compiler.process(element.inner, **kw) + ")"
+
+
+def _balanced(join: Any, parts: list[ColumnElement[bool]]) -> ColumnElement[bool]:
+    """``a OR b OR ...`` as nested parenthesised groups of at most :data:`_FLAT_TERMS` terms:
+    databases parse a flat chain left-deep, and SQLite refuses expressions deeper than 1,000."""
+    while len(parts) > _FLAT_TERMS:
+        parts = [_Paren(join(*parts[i : i + _FLAT_TERMS])) for i in range(0, len(parts), _FLAT_TERMS)]
+    return join(*parts)  # type: ignore[no-any-return]
+
+
 def compile_predicate(
     pred: Predicate, columns: Mapping[str, BoundColumn], *, dialect: str = "sqlite"
 ) -> ColumnElement[bool]:
@@ -209,10 +240,9 @@ def compile_predicate(
         For an unknown column, a value of the wrong kind or an operator the column's kind does
         not support.
     """
-    if isinstance(pred, And):
-        return sa.and_(*(compile_predicate(p, columns, dialect=dialect) for p in pred.items))
-    if isinstance(pred, Or):
-        return sa.or_(*(compile_predicate(p, columns, dialect=dialect) for p in pred.items))
+    if isinstance(pred, (And, Or)):
+        parts = [compile_predicate(p, columns, dialect=dialect) for p in pred.items]
+        return _balanced(sa.and_ if isinstance(pred, And) else sa.or_, parts)
     if isinstance(pred, Not):
         return sa.not_(compile_predicate(pred.item, columns, dialect=dialect))
     col = resolve_column(pred.column, columns, "WHERE")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,14 +31,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from sclstore.store.errors import InvalidInputError
+from sclstore.store._translate import catalog_errors
+from sclstore.store.errors import InvalidInputError, OutputError
 
 from .result import QueryResult, QueryStream, _uns
 
 if TYPE_CHECKING:
     from .plan import Backend
 
-__all__ = ["FORMATS", "ROW_FORMATS", "write_result", "write_rows", "query_to_file"]
+__all__ = ["FORMATS", "ROW_FORMATS", "write_result", "write_rows", "query_to_file", "check_output"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +64,21 @@ def _shape(res: QueryResult | QueryStream) -> tuple[int, int, int]:
 
 
 def _write_npy(res: QueryResult | QueryStream, path: Path, chunk: int) -> None:
+    # plain sequential writes (blocks arrive layer by layer, rows in order = C order): a full
+    # disk is an ordinary OSError here, never the SIGBUS of a memory-mapped write
     _need_embeddings(res, ".npy")
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=_shape(res))
-    for i, lo, block in res.iter_blocks(chunk_cells=chunk):
-        out[i, lo : lo + block.shape[0]] = block
-    out.flush()
-    del out
+    shape = _shape(res)
+    written = 0
+    with open(path, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, _npy_header(shape))
+        for _, _, block in res.iter_blocks(chunk_cells=chunk):
+            data = np.ascontiguousarray(block, dtype=np.float32)
+            fh.write(data.tobytes())
+            written += data.size
+        fh.flush()
+        os.fsync(fh.fileno())
+    if written != shape[0] * shape[1] * shape[2]:  # pragma: no cover - a reader bug, not user input
+        raise RuntimeError(f"wrote {written} values for an array of shape {shape}")
 
 
 def _text_array(values: pd.Series) -> np.ndarray:
@@ -140,6 +151,8 @@ def _write_h5ad(res: QueryResult | QueryStream, path: Path, chunk: int, counts_f
     obs.index = obs.index.astype(str)
     if not obs.index.is_unique:
         obs.index = pd.Index([f"{name}-{i}" for i, name in enumerate(obs.index)])
+    if any(not str(c) for c in obs.columns):  # h5ad cannot hold an unnamed column (older catalogs allowed one)
+        obs = obs.rename(columns={c: "unnamed" for c in obs.columns if not str(c)})
     for name, values in res._index_columns().items():
         obs[name] = values
     if res.counts is not None and "count" not in obs:
@@ -275,6 +288,32 @@ FORMATS: dict[str, Callable[[QueryResult | QueryStream, Path, int], None]] = {
 }
 
 
+def _write_failure(exc: BaseException) -> str | None:
+    """The reason of a failed file write (disk full, no permission, I/O error), or None for
+    anything else. HDF5 reports a full disk as a RuntimeError naming errno 28."""
+    if isinstance(exc, OSError):
+        return exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0]
+    if isinstance(exc, RuntimeError):
+        match = re.search(r"errno = (\d+)", str(exc))
+        if match:
+            return os.strerror(int(match.group(1)))
+    return None
+
+
+def check_output(path: Path, *, overwrite: bool) -> None:
+    """Refuse an output path that is a folder, or exists (unless ``overwrite``).
+
+    Raises
+    ------
+    OutputError
+        Naming the path and the fix (``--force`` to replace an existing file).
+    """
+    if path.is_dir():
+        raise OutputError(f"output {str(path)!r} is a folder: name a file inside it, e.g. {str(path / ('result' + path.suffix))!r}")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise OutputError(f"output {str(path)!r} already exists: pass --force (overwrite=True) to replace it, or choose another name")
+
+
 def write_result(
     result: QueryResult | QueryStream,
     out_path: str | os.PathLike[str],
@@ -282,6 +321,7 @@ def write_result(
     chunk_cells: int = DEFAULT_CHUNK_CELLS,
     order: str = "input",
     counts_from: Any = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a query result (or stream) to a file; the extension picks the format.
 
@@ -300,6 +340,8 @@ def write_result(
     counts_from
         .h5ad only: an open counts source of the ingested file (see :func:`source_counts`);
         the file then carries the selected cells' raw counts as ``X`` and the genes as ``var``.
+    overwrite
+        Replace an existing file (the CLI's ``--force``); by default an existing file is refused.
 
     Returns
     -------
@@ -310,6 +352,9 @@ def write_result(
     ------
     InvalidInputError
         For an unknown extension, or a format that needs embeddings when none are selected.
+    OutputError
+        If the target is a folder or exists (without ``overwrite``), or writing fails (e.g.
+        the disk is full); no partial file is left.
 
     Examples
     --------
@@ -326,11 +371,13 @@ def write_result(
     result = result.in_order(order)  # type: ignore[assignment]
     if counts_from is not None and suffix != ".h5ad":
         raise InvalidInputError(f"--with-counts writes .h5ad (or .soma), not {suffix}")
+    check_output(path, overwrite=overwrite)
     if not path.parent.exists():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise InvalidInputError(f"cannot create folder {str(path.parent)!r} for {path.name!r}: {exc.strerror or exc}") from None
+    # a temporary file in the target folder, renamed into place only when complete
     tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}{suffix}")
     try:
         if counts_from is not None:
@@ -338,13 +385,17 @@ def write_result(
         else:
             writer(result, tmp, chunk_cells)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        raise
+        reason = _write_failure(exc)
+        if reason is None:
+            raise
+        raise OutputError(f"cannot write {str(path)!r}: {reason}; free space or choose another folder (nothing was written)") from None
     logger.info("wrote %s (%s)", path, suffix)
     return path
 
 
+@catalog_errors
 def query_to_file(
     backend: Backend,
     sql: str,
@@ -354,8 +405,12 @@ def query_to_file(
     order: str = "input",
     into: str | os.PathLike[str] | None = None,
     counts_from: Any = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run a query and stream its result into ``out_path`` (no memory budget on cell data).
+
+    The output path is checked (see :func:`check_output`) before any work; ``overwrite``
+    replaces an existing file.
 
     With ``into`` (an .h5ad), ``out_path`` is a copy of that file with the layers added to its
     ``obsm``, rows matched by cell name (see :func:`sclstore.query.attach.write_into`).
@@ -375,6 +430,9 @@ def query_to_file(
     suffix = Path(out_path).suffix.lower()
     if suffix not in FORMATS:  # fail before any work
         raise InvalidInputError(f"unknown output extension {suffix or '(none)'!r}; use one of {', '.join(FORMATS)}")
+    target = Path(out_path).expanduser()
+    if into is None or target.resolve() != Path(into).expanduser().resolve():  # --into names its own clash
+        check_output(target, overwrite=overwrite)
     res = open_query(backend, sql, memory_budget=memory_budget)
     if into is not None:
         from .attach import write_into
@@ -382,5 +440,5 @@ def query_to_file(
         return write_into(res, into, out_path)
     if callable(counts_from):  # a factory given the result (opens the dataset's source)
         counts_from = counts_from(res)
-    path = write_result(res, out_path, order=order, counts_from=counts_from)
+    path = write_result(res, out_path, order=order, counts_from=counts_from, overwrite=overwrite)
     return {**res.summary(), "path": str(path), "order": order, "with_counts": counts_from is not None}

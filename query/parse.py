@@ -202,10 +202,9 @@ def _predicate(node: exp.Expression) -> Predicate:
         check_args(node, {"this"}, where, ALLOWED_PREDICATES)
         return _predicate(node.this)
     if isinstance(node, (exp.And, exp.Or)):
-        check_args(node, {"this", "expression"}, where, ALLOWED_PREDICATES)
         cls: Callable[[tuple[Predicate, ...]], Predicate] = And if isinstance(node, exp.And) else Or
         items: list[Predicate] = []
-        for side in (node.this, node.expression):
+        for side in _chain(node, where):
             sub = _predicate(side)
             if type(sub) is cls:
                 items.extend(sub.items)  # type: ignore[union-attr]
@@ -268,6 +267,23 @@ def _predicate(node: exp.Expression) -> Predicate:
     if isinstance(node, exp.Column):
         return Truth(_column_name(node, where))
     raise refuse(node, where, ALLOWED_PREDICATES)
+
+
+def _chain(node: exp.Expression, where: str) -> list[exp.Expression]:
+    """The operands of a flat ``a OR b OR c ...`` (or AND) chain, left to right, without recursion:
+    sqlglot builds such chains as left-deep trees, one level per term."""
+    kind = type(node)
+    operands: list[exp.Expression] = []
+    stack = [node]
+    while stack:
+        cur = stack.pop()
+        if type(cur) is kind:
+            check_args(cur, {"this", "expression"}, where, ALLOWED_PREDICATES)
+            stack.append(cur.expression)
+            stack.append(cur.this)
+        else:
+            operands.append(cur)
+    return operands
 
 
 def _like(node: exp.Like, escape: str | None) -> Predicate:
@@ -400,6 +416,14 @@ def parse_query(sql: str) -> SliceQuery:
         raise InvalidQueryError(f"query is {len(sql)} characters; at most {MAX_QUERY_CHARS} are allowed")
     if "\x00" in sql:
         raise InvalidQueryError("query contains a NUL character; remove it")
+    try:
+        sql.encode("utf-8")
+    except UnicodeEncodeError as exc:  # undecodable bytes from argv/files arrive as lone surrogates
+        msg = (
+            f"query contains bytes that are not valid UTF-8 (at character {exc.start + 1}): "
+            "write the query in UTF-8 (check the terminal's or the script's encoding)"
+        )
+        raise InvalidQueryError(msg) from None
     if not sql.strip().strip(";").strip():
         raise InvalidQueryError(f"empty query; write {ALLOWED_SHAPE}")
     _check_tokens(sql)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sclstore.store._translate import catalog_errors
 from sclstore.store.errors import QueryTooLargeError
 from sclstore.store.obs import make_categorical
 
@@ -314,6 +315,7 @@ def _prepare(backend: Backend, sql: str | SliceQuery) -> QueryPlan:
     return plan
 
 
+@catalog_errors
 def execute_query(backend: Backend, sql: str | SliceQuery, *, memory_budget: int | None = None) -> QueryResult:
     """Run a slice query and return its result in memory.
 
@@ -379,6 +381,7 @@ def execute_query(backend: Backend, sql: str | SliceQuery, *, memory_budget: int
     )
 
 
+@catalog_errors
 def open_query(backend: Backend, sql: str | SliceQuery, *, memory_budget: int | None = None) -> QueryResult | QueryStream:
     """Resolve a query's cells without reading embeddings, for streaming to a file.
 

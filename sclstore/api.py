@@ -121,6 +121,11 @@ class Store:
         >>> run = store.ingest("pbmc.h5ad", model="sclstore-tiny")     # doctest: +SKIP
         """
         from sclstore.ingest.pipeline import ingest
+        from sclstore.store.readonly import refuse_write
+
+        if self.backend.read_only is not None:  # before reading any input
+            raise refuse_write(self.backend.read_only)
+
         from sclstore.ingest.soma_source import is_soma_uri, read_soma, soma_label
 
         soma = {k: options.pop(k) for k in ("obs_filter", "soma_measurement", "soma_x") if k in options}
@@ -200,6 +205,7 @@ class Store:
         counts_from: Any = None,
         into: str | os.PathLike[str] | None = None,
         memory_budget: int | None = None,
+        overwrite: bool = False,
     ) -> dict[str, Any]:
         """Run a query and write it to ``path`` (``.h5ad .npy .npz .parquet .csv`` or ``.soma``).
 
@@ -208,6 +214,7 @@ class Store:
         raw counts as ``X`` and the genes as ``var``, read from the file recorded at ingest (or
         ``counts_from``: a path or AnnData). ``uns["sclstore"]`` records run, model, checkpoint
         hash, layers, pools, cache key and sclstore version. ``into``: see ``query --into``.
+        An existing ``path`` is refused unless ``overwrite`` (the CLI's ``--force``).
 
         Returns
         -------
@@ -218,11 +225,15 @@ class Store:
         from sclstore.query import open_query, query_to_file
 
         if str(path).rstrip("/").endswith(".soma"):
+            if Path(path).exists() and not overwrite:
+                from sclstore.store.errors import OutputError
+
+                raise OutputError(f"output {str(path)!r} already exists: pass --force (overwrite=True) to replace it, or choose another name")
             res = open_query(self.backend, sql, memory_budget=memory_budget)
             with open_counts(res, counts_from) as src:
                 return write_soma(res, path, counts_from=src, order=order)
         if not (with_counts or counts_from is not None):
-            return query_to_file(self.backend, sql, path, memory_budget=memory_budget, order=order, into=into)
+            return query_to_file(self.backend, sql, path, memory_budget=memory_budget, order=order, into=into, overwrite=overwrite)
         opened: list[Any] = []
 
         def factory(res: Any) -> Any:
@@ -230,7 +241,8 @@ class Store:
             return opened[-1]
 
         try:
-            return query_to_file(self.backend, sql, path, memory_budget=memory_budget, order=order, into=into, counts_from=factory)
+            return query_to_file(self.backend, sql, path, memory_budget=memory_budget, order=order, into=into, counts_from=factory,
+                                 overwrite=overwrite)
         finally:
             for src in opened:
                 src.close()

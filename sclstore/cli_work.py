@@ -28,6 +28,7 @@ def query(
     order: Annotated[str, typer.Option("--order", help="Row order: input (the ingested AnnData's rows) or store.")] = "input",
     with_counts: Annotated[bool, typer.Option("--with-counts", help=_COUNTS_HELP)] = False,
     counts_from: Annotated[Path | None, typer.Option("--counts-from", help="The .h5ad with the counts (source moved).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the -o file if it exists.")] = False,
     store: StoreOpt = default_store_path(),
     catalog: CatalogOpt = None,
     json_out: JsonOpt = False,
@@ -65,9 +66,10 @@ def query(
         preview = None
         if output is not None:
             if with_counts or counts_from is not None or output.rstrip("/").endswith(".soma"):
-                summary = st.export(sql, output, order=order, with_counts=True, counts_from=counts_from, into=into)
+                summary = st.export(sql, output, order=order, with_counts=True, counts_from=counts_from, into=into,
+                                   overwrite=force)
             else:
-                summary = query_to_file(st.backend, sql, Path(output), order=order, into=into)
+                summary = query_to_file(st.backend, sql, Path(output), order=order, into=into, overwrite=force)
         else:
             res = st.query(sql)
             summary = res.summary()

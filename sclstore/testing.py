@@ -6,6 +6,8 @@ them next to small builders of AnnData objects and obs tables.
 
 from __future__ import annotations
 
+import os
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ import pandas as pd
 
 from sclstore.eval.simulate import simulate_layers, simulate_perturbseq, simulate_trajectory
 
-__all__ = ["toy_obs", "store_with_layers", "simulate_trajectory", "simulate_perturbseq", "simulate_layers"]
+__all__ = ["toy_obs", "store_with_layers", "simulate_trajectory", "simulate_perturbseq", "simulate_layers", "store_snapshot"]
 
 
 def toy_obs(n: int = 12, seed: int = 0) -> pd.DataFrame:
@@ -38,6 +40,56 @@ def toy_obs(n: int = 12, seed: int = 0) -> pd.DataFrame:
         },
         index=[f"cell{i:03d}" for i in range(n)],
     )
+
+
+def store_snapshot(root: str | os.PathLike[str], catalog: str | None = None) -> dict[str, Any]:
+    """A dump of every catalog table and a listing of the store folder, for "store unchanged" checks.
+
+    The SQLite catalog inside the store is read without writing anything (``immutable=1`` when
+    it has no ``-wal`` file, else ``mode=ro``), so taking a snapshot does not change the listing.
+
+    Parameters
+    ----------
+    root
+        The store folder.
+    catalog
+        The catalog URL when it is not the SQLite file inside the store.
+
+    Returns
+    -------
+    dict
+        ``{"files": [(relative path, size, mtime_ns), ...], "tables": {name: sorted rows}}``.
+    """
+    import sqlite3
+
+    import sqlalchemy as sa
+
+    base = Path(root)
+    files = sorted(
+        (str(p.relative_to(base)), p.stat().st_size, p.stat().st_mtime_ns) for p in base.rglob("*") if p.is_file()
+    )
+    tables: dict[str, list[tuple[Any, ...]]] = {}
+    if catalog is None:
+        db = base / "catalog.sqlite"
+        mode = "mode=ro" if db.with_name(db.name + "-wal").exists() else "immutable=1"
+        conn = sqlite3.connect(f"file:{urllib.parse.quote(str(db.resolve()))}?{mode}", uri=True)
+        try:
+            names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+            for name in names:
+                rows = conn.execute(f'SELECT * FROM "{name}"').fetchall()
+                tables[name] = sorted(rows, key=repr)
+        finally:
+            conn.close()
+    else:
+        engine = sa.create_engine(catalog)
+        try:
+            with engine.connect() as c:
+                for name in sorted(sa.inspect(c).get_table_names()):
+                    rows = [tuple(r) for r in c.execute(sa.text(f'SELECT * FROM "{name}"'))]
+                    tables[name] = sorted(rows, key=repr)
+        finally:
+            engine.dispose()
+    return {"files": files, "tables": tables}
 
 
 def store_with_layers(root: str | Path, adata: Any, layers: np.ndarray, *, name: str, cluster_by: tuple[str, ...] = (),

@@ -8,9 +8,44 @@ from typing import Any
 import sqlalchemy as sa
 import tiledb
 
-from .errors import ArrayError, CatalogConnectionError, CatalogDamagedError
+from .errors import ArrayError, CatalogBusyError, CatalogConnectionError, CatalogDamagedError, SclstoreError
 
-__all__ = ["translate_errors"]
+__all__ = ["translate_errors", "translate_catalog_error", "catalog_errors"]
+
+
+def translate_catalog_error(exc: sa.exc.SQLAlchemyError) -> SclstoreError:
+    """One line for a catalog (SQLAlchemy) failure: the driver's first line, never the SQL or its
+    parameters (they may hold users' obs values)."""
+    from .catalog import busy_timeout_s, first_line, is_locked, locked_message
+    from .readonly import refuse_write
+
+    reason = first_line(exc)
+    if is_locked(exc):
+        return CatalogBusyError(locked_message("sqlite catalog", busy_timeout_s()))
+    if "readonly database" in reason or "read-only transaction" in reason:
+        return refuse_write("the catalog is read-only for this user")
+    low = reason.lower()
+    if "no such table" in low or "no such column" in low or ("does not exist" in low and ("relation" in low or "column" in low)):
+        msg = f"the catalog is damaged ({reason}): restore it from a backup, or re-ingest the dataset into a new store"
+        return CatalogDamagedError(msg)
+    if isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)):
+        msg = f"catalog database error: {reason}; check that the catalog database is up and reachable, then retry"
+        return CatalogConnectionError(msg)
+    msg = f"the catalog database refused an operation: {reason}; run `sclstore verify`, and report it if it persists"
+    return SclstoreError(msg)
+
+
+def catalog_errors(fn: Any) -> Any:
+    """Decorator: SQLAlchemy errors escaping ``fn`` become one-line ``SclstoreError``s."""
+
+    @functools.wraps(fn)
+    def inner(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except sa.exc.SQLAlchemyError as exc:
+            raise translate_catalog_error(exc) from exc
+
+    return inner
 
 
 def translate_errors(cls: type) -> type:
@@ -21,21 +56,8 @@ def translate_errors(cls: type) -> type:
         def inner(*args: Any, **kwargs: Any) -> Any:
             try:
                 return fn(*args, **kwargs)
-            except (sa.exc.OperationalError, sa.exc.ProgrammingError) as exc:
-                reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-                low = reason.lower()
-                missing = "no such table" in low or "no such column" in low
-                if missing or ("does not exist" in low and ("relation" in low or "column" in low)):
-                    msg = f"the catalog is damaged ({reason}): restore it from a backup, or re-ingest the dataset into a new store"
-                    raise CatalogDamagedError(msg) from exc
-                if isinstance(exc, sa.exc.ProgrammingError):
-                    raise
-                msg = f"catalog database error: {reason}; check that the catalog database is up and reachable, then retry"
-                raise CatalogConnectionError(msg) from exc
-            except sa.exc.InterfaceError as exc:
-                reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-                msg = f"catalog database error: {reason}; check that the catalog database is up and reachable, then retry"
-                raise CatalogConnectionError(msg) from exc
+            except sa.exc.SQLAlchemyError as exc:
+                raise translate_catalog_error(exc) from exc
             except tiledb.TileDBError as exc:
                 msg = f"array storage error: {exc}; run `sclstore verify` to check the store"
                 raise ArrayError(msg) from exc

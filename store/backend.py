@@ -7,6 +7,7 @@ with ingest, query and eval.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -40,9 +41,18 @@ from .info import DatasetInfo, ModelInfo, RunInfo
 from .array_store import ArrayStore
 from .location import StoreLocation
 from .lease import Lease, try_acquire
+from .creating import check_empty_or_store, check_store_path, creation_lock, write_marker
+from .readonly import read_only_reason, refuse_write
 from ._translate import translate_errors
 from .models import Dataset, Evaluation, Intermediate, Model, Run, utcnow
-from .obs import build_obs_table, infer_obs_schema, insert_obs, obs_table_name
+from .obs import (
+    build_obs_table,
+    check_obs_width,
+    infer_obs_schema,
+    insert_obs,
+    obs_table_name,
+    unindexable_columns,
+)
 from .obs_index import ObsIndex
 
 __all__ = ["Backend", "MARKER", "cache_key"]
@@ -104,6 +114,8 @@ class Backend:
         # complete runs and registered datasets never change: look them up in the catalog once
         self._complete_runs: dict[int, RunInfo] = {}
         self._datasets: dict[int | str, DatasetInfo] = {}
+        self.read_only: str | None = None
+        """Why this process cannot write the store (``None``: it can); set by :meth:`open`."""
         self._obs_indexes: dict[int, ObsIndex] = {}
 
     # ------------------------------------------------------------------ opening
@@ -135,31 +147,54 @@ class Backend:
     @classmethod
     def create(cls, path: str | os.PathLike[str], catalog: str | None = None, *, settings: StoreSettings | None = None) -> Backend:
         """Create a store (or open an existing one) and bring its catalog to the newest schema."""
+        if "://" not in os.fspath(path):
+            check_store_path(Path(path).expanduser())
         loc = StoreLocation(path, settings)
         url = catalog or cls.default_catalog(loc)
+        catalogdb.parse_url(url)  # a bad URL is refused before anything is created
         marker = loc.join(MARKER)
-        try:
-            loc.check_creatable(MARKER)
-        except StoreExistsError:
-            inside = stores_below(Path(loc.uri)) if loc.is_local and loc.is_dir(loc.uri) else []
-            if inside:
-                raise StoreExistsError(f"{loc.uri} is not an sclstore store, but {inside[0]} is: pass --store {inside[0]}") from None
-            raise
-        had_marker = loc.is_file(marker)
+        payload = {"format": "sclstore", "version": STORE_FORMAT_VERSION, "created_at": utcnow().isoformat()}
+        root = loc.path  # None for a remote store
+        lock: Any = contextlib.nullcontext()
         created_root = not loc.is_dir(loc.uri)
-        if loc.is_local:
-            Path(loc.uri).mkdir(parents=True, exist_ok=True)
-        loc.mkdir(loc.uri)
-        loc.mkdir(loc.join("arrays"))
-        try:
-            engine = catalogdb.make_engine(url)
-        except SclstoreError:
+        if root is not None:
+            if root.exists() and not root.is_dir():
+                raise StoreExistsError(f"{root} exists and is not a folder: choose another --store path")
+            if (root / MARKER).is_file():
+                reason = read_only_reason(root, None if catalog else root / "catalog.sqlite")
+                if reason is not None:
+                    raise refuse_write(reason)
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreExistsError(f"cannot create store folder {root}: {exc.strerror}; choose a --store path you can write") from None
+            lock = creation_lock(root)  # concurrent creators of one new local store: one at a time
+        with lock:
+            try:
+                if root is not None:
+                    check_empty_or_store(root, root / MARKER)
+                else:
+                    loc.check_creatable(MARKER)
+            except StoreExistsError:
+                inside = stores_below(root) if root is not None else []
+                if inside:
+                    raise StoreExistsError(f"{loc.uri} is not an sclstore store, but {inside[0]} is: pass --store {inside[0]}") from None
+                raise
+            had_marker = loc.is_file(marker)
+            loc.mkdir(loc.uri)
+            loc.mkdir(loc.join("arrays"))
+            try:
+                engine = catalogdb.make_engine(url)
+            except SclstoreError:
+                if not had_marker:
+                    loc.remove_dir(loc.uri if created_root else loc.join("arrays"))
+                raise
+            catalogdb.upgrade(engine)
             if not had_marker:
-                loc.remove_dir(loc.uri if created_root else loc.join("arrays"))
-            raise
-        catalogdb.upgrade(engine)
-        if not had_marker:
-            loc.write_text(marker, json.dumps({"format": "sclstore", "version": STORE_FORMAT_VERSION, "created_at": utcnow().isoformat()}))
+                if root is not None:
+                    write_marker(root / MARKER, payload)  # exclusive: exactly one creator writes it
+                else:
+                    loc.write_text(marker, json.dumps(payload))
         return cls(loc, url, engine)
 
     @classmethod
@@ -175,6 +210,8 @@ class Backend:
         CatalogConnectionError
             If the catalog database cannot be reached.
         """
+        if "://" not in os.fspath(path):
+            check_store_path(Path(path).expanduser())
         loc = StoreLocation(path, settings)
         url = catalog or cls.default_catalog(loc)
         if not loc.is_file(loc.join(MARKER)):
@@ -185,13 +222,19 @@ class Backend:
             else:
                 msg = f"{loc.uri} is not an sclstore store (no {MARKER}): run `sclstore init --store {loc.uri}` or pass the right --store"
             raise StoreNotFoundError(msg)
-        engine = catalogdb.make_engine(url)
+        root = loc.path
+        read_only = read_only_reason(root, None if catalog else root / "catalog.sqlite") if root is not None else None
+        engine = catalogdb.make_engine(url, read_only=read_only)
         try:
             catalogdb.check_schema(engine, url)
         except SclstoreError:
             engine.dispose()
             raise
-        return cls(loc, url, engine)
+        backend = cls(loc, url, engine)
+        backend.read_only = read_only
+        if read_only is not None:
+            logger.info("%s: opened for reading only", read_only)
+        return backend
 
     def close(self) -> None:
         self.engine.dispose()
@@ -246,6 +289,7 @@ class Backend:
         if obs.shape[0] == 0:
             raise DatasetError("the dataset has no cells: nothing to ingest")
         schema = infer_obs_schema(obs)
+        check_obs_width(len(schema), self.engine.dialect.name)
         missing = [c for c in cluster_by if c not in set(map(str, obs.columns))]
         if missing:
             msg = f"--cluster-by column(s) {missing} not in obs; obs columns are: {', '.join(map(str, obs.columns))}"
@@ -256,7 +300,7 @@ class Backend:
         else:
             order = np.arange(obs.shape[0])
         tname = obs_table_name(content_hash)
-        table = build_obs_table(tname, schema, sa.MetaData())
+        table = build_obs_table(tname, schema, sa.MetaData(), unindexed=unindexable_columns(obs, schema))
         try:
             with catalogdb.write_tx(self.engine) as conn:
                 if conn.execute(sa.select(Dataset.id).where(Dataset.content_hash == content_hash)).first() is not None:
@@ -513,7 +557,7 @@ class Backend:
         try:
             self._owned_update(lease, status="failed", error=error[:2000], lease_owner=None, lease_host=None, lease_pid=None)
         except (LeaseHeldError, sa.exc.SQLAlchemyError) as exc:
-            logger.warning("could not mark run %s failed: %s", run.id, exc)
+            logger.warning("could not mark run %s failed: %s", run.id, catalogdb.first_line(exc))
         lease.release()
 
     def open_reader(self, run: int | RunInfo) -> arrays.ArrayReader:
@@ -548,6 +592,9 @@ class Backend:
             return None if row is None else dict(row.result)
 
     def put_evaluation(self, run_id: int, task: str, params_hash: str, params: dict[str, Any], result: dict[str, Any]) -> None:
+        if self.read_only is not None:  # the result is still returned; only its cache entry is lost
+            logger.warning("%s: %s result not cached", self.read_only, task)
+            return
         try:
             with catalogdb.write_tx(self.engine) as conn:
                 conn.execute(sa.insert(Evaluation).values(run_id=run_id, task=task, params_hash=params_hash,
@@ -578,6 +625,9 @@ class Backend:
             return s.scalar(sa.select(Intermediate.payload).where(Intermediate.key_hash == key_hash))
 
     def put_intermediate(self, kind: str, key_hash: str, params: dict[str, Any], payload: bytes) -> None:
+        if self.read_only is not None:
+            logger.info("%s: %s intermediate not cached", self.read_only, kind)
+            return
         try:
             with catalogdb.write_tx(self.engine) as conn:
                 conn.execute(sa.insert(Intermediate).values(kind=kind, key_hash=key_hash, params=params,

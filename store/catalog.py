@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from importlib import resources
 from typing import Any
@@ -21,7 +22,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
-from .errors import CatalogConnectionError, InvalidInputError, SchemaVersionError
+from .errors import CatalogBusyError, CatalogConnectionError, InvalidInputError, SchemaVersionError
+from .readonly import READ_ONLY_OPTION, refuse_write, sqlite_read_only_url
 
 __all__ = [
     "make_engine",
@@ -34,25 +36,54 @@ __all__ = [
     "check_models_match",
     "write_tx",
     "redact",
+    "parse_url",
+    "busy_timeout_s",
+    "locked_message",
+    "first_line",
+    "is_locked",
+    "BUSY_TIMEOUT_S",
 ]
 
 logger = logging.getLogger(__name__)
 
+BUSY_TIMEOUT_S = 30.0
+"""Default wait for another process's SQLite write lock (``$SCLSTORE_BUSY_TIMEOUT`` overrides)."""
+
 
 def redact(url: str | URL) -> str:
-    """The URL with its password hidden, for messages."""
+    """The URL with its password hidden, for messages (never the text of an unparseable URL)."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        u = make_url(url)
+        if u.host and "@" in u.host:  # an '@' inside the password: part of it parsed as the host
+            u = u.set(host="***")
+        return u.render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - only for messages
         return "<catalog url>"
+
+
+def parse_url(url: str) -> URL:
+    """Parse and check a catalog URL (``postgresql://`` becomes ``postgresql+psycopg://``).
+
+    Raises
+    ------
+    InvalidInputError
+        If it does not parse (the text is not echoed: it may hold a password) or names an
+        unsupported database.
+    """
+    return _normalise(url)
 
 
 def _normalise(url: str) -> URL:
     try:
         u = make_url(url)
-    except sa.exc.ArgumentError as exc:
-        msg = f"cannot parse catalog URL {url!r}: use sqlite:///path or postgresql+psycopg://user:pass@host/db"
-        raise InvalidInputError(msg) from exc
+    except Exception:  # noqa: BLE001 - ArgumentError, or ValueError for a bad port: never echo the text
+        scheme = url.split("://", 1)[0] if "://" in url and len(url.split("://", 1)[0]) < 40 else "?"
+        msg = (
+            f"cannot parse the catalog URL (scheme {scheme!r}; the URL is not shown as it may hold a password): "
+            "use sqlite:///path or postgresql+psycopg://user@host:5432/db, with the password in ~/.pgpass or "
+            "$PGPASSFILE rather than in the URL"
+        )
+        raise InvalidInputError(msg) from None
     if u.drivername in ("postgresql", "postgres"):
         u = u.set(drivername="postgresql+psycopg")
     if u.get_backend_name() not in ("sqlite", "postgresql"):
@@ -61,28 +92,67 @@ def _normalise(url: str) -> URL:
     return u
 
 
-def make_engine(url: str) -> Engine:
+def busy_timeout_s() -> float:
+    """How long an SQLite catalog waits for another process's write lock
+    (``$SCLSTORE_BUSY_TIMEOUT`` seconds, default :data:`BUSY_TIMEOUT_S`)."""
+    text = os.environ.get("SCLSTORE_BUSY_TIMEOUT", "").strip()
+    try:
+        value = float(text) if text else BUSY_TIMEOUT_S
+    except ValueError:
+        raise InvalidInputError(f"SCLSTORE_BUSY_TIMEOUT={text!r} is not a number of seconds: set e.g. 30") from None
+    return max(0.0, value)
+
+
+def locked_message(url: str | URL, waited_s: float) -> str:
+    """The one line for an SQLite catalog that stayed locked for the whole busy timeout."""
+    return (
+        f"catalog {redact(url)} is locked by another process (waited {waited_s:g} s): another sclstore command "
+        "is writing to it, or a program holds it open in a transaction (e.g. an sqlite3 shell); retry when it "
+        "finishes, or raise $SCLSTORE_BUSY_TIMEOUT"
+    )
+
+
+def make_engine(url: str, *, read_only: str | None = None) -> Engine:
     """Create an engine for a catalog URL and check that it answers.
+
+    Parameters
+    ----------
+    url
+        SQLAlchemy URL of the catalog.
+    read_only
+        Why the store is read-only for this process (``None``: writable). An SQLite catalog is
+        then opened read-only (see :mod:`sclstore.store.readonly`) and :func:`write_tx` refuses.
 
     Raises
     ------
     CatalogConnectionError
         If the database cannot be reached or refuses the credentials.
+    CatalogBusyError
+        If an SQLite catalog stays locked by another process for the whole busy timeout.
     """
     u = _normalise(url)
-    kwargs: dict[str, Any] = {"future": True}
+    # hide_parameters: a failing statement's message never shows bound values (users' obs values)
+    kwargs: dict[str, Any] = {"future": True, "hide_parameters": True}
+    if read_only is not None:
+        kwargs["execution_options"] = {READ_ONLY_OPTION: read_only}
+    timeout = busy_timeout_s()
     if u.get_backend_name() == "sqlite":
-        kwargs["connect_args"] = {"timeout": 60, "check_same_thread": False}
+        kwargs["connect_args"] = {"timeout": timeout, "check_same_thread": False}
+        if read_only is not None and u.database not in (None, "", ":memory:"):
+            u = sqlite_read_only_url(u)
         engine = sa.create_engine(u, **kwargs)
+        writable = read_only is None
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: Any, _rec: Any) -> None:
             dbapi_conn.isolation_level = None  # we emit BEGIN ourselves
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            if writable:  # changing the journal mode writes the file: never on a read-only store
+                cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=60000")
-            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+            if writable:
+                cur.execute("PRAGMA synchronous=FULL")
             cur.close()
 
         @event.listens_for(engine, "begin")
@@ -97,20 +167,49 @@ def make_engine(url: str) -> Engine:
     try:
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
-    except sa.exc.OperationalError as exc:
+    except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
         engine.dispose()
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        msg = (
-            f"cannot connect to catalog {redact(u)}: {reason}; check the host, database name, "
-            "user and password in --catalog / $SCLSTORE_CATALOG"
-        )
+        reason = first_line(exc)
+        if u.get_backend_name() == "sqlite":
+            if is_locked(exc):
+                raise CatalogBusyError(locked_message(u, timeout)) from None
+            msg = f"cannot open catalog {redact(url)}: {reason}; check that the file exists and is readable by you"
+        else:
+            msg = (
+                f"cannot connect to catalog {redact(u)}: {reason}; check the host, database name, "
+                "user and password (--catalog / $SCLSTORE_CATALOG, password in ~/.pgpass or $PGPASSFILE)"
+            )
         raise CatalogConnectionError(msg) from None
     return engine
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of a driver error (no SQL, no parameters)."""
+    orig = getattr(exc, "orig", None) or exc
+    for line in str(orig).strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return type(orig).__name__
+
+
+def is_locked(exc: BaseException) -> bool:
+    """Whether a driver error is SQLite's "database is locked" / "database table is locked"."""
+    text = str(getattr(exc, "orig", None) or exc).lower()
+    return "database is locked" in text or "database table is locked" in text
+
+
 @contextlib.contextmanager
 def write_tx(engine: Engine) -> Iterator[Connection]:
-    """A write transaction (``BEGIN IMMEDIATE`` on SQLite), committed on success."""
+    """A write transaction (``BEGIN IMMEDIATE`` on SQLite), committed on success.
+
+    Raises
+    ------
+    ReadOnlyStoreError
+        If the engine belongs to a store this process may only read.
+    """
+    reason = engine.get_execution_options().get(READ_ONLY_OPTION)
+    if reason is not None:
+        raise refuse_write(reason)
     with engine.connect() as conn:
         conn = conn.execution_options(sqlite_immediate=True)
         with conn.begin():
@@ -140,8 +239,11 @@ def current_revision(engine: Engine) -> str | None:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Upgrade the catalog schema to ``revision``."""
+    """Upgrade the catalog schema to ``revision`` (serialised across processes on PostgreSQL)."""
+    from .creating import migration_lock
+
     with engine.connect() as conn:
+        migration_lock(conn)
         command.upgrade(alembic_config(conn), revision)
         conn.commit()
 

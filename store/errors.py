@@ -12,6 +12,9 @@ __all__ = [
     "StoreNotFoundError",
     "StoreExistsError",
     "CatalogConnectionError",
+    "CatalogBusyError",
+    "ReadOnlyStoreError",
+    "OutputError",
     "CatalogDamagedError",
     "SchemaVersionError",
     "InvalidInputError",
@@ -47,6 +50,14 @@ class CatalogConnectionError(SclstoreError, ConnectionError):
     """The catalog database cannot be reached or refused the credentials."""
 
 
+class CatalogBusyError(CatalogConnectionError):
+    """The SQLite catalog stayed locked by another process for longer than the busy timeout."""
+
+
+class ReadOnlyStoreError(SclstoreError, PermissionError):
+    """A command would write to a store this user can only read."""
+
+
 class CatalogDamagedError(SclstoreError):
     """The catalog lacks a table or column it should hold (e.g. a dataset's obs table was dropped)."""
 
@@ -57,6 +68,10 @@ class SchemaVersionError(SclstoreError):
 
 class InvalidInputError(SclstoreError, ValueError):
     """An argument or input file is not valid."""
+
+
+class OutputError(InvalidInputError, OSError):
+    """An output file cannot be written (exists, is a folder, disk full, no permission)."""
 
 
 class DatasetError(InvalidInputError):

@@ -2,7 +2,10 @@
 
 A lease is taken with one conditional UPDATE (atomic on SQLite and PostgreSQL): it succeeds
 only if the run has no owner, its heartbeat is older than the TTL, or its owner is a dead
-process on this host. Every later write of the owner is conditioned on still owning it.
+process on this host. A pid is only meaningful under the boot and in the pid namespace it
+was recorded in: a holder in a container or pod on the same host (another pid namespace), or
+from before a reboot, is judged by its heartbeat alone. Every later write of the owner is
+conditioned on still owning it.
 """
 
 from __future__ import annotations
@@ -13,23 +16,49 @@ import socket
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import psutil
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from .catalog import write_tx
+from .catalog import first_line, write_tx
 from .models import Run
 
-__all__ = ["Lease", "try_acquire", "owner_alive", "HOSTNAME"]
+__all__ = ["Lease", "try_acquire", "owner_alive", "HOSTNAME", "BOOT_ID", "PID_NAMESPACE"]
 
 logger = logging.getLogger(__name__)
 HOSTNAME = socket.gethostname()
 
 
-def owner_alive(host: str | None, pid: int | None) -> bool | None:
-    """True/False for an owner on this host; None when it runs elsewhere (unknowable)."""
+def _read_boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:64] or None
+    except OSError:
+        return None
+
+
+def _read_pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")[:64]
+    except OSError:
+        return None
+
+
+BOOT_ID = _read_boot_id()
+"""This machine's boot id (``None`` where the kernel does not expose one)."""
+PID_NAMESPACE = _read_pid_namespace()
+"""This process's pid namespace, e.g. ``pid:[4026531836]`` (``None`` if unknown)."""
+
+
+def owner_alive(
+    host: str | None, pid: int | None, boot_id: str | None = None, pidns: str | None = None
+) -> bool | None:
+    """Whether a lease owner is alive: True/False only for an owner on this host, under this
+    boot and in this pid namespace; None (unknowable: use the heartbeat) otherwise."""
     if host != HOSTNAME or pid is None:
+        return None
+    if boot_id is None or pidns is None or boot_id != BOOT_ID or pidns != PID_NAMESPACE:
         return None
     if pid == os.getpid():
         return True
@@ -54,6 +83,7 @@ class Lease:
         self._thread.start()
 
     def _beat(self) -> None:
+        failing = False
         while not self._stop.wait(self._heartbeat_s):
             try:
                 with write_tx(self.engine) as conn:
@@ -66,8 +96,13 @@ class Lease:
                     logger.warning("lease on run %s was taken over by another process", self.run_id)
                     self.lost.set()
                     return
-            except sa.exc.SQLAlchemyError as exc:  # transient: try again next beat
-                logger.warning("heartbeat of run %s failed: %s", self.run_id, exc)
+                if failing:
+                    logger.warning("heartbeat of run %s works again", self.run_id)
+                failing = False
+            except sa.exc.SQLAlchemyError as exc:  # transient: try again next beat, say so once
+                if not failing:
+                    logger.warning("heartbeat of run %s failed: %s; retrying", self.run_id, first_line(exc))
+                failing = True
 
     def release(self) -> None:
         """Stop the heartbeat and clear the owner (if still ours)."""
@@ -78,10 +113,10 @@ class Lease:
                 conn.execute(
                     sa.update(Run)
                     .where(Run.id == self.run_id, Run.lease_owner == self.owner)
-                    .values(lease_owner=None, lease_host=None, lease_pid=None)
+                    .values(lease_owner=None, lease_host=None, lease_pid=None, lease_boot_id=None, lease_pidns=None)
                 )
         except sa.exc.SQLAlchemyError as exc:
-            logger.warning("releasing lease of run %s failed: %s (it expires by itself)", self.run_id, exc)
+            logger.warning("releasing lease of run %s failed: %s (it expires by itself)", self.run_id, first_line(exc))
 
 
 def try_acquire(engine: Engine, run_id: int, *, ttl_s: float, heartbeat_s: float) -> Lease | None:
@@ -89,16 +124,19 @@ def try_acquire(engine: Engine, run_id: int, *, ttl_s: float, heartbeat_s: float
     owner = f"{HOSTNAME}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
     now = time.time()
     with write_tx(engine) as conn:
-        row = conn.execute(sa.select(Run.lease_owner, Run.lease_host, Run.lease_pid, Run.status).where(Run.id == run_id)).one()
+        row = conn.execute(
+            sa.select(Run.lease_owner, Run.lease_host, Run.lease_pid, Run.lease_boot_id, Run.lease_pidns, Run.status).where(Run.id == run_id)
+        ).one()
         if row.status == "complete":
             return None
         cond = sa.or_(Run.lease_owner.is_(None), Run.heartbeat_at < now - ttl_s)
-        if row.lease_owner is not None and owner_alive(row.lease_host, row.lease_pid) is False:
+        if row.lease_owner is not None and owner_alive(row.lease_host, row.lease_pid, row.lease_boot_id, row.lease_pidns) is False:
             cond = Run.lease_owner == row.lease_owner
         res = conn.execute(
             sa.update(Run)
             .where(Run.id == run_id, Run.status != "complete", cond)
-            .values(lease_owner=owner, lease_host=HOSTNAME, lease_pid=os.getpid(), heartbeat_at=now, status="running", error=None)
+            .values(lease_owner=owner, lease_host=HOSTNAME, lease_pid=os.getpid(), lease_boot_id=BOOT_ID,
+                    lease_pidns=PID_NAMESPACE, heartbeat_at=now, status="running", error=None)
         )
         if res.rowcount != 1:
             return None

@@ -109,6 +109,10 @@ class Run(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_host: Mapped[str | None] = mapped_column(String(255))
     lease_pid: Mapped[int | None] = mapped_column(Integer)
+    lease_boot_id: Mapped[str | None] = mapped_column(String(64))
+    """Boot id of the lease holder's host (``/proc/sys/kernel/random/boot_id``)."""
+    lease_pidns: Mapped[str | None] = mapped_column(String(64))
+    """The lease holder's pid namespace (``readlink /proc/self/ns/pid``)."""
     heartbeat_at: Mapped[float | None] = mapped_column(Float)
     stats: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text)

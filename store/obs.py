@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import BigInteger, Boolean, Column, Connection, Float, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import BigInteger, Boolean, Column, Connection, Float, Index, Integer, MetaData, Table, Text
 from sqlalchemy.schema import CreateTable
 
 from .errors import DatasetError, DuplicateObsNamesError
@@ -28,6 +28,9 @@ __all__ = [
     "make_categorical",
     "obs_rows",
     "obs_table_name",
+    "check_obs_width",
+    "unindexable_columns",
+    "MAX_INDEXED_BYTES",
 ]
 
 ObsKind = Literal["category", "string", "int", "float", "bool"]
@@ -115,6 +118,13 @@ def infer_obs_schema(obs: pd.DataFrame) -> tuple[ObsColumn, ...]:
         )
         raise DuplicateObsNamesError(msg)
     names = [str(c) for c in obs.columns]
+    empty = [i for i, n in enumerate(names) if not n.strip()]
+    if empty:
+        msg = (
+            f"obs column {empty[0]} has an empty name {names[empty[0]]!r}: name it, e.g. "
+            "adata.obs = adata.obs.rename(columns={'': 'unnamed'}), then write the file again"
+        )
+        raise DatasetError(msg)
     if len(set(names)) != len(names):
         msg = f"obs has repeated column names {sorted({n for n in names if names.count(n) > 1})}: rename them"
         raise DatasetError(msg)
@@ -136,11 +146,56 @@ def infer_obs_schema(obs: pd.DataFrame) -> tuple[ObsColumn, ...]:
     return tuple(schema)
 
 
-_SQL_TYPES = {"category": lambda: String(255), "string": lambda: Text(), "int": BigInteger, "float": Float, "bool": Boolean}
+_TABLE_COLUMN_LIMITS = {"sqlite": 2000, "postgresql": 1600}
+"""Most columns one table may have (SQLite's default SQLITE_MAX_COLUMN; PostgreSQL's fixed limit)."""
+_FIXED_COLUMNS = 3  # cell_idx, cell, src_idx
 
 
-def build_obs_table(name: str, schema: Sequence[ObsColumn], metadata: MetaData | None = None) -> Table:
-    """The SQLAlchemy Table for an obs table (not bound to the ORM metadata)."""
+def check_obs_width(n_columns: int, dialect: str) -> None:
+    """Refuse more obs columns than one catalog table can hold, naming the limit and the fix.
+
+    Raises
+    ------
+    DatasetError
+        If ``n_columns`` exceeds the limit of the catalog database ``dialect``.
+    """
+    limit = _TABLE_COLUMN_LIMITS.get(dialect)
+    if limit is None or n_columns + _FIXED_COLUMNS <= limit:
+        return
+    most = limit - _FIXED_COLUMNS
+    msg = (
+        f"obs has {n_columns} columns; a {dialect} catalog holds at most {most} per dataset: keep the columns "
+        f"you will query or evaluate on, e.g. adata.obs = adata.obs[[...]], then write the file again"
+    )
+    raise DatasetError(msg)
+
+
+# categories are Text (any length; catalogs made before this kept them as VARCHAR(255))
+_SQL_TYPES = {"category": lambda: Text(), "string": lambda: Text(), "int": BigInteger, "float": Float, "bool": Boolean}
+
+
+MAX_INDEXED_BYTES = 2000
+"""Longest value (UTF-8 bytes) of an indexed obs column: PostgreSQL B-tree entries hold ~2.7 kB."""
+
+
+def unindexable_columns(obs: pd.DataFrame, schema: Sequence[ObsColumn]) -> frozenset[str]:
+    """SQL columns of categorical obs columns with a value longer than :data:`MAX_INDEXED_BYTES`
+    (stored and queried like the others, without an index)."""
+    out = set()
+    for i, col in enumerate(schema):
+        if col.kind != "category":
+            continue
+        cats = obs[obs.columns[i]].astype("category").cat.categories
+        if any(len(str(c).encode("utf-8", "surrogatepass")) > MAX_INDEXED_BYTES for c in cats):
+            out.add(col.column)
+    return frozenset(out)
+
+
+def build_obs_table(
+    name: str, schema: Sequence[ObsColumn], metadata: MetaData | None = None, *, unindexed: frozenset[str] = frozenset()
+) -> Table:
+    """The SQLAlchemy Table for an obs table (not bound to the ORM metadata); ``unindexed``
+    names SQL columns that get no index (see :func:`unindexable_columns`)."""
     md = metadata if metadata is not None else MetaData()
     cols: list[Any] = [
         # INTEGER PRIMARY KEY is SQLite's rowid: ordered scans by cell_idx need no temporary B-tree
@@ -152,7 +207,7 @@ def build_obs_table(name: str, schema: Sequence[ObsColumn], metadata: MetaData |
     table = Table(name, md, *cols)
     Index(f"ix_{name}_cell", table.c.cell, unique=True)
     for c in schema:
-        if c.kind in ("category", "bool", "int"):
+        if c.kind in ("category", "bool", "int") and c.column not in unindexed:
             Index(f"ix_{name}_{c.column}", table.c[c.column])
     return table
 

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from sclstore.cli import app
 from sclstore.store import ArraySpec, Backend, cache_key
+from sclstore.store import catalog as catalogdb
 from sclstore.testing import toy_obs
 
 runner = CliRunner()
@@ -53,9 +54,10 @@ def test_every_command_has_help() -> None:
 def test_init_ls_verify_json_are_clean(tmp_path: Path) -> None:
     store = str(tmp_path / "s")
     code, stdout, _ = invoke("init", "--store", store, "--json")
-    assert code == 0 and json.loads(stdout)["schema"] == "0001"
+    head = catalogdb.head_revision()
+    assert code == 0 and json.loads(stdout)["schema"] == head
     code, stdout, _ = invoke("db", "current", "--store", store, "--json")
-    assert code == 0 and json.loads(stdout) == {"current": "0001", "head": "0001", "up_to_date": True}
+    assert code == 0 and json.loads(stdout) == {"current": head, "head": head, "up_to_date": True}
     for what in ("datasets", "models", "runs"):
         code, stdout, _ = invoke("ls", what, "--store", store, "--json")
         assert code == 0 and json.loads(stdout) == []

@@ -133,11 +133,14 @@ def test_dead_local_owner_is_taken_over_at_once(store: sclstore.Store) -> None:
 
     run = _run(store)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
-    from sclstore.store.lease import HOSTNAME
+    from sclstore.store.lease import BOOT_ID, HOSTNAME, PID_NAMESPACE
     from sclstore.store.models import Run
 
+    # a holder on this host, this boot and this pid namespace whose pid is gone: taken at once
+    # (other namespaces or boots rely on the heartbeat: tests/store/test_lease_namespaces.py)
     with store.backend.engine.begin() as conn:
-        conn.execute(sa.update(Run).values(lease_owner="ghost", lease_host=HOSTNAME, lease_pid=int(dead.stdout), heartbeat_at=time.time()))
+        conn.execute(sa.update(Run).values(lease_owner="ghost", lease_host=HOSTNAME, lease_pid=int(dead.stdout), heartbeat_at=time.time(),
+                                           lease_boot_id=BOOT_ID, lease_pidns=PID_NAMESPACE))
     lease = store.backend.acquire(run.id, wait=False)
     assert lease is not None
     lease.release()
