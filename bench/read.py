@@ -354,6 +354,7 @@ def s3_bench(args: argparse.Namespace, work: Path, mm: np.ndarray, obs: pd.DataF
             want = np.asarray(mm[slots] if cells is None else mm[slots][:, cells], dtype=np.float32)
             assert np.array_equal(out[1][2], want) and np.array_equal(out[2][2], want), f"{label}: results differ"
             rows.append((label, [o[0] for o in out], [o[1] for o in out]))
+            print(f"  {label}: " + ", ".join(f"{name} {o[0]:.4f} s" for name, o in zip(names, out, strict=True)), flush=True)
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         table(f"S3 (moto on loopback): {n} cells x {nl} layers x {d} dims, {args.dtype}; median of {args.repeats} round-robin "
               f"repeats (ratio of medians, in brackets of minima); load average at end {load}", names, rows, anchor=0)
