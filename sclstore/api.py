@@ -37,8 +37,19 @@ class Store:
     # ---------------------------------------------------------------- lifecycle
     @property
     def path(self) -> Path:
-        """The store folder."""
+        """The local store folder.
+
+        Raises
+        ------
+        InvalidInputError
+            For a store on object storage (use :attr:`uri`).
+        """
         return self.backend.root
+
+    @property
+    def uri(self) -> str:
+        """The store's location: an absolute folder path or a URI such as ``s3://bucket/prefix``."""
+        return self.backend.location.uri
 
     @property
     def catalog_url(self) -> str:
@@ -55,7 +66,7 @@ class Store:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Store({str(self.path)!r})"
+        return f"Store({self.uri!r})"
 
     # ---------------------------------------------------------------- contents
     def datasets(self) -> list[DatasetInfo]:
@@ -298,12 +309,16 @@ def open_store(
     Parameters
     ----------
     path
-        Store folder; default ``$SCLSTORE_STORE`` or ``./sclstore-data``.
+        Store folder or URI (``s3://bucket/prefix``, any TileDB VFS scheme); default
+        ``$SCLSTORE_STORE`` or ``./sclstore-data``. A remote store needs ``catalog``.
     catalog
         SQLAlchemy URL of the catalog; default ``$SCLSTORE_CATALOG`` or an SQLite file inside
         the store. ``postgresql+psycopg://user:pass@host/db`` for a shared lab store.
     create
         Create the store if ``path`` does not hold one yet.
+    settings
+        Process-level knobs; ``settings.tiledb_config`` (endpoint, region, credentials, ...)
+        goes over ``sclstore.toml``'s ``[tiledb]`` table inside or beside the store.
 
     Raises
     ------
@@ -314,7 +329,7 @@ def open_store(
     CatalogConnectionError
         If the catalog cannot be reached.
     """
-    root = Path(path if path is not None else default_store_path())
+    root = os.fspath(path if path is not None else default_store_path())
     url = catalog if catalog is not None else default_catalog()
     if create:
         try:
