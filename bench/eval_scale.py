@@ -93,7 +93,7 @@ def e5(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     approx = ct.nearest_neighbors(X, 15, method="approx")
     ta = time.perf_counter() - t0
-    recall = float(np.mean([len(set(a) & set(e)) / 15 for a, e in zip(approx, exact)]))
+    recall = float(np.mean([len(set(a) & set(e)) / 15 for a, e in zip(approx, exact, strict=False)]))
     fe, fa = ct.macro_f1(codes, ct.knn_vote(exact, codes)), ct.macro_f1(codes, ct.knn_vote(approx, codes))
     print(f"E5 kNN (k=15) {n} cells x {args.dim} dims: exact {te:.1f} s, approximate {ta:.1f} s; neighbour recall {recall:.4f}; "
           f"kNN-probe macro-F1 exact {fe:.4f} vs approximate {fa:.4f} (difference {fa - fe:+.4f})  [{load()}]")

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from sclstore.store.errors import EvaluationError, InvalidInputError
 
 __all__ = [
@@ -78,7 +79,7 @@ def encode_labels(labels: np.ndarray, *, min_per_class: int = 2) -> tuple[np.nda
     if classes.size < 2:
         raise EvaluationError(f"label probing needs at least two classes, got {classes.size}")
     counts = np.bincount(codes, minlength=classes.size)
-    small = [str(c) for c, k in zip(classes, counts) if k < min_per_class]
+    small = [str(c) for c, k in zip(classes, counts, strict=False) if k < min_per_class]
     if small:
         raise EvaluationError(f"classes with fewer than {min_per_class} cells cannot be cross-validated: {', '.join(small[:8])}; "
                               "drop them or lower the number of folds")

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
 from sclstore.store.errors import InvalidInputError
 
 __all__ = [

@@ -118,7 +118,7 @@ def recommendations(report: EvalReport) -> list[dict[str, Any]]:
         if claim is not None:
             rec["best_set"] = [int(x) for x in claim.get("best_set") or []]
             wins = claim.get("win_frequency") or {}
-            top = sorted(wins.items(), key=lambda kv: -float(kv[1]))[:3]
+            top = [kv for kv in sorted(wins.items(), key=lambda kv: -float(kv[1]))[:3] if float(kv[1]) > 0]
             rec["win_frequency"] = {str(k): float(v) for k, v in wins.items()}
             rec["text"] += (f" Layers statistically indistinguishable from the best: {', '.join(map(str, rec['best_set'])) or '-'}; "
                             "most frequent winners across resamples: " + ", ".join(f"layer {k} {float(v):.0%}" for k, v in top) + ".")
@@ -148,7 +148,7 @@ def _wide(df: pd.DataFrame) -> str:
     t = df.pivot_table(index="layer", columns="metric", values="score", sort=False)
     head = "<tr><th>layer</th>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in t.columns) + "</tr>"
     body = "".join("<tr><td>" + str(int(i)) + "</td>" + "".join(f"<td>{_f(v)}</td>" for v in row) + "</tr>"
-                   for i, row in zip(t.index, t.to_numpy()))
+                   for i, row in zip(t.index, t.to_numpy(), strict=False))
     return f"<table>{head}{body}</table>"
 
 
@@ -159,7 +159,11 @@ def _section(ev: dict[str, Any], report: EvalReport, tmp: Path) -> str:
     parts = [f"<h2>{html.escape(title)} <span class=small>(evaluation {ev['id']}, {html.escape(str(ev.get('created_at') or ''))})</span></h2>",
              "<p class=small>parameters: " + ", ".join(f"<code>{html.escape(str(k))}={html.escape(str(v))}</code>"
                                                      for k, v in params.items()) + "</p>"]
-    if report.task != "diagnostics":
+    stale = task is not None and str(report.params.get("version")) != str(task.version)
+    if stale:
+        parts.append(f"<div class='rec none'>Computed by an older version of this task (version {html.escape(str(report.params.get('version')))}, "
+                     f"now {html.escape(str(task.version))}): shown for the record, no recommendation; rerun the evaluation.</div>")
+    if report.task != "diagnostics" and not stale:
         recs = recommendations(report)
         for rec in recs:
             cond = f"<b>[{html.escape(str(rec['condition']))}]</b> " if rec["condition"] else ""

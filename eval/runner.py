@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
 from sclstore.store import Backend, DatasetInfo, RunInfo, cache_key
 from sclstore.store.errors import EvaluationError, InvalidInputError
 

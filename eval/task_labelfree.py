@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sclstore.store.errors import EvaluationError, InvalidInputError
 from threadpoolctl import threadpool_limits
+
+from sclstore.store.errors import EvaluationError, InvalidInputError
 
 from .celltype import encode_labels, knn_predictions, logistic_predictions, probe_score
 from .diagnostics import (

@@ -192,7 +192,7 @@ class TrajectoryTask(Task):
             res = combine_layer_pseudotimes(pts, time, subsamples=state["idxs"], reference=ref_pt, subsample_fraction=SUBSAMPLE_FRACTION,
                                             common=not paper, extra_roots=state["extra"], names=[f"layer {li}" for li in scored])
             notes["cells"] = {"n_common": res.n_common,
-                              "unreachable_per_layer": {str(li): int(u) for li, u in zip(scored, res.n_unreached)},
+                              "unreachable_per_layer": {str(li): int(u) for li, u in zip(scored, res.n_unreached, strict=False)},
                               "why": "not in the root's connected component of that layer's kNN graph (DPT infinite)",
                               "scored_on": "cells reached in every layer" if not paper else "each layer's own reached cells (paper)"}
             if state["extra"]:

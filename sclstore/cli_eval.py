@@ -44,7 +44,7 @@ def _wide(result: Any) -> Table:
     table.add_column("layer", justify="right")
     for c in df.columns:
         table.add_column(str(c), justify="right")
-    for layer, row in zip(df.index, df.to_numpy()):
+    for layer, row in zip(df.index, df.to_numpy(), strict=False):
         table.add_row(str(int(layer)), *("" if not math.isfinite(v) else f"{v:.3f}" for v in row))
     return table
 

@@ -16,7 +16,7 @@ import pandas as pd
 
 from sclstore.eval.simulate import simulate_layers, simulate_perturbseq, simulate_trajectory
 
-__all__ = ["toy_obs", "store_with_layers", "simulate_trajectory", "simulate_perturbseq", "simulate_layers", "store_snapshot"]
+__all__ = ["simulate_layers", "simulate_perturbseq", "simulate_trajectory", "store_snapshot", "store_with_layers", "toy_obs"]
 
 
 def toy_obs(n: int = 12, seed: int = 0) -> pd.DataFrame:

@@ -81,5 +81,5 @@ def test_labelfree_cli_ls_show_and_report(tmp_path: Path) -> None:
     # the recommendation states the planted layer with its numbers (from the JSON result), labels are escaped
     assert f"Use layer {best['layer']} (depth {best['depth']:.2f}): logreg_f1 {best['score']:.3f}" in text
     assert f"[{best['ci_low']:.3f}, {best['ci_high']:.3f}]" in text and f"{best['diff_vs_final']:+.3f} over the final layer 5" in text
-    final_cka = [r for r in diag["table"] if r["metric"] == "cka_final" and r["layer"] == 0][0]["score"]
+    final_cka = next(r for r in diag["table"] if r["metric"] == "cka_final" and r["layer"] == 0)["score"]
     assert f"{final_cka:.3f}" in text

@@ -10,11 +10,11 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+
+import sclstore
 from sclstore.eval import runner, tasks
 from sclstore.eval.simulate import simulate_layers
 from sclstore.store.errors import EvaluationError, InvalidInputError
-
-import sclstore
 from sclstore.testing import store_with_layers
 
 
@@ -49,9 +49,9 @@ def test_celltype_finds_planted_layer_and_caches(tmp_path: Path, monkeypatch: py
         assert again.cached
         np.testing.assert_allclose(again.table["score"].to_numpy(float), rep.table["score"].to_numpy(float))
         monkeypatch.undo()
-        with pytest.raises(EvaluationError, match="label column 'kind' is not in the obs.*cell_type"):
+        with pytest.raises(EvaluationError, match=r"label column 'kind' is not in the obs.*cell_type"):
             st.evaluate("celltype", run_id, label_key="kind")
-        with pytest.raises(InvalidInputError, match="unknown option.*foo.*valid:.*label_key"):
+        with pytest.raises(InvalidInputError, match=r"unknown option.*foo.*valid:.*label_key"):
             st.evaluate("celltype", run_id, label_key="cell_type", foo=1)
         with pytest.raises(EvaluationError, match="unknown evaluation task 'nope'; registered: celltype, diagnostics"):
             st.evaluate("nope", run_id)
