@@ -5,10 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sclstore.store import Backend, DatasetInfo, IngestConfig, ModelInfo, RunInfo, StoreSettings
+from sclstore.store import runtime
+from sclstore.store.config import IngestConfig, StoreSettings
 from sclstore.store.errors import StoreNotFoundError
+
+if TYPE_CHECKING:  # the persistence layer (SQLAlchemy, TileDB, pandas) loads when a store opens
+    from sclstore.store.backend import Backend
+    from sclstore.store.info import DatasetInfo, ModelInfo, RunInfo
+    from sclstore.store.runtime import ThreadPolicy
 
 __all__ = ["Store", "open_store", "default_store_path", "default_catalog"]
 
@@ -79,7 +85,20 @@ class Store:
         return self.backend.verify(run)
 
     # ---------------------------------------------------------------- work
-    def ingest(self, data: str | os.PathLike[str], model: str, checkpoint: str | None = None, **options: Any) -> Any:
+    @staticmethod
+    def thread_policy(threads: int | str | None = None, *, workers: int = 1) -> ThreadPolicy:
+        """The thread policy a model or evaluation call would run under (nothing is applied).
+
+        See :mod:`sclstore.store.runtime`: CPUs allowed (affinity, cgroup quota, Slurm) divided
+        among ``workers``, unless ``threads``, ``$SCLSTORE_THREADS`` or the user's
+        ``OMP_NUM_THREADS``/... say otherwise.
+        """
+        return runtime.decide(threads, workers=workers)
+
+    def ingest(
+        self, data: str | os.PathLike[str], model: str, checkpoint: str | None = None, *, threads: int | str | None = None,
+        **options: Any,
+    ) -> Any:
         """Embed every cell of an .h5ad file with every layer of a model.
 
         Parameters
@@ -90,6 +109,8 @@ class Store:
             Model family: ``tahoe-x1``, ``scfoundation``, ``scgpt``, ``geneformer`` or ``sclstore-tiny``.
         checkpoint
             Local checkpoint folder (not needed for ``sclstore-tiny``).
+        threads
+            Threads for the model (default: the thread policy, see :meth:`thread_policy`).
         **options
             Any :class:`~sclstore.store.IngestConfig` field (``pools``, ``layers``, ``dtype``,
             ``batch_size``, ``device``, ``cluster_by``, ``seed``, ...).
@@ -104,8 +125,10 @@ class Store:
         >>> store = sclstore.open_store("lab-store")                    # doctest: +SKIP
         >>> run = store.ingest("pbmc.h5ad", model="sclstore-tiny")     # doctest: +SKIP
         """
+        policy = runtime.configure(threads)  # before torch loads: OpenMP starts passive and right-sized
         from sclstore.ingest.pipeline import ingest
 
+        runtime.apply(policy)
         config = IngestConfig(model=model, checkpoint=checkpoint, **options)
         return ingest(self.backend, data, config)
 
@@ -121,16 +144,20 @@ class Store:
 
         return execute_query(self.backend, sql, memory_budget=memory_budget)
 
-    def evaluate_trajectory(self, run: int | str, **options: Any) -> Any:
+    def evaluate_trajectory(self, run: int | str, *, threads: int | str | None = None, **options: Any) -> Any:
         """Score every stored layer on trajectory inference (see :mod:`sclstore.eval`)."""
+        policy = runtime.configure(threads)
         from sclstore.eval.runner import evaluate_trajectory
 
+        runtime.apply(policy)
         return evaluate_trajectory(self.backend, run, **options)
 
-    def evaluate_perturbation(self, run: int | str, **options: Any) -> Any:
+    def evaluate_perturbation(self, run: int | str, *, threads: int | str | None = None, **options: Any) -> Any:
         """Score every stored layer on perturbation response, per condition (see :mod:`sclstore.eval`)."""
+        policy = runtime.configure(threads)
         from sclstore.eval.runner import evaluate_perturbation
 
+        runtime.apply(policy)
         return evaluate_perturbation(self.backend, run, **options)
 
 
@@ -162,6 +189,8 @@ def open_store(
     CatalogConnectionError
         If the catalog cannot be reached.
     """
+    from sclstore.store.backend import Backend
+
     root = Path(path if path is not None else default_store_path())
     url = catalog if catalog is not None else default_catalog()
     if create:

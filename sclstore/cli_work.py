@@ -7,7 +7,21 @@ from typing import Annotated, Any
 
 import typer
 
-from sclstore.cli import CatalogOpt, JsonOpt, StoreOpt, VerboseOpt, _open, app, emit_json, err, eval_app, handled, out
+from sclstore.cli import (
+    CatalogOpt,
+    JsonOpt,
+    StoreOpt,
+    ThreadsOpt,
+    VerboseOpt,
+    _open,
+    app,
+    emit_json,
+    err,
+    eval_app,
+    handled,
+    out,
+    policy_json,
+)
 from sclstore.api import default_store_path
 
 __all__: list[str] = []
@@ -45,7 +59,7 @@ def _print_eval(result: Any, json_out: bool, plot: Path | None) -> None:
     if plot is not None:
         result.plot(plot)
     if json_out:
-        emit_json(result.to_json())
+        emit_json(result.to_json() | {"thread_policy": policy_json()})
         return
     out.print(result.rich_table())
     for line in result.headline():
@@ -68,6 +82,7 @@ def eval_trajectory(
     pool: PoolOpt = None,
     bootstrap: BootOpt = 20,
     plot: PlotOpt = None,
+    threads: ThreadsOpt = None,
     store: StoreOpt = default_store_path(),
     catalog: CatalogOpt = None,
     json_out: JsonOpt = False,
@@ -75,7 +90,8 @@ def eval_trajectory(
 ) -> None:
     """Score every stored layer on trajectory inference (DPT vs ground-truth time)."""
     with _open(store, catalog) as st:
-        res = st.evaluate_trajectory(run, pseudotime_key=pseudotime_key, root_cell=root_cell, pool=pool, n_subsamples=bootstrap)
+        res = st.evaluate_trajectory(run, pseudotime_key=pseudotime_key, root_cell=root_cell, pool=pool, n_subsamples=bootstrap,
+                                     threads=threads)
     _print_eval(res, json_out, plot)
 
 
@@ -91,6 +107,7 @@ def eval_perturbation(
     pool: PoolOpt = None,
     bootstrap: BootOpt = 200,
     plot: PlotOpt = None,
+    threads: ThreadsOpt = None,
     store: StoreOpt = default_store_path(),
     catalog: CatalogOpt = None,
     json_out: JsonOpt = False,
@@ -99,7 +116,7 @@ def eval_perturbation(
     """Score every stored layer on perturbation response (RSA vs DE), per condition."""
     with _open(store, catalog) as st:
         res = st.evaluate_perturbation(run, perturbation_key=perturbation_key, control=control, condition_key=condition_key,
-                                       replicate_key=replicate_key, de_mode=de, pool=pool, n_boot=bootstrap)
+                                       replicate_key=replicate_key, de_mode=de, pool=pool, n_boot=bootstrap, threads=threads)
     _print_eval(res, json_out, plot)
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any
 
 import sqlalchemy as sa
-import tiledb
 
 from .errors import ArrayError, CatalogConnectionError
 
@@ -25,7 +25,10 @@ def translate_errors(cls: type) -> type:
                 reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
                 msg = f"catalog database error: {reason}; check that the catalog database is up and reachable, then retry"
                 raise CatalogConnectionError(msg) from exc
-            except tiledb.TileDBError as exc:
+            except Exception as exc:
+                tiledb = sys.modules.get("tiledb")  # not imported yet: no TileDB error can have happened
+                if tiledb is None or not isinstance(exc, tiledb.TileDBError):
+                    raise
                 msg = f"array storage error: {exc}; run `sclstore verify` to check the store"
                 raise ArrayError(msg) from exc
 

@@ -234,7 +234,7 @@ def _read_slurm(env: Mapping[str, str], warns: list[str]) -> int | None:
 def detect_allowance(
     *,
     env: Mapping[str, str] | None = None,
-    affinity: int | None | bool = True,
+    affinity: int | bool | None = True,
     cgroup_root: str | os.PathLike[str] = _CGROUP_ROOT,
     proc_cgroup: str | os.PathLike[str] = "/proc/self/cgroup",
     host: int | None = None,
@@ -501,13 +501,13 @@ def _apply_loaded(n: int) -> None:
             from threadpoolctl import threadpool_limits
 
             threadpool_limits(limits=n)
-        except Exception as exc:  # noqa: BLE001 - a pool we cannot resize is not worth failing a command
+        except Exception as exc:
             logger.debug("threadpoolctl could not set %d threads: %s", n, exc)
     numba = sys.modules.get("numba")
     if numba is not None and hasattr(numba, "set_num_threads"):
         try:
             numba.set_num_threads(min(n, int(numba.config.NUMBA_NUM_THREADS)))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             logger.debug("numba could not set %d threads: %s", n, exc)
 
 

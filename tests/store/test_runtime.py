@@ -144,7 +144,8 @@ def test_override_order() -> None:
     a = fixed(8)
     env = {"SCLSTORE_THREADS": "3", "OMP_NUM_THREADS": "5"}
     assert (runtime.decide(2, env=env, allowance=a).threads, runtime.decide(2, env=env, allowance=a).source) == (2, "--threads")
-    assert (runtime.decide(None, env=env, allowance=a).threads, runtime.decide(None, env=env, allowance=a).source) == (3, "SCLSTORE_THREADS")
+    p = runtime.decide(None, env=env, allowance=a)
+    assert (p.threads, p.source) == (3, "SCLSTORE_THREADS")
     env.pop("SCLSTORE_THREADS")
     p = runtime.decide(None, env=env, allowance=a)
     assert (p.threads, p.source, p.user_vars) == (5, "OMP_NUM_THREADS", {"OMP_NUM_THREADS": "5"})
@@ -254,9 +255,11 @@ print(json.dumps({{"torch": torch.get_num_threads(), "interop": torch.get_num_in
 def _child(threads: object, env_extra: dict[str, str]) -> dict:
     import json
 
-    env = {k: v for k, v in os.environ.items() if k not in (*runtime.THREAD_VARS, "OMP_WAIT_POLICY", "SCLSTORE_THREADS", "_SCLSTORE_SET_VARS")}
+    drop = (*runtime.THREAD_VARS, "OMP_WAIT_POLICY", "SCLSTORE_THREADS", "_SCLSTORE_SET_VARS")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(env_extra)
-    out = subprocess.run([sys.executable, "-c", CHILD.format(threads=threads)], env=env, capture_output=True, text=True, timeout=120, check=True)
+    cmd = [sys.executable, "-c", CHILD.format(threads=threads)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
