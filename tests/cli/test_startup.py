@@ -90,7 +90,8 @@ def test_fast_schema_revisions_agree_with_alembic(tmp_path: Path) -> None:
         assert catalogdb.current_revision(engine) is None
         catalogdb.upgrade(engine)
         with engine.connect() as conn:
-            assert catalogdb.current_revision(engine) == MigrationContext.configure(conn).get_current_revision() == catalogdb.head_revision()
+            alembic_rev = MigrationContext.configure(conn).get_current_revision()
+        assert catalogdb.current_revision(engine) == alembic_rev == catalogdb.head_revision()
         with engine.begin() as conn:
             conn.execute(sa.text("DELETE FROM alembic_version"))
         assert catalogdb.current_revision(engine) is None
