@@ -4,8 +4,9 @@ Measures, in one run (ratios are within this run):
 
 1. **Ingest** of ``--cells`` cells (default 5,000, resampled from scanpy's bundled PBMC) with the
    built-in model ``sclstore-tiny``, into a fresh store each time;
-2. **one trajectory evaluation** (every layer of a 1,500-cell simulated differentiation embedded by
-   ``sclstore-tiny``, on a fresh copy of the store so nothing is cached);
+2. **one trajectory evaluation** (every layer of a ``--traj-cells`` (1,500) cell simulated
+   differentiation embedded by ``sclstore-tiny``, ``--subsamples`` (20) interval subsamples, on a
+   fresh copy of the store so nothing is cached);
 
 each ``--reps`` times **idle** and ``--reps`` times **under load** (one busy-looping process per
 usable CPU, started and stopped by the bench), with the thread policy **on** (the default) and
@@ -18,7 +19,8 @@ only the ``store.ingest`` / ``store.evaluate_trajectory`` call is timed, not the
 
 Usage::
 
-    python bench/contention.py [--cells 5000] [--reps 5] [--startup-reps 5] [--out contention.json]
+    python bench/contention.py [--cells 5000] [--reps 5] [--traj-cells 1500] [--subsamples 20]
+                               [--startup-reps 5] [--tasks ingest,trajectory] [--out contention.json]
 
 Targets (issue 17): under load, median <= 2.5x the idle median (a fair share of the CPUs is 2x)
 and max/min <= 1.3.
@@ -54,14 +56,14 @@ def child_ingest(data: str, store: str) -> dict[str, Any]:
 
     with sclstore.open_store(store, create=True) as st:
         t0 = time.perf_counter()
-        res = st.ingest(data, "sclstore-tiny", workers=1, progress=False)
+        res = st.ingest(data, "sclstore-tiny", workers=1, device="cpu", progress=False)
         secs = time.perf_counter() - t0
     import torch
 
     return {"seconds": secs, "cells": res.cells, "torch_threads": torch.get_num_threads()}
 
 
-def child_trajectory(store: str, run: int) -> dict[str, Any]:
+def child_trajectory(store: str, run: int, subsamples: int) -> dict[str, Any]:
     import sclstore
     from sclstore.store import runtime
 
@@ -70,7 +72,7 @@ def child_trajectory(store: str, run: int) -> dict[str, Any]:
 
     with sclstore.open_store(store) as st:
         t0 = time.perf_counter()
-        rep = st.evaluate_trajectory(run, pseudotime_key="latent_time", n_subsamples=20, n_neighbors=15)
+        rep = st.evaluate_trajectory(run, pseudotime_key="latent_time", n_subsamples=subsamples, n_neighbors=15)
         secs = time.perf_counter() - t0
     assert not rep.cached
     return {"seconds": secs}
@@ -111,7 +113,7 @@ class Busy:
             p.wait(timeout=10)
 
 
-def _prepare(work: Path, cells: int) -> tuple[Path, Path, int]:
+def _prepare(work: Path, cells: int, traj_cells: int) -> tuple[Path, Path, int]:
     import numpy as np
 
     from sclstore import open_store
@@ -127,7 +129,7 @@ def _prepare(work: Path, cells: int) -> tuple[Path, Path, int]:
     data = work / f"pbmc_{cells}.h5ad"
     ad.write_h5ad(data)
     traj = work / "trajectory.h5ad"
-    simulate_trajectory(n_cells=1500, n_genes=400, seed=0).write_h5ad(traj)
+    simulate_trajectory(n_cells=traj_cells, n_genes=400, seed=0).write_h5ad(traj)
     tstore = work / "traj-store"
     with open_store(tstore, create=True) as st:
         run = st.ingest(traj, "sclstore-tiny", workers=0, progress=False).id
@@ -161,7 +163,7 @@ def _top_imports(code: str, n: int = 8) -> list[tuple[str, float]]:
     return sorted(rows, key=lambda r: -r[1])[:n]
 
 
-def startup(work: Path, reps: int) -> dict[str, Any]:
+def startup(work: Path, reps: int, baseline: str | None = None) -> dict[str, Any]:
     import numpy as np
 
     from sclstore.store import ArraySpec, Backend, cache_key
@@ -185,6 +187,9 @@ def startup(work: Path, reps: int) -> dict[str, Any]:
     env = _env(True)
     _timed(cmds["sclstore --help"], 1, env)  # warm the file cache
     out: dict[str, Any] = {"wall_s": {k: _stats(_timed(c, reps, env)) for k, c in cmds.items()}}
+    if baseline:  # the same commands with another install (e.g. the code before the lazy imports)
+        base = [baseline, "-m", "sclstore.cli"]
+        out["baseline_wall_s"] = {k: _stats(_timed([*base, *c[len(exe):]], reps, env)) for k, c in cmds.items()}
     out["python_startup_s"] = _stats(_timed([sys.executable, "-c", "pass"], reps, env))
     out["top_imports_cli"] = _top_imports("import sclstore.cli")
     out["top_imports_query"] = _top_imports(
@@ -198,15 +203,18 @@ def main() -> None:
     ap.add_argument("--cells", type=int, default=5000)
     ap.add_argument("--reps", type=int, default=5, help="Repetitions per cell of the table (the issue asks for 5).")
     ap.add_argument("--startup-reps", type=int, default=5)
-    ap.add_argument("--tasks", default="ingest,trajectory", help="Comma list: ingest, trajectory.")
+    ap.add_argument("--traj-cells", type=int, default=1500, help="Cells of the simulated differentiation.")
+    ap.add_argument("--subsamples", type=int, default=20, help="Subsamples of the trajectory evaluation's intervals.")
+    ap.add_argument("--tasks", default="ingest,trajectory", help="Comma list: ingest, trajectory (empty: start-up only).")
     ap.add_argument("--skip-startup", action="store_true")
+    ap.add_argument("--baseline-python", default=None, help="Also time start-up with this interpreter's sclstore install.")
     ap.add_argument("--timeout", type=float, default=600, help="Seconds per measurement before giving up.")
     ap.add_argument("--out", type=Path, default=None, help="Write the results as JSON here.")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         kind, *rest = args.child
-        res = child_ingest(*rest) if kind == "ingest" else child_trajectory(rest[0], int(rest[1]))
+        res = child_ingest(*rest) if kind == "ingest" else child_trajectory(rest[0], int(rest[1]), int(rest[2]))
         sys.stdout.write(json.dumps(res) + "\n")
         return
 
@@ -214,13 +222,15 @@ def main() -> None:
 
     allowance = runtime.detect_allowance()
     report: dict[str, Any] = {"allowance": allowance.describe(), "busy_processes": allowance.cpus, "reps": args.reps,
-                              "cells": args.cells, "load_at_start": os.getloadavg()}
+                              "cells": args.cells, "traj_cells": args.traj_cells, "subsamples": args.subsamples,
+                              "load_at_start": os.getloadavg()}
     print(f"allowance {allowance.describe()}; load average at start {report['load_at_start']}", flush=True)
     with tempfile.TemporaryDirectory(prefix="sclstore-contention-") as tmp:
         work = Path(tmp)
-        data, tstore, trun = _prepare(work, args.cells)
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        data, tstore, trun = _prepare(work, args.cells, args.traj_cells) if tasks else (work, work, 0)
         rows: list[dict[str, Any]] = []
-        for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
+        for task in tasks:
             for policy in (True, False):
                 for loaded in (False, True):
                     secs, threads = [], None
@@ -233,7 +243,7 @@ def main() -> None:
                             else:
                                 copy = work / f"traj-{policy}-{loaded}-{i}"
                                 shutil.copytree(tstore, copy)
-                                res = _child(["trajectory", str(copy), str(trun)], policy, args.timeout)
+                                res = _child(["trajectory", str(copy), str(trun), str(args.subsamples)], policy, args.timeout)
                                 shutil.rmtree(copy, ignore_errors=True)
                             secs.append(res["seconds"])
                             print(f"  {task:10s} policy={'on ' if policy else 'off'} {'loaded' if loaded else 'idle  '} rep {i}: "
@@ -246,7 +256,7 @@ def main() -> None:
                 idle = next(r for r in rows if r["task"] == row["task"] and r["policy"] == row["policy"] and not r["loaded"])
                 row["loaded_over_idle"] = row["median"] / idle["median"]
         if not args.skip_startup:
-            report["startup"] = startup(work, args.startup_reps)
+            report["startup"] = startup(work, args.startup_reps, args.baseline_python)
     report["load_at_end"] = os.getloadavg()
     print(render(report))
     if args.out:
@@ -273,9 +283,11 @@ def render(report: dict[str, Any]) -> str:
                      f"{r['torch_threads'] if r['torch_threads'] is not None else ''} |")
     if "startup" in report:
         s = report["startup"]
-        lines += ["", "| command | median s | min s | max s |", "|---|---|---|---|"]
+        base = s.get("baseline_wall_s", {})
+        lines += ["", "| command | median s | min s | max s | baseline median s |", "|---|---|---|---|---|"]
         for k, v in {**s["wall_s"], "python -c pass": s["python_startup_s"]}.items():
-            lines.append(f"| {k} | {v['median']:.3f} | {v['min']:.3f} | {v['max']:.3f} |")
+            b = f"{base[k]['median']:.3f}" if k in base else ""
+            lines.append(f"| {k} | {v['median']:.3f} | {v['min']:.3f} | {v['max']:.3f} | {b} |")
         lines += ["", "top imports, `import sclstore.cli`: " + ", ".join(f"{n} {t:.3f} s" for n, t in s["top_imports_cli"]),
                   "top imports, one-layer query: " + ", ".join(f"{n} {t:.3f} s" for n, t in s["top_imports_query"])]
     return "\n".join(lines)
