@@ -150,6 +150,7 @@ class Store:
         from sclstore.eval.runner import evaluate_trajectory
 
         runtime.apply(policy)
+        _cap_jobs(policy, options)
         return evaluate_trajectory(self.backend, run, **options)
 
     def evaluate_perturbation(self, run: int | str, *, threads: int | str | None = None, **options: Any) -> Any:
@@ -158,7 +159,15 @@ class Store:
         from sclstore.eval.runner import evaluate_perturbation
 
         runtime.apply(policy)
+        _cap_jobs(policy, options)
         return evaluate_perturbation(self.backend, run, **options)
+
+
+def _cap_jobs(policy: ThreadPolicy, options: dict[str, Any]) -> None:
+    """Parallel jobs of an evaluation (``n_jobs`` / ``jobs``) capped at the policy's threads."""
+    for key in ("n_jobs", "jobs"):
+        if options.get(key) is not None and int(options[key]) > 1:
+            options[key] = policy.cap_jobs(int(options[key]))
 
 
 def open_store(

@@ -128,3 +128,22 @@ def test_eval_reports_the_policy(tmp_path: Path) -> None:
     res = json.loads(out)
     assert res["thread_policy"]["threads"] == 1 and res["thread_policy"]["source"] == "--threads"
     assert st["wait"] == "PASSIVE" and st["omp"] == "1"
+
+
+def test_store_caps_parallel_evaluation_jobs_at_the_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sclstore
+    from sclstore.eval import runner as runner_mod
+
+    monkeypatch.setattr(runtime, "apply", lambda policy, **_k: policy)  # decide only: leave this process's pools alone
+    seen: dict[str, object] = {}
+
+    def fake(_backend: object, _run: object, **options: object) -> str:
+        seen.update(options)
+        return "ok"
+
+    monkeypatch.setattr(runner_mod, "evaluate_perturbation", fake)
+    with sclstore.open_store(tmp_path / "s", create=True) as st:
+        assert st.evaluate_perturbation(1, threads=2, n_jobs=64, perturbation_key="g") == "ok"
+        assert seen["n_jobs"] == 2  # 64 processes on a 2-thread policy would oversubscribe 32x
+        assert st.evaluate_perturbation(1, threads=3, n_jobs=2, perturbation_key="g") == "ok"
+        assert seen["n_jobs"] == 2
