@@ -206,6 +206,7 @@ def main() -> None:
     ap.add_argument("--traj-cells", type=int, default=1500, help="Cells of the simulated differentiation.")
     ap.add_argument("--subsamples", type=int, default=20, help="Subsamples of the trajectory evaluation's intervals.")
     ap.add_argument("--tasks", default="ingest,trajectory", help="Comma list: ingest, trajectory (empty: start-up only).")
+    ap.add_argument("--policies", default="on,off", help="Comma list: on (the thread policy), off (SCLSTORE_THREADS=off).")
     ap.add_argument("--skip-startup", action="store_true")
     ap.add_argument("--baseline-python", default=None, help="Also time start-up with this interpreter's sclstore install.")
     ap.add_argument("--timeout", type=float, default=600, help="Seconds per measurement before giving up.")
@@ -231,7 +232,7 @@ def main() -> None:
         data, tstore, trun = _prepare(work, args.cells, args.traj_cells) if tasks else (work, work, 0)
         rows: list[dict[str, Any]] = []
         for task in tasks:
-            for policy in (True, False):
+            for policy in [p.strip() == "on" for p in args.policies.split(",") if p.strip()]:
                 for loaded in (False, True):
                     secs, threads = [], None
                     with Busy(allowance.cpus) if loaded else _Null():
