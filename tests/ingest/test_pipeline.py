@@ -282,3 +282,38 @@ def test_forked_workers_do_not_hang_after_torch_ran_in_parent(tmp_path: Path) ->
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_repeated_ingest_reads_neither_data_nor_checkpoint_bytes(
+    tmp_path: Path, data: Path, tiny_tahoe_hf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The digest cache: an unchanged file is not hashed again; --rehash (rehash=True) re-reads both."""
+    from sclstore.ingest import adapter as adapter_mod
+
+    monkeypatch.setenv("SCLSTORE_CACHE_DIR", str(tmp_path / "digests"))
+    scans: list[str] = []
+    reads: list[str] = []
+    real_scan, real_open = CountsSource.scan, Path.open
+
+    def counting_scan(self: CountsSource, *a: object, **k: object) -> str:
+        scans.append(str(self.path))
+        return real_scan(self, *a, **k)  # type: ignore[arg-type]
+
+    def counting_open(self: Path, *a: object, **k: object):  # noqa: ANN202
+        if self.parent == tiny_tahoe_hf:
+            reads.append(self.name)
+        return real_open(self, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(CountsSource, "scan", counting_scan)
+    monkeypatch.setattr(adapter_mod.Path, "open", counting_open)
+    with sclstore.open_store(tmp_path / "s", create=True) as st:
+        first = st.ingest(data, "tahoe-x1", str(tiny_tahoe_hf), progress=False, workers=0)
+        assert scans == [str(data)] and "model.safetensors" in reads
+        scans.clear()
+        reads.clear()
+        again = st.ingest(data, "tahoe-x1", str(tiny_tahoe_hf), progress=False, workers=0)
+        assert again.cache_hit and again.id == first.id
+        assert scans == [] and "model.safetensors" not in reads
+        forced = st.ingest(data, "tahoe-x1", str(tiny_tahoe_hf), progress=False, workers=0, rehash=True)
+        assert forced.cache_hit and forced.id == first.id
+        assert scans == [str(data)] and "model.safetensors" in reads
