@@ -140,11 +140,11 @@ def _stats(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "max_over_min": max(xs) / min(xs)}
 
 
-def _timed(cmd: list[str], reps: int, env: dict[str, str]) -> list[float]:
+def _timed(cmd: list[str], reps: int, env: dict[str, str], cwd: Path | None = None) -> list[float]:
     out = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=cwd)
         out.append(time.perf_counter() - t0)
         if proc.returncode != 0:
             raise RuntimeError(f"{cmd} failed: {proc.stderr[-2000:]}")
@@ -188,8 +188,9 @@ def startup(work: Path, reps: int, baseline: str | None = None) -> dict[str, Any
     _timed(cmds["sclstore --help"], 1, env)  # warm the file cache
     out: dict[str, Any] = {"wall_s": {k: _stats(_timed(c, reps, env)) for k, c in cmds.items()}}
     if baseline:  # the same commands with another install (e.g. the code before the lazy imports)
-        base = [baseline, "-m", "sclstore.cli"]
-        out["baseline_wall_s"] = {k: _stats(_timed([*base, *c[len(exe):]], reps, env)) for k, c in cmds.items()}
+        base = [str(Path(baseline).with_name("sclstore"))]  # that install's console script
+        # run outside any source checkout, so `-m sclstore.cli` imports the other install's package
+        out["baseline_wall_s"] = {k: _stats(_timed([*base, *c[len(exe):]], reps, env, cwd=work)) for k, c in cmds.items()}
     out["python_startup_s"] = _stats(_timed([sys.executable, "-c", "pass"], reps, env))
     out["top_imports_cli"] = _top_imports("import sclstore.cli")
     out["top_imports_query"] = _top_imports(
