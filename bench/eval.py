@@ -44,6 +44,9 @@ Usage::
                          [--subsamples 20] [--dpt-cells 500 1000 2000 4000] [--dpt-dim 64]
                          [--dpt-repeats 3] [--threads 2] [--dir WORK]
 
+Scale (issue 14 item 7: 100k-cell trajectory, 2,000-perturbation screen, approximate vs exact kNN):
+``bench/eval_scale.py [--size 0.05]``.
+
 Smoke test::
 
     python bench/eval.py --traj-cells 300 --perturbations 6 --cells-per-perturbation 20 \\

@@ -20,20 +20,20 @@ import pandas as pd
 from scipy import sparse
 from scipy import stats as sps
 from scipy.sparse.csgraph import connected_components
-
 from sclstore.store.errors import EvaluationError, InvalidInputError
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
 __all__ = [
-    "RootRule",
     "ROOT_RULES",
     "DPTResult",
     "ReferencePseudotime",
+    "RootRule",
     "as_time",
     "dpt_pseudotime",
     "reference_pseudotime",
+    "standardize_columns",
 ]
 
 logger = logging.getLogger(__name__)
@@ -139,7 +139,31 @@ def _check_X(X: np.ndarray, n: int | None = None) -> np.ndarray:
     return X
 
 
-def _graph(X: np.ndarray, n_neighbors: int, n_dcs: int, seed: int) -> AnnData:
+def standardize_columns(X: np.ndarray) -> np.ndarray:
+    """Z-score every coordinate (mean 0, sd 1); constant coordinates become 0.
+
+    One coordinate with a large spread (a "rogue dimension") dominates Euclidean kNN; z-scoring
+    gives every coordinate the same weight.
+
+    Parameters
+    ----------
+    X
+        cells x dim.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32, same shape.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    sd = X.std(axis=0)
+    Z = (X - X.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+    Z[:, sd == 0] = 0.0
+    return Z.astype(np.float32)
+
+
+def _graph(X: np.ndarray, n_neighbors: int, n_dcs: int, seed: int, *, transformer: str | None = "sklearn",
+           diffmap_comps: int | None = None) -> AnnData:
     import anndata as ad
     import scanpy as sc
 
@@ -149,8 +173,9 @@ def _graph(X: np.ndarray, n_neighbors: int, n_dcs: int, seed: int) -> AnnData:
     a.obsm["rep"] = X
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sc.pp.neighbors(a, n_neighbors=k, use_rep="rep", transformer="sklearn", random_state=seed)
-        sc.tl.diffmap(a, n_comps=min(n_dcs, n - 2), random_state=seed)
+        sc.pp.neighbors(a, n_neighbors=k, use_rep="rep", transformer=transformer, random_state=seed)
+        sc.tl.diffmap(a, n_comps=min(diffmap_comps or n_dcs, n - 2), random_state=seed)
+    a.uns["sclstore_n_dcs"] = int(min(n_dcs, a.obsm["X_diffmap"].shape[1]))
     return a
 
 
@@ -202,7 +227,7 @@ def _dpt_from_graph(a: AnnData, root: int) -> np.ndarray:
     a.uns["iroot"] = int(root)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sc.tl.dpt(a, n_dcs=a.obsm["X_diffmap"].shape[1])
+        sc.tl.dpt(a, n_dcs=int(a.uns.get("sclstore_n_dcs", a.obsm["X_diffmap"].shape[1])))
     return a.obs["dpt_pseudotime"].to_numpy(dtype=float)
 
 

@@ -24,32 +24,40 @@ from typing import Literal, get_args
 import numpy as np
 import pandas as pd
 from scipy import sparse
-
-from sclstore.eval.de import DEMode, _missing_control, expressed_genes, pseudobulk, run_de
+from sclstore.eval.de import (
+    DEMode,
+    _missing_control,
+    expressed_genes,
+    pseudobulk,
+    run_de,
+)
 from sclstore.eval.stats import (
     PairedDifference,
-    bootstrap_rsa,
     cosine_similarity_matrix,
     de_similarity,
-    finite_subset,
-    mantel_test,
     paired_difference,
     percentile_ci,
-    rsa_spearman,
+    rsa_folds,
 )
 from sclstore.store.errors import EvaluationError, InvalidInputError
 
 __all__ = [
-    "Variant",
     "VARIANTS",
     "PerturbationScore",
+    "Similarity",
     "SplitHalfCeiling",
-    "select_perturbations",
-    "group_centroids",
+    "Variant",
+    "ceiling_from_folds",
+    "crossfit_de",
+    "crossfit_halves",
     "embedding_vectors",
+    "group_centroids",
+    "perturbation_paired_difference",
+    "rsa_crossfit",
     "rsa_from_centroids",
     "score_perturbation",
-    "perturbation_paired_difference",
+    "score_perturbation_crossfit",
+    "select_perturbations",
     "split_half_ceiling",
 ]
 
@@ -57,6 +65,7 @@ logger = logging.getLogger(__name__)
 
 Variant = Literal["shift", "centroid"]
 VARIANTS: tuple[str, ...] = get_args(Variant)
+Similarity = Literal["pearson", "spearman"]
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)  # holds arrays: compare fields explicitly
@@ -81,6 +90,8 @@ class PerturbationScore:
         The perturbations, in matrix order.
     boot
         Bootstrap replicates (paired across layers scored with the same seed and perturbations).
+    n_folds
+        Cross-fitting folds averaged (1: DE and embedding from the same cells, leak-prone).
     """
 
     score: float
@@ -92,15 +103,17 @@ class PerturbationScore:
     variant: str
     perturbations: tuple[str, ...] = field(repr=False)
     boot: np.ndarray = field(repr=False)
+    n_folds: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)
 class SplitHalfCeiling:
     """Reproducibility of the DE similarity structure between two halves of the cells.
 
-    Read a layer's RSA against it: a score near the ceiling is as good as the DE noise allows.
-    The layers embed the same cells the DE is computed from (the paper's leakage caveat), so
-    shared sampling noise can let a layer's RSA exceed the half-data value.
+    Read a layer's RSA against the noise ceiling (classical test theory: a measure correlates with
+    anything at most ``sqrt(reliability)``): ``ceiling_half`` for cross-fitted scores (their
+    DE comes from half of the cells, whose reliability is the split-half ``rsa``) and
+    ``ceiling_full`` = ``sqrt(spearman_brown)`` for the leak-prone full-data scores.
 
     Attributes
     ----------
@@ -114,6 +127,14 @@ class SplitHalfCeiling:
         Perturbations in the (last) split.
     mode
         DE mode used on the halves.
+    ceiling_full
+        ``sqrt(spearman_brown)``: the most a layer can reach against DE from all the cells
+        (the leak-prone, non-cross-fitted scores).
+    ceiling_half
+        ``sqrt(rsa)``: the most a layer can reach against DE from half of the cells (the
+        cross-fitted scores, whose DE side is one half).
+    similarity
+        DE similarity used (``"pearson"`` or ``"spearman"``).
     """
 
     rsa: float
@@ -121,6 +142,9 @@ class SplitHalfCeiling:
     values: tuple[float, ...]
     n_perturbations: int
     mode: str
+    ceiling_full: float = float("nan")
+    ceiling_half: float = float("nan")
+    similarity: str = "pearson"
 
 
 def _labels(x: Sequence[str] | np.ndarray | pd.Series, n: int | None, what: str) -> np.ndarray:
@@ -268,12 +292,16 @@ def rsa_from_centroids(
     de_lfc: pd.DataFrame,
     *,
     variant: Variant = "shift",
+    similarity: Similarity = "pearson",
     n_boot: int = 1000,
     n_perm: int = 999,
     seed: int = 0,
     level: float = 0.95,
 ) -> PerturbationScore:
     """RSA score of one layer from per-group centroids (e.g. returned by a GROUP BY query).
+
+    DE and centroids from the same cells are leak-prone (shared sampling noise inflates the
+    score); :func:`rsa_crossfit` with folds from :func:`crossfit_halves` avoids that.
 
     Parameters
     ----------
@@ -286,6 +314,8 @@ def rsa_from_centroids(
         (those that also have a centroid) and their order.
     variant
         ``"shift"`` (default) or the paper's ``"centroid"``.
+    similarity
+        DE similarity: ``"pearson"`` (default) or the paper's ``"spearman"``.
     n_boot
         Bootstrap resamples over perturbations for the interval (0 disables it).
     n_perm
@@ -304,32 +334,257 @@ def rsa_from_centroids(
     EvaluationError
         Missing control centroid (shift variant) or fewer than 3 scorable perturbations.
     """
+    return rsa_crossfit([centroids], [de_lfc], control, variant=variant, similarity=similarity, n_boot=n_boot, n_perm=n_perm,
+                        seed=seed, level=level)
+
+
+def _finite_folds(mats: list[tuple[np.ndarray, np.ndarray]], perts: list[str]) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[str]]:
+    """Drop items (worst first) until every fold's matrices are finite off the diagonal."""
+    keep = np.ones(len(perts), dtype=bool)
+    while True:
+        bad = np.zeros((len(perts), len(perts)), dtype=bool)
+        for a, b in mats:
+            bad |= ~(np.isfinite(a) & np.isfinite(b))
+        np.fill_diagonal(bad, False)
+        bad[~keep, :] = False
+        bad[:, ~keep] = False
+        if not bad.any():
+            break
+        keep[int(np.argmax(bad.sum(axis=1)))] = False
+    if not keep.all():
+        logger.warning("dropped %d perturbations with undefined similarity (zero shift or constant DE): %s",
+                       int((~keep).sum()), [p for p, k in zip(perts, keep) if not k][:5])
+    ix = np.ix_(keep, keep)
+    return [(a[ix], b[ix]) for a, b in mats], [p for p, k in zip(perts, keep) if k]
+
+
+def rsa_crossfit(
+    centroid_folds: Sequence[Mapping[str, np.ndarray]],
+    de_folds: Sequence[pd.DataFrame],
+    control: str,
+    *,
+    variant: Variant = "shift",
+    similarity: Similarity = "pearson",
+    n_boot: int = 1000,
+    n_perm: int = 999,
+    seed: int = 0,
+    level: float = 0.95,
+) -> PerturbationScore:
+    """RSA averaged over cross-fitting folds: fold ``i`` pairs ``de_folds[i]`` with ``centroid_folds[i]``.
+
+    In a fold the DE comes from one half of the cells and the centroids from the other, so the
+    sampling noise of the two sides is independent (no leakage). The score, each bootstrap
+    replicate and each Mantel permutation statistic are means over the folds
+    (:func:`~sclstore.eval.stats.rsa_folds`); one fold reproduces :func:`rsa_from_centroids`.
+
+    Parameters
+    ----------
+    centroid_folds
+        Per fold, ``{label: mean embedding}`` of the cells *not* used for that fold's DE.
+    de_folds
+        Per fold, perturbations x genes log2 fold changes.
+    control, variant, similarity, n_boot, n_perm, seed, level
+        As in :func:`rsa_from_centroids`.
+
+    Returns
+    -------
+    PerturbationScore
+        ``n_folds`` = number of folds; perturbations = those scorable in every fold.
+
+    Raises
+    ------
+    EvaluationError
+        Missing control centroid, or fewer than 3 perturbations scorable in every fold.
+    """
     if variant not in VARIANTS:
         msg = f"unknown variant {variant!r}; pass one of {list(VARIANTS)}"
         raise InvalidInputError(msg)
-    cents = {str(k): v for k, v in centroids.items()}
-    if variant == "shift" and control not in cents:
-        raise _missing_control(control, np.asarray(list(cents)))
-    idx = [str(p) for p in de_lfc.index]
-    perts = [p for p in idx if p in cents and p != control]
+    if len(centroid_folds) != len(de_folds) or not de_folds:
+        msg = f"need one DE per centroid fold, got {len(de_folds)} DE and {len(centroid_folds)} centroid folds"
+        raise InvalidInputError(msg)
+    cfs = [{str(k): v for k, v in c.items()} for c in centroid_folds]
+    if variant == "shift":
+        for c in cfs:
+            if control not in c:
+                raise _missing_control(control, np.asarray(list(c)))
+    idx = [str(p) for p in de_folds[0].index]
+    perts = [p for p in idx if p != control and all(p in c for c in cfs)
+             and all(p in set(map(str, d.index)) for d in de_folds)]
     if len(perts) < len(idx):
-        logger.info("%d DE perturbations have no centroid and are skipped", len(idx) - len(perts))
+        logger.info("%d DE perturbations lack a centroid or DE in some fold and are skipped", len(idx) - len(perts))
     if len(perts) < 3:
         msg = f"RSA needs >=3 perturbations with both DE and embedding, got {len(perts)}; pass more perturbations (labels in DE: {idx[:5]})"
         raise EvaluationError(msg)
-    S_de = de_similarity(de_lfc.set_axis(idx, axis=0).loc[perts])
-    S_emb = cosine_similarity_matrix(embedding_vectors(cents, control, perts, variant=variant))
-    S_de, S_emb, perts = finite_subset(S_de, S_emb, perts)
+    mats = []
+    for c, d in zip(cfs, de_folds):
+        S_de = de_similarity(d.set_axis([str(x) for x in d.index], axis=0).loc[perts], method=similarity)
+        S_emb = cosine_similarity_matrix(embedding_vectors(c, control, perts, variant=variant))
+        mats.append((S_de, S_emb))
+    mats, perts = _finite_folds(mats, perts)
     if len(perts) < 3:
         msg = f"only {len(perts)} perturbations have a defined similarity; RSA needs >=3"
         raise EvaluationError(msg)
-    score = rsa_spearman(S_de, S_emb)
-    boot = bootstrap_rsa(S_de, S_emb, n_boot=n_boot, seed=seed) if n_boot > 0 else np.empty(0)
+    score, boot, p = rsa_folds(mats, n_boot=n_boot, n_perm=n_perm, seed=seed)
     lo, hi = percentile_ci(boot, level=level) if n_boot > 0 else (float("nan"), float("nan"))
-    p = mantel_test(S_de, S_emb, n_perm=n_perm, seed=seed) if n_perm > 0 else float("nan")
     k = len(perts)
-    return PerturbationScore(score=score, ci_low=lo, ci_high=hi, p_value=p, n_perturbations=k,
-                             n_pairs=k * (k - 1) // 2, variant=variant, perturbations=tuple(perts), boot=boot)
+    return PerturbationScore(score=score, ci_low=lo, ci_high=hi, p_value=p, n_perturbations=k, n_pairs=k * (k - 1) // 2,
+                             variant=variant, perturbations=tuple(perts), boot=boot if n_boot > 0 else np.empty(0),
+                             n_folds=len(mats))
+
+
+def crossfit_halves(
+    perturbation_labels: Sequence[str] | np.ndarray | pd.Series,
+    replicate_labels: Sequence[str] | np.ndarray | pd.Series,
+    *,
+    n_splits: int = 1,
+    seed: int = 0,
+) -> list[np.ndarray]:
+    """Random halves of the cells, balanced within every (perturbation, replicate) group.
+
+    Parameters
+    ----------
+    perturbation_labels, replicate_labels
+        Per-cell labels (one condition).
+    n_splits
+        Number of independent splits.
+    seed
+        Seed; equal arguments give equal splits (so every layer uses the same halves).
+
+    Returns
+    -------
+    list of numpy.ndarray
+        One boolean mask per split (``True`` = half A); each split gives two folds (DE from A
+        with centroids from B, and the reverse).
+    """
+    pert = _labels(perturbation_labels, None, "perturbation labels")
+    rep = _labels(replicate_labels, pert.shape[0], "replicate labels")
+    if n_splits < 1:
+        msg = f"n_splits must be >= 1, got {n_splits}"
+        raise InvalidInputError(msg)
+    rng = np.random.default_rng(seed + 104729)
+    groups = pd.Series(np.arange(pert.shape[0])).groupby([pert, rep]).indices
+    out = []
+    for _ in range(n_splits):
+        half = np.zeros(pert.shape[0], dtype=bool)
+        for _key, ix in groups.items():
+            ix = rng.permutation(ix)
+            half[ix[: (len(ix) + int(rng.integers(0, 2))) // 2]] = True
+        out.append(half)
+    return out
+
+
+def crossfit_de(
+    counts: np.ndarray | sparse.spmatrix,
+    perturbation_labels: Sequence[str] | np.ndarray | pd.Series,
+    replicate_labels: Sequence[str] | np.ndarray | pd.Series,
+    control: str,
+    halves: Sequence[np.ndarray],
+    *,
+    perturbations: Sequence[str] | None = None,
+    genes: Sequence[str] | None = None,
+    gene_names: Sequence[str] | None = None,
+    mode: DEMode = "fast",
+    n_jobs: int = 1,
+    only: int | None = None,
+) -> list[pd.DataFrame]:
+    """DE of each half of each split: ``[DE(A_1), DE(B_1), DE(A_2), ...]`` (log2 fold changes).
+
+    Pair fold ``2 s`` with centroids of ``~halves[s]`` and fold ``2 s + 1`` with centroids of
+    ``halves[s]`` (:func:`score_perturbation_crossfit` does this).
+
+    Parameters
+    ----------
+    counts
+        Raw counts of one condition, cells x genes.
+    perturbation_labels, replicate_labels
+        Per-cell labels.
+    control
+        Control label.
+    halves
+        Masks from :func:`crossfit_halves`.
+    perturbations
+        Perturbations to test (default: all but the control).
+    genes
+        Gene universe (default: genes expressed in the condition's full pseudobulks), the same
+        for every half.
+    gene_names
+        Count column names.
+    mode
+        DE mode.
+    n_jobs
+        Parallel pydeseq2 fits.
+    only
+        Compute only fold ``only`` (an index into the output order; e.g. to cache folds one by
+        one) and return it as a one-element list.
+
+    Returns
+    -------
+    list of pandas.DataFrame
+    """
+    pert = _labels(perturbation_labels, None, "perturbation labels")
+    rep = _labels(replicate_labels, pert.shape[0], "replicate labels")
+    C = sparse.csr_matrix(counts)
+    names = [str(g) for g in gene_names] if gene_names is not None else [f"g{i}" for i in range(C.shape[1])]
+    universe = pd.Index([str(g) for g in genes]) if genes is not None else \
+        expressed_genes(pseudobulk(C, pert, rep, gene_names=names)[0])
+    want = None if perturbations is None else [str(p) for p in perturbations if str(p) != control]
+    out = []
+    masks = [h for half in halves for h in (half, ~half)]
+    for i, h in enumerate(masks):
+        if only is not None and i != only:
+            continue
+        pb, meta = pseudobulk(C[h], pert[h], rep[h], gene_names=names)
+        out.append(run_de(pb, meta, control, mode=mode, perturbations=want, genes=universe, n_jobs=n_jobs).lfc)
+    return out
+
+
+def score_perturbation_crossfit(
+    emb: np.ndarray,
+    perturbation_labels: Sequence[str] | np.ndarray | pd.Series,
+    control: str,
+    de_folds: Sequence[pd.DataFrame],
+    halves: Sequence[np.ndarray],
+    *,
+    variant: Variant = "shift",
+    similarity: Similarity = "pearson",
+    n_boot: int = 1000,
+    n_perm: int = 999,
+    seed: int = 0,
+    level: float = 0.95,
+) -> PerturbationScore:
+    """Cross-fitted RSA of one layer: DE of each half against centroids of the other half.
+
+    Parameters
+    ----------
+    emb
+        Embedding of the condition's cells, cells x dim.
+    perturbation_labels
+        Perturbation label per cell.
+    control
+        Control label.
+    de_folds
+        :func:`crossfit_de` on the same ``halves``.
+    halves
+        :func:`crossfit_halves` masks.
+    variant, similarity, n_boot, n_perm, seed, level
+        As in :func:`rsa_from_centroids`.
+
+    Returns
+    -------
+    PerturbationScore
+    """
+    X = np.asarray(emb)
+    lab = _labels(perturbation_labels, X.shape[0], "perturbation labels")
+    if len(de_folds) != 2 * len(halves):
+        msg = f"need two DE folds per split, got {len(de_folds)} for {len(halves)} splits; use crossfit_de on the same halves"
+        raise InvalidInputError(msg)
+    groups = [control, *{str(p) for d in de_folds for p in d.index}]
+    cents = []
+    for half in halves:
+        cents.append(group_centroids(X[~half], lab[~half], groups=groups))  # pairs with DE of half A
+        cents.append(group_centroids(X[half], lab[half], groups=groups))  # pairs with DE of half B
+    return rsa_crossfit(cents, list(de_folds), control, variant=variant, similarity=similarity, n_boot=n_boot, n_perm=n_perm,
+                        seed=seed, level=level)
 
 
 def score_perturbation(
@@ -343,8 +598,9 @@ def score_perturbation(
     n_perm: int = 999,
     seed: int = 0,
     level: float = 0.95,
+    similarity: Similarity = "pearson",
 ) -> PerturbationScore:
-    """RSA score of one layer's embedding in one condition.
+    """RSA score of one layer's embedding in one condition (DE and embedding from the same cells).
 
     Parameters
     ----------
@@ -356,7 +612,7 @@ def score_perturbation(
         Control label (e.g. ``"NTC"``).
     de_lfc
         DE of each perturbation vs control in this condition (:class:`DEResult.lfc`).
-    variant, n_boot, n_perm, seed, level
+    variant, n_boot, n_perm, seed, level, similarity
         As in :func:`rsa_from_centroids`.
 
     Returns
@@ -377,7 +633,8 @@ def score_perturbation(
     if control not in set(lab.tolist()):
         raise _missing_control(control, lab)
     cents = group_centroids(emb, lab, groups=[control, *map(str, de_lfc.index)])
-    return rsa_from_centroids(cents, control, de_lfc, variant=variant, n_boot=n_boot, n_perm=n_perm, seed=seed, level=level)
+    return rsa_from_centroids(cents, control, de_lfc, variant=variant, similarity=similarity, n_boot=n_boot, n_perm=n_perm,
+                              seed=seed, level=level)
 
 
 def perturbation_paired_difference(
@@ -422,6 +679,8 @@ def split_half_ceiling(
     mode: DEMode = "fast",
     n_splits: int = 5,
     seed: int = 0,
+    similarity: Similarity = "pearson",
+    n_jobs: int = 1,
 ) -> SplitHalfCeiling:
     """Split-half reliability of the DE similarity structure (a noise ceiling for RSA).
 
@@ -445,8 +704,12 @@ def split_half_ceiling(
     gene_names
         Names of the count columns (needed with ``genes``).
     mode
-        DE mode on the halves (``"fast"`` by default; ``"pydeseq2"`` costs two fits per
+        DE mode on the halves: pass the mode of the scores (``"pydeseq2"`` costs two fits per
         perturbation and split).
+    similarity
+        DE similarity, as used by the scores.
+    n_jobs
+        Parallel pydeseq2 fits.
     n_splits
         Number of random splits averaged.
     seed
@@ -500,10 +763,55 @@ def split_half_ceiling(
             msg = f"only {len(ok)} perturbations have >=2 replicates in both halves; the split-half ceiling needs >=3"
             raise EvaluationError(msg)
         for pb, meta, _ in des:
-            sims.append(de_similarity(run_de(pb, meta, control, mode=mode, perturbations=ok, genes=universe).lfc))
-        S0, S1, okf = finite_subset(sims[0], sims[1], ok)
-        values.append(rsa_spearman(S0, S1))
+            sims.append(de_similarity(run_de(pb, meta, control, mode=mode, perturbations=ok, genes=universe, n_jobs=n_jobs).lfc,
+                                      method=similarity))
+        mats, okf = _finite_folds([(sims[0], sims[1])], ok)
+        values.append(rsa_folds(mats, n_boot=0, n_perm=0)[0])
         k = len(okf)
     r = float(np.nanmean(values))
-    return SplitHalfCeiling(rsa=r, spearman_brown=float(2 * r / (1 + r)) if r > -1 else float("nan"),
-                            values=tuple(float(v) for v in values), n_perturbations=k, mode=mode)
+    sb = float(2 * r / (1 + r)) if r > -1 else float("nan")
+    return SplitHalfCeiling(rsa=r, spearman_brown=sb, values=tuple(float(v) for v in values), n_perturbations=k, mode=mode,
+                            ceiling_full=float(np.sqrt(sb)) if sb > 0 else 0.0, ceiling_half=float(np.sqrt(r)) if r > 0 else 0.0,
+                            similarity=similarity)
+
+
+def ceiling_from_folds(de_folds: Sequence[pd.DataFrame], *, mode: str, similarity: Similarity = "pearson") -> SplitHalfCeiling:
+    """Noise ceiling from the DE of the two halves of each cross-fitting split (no extra DE fits).
+
+    ``de_folds`` is :func:`crossfit_de` output ``[DE(A_1), DE(B_1), DE(A_2), ...]``; the split-half
+    reliability is the mean over splits of the RSA between ``DE(A_s)`` and ``DE(B_s)`` similarity
+    matrices, exactly as :func:`split_half_ceiling` computes it on its own splits.
+
+    Parameters
+    ----------
+    de_folds
+        DE of both halves of every split, over one gene universe.
+    mode
+        DE mode the folds were computed with (recorded).
+    similarity
+        DE similarity of the scores.
+
+    Returns
+    -------
+    SplitHalfCeiling
+    """
+    if len(de_folds) < 2 or len(de_folds) % 2:
+        msg = f"need the DE of both halves of each split, got {len(de_folds)} folds"
+        raise InvalidInputError(msg)
+    values: list[float] = []
+    k = 0
+    for a, b in zip(de_folds[0::2], de_folds[1::2]):
+        perts = [str(p) for p in a.index if p in set(map(str, b.index))]
+        sa = de_similarity(a.set_axis([str(x) for x in a.index], axis=0).loc[perts], method=similarity)
+        sb = de_similarity(b.set_axis([str(x) for x in b.index], axis=0).loc[perts], method=similarity)
+        mats, okf = _finite_folds([(sa, sb)], perts)
+        if len(okf) < 3:
+            msg = f"only {len(okf)} perturbations have a defined DE similarity in both halves; the ceiling needs >=3"
+            raise EvaluationError(msg)
+        values.append(rsa_folds(mats, n_boot=0, n_perm=0)[0])
+        k = len(okf)
+    r = float(np.nanmean(values))
+    sbv = float(2 * r / (1 + r)) if r > -1 else float("nan")
+    return SplitHalfCeiling(rsa=r, spearman_brown=sbv, values=tuple(float(v) for v in values), n_perturbations=k, mode=mode,
+                            ceiling_full=float(np.sqrt(sbv)) if sbv > 0 else 0.0, ceiling_half=float(np.sqrt(r)) if r > 0 else 0.0,
+                            similarity=similarity)

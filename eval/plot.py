@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from sclstore.store.errors import InvalidInputError
 
 __all__ = ["plot_layer_scores"]
@@ -28,8 +27,12 @@ def plot_layer_scores(
 ) -> Path:
     """Plot score vs relative depth, one line per condition, and write a PNG.
 
-    Each line has its percentile CI band (``ci_low``/``ci_high`` when present), a star at its
-    best layer and a ring at the final layer (annotated with the gain over the final layer).
+    Each line has its CI band (``ci_low``/``ci_high`` when present) and a ring at the final
+    layer. With claim columns (``claimed_best``, ``best_set`` from
+    :func:`~sclstore.eval.results.apply_claim`) the star marks the best layer only when its gain
+    over the final layer is supported, and filled dots mark the layers indistinguishable from the
+    best; without them the star marks the highest point estimate. ``noise_ceiling`` rows are
+    drawn as dotted lines.
     Baseline rows (``representation`` in ``baselines``, e.g. the PCA-of-counts reference) are
     drawn as dashed horizontal lines in the colour of their group.
 
@@ -94,17 +97,34 @@ def plot_layer_scores(
         if ok.any():
             b = int(np.flatnonzero(ok)[np.argmax(y[ok])])
             f = int(np.argmax(x))
-            ax.plot(x[b], y[b], marker="*", ms=14, color=c, mec="black", mew=0.7, zorder=5)
+            with_claims = "claimed_best" in sel and sel["claimed_best"].notna().any()
+            star = (b if bool(sel["claimed_best"].fillna(False).to_numpy(bool)[b]) else None) if with_claims else b
+            if with_claims and "best_set" in sel:  # layers statistically indistinguishable from the best
+                bs = sel["best_set"].fillna(False).to_numpy(bool)
+                ax.plot(x[bs], y[bs], ls="none", marker="o", ms=6, color=c, mec="black", mew=0.5, zorder=4)
             ax.plot(x[f], y[f], marker="o", ms=10, mfc="none", mec=c, mew=1.8, zorder=5)
-            if b != f and np.isfinite(y[f]):
-                ax.annotate(f"+{y[b] - y[f]:.2f}", (x[b], y[b]), textcoords="offset points", xytext=(0, 9),
-                            ha="left" if x[b] < 0.05 else ("right" if x[b] > 0.95 else "center"), fontsize=8, color=c)
+            if star is not None:  # a star only where the gain over the final layer is supported
+                ax.plot(x[star], y[star], marker="*", ms=14, color=c, mec="black", mew=0.7, zorder=5)
+                if star != f and np.isfinite(y[f]):
+                    ax.annotate(f"+{y[star] - y[f]:.2f}", (x[star], y[star]), textcoords="offset points", xytext=(0, 9),
+                                ha="left" if x[star] < 0.05 else ("right" if x[star] > 0.95 else "center"), fontsize=8, color=c)
         base = df[df["representation"].isin(baselines)]
         if g is not None and group_col in base:
             base = base[base[group_col] == g]
         for _, r in base.iterrows():
             ax.axhline(float(r["score"]), color=c, ls="--", lw=1.0, alpha=0.8)
-    ax.plot([], [], ls="none", marker="*", ms=11, color="grey", mec="black", mew=0.7, label="best layer (+gain vs final)")
+        ceil = df[df["representation"] == "noise_ceiling"]
+        if g is not None and group_col in ceil:
+            ceil = ceil[ceil[group_col] == g]
+        for _, r in ceil.iterrows():
+            ax.axhline(float(r["score"]), color=c, ls=":", lw=1.4, alpha=0.9)
+    claims = "claimed_best" in layers and layers["claimed_best"].notna().any()
+    ax.plot([], [], ls="none", marker="*", ms=11, color="grey", mec="black", mew=0.7,
+            label="best layer, gain supported (+gain vs final)" if claims else "best layer (+gain vs final)")
+    if claims:
+        ax.plot([], [], ls="none", marker="o", ms=6, color="grey", mec="black", mew=0.5, label="indistinguishable from the best")
+    if (df["representation"] == "noise_ceiling").any():
+        ax.plot([], [], color="grey", ls=":", lw=1.4, label="noise ceiling")
     ax.plot([], [], ls="none", marker="o", ms=9, mfc="none", mec="grey", mew=1.8, label="final layer")
     if df["representation"].isin(baselines).any():
         ax.plot([], [], color="grey", ls="--", lw=1.0, label="PCA-of-counts baseline")

@@ -77,7 +77,8 @@ class EvalReport:
     @classmethod
     def from_json(cls, data: dict[str, Any], *, cached: bool = False) -> EvalReport:
         table = pd.DataFrame(data["table"])
-        for col in ("score", "ci_low", "ci_high", "p_value", "diff_vs_final", "diff_ci_low", "diff_ci_high", "diff_p_value", "depth"):
+        for col in ("score", "ci_low", "ci_high", "p_value", "diff_vs_final", "diff_ci_low", "diff_ci_high", "diff_p_value", "depth",
+                    "diff_p_adj", "win_frequency"):
             if col in table:
                 table[col] = pd.to_numeric(table[col], errors="coerce").astype(float)
         return cls(task=data["task"], run_id=int(data["run"]), run_label=data["run_label"], params=data["params"],
@@ -95,8 +96,9 @@ class EvalReport:
         table = Table(title=title + (" [cached]" if self.cached else ""))
         show_cond = bool(df["condition"].notna().any()) if "condition" in df else False
         show_p = bool(np.isfinite(df["p_value"].astype(float)).any()) if "p_value" in df else False
+        show_claims = "best_set" in df and df["best_set"].notna().any()
         cols = ["layer", "depth", *(["condition"] if show_cond else []), "score", "95% CI", *(["p"] if show_p else []),
-                "vs final (95% CI)"]
+                "vs final (95% simult. CI)", *(["p adj", "wins", "best set"] if show_claims else [])]
         for col in cols:
             table.add_column(col, justify="left" if col == "condition" else "right")
 
@@ -112,6 +114,11 @@ class EvalReport:
             ci = f"{f(r.ci_low)}, {f(r.ci_high)}" if math.isfinite(r.ci_low) else ""
             cells = [layer, f(r.depth, 2), *([str(r.condition or "")] if show_cond else []),
                      f(r.score) if math.isfinite(r.score) else "undefined", ci, *([f(r.p_value, 4)] if show_p else []), diff]
+            if show_claims:
+                rec = r._asdict()
+                win = rec.get("win_frequency")
+                cells += [f(rec.get("diff_p_adj"), 4), "" if win is None or not math.isfinite(win) else f"{win:.0%}",
+                          ("*" if rec.get("claimed_best") is True else "yes") if rec.get("best_set") is True else ""]
             table.add_row(*cells)
         return table
 
@@ -122,19 +129,40 @@ class EvalReport:
         s = self.summary[self.summary["metric"] == metric] if "metric" in self.summary else self.summary
         for r in s.to_dict(orient="records"):
             cond = f"[{r['condition']}] " if r.get("condition") else ""
-            lines.append(
-                f"{cond}best layer {r['best_layer']} (depth {r['best_depth']:.2f}, {metric} {r['best_score']:.3f}) vs "
-                f"final layer {r['final_layer']} ({r['final_score']:.3f}): gain {r['gain']:+.3f}"
+            if r.get("headline"):  # claim-aware summary (layer_claims)
+                lines.append(f"{cond}{r['headline']}")
+                continue
+            lines.append(  # estimates only (no resamples to support a claim)
+                f"{cond}highest point estimate: layer {r['best_layer']} (depth {r['best_depth']:.2f}, {metric} {r['best_score']:.3f}) vs "
+                f"final layer {r['final_layer']} ({r['final_score']:.3f}); no interval, so no claim"
             )
+        roots = self.notes.get("root_sensitivity") if isinstance(self.notes, dict) else None
+        if roots and roots.get("per_layer"):
+            sds = {k: v.get("sd") for k, v in roots["per_layer"].items() if v.get("sd") is not None}
+            if sds:
+                worst = max(sds, key=lambda k: sds[k])
+                lines.append(f"root sensitivity over {len(roots['roots'])} random earliest-time roots: sd of spearman_time "
+                             f"up to {sds[worst]:.3f} (layer {worst}); see notes.root_sensitivity")
+        cells = self.notes.get("cells") if isinstance(self.notes, dict) else None
+        if cells and any(cells.get("unreachable_per_layer", {}).values()):
+            lost = {k: v for k, v in cells["unreachable_per_layer"].items() if v}
+            lines.append(f"all layers scored on the same {cells['n_common']} cells; dropped because unreachable from the root: "
+                         + ", ".join(f"layer {k}: {v}" for k, v in lost.items()))
         base = self.metric_table()
         base = base[base["representation"] != "layer"] if "representation" in base else base.iloc[0:0]
         for r in base.to_dict(orient="records"):
             cond = f"[{r['condition']}] " if r.get("condition") else ""
+            if r["representation"] == "noise_ceiling":
+                lines.append(f"{cond}noise ceiling (sqrt of the DE split-half reliability): {r['score']:.3f}")
+                continue
             lines.append(f"{cond}baseline {r['representation']} (PCA of highly variable genes of the counts): {metric} {r['score']:.3f}")
         return lines
 
     def plot(self, out_png: str | Path) -> Path:
         """Score vs depth with CI bands, best and final layer marked."""
-        ylabel = {"spearman_time": "Spearman ρ (DPT vs time)", "rsa_shift": "RSA (Spearman)",
-                  "rsa_centroid": "RSA (Spearman, centroid variant)"}.get(str(self.params.get("primary_metric")), "score")
+        ylabel = {"spearman_time": "Spearman ρ (DPT vs time)", "spearman_ref": "Spearman ρ (DPT vs reference DPT)",
+                  "rsa_shift": "RSA (Spearman, cross-fitted)", "rsa_centroid": "RSA (Spearman, centroid variant, cross-fitted)",
+                  "rsa_shift_samecells": "RSA (Spearman, same cells: leak-prone)",
+                  "rsa_centroid_samecells": "RSA (Spearman, centroid variant, same cells: leak-prone)",
+                  }.get(str(self.params.get("primary_metric")), "score")
         return plot_layer_scores(self.metric_table(), out_png, title=f"{self.task} - {self.run_label}", ylabel=ylabel)

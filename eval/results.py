@@ -13,14 +13,16 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
-
+from sclstore.eval.claims import Claim
 from sclstore.store.errors import InvalidInputError
 
 __all__ = [
-    "TABLE_COLUMNS",
     "BASELINE_LAYER",
+    "TABLE_COLUMNS",
     "LayerScore",
     "LayerSummary",
+    "apply_claim",
+    "claim_summary_row",
     "layer_depth",
     "layer_table",
     "summarize_layers",
@@ -31,7 +33,8 @@ BASELINE_LAYER = -1
 
 TABLE_COLUMNS: tuple[str, ...] = (
     "representation", "layer", "depth", "pool", "condition", "metric", "score", "ci_low", "ci_high",
-    "p_value", "diff_vs_final", "diff_ci_low", "diff_ci_high", "diff_p_value", "n",
+    "p_value", "diff_vs_final", "diff_ci_low", "diff_ci_high", "diff_p_value", "diff_p_adj", "best_set", "win_frequency",
+    "claimed_best", "n",
 )
 
 _NAN = float("nan")
@@ -56,7 +59,16 @@ class LayerScore:
     representation
         ``"layer"`` or a baseline name such as ``"pca_hvg"``.
     diff_vs_final, diff_ci_low, diff_ci_high, diff_p_value
-        Paired difference against the final layer.
+        Paired difference against the final layer: simultaneous (max-statistic over the layers)
+        interval and the unadjusted p-value.
+    diff_p_adj
+        The difference's p-value adjusted for the number of layers (max-statistic).
+    best_set
+        The layer is statistically indistinguishable from the best layer.
+    win_frequency
+        Fraction of calibrated resamples in which the layer scores highest.
+    claimed_best
+        The layer is the best one *and* its gain over the final layer is supported.
     n
         Cells or perturbations scored.
     """
@@ -75,6 +87,10 @@ class LayerScore:
     diff_ci_low: float = _NAN
     diff_ci_high: float = _NAN
     diff_p_value: float = _NAN
+    diff_p_adj: float = _NAN
+    best_set: bool | None = None
+    win_frequency: float = _NAN
+    claimed_best: bool | None = None
     n: int | None = None
 
 
@@ -195,3 +211,60 @@ def summarize_layers(table: pd.DataFrame, *, by: Sequence[str] = ("pool", "condi
         key = key if isinstance(key, tuple) else (key,)
         out.append({**dict(zip(keys, key)), **asdict(_summary(grp))})
     return pd.DataFrame(out)
+
+
+def apply_claim(rows: Sequence[LayerScore], claim: Claim) -> list[LayerScore]:
+    """Fill the comparison columns of one group's layer rows from its :class:`~sclstore.eval.claims.Claim`.
+
+    Parameters
+    ----------
+    rows
+        Layer rows of one (pool, condition, metric) group.
+    claim
+        Its claim (:func:`~sclstore.eval.claims.layer_claims`).
+
+    Returns
+    -------
+    list of LayerScore
+        Copies with ``diff_*``, ``best_set``, ``win_frequency`` and ``claimed_best`` set.
+    """
+    from dataclasses import replace
+
+    out = []
+    for r in rows:
+        if r.representation != "layer" or r.layer not in claim.layers:
+            out.append(r)
+            continue
+        li = r.layer
+        is_final = li == claim.final_layer
+        out.append(replace(
+            r, diff_vs_final=0.0 if is_final else claim.diff[li],
+            diff_ci_low=_NAN if is_final else claim.diff_ci_low[li], diff_ci_high=_NAN if is_final else claim.diff_ci_high[li],
+            diff_p_value=_NAN if is_final else claim.diff_p[li], diff_p_adj=_NAN if is_final else claim.diff_p_adj[li],
+            best_set=li in claim.indistinguishable, win_frequency=claim.win_frequency.get(li, _NAN),
+            claimed_best=bool(claim.claimed and li == claim.best_layer)))
+    return out
+
+
+def claim_summary_row(claim: Claim, *, depths: dict[int, float], **keys: object) -> dict[str, object]:
+    """One summary row (group keys + the claim) for an evaluation report.
+
+    Parameters
+    ----------
+    claim
+        The group's claim.
+    depths
+        ``{layer: relative depth}``.
+    **keys
+        Group keys (``pool``, ``condition``, ``metric``).
+
+    Returns
+    -------
+    dict
+    """
+    rel = claim.gain / abs(claim.final_score) if claim.final_score else _NAN
+    return {**keys, "best_layer": claim.best_layer, "best_depth": depths.get(claim.best_layer, _NAN), "best_score": claim.best_score,
+            "final_layer": claim.final_layer, "final_score": claim.final_score, "gain": claim.gain, "relative_gain": rel,
+            "gain_ci_low": claim.gain_ci_low, "gain_ci_high": claim.gain_ci_high, "claimed": claim.claimed,
+            "best_set": list(claim.indistinguishable), "win_frequency": {str(k): v for k, v in claim.win_frequency.items()},
+            "flagged": list(claim.flagged), "n_resamples": claim.n_resamples, "headline": claim.headline}

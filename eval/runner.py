@@ -1,10 +1,15 @@
-"""Evaluation runner: loops the pure metrics over a run's stored layers, caches everything.
+"""The generic evaluation runner: one loop for every :class:`~sclstore.eval.tasks.Task`.
 
-Embeddings are read through the slice language (:func:`sclstore.query.execute_query`); raw
-counts (for the PCA reference and DE) come from the dataset's source .h5ad. DE results and
-reference pseudotimes are cached in the catalog keyed by the dataset's content hash and the
-parameters, so another run of the same dataset never recomputes them; a repeated identical
-evaluation returns the stored report without reading any embedding.
+``run_task`` resolves the run and the pool, derives the cache key from the task's config, returns
+the cached report when there is one (reading no embedding), otherwise prepares the task, streams
+the stored layers one at a time through ``compute_layer`` (in ``n_jobs`` worker processes when
+asked, never holding more than ``n_jobs`` layers), summarises, stores and returns the report.
+A progress bar on stderr (layers done, ETA) is shown when ``progress`` is set; when stderr is
+not a terminal a plain line is written every few seconds instead.
+
+The shared plumbing of the built-in tasks (counts from the source file, cached intermediates,
+identifier quoting for generated queries) lives here too. ``evaluate_trajectory`` and
+``evaluate_perturbation`` are kept as thin wrappers of :func:`run_task`.
 """
 
 from __future__ import annotations
@@ -12,29 +17,36 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
+import sys
+import time as _time
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from threadpoolctl import threadpool_limits
-
-from sclstore.query import execute_query
 from sclstore.store import Backend, DatasetInfo, RunInfo, cache_key
 from sclstore.store.errors import EvaluationError, InvalidInputError
 
-from .de import DE_MODES, DEResult, pseudobulk, run_de
-from .perturbation import perturbation_paired_difference, rsa_from_centroids, select_perturbations, split_half_ceiling
+from .claims import layer_claims
 from .report import EvalReport
-from .results import BASELINE_LAYER, LayerScore, layer_table, summarize_layers
-from .trajectory import as_time, reference_pseudotime, score_trajectory, trajectory_paired_difference
+from .results import LayerScore, apply_claim, claim_summary_row
+from .tasks import (
+    Task,
+    TaskConfig,
+    TaskContext,
+    config_params,
+    get_task,
+    replace_config,
+)
 
-__all__ = ["evaluate_trajectory", "evaluate_perturbation", "EVAL_VERSION"]
+__all__ = ["EVAL_VERSION", "LayerProgress", "cpu_allowance", "evaluate_perturbation", "evaluate_trajectory", "run_task"]
 
 logger = logging.getLogger(__name__)
-EVAL_VERSION = "1"  # bump when a metric changes, so cached results are not reused
+EVAL_VERSION = "2"  # kept for compatibility; each task now has its own ``version``
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -54,13 +66,6 @@ def _pool(info: RunInfo, pool: str | None) -> str:
     return pool
 
 
-def _column(obs: pd.DataFrame, ds: DatasetInfo, key: str, what: str) -> pd.Series:
-    if key not in obs.columns or key in ("cell_idx", "src_idx"):
-        have = ", ".join(c.name for c in ds.obs_schema) or "(none)"
-        raise EvaluationError(f"{what} column {key!r} is not in the obs of dataset {ds.name!r}; it has: {have}")
-    return obs[key]
-
-
 def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -71,16 +76,6 @@ def _quote_value(value: Any) -> str:
     if isinstance(value, int | float | np.integer | np.floating):
         return repr(float(value)) if isinstance(value, float | np.floating) else str(int(value))
     return "'" + str(value).replace("'", "''") + "'"
-
-
-def _layers(backend: Backend, info: RunInfo, pool: str, where: str = "") -> list[np.ndarray]:
-    """Every stored layer as a (cells x dim) matrix in cell_idx order, read through the query layer."""
-    out = []
-    for layer in info.layers:
-        sql = f"SELECT embedding.{pool} FROM embeddings WHERE run = {info.id} AND layer = {layer}{where} ORDER BY cell_idx"
-        res = execute_query(backend, sql)
-        out.append(res.embeddings[0])
-    return out
 
 
 def _counts(ds: DatasetInfo, counts_path: str | Path | None, obs: pd.DataFrame) -> tuple[sp.csr_matrix, np.ndarray]:
@@ -112,257 +107,218 @@ def _cached_intermediate(backend: Backend, kind: str, params: dict[str, Any], co
     return df
 
 
-def _finite(x: float) -> float:
+def _finite(x: float | None) -> float:
     return float(x) if x is not None and math.isfinite(float(x)) else float("nan")
 
 
-# ----------------------------------------------------------------------------------- trajectory
-def evaluate_trajectory(
-    backend: Backend,
-    run: int | str,
-    *,
-    pseudotime_key: str,
-    root_cell: str | None = None,
-    pool: str | None = None,
-    n_subsamples: int = 20,
-    n_neighbors: int = 30,
-    reference: bool = True,
-    counts_path: str | Path | None = None,
-    seed: int = 0,
-) -> EvalReport:
-    """Score every stored layer of a run on trajectory inference.
+# ----------------------------------------------------------------------------------- claims
+PROTOCOLS = ("default", "paper")
 
-    Per layer: kNN -> diffusion map -> DPT from a deterministic root -> Spearman against the
-    ground-truth time (metric ``spearman_time``) and against the paper's reference, DPT on PCA
-    of highly variable genes (``spearman_ref``); a PCA-of-counts baseline row; intervals from
-    repeated 80% subsamples; each layer's paired difference vs the final layer.
 
-    Raises
-    ------
-    EvaluationError
-        Missing or non-numeric time column, unknown root cell or pool, incomplete run.
-    """
-    info = _complete_run(backend, run)
-    pool = _pool(info, pool)
-    ds = backend.get_dataset(info.dataset_id)
-    obs = backend.read_obs(ds.id)
-    raw_time = _column(obs, ds, pseudotime_key, "pseudotime")
+def _claimed_rows(rows: list[LayerScore], est: np.ndarray, resamples: np.ndarray, info: RunInfo, layers: Sequence[int], *,
+                  scale: float, metric: str, seed: int, summary: list[dict[str, Any]], notes: dict[str, Any],
+                  **keys: Any) -> list[LayerScore]:
+    """Apply the shared claim logic to one group's rows; append its summary row."""
+    depths = {int(li): info.depth(li) for li in layers}
     try:
-        time = as_time(raw_time)
-    except (InvalidInputError, EvaluationError) as exc:
-        numeric = [c.name for c in ds.obs_schema if c.kind in ("int", "float")]
-        raise EvaluationError(f"{exc}; numeric obs columns: {', '.join(numeric) or '(none)'}") from None
-    root: Any = "diffusion-extreme"
-    if root_cell is not None:
-        if root_cell not in obs.index:
-            raise EvaluationError(f"root cell {root_cell!r} is not a cell of dataset {ds.name!r} (e.g. {', '.join(obs.index[:3])})")
-        root = int(obs.index.get_loc(root_cell))
-    params = {"task": "trajectory", "version": EVAL_VERSION, "pseudotime_key": pseudotime_key, "root": root_cell or "diffusion-extreme",
-              "pool": pool, "n_subsamples": n_subsamples, "n_neighbors": n_neighbors, "reference": reference, "seed": seed,
-              "primary_metric": "spearman_time"}
-    phash = cache_key(params)
-    stored = backend.get_evaluation(info.id, "trajectory", phash)
-    if stored is not None:
-        return EvalReport.from_json(stored, cached=True)
-
-    ref_pt, ref_rho = None, float("nan")
-    if reference:
-        ref_params = {"dataset": ds.content_hash, "time": pseudotime_key, "k": n_neighbors, "root": params["root"], "seed": seed}
-
-        def compute_ref() -> pd.DataFrame:
-            counts, _genes = _counts(ds, counts_path, obs)
-            res = reference_pseudotime(counts, time, n_neighbors=n_neighbors, root=root, seed=seed)
-            pca = np.asarray(res.pca, dtype=float)
-            return pd.DataFrame({"pseudotime": np.asarray(res.pseudotime, dtype=float),
-                                 **{f"pc{i}": pca[:, i] for i in range(pca.shape[1])}})
-
-        ref_df = _cached_intermediate(backend, "reference_pseudotime", ref_params, compute_ref)
-        ref_pt = ref_df["pseudotime"].to_numpy()
-        pca = ref_df[[c for c in ref_df.columns if c.startswith("pc")]].to_numpy()
-        with threadpool_limits(limits=1):
-            base = score_trajectory(pca, time, reference=ref_pt, n_neighbors=n_neighbors, root=root, n_subsamples=n_subsamples,
-                                    seed=seed)
-        ref_rho = base.rho_time
-    Xs = _layers(backend, info, pool)
-    scores: list[Any] = []
-    undefined: dict[int, str] = {}
-    for layer, X in zip(info.layers, Xs):
-        if np.ptp(X, axis=0).max() == 0:
-            undefined[layer] = "the embedding is the same for every cell (e.g. cls at the input layer)"
-            scores.append(None)
-            continue
-        try:
-            with threadpool_limits(limits=1):  # kNN/diffmap on these sizes: oversubscribed threads cost up to 10x
-                scores.append(score_trajectory(X, time, reference=ref_pt, n_neighbors=n_neighbors, root=root,
-                                               n_subsamples=n_subsamples, seed=seed))
-        except EvaluationError as exc:
-            undefined[layer] = str(exc)
-            scores.append(None)
-    final = scores[-1]
-    rows = []
-    for layer, sc in zip(info.layers, scores):
-        depth = info.depth(layer)
-        for metric, against in (("spearman_time", "time"), ("spearman_ref", "reference")):
-            if metric == "spearman_ref" and ref_pt is None:
-                continue
-            if sc is None:
-                rows.append(LayerScore(layer=layer, depth=depth, score=float("nan"), pool=pool, metric=metric, n=0))
-                continue
-            value, lo, hi = (sc.rho_time, sc.ci_low, sc.ci_high) if against == "time" else (sc.rho_ref, sc.ref_ci_low, sc.ref_ci_high)
-            diff = trajectory_paired_difference(sc, final, against=against) if final is not None and sc is not final else None  # type: ignore[arg-type]
-            rows.append(LayerScore(layer=layer, depth=depth, score=_finite(value), ci_low=_finite(lo), ci_high=_finite(hi),
-                                   pool=pool, metric=metric, n=sc.n_cells - sc.n_dropped,
-                                   diff_vs_final=diff.estimate if diff else (0.0 if sc is final else float("nan")),
-                                   diff_ci_low=diff.ci_low if diff else float("nan"),
-                                   diff_ci_high=diff.ci_high if diff else float("nan"),
-                                   diff_p_value=diff.p_value if diff else float("nan")))
-    if ref_pt is not None:
-        rows.append(LayerScore(layer=BASELINE_LAYER, depth=float("nan"), score=_finite(base.rho_time), ci_low=_finite(base.ci_low),
-                               ci_high=_finite(base.ci_high), pool=pool, metric="spearman_time", representation="pca_hvg",
-                               n=base.n_cells - base.n_dropped))
-    table = layer_table(rows)
-    report = EvalReport(task="trajectory", run_id=info.id, run_label=info.label, params=params, table=table,
-                        summary=summarize_layers(table), notes={"n_cells": int(len(time)), "pca_reference_rho": ref_rho,
-                                                               "undefined_layers": {str(k): v for k, v in undefined.items()}})
-    backend.put_evaluation(info.id, "trajectory", phash, params, report.to_json())
-    return report
+        claim = layer_claims(est, resamples, list(layers), scale=scale, seed=seed, metric=metric,
+                             depths=[depths[int(li)] for li in layers], final_layer=int(layers[-1]) if np.isfinite(est[-1]) else None)
+    except InvalidInputError as exc:  # too few resamples or no finite score: report estimates, claim nothing
+        notes.setdefault("claims_skipped", []).append(f"{keys}: {exc}")
+        return rows
+    summary.append(claim_summary_row(claim, depths=depths, metric=metric, **keys))
+    return apply_claim(rows, claim)
 
 
-# ----------------------------------------------------------------------------------- perturbation
-def _centroids(backend: Backend, info: RunInfo, pool: str, key: str, where: str) -> dict[int, dict[str, np.ndarray]]:
-    """{layer: {label: centroid}} from one streaming GROUP BY query per condition."""
-    sql = (f"SELECT {_quote_ident(key)}, layer, AVG(embedding.{pool}), COUNT(*) FROM embeddings "
-           f"WHERE run = {info.id}{where} GROUP BY {_quote_ident(key)}, layer")
-    res = execute_query(backend, sql)
-    labels = res.obs[key].astype(str).to_numpy()
-    out: dict[int, dict[str, np.ndarray]] = {}
-    for li, layer in enumerate(res.layers):
-        out[int(layer)] = {lab: res.embeddings[li, gi] for gi, lab in enumerate(labels)}
-    return out
+def cpu_allowance() -> int:
+    """CPUs this process may use (its affinity set; 1 when unknown)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
 
 
-def evaluate_perturbation(
+# ----------------------------------------------------------------------------------- progress
+class LayerProgress:
+    """Layers done and ETA on stderr: a rich bar on a terminal, a plain line every ``interval`` s otherwise.
+
+    Parameters
+    ----------
+    total
+        Layers to compute.
+    label
+        What is computed (e.g. ``"trajectory run 3"``).
+    enabled
+        Show anything at all.
+    interval
+        Seconds between plain lines when stderr is not a terminal.
+    """
+
+    def __init__(self, total: int, label: str, *, enabled: bool, interval: float = 10.0, stream: Any = None) -> None:
+        self.total, self.label, self.enabled, self.interval = total, label, enabled, interval
+        self.stream = stream if stream is not None else sys.stderr
+        self.done = 0
+        self.t0 = _time.monotonic()
+        self._last = self.t0
+        self._bar: Any = None
+        self._task: Any = None
+        if enabled and getattr(self.stream, "isatty", lambda: False)():
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 console=Console(file=self.stream), transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task(label, total=total)
+
+    def line(self) -> str:
+        """The plain progress line (layers done, elapsed, ETA)."""
+        el = _time.monotonic() - self.t0
+        eta = el / self.done * (self.total - self.done) if self.done else float("nan")
+        eta_s = f"{eta:.0f} s" if math.isfinite(eta) else "?"
+        return f"{self.label}: {self.done}/{self.total} layers, {el:.0f} s elapsed, ETA {eta_s}"
+
+    def advance(self) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.advance(self._task)
+            return
+        now = _time.monotonic()
+        if now - self._last >= self.interval or self.done == self.total:
+            self._last = now
+            self.stream.write(self.line() + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+# ----------------------------------------------------------------------------------- workers
+def _worker_compute(task: Task, config: TaskConfig, state: Any, threads: int, layer: int, data: Any) -> Any:
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=threads):
+        return task.compute_layer(config, state, layer, data)
+
+
+def _compute_layers(task: Task, ctx: TaskContext, config: TaskConfig, state: Any, layers: list[int],
+                    progress: LayerProgress) -> dict[int, Any]:
+    jobs = max(1, min(int(config.n_jobs), cpu_allowance(), len(layers)))
+    results: dict[int, Any] = {}
+    if jobs == 1:
+        for layer in layers:  # stream: one layer in memory at a time
+            results[layer] = task.compute_layer(config, state, layer, task.layer_input(ctx, config, state, layer))
+            progress.advance()
+        return results
+    # loky (joblib's) reusable executor: spawn-safe without re-running the caller's __main__, tasks and
+    # configs pickled with cloudpickle (tasks registered in-process work too), and its workers stay warm
+    # between evaluations (their imports and JIT compilation are paid once per session, not per call).
+    from joblib.externals.loky import get_reusable_executor
+
+    threads = max(1, cpu_allowance() // jobs)  # processes x threads never exceed the CPUs we may use
+    logger.info("%s: %d worker processes x %d threads over %d layers", task.name, jobs, threads, len(layers))
+    wstate = task.worker_state(state)
+    pool = get_reusable_executor(max_workers=jobs, timeout=300)
+    pending: dict[Future[Any], int] = {}
+    todo = list(layers)
+    try:
+        while todo or pending:
+            while todo and len(pending) < jobs:  # at most `jobs` layers read and in flight
+                layer = todo.pop(0)
+                data = task.layer_input(ctx, config, state, layer)
+                pending[pool.submit(_worker_compute, task, config, wstate, threads, layer, data)] = layer
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                results[pending.pop(fut)] = fut.result()
+                progress.advance()
+    finally:
+        for fut in pending:
+            fut.cancel()
+    return {layer: results[layer] for layer in layers}
+
+
+# ----------------------------------------------------------------------------------- generic runner
+def run_task(
     backend: Backend,
     run: int | str,
+    task: str | Task,
+    config: TaskConfig | None = None,
     *,
-    perturbation_key: str,
-    control: str,
-    condition_key: str | None = None,
-    replicate_key: str | None = None,
-    de_mode: str = "pydeseq2",
-    pool: str | None = None,
-    variant: str = "shift",
-    n_boot: int = 200,
-    n_perm: int = 999,
-    min_cells: int = 10,
-    ceiling: bool = True,
-    n_jobs: int = 1,
     counts_path: str | Path | None = None,
-    seed: int = 0,
+    **options: Any,
 ) -> EvalReport:
-    """Score every stored layer on perturbation response, separately per condition.
+    """Evaluate every stored layer of a run on one task, with the catalog as cache.
 
-    Per condition: pseudobulk raw counts per (perturbation, replicate) -> DE of each
-    perturbation vs control (pydeseq2, or the fast median-of-ratios log-ratio) -> per layer the
-    RSA between corr(DE) and cos(shift) (``rsa_shift``; the paper's centroid variant with
-    ``variant="centroid"``), Mantel p-value, bootstrap CI over perturbations, paired difference
-    vs the final layer, and a split-half DE ceiling. DE is cached per dataset.
+    Parameters
+    ----------
+    backend
+        The open store.
+    run
+        Run id or ``dataset/model``.
+    task
+        A registered task name (``trajectory``, ``perturbation``, ``diagnostics``, ``celltype``,
+        or a plugin's) or a :class:`Task`.
+    config
+        The task's config; or pass its fields as keyword ``options``.
+    counts_path
+        The ingested .h5ad when its recorded source path moved (tasks that need raw counts).
+
+    Returns
+    -------
+    EvalReport
+        ``cached=True`` when it came from the catalog.
 
     Raises
     ------
     EvaluationError
-        Missing columns, unknown control, too few cells/replicates/perturbations, unknown pool.
+        Unknown task or pool, incomplete run, or whatever the task refuses.
     """
+    task = get_task(task) if isinstance(task, str) else task
+    if config is None:
+        config = task.config_cls.from_options(options)
+    elif options:
+        config = replace_config(config, **options)
     info = _complete_run(backend, run)
-    pool = _pool(info, pool)
-    if de_mode not in DE_MODES:
-        raise EvaluationError(f"unknown DE mode {de_mode!r}: pass one of {', '.join(DE_MODES)}")
-    ds = backend.get_dataset(info.dataset_id)
-    obs = backend.read_obs(ds.id)
-    perts = _column(obs, ds, perturbation_key, "perturbation").astype(str)
-    if control not in set(perts):
-        have = ", ".join(sorted(perts.unique())[:12])
-        raise EvaluationError(f"control label {control!r} is not a value of {perturbation_key!r}; values include: {have}")
-    conds = _column(obs, ds, condition_key, "condition").astype(str) if condition_key else pd.Series("all", index=obs.index)
-    reps = _column(obs, ds, replicate_key, "replicate").astype(str) if replicate_key else None
-    params = {"task": "perturbation", "version": EVAL_VERSION, "perturbation_key": perturbation_key, "control": control,
-              "condition_key": condition_key, "replicate_key": replicate_key, "de_mode": de_mode, "pool": pool, "variant": variant,
-              "n_boot": n_boot, "n_perm": n_perm, "min_cells": min_cells, "ceiling": ceiling, "seed": seed,
-              "primary_metric": f"rsa_{variant}"}
+    config = replace_config(config, pool=_pool(info, config.pool))
+    params = config_params(task, config)
     phash = cache_key(params)
-    stored = backend.get_evaluation(info.id, "perturbation", phash)
+    stored = backend.get_evaluation(info.id, task.name, phash)
     if stored is not None:
         return EvalReport.from_json(stored, cached=True)
-
-    counts: sp.csr_matrix | None = None
-    genes: np.ndarray | None = None
-    rows: list[LayerScore] = []
-    notes: dict[str, Any] = {"de_mode": de_mode, "conditions": {}}
-    for cond in sorted(conds.unique()):
-        mask = (conds == cond).to_numpy()
-        rep = reps[mask] if reps is not None else _pseudo_replicates(obs.index[mask], seed)
-        keep = select_perturbations(perts[mask], rep, control, min_cells=min_cells)
-        de_params = {"dataset": ds.content_hash, "condition_key": condition_key, "condition": cond, "key": perturbation_key,
-                     "replicate_key": replicate_key, "control": control, "mode": de_mode, "min_cells": min_cells,
-                     "perturbations": sorted(keep), "seed": seed}
-
-        def need_counts() -> tuple[sp.csr_matrix, np.ndarray]:
-            nonlocal counts, genes
-            if counts is None:
-                counts, genes = _counts(ds, counts_path, obs)
-            return counts, genes  # type: ignore[return-value]
-
-        def compute_de() -> pd.DataFrame:
-            c, g = need_counts()
-            pb, meta = pseudobulk(c[mask], perts[mask].to_numpy(), np.asarray(rep), gene_names=list(g))
-            res: DEResult = run_de(pb, meta, control, mode=de_mode, perturbations=[p for p in keep if p != control], n_jobs=n_jobs)  # type: ignore[arg-type]
-            return res.lfc
-
-        lfc = _cached_intermediate(backend, "de", de_params, compute_de)
-        cond_note: dict[str, Any] = {"perturbations": int(lfc.shape[0]), "genes": int(lfc.shape[1])}
-        if ceiling:
-            def compute_ceiling() -> pd.DataFrame:
-                c, _g = need_counts()
-                ce = split_half_ceiling(c[mask], perts[mask].to_numpy(), np.asarray(rep), control,
-                                        perturbations=[p for p in keep if p != control], mode="fast", seed=seed)
-                return pd.DataFrame({"rsa": [ce.rsa], "spearman_brown": [ce.spearman_brown]})
-
-            ce = _cached_intermediate(backend, "de_ceiling", de_params, compute_ceiling)
-            cond_note["split_half_ceiling"] = float(ce["rsa"].iloc[0])
-            cond_note["spearman_brown_ceiling"] = float(ce["spearman_brown"].iloc[0])
-        notes["conditions"][cond] = cond_note
-        where = f" AND {_quote_ident(condition_key)} = {_quote_value(cond)}" if condition_key else ""
-        cents = _centroids(backend, info, pool, perturbation_key, where)
-        scores: dict[int, Any] = {}
-        for layer in info.layers:
-            try:
-                scores[layer] = rsa_from_centroids(cents[layer], control, lfc, variant=variant, n_boot=n_boot,  # type: ignore[arg-type]
-                                                   n_perm=n_perm, seed=seed)
-            except EvaluationError as exc:  # e.g. cls at the input layer: every shift is zero
-                scores[layer] = None
-                cond_note.setdefault("undefined_layers", {})[str(layer)] = str(exc)
-        final = scores[info.layers[-1]]
-        label = None if cond == "all" and not condition_key else cond
-        for layer, sc in scores.items():
-            if sc is None:
-                rows.append(LayerScore(layer=layer, depth=info.depth(layer), score=float("nan"), pool=pool, condition=label,
-                                       metric=f"rsa_{variant}", n=0))
-                continue
-            diff = perturbation_paired_difference(sc, final) if final is not None and sc is not final and n_boot > 0 else None
-            rows.append(LayerScore(layer=layer, depth=info.depth(layer), score=sc.score, ci_low=sc.ci_low, ci_high=sc.ci_high,
-                                   p_value=sc.p_value, pool=pool, condition=label, metric=f"rsa_{variant}", n=sc.n_perturbations,
-                                   diff_vs_final=diff.estimate if diff else (0.0 if sc is final else float("nan")),
-                                   diff_ci_low=diff.ci_low if diff else float("nan"), diff_ci_high=diff.ci_high if diff else float("nan"),
-                                   diff_p_value=diff.p_value if diff else float("nan")))
-    table = layer_table(rows)
-    report = EvalReport(task="perturbation", run_id=info.id, run_label=info.label, params=params, table=table,
-                        summary=summarize_layers(table), notes=notes)
-    backend.put_evaluation(info.id, "perturbation", phash, params, report.to_json())
+    ds = backend.get_dataset(info.dataset_id)
+    ctx = TaskContext(backend=backend, info=info, dataset=ds, obs=backend.read_obs(ds.id), pool=str(config.pool),
+                      counts_path=counts_path)
+    state = task.prepare(ctx, config)
+    layers = task.layers(ctx, config, state)
+    progress = LayerProgress(len(layers), f"{task.name} run {info.id}", enabled=bool(config.progress))
+    t0 = _time.perf_counter()
+    try:
+        results = _compute_layers(task, ctx, config, state, layers, progress)
+    finally:
+        progress.close()
+    report = task.summarise(ctx, config, state, results, params)
+    report.notes.setdefault("seconds", round(_time.perf_counter() - t0, 3))
+    backend.put_evaluation(info.id, task.name, phash, params, report.to_json())
     return report
 
 
-def _pseudo_replicates(cells: Sequence[str], seed: int, n: int = 2) -> np.ndarray:
-    """Random pseudo-replicates when the data have no replicate column (p-values anti-conservative)."""
-    rng = np.random.default_rng(seed)
-    return np.asarray([f"pseudo{i}" for i in rng.integers(0, n, size=len(cells))])
+def evaluate_trajectory(backend: Backend, run: int | str, *, counts_path: str | Path | None = None, **options: Any) -> EvalReport:
+    """Trajectory inference per layer (see :class:`~sclstore.eval.task_trajectory.TrajectoryConfig`)."""
+    return run_task(backend, run, "trajectory", counts_path=counts_path, **options)
 
+
+def evaluate_perturbation(backend: Backend, run: int | str, *, counts_path: str | Path | None = None, **options: Any) -> EvalReport:
+    """Perturbation response per layer and condition (see :class:`~sclstore.eval.task_perturbation.PerturbationConfig`)."""
+    return run_task(backend, run, "perturbation", counts_path=counts_path, **options)

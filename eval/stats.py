@@ -8,27 +8,30 @@ pure function of arrays; randomness comes only from an explicit ``seed``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
-
 from sclstore.store.errors import EvaluationError, InvalidInputError
 
 __all__ = [
     "PairedDifference",
+    "bootstrap_indices",
+    "bootstrap_rsa",
+    "calibrated_interval",
     "cosine_similarity_matrix",
     "de_similarity",
     "finite_subset",
-    "percentile_ci",
-    "paired_difference",
-    "subsample_indices",
-    "bootstrap_indices",
-    "upper_triangle",
-    "rsa_spearman",
     "mantel_test",
-    "bootstrap_rsa",
+    "paired_difference",
+    "percentile_ci",
+    "rsa_folds",
+    "rsa_spearman",
+    "subsample_indices",
+    "subsample_scale",
+    "upper_triangle",
 ]
 
 logger = logging.getLogger(__name__)
@@ -43,11 +46,11 @@ class PairedDifference:
     estimate
         Difference of the full-data scores (or the mean resampled difference when none given).
     ci_low, ci_high
-        Percentile interval of the resampled differences.
+        Calibrated interval: ``estimate ± t_{B-1} * scale * sd(resampled differences)``.
     p_value
-        Two-sided sign p-value: twice the smaller fraction of resampled differences on one side
-        of zero (with the usual +1 correction), capped at 1. Its resolution is ``2 / (B + 1)``
-        for ``B`` resamples, so use B >= 40 when a p-value below 0.05 must be reachable.
+        Two-sided t p-value of ``estimate / (scale * sd)`` with ``B - 1`` degrees of freedom
+        (no ``2 / (B + 1)`` resolution floor; not adjusted for several layers: use
+        :func:`sclstore.eval.claims.layer_claims` for that).
     n_resamples
         Number of finite paired resamples used.
     """
@@ -57,6 +60,76 @@ class PairedDifference:
     ci_high: float
     p_value: float
     n_resamples: int
+
+
+def subsample_scale(fraction: float) -> float:
+    """Factor turning the spread of ``fraction``-subsample scores into the full-data sampling error.
+
+    A statistic on ``m = f n`` of ``n`` cells drawn without replacement varies around the
+    full-data value with variance ``sigma^2 (1/m - 1/n) = Var(full) (1 - f) / f``; rescaling
+    the deviations by ``sqrt(f / (1 - f))`` (2 for ``f = 0.8``) calibrates them.
+
+    Parameters
+    ----------
+    fraction
+        Subsampling fraction ``f`` in (0, 1).
+
+    Returns
+    -------
+    float
+    """
+    if not 0.0 < fraction < 1.0:
+        msg = f"subsample fraction must be in (0, 1) for calibrated intervals, got {fraction!r}; pass e.g. 0.8"
+        raise InvalidInputError(msg)
+    return float(np.sqrt(fraction / (1.0 - fraction)))
+
+
+def calibrated_interval(
+    estimate: float,
+    resamples: np.ndarray,
+    *,
+    scale: float = 1.0,
+    level: float = 0.95,
+    fisher: bool = True,
+) -> tuple[float, float]:
+    """Interval ``estimate ± t_{B-1} * scale * sd(resamples)``, in Fisher-z space for correlations.
+
+    Parameters
+    ----------
+    estimate
+        Full-data value.
+    resamples
+        Resampled values (non-finite ignored).
+    scale
+        Calibration factor (:func:`subsample_scale` for subsamples; 1 for a bootstrap).
+    level
+        Coverage.
+    fisher
+        Work on ``atanh`` of the values (correlations; keeps the interval inside (-1, 1)).
+
+    Returns
+    -------
+    tuple of float
+        ``(low, high)``; ``(nan, nan)`` with fewer than 3 finite resamples or a non-finite estimate.
+    """
+    if not 0.0 < level < 1.0:
+        msg = f"level must be in (0, 1), got {level!r}; pass e.g. level=0.95"
+        raise InvalidInputError(msg)
+    v = np.asarray(resamples, dtype=float).ravel()
+    v = v[np.isfinite(v)]
+    if v.size < 3 or not np.isfinite(estimate):
+        return (float("nan"), float("nan"))
+    if fisher:
+        clip = 1 - 1e-9
+        v = np.arctanh(np.clip(v, -clip, clip))
+        e = float(np.arctanh(np.clip(estimate, -clip, clip)))
+    else:
+        e = float(estimate)
+    half = float(sps.t.ppf(0.5 + level / 2, v.size - 1)) * scale * float(v.std(ddof=1))
+    lo, hi = e - half, e + half
+    if fisher:
+        return (float(np.tanh(lo)), float(np.tanh(hi)))
+    return (lo, hi)
 
 
 def percentile_ci(values: np.ndarray, *, level: float = 0.95) -> tuple[float, float]:
@@ -97,6 +170,7 @@ def paired_difference(
     *,
     estimate: float | None = None,
     level: float = 0.95,
+    scale: float = 1.0,
 ) -> PairedDifference:
     """Paired difference of two scores over shared resamples (e.g. a layer vs the final layer).
 
@@ -107,7 +181,10 @@ def paired_difference(
     estimate
         Full-data difference to report; defaults to the mean of the resampled differences.
     level
-        Coverage of the percentile interval.
+        Coverage of the interval.
+    scale
+        Calibration factor of the resample spread (:func:`subsample_scale` for subsamples,
+        1 for a bootstrap).
 
     Returns
     -------
@@ -125,17 +202,20 @@ def paired_difference(
         raise InvalidInputError(msg)
     d = a - b
     d = d[np.isfinite(d)]
-    lo, hi = percentile_ci(d, level=level)
     n = int(d.size)
-    if n == 0:
-        p = float("nan")
-    else:
-        p = min(1.0, 2.0 * (1 + min(int((d <= 0).sum()), int((d >= 0).sum()))) / (n + 1))
     if estimate is not None:
         est = float(estimate)
     else:
         est = float(np.mean(d)) if n else float("nan")
-    return PairedDifference(estimate=est, ci_low=lo, ci_high=hi, p_value=p, n_resamples=n)
+    if n < 3 or not np.isfinite(est):
+        return PairedDifference(estimate=est, ci_low=float("nan"), ci_high=float("nan"), p_value=float("nan"), n_resamples=n)
+    se = scale * float(d.std(ddof=1))
+    if se == 0:
+        p = 1.0 if est == 0 else 0.0
+        return PairedDifference(estimate=est, ci_low=est, ci_high=est, p_value=p, n_resamples=n)
+    half = float(sps.t.ppf(0.5 + level / 2, n - 1)) * se
+    p = float(2 * sps.t.sf(abs(est) / se, n - 1))
+    return PairedDifference(estimate=est, ci_low=est - half, ci_high=est + half, p_value=p, n_resamples=n)
 
 
 def subsample_indices(
@@ -311,27 +391,7 @@ def mantel_test(a: np.ndarray, b: np.ndarray, *, n_perm: int = 999, seed: int = 
     if not (np.isfinite(upper_triangle(a)).all() and np.isfinite(upper_triangle(b)).all()):
         msg = "the Mantel test needs finite similarity matrices; drop the items with undefined similarity"
         raise InvalidInputError(msg)
-    k = a.shape[0]
-    iu = np.triu_indices(k, k=1)
-    ra, rb = _rank_matrix(a), _rank_matrix(b)
-    x = ra[iu] - ra[iu].mean()
-    y0 = rb[iu]
-    nx = np.sqrt((x**2).sum())
-    ny = np.sqrt(((y0 - y0.mean()) ** 2).sum())
-    if nx == 0 or ny == 0:
-        return float("nan")
-    # Ranks are invariant to a joint permutation (same multiset of values), so the permuted
-    # Spearman is the Pearson correlation of x with the permuted rank matrix.
-    obs = float(x @ (y0 - y0.mean()) / (nx * ny))
-    rng = np.random.default_rng(seed)
-    perms = np.argsort(rng.random((n_perm, k)), axis=1)
-    ymean = y0.mean()
-    count = 0
-    for p in perms:
-        yp = rb[p[:, None], p[None, :]][iu]
-        if float(x @ (yp - ymean)) / (nx * ny) >= obs - 1e-12:
-            count += 1
-    return (1 + count) / (n_perm + 1)
+    return _mantel_folds([(a, b)], n_perm=n_perm, seed=seed)
 
 
 def bootstrap_rsa(
@@ -365,14 +425,28 @@ def bootstrap_rsa(
     k = a.shape[0]
     out = np.full(n_boot, np.nan)
     ii, jj = np.triu_indices(k, k=1)
-    for i, idx in enumerate(bootstrap_indices(k, n_boot=n_boot, seed=seed)):
-        pi, pj = idx[ii], idx[jj]
-        keep = pi != pj
-        x, y = a[pi[keep], pj[keep]], b[pi[keep], pj[keep]]
-        ok = np.isfinite(x) & np.isfinite(y)
-        x, y = x[ok], y[ok]
-        if x.size >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
-            out[i] = _spearman_fast(x, y)
+    idx_all = bootstrap_indices(k, n_boot=n_boot, seed=seed)
+    chunk = max(1, int(4e6 // max(ii.size, 1)))
+    for s in range(0, n_boot, chunk):  # vectorised over resamples, in memory-bounded chunks
+        idx = idx_all[s:s + chunk]
+        pi, pj = idx[:, ii], idx[:, jj]
+        x, y = a[pi, pj], b[pi, pj]
+        bad = (pi == pj) | ~np.isfinite(x) | ~np.isfinite(y)
+        x[bad] = np.nan
+        y[bad] = np.nan
+        rx = sps.rankdata(x, axis=1, nan_policy="omit")
+        ry = sps.rankdata(y, axis=1, nan_policy="omit")
+        cnt = (~bad).sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rx = rx - np.nanmean(rx, axis=1, keepdims=True)
+            ry = ry - np.nanmean(ry, axis=1, keepdims=True)
+            rx[bad] = 0.0
+            ry[bad] = 0.0
+            num = (rx * ry).sum(axis=1)
+            den = np.sqrt((rx * rx).sum(axis=1) * (ry * ry).sum(axis=1))
+            r = num / den
+        r[(cnt < 3) | (den == 0)] = np.nan
+        out[s:s + chunk] = r
     return out
 
 
@@ -404,24 +478,115 @@ def cosine_similarity_matrix(V: np.ndarray) -> np.ndarray:
     return U @ U.T
 
 
-def de_similarity(lfc: pd.DataFrame | np.ndarray) -> np.ndarray:
-    """Pearson correlation between DE vectors (rows), pairwise-complete over genes.
+def de_similarity(lfc: pd.DataFrame | np.ndarray, *, method: str = "pearson") -> np.ndarray:
+    """Correlation between DE vectors (rows), pairwise-complete over genes.
 
     Parameters
     ----------
     lfc
         Perturbations x genes log2 fold changes (``nan`` allowed; never zero-filled).
+    method
+        ``"pearson"`` (default) or ``"spearman"`` (the paper's code: Spearman between DE profiles).
 
     Returns
     -------
     numpy.ndarray
         K x K correlation matrix (``nan`` where a vector is constant).
     """
+    if method not in ("pearson", "spearman"):
+        msg = f"unknown DE similarity {method!r}; pass 'pearson' or 'spearman'"
+        raise InvalidInputError(msg)
     A = np.asarray(lfc, dtype=np.float64)
     if np.isfinite(A).all():
+        if method == "spearman":
+            A = sps.rankdata(A, axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.corrcoef(A)
-    return pd.DataFrame(A.T).corr(method="pearson", min_periods=3).to_numpy()
+    return pd.DataFrame(A.T).corr(method=method, min_periods=3).to_numpy()
+
+
+def rsa_folds(
+    folds: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    n_boot: int = 1000,
+    n_perm: int = 999,
+    seed: int = 0,
+) -> tuple[float, np.ndarray, float]:
+    """RSA averaged over folds (cross-fitting), with a joint bootstrap and a joint Mantel test.
+
+    Each fold is a pair ``(S_de, S_emb)`` of finite similarity matrices over the same items in
+    the same order (e.g. DE from one half of the cells, embedding shifts from the other). The
+    score is the mean over folds of the Spearman correlation of the upper triangles; each
+    bootstrap replicate resamples the items once and applies that resample to every fold (so
+    replicates of different layers with the same seed are paired); each Mantel permutation
+    permutes the items of every fold's embedding matrix the same way.
+
+    Parameters
+    ----------
+    folds
+        ``(S_de, S_emb)`` pairs.
+    n_boot
+        Bootstrap resamples over items (0 disables).
+    n_perm
+        Mantel permutations (0 disables).
+    seed
+        Seed of both.
+
+    Returns
+    -------
+    tuple
+        ``(score, boot, p_value)``; ``boot`` has ``n_boot`` values (``nan`` where undefined),
+        ``p_value`` is one-sided, ``(1 + #{perm >= obs}) / (n_perm + 1)`` (``nan`` when disabled).
+    """
+    if not folds:
+        msg = "rsa_folds needs at least one (S_de, S_emb) pair"
+        raise InvalidInputError(msg)
+    pairs = [_check_pair(a, b) for a, b in folds]
+    k = pairs[0][0].shape[0]
+    if any(a.shape[0] != k for a, _ in pairs):
+        msg = "every fold must cover the same items"
+        raise InvalidInputError(msg)
+    score = float(np.mean([rsa_spearman(a, b) for a, b in pairs]))
+    boot = np.full(n_boot, np.nan)
+    if n_boot > 0:
+        vals = np.array([bootstrap_rsa(a, b, n_boot=n_boot, seed=seed) for a, b in pairs])
+        boot = vals.mean(axis=0)
+    p = float("nan")
+    if n_perm > 0:
+        p = _mantel_folds(pairs, n_perm=n_perm, seed=seed)
+    return score, boot, p
+
+
+def _mantel_folds(pairs: Sequence[tuple[np.ndarray, np.ndarray]], *, n_perm: int, seed: int) -> float:
+    k = pairs[0][0].shape[0]
+    iu = np.triu_indices(k, k=1)
+    xs, rbs, ymeans = [], [], []
+    obs = 0.0
+    for a, b in pairs:
+        if not (np.isfinite(upper_triangle(a)).all() and np.isfinite(upper_triangle(b)).all()):
+            msg = "the Mantel test needs finite similarity matrices; drop the items with undefined similarity"
+            raise InvalidInputError(msg)
+        ra, rb = _rank_matrix(a), _rank_matrix(b)
+        x = ra[iu] - ra[iu].mean()
+        y0 = rb[iu]
+        nx, ny = np.sqrt((x**2).sum()), np.sqrt(((y0 - y0.mean()) ** 2).sum())
+        if nx == 0 or ny == 0:
+            return float("nan")
+        obs += float(x @ (y0 - y0.mean()) / (nx * ny))
+        xs.append(x / (nx * ny))
+        rbs.append(rb)
+        ymeans.append(y0.mean())
+    rng = np.random.default_rng(seed)
+    perms = np.argsort(rng.random((n_perm, k)), axis=1)
+    stat = np.zeros(n_perm)
+    chunk = max(1, int(4e6 // max(k * k, 1)))
+    for s in range(0, n_perm, chunk):
+        P = perms[s:s + chunk]
+        for x, rb, ym in zip(xs, rbs, ymeans):
+            Y = rb[P[:, iu[0]], P[:, iu[1]]]  # permuted upper triangles, (chunk, pairs)
+            stat[s:s + chunk] += (Y - ym) @ x
+    count = int((stat >= obs - 1e-12 * len(pairs)).sum())
+    return (1 + count) / (n_perm + 1)
 
 
 def finite_subset(S_de: np.ndarray, S_emb: np.ndarray, perts: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -21,11 +21,10 @@ import logging
 import time as _time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-
 from sclstore.eval.dpt import (
     ROOT_RULES,
     ReferencePseudotime,
@@ -38,8 +37,15 @@ from sclstore.eval.dpt import (
     as_time,
     dpt_pseudotime,
     reference_pseudotime,
+    standardize_columns,
 )
-from sclstore.eval.stats import PairedDifference, paired_difference, percentile_ci, subsample_indices
+from sclstore.eval.stats import (
+    PairedDifference,
+    calibrated_interval,
+    paired_difference,
+    subsample_indices,
+    subsample_scale,
+)
 from sclstore.store.errors import EvaluationError, InvalidInputError
 
 __all__ = [
@@ -55,6 +61,13 @@ __all__ = [
     "score_trajectory",
     "paired_subsample_scores",
     "trajectory_paired_difference",
+    "GraphOptions",
+    "LayerPseudotimes",
+    "TrajectoryLayers",
+    "layer_pseudotimes",
+    "combine_layer_pseudotimes",
+    "score_trajectory_layers",
+    "earliest_roots",
 ]
 
 logger = logging.getLogger(__name__)
@@ -71,9 +84,11 @@ class TrajectoryScore:
     rho_ref
         Spearman's rho against the reference pseudotime (``nan`` without a reference).
     ci_low, ci_high
-        Percentile interval of ``rho_time`` over the subsamples.
+        Calibrated interval of ``rho_time``: the subsample spread rescaled by
+        ``sqrt(f / (1 - f))`` (:func:`~sclstore.eval.stats.subsample_scale`), in Fisher-z space
+        with a t quantile (:func:`~sclstore.eval.stats.calibrated_interval`).
     ref_ci_low, ref_ci_high
-        Percentile interval of ``rho_ref`` over the subsamples.
+        The same for ``rho_ref``.
     n_cells
         Cells scored.
     n_dropped
@@ -88,6 +103,8 @@ class TrajectoryScore:
         Per-subsample scores (paired across layers scored with the same seed).
     pseudotime
         Full-data DPT per cell.
+    subsample_fraction
+        Fraction of cells per subsample (sets the calibration of intervals and paired differences).
     """
 
     rho_time: float
@@ -104,6 +121,7 @@ class TrajectoryScore:
     subsample_rho_time: np.ndarray = field(repr=False)
     subsample_rho_ref: np.ndarray = field(repr=False)
     pseudotime: np.ndarray = field(repr=False)
+    subsample_fraction: float = 0.8
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)  # holds arrays: compare fields explicitly
@@ -182,6 +200,7 @@ def score_trajectory(
     n_dcs: int = 10,
     seed: int = 0,
     level: float = 0.95,
+    standardize: bool = False,
 ) -> TrajectoryScore:
     """Score one representation for trajectory inference, with a subsampling interval.
 
@@ -209,7 +228,10 @@ def score_trajectory(
         Seed of the subsamples and of the solvers; layers scored with the same seed share
         their subsamples, so :func:`trajectory_paired_difference` is a paired comparison.
     level
-        Coverage of the percentile intervals.
+        Coverage of the calibrated intervals.
+    standardize
+        Z-score every coordinate first (a coordinate with a huge spread otherwise dominates
+        the kNN graph).
 
     Returns
     -------
@@ -228,11 +250,14 @@ def score_trajectory(
     >>> s.rho_time, (s.ci_low, s.ci_high)  # doctest: +SKIP
     """
     X, t, ref = _validate(X, time, reference, root)
+    if standardize:
+        X = standardize_columns(X)
     t0 = _time.perf_counter()
     rho_t, rho_r, dropped, r, pt = _score_once(X, t, ref, root, n_neighbors, n_dcs, seed)
     sub = _subsample_scores([X], t, ref, root, n_neighbors, n_dcs, seed, n_subsamples, subsample_fraction)
-    lo, hi = percentile_ci(sub.rho_time[0], level=level) if n_subsamples else (np.nan, np.nan)
-    rlo, rhi = percentile_ci(sub.rho_ref[0], level=level) if n_subsamples else (np.nan, np.nan)
+    scale = subsample_scale(subsample_fraction) if n_subsamples else 1.0
+    lo, hi = calibrated_interval(rho_t, sub.rho_time[0], scale=scale, level=level) if n_subsamples else (np.nan, np.nan)
+    rlo, rhi = calibrated_interval(rho_r, sub.rho_ref[0], scale=scale, level=level) if n_subsamples else (np.nan, np.nan)
     logger.debug("trajectory score rho=%.3f (%d subsamples) in %.2fs", rho_t, n_subsamples, _time.perf_counter() - t0)
     return TrajectoryScore(
         rho_time=rho_t,
@@ -249,6 +274,7 @@ def score_trajectory(
         subsample_rho_time=sub.rho_time[0],
         subsample_rho_ref=sub.rho_ref[0],
         pseudotime=pt,
+        subsample_fraction=subsample_fraction,
     )
 
 
@@ -352,8 +378,329 @@ def trajectory_paired_difference(
     if score.n_cells != other.n_cells or score.subsample_rho_time.shape != other.subsample_rho_time.shape:
         msg = "scores were computed on different cells or subsample counts; rescore both with the same seed"
         raise InvalidInputError(msg)
+    scale = subsample_scale(score.subsample_fraction)
     if against == "time":
         return paired_difference(score.subsample_rho_time, other.subsample_rho_time,
-                                 estimate=score.rho_time - other.rho_time, level=level)
+                                 estimate=score.rho_time - other.rho_time, level=level, scale=scale)
     return paired_difference(score.subsample_rho_ref, other.subsample_rho_ref,
-                             estimate=score.rho_ref - other.rho_ref, level=level)
+                             estimate=score.rho_ref - other.rho_ref, level=level, scale=scale)
+
+
+# ------------------------------------------------------------------------ several layers, one cell set
+@dataclass(frozen=True, kw_only=True)
+class GraphOptions:
+    """How each representation's graph and DPT are built (part of every cache key).
+
+    Attributes
+    ----------
+    n_neighbors
+        k of the kNN graph.
+    n_dcs
+        Diffusion components used by DPT.
+    diffmap_comps
+        Components computed by the diffusion map (``None``: ``n_dcs``; the paper's code uses
+        scanpy's default 15 with DPT on the first 10).
+    transformer
+        ``"sklearn"`` (exact kNN, default) or ``None`` (scanpy's default choice, the paper's).
+    standardize
+        Z-score every coordinate before the graph (:func:`~sclstore.eval.dpt.standardize_columns`).
+    seed
+        ``random_state`` of neighbours and eigen solvers.
+    """
+
+    n_neighbors: int = 30
+    n_dcs: int = 10
+    diffmap_comps: int | None = None
+    transformer: str | None = "sklearn"
+    standardize: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)  # holds arrays
+class LayerPseudotimes:
+    """DPT of one representation on all cells and on each subsample (one layer; stream layers).
+
+    Attributes
+    ----------
+    full
+        DPT per cell on all cells (``inf`` off the root's graph component).
+    root
+        Root cell index used on all cells.
+    subsamples
+        DPT per cell of each subsample (in the subsample's order).
+    extra_roots
+        ``(R, n)`` DPT from each of the extra roots, on the full graph (root sensitivity).
+    """
+
+    full: np.ndarray = field(repr=False)
+    root: int
+    subsamples: tuple[np.ndarray, ...] = field(repr=False)
+    extra_roots: np.ndarray = field(repr=False)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)  # holds arrays
+class TrajectoryLayers:
+    """Scores of several representations on one common cell set, with calibrated intervals.
+
+    Attributes
+    ----------
+    rho_time, rho_ref
+        ``(L,)`` full-data Spearman vs time / vs the reference (``nan`` without reference).
+    ci_low, ci_high, ref_ci_low, ref_ci_high
+        ``(L,)`` calibrated intervals (subsample spread x ``scale``, Fisher z, t quantile).
+    resamples_time, resamples_ref
+        ``(L, B)`` paired subsample scores (feed them to :func:`~sclstore.eval.claims.layer_claims`
+        with ``scale``).
+    scale
+        ``sqrt(f / (1 - f))`` for subsampling fraction ``f``.
+    n_cells
+        Cells in the input.
+    n_common
+        Cells scored for every layer (finite DPT in all layers).
+    n_unreached
+        ``(L,)`` cells each layer's own graph could not reach from its root (non-finite DPT);
+        the union of these is dropped from every layer.
+    roots
+        ``(L,)`` root per layer (full data).
+    root_rho_time
+        ``(L, R)`` Spearman vs time from each extra root (on the common cells).
+    extra_roots
+        The extra root cells (indices into the input).
+    """
+
+    rho_time: np.ndarray = field(repr=False)
+    rho_ref: np.ndarray = field(repr=False)
+    ci_low: np.ndarray = field(repr=False)
+    ci_high: np.ndarray = field(repr=False)
+    ref_ci_low: np.ndarray = field(repr=False)
+    ref_ci_high: np.ndarray = field(repr=False)
+    resamples_time: np.ndarray = field(repr=False)
+    resamples_ref: np.ndarray = field(repr=False)
+    scale: float
+    n_cells: int
+    n_common: int
+    n_unreached: np.ndarray = field(repr=False)
+    roots: np.ndarray = field(repr=False)
+    root_rho_time: np.ndarray = field(repr=False)
+    extra_roots: tuple[int, ...]
+
+
+def earliest_roots(time: np.ndarray | pd.Series, n_roots: int, *, seed: int = 0) -> tuple[int, ...]:
+    """``n_roots`` distinct random earliest-time cells (seeded; the same for every layer).
+
+    Parameters
+    ----------
+    time
+        Time per cell.
+    n_roots
+        How many (fewer when fewer earliest cells exist).
+    seed
+        Seed.
+
+    Returns
+    -------
+    tuple of int
+    """
+    t = as_time(time)
+    finite = np.isfinite(t)
+    if n_roots <= 0 or not finite.any():
+        return ()
+    cand = np.flatnonzero(finite & (t == np.min(t[finite])))
+    rng = np.random.default_rng(seed + 7919)
+    return tuple(int(c) for c in np.sort(rng.choice(cand, size=min(n_roots, cand.size), replace=False)))
+
+
+def layer_pseudotimes(
+    X: np.ndarray,
+    time: np.ndarray | pd.Series,
+    *,
+    subsamples: Sequence[np.ndarray] = (),
+    root: RootRule | int = "diffusion-extreme",
+    options: GraphOptions = GraphOptions(),
+    extra_roots: Sequence[int] = (),
+) -> LayerPseudotimes:
+    """DPT of one representation on all cells and on the given subsamples.
+
+    Parameters
+    ----------
+    X
+        Representation, cells x dim.
+    time
+        Time per cell (for the root rule).
+    subsamples
+        Cell index sets (from :func:`~sclstore.eval.stats.subsample_indices`; pass the same to
+        every layer so their scores are paired).
+    root
+        Root rule or explicit index (an explicit root must be in every subsample).
+    options
+        Graph options.
+    extra_roots
+        Additional root cells scored on the full graph (root sensitivity).
+
+    Returns
+    -------
+    LayerPseudotimes
+    """
+    t = as_time(time)
+    X = _check_X(X, t.shape[0])
+    if options.standardize:
+        X = standardize_columns(X)
+    o = options
+
+    def dpt(Xs: np.ndarray, ts: np.ndarray, r: RootRule | int) -> tuple[np.ndarray, int, Any]:
+        a = _graph(Xs, o.n_neighbors, o.n_dcs, o.seed, transformer=o.transformer, diffmap_comps=o.diffmap_comps)
+        rr = _choose_root(a, ts, r)
+        return _dpt_from_graph(a, rr), rr, a
+
+    full, r0, a = dpt(X, t, root)
+    extra = np.vstack([_dpt_from_graph(a, int(e)) for e in extra_roots]) if len(extra_roots) else np.empty((0, t.shape[0]))
+    subs = []
+    forced = None if isinstance(root, str) else int(root)
+    for idx in subsamples:
+        sr: RootRule | int = root if forced is None else int(np.searchsorted(idx, forced))
+        subs.append(dpt(X[idx], t[idx], sr)[0])
+    return LayerPseudotimes(full=full, root=r0, subsamples=tuple(subs), extra_roots=extra)
+
+
+def combine_layer_pseudotimes(
+    pts: Sequence[LayerPseudotimes],
+    time: np.ndarray | pd.Series,
+    *,
+    subsamples: Sequence[np.ndarray] = (),
+    reference: np.ndarray | None = None,
+    subsample_fraction: float = 0.8,
+    common: bool = True,
+    level: float = 0.95,
+    extra_roots: Sequence[int] = (),
+    names: Sequence[str] | None = None,
+) -> TrajectoryLayers:
+    """Spearman scores of several layers on one common cell set, with calibrated intervals.
+
+    On all cells and on every subsample, a cell is scored only when its DPT is finite in every
+    layer (``common=True``), so layers are compared on the same cells; ``common=False`` keeps
+    each layer's own finite cells (the paper's code). Each layer that loses cells is warned
+    about once, with its name and count.
+
+    Parameters
+    ----------
+    pts
+        One :class:`LayerPseudotimes` per layer, computed with the same ``subsamples``.
+    time
+        Time per cell.
+    subsamples
+        The subsamples the pseudotimes were computed on.
+    reference
+        Reference pseudotime per cell, or ``None``.
+    subsample_fraction
+        The fraction used to draw ``subsamples`` (sets the calibration ``scale``).
+    common
+        Score every layer on the cells reached in all layers.
+    level
+        Coverage of the intervals.
+    extra_roots
+        The extra roots used in :func:`layer_pseudotimes`.
+    names
+        Layer names for the warning (default ``layer 0..``).
+
+    Returns
+    -------
+    TrajectoryLayers
+    """
+    t = as_time(time)
+    n = t.shape[0]
+    L = len(pts)
+    names = list(names) if names is not None else [f"layer {i}" for i in range(L)]
+    ref = None if reference is None else np.asarray(reference, dtype=float).ravel()
+    B = len(subsamples)
+    if any(len(p.subsamples) != B for p in pts):
+        msg = "every layer's pseudotimes must be computed on the same subsamples"
+        raise InvalidInputError(msg)
+    F = np.vstack([np.isfinite(p.full) for p in pts])
+    unreached = (~F).sum(axis=1)
+    mask_all = F.all(axis=0)
+    if common:
+        for nm, u in zip(names, unreached):
+            if u:
+                logger.warning("%s: %d of %d cells are not reachable from the root in its kNN graph; they are dropped "
+                               "from every layer so all layers are scored on the same %d cells", nm, int(u), n, int(mask_all.sum()))
+    rt, rr = np.full(L, np.nan), np.full(L, np.nan)
+    for i, p in enumerate(pts):
+        m = mask_all if common else F[i]
+        rt[i] = _spearman(p.full[m], t[m])
+        rr[i] = _spearman(p.full[m], ref[m]) if ref is not None else np.nan
+    St, Sr = np.full((L, B), np.nan), np.full((L, B), np.nan)
+    for b, idx in enumerate(subsamples):
+        Fb = np.vstack([np.isfinite(p.subsamples[b]) for p in pts])
+        mb = Fb.all(axis=0)
+        for i, p in enumerate(pts):
+            m = mb if common else Fb[i]
+            St[i, b] = _spearman(p.subsamples[b][m], t[idx][m])
+            Sr[i, b] = _spearman(p.subsamples[b][m], ref[idx][m]) if ref is not None else np.nan
+    scale = subsample_scale(subsample_fraction) if B else float("nan")
+    ci = np.array([calibrated_interval(rt[i], St[i], scale=scale, level=level) for i in range(L)]).reshape(L, 2)
+    rci = np.array([calibrated_interval(rr[i], Sr[i], scale=scale, level=level) for i in range(L)]).reshape(L, 2)
+    R = len(extra_roots)
+    root_rho = np.full((L, R), np.nan)
+    for i, p in enumerate(pts):
+        for j in range(min(R, p.extra_roots.shape[0])):
+            m = mask_all & np.isfinite(p.extra_roots[j])
+            root_rho[i, j] = _spearman(p.extra_roots[j][m], t[m])
+    return TrajectoryLayers(rho_time=rt, rho_ref=rr, ci_low=ci[:, 0], ci_high=ci[:, 1], ref_ci_low=rci[:, 0], ref_ci_high=rci[:, 1],
+                            resamples_time=St, resamples_ref=Sr, scale=scale, n_cells=n, n_common=int(mask_all.sum()),
+                            n_unreached=unreached, roots=np.array([p.root for p in pts]), root_rho_time=root_rho,
+                            extra_roots=tuple(int(e) for e in extra_roots))
+
+
+def score_trajectory_layers(
+    Xs: Sequence[np.ndarray],
+    time: np.ndarray | pd.Series,
+    *,
+    reference: np.ndarray | None = None,
+    root: RootRule | int = "diffusion-extreme",
+    options: GraphOptions = GraphOptions(),
+    n_subsamples: int = 20,
+    subsample_fraction: float = 0.8,
+    common: bool = True,
+    n_extra_roots: int = 0,
+    level: float = 0.95,
+) -> TrajectoryLayers:
+    """Score several representations (e.g. every layer) on the same cells and subsamples.
+
+    Convenience wrapper of :func:`layer_pseudotimes` (one call per layer: the runner can stream
+    or parallelise those) and :func:`combine_layer_pseudotimes`.
+
+    Parameters
+    ----------
+    Xs
+        Representations over the same cells.
+    time, reference, root
+        As in :func:`score_trajectory`.
+    options
+        Graph options (k, diffusion components, kNN transformer, standardisation, seed).
+    n_subsamples, subsample_fraction
+        Subsamples for the calibrated intervals (drawn with ``options.seed``).
+    common
+        Score every layer on the cells reached in all layers.
+    n_extra_roots
+        Random earliest-time roots for the root-sensitivity report.
+    level
+        Coverage.
+
+    Returns
+    -------
+    TrajectoryLayers
+    """
+    if len(Xs) == 0:
+        msg = "no representation given; pass a list of cells x dim arrays"
+        raise InvalidInputError(msg)
+    checked = []
+    for X in Xs:
+        Xc, t, ref = _validate(X, time, reference, root)
+        checked.append(Xc)
+    forced = None if isinstance(root, str) else int(root)
+    idxs = subsample_indices(t.shape[0], n_subsamples=n_subsamples, fraction=subsample_fraction, seed=options.seed,
+                             always_include=forced) if n_subsamples else []
+    extra = earliest_roots(t, n_extra_roots, seed=options.seed)
+    pts = [layer_pseudotimes(X, t, subsamples=idxs, root=root, options=options, extra_roots=extra) for X in checked]
+    return combine_layer_pseudotimes(pts, t, subsamples=idxs, reference=ref, subsample_fraction=subsample_fraction, common=common,
+                                     level=level, extra_roots=extra)

@@ -74,6 +74,7 @@ class CountsSource:
             else:
                 self.gene_ids = var.index.astype(str).to_numpy()
             self.var_names = var.index.astype(str).to_numpy()
+            self.var = var  # for hints (ingest/hints.py)
             elem = self._file[self.counts_key]
             self._dense = isinstance(elem, h5py.Dataset)
             self._matrix = elem if self._dense else sparse_dataset(elem)

@@ -96,15 +96,17 @@ class Store:
         return runtime.decide(threads, workers=workers)
 
     def ingest(
-        self, data: str | os.PathLike[str], model: str, checkpoint: str | None = None, *, threads: int | str | None = None,
+        self, data: str | os.PathLike[str] | Any, model: str, checkpoint: str | None = None, *, threads: int | str | None = None,
         **options: Any,
     ) -> Any:
-        """Embed every cell of an .h5ad file with every layer of a model.
+        """Embed every cell of an .h5ad file (or an AnnData) with every layer of a model.
 
         Parameters
         ----------
         data
-            .h5ad file with raw counts (``X`` or ``counts_layer``).
+            .h5ad file with raw counts (``X`` or ``counts_layer``), or an ``anndata.AnnData``
+            in memory or backed (same checks; its content hash makes the file and the loaded
+            object one dataset; the catalog records ``in-memory`` or the backing file).
         model
             Model family: ``tahoe-x1``, ``scfoundation``, ``scgpt``, ``geneformer`` or ``sclstore-tiny``.
         checkpoint
@@ -113,7 +115,10 @@ class Store:
             Threads for the model (default: the thread policy, see :meth:`thread_policy`).
         **options
             Any :class:`~sclstore.store.IngestConfig` field (``pools``, ``layers``, ``dtype``,
-            ``batch_size``, ``device``, ``cluster_by``, ``seed``, ...).
+            ``batch_size``, ``device``, ``cluster_by``, ``seed``, ...). For a SOMA Experiment URI
+            (``*.soma``, needs ``sclstore[soma]``): ``obs_filter`` (a SOMA value filter such as
+            ``"cell_type == 'B cell'"``), ``soma_measurement`` (default ``RNA``) and ``soma_x``
+            (the X layer with raw counts; default ``raw``, ``counts`` or ``data``).
 
         Returns
         -------
@@ -127,13 +132,32 @@ class Store:
         """
         policy = runtime.configure(threads)  # before torch loads: OpenMP starts passive and right-sized
         from sclstore.ingest.pipeline import ingest
+        from sclstore.ingest.soma_source import is_soma_uri, read_soma, soma_label
 
         runtime.apply(policy)
+        soma = {k: options.pop(k) for k in ("obs_filter", "soma_measurement", "soma_x") if k in options}
+        label = None
+        if is_soma_uri(data):
+            uri = str(data)
+            data = read_soma(uri, obs_filter=soma.get("obs_filter"), measurement=soma.get("soma_measurement") or "RNA",
+                             x_name=soma.get("soma_x"))
+            label = soma_label(uri, soma.get("obs_filter"))
+            if not options.get("name"):
+                options["name"] = Path(uri.rstrip("/")).stem or None
+        elif soma.get("obs_filter"):
+            from sclstore.store.errors import InvalidInputError
+
+            raise InvalidInputError(f"obs_filter applies to SOMA Experiments; {data!r} is not one")
         config = IngestConfig(model=model, checkpoint=checkpoint, **options)
-        return ingest(self.backend, data, config)
+        return ingest(self.backend, data, config, source_label=label)
 
     def query(self, sql: str, *, memory_budget: int | None = None) -> Any:
         """Run a slice query over the ``embeddings`` virtual table.
+
+        Rows come in the store's cell order (``cluster_by`` changes it); ``res.src_idx`` holds
+        each cell's row in the ingested AnnData and is queryable (``WHERE src_idx < 100``,
+        ``ORDER BY src_idx``). ``res.to_anndata()`` and file exports put rows back in the
+        input order (pass ``order="store"`` to keep the store's).
 
         Examples
         --------
@@ -143,6 +167,94 @@ class Store:
         from sclstore.query import execute_query
 
         return execute_query(self.backend, sql, memory_budget=memory_budget)
+
+    def attach(
+        self,
+        adata: Any,
+        run: int | str,
+        *,
+        layers: list[int] | tuple[int, ...] | None = None,
+        pools: list[str] | tuple[str, ...] | None = None,
+        memory_budget: int | None = None,
+    ) -> list[str]:
+        """Write a run's embeddings into ``adata.obsm``, aligned by ``obs_names`` (in place).
+
+        Keys are ``X_<model>_L<layer>_<pool>`` (layer zero-padded, e.g. ``X_tahoe-x1_L07_cls``),
+        the same as :meth:`QueryResult.to_anndata` writes. Every cell of ``adata`` must be stored
+        (any order, any subset); provenance goes to ``adata.uns["sclstore"]``.
+
+        Returns
+        -------
+        list of str
+            The obsm keys written.
+
+        Raises
+        ------
+        InvalidInputError
+            If a cell is not stored or obs names repeat.
+
+        Examples
+        --------
+        >>> store.attach(adata, run=1, layers=[4, 8], pools=["cls"])     # doctest: +SKIP
+        ['X_sclstore-tiny_L04_cls', 'X_sclstore-tiny_L08_cls']
+        """
+        from sclstore.query.attach import attach
+
+        return attach(self.backend, adata, run, layers=layers, pools=pools, memory_budget=memory_budget)
+
+    def export(
+        self,
+        sql: str,
+        path: str | os.PathLike[str],
+        *,
+        order: str = "input",
+        with_counts: bool = False,
+        counts_from: Any = None,
+        into: str | os.PathLike[str] | None = None,
+        memory_budget: int | None = None,
+    ) -> dict[str, Any]:
+        """Run a query and write it to ``path`` (``.h5ad .npy .npz .parquet .csv`` or ``.soma``).
+
+        Rows follow the ingested AnnData (``order="input"``) unless the query has an ORDER BY
+        or ``order="store"``. ``with_counts`` (``.h5ad``; always for ``.soma``) adds the cells'
+        raw counts as ``X`` and the genes as ``var``, read from the file recorded at ingest (or
+        ``counts_from``: a path or AnnData). ``uns["sclstore"]`` records run, model, checkpoint
+        hash, layers, pools, cache key and sclstore version. ``into``: see ``query --into``.
+
+        Returns
+        -------
+        dict
+            The result summary plus ``path``.
+        """
+        from sclstore.exports import open_counts, write_soma
+        from sclstore.query import open_query, query_to_file
+
+        if str(path).rstrip("/").endswith(".soma"):
+            res = open_query(self.backend, sql, memory_budget=memory_budget)
+            with open_counts(res, counts_from) as src:
+                return write_soma(res, path, counts_from=src, order=order)
+        if not (with_counts or counts_from is not None):
+            return query_to_file(self.backend, sql, path, memory_budget=memory_budget, order=order, into=into)
+        opened: list[Any] = []
+
+        def factory(res: Any) -> Any:
+            opened.append(open_counts(res, counts_from))
+            return opened[-1]
+
+        try:
+            return query_to_file(self.backend, sql, path, memory_budget=memory_budget, order=order, into=into, counts_from=factory)
+        finally:
+            for src in opened:
+                src.close()
+
+    def to_soma(self, sql: str, uri: str | os.PathLike[str], *, order: str = "input", counts_from: Any = None) -> dict[str, Any]:
+        """Write a query's cells as a SOMA Experiment: obs, counts (``X/data``), var and one ``obsm``
+        array per (pool, layer) (needs ``sclstore[soma]``). See :meth:`export`."""
+        if not str(uri).rstrip("/").endswith(".soma"):
+            from sclstore.store.errors import InvalidInputError
+
+            raise InvalidInputError(f"a SOMA export path ends in .soma, got {str(uri)!r}")
+        return self.export(sql, uri, order=order, counts_from=counts_from)
 
     def evaluate_trajectory(self, run: int | str, *, threads: int | str | None = None, **options: Any) -> Any:
         """Score every stored layer on trajectory inference (see :mod:`sclstore.eval`)."""
@@ -161,6 +273,51 @@ class Store:
         runtime.apply(policy)
         _cap_jobs(policy, options)
         return evaluate_perturbation(self.backend, run, **options)
+
+    def evaluate(self, task: str, run: int | str, *, threads: int | str | None = None, **options: Any) -> Any:
+        """Score every stored layer of a run on any registered task.
+
+        Parameters
+        ----------
+        task
+            ``trajectory``, ``perturbation``, ``diagnostics``, ``celltype`` or a plugin's task
+            (entry-point group ``sclstore.tasks``).
+        run
+            Run id or ``dataset/model``.
+        **options
+            Fields of the task's config (e.g. ``label_key="cell_type"``), ``n_jobs`` (capped at
+            the thread policy's threads), ``progress``, and ``counts_path``.
+        threads
+            Threads for the metrics (default: the thread policy, see :meth:`thread_policy`).
+
+        Returns
+        -------
+        EvalReport
+            Cached in the catalog; a repeated identical call reads no embedding.
+        """
+        policy = runtime.configure(threads)
+        from sclstore.eval.runner import run_task
+
+        runtime.apply(policy)
+        _cap_jobs(policy, options)
+        return run_task(self.backend, run, task, **options)
+
+    def evaluations(self, run: int | str | None = None) -> list[dict[str, Any]]:
+        """Cached evaluations (of one run, or all): id, run, task, parameters, created time."""
+        run_id = self.backend.get_run(run).id if run is not None else None
+        return self.backend.list_evaluations(run_id)
+
+    def evaluation(self, evaluation_id: int) -> Any:
+        """One cached evaluation, reloaded as an :class:`~sclstore.eval.report.EvalReport`."""
+        from sclstore.eval.report import EvalReport
+
+        return EvalReport.from_json(self.backend.get_evaluation_by_id(evaluation_id), cached=True)
+
+    def report(self, run: int | str, out_html: str | os.PathLike[str]) -> Path:
+        """Write a self-contained HTML report of every cached evaluation of a run (no Python needed to read it)."""
+        from sclstore.eval.html import write_run_report
+
+        return write_run_report(self, self.backend.get_run(run), out_html)
 
 
 def _cap_jobs(policy: ThreadPolicy, options: dict[str, Any]) -> None:

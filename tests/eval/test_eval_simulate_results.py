@@ -140,8 +140,10 @@ def test_stats_helpers():
     lo, hi = percentile_ci(v, level=0.9)
     assert lo == pytest.approx(np.quantile(np.arange(1, 101), 0.05)) and hi == pytest.approx(np.quantile(np.arange(1, 101), 0.95))
     d = paired_difference(np.array([0.5, 0.6, 0.7, 0.8]), np.array([0.1, 0.2, 0.3, 0.9]), estimate=0.3)
-    assert d.estimate == 0.3 and d.n_resamples == 4 and d.ci_low < 0 < d.ci_high
-    assert d.p_value == pytest.approx(min(1.0, 2 * (1 + 1) / 5))
+    diffs = np.array([0.4, 0.4, 0.4, -0.1])
+    half = sps.t.ppf(0.975, 3) * diffs.std(ddof=1)  # calibrated: estimate +- t * sd (scale 1 for a bootstrap)
+    assert d.estimate == 0.3 and d.n_resamples == 4 and (d.ci_low, d.ci_high) == pytest.approx((0.3 - half, 0.3 + half))
+    assert d.p_value == pytest.approx(2 * sps.t.sf(0.3 / diffs.std(ddof=1), 3))
     a = subsample_indices(100, n_subsamples=3, fraction=0.8, seed=1, always_include=7)
     b = subsample_indices(100, n_subsamples=3, fraction=0.8, seed=1, always_include=7)
     assert all(np.array_equal(x, y) and len(x) == 80 and 7 in x and len(set(x)) == 80 for x, y in zip(a, b))

@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 
 import sclstore
-from sclstore.eval import runner as runner_mod
+from sclstore.eval import task_perturbation as pert_mod
+from sclstore.eval import task_trajectory as traj_mod
+from sclstore.eval import tasks as tasks_mod
 from sclstore.eval.simulate import log_pca, simulate_layers, simulate_perturbseq, simulate_trajectory
 from sclstore.ingest.source import CountsSource
 from sclstore.store import ArraySpec, Backend, cache_key
 from sclstore.store.errors import EvaluationError
 
 
-def _store_with_layers(root: Path, adata, layers: np.ndarray, *, name: str, cluster_by=(), key: str = "k") -> tuple[Backend, int]:  # noqa: ANN001
+def _store_with_layers(root: Path, adata, layers: np.ndarray, *, name: str, cluster_by=(), key: str = "k") -> tuple[Backend, int]:
     """Register ``adata`` (written next to the store) and a complete run holding ``layers`` (file order)."""
     path = root / f"{name}.h5ad"
     if not path.exists():
@@ -52,18 +54,33 @@ def test_trajectory_best_layer_cached_and_errors(tmp_path: Path, monkeypatch: py
         assert (prim["representation"] == "pca_hvg").sum() == 1  # the PCA-of-counts baseline row
         assert set(rep.table["metric"]) == {"spearman_time", "spearman_ref"}
         assert lay.loc[lay["layer"] == 6, "diff_vs_final"].item() == 0.0
-        assert rep.summary.query("metric == 'spearman_time'")["final_layer"].item() == 6
+        summ = rep.summary.query("metric == 'spearman_time'")
+        assert summ["final_layer"].item() == 6
+        assert summ["headline"].item() == rep.headline()[0]  # claim-aware headline
+        assert bool(summ["claimed"].item()) == (summ["gain_ci_low"].item() > 0)
+        assert summ["best_layer"].item() in summ["best_set"].item()
+        assert sum(summ["win_frequency"].item().values()) == pytest.approx(1.0)
+        assert lay["best_set"].notna().all() and rep.notes["cells"]["n_common"] <= 600
+        assert set(rep.notes["root_sensitivity"]["per_layer"]) == {str(i) for i in range(7)}
+        assert rep.params["protocol"] == "default" and rep.params["standardize"] is False and rep.params["common_cells"] is True
         assert not rep.cached
 
         def boom(*_a: object, **_k: object) -> None:
             raise AssertionError("a repeated evaluation must not recompute anything")
 
-        monkeypatch.setattr(runner_mod, "score_trajectory", boom)
-        monkeypatch.setattr(runner_mod, "execute_query", boom)
+        monkeypatch.setattr(traj_mod, "layer_pseudotimes", boom)
+        monkeypatch.setattr(tasks_mod.TaskContext, "read_layer", boom)
         again = st.evaluate_trajectory(run_id, pseudotime_key="latent_time", n_subsamples=4, n_neighbors=15)
         assert again.cached
         np.testing.assert_allclose(again.table["score"].to_numpy(float), rep.table["score"].to_numpy(float), equal_nan=True)
         monkeypatch.undo()
+        paper = st.evaluate_trajectory(run_id, pseudotime_key="latent_time", n_subsamples=4, n_neighbors=15, protocol="paper", n_roots=0)
+        assert not paper.cached and paper.params["primary_metric"] == "spearman_ref" and paper.params["root"] == "first"
+        assert paper.params["common_cells"] is False and "root_sensitivity" not in paper.notes
+        std = st.evaluate_trajectory(run_id, pseudotime_key="latent_time", n_subsamples=4, n_neighbors=15, standardize=True)
+        assert not std.cached and std.params["standardize"] is True
+        with pytest.raises(EvaluationError, match="unknown protocol 'papers'"):
+            st.evaluate_trajectory(run_id, pseudotime_key="latent_time", protocol="papers")
 
         with pytest.raises(EvaluationError, match="'nope' is not in the obs.*it has: day, latent_time"):
             st.evaluate_trajectory(run_id, pseudotime_key="nope")
@@ -79,21 +96,25 @@ def test_perturbation_per_condition_with_de_cache(tmp_path: Path, monkeypatch: p
     layers = simulate_layers(log_pca(adata.X, n_comps=20), n_layers=9, best_layer=4, seed=3)
     backend, run_id = _store_with_layers(tmp_path, adata, layers, name="pert", cluster_by=("condition", "gene"))
     calls = {"de": 0}
-    real = runner_mod.run_de
+    real = pert_mod.run_de
 
-    def counting(*a: object, **k: object):  # noqa: ANN202
+    def counting(*a: object, **k: object):
         calls["de"] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(runner_mod, "run_de", counting)
+    monkeypatch.setattr(pert_mod, "run_de", counting)
     kw = dict(perturbation_key="gene", control="NTC", condition_key="condition", replicate_key="donor", de_mode="fast",
               n_boot=50, n_perm=99)
     with sclstore.Store(backend) as st:
         rep = st.evaluate_perturbation(run_id, **kw)
         assert calls["de"] == 2  # once per condition, never pooled
         assert set(rep.table["condition"]) == {"Rest", "Stim8hr"}
+        assert rep.params["crossfit"] is True and rep.params["primary_metric"] == "rsa_shift"
         for c in ("Rest", "Stim8hr"):
-            rows = rep.table[rep.table["condition"] == c]
+            ceil = rep.table[(rep.table["condition"] == c) & (rep.table["representation"] == "noise_ceiling")]
+            assert ceil["score"].item() == pytest.approx(rep.notes["conditions"][c]["noise_ceiling"])
+            assert ceil["score"].item() == pytest.approx(np.sqrt(rep.notes["conditions"][c]["split_half_rsa"]))
+            rows = rep.table[(rep.table["condition"] == c) & (rep.table["representation"] == "layer")]
             best = int(rows.loc[rows["score"].idxmax(), "layer"])
             assert abs(best - 4) <= 1, (c, rows[["layer", "score"]])
             assert rows.loc[rows["layer"] == 4, "p_value"].item() <= 0.05
@@ -104,8 +125,17 @@ def test_perturbation_per_condition_with_de_cache(tmp_path: Path, monkeypatch: p
         backend2, run2 = _store_with_layers(tmp_path, adata, layers[::-1].copy(), name="pert", cluster_by=("condition", "gene"), key="k2")
         other = sclstore.Store(backend2).evaluate_perturbation(run2, **kw)
         assert calls["de"] == 2 and not other.cached
-        np.testing.assert_allclose(other.table["score"].to_numpy(float),  # reversed layers, same scores reversed
-                                   rep.table.groupby("condition", sort=False)["score"].transform(lambda s: s[::-1].to_numpy()).to_numpy(float))
+        lay_o = other.table[other.table["representation"] == "layer"]
+        lay_r = rep.table[rep.table["representation"] == "layer"]
+        np.testing.assert_allclose(lay_o["score"].to_numpy(float),  # reversed layers, same scores reversed
+                                   lay_r.groupby("condition", sort=False)["score"].transform(lambda s: s[::-1].to_numpy()).to_numpy(float))
+        leak = st.evaluate_perturbation(run_id, **{**kw, "crossfit": False})
+        assert not leak.cached and leak.params["primary_metric"] == "rsa_shift_samecells"
+        leak_ceil = leak.table[leak.table["representation"] == "noise_ceiling"]
+        assert leak_ceil["score"].to_numpy() == pytest.approx(
+            [np.sqrt(leak.notes["conditions"][c]["spearman_brown"]) for c in ("Rest", "Stim8hr")])
+        paper = st.evaluate_perturbation(run_id, **{**kw, "protocol": "paper"})
+        assert paper.params["variant"] == "centroid" and paper.params["similarity"] == "spearman" and not paper.params["crossfit"]
         with pytest.raises(EvaluationError, match="control label 'CTRL' is not a value of 'gene'"):
             st.evaluate_perturbation(run_id, **{**kw, "control": "CTRL"})
         with pytest.raises(EvaluationError, match="condition column 'state' is not in the obs"):

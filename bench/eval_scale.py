@@ -1,0 +1,132 @@
+"""Evaluation at scale (issue 14 item 7): large trajectory and perturbation evaluations, approximate kNN.
+
+Everything runs on synthetic layers written straight into a store (no model run), so only the
+evaluation is timed. Sizes default to the issue's targets; ``--size`` scales every cell and
+perturbation count down (e.g. ``--size 0.05``) for a run that fits a shared machine, and the
+printout extrapolates to the full size with the stated cost model (labelled as such).
+
+E3  trajectory: ``--traj-cells`` (100,000) cells x ``--layers`` (13) layers x ``--dim`` (512),
+    ``--subsamples`` subsamples, ``--jobs`` worker processes over layers, no PCA reference.
+E4  perturbation: ``--perturbations`` (2,000) x 3 conditions x 13 layers, fast DE, ``--jobs``.
+E5  approximate vs exact kNN (celltype kNN probe): neighbour recall, macro-F1 of both, times, on
+    ``--knn-cells`` (50,000) cells x ``--dim``.
+
+Usage::
+
+    python bench/eval_scale.py [--size 1.0] [--jobs 2] [--subsamples 20] [--only E3 E4 E5] [--dir WORK]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+import sclstore
+from sclstore.eval import celltype as ct
+from sclstore.eval.simulate import log_pca, simulate_layers, simulate_perturbseq
+from sclstore.testing import store_with_layers
+
+
+def load() -> str:
+    a, b, c = os.getloadavg()
+    return f"load average {a:.2f} {b:.2f} {c:.2f} ({os.cpu_count()} CPUs, affinity {len(os.sched_getaffinity(0))})"
+
+
+def e3(work: Path, args: argparse.Namespace) -> None:
+    n = max(200, int(args.traj_cells * args.size))
+    rng = np.random.default_rng(0)
+    t = rng.uniform(0, 1, n)
+    latent = np.c_[t, np.sin(3 * t), rng.normal(scale=0.3, size=(n, 3))]
+    layers = simulate_layers(latent, n_layers=args.layers, best_layer=args.layers // 2, dim=args.dim, seed=1)
+    obs = pd.DataFrame({"time": t}, index=[f"c{i}" for i in range(n)])
+    adata = ad.AnnData(np.zeros((n, 5), np.float32), obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(5)]))
+    backend, run = store_with_layers(work / "e3", adata, layers, name="traj")
+    del layers
+    t0 = time.perf_counter()
+    rep = sclstore.Store(backend).evaluate_trajectory(run, pseudotime_key="time", reference=False, n_subsamples=args.subsamples,
+                                                      n_jobs=args.jobs, progress=True)
+    sec = time.perf_counter() - t0
+    full = args.traj_cells
+    factor = (full / n) ** 2  # exact kNN: O(n^2 d) dominates
+    approx = (full / n) ** 1.14  # ASSUMPTION: pynndescent's empirical ~n^1.14, the diffusion map ~linear (sparse graph)
+    reps = (1 + 20) / (1 + args.subsamples)  # the library default is 20 subsamples
+    print(f"E3 trajectory {n} cells x {args.layers} layers x {args.dim} dims, {args.subsamples} subsamples, jobs {args.jobs}: "
+          f"{sec:.1f} s ({sec / args.layers:.1f} s per layer); best layer {int(rep.summary['best_layer'].iloc[0])}  [{load()}]")
+    print(f"   EXTRAPOLATED to {full} cells, 20 subsamples: exact kNN (x (n/{n})^2) {sec * factor * reps / 60:.0f} min; "
+          f"approximate kNN (knn=auto above 8,192 cells; x (n/{n})^1.14, assumed) {sec * approx * reps / 60:.0f} min")
+
+
+def e4(work: Path, args: argparse.Namespace) -> None:
+    P = max(10, int(args.perturbations * args.size))
+    adata = simulate_perturbseq(n_perturbations=P, n_genes=args.genes, cells_per_perturbation=args.cells_per_perturbation,
+                                n_control_cells=max(100, 5 * args.cells_per_perturbation), n_donors=2, seed=2)
+    layers = simulate_layers(log_pca(adata.X, n_comps=20), n_layers=args.layers, best_layer=args.layers // 3, dim=64, seed=3)
+    backend, run = store_with_layers(work / "e4", adata, layers, name="pert", cluster_by=("condition", "gene"))
+    t0 = time.perf_counter()
+    rep = sclstore.Store(backend).evaluate_perturbation(run, perturbation_key="gene", control="NTC", condition_key="condition",
+                                                        replicate_key="donor", de_mode="fast", n_jobs=args.jobs, progress=True)
+    sec = time.perf_counter() - t0
+    print(f"E4 perturbation {P} perturbations x 3 conditions x {args.layers} layers ({adata.n_obs} cells), fast DE, jobs {args.jobs}: "
+          f"{sec:.1f} s; perturbations scored per condition "
+          f"{[c['perturbations'] for c in rep.notes['conditions'].values()]}  [{load()}]")
+    print(f"   EXTRAPOLATED to {args.perturbations} perturbations (RSA ~ K^2 pairs x (boot + perm)): "
+          f"{sec * (args.perturbations / P) ** 2 / 60:.0f} min (upper bound; DE is linear in K)")
+
+
+def e5(args: argparse.Namespace) -> None:
+    n = max(1000, int(args.knn_cells * args.size))
+    rng = np.random.default_rng(5)
+    codes = rng.integers(0, 10, size=n)
+    X = (rng.normal(scale=1.0, size=(10, args.dim))[codes] + rng.normal(size=(n, args.dim))).astype(np.float32)
+    ct.nearest_neighbors(X[:2000], 15, method="approx")  # numba JIT paid before timing
+    t0 = time.perf_counter()
+    exact = ct.nearest_neighbors(X, 15, method="exact")
+    te = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    approx = ct.nearest_neighbors(X, 15, method="approx")
+    ta = time.perf_counter() - t0
+    recall = float(np.mean([len(set(a) & set(e)) / 15 for a, e in zip(approx, exact)]))
+    fe, fa = ct.macro_f1(codes, ct.knn_vote(exact, codes)), ct.macro_f1(codes, ct.knn_vote(approx, codes))
+    print(f"E5 kNN (k=15) {n} cells x {args.dim} dims: exact {te:.1f} s, approximate {ta:.1f} s; neighbour recall {recall:.4f}; "
+          f"kNN-probe macro-F1 exact {fe:.4f} vs approximate {fa:.4f} (difference {fa - fe:+.4f})  [{load()}]")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=float, default=1.0, help="scale of every cell/perturbation count (1 = the issue's targets)")
+    ap.add_argument("--traj-cells", type=int, default=100_000)
+    ap.add_argument("--layers", type=int, default=13)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--subsamples", type=int, default=20)
+    ap.add_argument("--perturbations", type=int, default=2000)
+    ap.add_argument("--cells-per-perturbation", type=int, default=20)
+    ap.add_argument("--genes", type=int, default=300)
+    ap.add_argument("--knn-cells", type=int, default=50_000)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--only", nargs="+", default=["E3", "E4", "E5"])
+    ap.add_argument("--dir", type=Path, default=None)
+    args = ap.parse_args()
+    work = Path(args.dir or tempfile.mkdtemp(prefix="sclstore-bench-scale-"))
+    print(f"work folder {work}; size {args.size}; {load()} at start")
+    try:
+        if "E5" in args.only:
+            e5(args)
+        if "E4" in args.only:
+            e4(work, args)
+        if "E3" in args.only:
+            e3(work, args)
+    finally:
+        if args.dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
