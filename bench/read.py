@@ -1,30 +1,48 @@
-"""Read benchmark: sclstore's TileDB layout vs a numpy memmap (the physical reference) and an h5ad.
+"""Read benchmark: sclstore's TileDB layout vs a numpy memmap (the physical reference), h5py on an
+h5ad and zarr v3; with ``--s3``, the same run on S3 (moto on loopback) vs a raw ranged GET.
 
-Builds one synthetic run (default 50k cells x 13 layers x 512, float32) three ways in a temp
-folder and times, warm (open + read + close inside the timing; the readers of one case run
-round-robin ``--repeats`` times, median and minimum reported):
+Builds one synthetic run (default 50k cells x 13 layers x 512, float32) in a temp folder and
+times, warm (open + read + close inside the timing; the readers of one case run round-robin
+``--repeats`` times, median and minimum reported):
 
   R1  one full layer
   R2c one layer x a contiguous 10% of cells
   R2  one layer x a random 10% of cells
   R3  all layers x 100 random cells
 
-sclstore is timed twice: its reader as shipped (a complete run is read straight from its tile
-files, ``sclstore.store.tilefile``) and the same reader with ``direct=False`` (libtiledb's dense
-reader), so the table shows what each path costs.
+sclstore is timed three ways: its reader as shipped (a complete run is read straight from its
+tile files, ``sclstore.store.tilefile``), the same reader with ``direct=False`` (libtiledb's
+dense reader), and ``store.query`` (parse, plan, catalog, read; R1, R2c and R2 only: the random
+10% is ``grp = 'a'`` over a random 10-level column).
+
+The memmap anchor file is written with ``ndarray.tofile`` behind an ``.npy`` header (not through
+``np.memmap``, whose page-fault-written file reads ~1.9x slower), and its page-cache speed is
+printed next to a plain ``readinto`` of the same bytes, so the anchor is checked to be fair.
+
+``--s3`` starts moto's S3 server on 127.0.0.1 (a child process; nothing else is contacted), builds
+the run on ``s3://bench/store`` with the catalog in a local SQLite file, and times sclstore's
+reader (libtiledb with the store's tuned object-storage settings), libtiledb with its default
+settings, and a raw boto3 ranged GET of the same tile bytes (the endpoint's physical limit).
 
 Usage::
 
-    python bench/read.py [--cells 50000] [--layers 13] [--dim 512] [--dtype float32] [--repeats 5]
+    python bench/read.py [--cells 50000] [--layers 13] [--dim 512] [--dtype float32] [--repeats 7]
+    python bench/read.py --s3 --layers 4 [--repeats 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -43,40 +61,49 @@ def timed(fns: list[Callable[[], np.ndarray]], repeats: int) -> list[tuple[float
             t = time.perf_counter()
             outs[i] = fn()
             times[i].append(time.perf_counter() - t)
-    return [(statistics.median(ts), min(ts), out) for ts, out in zip(times, outs)]
+    return [(statistics.median(ts), min(ts), out) for ts, out in zip(times, outs, strict=True)]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cells", type=int, default=50_000)
-    ap.add_argument("--layers", type=int, default=13)
-    ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--dtype", choices=["float32", "float16"], default="float32")
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp folder)")
-    args = ap.parse_args()
-    n, nl, d = args.cells, args.layers, args.dim
-    np_dtype = np.float16 if args.dtype == "float16" else np.float32
-    rng = np.random.default_rng(0)
-    work = Path(args.dir or tempfile.mkdtemp(prefix="sclstore-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    print(f"building {nl} layers x {n} cells x {d} ({args.dtype}) in {work}")
+def write_anchor(path: Path, layers: Iterator[np.ndarray], shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """An ``.npy`` file written with ``write()`` (header, then ``tofile`` per layer)."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                 "fortran_order": False, "shape": shape})
+        for arr in layers:
+            np.ascontiguousarray(arr, dtype=dtype).tofile(f)
 
-    # --- data, written layer by layer to keep memory flat
-    mm = np.lib.format.open_memmap(work / "emb.npy", mode="w+", dtype=np_dtype, shape=(nl, n, d))
+
+def page_cache_check(path: Path, layer_bytes: int, offset: int, repeats: int) -> tuple[float, float]:
+    """GB/s of one layer's bytes: ``readinto`` a buffer, and a memmap copy (both warm)."""
+    buf = np.empty(layer_bytes, dtype=np.uint8)
+    t_read, t_mm = [], []
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        with open(path, "rb", buffering=0) as f:
+            f.seek(offset)
+            f.readinto(memoryview(buf))
+        t_read.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        m = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(layer_bytes,))
+        np.copyto(buf, m)
+        del m
+        t_mm.append(time.perf_counter() - t)
+    return layer_bytes / statistics.median(t_read[1:]) / 1e9, layer_bytes / statistics.median(t_mm[1:]) / 1e9
+
+
+def synthetic_layers(n: int, nl: int, d: int, np_dtype: type, seed: int = 0) -> Iterator[np.ndarray]:
+    rng = np.random.default_rng(seed)
     latent = rng.normal(size=(n, 32)).astype(np.float32)
-    for layer in range(nl):
+    for _ in range(nl):
         proj = rng.normal(size=(32, d)).astype(np.float32)
-        mm[layer] = (latent @ proj + 0.1 * rng.normal(size=(n, d))).astype(np_dtype)
-    mm.flush()
+        yield (latent @ proj + 0.1 * rng.normal(size=(n, d))).astype(np_dtype)
 
-    # --- sclstore store
-    backend = Backend.create(work / "store")
-    obs = pd.DataFrame({"group": pd.Categorical(rng.choice(list("abcdefghij"), size=n))}, index=[f"c{i}" for i in range(n)])
+
+def build_run(backend: Backend, mm: np.ndarray, dtype: str, n: int, nl: int, d: int, obs: pd.DataFrame) -> object:
     ds = backend.register_dataset(name="bench", content_hash=cache_key("bench", n, nl, d), obs=obs, n_vars=1, source_path=None)
     model = backend.register_model(family="synthetic", name="synthetic", checkpoint_hash="0" * 64, n_layers=nl - 1, d_model=d, config={})
-    spec = ArraySpec(n_layers=nl, n_cells=n, dim=d, pools=("cls",), dtype=args.dtype)
-    run = backend.create_run(dataset=ds, model=model, key=cache_key("bench-run", n, nl, d, args.dtype), params={},
+    spec = ArraySpec(n_layers=nl, n_cells=n, dim=d, pools=("cls",), dtype=dtype)  # type: ignore[arg-type]
+    run = backend.create_run(dataset=ds, model=model, key=cache_key("bench-run", n, nl, d, dtype), params={},
                              layers=list(range(nl)), spec=spec)
     if run.status != "complete":
         lease = backend.acquire(run.id, wait=False)
@@ -86,29 +113,100 @@ def main() -> None:
         t_write = time.perf_counter() - t
         t = time.perf_counter()
         run = backend.complete(run, lease, {})
-        print(f"sclstore write {t_write:.1f} s, full consolidation {time.perf_counter() - t:.1f} s")
+        print(f"sclstore write {t_write:.1f} s, consolidation {time.perf_counter() - t:.1f} s")
+    return run
 
-    # --- h5ad: one obsm matrix per layer (anndata's own writer: contiguous datasets)
-    import anndata as ad
 
-    h5 = work / "emb.h5ad"
-    if not h5.exists():
-        adata = ad.AnnData(obs=obs)
-        for layer in range(nl):
-            adata.obsm[f"X_L{layer:02d}"] = np.asarray(mm[layer])
-        adata.write_h5ad(h5)
-        del adata
+def table(title: str, names: list[str], rows: list[tuple[str, list[float], list[float]]], anchor: int) -> None:
+    """Markdown: median seconds per reader, then each reader / the anchor (median; min / min)."""
+    print(f"\n{title}\n")
+    ratios = [f"{x} / {names[anchor]}" for i, x in enumerate(names) if i != anchor]
+    print("| read | " + " | ".join(f"{x} s" for x in names) + " | " + " | ".join(ratios) + " |")
+    print("|---" * (1 + 2 * len(names) - 1) + "|")
+    for label, med, mins in rows:
+        cells = [f"{m:.4f}" if m == m else "-" for m in med]
+        ratios = [f"{med[i] / med[anchor]:.2f} ({mins[i] / mins[anchor]:.2f})" if med[i] == med[i] else "-"
+                  for i in range(len(names)) if i != anchor]
+        print(f"| {label} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
 
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cells", type=int, default=50_000)
+    ap.add_argument("--layers", type=int, default=13)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--s3", action="store_true", help="also build the run on S3 (moto on loopback) and time reads there")
+    ap.add_argument("--no-local", action="store_true", help="with --s3: skip the local table")
+    ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp folder)")
+    args = ap.parse_args()
+    n, nl, d = args.cells, args.layers, args.dim
+    np_dtype = np.float16 if args.dtype == "float16" else np.float32
+    rng = np.random.default_rng(0)
+    work = Path(args.dir or tempfile.mkdtemp(prefix="sclstore-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"building {nl} layers x {n} cells x {d} ({args.dtype}) in {work}")
+
+    anchor = work / "emb.npy"
+    write_anchor(anchor, synthetic_layers(n, nl, d, np_dtype), (nl, n, d), np.dtype(np_dtype))
+    mm = np.load(anchor, mmap_mode="r")
+    layer_bytes = n * d * mm.itemsize
+    offset = mm.offset + (nl // 2) * layer_bytes
+    gbs_read, gbs_mm = page_cache_check(anchor, layer_bytes, offset, args.repeats)
+    print(f"anchor file written with tofile(); one layer from the page cache: readinto {gbs_read:.2f} GB/s, "
+          f"memmap copy {gbs_mm:.2f} GB/s")
+
+    obs = pd.DataFrame({"grp": pd.Categorical(rng.choice(list("abcdefghij"), size=n))}, index=[f"c{i}" for i in range(n)])
     layer = nl // 2
     contiguous = np.arange(n // 2, n // 2 + n // 10)
-    random10 = np.sort(rng.choice(n, size=n // 10, replace=False))
+    random10 = np.flatnonzero(obs["grp"].to_numpy() == "a")  # ~10%, scattered
     few = np.sort(rng.choice(n, size=100, replace=False))
+    cases = [
+        ("R1  one full layer", [layer], None),
+        ("R2c layer x contiguous 10%", [layer], contiguous),
+        ("R2  layer x random 10%", [layer], random10),
+        ("R3  all layers x 100 cells", list(range(nl)), few),
+    ]
+    load0 = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    if not args.no_local:
+        local_bench(args, work, mm, obs, cases, load0)
+    if args.s3:
+        s3_bench(args, work, mm, obs, cases)
 
+
+def local_bench(args: argparse.Namespace, work: Path, mm: np.ndarray, obs: pd.DataFrame, cases: list, load0: str) -> None:
+    n, nl, d = args.cells, args.layers, args.dim
+    import sclstore
     from sclstore.store.arrays import ArrayReader
 
+    backend = Backend.create(work / "store")
+    run = build_run(backend, mm, args.dtype, n, nl, d, obs)
+
+    h5 = work / "emb.h5ad"  # anndata's own writer: one contiguous obsm dataset per layer
+    if not h5.exists():
+        import anndata as ad
+
+        adata = ad.AnnData(obs=obs)
+        for s in range(nl):
+            adata.obsm[f"X_L{s:02d}"] = np.asarray(mm[s])
+        adata.write_h5ad(h5)
+        del adata
+    zpath = work / "emb.zarr"
+    try:
+        import zarr
+    except ImportError:
+        zarr = None
+        print("zarr not installed (pip install 'sclstore[bench]'): no zarr column")
+    if zarr is not None and not zpath.exists():
+        tile = ArrayReader(run.array_uri).cell_tile
+        z = zarr.create_array(zpath, shape=(nl, n, d), chunks=(1, tile, d), dtype=mm.dtype, compressors=None, zarr_format=3)
+        for s in range(nl):
+            z[s] = mm[s]
+
     with backend.open_reader(run.id) as rd:
-        direct = rd.direct
-    print(f"direct tile reads for this run: {direct}")
+        print(f"direct tile reads for this run: {rd.direct}")
+    store = sclstore.Store(backend)
 
     def tdb(slots: list[int], cells: np.ndarray | None, *, direct: bool = True) -> Callable[[], np.ndarray]:
         def fn() -> np.ndarray:
@@ -132,31 +230,134 @@ def main() -> None:
             return np.stack(parts).astype(np.float32)
         return fn
 
-    cases = [
-        ("R1  one full layer", [layer], None),
-        ("R2c layer x contiguous 10%", [layer], contiguous),
-        ("R2  layer x random 10%", [layer], random10),
-        ("R3  all layers x 100 cells", list(range(nl)), few),
-    ]
+    def zarr_read(slots: list[int], cells: np.ndarray | None) -> Callable[[], np.ndarray]:
+        def fn() -> np.ndarray:
+            z = zarr.open_array(zpath, mode="r")
+            if cells is None:
+                return np.stack([z[s] for s in slots]).astype(np.float32)
+            if cells.size and cells[-1] - cells[0] + 1 == cells.size:
+                return np.stack([z[s, int(cells[0]) : int(cells[-1]) + 1] for s in slots]).astype(np.float32)
+            return np.stack([z.oindex[s, cells] for s in slots]).astype(np.float32)
+        return fn
+
+    def query(label: str, slots: list[int]) -> Callable[[], np.ndarray] | None:
+        where = {"R1 ": "", "R2c": f" AND cell_idx BETWEEN {n // 2} AND {n // 2 + n // 10 - 1}", "R2 ": " AND grp = 'a'"}.get(label[:3])
+        if where is None:
+            return None
+        sql = f"SELECT embedding.cls FROM embeddings WHERE run = {run.id} AND layer = {slots[0]}{where}"
+        return lambda: store.query(sql).embeddings
+
+    names = ["memmap", "sclstore direct", "store.query", "via libtiledb", "h5py (h5ad)"] + (["zarr v3"] if zarr is not None else [])
     rows = []
     for label, slots, cells in cases:
-        fns = [memmap(slots, cells), tdb(slots, cells), tdb(slots, cells, direct=False), h5ad(slots, cells)]
-        (t_mm, m_mm, ref), (t_sc, m_sc, got), (t_lt, m_lt, got_lt), (t_h5, m_h5, got_h5) = timed(fns, args.repeats)
-        assert all(np.array_equal(x, ref) for x in (got, got_lt, got_h5)), f"{label}: results differ"
-        rows.append((label, t_sc, t_lt, t_mm, t_h5, m_sc / m_mm))
-    import os
-
+        q = query(label, slots)
+        fns = [memmap(slots, cells), tdb(slots, cells), q, tdb(slots, cells, direct=False), h5ad(slots, cells)]
+        if zarr is not None:
+            fns.append(zarr_read(slots, cells))
+        live = [f for f in fns if f is not None]
+        res = iter(timed(live, args.repeats))
+        out = [next(res) if f is not None else (float("nan"), float("nan"), None) for f in fns]
+        ref = out[0][2]
+        assert all(o[2] is None or np.array_equal(o[2], ref) for o in out), f"{label}: results differ"
+        rows.append((label, [o[0] for o in out], [o[1] for o in out]))
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"\n{n} cells x {nl} layers x {d} dims, {args.dtype}; warm, median of {args.repeats} round-robin repeats; "
-          f"results checked equal; load average {load}\n")
-    print("| read | sclstore s | sclstore via libtiledb s | memmap s | h5ad (h5py) s | sclstore / memmap | (min / min) "
-          "| via libtiledb / memmap | h5ad / memmap |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for label, sc, lt, mm_t, h5_t, ratio_min in rows:
-        print(f"| {label} | {sc:.4f} | {lt:.4f} | {mm_t:.4f} | {h5_t:.4f} | {sc / mm_t:.2f} | {ratio_min:.2f} | {lt / mm_t:.2f} | {h5_t / mm_t:.2f} |")
-    r1 = rows[0][1]
-    print(f"\nrandom 10% / full layer (sclstore): {rows[2][1] / r1:.2f}; contiguous 10% / full layer: {rows[1][1] / r1:.2f}")
+    table(f"{n} cells x {nl} layers x {d} dims, {args.dtype}; warm, median of {args.repeats} round-robin repeats "
+          f"(ratio of medians, in brackets of minima); results checked equal; load average at start {load0}, at end {load}",
+          names, rows, anchor=0)
     backend.close()
+
+
+@contextmanager
+def moto_server() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 in a child process; yields ``127.0.0.1:PORT``."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code = ("import sys, time\nfrom moto.server import ThreadedMotoServer\n"
+            "ThreadedMotoServer(ip_address='127.0.0.1', port=int(sys.argv[1]), verbose=False).start()\n"
+            "while True: time.sleep(3600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def s3_bench(args: argparse.Namespace, work: Path, mm: np.ndarray, obs: pd.DataFrame, cases: list) -> None:
+    import boto3
+    import tiledb
+
+    from sclstore.store import StoreSettings
+    from sclstore.store.arrays import ArrayReader, coalesce
+
+    n, nl, d = args.cells, args.layers, args.dim
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    with moto_server() as endpoint:
+        key_id, secret = "bench-key", "bench-secret"
+        client = boto3.client("s3", endpoint_url=f"http://{endpoint}", aws_access_key_id=key_id, aws_secret_access_key=secret,
+                              region_name="us-east-1")
+        client.create_bucket(Bucket="bench")
+        cfg = {"vfs.s3.endpoint_override": endpoint, "vfs.s3.scheme": "http", "vfs.s3.use_virtual_addressing": "false",
+               "vfs.s3.region": "us-east-1", "vfs.s3.aws_access_key_id": key_id, "vfs.s3.aws_secret_access_key": secret}
+        backend = Backend.create("s3://bench/store", f"sqlite:///{work / 's3-catalog.sqlite'}", settings=StoreSettings(tiledb_config=cfg))
+        t0 = time.perf_counter()
+        run = build_run(backend, mm, args.dtype, n, nl, d, obs)
+        print(f"S3 run built in {time.perf_counter() - t0:.1f} s")
+        ctx, plain_ctx = backend.location.ctx, tiledb.Ctx(tiledb.Config(cfg))
+        frag = tiledb.array_fragments(run.array_uri, ctx=ctx)
+        print(f"S3 array fragments: {len(frag)}")
+        prefix = frag.uri[0].split("s3://bench/", 1)[1]
+        key = f"{prefix}/a0.tdb"
+        size = client.head_object(Bucket="bench", Key=key)["ContentLength"]
+        with ArrayReader(run.array_uri, ctx=ctx) as rd:
+            c = rd.cell_tile
+        n_ct = -(-n // c)
+        stride = size // (nl * n_ct)  # bytes per tile incl. its chunk headers (unfiltered, one fragment)
+
+        def sclstore_read(slots: list[int], cells: np.ndarray | None) -> Callable[[], np.ndarray]:
+            def fn() -> np.ndarray:
+                with ArrayReader(run.array_uri, ctx=ctx) as rd:
+                    return rd.read(slots, cells, "cls")
+            return fn
+
+        def plain(slots: list[int], cells: np.ndarray | None) -> Callable[[], np.ndarray]:
+            def fn() -> np.ndarray:  # libtiledb, default settings, the coalesced ranges
+                with tiledb.open(run.array_uri, ctx=plain_ctx) as arr:
+                    ranges = [(0, n - 1)] if cells is None else coalesce(cells)
+                    raw = arr.multi_index[coalesce(np.asarray(slots)), ranges, :]["cls"]
+                return raw.view(np.float16).astype(np.float32) if args.dtype == "float16" else raw
+            return fn
+
+        def raw_get(slots: list[int], cells: np.ndarray | None) -> Callable[[], np.ndarray]:
+            tiles = np.arange(n_ct) if cells is None else np.unique(cells // c)
+            spans = []
+            for s in slots:
+                for a, b in coalesce(tiles):
+                    spans.append(((s * n_ct + a) * stride, (s * n_ct + b + 1) * stride - 1))
+
+            def fn() -> np.ndarray:  # the same tile bytes, one ranged GET per run of tiles (no decoding)
+                parts = [client.get_object(Bucket="bench", Key=key, Range=f"bytes={a}-{b}")["Body"].read() for a, b in spans]
+                return np.frombuffer(b"".join(parts), dtype=np.uint8)
+            return fn
+
+        names = ["raw ranged GET", "sclstore (tuned libtiledb)", "libtiledb default settings"]
+        rows = []
+        for label, slots, cells in cases:
+            out = timed([raw_get(slots, cells), sclstore_read(slots, cells), plain(slots, cells)], args.repeats)
+            want = np.asarray(mm[slots] if cells is None else mm[slots][:, cells], dtype=np.float32)
+            assert np.array_equal(out[1][2], want) and np.array_equal(out[2][2], want), f"{label}: results differ"
+            rows.append((label, [o[0] for o in out], [o[1] for o in out]))
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        table(f"S3 (moto on loopback): {n} cells x {nl} layers x {d} dims, {args.dtype}; median of {args.repeats} round-robin "
+              f"repeats (ratio of medians, in brackets of minima); load average at end {load}", names, rows, anchor=0)
+        backend.close()
 
 
 if __name__ == "__main__":

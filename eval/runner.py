@@ -66,18 +66,6 @@ def _pool(info: RunInfo, pool: str | None) -> str:
     return pool
 
 
-def _quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _quote_value(value: Any) -> str:
-    if isinstance(value, bool | np.bool_):
-        return "TRUE" if value else "FALSE"
-    if isinstance(value, int | float | np.integer | np.floating):
-        return repr(float(value)) if isinstance(value, float | np.floating) else str(int(value))
-    return "'" + str(value).replace("'", "''") + "'"
-
-
 def _counts(ds: DatasetInfo, counts_path: str | Path | None, obs: pd.DataFrame) -> tuple[sp.csr_matrix, np.ndarray]:
     """Raw counts of the dataset's cells in cell_idx order, and the gene names."""
     from sclstore.ingest.source import CountsSource

@@ -35,8 +35,6 @@ from .runner import (
     _cached_intermediate,
     _claimed_rows,
     _counts,
-    _quote_ident,
-    _quote_value,
     cpu_allowance,
 )
 from .tasks import Task, TaskConfig, TaskContext, register_task
@@ -112,13 +110,11 @@ def _pseudo_replicates(cells: Sequence[str], seed: int, n: int = 2) -> np.ndarra
     return np.asarray([f"pseudo{i}" for i in rng.integers(0, n, size=len(cells))])
 
 
-def _centroids(ctx: TaskContext, key: str, where: str) -> dict[int, dict[str, np.ndarray]]:
-    """{layer: {label: centroid}} from one streaming GROUP BY query per condition."""
-    from sclstore.query import execute_query
+def _centroids(ctx: TaskContext, key: str, where: dict[str, Any] | None) -> dict[int, dict[str, np.ndarray]]:
+    """{layer: {label: centroid}} from one streaming GROUP BY query per condition (slice API, no SQL text)."""
+    from sclstore.query import centroids_query, execute
 
-    sql = (f"SELECT {_quote_ident(key)}, layer, AVG(embedding.{ctx.pool}), COUNT(*) FROM embeddings "
-           f"WHERE run = {ctx.info.id}{where} GROUP BY {_quote_ident(key)}, layer")
-    res = execute_query(ctx.backend, sql)
+    res = execute(ctx.backend, centroids_query(ctx.info.id, key, pool=ctx.pool, where=where))
     labels = res.obs[key].astype(str).to_numpy()
     return {int(layer): {lab: res.embeddings[li, gi] for gi, lab in enumerate(labels)} for li, layer in enumerate(res.layers)}
 
@@ -200,7 +196,7 @@ class PerturbationTask(Task):
                 note["noise_ceiling_rule"] = ("sqrt(split-half RSA): the DE side uses half of the cells" if config.crossfit
                                               else "sqrt(Spearman-Brown corrected split-half RSA)")
             notes["conditions"][cond] = note
-            where = f" AND {_quote_ident(config.condition_key)} = {_quote_value(cond)}" if config.condition_key else ""
+            where = {config.condition_key: cond.item() if isinstance(cond, np.generic) else cond} if config.condition_key else None
             conditions[cond] = {"where": where, "lfc": lfc, "labels": labels, "halves": halves, "de_folds": de_folds,
                                 "ceiling": ceil_value,
                                 "cents": None if config.crossfit else _centroids(ctx, config.perturbation_key, where)}

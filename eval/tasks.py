@@ -124,16 +124,15 @@ class TaskContext:
     pool: str
     counts_path: str | Path | None = None
 
-    def read_layer(self, layer: int, where: str = "") -> np.ndarray:
+    def read_layer(self, layer: int, where: dict[str, Any] | None = None) -> np.ndarray:
         """One stored layer as a (cells x dim) float matrix in ``cell_idx`` order.
 
-        ``where`` is an extra ``AND …`` predicate built by the task with quoted identifiers and values.
+        ``where`` maps obs columns to values (ANDed equalities), passed to the programmatic slice
+        API as bound values: no SQL text is generated.
         """
-        from sclstore.query import execute_query
+        from sclstore.query import cells_query, execute
 
-        sql = (f"SELECT embedding.{self.pool} FROM embeddings WHERE run = {self.info.id} AND layer = {int(layer)}{where} "
-               "ORDER BY cell_idx")
-        return execute_query(self.backend, sql).embeddings[0]
+        return execute(self.backend, cells_query(self.info.id, layers=[int(layer)], pool=self.pool, where=where)).embeddings[0]
 
     def column(self, key: str, what: str) -> pd.Series:
         """An obs column, or an error naming the columns the dataset has."""

@@ -385,6 +385,14 @@ class ModelAdapter(ABC, Generic[ModelT]):
         """
         return hash_files(self.files.all())
 
+    def effective_options(self) -> dict[str, str]:
+        """The model options as applied, defaults filled in (``--model-option``; default: none).
+
+        They enter the run's cache key in place of the options as typed, so spelling out a
+        default is a cache hit.
+        """
+        return {}
+
     def describe(self) -> dict[str, Any]:
         """Return a JSON-able summary of the checkpoint for the catalog.
 

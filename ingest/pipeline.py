@@ -34,16 +34,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from sclstore.store import ArraySpec, Backend, IngestConfig, RunInfo, cache_key, parse_layers, validate_name
-from sclstore.store.arrays import ENCODING_VERSION
+from sclstore.store import ArraySpec, Backend, IngestConfig, RunInfo, parse_layers, validate_name
 from sclstore.store.errors import DatasetError, IngestError, InvalidInputError, LeaseHeldError
 from sclstore.store.hashcache import rehashing
 
 from .adapter import GeneMapping, ModelAdapter
 from .anndata_source import is_anndata, open_source, source_provenance
+from .gene_check import check_unique_tokens
 from .hints import amend_counts_error, amend_gene_error
+from .lifecycle import worker_setup
 from .models import load_adapter
 from .progress import make_progress
+from .run_key import pin_resumed, run_key
 from .source import CountsSource
 
 __all__ = ["IngestResult", "ingest", "resolve_device"]
@@ -101,14 +103,17 @@ def _tokenize(tokenizer: Any, counts: Any, cell_idx: np.ndarray, seed: int, tota
     return tokenizer.tokenize(counts, cell_idx, seed=seed, totals=totals)
 
 
-def _worker_init() -> None:
-    """Single-threaded torch and BLAS in a tokenizer worker.
+def _worker_init(parent_pid: int) -> None:
+    """Single-threaded torch and BLAS in a tokenizer worker, which dies with its parent.
 
     A forked child must not enter the OpenMP pool its parent already started (libgomp hangs);
-    like torch's DataLoader workers, each worker runs its ops on one thread.
+    like torch's DataLoader workers, each worker runs its ops on one thread. It exits when its
+    parent dies by any signal and leaves SIGINT/SIGTERM handling to the parent
+    (:func:`.lifecycle.worker_setup`).
     """
     from threadpoolctl import threadpool_limits
 
+    worker_setup(parent_pid)
     torch.set_num_threads(1)
     threadpool_limits(limits=1)
 
@@ -122,7 +127,8 @@ def start_workers(workers: int) -> cf.ProcessPoolExecutor | None:
     if workers <= 0:
         return None
     method = "fork" if sys.platform.startswith("linux") else "spawn"
-    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method), initializer=_worker_init)
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method), initializer=_worker_init,
+                                  initargs=(os.getpid(),))
     with warnings.catch_warnings():
         # TileDB warns about fork after a context exists; the workers only tokenize (numpy/torch)
         # and never touch TileDB, so its internal threads and locks are irrelevant to them.
@@ -333,6 +339,7 @@ def ingest(
             if config.gene_column is not None:
                 raise
             raise InvalidInputError(amend_gene_error(str(exc), getattr(source, "var", None))) from None
+        check_unique_tokens(source.gene_ids, mapping)
         adapter.check_obs(source.obs)  # e.g. Geneformer's obs['n_counts'], before anything is written
         layers = parse_layers(config.layers, adapter.n_layers)
         pools = tuple(config.pools) if config.pools else tuple(adapter.default_pools)
@@ -347,14 +354,19 @@ def ingest(
             checkpoint_hash = adapter.checkpoint_hash
         name = name or f"anndata-{content_hash[:10]}"
         precision = "bf16" if device.type == "cuda" else "fp32"
-        params = {"family": adapter.family, "layers": list(layers), "pools": list(pools), "dtype": config.dtype,
-                  "seed": int(config.seed), "max_genes": config.max_genes, "precision": precision,
-                  "chunk_cells": int(config.chunk_cells), "counts": source.counts_key}
-        key = cache_key(content_hash, adapter.family, checkpoint_hash, params, ENCODING_VERSION)
+        derived = run_key(config, content_hash=content_hash, checkpoint_hash=checkpoint_hash, mapping=mapping,
+                          adapter_description=adapter.describe(), precision=precision,
+                          resolved={"model": adapter.family, "checkpoint": checkpoint_hash, "layers": list(layers),
+                                    "pools": list(pools), "counts_layer": source.counts_key,
+                                    "model_options": sorted(adapter.effective_options().items())})
+        key, params = derived.key, derived.params
         hit = backend.find_run(key)
         if hit is not None and hit.status == "complete":
             logger.info("cache hit: run %s already holds this extraction", hit.id)
             return _result(hit, cache_hit=True, embedded=0, t0=t0, device=device, mapping=mapping)
+        # the whole checkpoint (headers, tensor names and shapes against the config) is checked
+        # by loading it strictly, before the first catalog write
+        adapter.load(device)
         dataset = backend.register_dataset(name=name, content_hash=content_hash, obs=source.obs, n_vars=source.n_vars,
                                            source_path=source_label or source_provenance(source), cluster_by=config.cluster_by)
         model = backend.register_model(family=adapter.family, name=adapter.name, checkpoint_hash=adapter.checkpoint_hash,
@@ -367,21 +379,21 @@ def ingest(
         try:
             run = backend.get_run(run.id)
             start = run.watermark
+            pinned = pin_resumed(run, config, start)
+            chunk_cells, batch_size = pinned["chunk_cells"], pinned["batch_size"]
             order = backend.cell_order(dataset.id)
-            chunks = [(lo, min(lo + config.chunk_cells, run.n_cells)) for lo in range(start, run.n_cells, config.chunk_cells)]
-            if start % config.chunk_cells and start < run.n_cells:
-                raise IngestError(f"run {run.id} watermark {start} is not a chunk boundary of {config.chunk_cells}")
+            chunks = [(lo, min(lo + chunk_cells, run.n_cells)) for lo in range(start, run.n_cells, chunk_cells)]
+            if start % chunk_cells and start < run.n_cells:
+                raise IngestError(f"run {run.id} watermark {start} is not a chunk boundary of {chunk_cells}")
             logger.info("run %s: embedding cells %d..%d of %d on %s", run.id, start, run.n_cells, run.n_cells, device)
-            # start reading/tokenizing (and worker start-up) before the weights load, so they overlap
             prefetch = _Prefetch(source, order, mapping, adapter.tokenizer, chunks, config.seed, config.workers)
             with make_progress(f"ingest {name}", total=run.n_cells, done=start, enabled=config.progress) as progress:
                 writer = _Writer(backend, run, lease, progress)
                 try:
-                    adapter.load(device)
                     for lo, records in prefetch:
                         writer.check()
                         block = _embed_chunk(adapter, records, layers=layers, pools=pools,
-                                             batch_size=config.batch_size, device=device, progress=progress)
+                                             batch_size=batch_size, device=device, progress=progress)
                         writer.put(lo, block)
                     writer.finish()
                 except BaseException:

@@ -19,8 +19,11 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata.io import read_elem, sparse_dataset
 
-from sclstore.store.errors import DatasetError, InvalidInputError
+from sclstore.store.errors import DatasetError, InvalidInputError, SclstoreError
 from sclstore.store.hashcache import cached_digest
+
+from .csr_check import check_sparse_layout, check_sparse_structure
+from .csr_check import one_line as _one_line
 
 __all__ = ["SCAN_VERSION", "CountsSource"]
 
@@ -57,35 +60,48 @@ class CountsSource:
         except OSError as exc:
             raise InvalidInputError(f"{self.path} is not an .h5ad (HDF5) file: {exc}") from None
         try:
-            self.obs: pd.DataFrame = read_elem(self._file["obs"])
-            var: pd.DataFrame = read_elem(self._file["var"])
-            self.counts_key = "X"
-            if counts_layer is not None:
-                layers = list(self._file["layers"].keys()) if "layers" in self._file else []
-                if counts_layer not in layers:
-                    raise InvalidInputError(f"--counts-layer {counts_layer!r} not in the file; layers: {', '.join(layers) or '(none)'}")
-                self.counts_key = f"layers/{counts_layer}"
-            elif "X" not in self._file:
-                raise InvalidInputError(f"{self.path} has no X matrix: pass --counts-layer with the layer holding raw counts")
-            if gene_column is not None:
-                if gene_column not in var.columns:
-                    raise InvalidInputError(f"--gene-column {gene_column!r} not in var; var columns: {', '.join(map(str, var.columns)) or '(none)'}")
-                self.gene_ids = var[gene_column].astype(str).to_numpy()
-            else:
-                self.gene_ids = var.index.astype(str).to_numpy()
-            self.var_names = var.index.astype(str).to_numpy()
-            self.var = var  # for hints (ingest/hints.py)
-            elem = self._file[self.counts_key]
-            self._dense = isinstance(elem, h5py.Dataset)
-            self._matrix = elem if self._dense else sparse_dataset(elem)
-            shape = tuple(elem.shape) if self._dense else tuple(self._matrix.shape)
-        except BaseException:
+            self._open(counts_layer, gene_column)
+        except SclstoreError:
             self._file.close()
             raise
-        self.n_obs, self.n_vars = int(shape[0]), int(shape[1])
+        except BaseException as exc:
+            self._file.close()
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise DatasetError(f"{self.path} cannot be decoded as an .h5ad: {_one_line(exc)}") from None
         if self.n_obs != self.obs.shape[0] or self.n_vars != len(self.gene_ids):
             self.close()
+            shape = (self.n_obs, self.n_vars)
             raise DatasetError(f"{self.path}: counts shape {shape} does not match obs/var ({self.obs.shape[0]}, {len(self.gene_ids)})")
+
+    def _open(self, counts_layer: str | None, gene_column: str | None) -> None:
+        self.obs: pd.DataFrame = read_elem(self._file["obs"])
+        var: pd.DataFrame = read_elem(self._file["var"])
+        self.counts_key = "X"
+        if counts_layer is not None:
+            layers = list(self._file["layers"].keys()) if "layers" in self._file else []
+            if counts_layer not in layers:
+                raise InvalidInputError(f"--counts-layer {counts_layer!r} not in the file; layers: {', '.join(layers) or '(none)'}")
+            self.counts_key = f"layers/{counts_layer}"
+        elif "X" not in self._file:
+            raise InvalidInputError(f"{self.path} has no X matrix: pass --counts-layer with the layer holding raw counts")
+        if gene_column is not None:
+            if gene_column not in var.columns:
+                raise InvalidInputError(f"--gene-column {gene_column!r} not in var; var columns: {', '.join(map(str, var.columns)) or '(none)'}")
+            self.gene_ids = var[gene_column].astype(str).to_numpy()
+        else:
+            self.gene_ids = var.index.astype(str).to_numpy()
+        self.var_names = var.index.astype(str).to_numpy()
+        self.var = var  # for hints (ingest/hints.py)
+        elem = self._file[self.counts_key]
+        self._dense = isinstance(elem, h5py.Dataset)
+        if not self._dense:
+            check_sparse_layout(elem, where=f"{self.path.name}:{self.counts_key}")
+        self._matrix = elem if self._dense else sparse_dataset(elem)
+        shape = tuple(elem.shape) if self._dense else tuple(self._matrix.shape)
+        if len(shape) != 2:
+            raise DatasetError(f"{self.path}: {self.counts_key} has shape {shape}, not (cells, genes)")
+        self.n_obs, self.n_vars = int(shape[0]), int(shape[1])
 
     def __enter__(self) -> CountsSource:
         return self
@@ -140,16 +156,38 @@ class CountsSource:
         The hash covers the counts (values and sparsity, independent of storage dtype and
         encoding), the obs names and the var names.
 
+        The sparse structure is validated first (:func:`.csr_check.check_sparse_structure`), so
+        a corrupt file never reaches scipy's indexing; any decoding error is one line.
+
         Raises
         ------
         DatasetError
-            On an empty matrix, negative, NaN/inf or non-integer counts.
+            On an empty or all-zero matrix, a corrupt sparse structure, an undecodable block,
+            negative, NaN/inf or non-integer counts.
         """
         if self.n_obs == 0 or self.n_vars == 0:
             raise DatasetError(f"{self.path} is empty ({self.n_obs} cells x {self.n_vars} genes): nothing to ingest")
         where = "X" if self.counts_key == "X" else self.counts_key
+        if not self._dense:  # before scipy/anndata index anything with these arrays
+            check_sparse_structure(self._file[self.counts_key], self._matrix.format, (self.n_obs, self.n_vars),
+                                   where=f"{self.path.name}:{where}")
+        try:
+            digest, nnz = self._hash_counts(where, block_rows)
+        except SclstoreError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+            raise DatasetError(f"{self.path}: {where} cannot be decoded: {_one_line(exc)}") from None
+        if nnz == 0:
+            msg = (f"{where} of {self.path.name} holds no non-zero count: every cell would embed as an empty cell; "
+                   "pass --counts-layer with the raw counts")
+            raise DatasetError(msg)
+        return digest
+
+    def _hash_counts(self, where: str, block_rows: int) -> tuple[str, int]:
         h = hashlib.sha256()
         h.update(f"{self.n_obs}x{self.n_vars}".encode())
+        nnz = 0
+        empty = 0
         for lo, m in self.blocks(block_rows):
             data = m.data
             if not np.all(np.isfinite(data)):
@@ -159,6 +197,8 @@ class CountsSource:
             if not np.all(data == np.round(data)):
                 msg = f"{where} has non-integer values (rows {lo}..): it looks normalised; pass --counts-layer with raw integer counts"
                 raise DatasetError(msg)
+            nnz += int(m.nnz)
+            empty += int((np.diff(m.indptr) == 0).sum())
             h.update(np.diff(m.indptr).astype(np.int64).tobytes())
             h.update(m.indices.astype(np.int64).tobytes())
             h.update(data.astype(np.float64).tobytes())
@@ -166,4 +206,7 @@ class CountsSource:
             for name in names:
                 h.update(name.encode())
                 h.update(b"\0")
-        return h.hexdigest()
+        if empty and nnz:
+            logger.warning("%d of %d cells of %s have no counts at all; they are embedded from their special tokens only",
+                           empty, self.n_obs, self.path.name)
+        return h.hexdigest(), nnz

@@ -12,7 +12,11 @@ from .parse import parse_query
 from .plan import QueryPlan, plan_query
 from .read import execute_query, open_query
 from .result import QueryResult, QueryStream, obsm_key
+from .slices import cells_query, centroids_query
 from .spec import SliceQuery
+
+execute = execute_query
+"""Run a :class:`SliceQuery` (or SQL text): ``execute(backend, cells_query(run, layers=[3], where={...}))``."""
 
 __all__ = [
     "FORMATS",
@@ -20,6 +24,9 @@ __all__ = [
     "QueryResult",
     "QueryStream",
     "SliceQuery",
+    "cells_query",
+    "centroids_query",
+    "execute",
     "execute_query",
     "obsm_key",
     "open_query",

@@ -13,8 +13,6 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-import sqlalchemy as sa
-
 from .spec import And, Compare, InList, Not, Or, Predicate
 
 if TYPE_CHECKING:
@@ -57,11 +55,8 @@ def near_values(value: str, known: list[str], n: int = 3) -> list[str]:
 def _distinct(backend: Backend, plan: QueryPlan, column: str) -> list[str] | None:
     from .read import _bound
 
-    _, columns, _ = _bound(backend, plan)
-    col = columns[column].sql
-    stmt = sa.select(col).where(col.is_not(None)).distinct().limit(MAX_DISTINCT + 1)
-    with backend.engine.connect() as conn:
-        values = [str(v) for v in conn.execute(stmt).scalars().all()]
+    index, columns, _ = _bound(backend, plan)
+    values = [str(v) for v in index.distinct(columns[column].sql, MAX_DISTINCT + 1)]
     return None if len(values) > MAX_DISTINCT else values
 
 

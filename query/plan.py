@@ -40,8 +40,6 @@ from .spec import (
 )
 
 if TYPE_CHECKING:
-    import sqlalchemy as sa
-
     from sclstore.store.info import DatasetInfo, RunInfo
 
 __all__ = ["Backend", "RunReader", "QueryPlan", "split_where", "select_layers", "plan_query"]
@@ -62,7 +60,6 @@ class RunReader(Protocol):
 class Backend(Protocol):
     """The part of ``sclstore.store.Backend`` the query layer uses."""
 
-    engine: sa.Engine
     settings: Any
 
     def get_run(self, run: int | str) -> RunInfo: ...
@@ -73,7 +70,7 @@ class Backend(Protocol):
 
     def get_dataset(self, dataset: int | str) -> DatasetInfo: ...
 
-    def obs_table(self, dataset_id: int) -> sa.Table: ...
+    def obs_index(self, dataset: Any) -> Any: ...
 
     def open_reader(self, run: Any) -> AbstractContextManager[RunReader]: ...
 

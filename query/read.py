@@ -1,14 +1,14 @@
 """Execute a planned query: resolve cells in the catalog, then read the run's array.
 
-Obs predicates, ORDER BY and LIMIT run as one bound SELECT on the dataset's obs table (so its
-indexes are used). The selected ``cell_idx`` go to the run's reader sorted and unique; the
+Obs predicates, ORDER BY and LIMIT are compiled to bound SQLAlchemy expressions and run by the
+store's obs index (:class:`sclstore.store.obs_index.ObsIndex`) as one SELECT on the dataset's obs
+table (so its indexes are used); this layer never holds an Engine. The selected ``cell_idx`` go to the run's reader sorted and unique; the
 reader coalesces them into contiguous ranges and picks range reads or a bounding read.
 GROUP BY queries never hold the cells' embeddings: chunks are streamed and summed per group.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import sqlalchemy as sa
 
 from sclstore.store.errors import QueryTooLargeError
 from sclstore.store.obs import make_categorical
@@ -27,7 +26,7 @@ from .hints import value_hints
 from .parse import parse_query
 from .plan import Backend, QueryPlan, plan_query
 from .result import QueryResult, QueryStream, format_bytes
-from .spec import OrderItem
+from .spec import OrderItem, SliceQuery
 
 __all__ = [
     "execute_query",
@@ -118,27 +117,10 @@ def _frame(
     return cell_idx, pd.DataFrame(data, index=index, columns=names), src_idx
 
 
-@functools.lru_cache(maxsize=64)
-def _obs_table(name: str, schema: tuple[Any, ...]) -> sa.Table:
-    """The obs Table of a dataset, built from its catalog description (no catalog round trip).
-
-    Same construction as ``Backend.obs_table``; datasets are immutable once registered, so
-    the (name, schema) pair identifies the table.
-    """
-    from sclstore.store.obs import build_obs_table
-
-    return build_obs_table(name, schema, sa.MetaData())
-
-
-def _bound(backend: Backend, plan: QueryPlan) -> tuple[sa.Table, dict[str, Any], str]:
-    table = _obs_table(plan.dataset.obs_table, tuple(plan.dataset.obs_schema))
-    return table, bind_columns(table, plan.dataset.obs_schema), backend.engine.dialect.name
-
-
-def _fetch(backend: Backend, stmt: sa.Select[Any]) -> list[Any]:
-    with backend.engine.connect() as conn:
-        # raw DB-API rows: values are converted per column in _frame, much faster than per row
-        return conn.execute(stmt).cursor.fetchall()
+def _bound(backend: Backend, plan: QueryPlan) -> tuple[Any, dict[str, Any], str]:
+    """The dataset's obs index, its columns bound for compiling, and its SQL dialect."""
+    index = backend.obs_index(plan.dataset)
+    return index, bind_columns(index.table, plan.dataset.obs_schema), index.dialect
 
 
 def select_cells(
@@ -152,18 +134,12 @@ def select_cells(
         Ignore ORDER BY/LIMIT and return cells ordered by ``cell_idx`` (for GROUP BY).
     """
     t0 = time.perf_counter()
-    table, columns, dialect = _bound(backend, plan)
+    index, columns, dialect = _bound(backend, plan)
     names = list(plan.obs_columns)
-    stmt = sa.select(table.c.cell_idx, table.c.cell, table.c.src_idx, *(columns[n].sql for n in names))
-    if plan.where is not None:
-        stmt = stmt.where(compile_predicate(plan.where, columns, dialect=dialect))
-    if sort_by_cell:
-        stmt = stmt.order_by(table.c.cell_idx)
-    else:
-        stmt = stmt.order_by(*compile_order(plan.order_by, columns, dialect=dialect))
-        if plan.limit is not None:
-            stmt = stmt.limit(plan.limit)
-    rows = _fetch(backend, stmt)
+    where = compile_predicate(plan.where, columns, dialect=dialect) if plan.where is not None else None
+    order = None if sort_by_cell else compile_order(plan.order_by, columns, dialect=dialect)
+    rows = index.select(where, columns=[columns[n].sql for n in names], order_by=order,
+                        limit=None if sort_by_cell else plan.limit)
     cell_idx, obs, src_idx = _frame(rows, names, {n: columns[n] for n in names})
     logger.debug("resolved %d cells of dataset %s in %.3f s", len(rows), plan.dataset.name, time.perf_counter() - t0)
     return cell_idx, obs, src_idx
@@ -185,13 +161,8 @@ def contiguous_range(backend: Backend, plan: QueryPlan) -> tuple[int, int] | Non
     if plan.where is None:  # every cell: known from the catalog row, no scan
         n = int(plan.dataset.n_obs)
         return (0, n - 1) if n else None
-    table, columns, dialect = _bound(backend, plan)
-    idx = table.c.cell_idx
-    stmt = sa.select(sa.func.count(), sa.func.min(idx), sa.func.max(idx)).where(compile_predicate(plan.where, columns, dialect=dialect))
-    n, lo, hi = _fetch(backend, stmt)[0]
-    if not n or int(hi) - int(lo) + 1 != int(n):
-        return None
-    return int(lo), int(hi)
+    index, columns, dialect = _bound(backend, plan)
+    return index.contiguous_range(compile_predicate(plan.where, columns, dialect=dialect))
 
 
 def select_range(backend: Backend, plan: QueryPlan, first: int, last: int) -> tuple[np.ndarray, pd.DataFrame, np.ndarray]:
@@ -199,14 +170,9 @@ def select_range(backend: Backend, plan: QueryPlan, first: int, last: int) -> tu
 
     A primary-key range scan: the predicate is not evaluated again.
     """
-    table, columns, _ = _bound(backend, plan)
+    index, columns, _ = _bound(backend, plan)
     names = list(plan.obs_columns)
-    stmt = (
-        sa.select(table.c.cell, table.c.src_idx, *(columns[n].sql for n in names))
-        .where(table.c.cell_idx.between(first, last))
-        .order_by(table.c.cell_idx)
-    )
-    rows = _fetch(backend, stmt)
+    rows = index.range_rows(first, last, [columns[n].sql for n in names])
     if len(rows) != last - first + 1:  # datasets are immutable: this means a damaged catalog
         from sclstore.store.errors import SclstoreError
 
@@ -338,8 +304,8 @@ def provenance(backend: Backend, plan: QueryPlan) -> dict[str, Any]:
     }
 
 
-def _prepare(backend: Backend, sql: str) -> QueryPlan:
-    query = parse_query(sql)
+def _prepare(backend: Backend, sql: str | SliceQuery) -> QueryPlan:
+    query = sql if isinstance(sql, SliceQuery) else parse_query(sql)
     plan = plan_query(backend, query)
     logger.info(
         "query on run %s: layers %s, pool %s, %s", plan.run.id, list(plan.layers), plan.pool,
@@ -348,7 +314,7 @@ def _prepare(backend: Backend, sql: str) -> QueryPlan:
     return plan
 
 
-def execute_query(backend: Backend, sql: str, *, memory_budget: int | None = None) -> QueryResult:
+def execute_query(backend: Backend, sql: str | SliceQuery, *, memory_budget: int | None = None) -> QueryResult:
     """Run a slice query and return its result in memory.
 
     Parameters
@@ -356,7 +322,8 @@ def execute_query(backend: Backend, sql: str, *, memory_budget: int | None = Non
     backend
         An open :class:`sclstore.store.Backend`.
     sql
-        ``SELECT ... FROM embeddings WHERE run = N ...`` (see ``DESIGN.md``).
+        ``SELECT ... FROM embeddings WHERE run = N ...`` (see ``DESIGN.md``), or a
+        :class:`SliceQuery` built in Python (:mod:`sclstore.query.slices`): nothing is parsed.
     memory_budget
         Largest embedding block materialised, in bytes (default: the store's
         ``settings.memory_budget_bytes``).
@@ -406,13 +373,13 @@ def execute_query(backend: Backend, sql: str, *, memory_budget: int | None = Non
     more = {p: read_cells(backend, replace(plan, pool=p), cell_idx) for p in plan.extra_pools}
     hints = value_hints(backend, plan, empty=len(cell_idx) == 0)
     return QueryResult(
-        run_info=plan.run, layers=plan.layers, pool=plan.pool, obs=obs, embeddings=emb, cell_idx=cell_idx, sql=sql,
+        run_info=plan.run, layers=plan.layers, pool=plan.pool, obs=obs, embeddings=emb, cell_idx=cell_idx, sql=plan.query.sql or str(sql),
         src_idx=src_idx, query_ordered=bool(plan.order_by), extra_pools=plan.extra_pools, extra_embeddings=more,
         extra={"provenance": provenance(backend, plan), **({"hints": hints} if hints else {})},
     )
 
 
-def open_query(backend: Backend, sql: str, *, memory_budget: int | None = None) -> QueryResult | QueryStream:
+def open_query(backend: Backend, sql: str | SliceQuery, *, memory_budget: int | None = None) -> QueryResult | QueryStream:
     """Resolve a query's cells without reading embeddings, for streaming to a file.
 
     Cell-level queries give a :class:`QueryStream` (read chunk by chunk by

@@ -43,8 +43,19 @@ class Store:
     # ---------------------------------------------------------------- lifecycle
     @property
     def path(self) -> Path:
-        """The store folder."""
+        """The local store folder.
+
+        Raises
+        ------
+        InvalidInputError
+            For a store on object storage (use :attr:`uri`).
+        """
         return self.backend.root
+
+    @property
+    def uri(self) -> str:
+        """The store's location: an absolute folder path or a URI such as ``s3://bucket/prefix``."""
+        return self.backend.location.uri
 
     @property
     def catalog_url(self) -> str:
@@ -61,7 +72,7 @@ class Store:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Store({str(self.path)!r})"
+        return f"Store({self.uri!r})"
 
     # ---------------------------------------------------------------- contents
     def datasets(self) -> list[DatasetInfo]:
@@ -339,12 +350,16 @@ def open_store(
     Parameters
     ----------
     path
-        Store folder; default ``$SCLSTORE_STORE`` or ``./sclstore-data``.
+        Store folder or URI (``s3://bucket/prefix``, any TileDB VFS scheme); default
+        ``$SCLSTORE_STORE`` or ``./sclstore-data``. A remote store needs ``catalog``.
     catalog
         SQLAlchemy URL of the catalog; default ``$SCLSTORE_CATALOG`` or an SQLite file inside
         the store. ``postgresql+psycopg://user:pass@host/db`` for a shared lab store.
     create
         Create the store if ``path`` does not hold one yet.
+    settings
+        Process-level knobs; ``settings.tiledb_config`` (endpoint, region, credentials, ...)
+        goes over ``sclstore.toml``'s ``[tiledb]`` table inside or beside the store.
 
     Raises
     ------
@@ -357,7 +372,7 @@ def open_store(
     """
     from sclstore.store.backend import Backend
 
-    root = Path(path if path is not None else default_store_path())
+    root = os.fspath(path if path is not None else default_store_path())
     url = catalog if catalog is not None else default_catalog()
     if create:
         try:

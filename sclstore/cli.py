@@ -21,7 +21,7 @@ from rich.table import Table
 from sclstore.api import Store, default_store_path, open_store
 from sclstore.cli_rows import CsvOpt, NlOpt, TsvOpt, emit_rows, print_table, row_format
 from sclstore.store import runtime
-from sclstore.store.config import parse_csv
+from sclstore.store.config import StoreSettings, parse_csv
 from sclstore.store.errors import SclstoreError
 
 # Heavy modules (torch, scanpy, anndata, TileDB, pandas, Alembic) load inside the commands that
@@ -95,8 +95,30 @@ def emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
+_tiledb_options: list[str] = []
+
+
+@app.callback()
+def _global_options(
+    tiledb_config: Annotated[
+        list[str] | None,
+        typer.Option("--tiledb-config", metavar="KEY=VALUE", envvar="SCLSTORE_TILEDB_CONFIG",
+                     help="TileDB setting for the store's arrays, repeatable (e.g. vfs.s3.region=eu-west-1); "
+                          "also read from a \\[tiledb] table in sclstore.toml inside or beside the store."),
+    ] = None,
+) -> None:
+    """Layer-wise embedding store for single-cell foundation models: every layer, every cell, computed once."""
+    _tiledb_options[:] = list(tiledb_config or ())
+
+
+def _settings() -> StoreSettings:
+    from sclstore.store.location import parse_tiledb_options
+
+    return StoreSettings(tiledb_config=parse_tiledb_options(_tiledb_options))
+
+
 def _open(store: str, catalog: str | None, *, create: bool = False) -> Store:
-    return open_store(store, catalog, create=create)
+    return open_store(store, catalog, create=create, settings=_settings())
 
 
 # ------------------------------------------------------------------------------ store admin
@@ -107,10 +129,10 @@ def init(store: StoreOpt = default_store_path(), catalog: CatalogOpt = None, jso
     from sclstore.store import catalog as catalogdb
     from sclstore.store.backend import Backend
 
-    backend = Backend.create(store, catalog)
+    backend = Backend.create(store, catalog, settings=_settings())
     try:
         rev = catalogdb.current_revision(backend.engine)
-        info = {"store": str(backend.root.resolve()), "catalog": catalogdb.redact(backend.catalog_url), "schema": rev}
+        info = {"store": backend.location.uri, "catalog": catalogdb.redact(backend.catalog_url), "schema": rev}
     finally:
         backend.close()
     if json_out:
@@ -132,9 +154,12 @@ def db_current(store: StoreOpt = default_store_path(), catalog: CatalogOpt = Non
     """Show the catalog's schema revision and the newest one this sclstore knows."""
     from sclstore.store import catalog as catalogdb
     from sclstore.store.backend import Backend
+    from sclstore.store.backend import MARKER
+    from sclstore.store.location import StoreLocation
 
-    url = catalog or Backend.default_catalog(Path(store))
-    if catalog is None and not (Path(store) / "sclstore.json").is_file():
+    loc = StoreLocation(store, _settings())
+    url = catalog or Backend.default_catalog(loc)
+    if catalog is None and not loc.is_file(loc.join(MARKER)):
         Backend.open(store, catalog)  # raises the "not a store" error
     engine = catalogdb.make_engine(url)
     try:
@@ -247,6 +272,7 @@ def ingest(
     max_genes: Annotated[int | None, typer.Option(help="Cap on tokens per cell (default: the model's).")] = None,
     model_option: Annotated[list[str] | None, typer.Option("--model-option", help="KEY=VALUE, repeatable (scfoundation: sub_model, tgthighres).")] = None,
     workers: Annotated[int, typer.Option(help="Tokenizer worker processes (0 = in process).")] = 1,
+    chunk_cells: Annotated[int, typer.Option(help="Cells per durable write: an interrupted run resumes from the last one.")] = 4096,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Fail instead of waiting when another process ingests the same run.")] = False,
     rehash: Annotated[bool, typer.Option("--rehash", help="Re-read the data and checkpoint to hash them (ignore the digest cache).")] = False,
     obs_filter: Annotated[str | None, typer.Option("--obs-filter", help="SOMA input: obs filter, e.g. \"cell_type == 'B cell'\".")] = None,
@@ -258,16 +284,28 @@ def ingest(
     json_out: JsonOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
-    """Embed every cell with every layer of a model, once; prints the run id."""
-    with _open(store, catalog, create=True) as st:
-        res = st.ingest(
-            data, model, checkpoint, name=name, pools=parse_csv(pool) or None, layers=layers, dtype=dtype,  # type: ignore[arg-type]
-            batch_size=batch_size, device=device, counts_layer=counts_layer, gene_column=gene_column,
-            cluster_by=parse_csv(cluster_by), seed=seed, max_genes=max_genes, model_options=tuple(model_option or ()),
-            workers=workers, progress=True, wait=not no_wait, rehash=rehash, threads=threads,  # progress goes to stderr: --json stays clean
-            **({"obs_filter": obs_filter} if obs_filter else {}), soma_measurement=soma_measurement,
-            **({"soma_x": soma_x} if soma_x else {}),
-        )
+    """Embed every cell with every layer of a model, once; prints the run id.
+
+    SIGTERM (e.g. a Slurm time limit) or SIGINT ends it with one line on stderr and exit status
+    143 / 130; the run keeps every finished chunk and the same command resumes it.
+    """
+    from sclstore.ingest.lifecycle import Interrupted, exit_code, signals_as_exceptions
+
+    try:
+        with signals_as_exceptions(), _open(store, catalog, create=True) as st:
+            # progress goes to stderr: --json stays clean
+            res = st.ingest(
+                data, model, checkpoint, name=name, pools=parse_csv(pool) or None, layers=layers, dtype=dtype,  # type: ignore[arg-type]
+                batch_size=batch_size, device=device, counts_layer=counts_layer, gene_column=gene_column,
+                cluster_by=parse_csv(cluster_by), seed=seed, max_genes=max_genes, model_options=tuple(model_option or ()),
+                workers=workers, chunk_cells=chunk_cells, progress=True, wait=not no_wait, rehash=rehash, threads=threads,
+                **({"obs_filter": obs_filter} if obs_filter else {}), soma_measurement=soma_measurement,
+                **({"soma_x": soma_x} if soma_x else {}),
+            )
+    except Interrupted as exc:
+        err.print(f"error: {exc}: the run keeps its finished chunks; rerun the same command to resume it",
+                  markup=False, highlight=False)
+        raise typer.Exit(exit_code(exc.signum)) from None
     if json_out:
         emit_json(res.to_json() | {"thread_policy": policy_json()})
         return
@@ -284,6 +322,7 @@ def main() -> None:
 
 
 from sclstore import cli_eval, cli_info, cli_work  # noqa: E402,F401  (register info, query, eval, report and demo on `app`)
+from sclstore import cli_checkpoint  # noqa: E402,F401  (registers convert-checkpoint on `app`)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,7 +8,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .errors import ArrayError, CatalogConnectionError
+from .errors import ArrayError, CatalogConnectionError, CatalogDamagedError
 
 __all__ = ["translate_errors"]
 
@@ -21,7 +21,18 @@ def translate_errors(cls: type) -> type:
         def inner(*args: Any, **kwargs: Any) -> Any:
             try:
                 return fn(*args, **kwargs)
-            except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            except (sa.exc.OperationalError, sa.exc.ProgrammingError) as exc:
+                reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+                low = reason.lower()
+                missing = "no such table" in low or "no such column" in low
+                if missing or ("does not exist" in low and ("relation" in low or "column" in low)):
+                    msg = f"the catalog is damaged ({reason}): restore it from a backup, or re-ingest the dataset into a new store"
+                    raise CatalogDamagedError(msg) from exc
+                if isinstance(exc, sa.exc.ProgrammingError):
+                    raise
+                msg = f"catalog database error: {reason}; check that the catalog database is up and reachable, then retry"
+                raise CatalogConnectionError(msg) from exc
+            except sa.exc.InterfaceError as exc:
                 reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
                 msg = f"catalog database error: {reason}; check that the catalog database is up and reachable, then retry"
                 raise CatalogConnectionError(msg) from exc

@@ -21,7 +21,7 @@ import tiledb
 
 from .config import ArraySpec
 from .errors import ArrayError, EncodingVersionError
-from .tilefile import LayoutError, TileFile, single_fragment
+from .tilefile import FragmentTiles, LayoutError, TileFile, disjoint_fragments
 
 __all__ = [
     "ENCODING_TYPE",
@@ -32,6 +32,8 @@ __all__ = [
     "create_array",
     "write_block",
     "consolidate",
+    "finalise",
+    "fragment_ranges",
     "ArrayReader",
     "array_info",
 ]
@@ -45,6 +47,18 @@ _TARGET_TILE_BYTES = 512 * 1024
 _MAX_RANGES = 64
 """More cell ranges than this are read as the tiles they touch plus a take."""
 _CELL_DOMAIN_MAX = 2**40 - 1
+_warned_fallback = False
+
+
+def _fallback(uri: str, reason: object) -> None:
+    """Log why a local complete run is read through libtiledb: the first time per process at
+    WARNING (direct reads are several times faster), later ones at DEBUG."""
+    global _warned_fallback
+    if _warned_fallback:
+        logger.debug("array %s is read through libtiledb: %s", uri, reason)
+        return
+    _warned_fallback = True
+    logger.warning("array %s is read through libtiledb, not directly from its tile files (slower): %s", uri, reason)
 
 
 def _storage_dtype(dtype: str) -> np.dtype:
@@ -138,9 +152,9 @@ def write_block(
     try:
         with tiledb.open(uri, "w", ctx=ctx) as arr:
             arr[0:n_slots, start : start + n, 0:dim] = data
-        if durable and "://" not in uri:
+        if durable and ("://" not in uri or uri.startswith("file://")):
             for sub in ("__fragments", "__commits"):
-                p = Path(uri) / sub
+                p = Path(uri.removeprefix("file://")) / sub
                 if p.exists():
                     _fsync_tree(p)
     except tiledb.TileDBError as exc:
@@ -148,22 +162,74 @@ def write_block(
         raise ArrayError(msg) from exc
 
 
+def _config(ctx: tiledb.Ctx | None, **values: str) -> tiledb.Config:
+    """The context's settings (credentials, endpoint) with ``values`` on top."""
+    base = dict(ctx.config().items()) if ctx is not None else {}
+    base.update(values)
+    return tiledb.Config(base)
+
+
 def consolidate(uri: str, *, full: bool, array_bytes: int | None = None, ctx: tiledb.Ctx | None = None) -> None:
     """Consolidate fragment metadata and commits (cheap), or everything plus vacuum (``full``).
 
-    ``array_bytes`` (per attribute) sizes TileDB's consolidation buffers: its 50 MB default
-    costs about a second of allocation even for a tiny array.
+    A full consolidation lists the array's fragments explicitly (``fragment_uris``), so they
+    become one fragment whatever order they were written in: TileDB's own choice merges only
+    fragments adjacent in time whose union has no gaps, and leaves e.g. cell blocks written
+    0, 2, 1, 3 as four fragments. ``array_bytes`` (per attribute) sizes TileDB's consolidation
+    buffers: its 50 MB default costs about a second of allocation even for a tiny array.
     """
-    modes = ("fragment_meta", "commits") if not full else ("fragments", "fragment_meta", "commits", "array_meta")
     buffer = 50 * 2**20 if array_bytes is None else int(min(16 * 2**20, max(2**20, array_bytes)))
     try:
-        for mode in modes:
-            cfg = tiledb.Config({"sm.consolidation.mode": mode, "sm.vacuum.mode": mode, "sm.consolidation.buffer_size": str(buffer)})
+        if full:
+            names = [u.rstrip("/").rsplit("/", 1)[-1] for u in tiledb.array_fragments(uri, ctx=ctx).uri]
+            if len(names) > 1:
+                cfg = _config(ctx, **{"sm.consolidation.mode": "fragments", "sm.consolidation.buffer_size": str(buffer)})
+                tiledb.consolidate(uri, config=cfg, ctx=ctx, fragment_uris=names)
+            tiledb.vacuum(uri, config=_config(ctx, **{"sm.vacuum.mode": "fragments"}), ctx=ctx)
+        for mode in ("fragment_meta", "commits") + (("array_meta",) if full else ()):
+            cfg = _config(ctx, **{"sm.consolidation.mode": mode, "sm.vacuum.mode": mode, "sm.consolidation.buffer_size": str(buffer)})
             tiledb.consolidate(uri, config=cfg, ctx=ctx)
-            if full:
+            if full or mode == "commits":
                 tiledb.vacuum(uri, config=cfg, ctx=ctx)
     except tiledb.TileDBError as exc:
         raise ArrayError(f"consolidating {uri} failed: {exc}") from exc
+
+
+def fragment_ranges(uri: str, ctx: tiledb.Ctx | None = None) -> list[tuple[int, int]]:
+    """Sorted ``(first, last)`` cell ranges of the array's live fragments."""
+    frags = tiledb.array_fragments(uri, ctx=ctx)
+    return sorted((int(ned[1][0]), int(ned[1][1])) for ned in frags.nonempty_domain)
+
+
+def finalise(uri: str, *, n_cells: int, full: bool, array_bytes: int | None = None, ctx: tiledb.Ctx | None = None) -> list[tuple[int, int]]:
+    """Consolidate a complete run's array and check its fragments: one, or disjoint cell ranges
+    covering ``0..n_cells-1`` (without ``full``, e.g. a large array on object storage, after
+    consolidating fragment metadata only).
+
+    Returns
+    -------
+    list of (int, int)
+        The fragments' cell ranges after consolidation.
+
+    Raises
+    ------
+    ArrayError
+        If the fragments overlap or leave cells unwritten.
+    """
+    consolidate(uri, full=full, array_bytes=array_bytes, ctx=ctx)
+    ranges = fragment_ranges(uri, ctx)
+    expect = 0
+    for lo, hi in ranges:
+        if lo != expect and not full:
+            # overlapping fragments (a block rewritten after a crash): merge them after all
+            consolidate(uri, full=True, array_bytes=array_bytes, ctx=ctx)
+            return finalise(uri, n_cells=n_cells, full=True, array_bytes=array_bytes, ctx=ctx)
+        if lo != expect:
+            raise ArrayError(f"array {uri} fragments {ranges} do not cover cells 0..{n_cells - 1} once: run `sclstore verify`")
+        expect = hi + 1
+    if expect != n_cells:
+        raise ArrayError(f"array {uri} holds cells 0..{expect - 1} of 0..{n_cells - 1}: rerun the same ingest to finish it")
+    return ranges
 
 
 def array_info(uri: str, ctx: tiledb.Ctx | None = None) -> dict[str, Any]:
@@ -188,7 +254,21 @@ def array_info(uri: str, ctx: tiledb.Ctx | None = None) -> dict[str, Any]:
             "layers": tuple(json.loads(arr.meta.get("layers", "[]"))),
             "written_cells": None if ned is None else (int(ned[1][0]), int(ned[1][1])),
             "fragments": len(tiledb.array_fragments(uri, ctx=ctx)),
+            "fragment_cells": fragment_ranges(uri, ctx),
         }
+
+
+def _single_fragment(uri: str, full: tuple[tuple[int, int], ...]) -> list[tuple[str, int, Any]] | None:
+    """The common case without a fragment-info load: one fragment folder in a local array whose
+    non-empty domain is the full domain (the caller checked), so the fragment covers it all."""
+    try:
+        names = [e.name for e in os.scandir(os.path.join(uri.removeprefix("file://"), "__fragments")) if e.is_dir()]
+    except OSError:
+        return None
+    version = names[0].rsplit("_", 1)[-1] if len(names) == 1 else ""
+    if not version.isdigit():
+        return None
+    return [(os.path.join(uri, "__fragments", names[0]), int(version), full)]
 
 
 class ArrayReader:
@@ -221,19 +301,20 @@ class ArrayReader:
         self.cell_tile = int(dom.dim(1).tile)
         self._n_cell_tiles = -(-self.n_cells // self.cell_tile)
         self.pools = tuple(self._arr.schema.attr(i).name for i in range(self._arr.schema.nattr))
-        self._direct: dict[str, TileFile] | None = None
-        if direct:
+        self._ctx = ctx
+        self._direct: dict[str, FragmentTiles] | None = None
+        if direct and ("://" not in uri or uri.startswith("file://")):
             try:
                 self._direct = self._open_direct()
             except LayoutError as exc:
-                logger.debug("array %s is read through libtiledb: %s", uri, exc)
+                _fallback(uri, exc)
 
     @property
     def direct(self) -> bool:
         """Whether reads bypass libtiledb (see :mod:`sclstore.store.tilefile`)."""
         return self._direct is not None
 
-    def _open_direct(self) -> dict[str, TileFile]:
+    def _open_direct(self) -> dict[str, FragmentTiles]:
         schema = self._arr.schema
         dom = schema.domain
         if schema.sparse or schema.cell_order != "row-major" or schema.tile_order != "row-major":
@@ -244,8 +325,11 @@ class ArrayReader:
         ned = self._arr.nonempty_domain()
         if ned is None or tuple((int(a), int(b)) for a, b in ned) != full:
             raise LayoutError(f"written domain {ned} is not the full domain {full}")
-        fragment = single_fragment(self.uri)
-        n_tiles = self.n_slots * self._n_cell_tiles
+        frags = _single_fragment(self.uri, full)
+        if frags is None:  # several fragments (or unknown): ask TileDB for each one's domain (~1 ms)
+            info = tiledb.array_fragments(self.uri, ctx=self._ctx)
+            frags = list(zip(info.uri, info.version, info.nonempty_domain, strict=True))
+        parts = disjoint_fragments(frags, n_slots=self.n_slots, n_cells=self.n_cells, dim=self.dim, cell_tile=self.cell_tile)
         files = {}
         for i in range(schema.nattr):
             attr = schema.attr(i)
@@ -254,7 +338,10 @@ class ArrayReader:
             view = np.dtype(np.float16) if self.dtype == "float16" else np.dtype(attr.dtype)  # uint16 bits are float16
             if view.itemsize != np.dtype(attr.dtype).itemsize:
                 raise LayoutError(f"attribute {attr.name} stores {attr.dtype}, not {self.dtype}")
-            files[attr.name] = TileFile(fragment / f"a{i}.tdb", n_tiles=n_tiles, tile_elems=self.cell_tile * self.dim, dtype=view)
+            elems = self.cell_tile * self.dim
+            tfs = [(lo, hi, TileFile(folder / f"a{i}.tdb", n_tiles=self.n_slots * (hi - lo), tile_elems=elems, dtype=view))
+                   for lo, hi, folder in parts]
+            files[attr.name] = FragmentTiles(tfs, self._n_cell_tiles)
         return files
 
     def __enter__(self) -> ArrayReader:
@@ -303,7 +390,7 @@ class ArrayReader:
             try:
                 out = self._read_direct(self._direct[pool], uniq, cells)  # float32 already
             except LayoutError as exc:
-                logger.warning("direct read of %s failed (%s): reading it through libtiledb", self.uri, exc)
+                _fallback(self.uri, f"a direct read failed ({exc})")
                 self.close_direct()
         if out is None:
             out = self._decode(self._read_tiledb(uniq, cells, pool))
@@ -330,7 +417,7 @@ class ArrayReader:
             return block[:, cells - lo, :]
         return self._arr.multi_index[slot_ranges, ranges, :][pool]
 
-    def _read_direct(self, tf: TileFile, slots: np.ndarray, cells: np.ndarray | None) -> np.ndarray:
+    def _read_direct(self, tf: FragmentTiles, slots: np.ndarray, cells: np.ndarray | None) -> np.ndarray:
         """float32 ``(len(slots), n, dim)``; float16 storage is converted while it is copied."""
         c, d, n_ct = self.cell_tile, self.dim, self._n_cell_tiles
         ranges = [(0, self.n_cells - 1)] if cells is None else coalesce(cells)
@@ -364,7 +451,7 @@ class ArrayReader:
             np.take(buf.reshape(-1, d), take, axis=0, out=out[i])
         return out
 
-    def _copy_range(self, tf: TileFile, base: int, lo: int, hi: int, dest: np.ndarray) -> None:
+    def _copy_range(self, tf: FragmentTiles, base: int, lo: int, hi: int, dest: np.ndarray) -> None:
         """Cells ``lo..hi`` of the slot whose first tile is ``base`` into ``dest`` (hi-lo+1, dim).
 
         Whole tiles are decoded straight into ``dest``; the partial tiles at either end go

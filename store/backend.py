@@ -11,9 +11,7 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -37,10 +35,13 @@ from .errors import (
     StoreNotFoundError,
 )
 from .info import DatasetInfo, ModelInfo, RunInfo
+from .array_store import ArrayStore
+from .location import StoreLocation
 from .lease import Lease, try_acquire
 from ._translate import translate_errors
 from .models import Dataset, Evaluation, Intermediate, Model, Run, utcnow
-from .obs import build_obs_table, frame_from_rows, infer_obs_schema, insert_obs, obs_table_name
+from .obs import build_obs_table, infer_obs_schema, insert_obs, obs_table_name
+from .obs_index import ObsIndex
 
 if TYPE_CHECKING:
     import numpy as np
@@ -96,53 +97,78 @@ def cache_key(*parts: Any) -> str:
 
 @translate_errors
 class Backend:
-    """An open store: its folder, its catalog engine and its settings.
+    """An open store: its location (URI + TileDB context), its catalog engine and its settings.
 
     Use :meth:`open` (or :meth:`create`); close with :meth:`close` or a ``with`` block.
     """
 
-    def __init__(self, root: Path, catalog_url: str, engine: Engine, settings: StoreSettings) -> None:
-        self.root = root
+    def __init__(self, location: StoreLocation, catalog_url: str, engine: Engine) -> None:
+        self.location = location
+        self.array_store = ArrayStore(location)
         self.catalog_url = catalog_url
         self.engine = engine
-        self.settings = settings
+        self.settings = location.settings
         self._obs_md = sa.MetaData()
         # complete runs and registered datasets never change: look them up in the catalog once
         self._complete_runs: dict[int, RunInfo] = {}
         self._datasets: dict[int | str, DatasetInfo] = {}
+        self._obs_indexes: dict[int, ObsIndex] = {}
 
     # ------------------------------------------------------------------ opening
+    @property
+    def root(self) -> Path:
+        """The local store folder (a remote store has none: use ``location.uri``)."""
+        path = self.location.path
+        if path is None:
+            raise InvalidInputError(f"store {self.location.uri} is not a local folder")
+        return path
+
     @staticmethod
-    def default_catalog(root: Path) -> str:
-        return f"sqlite:///{(root / 'catalog.sqlite').resolve()}"
+    def default_catalog(root: str | os.PathLike[str] | StoreLocation) -> str:
+        """The SQLite catalog inside a local store.
+
+        Raises
+        ------
+        InvalidInputError
+            For a remote store (an SQLite file cannot live on object storage).
+        """
+        loc = root if isinstance(root, StoreLocation) else None
+        uri = loc.uri if loc is not None else os.fspath(root)
+        if (loc is not None and not loc.is_local) or (loc is None and "://" in uri and not uri.startswith("file://")):
+            msg = (f"store {uri} is remote and SQLite cannot live there: pass --catalog (or $SCLSTORE_CATALOG) "
+                   "with a PostgreSQL URL, e.g. postgresql+psycopg://user@host/db")
+            raise InvalidInputError(msg)
+        return f"sqlite:///{(Path(uri) / 'catalog.sqlite').resolve()}"
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], catalog: str | None = None, *, settings: StoreSettings | None = None) -> Backend:
         """Create a store (or open an existing one) and bring its catalog to the newest schema."""
-        root = Path(path).expanduser()
-        marker = root / MARKER
-        if root.exists() and not root.is_dir():
-            raise StoreExistsError(f"{root} exists and is not a folder: choose another --store path")
-        if root.is_dir() and not marker.exists() and any(root.iterdir()):
-            inside = stores_below(root)
+        loc = StoreLocation(path, settings)
+        url = catalog or cls.default_catalog(loc)
+        marker = loc.join(MARKER)
+        try:
+            loc.check_creatable(MARKER)
+        except StoreExistsError:
+            inside = stores_below(Path(loc.uri)) if loc.is_local and loc.is_dir(loc.uri) else []
             if inside:
-                raise StoreExistsError(f"{root} is not an sclstore store, but {inside[0]} is: pass --store {inside[0]}")
-            raise StoreExistsError(f"{root} is a non-empty folder that is not an sclstore store: choose an empty or new --store path")
-        url = catalog or cls.default_catalog(root)
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "arrays").mkdir(exist_ok=True)
+                raise StoreExistsError(f"{loc.uri} is not an sclstore store, but {inside[0]} is: pass --store {inside[0]}") from None
+            raise
+        had_marker = loc.is_file(marker)
+        created_root = not loc.is_dir(loc.uri)
+        if loc.is_local:
+            Path(loc.uri).mkdir(parents=True, exist_ok=True)
+        loc.mkdir(loc.uri)
+        loc.mkdir(loc.join("arrays"))
         try:
             engine = catalogdb.make_engine(url)
         except SclstoreError:
-            if not marker.exists():
-                shutil.rmtree(root / "arrays", ignore_errors=True)
+            if not had_marker:
+                loc.remove_dir(loc.uri if created_root else loc.join("arrays"))
             raise
         catalogdb.upgrade(engine)
-        if not marker.exists():
-            tmp = root / f".{MARKER}.tmp"
-            tmp.write_text(json.dumps({"format": "sclstore", "version": STORE_FORMAT_VERSION, "created_at": utcnow().isoformat()}))
-            os.replace(tmp, marker)
-        return cls(root, url, engine, settings or StoreSettings())
+        if not had_marker:
+            loc.write_text(marker, json.dumps({"format": "sclstore", "version": STORE_FORMAT_VERSION, "created_at": utcnow().isoformat()}))
+        return cls(loc, url, engine)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], catalog: str | None = None, *, settings: StoreSettings | None = None) -> Backend:
@@ -157,23 +183,23 @@ class Backend:
         CatalogConnectionError
             If the catalog database cannot be reached.
         """
-        root = Path(path).expanduser()
-        if not (root / MARKER).is_file():
-            inside = stores_below(root)
+        loc = StoreLocation(path, settings)
+        url = catalog or cls.default_catalog(loc)
+        if not loc.is_file(loc.join(MARKER)):
+            inside = stores_below(Path(loc.uri)) if loc.is_local else []
             if inside:
                 more = f" (and {len(inside) - 1} more)" if len(inside) > 1 else ""
-                msg = f"{root} is not an sclstore store, but {inside[0]} is{more}: pass --store {inside[0]}"
+                msg = f"{loc.uri} is not an sclstore store, but {inside[0]} is{more}: pass --store {inside[0]}"
             else:
-                msg = f"{root} is not an sclstore store (no {MARKER}): run `sclstore init --store {root}` or pass the right --store"
+                msg = f"{loc.uri} is not an sclstore store (no {MARKER}): run `sclstore init --store {loc.uri}` or pass the right --store"
             raise StoreNotFoundError(msg)
-        url = catalog or cls.default_catalog(root)
         engine = catalogdb.make_engine(url)
         try:
             catalogdb.check_schema(engine, url)
         except SclstoreError:
             engine.dispose()
             raise
-        return cls(root, url, engine, settings or StoreSettings())
+        return cls(loc, url, engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -186,7 +212,7 @@ class Backend:
 
     def array_path(self, uri: str) -> str:
         """Absolute array location of a catalog ``array_uri`` (stored relative to the store)."""
-        return uri if "://" in uri or os.path.isabs(uri) else str(self.root / uri)
+        return self.location.resolve(uri)
 
     # ------------------------------------------------------------------ datasets
     def find_dataset(self, content_hash: str) -> DatasetInfo | None:
@@ -290,30 +316,25 @@ class Backend:
         with Session(self.engine) as s:
             return [DatasetInfo.from_row(r) for r in s.scalars(sa.select(Dataset).order_by(Dataset.id))]
 
+    def obs_index(self, dataset: int | DatasetInfo) -> ObsIndex:
+        """The obs index of a dataset (cell selection; cached per backend, datasets are immutable)."""
+        info = dataset if isinstance(dataset, DatasetInfo) else self.get_dataset(dataset)
+        index = self._obs_indexes.get(info.id)
+        if index is None:
+            index = self._obs_indexes[info.id] = ObsIndex(self.engine, info, ObsIndex.build_table(info, self._obs_md))
+        return index
+
     def obs_table(self, dataset_id: int) -> sa.Table:
         """The SQLAlchemy Table of a dataset's obs (cached per backend)."""
-        info = self.get_dataset(dataset_id)
-        if info.obs_table in self._obs_md.tables:
-            return self._obs_md.tables[info.obs_table]
-        return build_obs_table(info.obs_table, info.obs_schema, self._obs_md)
+        return self.obs_index(dataset_id).table
 
     def read_obs(self, dataset_id: int, cells: np.ndarray | None = None) -> pd.DataFrame:
         """Obs of a dataset in ``cell_idx`` order with original names and dtypes (+ ``src_idx``)."""
-        info = self.get_dataset(dataset_id)
-        table = self.obs_table(dataset_id)
-        stmt = sa.select(table).order_by(table.c.cell_idx)
-        if cells is not None:
-            stmt = stmt.where(table.c.cell_idx.in_([int(c) for c in cells]))
-        with self.engine.connect() as conn:
-            df = pd.DataFrame(conn.execute(stmt).mappings().all(), columns=[c.name for c in table.columns])
-        return frame_from_rows(df, info.obs_schema)
+        return self.obs_index(dataset_id).frame(cells)
 
     def cell_order(self, dataset_id: int) -> np.ndarray:
         """``src_idx`` of every cell in ``cell_idx`` order: where each stored cell sits in the source file."""
-        table = self.obs_table(dataset_id)
-        with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(table.c.src_idx).order_by(table.c.cell_idx)).scalars().all()
-        return np.asarray(rows, dtype=np.int64)
+        return self.obs_index(dataset_id).cell_order()
 
     # ------------------------------------------------------------------ models
     def register_model(
@@ -421,11 +442,10 @@ class Backend:
         found = self.find_run(key)
         if found is not None:
             return found
-        rel = f"arrays/run-{uuid.uuid4().hex}"
-        uri = self.array_path(rel)
+        rel, uri = self.array_store.new_array_uri()
         meta = {"dataset": dataset.name, "dataset_hash": dataset.content_hash, "model": model.name,
                 "family": model.family, "checkpoint_hash": model.checkpoint_hash, "cache_key": key}
-        arrays.create_array(uri, spec, layers=layers, meta=meta)
+        self.array_store.create(uri, spec, layers=layers, meta=meta)
         try:
             with catalogdb.write_tx(self.engine) as conn:
                 conn.execute(
@@ -438,9 +458,9 @@ class Backend:
                     )
                 )
         except sa.exc.IntegrityError:
-            shutil.rmtree(uri, ignore_errors=True)  # another process created the run first
+            self.array_store.remove(uri)  # another process created the run first
         except BaseException:
-            shutil.rmtree(uri, ignore_errors=True)
+            self.array_store.remove(uri)
             raise
         found = self.find_run(key)
         assert found is not None
@@ -485,13 +505,12 @@ class Backend:
         if lease.lost.is_set():
             raise LeaseHeldError(f"lost the lease on run {run.id} to another process; it will finish the run")
         n = next(iter(block.values())).shape[1]
-        arrays.write_block(run.array_uri, start, block, dtype=run.dtype)
+        self.array_store.write(run, start, block)
         self._owned_update(lease, watermark=start + n)
 
     def complete(self, run: RunInfo, lease: Lease, stats: dict[str, Any]) -> RunInfo:
-        """Fully consolidate the array, then mark the run complete."""
-        itemsize = 2 if run.dtype == "float16" else 4
-        arrays.consolidate(run.array_uri, full=True, array_bytes=len(run.layers) * run.n_cells * run.dim * itemsize)
+        """Consolidate the array (see :meth:`ArrayStore.full_consolidation`), then mark the run complete."""
+        self.array_store.finalise(run)
         self._owned_update(lease, status="complete", stats=stats, finished_at=utcnow(),
                            lease_owner=None, lease_host=None, lease_pid=None)
         lease.release()
@@ -518,7 +537,7 @@ class Backend:
         if info.status != "complete":
             msg = f"run {run_id} is {info.status} ({info.watermark}/{info.n_cells} cells): rerun the same ingest to finish it"
             raise InvalidInputError(msg)
-        return arrays.ArrayReader(info.array_uri, direct=self.settings.direct_reads)
+        return self.array_store.reader(info)
 
     # ------------------------------------------------------------------ verify
     def verify(self, run: int | str | None = None) -> list[dict[str, Any]]:
@@ -527,10 +546,8 @@ class Backend:
         Returns one report per checked run: ``{"run", "ok", "problems": [...], "direct_reads"}``
         (see :func:`sclstore.store.verify.verify_run`).
         """
-        from .verify import verify_run
-
         runs = [self.get_run(run)] if run is not None else self.list_runs(status="complete")
-        return [verify_run(info, direct_reads=self.settings.direct_reads) for info in runs]
+        return [self.array_store.verify(info) for info in runs]
 
     # ------------------------------------------------------------------ caches
     def get_evaluation(self, run_id: int, task: str, params_hash: str) -> dict[str, Any] | None:

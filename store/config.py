@@ -6,6 +6,7 @@ without importing upward; the facade re-exports them.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +23,9 @@ __all__ = [
     "POOLS",
     "ArraySpec",
     "IngestConfig",
+    "NUMERICS",
+    "PINNED",
+    "fields_marked",
     "StoreSettings",
     "parse_layers",
     "parse_csv",
@@ -138,32 +142,55 @@ class ArraySpec:
             raise InvalidInputError(f"dtype {self.dtype!r} is not one of {DTYPES}")
 
 
+NUMERICS = "numerics"
+"""Field-metadata flag: the field can change the stored numbers, so it enters the run's cache key."""
+PINNED = "pinned"
+"""Field-metadata flag: the field shapes how a run is computed; a resumed run keeps its first value."""
+
+
+def _numerics(**kw: Any) -> Any:
+    return field(metadata={NUMERICS: True}, **kw)
+
+
+def _pinned(**kw: Any) -> Any:
+    return field(metadata={PINNED: True}, **kw)
+
+
+def fields_marked(cls: type, flag: str) -> tuple[str, ...]:
+    """Names of the dataclass fields of ``cls`` whose metadata sets ``flag`` (in field order)."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get(flag))
+
+
 @dataclass(frozen=True, kw_only=True)
 class IngestConfig:
     """Everything ``sclstore ingest`` needs besides the data file.
 
-    The fields that change the stored numbers (model, checkpoint, pools, layers, dtype,
-    max_genes, seed, precision) enter the run's cache key; batch size, device placement and
-    worker counts do not.
+    Fields marked ``numerics`` in their metadata (model, checkpoint, pools, layers, dtype,
+    counts_layer, gene_column, seed, max_genes, model_options) can change the stored numbers;
+    the run's cache key is derived from all of them (:mod:`sclstore.ingest.run_key`), so a new
+    such field enters the key by being marked. ``device`` enters through the precision it
+    implies. Fields marked ``pinned`` (batch_size, chunk_cells) are kept from the run's first
+    attempt when it resumes; the others (name, cluster_by, workers, progress, wait, rehash) never
+    change a number.
     """
 
-    model: str
-    checkpoint: str | None = None
+    model: str = _numerics()
+    checkpoint: str | None = _numerics(default=None)
     name: str | None = None
-    pools: tuple[str, ...] | None = None
-    layers: str | tuple[int, ...] | None = None
-    dtype: Dtype = "float32"
-    batch_size: int = 32
+    pools: tuple[str, ...] | None = _numerics(default=None)
+    layers: str | tuple[int, ...] | None = _numerics(default=None)
+    dtype: Dtype = _numerics(default="float32")
+    batch_size: int = _pinned(default=32)
     device: Device = "auto"
-    counts_layer: str | None = None
-    gene_column: str | None = None
+    counts_layer: str | None = _numerics(default=None)
+    gene_column: str | None = _numerics(default=None)
     cluster_by: tuple[str, ...] = ()
-    seed: int = 0
-    max_genes: int | None = None
-    model_options: tuple[tuple[str, str], ...] = ()
+    seed: int = _numerics(default=0)
+    max_genes: int | None = _numerics(default=None)
+    model_options: tuple[tuple[str, str], ...] = _numerics(default=())
     """Model-specific options as ``(key, value)`` pairs (a dict is accepted), e.g. scFoundation's
     ``(("sub_model", "rde"),)``; the adapter validates the keys and hashes them with the checkpoint."""
-    chunk_cells: int = 4096
+    chunk_cells: int = _pinned(default=4096)
     workers: int = 1
     progress: bool = True
     wait: bool = True
@@ -238,6 +265,9 @@ class StoreSettings:
     direct_reads: bool = True
     """Read complete runs straight from their tile files when their layout qualifies
     (:mod:`sclstore.store.tilefile`); ``False`` reads everything through libtiledb."""
+    remote_consolidate_max_bytes: int = 2 * 1024**3
+    """On object storage, a completed run's array up to this size is rewritten as one fragment;
+    a larger one keeps its (disjoint) fragments and only their metadata is consolidated."""
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0 or self.lease_ttl_s <= self.heartbeat_s:

@@ -12,6 +12,7 @@ __all__ = [
     "StoreNotFoundError",
     "StoreExistsError",
     "CatalogConnectionError",
+    "CatalogDamagedError",
     "SchemaVersionError",
     "InvalidInputError",
     "DatasetError",
@@ -44,6 +45,10 @@ class StoreExistsError(SclstoreError):
 
 class CatalogConnectionError(SclstoreError, ConnectionError):
     """The catalog database cannot be reached or refused the credentials."""
+
+
+class CatalogDamagedError(SclstoreError):
+    """The catalog lacks a table or column it should hold (e.g. a dataset's obs table was dropped)."""
 
 
 class SchemaVersionError(SclstoreError):

@@ -13,8 +13,10 @@ the result (``BENCHMARKS.md``).
 The direct path is used only when every condition holds (otherwise libtiledb reads):
 
 * a local array, dense, row-major, tiles ``(1, C, dim)``, attributes without filters;
-* exactly one fragment folder, of a TileDB format version this module was tested against, and a
-  non-empty domain equal to the full domain (every cell written and committed);
+* one fragment, or several whose non-empty domains cover every layer and feature and disjoint,
+  tile-aligned cell ranges that together are every cell (what a consolidated run, or a sharded
+  run whose shards were consolidated separately, holds), each of a TileDB format version this
+  module was tested against;
 * each attribute file's size equals the layout computed from the schema and its first tile
   header;
 * before anything is copied, the chunk count of every tile read and the header of every chunk
@@ -35,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-__all__ = ["TileFile", "LayoutError", "KNOWN_FORMAT_VERSIONS", "single_fragment"]
+__all__ = ["TileFile", "FragmentTiles", "LayoutError", "KNOWN_FORMAT_VERSIONS", "single_fragment", "disjoint_fragments"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,107 @@ def single_fragment(uri: str) -> Path:
     if not version.isdigit() or int(version) not in KNOWN_FORMAT_VERSIONS:
         raise LayoutError(f"fragment format version {version!r} not in {sorted(KNOWN_FORMAT_VERSIONS)}")
     return frag_dir / names[0]
+
+
+def _local_path(uri: str) -> Path:
+    if uri.startswith("file://"):
+        return Path(uri[len("file://") :])
+    if "://" in uri:
+        raise LayoutError("not a local array")
+    return Path(uri)
+
+
+def disjoint_fragments(
+    fragments: list[tuple[str, int, tuple[tuple[int, int], ...]]], *, n_slots: int, n_cells: int, dim: int, cell_tile: int
+) -> list[tuple[int, int, Path]]:
+    """Check that fragments tile the array's cells disjointly; give ``(first_tile, end_tile, folder)``.
+
+    Parameters
+    ----------
+    fragments
+        ``(uri, format_version, non_empty_domain)`` of every live fragment.
+
+    Raises
+    ------
+    LayoutError
+        If a fragment is remote or of an unknown format version, does not cover every layer
+        and feature, starts or ends inside a cell tile (except at the last cell), or the cell
+        ranges overlap or leave a gap.
+    """
+    if not fragments:
+        raise LayoutError("no fragments")
+    parts = []
+    for uri, version, ned in fragments:
+        path = _local_path(uri)
+        if int(version) not in KNOWN_FORMAT_VERSIONS:
+            raise LayoutError(f"fragment format version {version!r} not in {sorted(KNOWN_FORMAT_VERSIONS)}")
+        (l0, l1), (c0, c1), (f0, f1) = ((int(a), int(b)) for a, b in ned)
+        if (l0, l1) != (0, n_slots - 1) or (f0, f1) != (0, dim - 1):
+            raise LayoutError(f"fragment {path.name} covers layers {l0}..{l1} and features {f0}..{f1}, not all")
+        if c0 % cell_tile or ((c1 + 1) % cell_tile and c1 != n_cells - 1):
+            raise LayoutError(f"fragment {path.name} cells {c0}..{c1} are not aligned to {cell_tile}-cell tiles")
+        parts.append((c0, c1, path))
+    parts.sort(key=lambda p: p[0])
+    expect = 0
+    for c0, c1, path in parts:
+        if c0 != expect:
+            what = "overlap" if c0 < expect else "have a gap"
+            raise LayoutError(f"{len(parts)} fragments: cells {expect}.. {what} at fragment {path.name}")
+        expect = c1 + 1
+    if expect != n_cells:
+        raise LayoutError(f"fragments cover cells 0..{expect - 1} of 0..{n_cells - 1}")
+    return [(c0 // cell_tile, -(-(c1 + 1) // cell_tile), path) for c0, c1, path in parts]
+
+
+class FragmentTiles:
+    """One attribute's tiles over fragments that cover disjoint cell-tile ranges, addressed by
+    global tile number ``slot * n_cell_tiles + cell_tile`` (a single fragment is the simple case).
+
+    Parameters
+    ----------
+    parts
+        ``(first_tile, end_tile, TileFile)`` per fragment, sorted, covering ``0..n_cell_tiles``;
+        each file holds its ``n_slots * (end_tile - first_tile)`` tiles in slot-major order.
+    """
+
+    def __init__(self, parts: list[tuple[int, int, TileFile]], n_cell_tiles: int) -> None:
+        self.parts = parts
+        self.n_ct = int(n_cell_tiles)
+        self._starts = np.array([p[0] for p in parts], dtype=np.int64)
+
+    def decode(self, g0: int, g1: int, dest: np.ndarray) -> None:
+        """Tiles ``g0 .. g1-1`` (within one slot) into ``dest`` (see :meth:`TileFile.decode`)."""
+        slot, t0 = divmod(int(g0), self.n_ct)
+        t1 = int(g1) - slot * self.n_ct
+        if not 0 <= t0 < t1 <= self.n_ct:
+            raise ValueError(f"decode({g0}, {g1}): tiles span two layer slots")
+        for lo, hi, tf in self.parts:
+            a, b = max(t0, lo), min(t1, hi)
+            if a < b:
+                base = slot * (hi - lo) - lo
+                tf.decode(base + a, base + b, dest[a - t0 : b - t0])
+
+    def gather(self, tiles: np.ndarray, rows: np.ndarray, dim: int) -> np.ndarray | None:
+        """Rows of global tiles (see :meth:`TileFile.gather`); ``None`` when a fragment cannot gather."""
+        if len(self.parts) == 1:
+            return self.parts[0][2].gather(tiles, rows, dim)
+        slot, t = np.divmod(tiles, self.n_ct)
+        which = np.searchsorted(self._starts, t, side="right") - 1
+        out: np.ndarray | None = None
+        for k in np.unique(which):
+            lo, hi, tf = self.parts[int(k)]
+            sel = which == k
+            got = tf.gather(slot[sel] * (hi - lo) + t[sel] - lo, rows[sel], dim)
+            if got is None:
+                return None
+            if out is None:
+                out = np.empty((tiles.size, dim), dtype=got.dtype)
+            out[sel] = got
+        return out
+
+    def close(self) -> None:
+        for _lo, _hi, tf in self.parts:
+            tf.close()
 
 
 class TileFile:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import tiledb
 
 from . import arrays
 from .errors import SclstoreError
@@ -13,7 +14,7 @@ from .info import RunInfo
 __all__ = ["verify_run", "compare_direct"]
 
 
-def verify_run(info: RunInfo, *, direct_reads: bool = True) -> dict[str, Any]:
+def verify_run(info: RunInfo, *, direct_reads: bool = True, ctx: tiledb.Ctx | None = None, seed: int | None = None) -> dict[str, Any]:
     """Check one run's array: existence, shape, pools, encoding, layers, written extent.
 
     Returns
@@ -24,7 +25,7 @@ def verify_run(info: RunInfo, *, direct_reads: bool = True) -> dict[str, Any]:
     """
     problems: list[str] = []
     try:
-        a = arrays.array_info(info.array_uri)
+        a = arrays.array_info(info.array_uri, ctx=ctx)
     except SclstoreError as exc:
         problems.append(f"array missing or unreadable: {exc}")
     else:
@@ -41,22 +42,29 @@ def verify_run(info: RunInfo, *, direct_reads: bool = True) -> dict[str, Any]:
             problems.append(f"written cells {a['written_cells']} do not cover 0..{info.n_cells - 1}")
     direct = False
     if not problems and info.status == "complete" and direct_reads:
-        direct, mismatch = compare_direct(info)
+        direct, mismatch = compare_direct(info, ctx=ctx, seed=seed)
         problems.extend(mismatch)
     return {"run": info.id, "label": info.label, "status": info.status, "ok": not problems, "problems": problems,
             "direct_reads": direct}
 
 
-def compare_direct(info: RunInfo) -> tuple[bool, list[str]]:
+def compare_direct(info: RunInfo, *, ctx: tiledb.Ctx | None = None, seed: int | None = None, n_tiles: int = 8) -> tuple[bool, list[str]]:
     """Whether the run's array is read straight from its tile files, and whether those reads
-    equal libtiledb's on the first and last tile of the first and last layer of every pool."""
-    with arrays.ArrayReader(info.array_uri) as fast:
+    equal libtiledb's on ``n_tiles`` random cell tiles (always with the first and last) of
+    random layer slots (always with the first and last), for every pool.
+
+    ``seed`` fixes the sample (default: a fresh one each call, so repeated verifies cover more).
+    """
+    with arrays.ArrayReader(info.array_uri, ctx=ctx) as fast:
         if not fast.direct:
             return False, []
+        rng = np.random.default_rng(seed)
         n, c = info.n_cells, fast.cell_tile
-        cells = np.unique(np.concatenate([np.arange(min(n, c)), np.arange(max(0, n - c), n)]))
-        slots = sorted({0, fast.n_slots - 1})
-        with arrays.ArrayReader(info.array_uri, direct=False) as slow:
+        n_ct = -(-n // c)
+        tiles = np.unique(np.concatenate([[0, n_ct - 1], rng.choice(n_ct, size=min(n_ct, n_tiles), replace=False)]))
+        cells = np.unique(np.concatenate([np.arange(t * c, min(n, t * c + c)) for t in tiles]))
+        slots = sorted({0, fast.n_slots - 1, *(int(x) for x in rng.choice(fast.n_slots, size=min(fast.n_slots, 2), replace=False))})
+        with arrays.ArrayReader(info.array_uri, ctx=ctx, direct=False) as slow:
             for pool in info.pools:
                 if not np.array_equal(fast.read(slots, cells, pool), slow.read(slots, cells, pool), equal_nan=True):
                     msg = (f"direct tile reads of pool {pool} differ from libtiledb's: open the store with "

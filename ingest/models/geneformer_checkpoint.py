@@ -30,6 +30,7 @@ import torch
 from sclstore.store.errors import CheckpointError
 
 from ._common import check_state_dict_strict
+from .safe_load import safe_torch_load
 
 __all__ = [
     "WEIGHT_FILES",
@@ -315,7 +316,9 @@ def read_state_dict(files: GeneformerFiles) -> dict[str, torch.Tensor]:
 
             raw: Mapping[str, torch.Tensor] = load_file(str(path), device="cpu")
         else:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
+            raw = safe_torch_load(path)
+    except CheckpointError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any reader failure is a bad checkpoint
         raise CheckpointError(f"cannot read {path.name} in {str(files.folder)!r}: {exc}") from exc
     if not isinstance(raw, Mapping):

@@ -211,6 +211,10 @@ class ScFoundationAdapter(ModelAdapter[ScFoundationModel]):
         self.tokenizer = self._base_tokenizer
 
     # --- identity -------------------------------------------------------------------------
+    def effective_options(self) -> dict[str, str]:
+        """``sub_model`` and ``tgthighres`` as applied (defaults filled in)."""
+        return {"sub_model": self.sub_model, "tgthighres": str(self.resolution)}
+
     @functools.cached_property
     def checkpoint_hash(self) -> str:
         """sha256 over ``models.ckpt``, the gene list, the sub-model and ``tgthighres``."""

@@ -15,7 +15,6 @@ The gene list is the packaged official one unless the checkpoint folder holds it
 from __future__ import annotations
 
 import logging
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from sclstore.store.errors import CheckpointError, InvalidInputError
 
 from ._common import check_state_dict_strict
+from .safe_load import safe_torch_load
 
 __all__ = [
     "CKPT_NAME",
@@ -43,8 +43,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-_LOAD_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError, AttributeError, ImportError)
 
 CKPT_NAME = "models.ckpt"
 GENE_INDEX_GLOB = "OS_scRNA_gene_index*.tsv"
@@ -133,32 +131,17 @@ def locate_checkpoint(path: str | Path) -> CheckpointFiles:
 def open_checkpoint(path: Path) -> Mapping[str, Any]:
     """``torch.load`` the checkpoint memory-mapped: configs are read, tensor data stay on disk.
 
-    Falls back to ``weights_only=False`` (as the official loader) when the file pickles more than
-    tensors and plain containers, and to a full load for legacy (non-zip) files.
+    Read with ``weights_only=True`` (:mod:`.safe_load`): a file whose pickle needs objects other
+    than tensors, plain containers, numpy data and ``argparse.Namespace`` is refused (never
+    executed); legacy (non-zip) files are read without memory-mapping.
 
     Raises
     ------
     CheckpointError
-        If the file cannot be read or is not a dict.
+        If the file cannot be read, needs arbitrary objects, or is not a dict.
     """
     where = f"{path.name} in {str(path.parent)!r}"
-    attempts: list[dict[str, Any]] = [
-        {"mmap": True, "weights_only": True},
-        {"mmap": True, "weights_only": False},
-        {"mmap": False, "weights_only": True},
-        {"mmap": False, "weights_only": False},
-    ]
-    errors: list[str] = []
-    obj: Any = None
-    for kwargs in attempts:
-        try:
-            obj = torch.load(path, map_location="cpu", **kwargs)
-            break
-        except _LOAD_ERRORS as exc:
-            errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-            logger.debug("torch.load(%s, %s) failed: %s", path, kwargs, exc)
-    else:
-        raise CheckpointError(f"cannot read {where} with torch.load ({errors[-1]}); is it a torch checkpoint?")
+    obj = safe_torch_load(path, mmap=True)
     if not isinstance(obj, Mapping):
         raise _not_scfoundation(path, f"{where} holds a {type(obj).__name__}")
     return obj

@@ -33,6 +33,7 @@ import torch
 from sclstore.store.errors import CheckpointError
 
 from ._common import check_state_dict_strict
+from .safe_load import safe_torch_load
 
 __all__ = [
     "REQUIRED_FILES",
@@ -225,23 +226,14 @@ def read_vocab(path: Path) -> tuple[dict[str, int], tuple[str, ...]]:
 
 
 def read_state_dict(files: ScGPTFiles) -> dict[str, torch.Tensor]:
-    """Read ``best_model.pt`` (a flat state dict) on the CPU.
+    """Read ``best_model.pt`` (a flat state dict) on the CPU, without running code (:mod:`.safe_load`).
 
     Raises
     ------
     CheckpointError
         If the file cannot be read or is not a mapping of names to tensors.
     """
-    path = files.weights
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as first:  # noqa: BLE001 - non-tensor pickles need the full unpickler, as upstream
-        kind = type(first).__name__
-        logger.info("best_model.pt holds non-tensor objects (%s); loading with weights_only=False", kind)
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise CheckpointError(f"cannot read best_model.pt in {str(files.folder)!r}: {exc}") from exc
+    obj = safe_torch_load(files.weights)
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         msg = (
             f"best_model.pt in {str(files.folder)!r} is not a flat state dict (torch.save(model.state_dict())) "

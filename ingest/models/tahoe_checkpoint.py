@@ -2,15 +2,14 @@
 
 A folder holds ``model_config.yml``, ``collator_config.yml``, ``vocab.json`` and either
 ``model.safetensors`` (the Hugging Face release) or ``best-model.pt`` (a local Composer
-checkpoint, ``torch.load(...)["state"]["model"]``). Keys are prefixed ``model.`` in both.
+checkpoint, ``torch.load(...)["state"]["model"]``, read without running code: see
+:mod:`.safe_load`). Keys are prefixed ``model.`` in both.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import pickle
-import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +21,13 @@ import yaml
 from sclstore.store.errors import CheckpointError
 
 from ._common import check_state_dict_strict
+from .safe_load import safe_torch_load
 
 __all__ = [
     "CONFIG_FILES",
     "WEIGHT_FILES",
     "IGNORED_PREFIXES",
+    "COMPOSER_MODULES",
     "CheckpointFiles",
     "locate_checkpoint",
     "read_yaml",
@@ -149,51 +150,23 @@ def read_vocab(path: Path) -> dict[str, int]:
     return data
 
 
-class _Stub:
-    """Stand-in for classes of packages that are not installed (e.g. composer's Timestamp)."""
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> _Stub:
-        return object.__new__(cls)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        self.__dict__["_state"] = state
-
-
-class _TolerantUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            logger.debug("best-model.pt references %s.%s, which is not importable; using a stub", module, name)
-            return type(name, (_Stub,), {"__module__": module})
-
-
-_tolerant_pickle = types.ModuleType("sclstore_tolerant_pickle")
-_tolerant_pickle.Unpickler = _TolerantUnpickler  # type: ignore[attr-defined]
-_tolerant_pickle.load = pickle.load  # type: ignore[attr-defined]
-_tolerant_pickle.__dict__["UnpicklingError"] = pickle.UnpicklingError
+COMPOSER_MODULES: tuple[str, ...] = (
+    "composer", "llmfoundry", "tahoe_x1", "mosaicfm", "omegaconf", "torchmetrics", "transformers",
+    "streaming", "datetime", "pathlib", "numpy",
+)
+"""Packages whose classes a Composer training checkpoint pickles besides the weights (its
+timestamp, run config, metrics, RNG state): read as inert placeholders, never imported."""
 
 
 def _load_composer(path: Path) -> Mapping[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as first:  # noqa: BLE001 - fall back to the full unpickler, as upstream
-        kind = type(first).__name__
-        logger.info("best-model.pt holds non-tensor objects (%s); loading with weights_only=False", kind)
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_tolerant_pickle)
-        except Exception as exc:
-            raise CheckpointError(f"cannot read {path.name} in {str(path.parent)!r}: {exc}") from exc
+    obj = safe_torch_load(path, inert_modules=COMPOSER_MODULES, mmap=True)
     try:
         state = obj["state"]["model"]
     except (KeyError, TypeError, IndexError):
         msg = f"{path.name} in {str(path.parent)!r} has no ['state']['model'] entry: not a Composer checkpoint"
         raise CheckpointError(msg) from None
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{path.name}: ['state']['model'] is not a state dict")
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path.name} in {str(path.parent)!r}: ['state']['model'] is not a state dict of tensors")
     return state
 
 

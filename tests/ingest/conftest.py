@@ -98,18 +98,22 @@ def _random_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator) -> to
     return torch.randn(shape, generator=gen) * (1.0 / fan_in**0.5)
 
 
+_COMPOSER_MODULES = ("composer", "composer.core", "composer.core.time")
+
+
 def _foreign_object() -> Any:
-    """An object of a class from a module that is gone after pickling (like composer's Timestamp)."""
-    mod = types.ModuleType("composer_fake_time")
+    """An object of composer's ``Timestamp`` class, from a module that is gone after pickling."""
+    mods = [types.ModuleType(name) for name in _COMPOSER_MODULES]
 
     class Timestamp:
         def __init__(self, epoch: int) -> None:
             self.epoch = epoch
 
-    Timestamp.__module__ = mod.__name__
+    Timestamp.__module__ = mods[-1].__name__
     Timestamp.__qualname__ = "Timestamp"
-    mod.Timestamp = Timestamp  # type: ignore[attr-defined]
-    sys.modules[mod.__name__] = mod
+    mods[-1].Timestamp = Timestamp  # type: ignore[attr-defined]
+    for mod in mods:
+        sys.modules.setdefault(mod.__name__, mod)
     return Timestamp(3)
 
 
@@ -243,7 +247,9 @@ def make_tiny_tahoe(
             try:
                 torch.save(payload, folder / "best-model.pt")
             finally:
-                del sys.modules["composer_fake_time"]
+                for name in _COMPOSER_MODULES:
+                    if getattr(sys.modules.get(name), "__file__", None) is None:
+                        sys.modules.pop(name, None)
         else:
             torch.save(payload, folder / "best-model.pt")
     else:

@@ -1,0 +1,143 @@
+"""The obs index of one dataset: the only code that runs SQL on a dataset's obs table.
+
+The query layer compiles a user's predicate and ORDER BY to SQLAlchemy expressions over
+:attr:`ObsIndex.table` (bound parameters only; see :mod:`sclstore.query.compile`) and hands them
+here; it never holds an Engine or a connection. Catalog errors are translated into
+``SclstoreError``s once, by the decorator on this class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from ._lazy import lazy_module
+from ._translate import translate_errors
+from .info import DatasetInfo
+from .obs import build_obs_table, frame_from_rows
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+else:  # loaded on first use: opening a store needs neither
+    np = lazy_module("numpy")
+    pd = lazy_module("pandas")
+
+__all__ = ["ObsIndex"]
+
+
+@translate_errors
+class ObsIndex:
+    """Cell selection over one dataset's obs table.
+
+    Parameters
+    ----------
+    engine
+        The catalog engine (kept private to the store layer).
+    dataset
+        The dataset (immutable once registered).
+    table
+        Its obs table (``cell_idx``, ``cell``, ``src_idx`` and the generated ``c0``, ``c1``, ...).
+    """
+
+    def __init__(self, engine: Engine, dataset: DatasetInfo, table: sa.Table) -> None:
+        self._engine = engine
+        self.dataset = dataset
+        self.table = table
+        self.dialect: str = engine.dialect.name
+        """``sqlite`` or ``postgresql``: predicates compile per dialect."""
+
+    def _rows(self, stmt: sa.Select[Any]) -> list[Any]:
+        with self._engine.connect() as conn:
+            # raw DB-API rows: callers convert per column, much faster than per row
+            return conn.execute(stmt).cursor.fetchall()
+
+    def select(
+        self,
+        where: Any = None,
+        *,
+        columns: Sequence[Any] = (),
+        order_by: Sequence[Any] | None = None,
+        limit: int | None = None,
+        with_cell_idx: bool = True,
+    ) -> list[Any]:
+        """Rows ``(cell_idx, cell, src_idx, *columns)`` of the cells satisfying ``where``.
+
+        Parameters
+        ----------
+        where
+            A SQLAlchemy boolean expression over :attr:`table`'s columns, or ``None`` for all.
+        columns
+            Columns of :attr:`table` to return after ``cell``.
+        order_by
+            Sort keys (default: ``cell_idx``).
+        limit
+            At most this many rows.
+        with_cell_idx
+            Whether rows start with ``cell_idx``.
+        """
+        t = self.table
+        lead = (t.c.cell_idx, t.c.cell, t.c.src_idx) if with_cell_idx else (t.c.cell, t.c.src_idx)
+        stmt = sa.select(*lead, *columns)
+        if where is not None:
+            stmt = stmt.where(where)
+        stmt = stmt.order_by(*(order_by if order_by is not None else (t.c.cell_idx,)))
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        return self._rows(stmt)
+
+    def cells(self, where: Any = None) -> np.ndarray:
+        """``cell_idx`` of the cells satisfying ``where``, ascending."""
+        t = self.table
+        stmt = sa.select(t.c.cell_idx).order_by(t.c.cell_idx)
+        if where is not None:
+            stmt = stmt.where(where)
+        return np.asarray([r[0] for r in self._rows(stmt)], dtype=np.int64)
+
+    def contiguous_range(self, where: Any) -> tuple[int, int] | None:
+        """``(first, last)`` when ``where`` selects exactly the cells ``first..last``, else ``None``.
+
+        One aggregate (``COUNT``, ``MIN``, ``MAX`` of ``cell_idx``): an index scan returning one row.
+        """
+        if where is None:
+            n = int(self.dataset.n_obs)
+            return (0, n - 1) if n else None
+        idx = self.table.c.cell_idx
+        n, lo, hi = self._rows(sa.select(sa.func.count(), sa.func.min(idx), sa.func.max(idx)).where(where))[0]
+        if not n or int(hi) - int(lo) + 1 != int(n):
+            return None
+        return int(lo), int(hi)
+
+    def range_rows(self, first: int, last: int, columns: Sequence[Any] = ()) -> list[Any]:
+        """Rows ``(cell, src_idx, *columns)`` of cells ``first..last`` in cell order (a primary-key range scan)."""
+        t = self.table
+        stmt = sa.select(t.c.cell, t.c.src_idx, *columns).where(t.c.cell_idx.between(first, last)).order_by(t.c.cell_idx)
+        return self._rows(stmt)
+
+    def distinct(self, column: Any, limit: int) -> list[Any]:
+        """Up to ``limit`` distinct non-NULL values of one column of :attr:`table`."""
+        return [r[0] for r in self._rows(sa.select(column).where(column.is_not(None)).distinct().limit(limit))]
+
+    def frame(self, cells: np.ndarray | None = None) -> pd.DataFrame:
+        """Obs in ``cell_idx`` order with original names and dtypes (+ ``src_idx``), of all cells or ``cells``."""
+        t = self.table
+        stmt = sa.select(t).order_by(t.c.cell_idx)
+        if cells is not None:
+            stmt = stmt.where(t.c.cell_idx.in_([int(c) for c in cells]))
+        with self._engine.connect() as conn:
+            df = pd.DataFrame(conn.execute(stmt).mappings().all(), columns=[c.name for c in t.columns])
+        return frame_from_rows(df, self.dataset.obs_schema)
+
+    def cell_order(self) -> np.ndarray:
+        """``src_idx`` of every cell in ``cell_idx`` order: where each stored cell sits in the source file."""
+        t = self.table
+        return np.asarray([r[0] for r in self._rows(sa.select(t.c.src_idx).order_by(t.c.cell_idx))], dtype=np.int64)
+
+    @staticmethod
+    def build_table(dataset: DatasetInfo, metadata: sa.MetaData) -> sa.Table:
+        if dataset.obs_table in metadata.tables:
+            return metadata.tables[dataset.obs_table]
+        return build_obs_table(dataset.obs_table, dataset.obs_schema, metadata)
