@@ -11,13 +11,28 @@ layer x cell subset later without re-inference::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from sclstore.api import Store, open_store
 from sclstore.store.config import ArraySpec, IngestConfig, StoreSettings
 from sclstore.store.errors import *  # noqa: F403
 from sclstore.store.errors import __all__ as _errors_all
-from sclstore.store.info import DatasetInfo, ModelInfo, RunInfo
+from sclstore.store.runtime import ThreadPolicy
+
+if TYPE_CHECKING:
+    from sclstore.store.info import DatasetInfo, ModelInfo, RunInfo
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # The info records import SQLAlchemy's ORM: loaded on first use, so `import sclstore` stays light.
+    if name in ("DatasetInfo", "ModelInfo", "RunInfo"):
+        from sclstore.store import info
+
+        return getattr(info, name)
+    raise AttributeError(f"module 'sclstore' has no attribute {name!r}")
+
 
 __all__ = [
     "Store",
@@ -28,6 +43,7 @@ __all__ = [
     "DatasetInfo",
     "ModelInfo",
     "RunInfo",
+    "ThreadPolicy",
     "__version__",
     *_errors_all,
 ]

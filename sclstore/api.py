@@ -5,10 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sclstore.store import Backend, DatasetInfo, IngestConfig, ModelInfo, RunInfo, StoreSettings
+from sclstore.store import runtime
+from sclstore.store.config import IngestConfig, StoreSettings
 from sclstore.store.errors import StoreNotFoundError
+
+if TYPE_CHECKING:  # the persistence layer (SQLAlchemy, TileDB, pandas) loads when a store opens
+    from sclstore.store.backend import Backend
+    from sclstore.store.info import DatasetInfo, ModelInfo, RunInfo
+    from sclstore.store.runtime import ThreadPolicy
 
 __all__ = ["Store", "open_store", "default_store_path", "default_catalog"]
 
@@ -90,7 +96,20 @@ class Store:
         return self.backend.verify(run)
 
     # ---------------------------------------------------------------- work
-    def ingest(self, data: str | os.PathLike[str] | Any, model: str, checkpoint: str | None = None, **options: Any) -> Any:
+    @staticmethod
+    def thread_policy(threads: int | str | None = None, *, workers: int = 1) -> ThreadPolicy:
+        """The thread policy a model or evaluation call would run under (nothing is applied).
+
+        See :mod:`sclstore.store.runtime`: CPUs allowed (affinity, cgroup quota, Slurm) divided
+        among ``workers``, unless ``threads``, ``$SCLSTORE_THREADS`` or the user's
+        ``OMP_NUM_THREADS``/... say otherwise.
+        """
+        return runtime.decide(threads, workers=workers)
+
+    def ingest(
+        self, data: str | os.PathLike[str] | Any, model: str, checkpoint: str | None = None, *, threads: int | str | None = None,
+        **options: Any,
+    ) -> Any:
         """Embed every cell of an .h5ad file (or an AnnData) with every layer of a model.
 
         Parameters
@@ -103,6 +122,8 @@ class Store:
             Model family: ``tahoe-x1``, ``scfoundation``, ``scgpt``, ``geneformer`` or ``sclstore-tiny``.
         checkpoint
             Local checkpoint folder (not needed for ``sclstore-tiny``).
+        threads
+            Threads for the model (default: the thread policy, see :meth:`thread_policy`).
         **options
             Any :class:`~sclstore.store.IngestConfig` field (``pools``, ``layers``, ``dtype``,
             ``batch_size``, ``device``, ``cluster_by``, ``seed``, ...). For a SOMA Experiment URI
@@ -120,6 +141,7 @@ class Store:
         >>> store = sclstore.open_store("lab-store")                    # doctest: +SKIP
         >>> run = store.ingest("pbmc.h5ad", model="sclstore-tiny")     # doctest: +SKIP
         """
+        policy = runtime.configure(threads)  # before torch loads: OpenMP starts passive and right-sized
         from sclstore.ingest.pipeline import ingest
         from sclstore.store.readonly import refuse_write
 
@@ -128,6 +150,7 @@ class Store:
 
         from sclstore.ingest.soma_source import is_soma_uri, read_soma, soma_label
 
+        runtime.apply(policy)
         soma = {k: options.pop(k) for k in ("obs_filter", "soma_measurement", "soma_x") if k in options}
         label = None
         if is_soma_uri(data):
@@ -256,19 +279,25 @@ class Store:
             raise InvalidInputError(f"a SOMA export path ends in .soma, got {str(uri)!r}")
         return self.export(sql, uri, order=order, counts_from=counts_from)
 
-    def evaluate_trajectory(self, run: int | str, **options: Any) -> Any:
+    def evaluate_trajectory(self, run: int | str, *, threads: int | str | None = None, **options: Any) -> Any:
         """Score every stored layer on trajectory inference (see :mod:`sclstore.eval`)."""
+        policy = runtime.configure(threads)
         from sclstore.eval.runner import evaluate_trajectory
 
+        runtime.apply(policy)
+        _cap_jobs(policy, options)
         return evaluate_trajectory(self.backend, run, **options)
 
-    def evaluate_perturbation(self, run: int | str, **options: Any) -> Any:
+    def evaluate_perturbation(self, run: int | str, *, threads: int | str | None = None, **options: Any) -> Any:
         """Score every stored layer on perturbation response, per condition (see :mod:`sclstore.eval`)."""
+        policy = runtime.configure(threads)
         from sclstore.eval.runner import evaluate_perturbation
 
+        runtime.apply(policy)
+        _cap_jobs(policy, options)
         return evaluate_perturbation(self.backend, run, **options)
 
-    def evaluate(self, task: str, run: int | str, **options: Any) -> Any:
+    def evaluate(self, task: str, run: int | str, *, threads: int | str | None = None, **options: Any) -> Any:
         """Score every stored layer of a run on any registered task.
 
         Parameters
@@ -279,16 +308,21 @@ class Store:
         run
             Run id or ``dataset/model``.
         **options
-            Fields of the task's config (e.g. ``label_key="cell_type"``), ``n_jobs``,
-            ``progress``, and ``counts_path``.
+            Fields of the task's config (e.g. ``label_key="cell_type"``), ``n_jobs`` (capped at
+            the thread policy's threads), ``progress``, and ``counts_path``.
+        threads
+            Threads for the metrics (default: the thread policy, see :meth:`thread_policy`).
 
         Returns
         -------
         EvalReport
             Cached in the catalog; a repeated identical call reads no embedding.
         """
+        policy = runtime.configure(threads)
         from sclstore.eval.runner import run_task
 
+        runtime.apply(policy)
+        _cap_jobs(policy, options)
         return run_task(self.backend, run, task, **options)
 
     def evaluations(self, run: int | str | None = None) -> list[dict[str, Any]]:
@@ -307,6 +341,13 @@ class Store:
         from sclstore.eval.html import write_run_report
 
         return write_run_report(self, self.backend.get_run(run), out_html)
+
+
+def _cap_jobs(policy: ThreadPolicy, options: dict[str, Any]) -> None:
+    """Parallel jobs of an evaluation (``n_jobs`` / ``jobs``) capped at the policy's threads."""
+    for key in ("n_jobs", "jobs"):
+        if options.get(key) is not None and int(options[key]) > 1:
+            options[key] = policy.cap_jobs(int(options[key]))
 
 
 def open_store(
@@ -341,6 +382,8 @@ def open_store(
     CatalogConnectionError
         If the catalog cannot be reached.
     """
+    from sclstore.store.backend import Backend
+
     root = os.fspath(path if path is not None else default_store_path())
     url = catalog if catalog is not None else default_catalog()
     if create:

@@ -20,10 +20,12 @@ from rich.table import Table
 
 from sclstore.api import Store, default_store_path, open_store
 from sclstore.cli_rows import CsvOpt, NlOpt, TsvOpt, emit_rows, print_table, row_format
-from sclstore.store import catalog as catalogdb
-from sclstore.store.backend import Backend
+from sclstore.store import runtime
 from sclstore.store.config import StoreSettings, parse_csv
 from sclstore.store.errors import SclstoreError
+
+# Heavy modules (torch, scanpy, anndata, TileDB, pandas, Alembic) load inside the commands that
+# use them: `sclstore --help` imports typer and rich only (tests/cli/test_startup.py).
 
 __all__ = ["app", "main"]
 
@@ -49,6 +51,11 @@ CatalogOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else.")]
 VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="Log to stderr (-v info, -vv debug).")]
+ThreadsOpt = Annotated[
+    str | None,
+    typer.Option("--threads", envvar=None, help="Threads for models and metrics (default: the CPUs this process may use; "
+                 "$SCLSTORE_THREADS; `sclstore info` shows the policy)."),
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -60,6 +67,9 @@ def handled(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         _logging(kwargs.get("verbose", 0))
         try:
+            if "threads" in kwargs:  # the thread policy, checked and applied before anything starts a pool
+                kwargs["threads"] = runtime.parse_threads(kwargs["threads"])
+                runtime.configure(kwargs["threads"])
             return fn(*args, **kwargs)
         except SclstoreError as exc:
             err.print(f"error: {exc}", markup=False, highlight=False)
@@ -72,6 +82,12 @@ def _logging(verbose: int) -> None:
     if verbose:
         logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def policy_json() -> dict[str, Any] | None:
+    """The thread policy the command ran under, for ``--json`` output."""
+    policy = runtime.active_policy()
+    return policy.to_json() if policy is not None else None
 
 
 def emit_json(data: Any) -> None:
@@ -110,6 +126,9 @@ def _open(store: str, catalog: str | None, *, create: bool = False) -> Store:
 @handled
 def init(store: StoreOpt = default_store_path(), catalog: CatalogOpt = None, json_out: JsonOpt = False, verbose: VerboseOpt = 0) -> None:
     """Create the store, or upgrade its catalog to the newest schema."""
+    from sclstore.store import catalog as catalogdb
+    from sclstore.store.backend import Backend
+
     backend = Backend.create(store, catalog, settings=_settings())
     try:
         rev = catalogdb.current_revision(backend.engine)
@@ -133,6 +152,8 @@ def db_upgrade(store: StoreOpt = default_store_path(), catalog: CatalogOpt = Non
 @handled
 def db_current(store: StoreOpt = default_store_path(), catalog: CatalogOpt = None, json_out: JsonOpt = False, verbose: VerboseOpt = 0) -> None:
     """Show the catalog's schema revision and the newest one this sclstore knows."""
+    from sclstore.store import catalog as catalogdb
+    from sclstore.store.backend import Backend
     from sclstore.store.backend import MARKER
     from sclstore.store.location import StoreLocation
 
@@ -257,6 +278,7 @@ def ingest(
     obs_filter: Annotated[str | None, typer.Option("--obs-filter", help="SOMA input: obs filter, e.g. \"cell_type == 'B cell'\".")] = None,
     soma_measurement: Annotated[str, typer.Option("--soma-measurement", help="SOMA input: measurement name.")] = "RNA",
     soma_x: Annotated[str | None, typer.Option("--soma-x", help="SOMA input: X layer of raw counts (default raw, counts, data).")] = None,
+    threads: ThreadsOpt = None,
     store: StoreOpt = default_store_path(),
     catalog: CatalogOpt = None,
     json_out: JsonOpt = False,
@@ -276,7 +298,7 @@ def ingest(
                 data, model, checkpoint, name=name, pools=parse_csv(pool) or None, layers=layers, dtype=dtype,  # type: ignore[arg-type]
                 batch_size=batch_size, device=device, counts_layer=counts_layer, gene_column=gene_column,
                 cluster_by=parse_csv(cluster_by), seed=seed, max_genes=max_genes, model_options=tuple(model_option or ()),
-                workers=workers, chunk_cells=chunk_cells, progress=True, wait=not no_wait, rehash=rehash,
+                workers=workers, chunk_cells=chunk_cells, progress=True, wait=not no_wait, rehash=rehash, threads=threads,
                 **({"obs_filter": obs_filter} if obs_filter else {}), soma_measurement=soma_measurement,
                 **({"soma_x": soma_x} if soma_x else {}),
             )
@@ -285,7 +307,7 @@ def ingest(
                   markup=False, highlight=False)
         raise typer.Exit(exit_code(exc.signum)) from None
     if json_out:
-        emit_json(res.to_json())
+        emit_json(res.to_json() | {"thread_policy": policy_json()})
         return
     what = "cache hit: already stored as run" if res.cache_hit else "stored run"
     err.print(f"{what} {res.run_id} ({res.dataset}/{res.model}): {res.cells} cells x {len(res.layers)} layers x "
@@ -299,7 +321,7 @@ def main() -> None:
     app()
 
 
-from sclstore import cli_eval, cli_work  # noqa: E402,F401  (register query, eval, report and demo on `app`)
+from sclstore import cli_eval, cli_info, cli_work  # noqa: E402,F401  (register info, query, eval, report and demo on `app`)
 from sclstore import cli_checkpoint  # noqa: E402,F401  (registers convert-checkpoint on `app`)
 
 

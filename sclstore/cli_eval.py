@@ -27,6 +27,7 @@ from sclstore.cli import (
     eval_app,
     handled,
     out,
+    policy_json,
 )
 from sclstore.store.errors import InvalidInputError
 
@@ -63,7 +64,7 @@ def print_eval(result: Any, json_out: bool, plot: Path | None, cka_map: Path | N
             raise InvalidInputError("this evaluation has no CKA map: rerun it with --cka-map PNG")
         plot_cka_map(cmap["matrix"], cmap["layers"], cka_map, title=f"linear CKA - {result.run_label}")
     if json_out:
-        emit_json(result.to_json())
+        emit_json(result.to_json() | {"thread_policy": policy_json()})
         return
     out.print(_wide(result) if result.task == "diagnostics" else result.rich_table())
     for line in result.headline():

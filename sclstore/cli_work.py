@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from sclstore.api import default_store_path
-from sclstore.cli import CatalogOpt, JsonOpt, StoreOpt, VerboseOpt, _open, app, emit_json, err, eval_app, handled, out
+from sclstore.cli import CatalogOpt, JsonOpt, StoreOpt, ThreadsOpt, VerboseOpt, _open, app, emit_json, err, eval_app, handled, out
 from sclstore.cli_rows import CsvOpt, NlOpt, TsvOpt, row_format
 
 __all__: list[str] = []
@@ -124,6 +124,7 @@ def eval_trajectory(
     standardize: Annotated[bool, typer.Option("--standardize", help="Z-score every embedding coordinate first.")] = False,
     roots: Annotated[int, typer.Option("--roots", help="Random earliest-time roots for the root-sensitivity report.")] = 5,
     knn: Annotated[str, typer.Option("--knn", help="auto (exact up to 8,192 cells, pynndescent above), exact or approx.")] = "auto",
+    threads: ThreadsOpt = None,
     store: StoreOpt = default_store_path(),
     catalog: CatalogOpt = None,
     json_out: JsonOpt = False,
@@ -133,7 +134,7 @@ def eval_trajectory(
     with _open(store, catalog) as st:
         res = st.evaluate_trajectory(run, pseudotime_key=pseudotime_key, root_cell=root_cell, pool=pool, n_subsamples=bootstrap,
                                      n_neighbors=n_neighbors, protocol=protocol, standardize=standardize, n_roots=roots,
-                                     knn=knn, n_jobs=jobs, progress=not json_out)
+                                     knn=knn, n_jobs=jobs, progress=not json_out, threads=threads)
     _print_eval(res, json_out, plot)
 
 
@@ -155,6 +156,7 @@ def eval_perturbation(
     same_cells: Annotated[bool, typer.Option("--same-cells", help="DE and centroids from the same cells (leak-prone; "
                                                                    "default: cross-fitted halves).")] = False,
     splits: Annotated[int, typer.Option("--splits", help="Cross-fitting splits averaged.")] = 1,
+    threads: ThreadsOpt = None,
     store: StoreOpt = default_store_path(),
     catalog: CatalogOpt = None,
     json_out: JsonOpt = False,
@@ -165,7 +167,7 @@ def eval_perturbation(
         res = st.evaluate_perturbation(run, perturbation_key=perturbation_key, control=control, condition_key=condition_key,
                                        replicate_key=replicate_key, de_mode=de, pool=pool, n_boot=bootstrap, n_perm=permutations,
                                        protocol=protocol, crossfit=False if same_cells else None, n_splits=splits,
-                                       n_jobs=jobs, progress=not json_out)
+                                       n_jobs=jobs, progress=not json_out, threads=threads)
     _print_eval(res, json_out, plot)
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any
 
 import sqlalchemy as sa
-import tiledb
 
 from .errors import ArrayError, CatalogBusyError, CatalogConnectionError, CatalogDamagedError, SclstoreError
 
@@ -58,7 +58,10 @@ def translate_errors(cls: type) -> type:
                 return fn(*args, **kwargs)
             except sa.exc.SQLAlchemyError as exc:
                 raise translate_catalog_error(exc) from exc
-            except tiledb.TileDBError as exc:
+            except Exception as exc:
+                tiledb = sys.modules.get("tiledb")  # not imported yet: no TileDB error can have happened
+                if tiledb is None or not isinstance(exc, tiledb.TileDBError):
+                    raise
                 msg = f"array storage error: {exc}; run `sclstore verify` to check the store"
                 raise ArrayError(msg) from exc
 

@@ -11,14 +11,20 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from . import arrays
+from ._lazy import lazy_module
 from .config import ArraySpec
 from .info import RunInfo
 from .location import StoreLocation
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from . import arrays
+else:  # loaded on first use: listing runs needs neither numpy nor TileDB
+    np = lazy_module("numpy")
+    arrays = lazy_module("sclstore.store.arrays")
 
 __all__ = ["ArrayStore"]
 

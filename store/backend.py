@@ -16,16 +16,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, joinedload
 
-from . import arrays
 from . import catalog as catalogdb
+from ._lazy import lazy_module
 from .config import ArraySpec, StoreSettings, validate_name
 from .errors import (
     DatasetError,
@@ -54,6 +52,16 @@ from .obs import (
     unindexable_columns,
 )
 from .obs_index import ObsIndex
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
+    from . import arrays
+else:  # loaded on first use: listing runs needs neither numpy, pandas nor TileDB
+    np = lazy_module("numpy")
+    pd = lazy_module("pandas")
+    arrays = lazy_module("sclstore.store.arrays")
 
 __all__ = ["Backend", "MARKER", "cache_key"]
 

@@ -8,22 +8,23 @@ PostgreSQL is used through psycopg 3 for a shared lab store.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import re
 from collections.abc import Iterator
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from .errors import CatalogBusyError, CatalogConnectionError, InvalidInputError, SchemaVersionError
 from .readonly import READ_ONLY_OPTION, refuse_write, sqlite_read_only_url
+
+if TYPE_CHECKING:  # Alembic loads only to migrate or on a schema mismatch (opening a store skips it)
+    from alembic.config import Config
 
 __all__ = [
     "make_engine",
@@ -218,6 +219,8 @@ def write_tx(engine: Engine) -> Iterator[Connection]:
 
 def alembic_config(connection: Connection | None = None) -> Config:
     """Alembic configuration pointing at the migrations shipped inside the package."""
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(resources.files("sclstore.migrations")))
     if connection is not None:
@@ -225,8 +228,36 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return cfg
 
 
+_REV = re.compile(r"^revision(?:\s*:[^=]*)?\s*=\s*['\"]([^'\"]+)['\"]", re.M)
+_DOWN = re.compile(r"^down_revision(?:\s*:[^=]*)?\s*=\s*(.+)$", re.M)
+
+
+@functools.cache
 def head_revision() -> str:
-    """The newest revision this sclstore knows."""
+    """The newest revision this sclstore knows.
+
+    Read from the migration files' ``revision`` / ``down_revision`` lines (no Alembic import,
+    so opening a store stays fast); anything but one linear head falls back to Alembic's
+    ``ScriptDirectory`` (tests/store/test_catalog.py checks that both agree).
+    """
+    revs: set[str] = set()
+    downs: set[str] = set()
+    for f in (resources.files("sclstore.migrations") / "versions").iterdir():
+        if not f.name.endswith(".py") or f.name.startswith("__"):
+            continue
+        text = f.read_text(encoding="utf-8")
+        rev, down = _REV.search(text), _DOWN.search(text)
+        if rev is None or down is None:
+            return _alembic_head()
+        revs.add(rev.group(1))
+        downs.update(re.findall(r"['\"]([^'\"]+)['\"]", down.group(1)))
+    heads = revs - downs
+    return heads.pop() if len(heads) == 1 else _alembic_head()
+
+
+def _alembic_head() -> str:
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None
     return head
@@ -235,11 +266,20 @@ def head_revision() -> str:
 def current_revision(engine: Engine) -> str | None:
     """The revision the catalog is at (None if it was never initialised)."""
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        if not sa.inspect(conn).has_table("alembic_version"):
+            return None
+        rows = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all()
+        if len(rows) <= 1:
+            return rows[0] if rows else None
+        from alembic.runtime.migration import MigrationContext
+
+        return MigrationContext.configure(conn).get_current_revision()  # raises its own multiple-heads error
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Upgrade the catalog schema to ``revision`` (serialised across processes on PostgreSQL)."""
+    from alembic import command
+
     from .creating import migration_lock
 
     with engine.connect() as conn:
@@ -250,6 +290,8 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 
 def downgrade(engine: Engine, revision: str) -> None:
     """Downgrade the catalog schema to ``revision`` (``"base"`` drops everything)."""
+    from alembic import command
+
     with engine.connect() as conn:
         command.downgrade(alembic_config(conn), revision)
         conn.commit()
@@ -257,6 +299,8 @@ def downgrade(engine: Engine, revision: str) -> None:
 
 def check_models_match(engine: Engine) -> None:
     """Raise if the ORM models and the migrations disagree (``alembic check``)."""
+    from alembic import command
+
     with engine.connect() as conn:
         command.check(alembic_config(conn))
 
@@ -277,6 +321,8 @@ def check_schema(engine: Engine, url_text: str) -> None:
     if cur is None:
         msg = f"catalog {redact(url_text)} has no sclstore schema: run `sclstore init` first"
         raise SchemaVersionError(msg)
+    from alembic.script import ScriptDirectory
+
     known = {rev.revision for rev in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
     if cur not in known:
         msg = (

@@ -21,13 +21,18 @@ import os
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import tiledb
 import tomllib
 
+from ._lazy import lazy_module
 from .config import StoreSettings
 from .errors import InvalidInputError, StoreExistsError
+
+if TYPE_CHECKING:
+    import tiledb
+else:
+    tiledb = lazy_module("tiledb")  # loaded on first use: a local store lists its runs without TileDB
 
 __all__ = ["CONFIG_FILE", "REMOTE_DEFAULTS", "StoreLocation", "parse_tiledb_options", "redact_config"]
 
@@ -99,6 +104,13 @@ def _normalise(path: str | os.PathLike[str]) -> str:
     if text.startswith("file://"):
         text = text[len("file://") :]
     return str(Path(text).expanduser().absolute())
+
+
+def _local_path(uri: str) -> str | None:
+    """The file-system path of a local URI (None for object storage)."""
+    if _is_remote(uri):
+        return None
+    return uri[len("file://") :] if uri.startswith("file://") else uri
 
 
 class StoreLocation:
@@ -198,10 +210,16 @@ class StoreLocation:
         return f"StoreLocation({self.uri!r})"
 
     # ------------------------------------------------------------------ VFS operations
+    # Local paths are checked and read with the OS (same answer, and opening a local store needs
+    # no TileDB import: `sclstore ls runs` stays fast); everything else goes through the VFS.
     def is_dir(self, uri: str) -> bool:
+        if (local := _local_path(uri)) is not None:
+            return os.path.isdir(local)
         return bool(self.vfs.is_dir(uri))
 
     def is_file(self, uri: str) -> bool:
+        if (local := _local_path(uri)) is not None:
+            return os.path.isfile(local)
         return bool(self.vfs.is_file(uri))
 
     def exists(self, uri: str) -> bool:
@@ -221,8 +239,10 @@ class StoreLocation:
         FileNotFoundError
             If there is no file at ``uri``.
         """
-        if not self.vfs.is_file(uri):
+        if not self.is_file(uri):
             raise FileNotFoundError(uri)
+        if (local := _local_path(uri)) is not None:
+            return Path(local).read_bytes().decode()
         with self.vfs.open(uri, "rb") as f:
             return bytes(f.read()).decode()
 

@@ -8,14 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-import pandas as pd
 from sqlalchemy import BigInteger, Boolean, Column, Connection, Float, Index, Integer, MetaData, Table, Text
 from sqlalchemy.schema import CreateTable
 
+from ._lazy import lazy_module
 from .errors import DatasetError, DuplicateObsNamesError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+else:  # loaded on first use (ObsColumn and table names need neither)
+    np = lazy_module("numpy")
+    pd = lazy_module("pandas")
 
 __all__ = [
     "MAX_KEPT_CATEGORIES",

@@ -9,16 +9,22 @@ here; it never holds an Engine or a connection. Catalog errors are translated in
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from ._lazy import lazy_module
 from ._translate import translate_errors
 from .info import DatasetInfo
 from .obs import build_obs_table, frame_from_rows
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+else:  # loaded on first use: opening a store needs neither
+    np = lazy_module("numpy")
+    pd = lazy_module("pandas")
 
 __all__ = ["ObsIndex"]
 

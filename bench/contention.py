@@ -1,0 +1,299 @@
+"""Contention benchmark: sclstore on a machine it shares, with and without the thread policy.
+
+Measures, in one run (ratios are within this run):
+
+1. **Ingest** of ``--cells`` cells (default 5,000, resampled from scanpy's bundled PBMC) with the
+   built-in model ``sclstore-tiny``, into a fresh store each time;
+2. **one trajectory evaluation** (every layer of a ``--traj-cells`` (1,500) cell simulated
+   differentiation embedded by ``sclstore-tiny``, ``--subsamples`` (20) interval subsamples, on a
+   fresh copy of the store so nothing is cached);
+
+each ``--reps`` times **idle** and ``--reps`` times **under load** (one busy-looping process per
+usable CPU, started and stopped by the bench), with the thread policy **on** (the default) and
+**off** (``SCLSTORE_THREADS=off``: the behaviour before the policy: torch's OpenMP pool at every
+core, spin-waiting). Every measurement is a fresh Python process (the policy acts at start-up);
+only the ``store.ingest`` / ``store.evaluate_trajectory`` call is timed, not the imports.
+
+3. **Start-up**: wall time of ``sclstore --help``, ``sclstore ls runs`` and a one-layer query on a
+   small store (median of ``--startup-reps``), with the top imports of ``python -X importtime``.
+
+Usage::
+
+    python bench/contention.py [--cells 5000] [--reps 5] [--traj-cells 1500] [--subsamples 20]
+                               [--startup-reps 5] [--tasks ingest,trajectory] [--out contention.json]
+
+Targets (issue 17): under load, median <= 2.5x the idle median (a fair share of the CPUs is 2x)
+and max/min <= 1.3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve()
+POLICY_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
+               "NUMBA_NUM_THREADS", "BLIS_NUM_THREADS", "OMP_WAIT_POLICY", "SCLSTORE_THREADS", "_SCLSTORE_SET_VARS")
+
+
+# ------------------------------------------------------------------------------ children
+def child_ingest(data: str, store: str) -> dict[str, Any]:
+    import sclstore
+    from sclstore.store import runtime
+
+    runtime.configure()  # as Store.ingest does, but before the (untimed) torch import
+    import sclstore.ingest.pipeline
+
+    with sclstore.open_store(store, create=True) as st:
+        t0 = time.perf_counter()
+        res = st.ingest(data, "sclstore-tiny", workers=1, device="cpu", progress=False)
+        secs = time.perf_counter() - t0
+    import torch
+
+    return {"seconds": secs, "cells": res.cells, "torch_threads": torch.get_num_threads()}
+
+
+def child_trajectory(store: str, run: int, subsamples: int) -> dict[str, Any]:
+    import sclstore
+    from sclstore.store import runtime
+
+    runtime.configure()
+    import sclstore.eval.runner
+
+    with sclstore.open_store(store) as st:
+        t0 = time.perf_counter()
+        rep = st.evaluate_trajectory(run, pseudotime_key="latent_time", n_subsamples=subsamples, n_neighbors=15)
+        secs = time.perf_counter() - t0
+    assert not rep.cached
+    return {"seconds": secs}
+
+
+# ------------------------------------------------------------------------------ parent
+def _env(policy: bool) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in POLICY_VARS}
+    if not policy:
+        env["SCLSTORE_THREADS"] = "off"
+    return env
+
+
+def _child(args: list[str], policy: bool, timeout: float) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, str(HERE), "--child", *args], capture_output=True, text=True, env=_env(policy),
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {args} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+class Busy:
+    """One busy-looping process per usable CPU (the competing load)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> Busy:
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.n)]
+        time.sleep(1.0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait(timeout=10)
+
+
+def _prepare(work: Path, cells: int, traj_cells: int) -> tuple[Path, Path, int]:
+    import numpy as np
+
+    from sclstore import open_store
+    from sclstore.demo import bundled_pbmc
+    from sclstore.eval.simulate import simulate_trajectory
+
+    pbmc = bundled_pbmc()
+    rng = np.random.default_rng(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # resampled cells repeat names until renamed below
+        ad = pbmc[rng.integers(0, pbmc.n_obs, size=cells)].copy()
+    ad.obs_names = [f"c{i}" for i in range(cells)]
+    data = work / f"pbmc_{cells}.h5ad"
+    ad.write_h5ad(data)
+    traj = work / "trajectory.h5ad"
+    simulate_trajectory(n_cells=traj_cells, n_genes=400, seed=0).write_h5ad(traj)
+    tstore = work / "traj-store"
+    with open_store(tstore, create=True) as st:
+        run = st.ingest(traj, "sclstore-tiny", workers=0, progress=False).id
+    return data, tstore, run
+
+
+def _stats(xs: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "max_over_min": max(xs) / min(xs)}
+
+
+def _timed(cmd: list[str], reps: int, env: dict[str, str], cwd: Path | None = None) -> list[float]:
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=cwd)
+        out.append(time.perf_counter() - t0)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cmd} failed: {proc.stderr[-2000:]}")
+    return out
+
+
+def _top_imports(code: str, n: int = 8) -> list[tuple[str, float]]:
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, env=_env(True), timeout=300)
+    rows = []
+    for line in proc.stderr.splitlines():
+        if not line.startswith("import time:") or "|" not in line:
+            continue
+        _, cum, name = line.split("|")
+        if cum.strip().isdigit() and len(name) - len(name.lstrip()) <= 3:  # top-level imports (and their direct children)
+            rows.append((name.strip(), int(cum) / 1e6))
+    return sorted(rows, key=lambda r: -r[1])[:n]
+
+
+def startup(work: Path, reps: int, baseline: str | None = None) -> dict[str, Any]:
+    import numpy as np
+
+    from sclstore.store import ArraySpec, Backend, cache_key
+    from sclstore.testing import toy_obs
+
+    root = work / "small-store"
+    with Backend.create(root) as b:
+        ds = b.register_dataset(name="toy", content_hash="t" * 64, obs=toy_obs(200), n_vars=5, source_path=None, cluster_by=())
+        m = b.register_model(family="synthetic", name="syn", checkpoint_hash="s" * 64, n_layers=4, d_model=16, config={})
+        run = b.create_run(dataset=ds, model=m, key=cache_key("r"), params={}, layers=[0, 1, 2, 3, 4],
+                           spec=ArraySpec(n_layers=5, n_cells=200, dim=16, pools=("cls",)))
+        lease = b.acquire(run.id, wait=False)
+        b.write_block(run, lease, 0, {"cls": np.ones((5, 200, 16), np.float32)})
+        b.complete(run, lease, {})
+    exe = [str(Path(sys.executable).with_name("sclstore"))]
+    if not Path(exe[0]).exists():
+        exe = [sys.executable, "-m", "sclstore.cli"]
+    query = f"SELECT * FROM embeddings WHERE run = {run.id} AND layer = 2"
+    cmds = {"sclstore --help": [*exe, "--help"], "sclstore ls runs": [*exe, "ls", "runs", "--store", str(root)],
+            "sclstore query (one layer)": [*exe, "query", query, "--store", str(root), "--json"]}
+    env = _env(True)
+    _timed(cmds["sclstore --help"], 1, env)  # warm the file cache
+    out: dict[str, Any] = {"wall_s": {k: _stats(_timed(c, reps, env)) for k, c in cmds.items()}}
+    if baseline:  # the same commands with another install (e.g. the code before the lazy imports)
+        base = [str(Path(baseline).with_name("sclstore"))]  # that install's console script
+        # run outside any source checkout, so `-m sclstore.cli` imports the other install's package
+        out["baseline_wall_s"] = {k: _stats(_timed([*base, *c[len(exe):]], reps, env, cwd=work)) for k, c in cmds.items()}
+    out["python_startup_s"] = _stats(_timed([sys.executable, "-c", "pass"], reps, env))
+    out["top_imports_cli"] = _top_imports("import sclstore.cli")
+    out["top_imports_query"] = _top_imports(
+        f"import sys; from sclstore.cli import main; sys.argv = ['sclstore', 'query', {query!r}, '--store', {str(root)!r}, '--json']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cells", type=int, default=5000)
+    ap.add_argument("--reps", type=int, default=5, help="Repetitions per cell of the table (the issue asks for 5).")
+    ap.add_argument("--startup-reps", type=int, default=5)
+    ap.add_argument("--traj-cells", type=int, default=1500, help="Cells of the simulated differentiation.")
+    ap.add_argument("--subsamples", type=int, default=20, help="Subsamples of the trajectory evaluation's intervals.")
+    ap.add_argument("--tasks", default="ingest,trajectory", help="Comma list: ingest, trajectory (empty: start-up only).")
+    ap.add_argument("--policies", default="on,off", help="Comma list: on (the thread policy), off (SCLSTORE_THREADS=off).")
+    ap.add_argument("--skip-startup", action="store_true")
+    ap.add_argument("--baseline-python", default=None, help="Also time start-up with this interpreter's sclstore install.")
+    ap.add_argument("--timeout", type=float, default=600, help="Seconds per measurement before giving up.")
+    ap.add_argument("--out", type=Path, default=None, help="Write the results as JSON here.")
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        res = child_ingest(*rest) if kind == "ingest" else child_trajectory(rest[0], int(rest[1]), int(rest[2]))
+        sys.stdout.write(json.dumps(res) + "\n")
+        return
+
+    from sclstore.store import runtime
+
+    allowance = runtime.detect_allowance()
+    report: dict[str, Any] = {"allowance": allowance.describe(), "busy_processes": allowance.cpus, "reps": args.reps,
+                              "cells": args.cells, "traj_cells": args.traj_cells, "subsamples": args.subsamples,
+                              "load_at_start": os.getloadavg()}
+    print(f"allowance {allowance.describe()}; load average at start {report['load_at_start']}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="sclstore-contention-") as tmp:
+        work = Path(tmp)
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        data, tstore, trun = _prepare(work, args.cells, args.traj_cells) if tasks else (work, work, 0)
+        rows: list[dict[str, Any]] = []
+        for task in tasks:
+            for policy in [p.strip() == "on" for p in args.policies.split(",") if p.strip()]:
+                for loaded in (False, True):
+                    secs, threads = [], None
+                    with Busy(allowance.cpus) if loaded else _Null():
+                        for i in range(args.reps):
+                            if task == "ingest":
+                                res = _child(["ingest", str(data), str(work / f"ing-{policy}-{loaded}-{i}")], policy, args.timeout)
+                                threads = res["torch_threads"]
+                                shutil.rmtree(work / f"ing-{policy}-{loaded}-{i}", ignore_errors=True)
+                            else:
+                                copy = work / f"traj-{policy}-{loaded}-{i}"
+                                shutil.copytree(tstore, copy)
+                                res = _child(["trajectory", str(copy), str(trun), str(args.subsamples)], policy, args.timeout)
+                                shutil.rmtree(copy, ignore_errors=True)
+                            secs.append(res["seconds"])
+                            print(f"  {task:10s} policy={'on ' if policy else 'off'} {'loaded' if loaded else 'idle  '} rep {i}: "
+                                  f"{res['seconds']:.2f} s", flush=True)
+                    rows.append({"task": task, "policy": policy, "loaded": loaded, "seconds": secs, "torch_threads": threads,
+                                 **_stats(secs)})
+        report["rows"] = rows
+        for row in rows:
+            if row["loaded"]:
+                idle = next(r for r in rows if r["task"] == row["task"] and r["policy"] == row["policy"] and not r["loaded"])
+                row["loaded_over_idle"] = row["median"] / idle["median"]
+        if not args.skip_startup:
+            report["startup"] = startup(work, args.startup_reps, args.baseline_python)
+    report["load_at_end"] = os.getloadavg()
+    print(render(report))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [f"allowance: {report['allowance']}; busy processes under load: {report['busy_processes']}; "
+             f"load average start {report['load_at_start']}, end {report['load_at_end']}", "",
+             "| task | policy | condition | median s | min s | max s | max/min | loaded/idle median | torch threads |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in report.get("rows", []):
+        ratio = f"{r['loaded_over_idle']:.2f}x" if "loaded_over_idle" in r else ""
+        lines.append(f"| {r['task']} | {'on' if r['policy'] else 'off (old)'} | {'loaded' if r['loaded'] else 'idle'} | "
+                     f"{r['median']:.2f} | {r['min']:.2f} | {r['max']:.2f} | {r['max_over_min']:.2f} | {ratio} | "
+                     f"{r['torch_threads'] if r['torch_threads'] is not None else ''} |")
+    if "startup" in report:
+        s = report["startup"]
+        base = s.get("baseline_wall_s", {})
+        lines += ["", "| command | median s | min s | max s | baseline median s |", "|---|---|---|---|---|"]
+        for k, v in {**s["wall_s"], "python -c pass": s["python_startup_s"]}.items():
+            b = f"{base[k]['median']:.3f}" if k in base else ""
+            lines.append(f"| {k} | {v['median']:.3f} | {v['min']:.3f} | {v['max']:.3f} | {b} |")
+        lines += ["", "top imports, `import sclstore.cli`: " + ", ".join(f"{n} {t:.3f} s" for n, t in s["top_imports_cli"]),
+                  "top imports, one-layer query: " + ", ".join(f"{n} {t:.3f} s" for n, t in s["top_imports_query"])]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
