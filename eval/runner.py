@@ -83,6 +83,21 @@ def _layers(backend: Backend, info: RunInfo, pool: str, where: str = "") -> list
     return out
 
 
+def _embedded(info: RunInfo, n_cells: int) -> np.ndarray:
+    """Bool mask of the cells the model embedded (the run's unembeddable cells hold NaN and are skipped)."""
+    keep = np.ones(n_cells, dtype=bool)
+    if info.unembeddable:
+        keep[np.asarray(info.unembeddable, dtype=np.int64)] = False
+    return keep
+
+
+def _skip_unembeddable(info: RunInfo) -> str:
+    """A WHERE term excluding the run's unembeddable cells (empty when there are none)."""
+    if not info.unembeddable:
+        return ""
+    return f" AND cell_idx NOT IN ({', '.join(str(int(c)) for c in info.unembeddable)})"
+
+
 def _counts(ds: DatasetInfo, counts_path: str | Path | None, obs: pd.DataFrame) -> tuple[sp.csr_matrix, np.ndarray]:
     """Raw counts of the dataset's cells in cell_idx order, and the gene names."""
     from sclstore.ingest.source import CountsSource
@@ -157,6 +172,15 @@ def evaluate_trajectory(
         if root_cell not in obs.index:
             raise EvaluationError(f"root cell {root_cell!r} is not a cell of dataset {ds.name!r} (e.g. {', '.join(obs.index[:3])})")
         root = int(obs.index.get_loc(root_cell))
+    keep = _embedded(info, len(obs))
+    time_all, root_all = time, root  # the counts reference sees every cell
+    if not keep.all():
+        if isinstance(root, int):
+            if not keep[root]:
+                raise EvaluationError(f"root cell {root_cell!r} could not be embedded by the model (no known gene); "
+                                      "pick another --root-cell")
+            root = int(keep[:root].sum())
+        time = np.asarray(time)[keep]
     params = {"task": "trajectory", "version": EVAL_VERSION, "pseudotime_key": pseudotime_key, "root": root_cell or "diffusion-extreme",
               "pool": pool, "n_subsamples": n_subsamples, "n_neighbors": n_neighbors, "reference": reference, "seed": seed,
               "primary_metric": "spearman_time"}
@@ -171,19 +195,19 @@ def evaluate_trajectory(
 
         def compute_ref() -> pd.DataFrame:
             counts, _genes = _counts(ds, counts_path, obs)
-            res = reference_pseudotime(counts, time, n_neighbors=n_neighbors, root=root, seed=seed)
+            res = reference_pseudotime(counts, time_all, n_neighbors=n_neighbors, root=root_all, seed=seed)
             pca = np.asarray(res.pca, dtype=float)
             return pd.DataFrame({"pseudotime": np.asarray(res.pseudotime, dtype=float),
                                  **{f"pc{i}": pca[:, i] for i in range(pca.shape[1])}})
 
         ref_df = _cached_intermediate(backend, "reference_pseudotime", ref_params, compute_ref)
-        ref_pt = ref_df["pseudotime"].to_numpy()
-        pca = ref_df[[c for c in ref_df.columns if c.startswith("pc")]].to_numpy()
+        ref_pt = ref_df["pseudotime"].to_numpy()[keep]
+        pca = ref_df[[c for c in ref_df.columns if c.startswith("pc")]].to_numpy()[keep]
         with threadpool_limits(limits=1):
             base = score_trajectory(pca, time, reference=ref_pt, n_neighbors=n_neighbors, root=root, n_subsamples=n_subsamples,
                                     seed=seed)
         ref_rho = base.rho_time
-    Xs = _layers(backend, info, pool)
+    Xs = [X[keep] for X in _layers(backend, info, pool)]
     scores: list[Any] = []
     undefined: dict[int, str] = {}
     for layer, X in zip(info.layers, Xs):
@@ -223,7 +247,8 @@ def evaluate_trajectory(
     table = layer_table(rows)
     report = EvalReport(task="trajectory", run_id=info.id, run_label=info.label, params=params, table=table,
                         summary=summarize_layers(table), notes={"n_cells": int(len(time)), "pca_reference_rho": ref_rho,
-                                                               "undefined_layers": {str(k): v for k, v in undefined.items()}})
+                                                               "undefined_layers": {str(k): v for k, v in undefined.items()},
+                                                               "unembeddable_cells_skipped": int((~keep).sum())})
     backend.put_evaluation(info.id, "trajectory", phash, params, report.to_json())
     return report
 
@@ -297,7 +322,7 @@ def evaluate_perturbation(
     counts: sp.csr_matrix | None = None
     genes: np.ndarray | None = None
     rows: list[LayerScore] = []
-    notes: dict[str, Any] = {"de_mode": de_mode, "conditions": {}}
+    notes: dict[str, Any] = {"de_mode": de_mode, "conditions": {}, "unembeddable_cells_skipped": len(info.unembeddable)}
     for cond in sorted(conds.unique()):
         mask = (conds == cond).to_numpy()
         rep = reps[mask] if reps is not None else _pseudo_replicates(obs.index[mask], seed)
@@ -332,7 +357,7 @@ def evaluate_perturbation(
             cond_note["spearman_brown_ceiling"] = float(ce["spearman_brown"].iloc[0])
         notes["conditions"][cond] = cond_note
         where = f" AND {_quote_ident(condition_key)} = {_quote_value(cond)}" if condition_key else ""
-        cents = _centroids(backend, info, pool, perturbation_key, where)
+        cents = _centroids(backend, info, pool, perturbation_key, where + _skip_unembeddable(info))
         scores: dict[int, Any] = {}
         for layer in info.layers:
             try:

@@ -38,6 +38,22 @@ class CountsSource:
     gene_column
         Take gene ids from ``var[gene_column]`` instead of the var index.
 
+    Attributes
+    ----------
+    dense
+        True when the counts are stored dense.
+    dtype
+        The dtype the counts are stored in.
+    stored_entries
+        When True, :meth:`rows` / :meth:`take` return sparse rows with their entries as stored
+        (explicit zeros, duplicates and order kept), as official data loaders that read the CSR
+        arrays directly see them; set it before :meth:`scan`, which then also fingerprints that
+        storage in :attr:`stored_layout`.
+    stored_layout
+        After :meth:`scan` with ``stored_entries``: ``"canonical"`` when every stored row is
+        sorted, duplicate-free and zero-free (so it equals the content hash's view), else a
+        digest of the stored entries.
+
     Raises
     ------
     InvalidInputError
@@ -72,6 +88,10 @@ class CountsSource:
             self.var_names = var.index.astype(str).to_numpy()
             elem = self._file[self.counts_key]
             self._dense = isinstance(elem, h5py.Dataset)
+            self.dense = self._dense
+            self.dtype = np.dtype(elem.dtype if self._dense else elem["data"].dtype)
+            self.stored_entries = False
+            self.stored_layout = "canonical"
             self._matrix = elem if self._dense else sparse_dataset(elem)
             shape = tuple(elem.shape) if self._dense else tuple(self._matrix.shape)
         except BaseException:
@@ -91,10 +111,18 @@ class CountsSource:
     def close(self) -> None:
         self._file.close()
 
-    def rows(self, lo: int, hi: int) -> sp.csr_matrix:
-        """Counts of cells ``lo..hi-1`` (file order) as float32 CSR with sorted indices."""
+    def rows(self, lo: int, hi: int, *, canonical: bool | None = None) -> sp.csr_matrix:
+        """Counts of cells ``lo..hi-1`` (file order) as float32 CSR with sorted indices.
+
+        With ``stored_entries`` (or ``canonical=False``) sparse rows keep their stored entries.
+        """
         block = self._matrix[lo:hi]
         m = sp.csr_matrix(block, dtype=np.float32) if not sp.issparse(block) else block.tocsr().astype(np.float32)
+        keep_stored = self.stored_entries if canonical is None else not canonical
+        return m if keep_stored and sp.issparse(block) else self._canonical(m)
+
+    @staticmethod
+    def _canonical(m: sp.csr_matrix) -> sp.csr_matrix:
         m.sum_duplicates()
         m.eliminate_zeros()
         m.sort_indices()
@@ -137,7 +165,18 @@ class CountsSource:
         where = "X" if self.counts_key == "X" else self.counts_key
         h = hashlib.sha256()
         h.update(f"{self.n_obs}x{self.n_vars}".encode())
-        for lo, m in self.blocks(block_rows):
+        layout = hashlib.sha256() if self.stored_entries and not self._dense else None
+        raw_differs = False
+        for lo in range(0, self.n_obs, block_rows):
+            m = self.rows(lo, min(lo + block_rows, self.n_obs), canonical=layout is None)
+            if layout is not None and not (m.has_canonical_format and m.data.all()):
+                # stored zeros, duplicates or unsorted rows: fingerprint the stored entries
+                layout.update(np.array([lo], dtype=np.int64).tobytes())
+                layout.update(np.diff(m.indptr).astype(np.int64).tobytes())
+                layout.update(m.indices.astype(np.int64).tobytes())
+                layout.update(m.data.astype(np.float64).tobytes())
+                raw_differs = True
+                m = self._canonical(m.copy())
             data = m.data
             if not np.all(np.isfinite(data)):
                 raise DatasetError(f"{where} has NaN or infinite values (rows {lo}..): sclstore needs raw integer counts")
@@ -149,6 +188,7 @@ class CountsSource:
             h.update(np.diff(m.indptr).astype(np.int64).tobytes())
             h.update(m.indices.astype(np.int64).tobytes())
             h.update(data.astype(np.float64).tobytes())
+        self.stored_layout = layout.hexdigest() if layout is not None and raw_differs else "canonical"
         for names in (self.obs.index.astype(str), self.var_names):
             for name in names:
                 h.update(name.encode())

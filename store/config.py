@@ -30,6 +30,10 @@ __all__ = [
 ]
 
 Dtype = Literal["float32", "float16"]
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+"""Inference precision: ``auto`` = each family's official inference precision on CUDA and fp32 on
+the CPU; otherwise that precision everywhere (bf16/fp16 as autocast)."""
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 DTYPES: tuple[str, ...] = get_args(Dtype)
 Device = Literal["auto", "cpu", "cuda"]
 DEVICES: tuple[str, ...] = get_args(Device)
@@ -144,7 +148,8 @@ class IngestConfig:
 
     The fields that change the stored numbers (model, checkpoint, pools, layers, dtype,
     max_genes, seed, precision) enter the run's cache key; batch size, device placement and
-    worker counts do not.
+    worker counts do not. ``precision`` enters it as resolved for the device (``auto`` on CUDA
+    becomes the family's official precision).
     """
 
     model: str
@@ -160,6 +165,9 @@ class IngestConfig:
     cluster_by: tuple[str, ...] = ()
     seed: int = 0
     max_genes: int | None = None
+    precision: Precision = field(default="auto", metadata={"numerics": True})
+    """``auto`` (the family's official inference precision on CUDA, fp32 on the CPU), ``fp32``,
+    ``bf16`` or ``fp16`` (autocast)."""
     model_options: tuple[tuple[str, str], ...] = ()
     """Model-specific options as ``(key, value)`` pairs (a dict is accepted), e.g. scFoundation's
     ``(("sub_model", "rde"),)``; the adapter validates the keys and hashes them with the checkpoint."""
@@ -175,6 +183,8 @@ class IngestConfig:
             raise InvalidInputError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.device not in DEVICES:
             raise InvalidInputError(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.precision not in PRECISIONS:
+            raise InvalidInputError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.batch_size < 1:
             raise InvalidInputError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.chunk_cells < 1:

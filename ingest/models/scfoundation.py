@@ -38,7 +38,7 @@ from torch import nn
 
 from sclstore.store.errors import CheckpointError, InvalidInputError
 
-from ..adapter import GeneMapping, ModelAdapter, TokenBatch, TokenRecord, autocast_for, hash_files, map_to_vocab
+from ..adapter import GeneMapping, ModelAdapter, OfficialEmbedding, TokenBatch, TokenRecord, hash_files, map_to_vocab
 from ..capture import pool_hidden
 from ._common import name_from_folder
 from .scfoundation_checkpoint import (
@@ -173,6 +173,7 @@ class ScFoundationAdapter(ModelAdapter[ScFoundationModel]):
     """
 
     family = "scfoundation"
+    official_precision = "fp32"  # get_embedding.py: no autocast
     supported_pools = OFFICIAL_POOLS
     default_pools = OFFICIAL_POOLS
 
@@ -301,12 +302,17 @@ class ScFoundationAdapter(ModelAdapter[ScFoundationModel]):
                 tensor[:, empty] = 0.0
         return out
 
+    @property
+    def official(self) -> OfficialEmbedding:
+        """``concat[S, T, max, mean]`` of the final-LN encoder output = stored layer L (``get_embedding.py``)."""
+        return OfficialEmbedding(layer=self.n_layers, pools=tuple(OFFICIAL_POOLS))
+
     @torch.no_grad()
     def official_embedding(self, batch: TokenBatch) -> torch.Tensor:
         """The official cell embedding ``concat[S, T, max, mean]`` of the encoder output, ``(B, 4 d)``."""
         self._require_model()
         batch = self._on_device(batch)
-        with autocast_for(self.device):
+        with self.autocast():
             hidden = self._encode(batch)
         pooled = pool_hidden(hidden, batch.pooling_info(), OFFICIAL_POOLS)
         out = official_from_pools(pooled)

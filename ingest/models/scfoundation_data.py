@@ -265,7 +265,8 @@ class ScFoundationTokenizer:
             dense[:] = 0.0
             np.add.at(dense, self.positions[cols], data)
             pos, val = gather_positive(cell_values(dense, self.resolution))
-            records.append(TokenRecord(cell_idx=int(cell_idx[i]), gene_ids=pos, values=val))
+            records.append(TokenRecord(cell_idx=int(cell_idx[i]), gene_ids=pos, values=val,
+                                       embeddable=bool((pos < self.n_genes).any())))
         return records
 
 

@@ -400,7 +400,7 @@ def test_sub_model_and_option_errors(tiny: Path, tmp_path: Path) -> None:
         load_adapter("scfoundation", f"{tiny}#sub_model=rde", options={"sub_model": "gene"})
     with pytest.raises(sclstore.InvalidInputError, match=r"unknown scFoundation model option\(s\) \['depth'\]"):
         load_adapter("scfoundation", tiny, options={"depth": "3"})
-    with pytest.raises(sclstore.InvalidInputError, match="'tahoe-x1' takes no model options"):
+    with pytest.raises(sclstore.InvalidInputError, match="option sub_model=rde is not one of 'tahoe-x1'"):
         load_adapter("tahoe-x1", tiny, options={"sub_model": "rde"})
     perf = write_tiny_scfoundation(tmp_path / "p", encoder_overrides={"module_type": "performer"})
     with pytest.raises(sclstore.CheckpointError, match=r"encoder module_type 'performer' is not supported"):
