@@ -19,10 +19,10 @@ from sclstore.store.errors import InvalidInputError
 
 from ..adapter import ModelAdapter
 from ..family import discover_families
-from .geneformer import from_checkpoint as _geneformer
-from .scfoundation import scfoundation_factory as _scfoundation
-from .scgpt import from_checkpoint as _scgpt
-from .tahoe import TahoeAdapter
+from .geneformer.adapter import from_checkpoint as _geneformer
+from .scfoundation.adapter import scfoundation_factory as _scfoundation
+from .scgpt.adapter import from_checkpoint as _scgpt
+from .tahoe.adapter import TahoeAdapter
 
 __all__ = ["FAMILIES", "TINY_CHECKPOINT", "families", "load_adapter"]
 

@@ -1,8 +1,8 @@
 """Pieces the model families share: the strict state-dict check, count validation, CSR-row and
 padding helpers for the tokenizers and collators, and the model name of a checkpoint folder.
 
-Each family keeps its own public entry points (``<family>_checkpoint.check_state_dict``,
-``<family>_data.collate_*``, the tokenizers); they call into this module with their own labels
+Each family keeps its own public entry points (``<family>.checkpoint.check_state_dict``,
+``<family>.data.collate_*``, the tokenizers); they call into this module with their own labels
 and allow-lists, so messages name the family as before. The adapter boilerplate (``load``,
 ``build_model``, ``blocks``, ``describe``) lives in :class:`~sclstore.ingest.adapter.ModelAdapter`.
 """

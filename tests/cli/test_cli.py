@@ -53,9 +53,9 @@ def test_every_command_has_help() -> None:
 def test_init_ls_verify_json_are_clean(tmp_path: Path) -> None:
     store = str(tmp_path / "s")
     code, stdout, _ = invoke("init", "--store", store, "--json")
-    assert code == 0 and json.loads(stdout)["schema"] == "0001"
+    assert code == 0 and json.loads(stdout)["schema"] == "0002_unembeddable"
     code, stdout, _ = invoke("db", "current", "--store", store, "--json")
-    assert code == 0 and json.loads(stdout) == {"current": "0001", "head": "0001", "up_to_date": True}
+    assert code == 0 and json.loads(stdout) == {"current": "0002_unembeddable", "head": "0002_unembeddable", "up_to_date": True}
     for what in ("datasets", "models", "runs"):
         code, stdout, _ = invoke("ls", what, "--store", store, "--json")
         assert code == 0 and json.loads(stdout) == []

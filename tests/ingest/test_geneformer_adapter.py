@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertForMaskedLM, BertModel
 
 import sclstore
-import sclstore.ingest.models.geneformer as geneformer
-import sclstore.ingest.models.geneformer_checkpoint as gf_checkpoint
+import sclstore.ingest.models.geneformer.adapter as geneformer
+import sclstore.ingest.models.geneformer.checkpoint as gf_checkpoint
 from sclstore.ingest.adapter import TokenRecord
 from sclstore.ingest.models import load_adapter
 from sclstore.ingest.models.geneformer import GeneformerAdapter

@@ -11,7 +11,7 @@ import scipy.sparse as sp
 import torch
 
 from sclstore.ingest.adapter import GeneMapping
-from sclstore.ingest.models.geneformer_data import GeneformerTokenizer, collate_geneformer, official_gene_layout
+from sclstore.ingest.models.geneformer.data import GeneformerTokenizer, collate_geneformer, official_gene_layout
 from sclstore.store.errors import InvalidInputError, ModelError
 
 CLS, EOS = 2, 3
@@ -258,3 +258,83 @@ def test_collate_v1_has_no_cls_and_handles_empty_cells() -> None:
     only_empty = collate_geneformer(recs[:1], pad_token_id=0, n_special=0)
     assert only_empty.gene_ids.shape == (1, 1) and not only_empty.padding_mask.any()
     assert isinstance(batch.values, torch.Tensor) and batch.values.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- oracle: sum_ensembl_ids + tokenize_anndata
+def _official_pipeline(adata, token_dict: dict, median_dict: dict, mapping_dict: dict, size: int) -> list[list[int]]:  # noqa: ANN001
+    """Upstream ``geneformer/tokenizer.py`` (HF ``ctheodoris/Geneformer``), h5ad path, V2, written
+    from its steps with the same anndata / pandas / scipy operations:
+
+    ``TranscriptomeTokenizer.__init__``: mapping restricted to values in the token dictionary.
+    ``sum_ensembl_ids`` (``collapse_gene_ids=True``): if the dataset ids found in the mapping and
+    their mapped values are equally many distinct ids, only ``var['ensembl_id_collapsed'] =
+    ensembl_id.str.upper().map(mapping)``; else var names := collapsed ids, unmapped columns
+    dropped, each id occurring more than once summed (``pd.DataFrame.sparse.from_spmatrix(...).sum(axis=1)``)
+    and ``sc.concat([non-duplicated columns, summed columns], axis=1)``.
+    ``tokenize_anndata``: columns whose collapsed id is a token, ``X_view / n_counts * target_sum /
+    norm_factor_vector``, ``sp.csr_matrix``, ``argsort(-data)`` per row; ``create_dataset``:
+    first ``size - 2`` genes between ``<cls>`` and ``<eos>``.
+    """
+    import collections
+
+    import anndata as ad
+    import pandas as pd
+    import scanpy as sc
+
+    mapping = {k: v for k, v in mapping_dict.items() if v in token_dict}
+    ids = list(adata.var["ensembl_id"])
+    in_map = [g for g in ids if g in mapping]
+    adata = adata.copy()
+    adata.var["ensembl_id_collapsed"] = adata.var["ensembl_id"].str.upper().map(mapping)
+    if len(set(in_map)) != len({mapping[g] for g in in_map}):
+        adata.var_names = adata.var["ensembl_id_collapsed"].astype(object).where(adata.var["ensembl_id_collapsed"].notna(), None)
+        adata = adata[:, ~adata.var.index.isna()]
+        dups = [g for g, c in collections.Counter(adata.var_names).items() if c > 1]
+        sums = []
+        for g in dups:
+            part = adata[:, adata.var_names == g]
+            df = pd.DataFrame.sparse.from_spmatrix(part.X, index=part.obs_names, columns=part.var_names)
+            s = pd.DataFrame(df.sum(axis=1))
+            s.columns = [g]
+            sums.append(s)
+        summed = pd.concat(sums, axis=1)
+        extra = ad.AnnData(X=summed, obs=adata.obs, var=pd.DataFrame({"ensembl_id_collapsed": summed.columns}, index=summed.columns))
+        dedup = adata[:, ~adata.var.index.isin(dups)]
+        obs = adata.obs
+        adata = sc.concat([dedup, extra], axis=1)
+        adata.obs = obs
+    collapsed = adata.var["ensembl_id_collapsed"]
+    loc = np.where([token_dict.get(g, None) is not None if isinstance(g, str) else False for g in collapsed])[0]
+    norm = np.array([median_dict[g] for g in collapsed.iloc[loc]])
+    tokens = np.array([token_dict[g] for g in collapsed.iloc[loc]])
+    n_counts = adata.obs["n_counts"].values[:, None]
+    X_norm = sp.csr_matrix(adata.X[:, loc] / n_counts * 10_000 / norm)
+    return [[CLS, *tokens[X_norm[i].indices][np.argsort(-X_norm[i].data)][: size - 2], EOS] for i in range(X_norm.shape[0])]
+
+
+@pytest.mark.parametrize("aliases", [False, True])
+def test_gene_layout_and_tokens_match_official_sum_ensembl_ids(aliases: bool) -> None:
+    import anndata as ad
+
+    rng = np.random.default_rng(11)
+    n = 50
+    genes = [f"ENSG{i:011d}" for i in range(n)]
+    token_dict = {"<pad>": 0, "<mask>": 1, "<cls>": CLS, "<eos>": EOS} | {g: 4 + i for i, g in enumerate(genes)}
+    median_dict = {g: float(m) for g, m in zip(genes, rng.choice([0.5, 1.0, 2.0, 0.25], size=n))}
+    mapping_dict = {g: g for g in genes}
+    ids = [*genes[:40], "ENSG99999999999"]
+    if aliases:  # two old ids mapped onto genes 3 and 7, and a lower-case id
+        mapping_dict |= {"ENSGOLD00000001": genes[3], "ENSGOLD00000002": genes[7]}
+        ids += ["ENSGOLD00000001", "ENSGOLD00000002", genes[45].lower()]
+    else:  # 1:1 on the dataset: an exact duplicate id stays two columns (two tokens)
+        ids += [genes[5], genes[45].lower()]
+    X = sp.csr_matrix(((rng.random((30, len(ids))) < 0.5) * rng.integers(1, 6, size=(30, len(ids)))).astype(np.float32))
+    n_counts = (np.asarray(X.sum(1)).ravel() + rng.integers(0, 100, size=30)).astype(np.float32)
+    adata = ad.AnnData(X=X, obs=pd.DataFrame({"n_counts": n_counts}, index=[f"c{i}" for i in range(30)]),
+                       var=pd.DataFrame({"ensembl_id": ids}, index=[f"v{i}" for i in range(len(ids))]))
+    expected = _official_pipeline(adata, token_dict, median_dict, mapping_dict, size=64)
+    layout = official_gene_layout(ids, token_dict, median_dict, mapping_dict)
+    tok = GeneformerTokenizer(max_length=64, cls_id=CLS, eos_id=EOS).bind_layout(layout)
+    recs = tok.tokenize(X[:, layout.mapping.var_index], np.arange(30), seed=0, totals=n_counts)
+    assert [r.gene_ids.tolist() for r in recs] == expected
+    assert bool(layout.summed.any()) == aliases

@@ -13,7 +13,7 @@ import torch
 
 from sclstore.ingest.adapter import cell_generator, map_to_vocab
 from sclstore.ingest.models import load_adapter
-from sclstore.ingest.models.tahoe_data import TahoeTokenizer, binning
+from sclstore.ingest.models.tahoe.data import TahoeTokenizer, binning
 from sclstore.store.errors import InvalidInputError, ModelError, SclstoreError
 
 Counts = Callable[..., scipy.sparse.csr_matrix]

@@ -10,9 +10,9 @@ Facts and pitfalls of the official model: ``research/models.md`` §4. In short:
   ``<eos>``, input size 4096, official cell embedding = ``<cls>``). The input size is the
   model's ``max_position_embeddings`` (2048 for V1, 4096 for V2 releases);
 * input: genes matched by Ensembl id, ``counts / n_counts * 10_000 / gene_median``, non-zero
-  genes ranked by decreasing value, truncated (:mod:`.geneformer_data`);
+  genes ranked by decreasing value, truncated (:mod:`.data`);
 * model: post-LN BERT, absolute positions, token type 0, no final norm
-  (:mod:`.geneformer_model`);
+  (:mod:`.model`);
 * official cell embedding (``EmbExtractor``, default ``emb_layer=-1``): ``hidden_states[L-1]``
   of ``BertModel``, the output of the **second-to-last** block. Stored layer ``l`` equals
   ``hidden_states[l]`` (0 = embeddings), so the official embedding is the stored ``cls`` (V2)
@@ -38,10 +38,10 @@ import torch
 
 from sclstore.store.errors import CheckpointError, InvalidInputError
 
-from ..adapter import GeneMapping, ModelAdapter, OfficialEmbedding, TokenBatch, TokenRecord, map_to_vocab
-from ..capture import pool_hidden
-from ._common import name_from_folder
-from .geneformer_checkpoint import (
+from ...adapter import GeneMapping, ModelAdapter, OfficialEmbedding, TokenBatch, TokenRecord, map_to_vocab
+from ...capture import pool_hidden
+from .._common import name_from_folder
+from .checkpoint import (
     GeneformerFiles,
     check_state_dict,
     locate_checkpoint,
@@ -49,8 +49,8 @@ from .geneformer_checkpoint import (
     read_dictionaries,
     read_state_dict,
 )
-from .geneformer_data import GeneformerTokenizer, collate_geneformer, official_gene_layout
-from .geneformer_model import BertEncoderConfig, GeneformerBert
+from .data import GeneformerTokenizer, collate_geneformer, official_gene_layout
+from .model import BertEncoderConfig, GeneformerBert
 
 __all__ = ["GeneformerAdapter", "from_checkpoint"]
 

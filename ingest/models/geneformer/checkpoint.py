@@ -29,7 +29,7 @@ import torch
 
 from sclstore.store.errors import CheckpointError
 
-from ._common import check_state_dict_strict
+from .._common import check_state_dict_strict
 
 __all__ = [
     "WEIGHT_FILES",

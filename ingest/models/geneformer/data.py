@@ -40,8 +40,8 @@ import torch
 
 from sclstore.store.errors import InvalidInputError, ModelError
 
-from ..adapter import GeneMapping, TokenBatch, TokenRecord
-from ._common import NOT_BOUND, csr_row, pad_records, validate_counts
+from ...adapter import GeneMapping, TokenBatch, TokenRecord
+from .._common import NOT_BOUND, csr_row, pad_records, validate_counts
 
 __all__ = ["TARGET_SUM", "N_COUNTS", "GeneLayout", "official_gene_layout", "GeneformerTokenizer", "collate_geneformer"]
 

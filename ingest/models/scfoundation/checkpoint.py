@@ -25,7 +25,7 @@ import torch
 
 from sclstore.store.errors import CheckpointError, InvalidInputError
 
-from ._common import check_state_dict_strict
+from .._common import check_state_dict_strict
 
 __all__ = [
     "CKPT_NAME",

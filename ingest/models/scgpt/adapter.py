@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 from sclstore.store.errors import CheckpointError, InvalidInputError
 
-from ..adapter import GeneMapping, ModelAdapter, OfficialEmbedding, TokenBatch, TokenRecord, map_to_vocab
-from ._common import name_from_folder
-from .scgpt_checkpoint import (
+from ...adapter import GeneMapping, ModelAdapter, OfficialEmbedding, TokenBatch, TokenRecord, map_to_vocab
+from .._common import name_from_folder
+from .checkpoint import (
     ScGPTFiles,
     check_state_dict,
     locate_checkpoint,
@@ -35,9 +35,9 @@ from .scgpt_checkpoint import (
     read_vocab,
     rename_flash_keys,
 )
-from .scgpt_data import OFFICIAL_N_BINS, ScGPTTokenizer
-from .scgpt_model import ScGPTConfig, ScGPTModel
-from .tahoe_data import collate_records
+from .data import OFFICIAL_N_BINS, ScGPTTokenizer
+from .model import ScGPTConfig, ScGPTModel
+from ..tahoe.data import collate_records
 
 __all__ = ["ScGPTAdapter", "INFERENCE_MAX_LENGTH", "from_checkpoint"]
 

@@ -32,7 +32,7 @@ import torch
 
 from sclstore.store.errors import CheckpointError
 
-from ._common import check_state_dict_strict
+from .._common import check_state_dict_strict
 
 __all__ = [
     "REQUIRED_FILES",

@@ -31,8 +31,8 @@ import torch
 
 from sclstore.store.errors import InvalidInputError, ModelError
 
-from ..adapter import TokenRecord, cell_generator
-from ._common import RowTokenizer, csr_row, drop_zeros
+from ...adapter import TokenRecord, cell_generator
+from .._common import RowTokenizer, csr_row, drop_zeros
 
 __all__ = ["OFFICIAL_N_BINS", "digitize_random", "binning", "ScGPTTokenizer"]
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from sclstore.store.errors import CheckpointError
 
-from ..adapter import (
+from ...adapter import (
     GeneMapping,
     ModelAdapter,
     OfficialEmbedding,
@@ -36,8 +36,8 @@ from ..adapter import (
     looks_like_ensembl,
     map_to_vocab,
 )
-from ._common import name_from_folder
-from .tahoe_checkpoint import (
+from .._common import name_from_folder
+from .checkpoint import (
     CheckpointFiles,
     check_state_dict,
     locate_checkpoint,
@@ -45,8 +45,8 @@ from .tahoe_checkpoint import (
     read_vocab,
     read_yaml,
 )
-from .tahoe_data import TahoeTokenizer, collate_records
-from .tahoe_model import TahoeConfig, TahoeModel
+from .data import TahoeTokenizer, collate_records
+from .model import TahoeConfig, TahoeModel
 
 __all__ = ["TahoeAdapter", "INFERENCE_MAX_LENGTH"]
 

@@ -21,7 +21,7 @@ import yaml
 
 from sclstore.store.errors import CheckpointError
 
-from ._common import check_state_dict_strict
+from .._common import check_state_dict_strict
 
 __all__ = [
     "CONFIG_FILES",

@@ -24,8 +24,8 @@ import torch
 
 from sclstore.store.errors import InvalidInputError
 
-from ..adapter import TokenBatch, TokenRecord, cell_generator
-from ._common import RowTokenizer, csr_row, pad_records
+from ...adapter import TokenBatch, TokenRecord, cell_generator
+from .._common import RowTokenizer, csr_row, pad_records
 
 __all__ = ["binning", "log_transform", "TahoeTokenizer", "collate_records"]
 
