@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from sclstore.store.errors import InvalidInputError, ModelError
+from sclstore.store.hashcache import cached_digest
 
 from .capture import LayerCapture, PoolingInfo
 
@@ -313,28 +314,22 @@ def cell_generator(seed: int, cell_idx: int) -> torch.Generator:
     return gen
 
 
-_HASH_CACHE: dict[tuple[str, int, int], str] = {}
-
-
 def _file_digest(path: Path) -> str:
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    cached = _HASH_CACHE.get(key)
-    if cached is not None:
-        return cached
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
-    _HASH_CACHE[key] = digest
-    return digest
+    def compute() -> str:
+        h = hashlib.sha256()
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    return cached_digest(path, "sha256", compute)
 
 
 def hash_files(paths: Sequence[Path]) -> str:
-    """Return a sha256 over the names, sizes and contents of files (streamed, cached per process).
+    """Return a sha256 over the names, sizes and contents of files.
 
-    The cache key is (path, size, mtime), so a rewritten file is hashed again.
+    Each file's digest comes from the persistent digest cache (:mod:`sclstore.store.hashcache`)
+    when the file is unchanged, so a repeated ingest does not re-read a 20 GB checkpoint.
     """
     h = hashlib.sha256()
     for path in paths:

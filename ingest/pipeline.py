@@ -37,6 +37,7 @@ import torch
 from sclstore.store import ArraySpec, Backend, IngestConfig, RunInfo, cache_key, parse_layers, validate_name
 from sclstore.store.arrays import ENCODING_VERSION
 from sclstore.store.errors import IngestError, InvalidInputError, LeaseHeldError
+from sclstore.store.hashcache import rehashing
 
 from .adapter import GeneMapping, ModelAdapter, resolve_precision
 from .models import load_adapter
@@ -345,14 +346,16 @@ def ingest(backend: Backend, path: str | os.PathLike[str], config: IngestConfig,
         unknown = [p for p in pools if p not in adapter.supported_pools]
         if unknown:
             raise InvalidInputError(f"pool(s) {unknown} not available for {adapter.family}; choose from {', '.join(adapter.supported_pools)}")
-        content_hash = source.scan()
+        with rehashing(config.rehash):
+            content_hash = source.content_hash()
+            checkpoint_hash = adapter.checkpoint_hash
         precision = resolve_precision(config.precision, adapter.official_precision, device)
         adapter.precision = precision
         params = {"family": adapter.family, "layers": list(layers), "pools": list(pools), "dtype": config.dtype,
                   "seed": int(config.seed), "max_genes": config.max_genes, "precision": precision,
                   "chunk_cells": int(config.chunk_cells), "counts": source.counts_key}
         params |= _storage_params(adapter, source)
-        key = cache_key(content_hash, adapter.family, adapter.checkpoint_hash, params, ENCODING_VERSION)
+        key = cache_key(content_hash, adapter.family, checkpoint_hash, params, ENCODING_VERSION)
         hit = backend.find_run(key)
         if hit is not None and hit.status == "complete":
             logger.info("cache hit: run %s already holds this extraction", hit.id)

@@ -20,10 +20,14 @@ import scipy.sparse as sp
 from anndata.io import read_elem, sparse_dataset
 
 from sclstore.store.errors import DatasetError, InvalidInputError
+from sclstore.store.hashcache import cached_digest
 
-__all__ = ["CountsSource"]
+__all__ = ["SCAN_VERSION", "CountsSource"]
 
 logger = logging.getLogger(__name__)
+
+SCAN_VERSION = "scan-v1"
+"""Names the content-hash scheme of :meth:`CountsSource.scan`; change it whenever the hash changes."""
 
 
 class CountsSource:
@@ -148,6 +152,24 @@ class CountsSource:
     def blocks(self, block_rows: int = 8192) -> Iterator[tuple[int, sp.csr_matrix]]:
         for lo in range(0, self.n_obs, block_rows):
             yield lo, self.rows(lo, min(lo + block_rows, self.n_obs))
+
+    def content_hash(self) -> str:
+        """:meth:`scan`'s hash, from the persistent digest cache when the file is unchanged.
+
+        The cache entry names the counts matrix and the hash scheme, so another
+        ``--counts-layer`` of the same file is scanned on its own; ``--rehash`` forces a scan.
+        """
+        if not self.stored_entries:
+            return cached_digest(self.path, f"counts:{self.counts_key}:{SCAN_VERSION}", self.scan)
+
+        def scan_with_layout() -> str:
+            return f"{self.scan()}:{self.stored_layout}"
+
+        # families reading stored entries also need the stored-layout fingerprint: cached with the hash
+        value = cached_digest(self.path, f"counts:{self.counts_key}:{SCAN_VERSION}:stored-entries", scan_with_layout)
+        digest, _, layout = value.partition(":")
+        self.stored_layout = layout or "canonical"
+        return digest
 
     def scan(self, *, block_rows: int = 8192) -> str:
         """Validate the counts and return the dataset's content hash.

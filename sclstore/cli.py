@@ -209,6 +209,7 @@ def ingest(
     model_option: Annotated[list[str] | None, typer.Option("--model-option", help="KEY=VALUE, repeatable (scfoundation: sub_model, tgthighres).")] = None,
     workers: Annotated[int, typer.Option(help="Tokenizer worker processes (0 = in process).")] = 1,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Fail instead of waiting when another process ingests the same run.")] = False,
+    rehash: Annotated[bool, typer.Option("--rehash", help="Re-read the data and checkpoint to hash them (ignore the digest cache).")] = False,
     store: StoreOpt = default_store_path(),
     catalog: CatalogOpt = None,
     json_out: JsonOpt = False,
@@ -220,7 +221,7 @@ def ingest(
             data, model, checkpoint, name=name, pools=parse_csv(pool) or None, layers=layers, dtype=dtype,  # type: ignore[arg-type]
             batch_size=batch_size, device=device, counts_layer=counts_layer, gene_column=gene_column,
             cluster_by=parse_csv(cluster_by), seed=seed, max_genes=max_genes, precision=precision, model_options=tuple(model_option or ()),
-            workers=workers, progress=not json_out, wait=not no_wait,
+            workers=workers, progress=not json_out, wait=not no_wait, rehash=rehash,
         )
     if json_out:
         emit_json(res.to_json())

@@ -42,7 +42,7 @@ from .info import DatasetInfo, ModelInfo, RunInfo
 from .lease import Lease, try_acquire
 from ._translate import translate_errors
 from .models import Dataset, Evaluation, Intermediate, Model, Run, utcnow
-from .obs import build_obs_table, frame_from_rows, infer_obs_schema, obs_rows, obs_table_name
+from .obs import build_obs_table, frame_from_rows, infer_obs_schema, insert_obs, obs_table_name
 
 __all__ = ["Backend", "MARKER", "cache_key"]
 
@@ -206,9 +206,7 @@ class Backend:
                 if taken is not None:
                     msg = f"dataset name {name!r} is already used by other data: pass another --name"
                     raise DatasetError(msg)
-                table.create(conn)
-                for rows in obs_rows(obs, schema, order):
-                    conn.execute(table.insert(), rows)
+                insert_obs(conn, table, obs, schema, order)
                 conn.execute(
                     sa.insert(Dataset).values(
                         name=name,

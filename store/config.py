@@ -175,6 +175,8 @@ class IngestConfig:
     workers: int = 1
     progress: bool = True
     wait: bool = True
+    rehash: bool = False
+    """Recompute the data's and the checkpoint's content hashes instead of using the digest cache."""
 
     def __post_init__(self) -> None:
         if self.name is not None:

