@@ -36,10 +36,12 @@ import torch
 
 from sclstore.store import ArraySpec, Backend, IngestConfig, RunInfo, cache_key, parse_layers, validate_name
 from sclstore.store.arrays import ENCODING_VERSION
-from sclstore.store.errors import IngestError, InvalidInputError, LeaseHeldError
+from sclstore.store.errors import DatasetError, IngestError, InvalidInputError, LeaseHeldError
 from sclstore.store.hashcache import rehashing
 
 from .adapter import GeneMapping, ModelAdapter, resolve_precision
+from .anndata_source import is_anndata, open_source, source_provenance
+from .hints import amend_counts_error, amend_gene_error
 from .models import load_adapter
 from .progress import make_progress
 from .source import CountsSource
@@ -205,7 +207,7 @@ class _Writer:
         self._thread.start()
 
     def _run(self) -> None:
-        backend, run, lease, progress = self._args
+        backend, run, lease, _ = self._args  # progress advances per batch in _embed_chunk
         while True:
             item = self._q.get()
             if item is _DONE or self.error is not None:
@@ -215,7 +217,6 @@ class _Writer:
                 if skipped:
                     self.unembeddable.extend(skipped)
                 backend.write_block(run, lease, lo, block, unembeddable=self.unembeddable if skipped else None)
-                progress.advance(next(iter(block.values())).shape[1])
             except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
                 self.error = exc
 
@@ -256,7 +257,7 @@ def _storage_params(adapter: ModelAdapter, source: CountsSource) -> dict[str, An
 
 def _embed_chunk(
     adapter: ModelAdapter, records: list[Any], *, layers: Sequence[int], pools: Sequence[str],
-    batch_size: int, device: torch.device,
+    batch_size: int, device: torch.device, progress: Any = None,
 ) -> tuple[dict[str, np.ndarray], list[int]]:
     """Embed one chunk: batches of similar length, results back in the chunk's cell order.
 
@@ -279,6 +280,8 @@ def _embed_chunk(
     if skipped:
         for arr in out.values():
             arr[:, ~ok, :] = np.nan
+        if progress is not None:
+            progress.advance(len(skipped))
     cuda = device.type == "cuda"
     pending: list[tuple[np.ndarray, dict[str, torch.Tensor]]] = []
     for b in range(0, n, batch_size):
@@ -290,6 +293,8 @@ def _embed_chunk(
         pending.append((idx, adapter.embed(batch, layers=layers, pools=pools)))
         if not cuda:  # on the CPU there is nothing to overlap: copy now, hold one batch at a time
             _collect(out, pending)
+        if progress is not None:  # per batch (on CUDA: per batch queued), so small ingests move too
+            progress.advance(len(idx))
     _collect(out, pending)  # on CUDA: one device-to-host synchronisation per chunk
     return out, skipped
 
@@ -301,8 +306,11 @@ def _collect(out: dict[str, np.ndarray], pending: list[tuple[np.ndarray, dict[st
     pending.clear()
 
 
-def ingest(backend: Backend, path: str | os.PathLike[str], config: IngestConfig, *, adapter: ModelAdapter | None = None) -> IngestResult:
-    """Embed every cell of an .h5ad file with every kept layer, into ``backend``.
+def ingest(
+    backend: Backend, path: str | os.PathLike[str] | Any, config: IngestConfig, *, adapter: ModelAdapter | None = None,
+    source_label: str | None = None,
+) -> IngestResult:
+    """Embed every cell of an .h5ad file (or an AnnData) with every kept layer, into ``backend``.
 
     Everything that can be wrong with the input is checked before the store is touched. A
     completed identical run is a cache hit that loads no weights; an interrupted one resumes.
@@ -312,12 +320,17 @@ def ingest(backend: Backend, path: str | os.PathLike[str], config: IngestConfig,
     backend
         The open store.
     path
-        The .h5ad file with raw counts.
+        The .h5ad file with raw counts, or an ``anndata.AnnData`` (in memory or backed): the
+        same checks and content hash; the catalog records ``in-memory`` (or the backing file)
+        as its source, and the default dataset name is ``anndata-<hash prefix>``.
     config
         Model, layers, pools, dtype and the other ingest options.
     adapter
         A ready adapter (tests, custom models); by default built from ``config.model`` and
         ``config.checkpoint``.
+    source_label
+        What the catalog records as the source instead of the path / ``in-memory`` (e.g. a
+        SOMA URI and its obs filter).
 
     Returns
     -------
@@ -331,13 +344,22 @@ def ingest(backend: Backend, path: str | os.PathLike[str], config: IngestConfig,
         If another process is ingesting the same run and ``config.wait`` is false.
     """
     t0 = time.perf_counter()
-    path = Path(path).expanduser()
-    name = config.name or validate_name(_default_name(path), what="dataset")
+    in_memory = is_anndata(path)
+    if not in_memory and not isinstance(path, (str, os.PathLike)):
+        open_source(path)  # raises: names what was passed
+    if not in_memory:
+        path = Path(path).expanduser()
+    name = config.name or (None if in_memory else validate_name(_default_name(path), what="dataset"))
     device = resolve_device(config.device)
     if adapter is None:
         adapter = load_adapter(config.model, config.checkpoint, max_genes=config.max_genes, options=dict(config.model_options))
-    with CountsSource(path, counts_layer=config.counts_layer, gene_column=config.gene_column) as source:
-        mapping = adapter.map_genes(source.gene_ids)
+    with open_source(path, counts_layer=config.counts_layer, gene_column=config.gene_column) as source:
+        try:
+            mapping = adapter.map_genes(source.gene_ids)
+        except InvalidInputError as exc:
+            if config.gene_column is not None:
+                raise
+            raise InvalidInputError(amend_gene_error(str(exc), getattr(source, "var", None))) from None
         adapter.observe_source(dense=source.dense, dtype=source.dtype)
         source.stored_entries = bool(getattr(adapter.tokenizer, "reads_stored_entries", False))
         adapter.check_obs(source.obs)  # e.g. Geneformer's obs['n_counts'], before anything is written
@@ -347,8 +369,12 @@ def ingest(backend: Backend, path: str | os.PathLike[str], config: IngestConfig,
         if unknown:
             raise InvalidInputError(f"pool(s) {unknown} not available for {adapter.family}; choose from {', '.join(adapter.supported_pools)}")
         with rehashing(config.rehash):
-            content_hash = source.content_hash()
+            try:
+                content_hash = source.content_hash()
+            except DatasetError as exc:
+                raise type(exc)(amend_counts_error(str(exc), source)) from None
             checkpoint_hash = adapter.checkpoint_hash
+        name = name or f"anndata-{content_hash[:10]}"
         precision = resolve_precision(config.precision, adapter.official_precision, device)
         adapter.precision = precision
         params = {"family": adapter.family, "layers": list(layers), "pools": list(pools), "dtype": config.dtype,
@@ -361,7 +387,7 @@ def ingest(backend: Backend, path: str | os.PathLike[str], config: IngestConfig,
             logger.info("cache hit: run %s already holds this extraction", hit.id)
             return _result(hit, cache_hit=True, embedded=0, t0=t0, device=device, mapping=mapping)
         dataset = backend.register_dataset(name=name, content_hash=content_hash, obs=source.obs, n_vars=source.n_vars,
-                                           source_path=str(path.resolve()), cluster_by=config.cluster_by)
+                                           source_path=source_label or source_provenance(source), cluster_by=config.cluster_by)
         model = backend.register_model(family=adapter.family, name=adapter.name, checkpoint_hash=adapter.checkpoint_hash,
                                        n_layers=adapter.n_layers, d_model=adapter.d_model, config=adapter.describe())
         spec = ArraySpec(n_layers=len(layers), n_cells=dataset.n_obs, dim=adapter.d_model, pools=pools, dtype=config.dtype)
@@ -386,7 +412,7 @@ def ingest(backend: Backend, path: str | os.PathLike[str], config: IngestConfig,
                     for lo, records in prefetch:
                         writer.check()
                         block, skipped = _embed_chunk(adapter, records, layers=layers, pools=pools,
-                                                      batch_size=config.batch_size, device=device)
+                                                      batch_size=config.batch_size, device=device, progress=progress)
                         writer.put(lo, block, skipped)
                     writer.finish()
                 except BaseException:

@@ -90,6 +90,7 @@ class CountsSource:
             else:
                 self.gene_ids = var.index.astype(str).to_numpy()
             self.var_names = var.index.astype(str).to_numpy()
+            self.var = var  # for hints (ingest/hints.py)
             elem = self._file[self.counts_key]
             self._dense = isinstance(elem, h5py.Dataset)
             self.dense = self._dense

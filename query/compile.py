@@ -68,6 +68,7 @@ def bind_columns(table: sa.Table, schema: Sequence[ObsColumn]) -> dict[str, Boun
     cols = {
         "cell": BoundColumn("cell", table.c.cell, "string"),
         "cell_idx": BoundColumn("cell_idx", table.c.cell_idx, "int"),
+        "src_idx": BoundColumn("src_idx", table.c.src_idx, "int"),
     }
     for col in schema:
         cols[col.name] = BoundColumn(col.name, table.c[col.column], col.kind, col.categories, col.ordered)
@@ -276,7 +277,7 @@ def compile_order(
         key = _ordered(col, dialect)
         clause = key.desc() if item.desc else key.asc()
         nulls_first = item.nulls_first if item.nulls_first is not None else not item.desc
-        if col.name != "cell_idx" and col.name != "cell":  # never NULL
+        if col.name not in ("cell_idx", "cell", "src_idx"):  # never NULL (an obs column named src_idx gets no clause: harmless)
             clause = clause.nulls_first() if nulls_first else clause.nulls_last()
         out.append(clause)
     if not any(item.column == "cell_idx" for item in items):

@@ -3,13 +3,15 @@
 =========== ===========================================================================
 ``.h5ad``   AnnData: obs plus one ``obsm`` matrix per layer (``X_<model>_L07_<pool>``)
 ``.npy``    the float32 ``(n_layers, n_rows, dim)`` array only
-``.npz``    ``embeddings``, ``layers``, ``depths``, ``cells``, ``cell_idx`` (or ``counts``),
+``.npz``    ``embeddings``, ``layers``, ``depths``, ``cells``, ``cell_idx``, ``src_idx`` (or ``counts``),
             and each obs column as ``obs_<name>``
 ``.parquet`` long format: one row per layer x cell, columns ``layer``, ``depth``, ``cell``,
-            ``cell_idx``, the obs columns, then ``e0`` ... ``e{dim-1}``
+            ``cell_idx``, ``src_idx``, the obs columns, then ``e0`` ... ``e{dim-1}``
 ``.csv``    the same long format as text (floats with 9 significant digits: exact float32)
 =========== ===========================================================================
 
+Rows come in the ingested AnnData's order (``src_idx``) unless the query has an ``ORDER BY``
+or ``order="store"`` is passed (the store's cell order, which ``cluster_by`` changes).
 Every writer consumes ``iter_blocks`` (one layer x one chunk of rows at a time), so a
 :class:`~sclstore.query.result.QueryStream` larger than memory is written without holding it.
 Files are written under a temporary name and renamed into place when complete.
@@ -35,7 +37,7 @@ from .result import QueryResult, QueryStream, _uns
 if TYPE_CHECKING:
     from .plan import Backend
 
-__all__ = ["FORMATS", "write_result", "query_to_file"]
+__all__ = ["FORMATS", "ROW_FORMATS", "write_result", "write_rows", "query_to_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,9 @@ DEFAULT_CHUNK_CELLS = 65_536
 def _need_embeddings(res: QueryResult | QueryStream, fmt: str) -> None:
     if res.pool is None:
         msg = f"{fmt} holds embeddings, but the query selects none: add `embedding` (or AVG(embedding)) to the select list, or write .csv/.parquet"
+        raise InvalidInputError(msg)
+    if len(res.pools) > 1:
+        msg = f"{fmt} holds one pool, but the query selects {list(res.pools)}: write .h5ad, .parquet or .csv, or select one pool"
         raise InvalidInputError(msg)
 
 
@@ -96,8 +101,7 @@ def _write_npz(res: QueryResult | QueryStream, path: Path, chunk: int) -> None:
             "depths": np.asarray(res.depths, dtype=np.float64),
             **_obs_arrays(res),
         }
-        if res.cell_idx is not None:
-            small["cell_idx"] = np.asarray(res.cell_idx, dtype=np.int64)
+        small.update(res._index_columns())
         if res.counts is not None:
             small["counts"] = np.asarray(res.counts, dtype=np.int64)
         for name, arr in small.items():
@@ -105,7 +109,30 @@ def _write_npz(res: QueryResult | QueryStream, path: Path, chunk: int) -> None:
                 np.lib.format.write_array(fp, arr, allow_pickle=False)
 
 
-def _write_h5ad(res: QueryResult | QueryStream, path: Path, chunk: int) -> None:
+def source_counts(res: QueryResult | QueryStream, counts_from: Any) -> tuple[Any, pd.DataFrame]:
+    """The source counts (CSR, rows in the result's order) and var of a cell result.
+
+    ``counts_from`` is an open counts source (``take(rows)``, ``obs``, ``var``; e.g.
+    :class:`sclstore.ingest.source.CountsSource`) of the file the dataset was ingested from.
+
+    Raises
+    ------
+    InvalidInputError
+        For a GROUP BY result, or a source whose cells are not the dataset's.
+    """
+    if res.grouped or res.src_idx is None:
+        raise InvalidInputError("--with-counts needs cells: a GROUP BY result has no counts")
+    src = np.asarray(res.src_idx, dtype=np.int64)
+    names = pd.Index(counts_from.obs.index.astype(str))
+    if src.size and (int(src.max()) >= len(names) or not np.array_equal(names[src], res.obs.index.astype(str))):
+        msg = "the counts source does not hold this dataset's cells at their ingest rows: pass the file the dataset was ingested from"
+        raise InvalidInputError(msg)
+    var = pd.DataFrame(counts_from.var).copy()
+    var.index = var.index.astype(str)
+    return counts_from.take(src), var
+
+
+def _write_h5ad(res: QueryResult | QueryStream, path: Path, chunk: int, counts_from: Any = None) -> None:
     import anndata as ad
     import h5py
 
@@ -113,12 +140,16 @@ def _write_h5ad(res: QueryResult | QueryStream, path: Path, chunk: int) -> None:
     obs.index = obs.index.astype(str)
     if not obs.index.is_unique:
         obs.index = pd.Index([f"{name}-{i}" for i, name in enumerate(obs.index)])
-    if res.cell_idx is not None and "cell_idx" not in obs:
-        obs["cell_idx"] = np.asarray(res.cell_idx, dtype=np.int64)
+    for name, values in res._index_columns().items():
+        obs[name] = values
     if res.counts is not None and "count" not in obs:
         obs["n_cells"] = np.asarray(res.counts, dtype=np.int64)
-    adata = ad.AnnData(obs=obs)
-    adata.uns["sclstore"] = _uns(res)
+    if counts_from is not None:
+        X, var = source_counts(res, counts_from)
+        adata = ad.AnnData(X=X, obs=obs, var=var)
+    else:
+        adata = ad.AnnData(obs=obs)
+    adata.uns["sclstore"] = {**_uns(res), "with_counts": counts_from is not None}
     adata.write_h5ad(path)
     if res.pool is None:
         return
@@ -145,18 +176,23 @@ def _long_frames(res: QueryResult | QueryStream, chunk: int, *, with_embeddings:
     obs = res.obs
     base_cols = ["cell"] if not res.grouped else ["group"]
     emb_cols = [f"e{j}" for j in range(res.dim)]
-    ids = None if res.cell_idx is None else np.asarray(res.cell_idx, dtype=np.int64)
+    index_cols = res._index_columns()
     counts = None if res.counts is None else np.asarray(res.counts, dtype=np.int64)
+
+    multi = len(res.pools) > 1
 
     def frame(lo: int, n: int, layer_pos: int | None, block: np.ndarray | None) -> pd.DataFrame:
         part = obs.iloc[lo : lo + n]
         data: dict[str, Any] = {}
         if layer_pos is not None:
-            data["layer"] = np.full(n, res.layers[layer_pos], dtype=np.int64)
-            data["depth"] = np.full(n, res.depths[layer_pos], dtype=np.float64)
+            pool, layer = res.block_label(layer_pos)
+            if multi:
+                data["pool"] = np.full(n, pool, dtype=object)
+            data["layer"] = np.full(n, layer, dtype=np.int64)
+            data["depth"] = np.full(n, res.depths[res.layers.index(layer)], dtype=np.float64)
         data[base_cols[0]] = part.index.astype(str).to_numpy(dtype=object)
-        if ids is not None:
-            data["cell_idx"] = ids[lo : lo + n]
+        for name, values in index_cols.items():
+            data[name] = values[lo : lo + n]
         for name in part.columns:
             data[str(name)] = part[name].to_numpy() if not isinstance(part[name].dtype, pd.CategoricalDtype) else part[name].array
         if counts is not None and "count" not in part.columns:
@@ -198,6 +234,38 @@ def _write_csv(res: QueryResult | QueryStream, path: Path, chunk: int) -> None:
             df.to_csv(fh, index=False, header=(k == 0), float_format="%.9g")
 
 
+ROW_FORMATS: tuple[str, ...] = ("csv", "tsv", "nl")
+
+
+def write_rows(result: QueryResult | QueryStream, fh: Any, fmt: str = "csv", *, chunk_cells: int = 4096, order: str = "input") -> int:
+    """Stream the long format (one row per layer x cell, as ``.csv``) to a text stream.
+
+    ``fmt`` is ``csv``, ``tsv`` or ``nl`` (newline-delimited JSON, one object per row with the
+    embedding as a list under ``"embedding"``). Returns the number of rows written.
+
+    Raises
+    ------
+    InvalidInputError
+        For another ``fmt``.
+    """
+    if fmt not in ROW_FORMATS:
+        raise InvalidInputError(f"unknown row format {fmt!r}; use one of {', '.join(ROW_FORMATS)}")
+    res = result.in_order(order)
+    n = 0
+    emb_cols = [f"e{j}" for j in range(res.dim)]
+    for k, df in enumerate(_long_frames(res, chunk_cells)):
+        n += len(df)
+        if fmt == "nl":
+            if emb_cols and not df.empty:
+                emb = df[emb_cols].to_numpy(dtype=np.float64).round(9).tolist()
+                df = df.drop(columns=emb_cols).assign(embedding=emb)
+            if not df.empty:
+                fh.write(df.to_json(orient="records", lines=True, force_ascii=False, double_precision=9).rstrip("\n") + "\n")
+        else:
+            df.to_csv(fh, index=False, header=(k == 0), float_format="%.9g", sep="\t" if fmt == "tsv" else ",")
+    return n
+
+
 FORMATS: dict[str, Callable[[QueryResult | QueryStream, Path, int], None]] = {
     ".h5ad": _write_h5ad,
     ".npy": _write_npy,
@@ -208,7 +276,12 @@ FORMATS: dict[str, Callable[[QueryResult | QueryStream, Path, int], None]] = {
 
 
 def write_result(
-    result: QueryResult | QueryStream, out_path: str | os.PathLike[str], *, chunk_cells: int = DEFAULT_CHUNK_CELLS
+    result: QueryResult | QueryStream,
+    out_path: str | os.PathLike[str],
+    *,
+    chunk_cells: int = DEFAULT_CHUNK_CELLS,
+    order: str = "input",
+    counts_from: Any = None,
 ) -> Path:
     """Write a query result (or stream) to a file; the extension picks the format.
 
@@ -221,6 +294,12 @@ def write_result(
         (see the module docstring for the layout of each).
     chunk_cells
         Rows per block while streaming.
+    order
+        ``"input"`` (default): rows in the ingested AnnData's order (``src_idx``), unless the
+        query has its own ``ORDER BY``; ``"store"``: the store's cell order (as queried).
+    counts_from
+        .h5ad only: an open counts source of the ingested file (see :func:`source_counts`);
+        the file then carries the selected cells' raw counts as ``X`` and the genes as ``var``.
 
     Returns
     -------
@@ -244,11 +323,20 @@ def write_result(
         raise InvalidInputError(msg)
     if chunk_cells < 1:
         raise InvalidInputError(f"chunk_cells must be >= 1, got {chunk_cells}")
-    if path.parent and not path.parent.exists():
-        raise InvalidInputError(f"folder {str(path.parent)!r} does not exist: create it first")
+    result = result.in_order(order)  # type: ignore[assignment]
+    if counts_from is not None and suffix != ".h5ad":
+        raise InvalidInputError(f"--with-counts writes .h5ad (or .soma), not {suffix}")
+    if not path.parent.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidInputError(f"cannot create folder {str(path.parent)!r} for {path.name!r}: {exc.strerror or exc}") from None
     tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}{suffix}")
     try:
-        writer(result, tmp, chunk_cells)
+        if counts_from is not None:
+            _write_h5ad(result, tmp, chunk_cells, counts_from)
+        else:
+            writer(result, tmp, chunk_cells)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -258,9 +346,19 @@ def write_result(
 
 
 def query_to_file(
-    backend: Backend, sql: str, out_path: str | os.PathLike[str], *, memory_budget: int | None = None
+    backend: Backend,
+    sql: str,
+    out_path: str | os.PathLike[str],
+    *,
+    memory_budget: int | None = None,
+    order: str = "input",
+    into: str | os.PathLike[str] | None = None,
+    counts_from: Any = None,
 ) -> dict[str, Any]:
     """Run a query and stream its result into ``out_path`` (no memory budget on cell data).
+
+    With ``into`` (an .h5ad), ``out_path`` is a copy of that file with the layers added to its
+    ``obsm``, rows matched by cell name (see :func:`sclstore.query.attach.write_into`).
 
     Returns
     -------
@@ -278,5 +376,11 @@ def query_to_file(
     if suffix not in FORMATS:  # fail before any work
         raise InvalidInputError(f"unknown output extension {suffix or '(none)'!r}; use one of {', '.join(FORMATS)}")
     res = open_query(backend, sql, memory_budget=memory_budget)
-    path = write_result(res, out_path)
-    return {**res.summary(), "path": str(path)}
+    if into is not None:
+        from .attach import write_into
+
+        return write_into(res, into, out_path)
+    if callable(counts_from):  # a factory given the result (opens the dataset's source)
+        counts_from = counts_from(res)
+    path = write_result(res, out_path, order=order, counts_from=counts_from)
+    return {**res.summary(), "path": str(path), "order": order, "with_counts": counts_from is not None}

@@ -192,6 +192,10 @@ def _pool_of(node: exp.Expression, where: str) -> str | None:
 # predicates
 
 
+def _sql_quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
 def _predicate(node: exp.Expression) -> Predicate:
     where = "WHERE"
     if isinstance(node, exp.Paren):
@@ -224,7 +228,13 @@ def _predicate(node: exp.Expression) -> Predicate:
         if _is_column(right) and not _is_column(left):
             return Compare(_column_name(right, where), _FLIP[op], _literal(left, where))
         if _is_column(left) and _is_column(right):
-            msg = f"comparing two columns `{snippet(node)}` is not allowed in WHERE; compare a column with a literal"
+            rname = _column_name(right, where)
+            op_sql = snippet(node)[len(snippet(left)):].strip().split(" ")[0] if snippet(node).startswith(snippet(left)) else op
+            msg = (
+                f"`{snippet(node)}` compares two columns, which WHERE does not allow. Did you mean the value {rname!r}? "
+                f"Quote values with single quotes: `{snippet(left)} {op_sql} {_sql_quote(rname)}` "
+                '(double quotes name columns, e.g. "cell type")'
+            )
             raise InvalidQueryError(msg)
         bad = right if _is_column(right) or isinstance(left, (exp.Literal, exp.Boolean, exp.Neg)) else left
         raise refuse(bad, where, "a column compared with a string, number or boolean literal")

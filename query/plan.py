@@ -90,6 +90,8 @@ class QueryPlan:
         Stored layers in output order and their array slots.
     pool
         Pooling attribute read (``None`` if no embedding is selected).
+    extra_pools
+        Further pools selected in the same query (cell queries only), in select-list order.
     obs_columns
         Obs columns (user names) returned in ``result.obs``, in order.
     where
@@ -120,6 +122,12 @@ class QueryPlan:
     group_by: tuple[str, ...] = ()
     want_avg: bool = False
     want_count: bool = False
+    extra_pools: tuple[str, ...] = ()
+
+    @property
+    def pools(self) -> tuple[str, ...]:
+        """Every pool read: ``pool`` then ``extra_pools`` (``SELECT embedding.cls, embedding.mean``)."""
+        return () if self.pool is None else (self.pool, *self.extra_pools)
 
     @property
     def want_embeddings(self) -> bool:
@@ -225,8 +233,8 @@ def pin_run(backend: Backend, terms: Sequence[Compare]) -> RunInfo:
         return info
     dataset, model = given.get("dataset"), given.get("model")
     runs = backend.list_runs(dataset=dataset, model=model, status="complete")
-    if dataset is not None and model is not None and len(runs) == 1:
-        return runs[0]
+    if (dataset is not None or model is not None) and len(runs) == 1:
+        return runs[0]  # `dataset = 'pbmc'` with one complete run of pbmc pins it
     if dataset is not None and model is not None and not runs:
         others = backend.list_runs(dataset=dataset, status="complete") or backend.list_runs(status="complete")
         cands = _describe_runs(others) if others else "none (ingest a dataset first)"
@@ -340,20 +348,29 @@ def plan_query(backend: Backend, query: SliceQuery) -> QueryPlan:
         isinstance(s, ColumnItem) and s.column == "embedding" for s in query.select
     )
     want_avg = any(isinstance(s, AvgItem) for s in query.select)
-    if len(pools) > 1:
-        msg = f"one pool per query, got {sorted(pools)}; run one query per pool (e.g. embedding.{sorted(pools)[0]})"
+    if len(pools) > 1 and query.is_aggregate:
+        msg = f"one pool per GROUP BY query, got {sorted(pools)}; run one query per pool (e.g. AVG(embedding.{sorted(pools)[0]}))"
         raise InvalidQueryError(msg)
+    # pools in select-list order (embedding.cls, embedding.mean -> cls then mean)
+    named = list(dict.fromkeys(s.pool for s in query.select if isinstance(s, (EmbeddingItem, AvgItem)) and s.pool is not None))
     pool: str | None = None
+    extra_pools: tuple[str, ...] = ()
     if want_emb or want_avg:
-        pool = pools.pop() if pools else info.pools[0]
-        if pool not in info.pools:
-            raise NotFoundError(f"pool {pool!r} is not stored in run {info.id}; stored pools: {list(info.pools)}")
+        pool = named[0] if named else info.pools[0]
+        extra_pools = tuple(named[1:])
+        for p in (pool, *extra_pools):
+            if p not in info.pools:
+                raise NotFoundError(f"pool {p!r} is not stored in run {info.id}; stored pools: {list(info.pools)}")
 
+    obs_names = {c.name for c in dataset.obs_schema}
     obs_cols: list[str] = []
     for item in query.select:
         if isinstance(item, StarItem):
             obs_cols.extend(c.name for c in dataset.obs_schema)
-        elif isinstance(item, ColumnItem) and item.column not in ("run", "dataset", "model", "layer", "depth", "cell", "cell_idx", "embedding"):
+        elif isinstance(item, ColumnItem) and (
+            item.column not in ("run", "dataset", "model", "layer", "depth", "cell", "cell_idx", "src_idx", "embedding")
+            or (item.column == "src_idx" and item.column in obs_names)
+        ):
             obs_cols.append(resolve_column(item.column, columns, "the select list").name)
     obs_cols = list(dict.fromkeys(obs_cols))
 
@@ -370,7 +387,8 @@ def plan_query(backend: Backend, query: SliceQuery) -> QueryPlan:
     if layer_desc:
         layers = tuple(reversed(layers))
     slots = tuple(info.layers.index(layer) for layer in layers)
-    common = dict(query=query, run=info, dataset=dataset, layers=layers, slots=slots, pool=pool, where=obs_pred, limit=query.limit)
+    common = dict(query=query, run=info, dataset=dataset, layers=layers, slots=slots, pool=pool, where=obs_pred, limit=query.limit,
+                  extra_pools=extra_pools)
 
     if not query.is_aggregate:
         return QueryPlan(obs_columns=tuple(obs_cols), order_by=tuple(order_obs), **common)  # type: ignore[arg-type]
@@ -379,7 +397,7 @@ def plan_query(backend: Backend, query: SliceQuery) -> QueryPlan:
     for name in query.group_by:
         if name in ("layer", "depth"):
             continue
-        if name in ("run", "dataset", "model", "cell", "cell_idx", "embedding"):
+        if name in ("run", "dataset", "model", "cell", "cell_idx", "embedding") or (name == "src_idx" and name not in obs_names):
             raise InvalidQueryError(f"cannot GROUP BY {name}; group by obs columns and layer")
         group.append(resolve_column(name, columns, "GROUP BY").name)
     group = list(dict.fromkeys(group))
@@ -414,7 +432,11 @@ def plan_query(backend: Backend, query: SliceQuery) -> QueryPlan:
 
 def _columns_for(dataset: DatasetInfo) -> dict[str, BoundColumn]:
     """Name -> kind map used for validation before the obs table is touched."""
-    cols = {"cell": BoundColumn("cell", None, "string"), "cell_idx": BoundColumn("cell_idx", None, "int")}
+    cols = {
+        "cell": BoundColumn("cell", None, "string"),
+        "cell_idx": BoundColumn("cell_idx", None, "int"),
+        "src_idx": BoundColumn("src_idx", None, "int"),
+    }
     for col in dataset.obs_schema:
         cols[col.name] = BoundColumn(col.name, None, col.kind)
     return cols

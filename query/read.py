@@ -12,6 +12,7 @@ import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from sclstore.store.errors import QueryTooLargeError
 from sclstore.store.obs import make_categorical
 
 from .compile import BoundColumn, bind_columns, compile_order, compile_predicate
+from .hints import value_hints
 from .parse import parse_query
 from .plan import Backend, QueryPlan, plan_query
 from .result import QueryResult, QueryStream, format_bytes
@@ -62,7 +64,7 @@ def check_budget(plan: QueryPlan, n_rows: int, budget: int) -> None:
     if plan.pool is None:
         return
     itemsize = 8 if plan.aggregate else 4  # centroids accumulate in float64
-    size = len(plan.layers) * n_rows * plan.run.dim * itemsize
+    size = len(plan.pools) * len(plan.layers) * n_rows * plan.run.dim * itemsize
     if size <= budget:
         return
     what = "groups" if plan.aggregate else "cells"
@@ -77,22 +79,24 @@ def check_budget(plan: QueryPlan, n_rows: int, budget: int) -> None:
 
 def _frame(
     rows: list[Any], names: list[str], columns: dict[str, BoundColumn], cell_idx: np.ndarray | None = None
-) -> tuple[np.ndarray, pd.DataFrame]:
-    """``cell_idx`` and the obs DataFrame from raw ``(cell_idx, cell, *cols)`` rows, or from
-    ``(cell, *cols)`` rows when ``cell_idx`` is already known.
+) -> tuple[np.ndarray, pd.DataFrame, np.ndarray]:
+    """``cell_idx``, the obs DataFrame and ``src_idx`` from raw ``(cell_idx, cell, src_idx, *cols)``
+    rows, or from ``(cell, src_idx, *cols)`` rows when ``cell_idx`` is already known.
 
     Columns get their original names and dtypes; categories are the values present in the
     selection, in the AnnData's category order (as ``Backend.read_obs`` builds them).
     """
     n = len(rows)
-    lead = 1 if cell_idx is not None else 2
-    if cell_idx is not None and not names:  # names only: no 2-D object array needed
-        return cell_idx, pd.DataFrame(index=pd.Index([r[0] for r in rows], dtype=object))
+    lead = 2 if cell_idx is not None else 3
+    if cell_idx is not None and not names:  # names and input rows only: no 2-D object array needed
+        src = np.fromiter((r[1] for r in rows), dtype=np.int64, count=n)
+        return cell_idx, pd.DataFrame(index=pd.Index([r[0] for r in rows], dtype=object)), src
     arr = np.array(rows, dtype=object) if n else np.empty((0, lead + len(names)), dtype=object)
     arr = arr.reshape(n, lead + len(names))
     if cell_idx is None:
         cell_idx = arr[:, 0].astype(np.int64)
-    index = pd.Index(arr[:, lead - 1], dtype=object)
+    src_idx = arr[:, lead - 1].astype(np.int64)
+    index = pd.Index(arr[:, lead - 2], dtype=object)
     data: dict[str, Any] = {}
     for j, name in enumerate(names):
         values = arr[:, lead + j]
@@ -111,7 +115,7 @@ def _frame(
                 data[name] = values.astype(bool)
         else:
             data[name] = values
-    return cell_idx, pd.DataFrame(data, index=index, columns=names)
+    return cell_idx, pd.DataFrame(data, index=index, columns=names), src_idx
 
 
 @functools.lru_cache(maxsize=64)
@@ -139,8 +143,8 @@ def _fetch(backend: Backend, stmt: sa.Select[Any]) -> list[Any]:
 
 def select_cells(
     backend: Backend, plan: QueryPlan, *, sort_by_cell: bool = False
-) -> tuple[np.ndarray, pd.DataFrame]:
-    """Run the obs part of a plan in the catalog: ``(cell_idx, obs)`` in output order.
+) -> tuple[np.ndarray, pd.DataFrame, np.ndarray]:
+    """Run the obs part of a plan in the catalog: ``(cell_idx, obs, src_idx)`` in output order.
 
     Parameters
     ----------
@@ -150,7 +154,7 @@ def select_cells(
     t0 = time.perf_counter()
     table, columns, dialect = _bound(backend, plan)
     names = list(plan.obs_columns)
-    stmt = sa.select(table.c.cell_idx, table.c.cell, *(columns[n].sql for n in names))
+    stmt = sa.select(table.c.cell_idx, table.c.cell, table.c.src_idx, *(columns[n].sql for n in names))
     if plan.where is not None:
         stmt = stmt.where(compile_predicate(plan.where, columns, dialect=dialect))
     if sort_by_cell:
@@ -160,9 +164,9 @@ def select_cells(
         if plan.limit is not None:
             stmt = stmt.limit(plan.limit)
     rows = _fetch(backend, stmt)
-    cell_idx, obs = _frame(rows, names, {n: columns[n] for n in names})
+    cell_idx, obs, src_idx = _frame(rows, names, {n: columns[n] for n in names})
     logger.debug("resolved %d cells of dataset %s in %.3f s", len(rows), plan.dataset.name, time.perf_counter() - t0)
-    return cell_idx, obs
+    return cell_idx, obs, src_idx
 
 
 def contiguous_range(backend: Backend, plan: QueryPlan) -> tuple[int, int] | None:
@@ -190,15 +194,15 @@ def contiguous_range(backend: Backend, plan: QueryPlan) -> tuple[int, int] | Non
     return int(lo), int(hi)
 
 
-def select_range(backend: Backend, plan: QueryPlan, first: int, last: int) -> tuple[np.ndarray, pd.DataFrame]:
-    """``(cell_idx, obs)`` of the cells ``first..last`` (a :func:`contiguous_range`), in cell order.
+def select_range(backend: Backend, plan: QueryPlan, first: int, last: int) -> tuple[np.ndarray, pd.DataFrame, np.ndarray]:
+    """``(cell_idx, obs, src_idx)`` of the cells ``first..last`` (a :func:`contiguous_range`), in cell order.
 
     A primary-key range scan: the predicate is not evaluated again.
     """
     table, columns, _ = _bound(backend, plan)
     names = list(plan.obs_columns)
     stmt = (
-        sa.select(table.c.cell, *(columns[n].sql for n in names))
+        sa.select(table.c.cell, table.c.src_idx, *(columns[n].sql for n in names))
         .where(table.c.cell_idx.between(first, last))
         .order_by(table.c.cell_idx)
     )
@@ -252,7 +256,7 @@ def _sort_groups(groups: pd.DataFrame, keys: list[OrderItem]) -> np.ndarray:
 
 
 def _aggregate(backend: Backend, plan: QueryPlan, budget: int) -> QueryResult:
-    cell_idx, keys = select_cells(backend, plan, sort_by_cell=True)
+    cell_idx, keys, _ = select_cells(backend, plan, sort_by_cell=True)
     cols = list(plan.group_by)
     if cols:
         codes = keys.groupby(cols, sort=False, dropna=False, observed=True).ngroup().to_numpy()
@@ -304,6 +308,36 @@ def _aggregate(backend: Backend, plan: QueryPlan, budget: int) -> QueryResult:
     )
 
 
+def _sclstore_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sclstore")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
+
+
+def provenance(backend: Backend, plan: QueryPlan) -> dict[str, Any]:
+    """What exports record in ``uns["sclstore"]`` besides the slice: where the numbers came from."""
+    run = plan.run
+    model = next((m for m in backend.list_models() if m.id == run.model_id), None)
+    params = run.params or {}
+    return {
+        "checkpoint_hash": model.checkpoint_hash if model is not None else "",
+        "cache_key": run.cache_key,
+        "dataset_hash": plan.dataset.content_hash,
+        "source_path": plan.dataset.source_path or "",
+        "counts": str(params.get("counts", "X")),
+        "seed": int(params.get("seed", 0) or 0),
+        "dtype": run.dtype,
+        "precision": str(params.get("precision", "")),
+        "stored_pools": list(run.pools),
+        "stored_layers": list(run.layers),
+        "n_model_layers": int(run.n_model_layers),
+        "sclstore_version": _sclstore_version(),
+    }
+
+
 def _prepare(backend: Backend, sql: str) -> QueryPlan:
     query = parse_query(sql)
     plan = plan_query(backend, query)
@@ -351,7 +385,10 @@ def execute_query(backend: Backend, sql: str, *, memory_budget: int | None = Non
     budget = _budget(backend, memory_budget)
     plan = _prepare(backend, sql)
     if plan.aggregate:
-        return _aggregate(backend, plan, budget)
+        res = _aggregate(backend, plan, budget)
+        res.extra.update({"hints": value_hints(backend, plan, empty=res.n_rows == 0)} if plan.where is not None else {})
+        res.extra["provenance"] = provenance(backend, plan)
+        return res
     span = contiguous_range(backend, plan) if plan.pool is not None else None
     if span is not None:
         # the cells are known: read the array in a thread (libtiledb releases the GIL) while
@@ -360,14 +397,18 @@ def execute_query(backend: Backend, sql: str, *, memory_budget: int | None = Non
         check_budget(plan, last - first + 1, budget)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sclstore-read") as pool:
             reading = pool.submit(read_cells, backend, plan, np.arange(first, last + 1, dtype=np.int64))
-            cell_idx, obs = select_range(backend, plan, first, last)
+            cell_idx, obs, src_idx = select_range(backend, plan, first, last)
             emb: np.ndarray | None = reading.result()
     else:
-        cell_idx, obs = select_cells(backend, plan)
+        cell_idx, obs, src_idx = select_cells(backend, plan)
         check_budget(plan, len(cell_idx), budget)
         emb = read_cells(backend, plan, cell_idx) if plan.pool is not None else None
+    more = {p: read_cells(backend, replace(plan, pool=p), cell_idx) for p in plan.extra_pools}
+    hints = value_hints(backend, plan, empty=len(cell_idx) == 0)
     return QueryResult(
-        run_info=plan.run, layers=plan.layers, pool=plan.pool, obs=obs, embeddings=emb, cell_idx=cell_idx, sql=sql
+        run_info=plan.run, layers=plan.layers, pool=plan.pool, obs=obs, embeddings=emb, cell_idx=cell_idx, sql=sql,
+        src_idx=src_idx, query_ordered=bool(plan.order_by), extra_pools=plan.extra_pools, extra_embeddings=more,
+        extra={"provenance": provenance(backend, plan), **({"hints": hints} if hints else {})},
     )
 
 
@@ -386,6 +427,11 @@ def open_query(backend: Backend, sql: str, *, memory_budget: int | None = None) 
     budget = _budget(backend, memory_budget)
     plan = _prepare(backend, sql)
     if plan.aggregate:
-        return _aggregate(backend, plan, budget)
-    cell_idx, obs = select_cells(backend, plan)
-    return QueryStream(backend, plan, cell_idx, obs, budget)
+        res = _aggregate(backend, plan, budget)
+        res.extra["provenance"] = provenance(backend, plan)
+        return res
+    cell_idx, obs, src_idx = select_cells(backend, plan)
+    stream = QueryStream(backend, plan, cell_idx, obs, budget, src_idx=src_idx)
+    stream._hints = value_hints(backend, plan, empty=len(cell_idx) == 0)
+    stream._provenance = provenance(backend, plan)
+    return stream

@@ -60,6 +60,14 @@ class _Slice:
     grouped: bool
     counts: np.ndarray | None
     sql: str
+    src_idx: np.ndarray | None
+    query_ordered: bool
+    extra_pools: tuple[str, ...]
+
+    @property
+    def pools(self) -> tuple[str, ...]:
+        """Every pool in the result (``pool`` first); several with ``SELECT embedding.cls, embedding.mean``."""
+        return () if self.pool is None else (self.pool, *self.extra_pools)
 
     @property
     def run(self) -> int:
@@ -85,7 +93,7 @@ class _Slice:
     @property
     def nbytes(self) -> int:
         """Size of the embedding block, ``n_layers * n_rows * dim * 4`` bytes."""
-        return len(self.layers) * self.n_rows * self.dim * 4
+        return max(1, len(self.pools)) * len(self.layers) * self.n_rows * self.dim * 4
 
     def __enter__(self) -> _Slice:
         return self
@@ -95,10 +103,14 @@ class _Slice:
         return None
 
     def obsm_keys(self) -> list[str]:
-        """AnnData ``obsm`` key of each layer (see :func:`obsm_key`)."""
-        if self.pool is None:
-            return []
-        return [obsm_key(self.run_info.model_name, layer, self.pool, self.run_info.n_model_layers) for layer in self.layers]
+        """AnnData ``obsm`` key of each (pool, layer) block, pool-major (see :func:`obsm_key`)."""
+        info = self.run_info
+        return [obsm_key(info.model_name, layer, pool, info.n_model_layers) for pool in self.pools for layer in self.layers]
+
+    def block_label(self, i: int) -> tuple[str, int]:
+        """``(pool, layer)`` of block ``i`` of :meth:`iter_blocks`."""
+        n = len(self.layers)
+        return self.pools[i // n], self.layers[i % n]
 
     def summary(self) -> dict[str, Any]:
         """A JSON-able description (what ``sclstore query --json`` prints)."""
@@ -107,23 +119,81 @@ class _Slice:
             "dataset": self.run_info.dataset_name,
             "model": self.run_info.model_name,
             "pool": self.pool,
+            "pools": list(self.pools),
             "layers": list(self.layers),
             "depths": [round(d, 6) for d in self.depths],
             "grouped": self.grouped,
             "n_groups" if self.grouped else "n_cells": self.n_rows,
             "dim": self.dim,
-            "shape": [len(self.layers), self.n_rows, self.dim] if self.pool is not None else None,
+            "shape": [len(self.layers), self.n_rows, self.dim] if self.pool is not None else None,  # per pool
             "nbytes": self.nbytes,
             "obs_columns": [str(c) for c in self.obs.columns],
         }
+        hints = self.hints
+        if hints:
+            out["hints"] = list(hints)
         return out
 
-    def iter_blocks(self, *, chunk_cells: int = 65_536) -> Iterator[tuple[int, int, np.ndarray]]:
-        """Yield ``(layer_position, first_row, block)`` with ``block`` of shape ``(n, dim)``.
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """Checkpoint hash, cache key, dataset hash, source, sclstore version (see ``read.provenance``)."""
+        extra = getattr(self, "extra", None)
+        return dict(extra.get("provenance", {})) if isinstance(extra, dict) else dict(getattr(self, "_provenance", {}))
 
-        Layers come in output order; within a layer, rows come in output order.
+    @property
+    def hints(self) -> list[str]:
+        """Warnings about compared values that match no cell but have near matches (see :mod:`.hints`)."""
+        extra = getattr(self, "extra", None)
+        return list(extra.get("hints", ())) if isinstance(extra, dict) else list(getattr(self, "_hints", ()))
+
+    def iter_blocks(self, *, chunk_cells: int = 65_536) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Yield ``(block_position, first_row, block)`` with ``block`` of shape ``(n, dim)``.
+
+        Blocks are (pool, layer) pairs, pool-major (:meth:`block_label`; with one pool the
+        position is the layer position); within a block, rows come in output order.
         """
         raise NotImplementedError
+
+    def row_order(self, order: str = "input") -> np.ndarray | None:
+        """The permutation that puts rows in ``order``, or ``None`` to keep them as they are.
+
+        ``"input"`` (the default of :meth:`QueryResult.to_anndata` and every export): the rows of
+        the ingested AnnData (ascending ``src_idx``), unless the query has its own ``ORDER BY``
+        on cells, which is kept. ``"store"``: as the query returned them (the store's cell order,
+        which differs from the input order after ``cluster_by``).
+
+        Raises
+        ------
+        InvalidInputError
+            For another ``order``.
+        """
+        from sclstore.store.errors import InvalidInputError
+
+        if order not in ("input", "store"):
+            raise InvalidInputError(f"unknown row order {order!r}: use 'input' (the AnnData's rows) or 'store'")
+        if order == "store" or self.grouped or self.src_idx is None or self.query_ordered:
+            return None
+        src = np.asarray(self.src_idx, dtype=np.int64)
+        if src.size < 2 or bool(np.all(src[1:] > src[:-1])):
+            return None
+        return np.argsort(src, kind="stable")
+
+    def in_order(self, order: str = "input") -> _Slice:
+        """This slice with its rows in ``order`` (see :meth:`row_order`); itself when already so."""
+        perm = self.row_order(order)
+        return self if perm is None else self._take(perm)
+
+    def _take(self, perm: np.ndarray) -> _Slice:
+        raise NotImplementedError
+
+    def _index_columns(self) -> dict[str, np.ndarray]:
+        """``cell_idx`` and ``src_idx`` columns added to exported obs (when not obs columns)."""
+        cols: dict[str, np.ndarray] = {}
+        if self.cell_idx is not None and "cell_idx" not in self.obs:
+            cols["cell_idx"] = np.asarray(self.cell_idx, dtype=np.int64)
+        if self.src_idx is not None and "src_idx" not in self.obs:
+            cols["src_idx"] = np.asarray(self.src_idx, dtype=np.int64)
+        return cols
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,6 +213,9 @@ class QueryResult(_Slice):
         with the group columns and ``count`` (if ``COUNT(*)`` was selected).
     cell_idx
         int64 positions of the cells in the run's arrays (``None`` for GROUP BY queries).
+    src_idx
+        int64 rows of the cells in the ingested AnnData (``None`` for GROUP BY queries); rows
+        come in store order, ``to_anndata()`` and the exports put them in this input order.
     run_info
         The run the query pinned (``run`` is its id).
     pool
@@ -168,6 +241,20 @@ class QueryResult(_Slice):
     counts: np.ndarray | None = None
     sql: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    src_idx: np.ndarray | None = None
+    query_ordered: bool = False
+    extra_pools: tuple[str, ...] = ()
+    extra_embeddings: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def pool_embeddings(self, pool: str) -> np.ndarray:
+        """The ``(n_layers, n_rows, dim)`` array of one selected pool."""
+        from sclstore.store.errors import NotFoundError
+
+        if pool == self.pool and self.embeddings is not None:
+            return self.embeddings
+        if pool in self.extra_embeddings:
+            return self.extra_embeddings[pool]
+        raise NotFoundError(f"pool {pool!r} is not in this result; it has pools {list(self.pools)}")
 
     def __repr__(self) -> str:
         what = f"{self.n_rows} groups" if self.grouped else f"{self.n_rows} cells"
@@ -195,14 +282,31 @@ class QueryResult(_Slice):
     def iter_blocks(self, *, chunk_cells: int = 65_536) -> Iterator[tuple[int, int, np.ndarray]]:
         if self.embeddings is None:
             return
-        for i in range(len(self.layers)):
-            for lo in range(0, self.n_rows, chunk_cells):
-                yield i, lo, self.embeddings[i, lo : lo + chunk_cells]
-            if self.n_rows == 0:
-                yield i, 0, self.embeddings[i, :0]
+        n = len(self.layers)
+        for k, pool in enumerate(self.pools):
+            arr = self.pool_embeddings(pool)
+            for j in range(n):
+                for lo in range(0, self.n_rows, chunk_cells):
+                    yield k * n + j, lo, arr[j, lo : lo + chunk_cells]
+                if self.n_rows == 0:
+                    yield k * n + j, 0, arr[j, :0]
 
-    def to_anndata(self) -> anndata.AnnData:
+    def _take(self, perm: np.ndarray) -> QueryResult:
+        return QueryResult(
+            run_info=self.run_info, layers=self.layers, pool=self.pool, obs=self.obs.iloc[perm],
+            embeddings=None if self.embeddings is None else self.embeddings[:, perm],
+            cell_idx=None if self.cell_idx is None else np.asarray(self.cell_idx)[perm], grouped=self.grouped,
+            counts=None if self.counts is None else np.asarray(self.counts)[perm], sql=self.sql, extra=dict(self.extra),
+            src_idx=None if self.src_idx is None else np.asarray(self.src_idx)[perm], query_ordered=self.query_ordered,
+            extra_pools=self.extra_pools, extra_embeddings={p: a[:, perm] for p, a in self.extra_embeddings.items()},
+        )
+
+    def to_anndata(self, *, order: str = "input") -> anndata.AnnData:
         """An AnnData with ``obs`` and one ``obsm`` matrix per layer.
+
+        Rows follow the ingested AnnData (``order="input"``, the default; an explicit ``ORDER BY``
+        in the query is kept) or the store's cell order (``order="store"``). ``obs`` gets
+        ``cell_idx`` (store position) and ``src_idx`` (input row) columns.
 
         Keys look like ``X_<model>_L07_<pool>`` (see :func:`obsm_key`), so
         ``sc.pp.neighbors(adata, use_rep="X_tahoe-x1_L07_cls")`` works directly. ``X`` is empty
@@ -217,16 +321,21 @@ class QueryResult(_Slice):
         """
         import anndata as ad
 
+        res = self.in_order(order)
+        if res is not self:
+            return res.to_anndata(order="store")  # type: ignore[union-attr]
         obs = self.obs.copy()
         obs.index = obs.index.astype(str)
         if not obs.index.is_unique:  # group labels can collide; keep AnnData happy
             obs.index = pd.Index([f"{name}-{i}" for i, name in enumerate(obs.index)])
         adata = ad.AnnData(obs=obs)
         if self.embeddings is not None:
-            for key, i in zip(self.obsm_keys(), range(len(self.layers))):
-                adata.obsm[key] = np.asarray(self.embeddings[i])
-        if self.cell_idx is not None:
-            adata.obs["cell_idx"] = np.asarray(self.cell_idx, dtype=np.int64) if "cell_idx" not in obs else obs["cell_idx"]
+            keys = iter(self.obsm_keys())
+            for pool in self.pools:
+                for block in self.pool_embeddings(pool):
+                    adata.obsm[next(keys)] = np.asarray(block)
+        for name, values in self._index_columns().items():
+            adata.obs[name] = values
         if self.counts is not None and "count" not in obs:
             adata.obs["n_cells"] = np.asarray(self.counts, dtype=np.int64)
         adata.uns["sclstore"] = _uns(self)
@@ -234,13 +343,18 @@ class QueryResult(_Slice):
 
 
 def _uns(s: _Slice) -> dict[str, Any]:
+    """``uns["sclstore"]``: the slice (run, model, layers, pools, query) and its provenance
+    (checkpoint hash, cache key, dataset hash, source, sclstore version)."""
     info = s.run_info
+    prov = s.provenance
     return {
+        **{k: (np.asarray(v, dtype=np.int64) if k in ("stored_layers",) else v) for k, v in prov.items()},
         "run": int(info.id),
         "dataset": info.dataset_name,
         "model": info.model_name,
         "family": info.family,
         "pool": s.pool or "",
+        "pools": list(s.pools),
         "layers": np.asarray(s.layers, dtype=np.int64),
         "depths": np.asarray(s.depths, dtype=np.float64),
         "obsm_keys": list(s.obsm_keys()),
@@ -258,7 +372,10 @@ class QueryStream(_Slice):
     Not thread-safe: the stream opens a reader on the run's array for each iteration.
     """
 
-    def __init__(self, backend: Backend, plan: QueryPlan, cell_idx: np.ndarray, obs: pd.DataFrame, budget: int) -> None:
+    def __init__(
+        self, backend: Backend, plan: QueryPlan, cell_idx: np.ndarray, obs: pd.DataFrame, budget: int,
+        *, src_idx: np.ndarray | None = None,
+    ) -> None:
         self.backend = backend
         self.plan = plan
         self.run_info = plan.run
@@ -270,6 +387,20 @@ class QueryStream(_Slice):
         self.counts = None
         self.sql = plan.query.sql
         self.budget = budget
+        self.src_idx = src_idx
+        self.query_ordered = bool(plan.order_by)
+        self.extra_pools = tuple(plan.extra_pools)
+        self._hints: list[str] = []
+        self._provenance: dict[str, Any] = {}
+
+    def _take(self, perm: np.ndarray) -> QueryStream:
+        out = QueryStream(
+            self.backend, self.plan, np.asarray(self.cell_idx)[perm], self.obs.iloc[perm], self.budget,
+            src_idx=None if self.src_idx is None else np.asarray(self.src_idx)[perm],
+        )
+        out._hints = list(self._hints)
+        out._provenance = dict(self._provenance)
+        return out
 
     def __repr__(self) -> str:
         return (
@@ -281,17 +412,20 @@ class QueryStream(_Slice):
         if self.pool is None:
             return
         cells = np.asarray(self.cell_idx, dtype=np.int64)
+        n = len(self.plan.slots)
         with self.backend.open_reader(self.run_info) as reader:
-            for i, slot in enumerate(self.plan.slots):
-                if cells.size == 0:
-                    yield i, 0, np.empty((0, self.dim), dtype=np.float32)
-                for lo in range(0, cells.size, chunk_cells):
-                    part = cells[lo : lo + chunk_cells]
-                    order = np.argsort(part, kind="stable")
-                    block = reader.read([slot], part[order], self.pool)[0]
-                    out = np.empty_like(block)
-                    out[order] = block
-                    yield i, lo, out
+            for k, pool in enumerate(self.pools):
+                for j, slot in enumerate(self.plan.slots):
+                    i = k * n + j
+                    if cells.size == 0:
+                        yield i, 0, np.empty((0, self.dim), dtype=np.float32)
+                    for lo in range(0, cells.size, chunk_cells):
+                        part = cells[lo : lo + chunk_cells]
+                        order = np.argsort(part, kind="stable")
+                        block = reader.read([slot], part[order], pool)[0]
+                        out = np.empty_like(block)
+                        out[order] = block
+                        yield i, lo, out
 
     def materialize(self) -> QueryResult:
         """Read everything into a :class:`QueryResult`.
@@ -301,11 +435,16 @@ class QueryStream(_Slice):
         QueryTooLargeError
             If the slice is larger than the memory budget.
         """
+        from dataclasses import replace
+
         from .read import check_budget, read_cells
 
         check_budget(self.plan, self.n_rows, self.budget)
         emb = read_cells(self.backend, self.plan, self.cell_idx) if self.pool is not None else None
+        more = {p: read_cells(self.backend, replace(self.plan, pool=p), self.cell_idx) for p in self.extra_pools}
         return QueryResult(
             run_info=self.run_info, layers=self.layers, pool=self.pool, obs=self.obs, embeddings=emb,
-            cell_idx=self.cell_idx, sql=self.sql,
+            cell_idx=self.cell_idx, sql=self.sql, src_idx=self.src_idx, query_ordered=self.query_ordered,
+            extra_pools=self.extra_pools, extra_embeddings=more,
+            extra={"provenance": dict(self._provenance), **({"hints": list(self._hints)} if self._hints else {})},
         )

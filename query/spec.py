@@ -43,8 +43,9 @@ RUN_COLUMNS: tuple[str, ...] = ("run", "dataset", "model")
 """Columns that pick the run; only ``=`` in a top-level AND conjunct."""
 LAYER_COLUMNS: tuple[str, ...] = ("layer", "depth")
 """Columns that pick stored layers; only in top-level AND conjuncts."""
-VIRTUAL_COLUMNS: tuple[str, ...] = (*RUN_COLUMNS, *LAYER_COLUMNS, "cell", "cell_idx", "embedding")
-"""Columns of the ``embeddings`` table that are not obs columns."""
+VIRTUAL_COLUMNS: tuple[str, ...] = (*RUN_COLUMNS, *LAYER_COLUMNS, "cell", "cell_idx", "src_idx", "embedding")
+"""Columns of the ``embeddings`` table that are not obs columns (``src_idx``: the cell's row in the
+ingested AnnData, its input order; an obs column of the same name takes precedence)."""
 
 CompareOp = Literal["=", "!=", "<", "<=", ">", ">="]
 COMPARE_OPS: tuple[str, ...] = get_args(CompareOp)

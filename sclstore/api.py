@@ -79,20 +79,25 @@ class Store:
         return self.backend.verify(run)
 
     # ---------------------------------------------------------------- work
-    def ingest(self, data: str | os.PathLike[str], model: str, checkpoint: str | None = None, **options: Any) -> Any:
-        """Embed every cell of an .h5ad file with every layer of a model.
+    def ingest(self, data: str | os.PathLike[str] | Any, model: str, checkpoint: str | None = None, **options: Any) -> Any:
+        """Embed every cell of an .h5ad file (or an AnnData) with every layer of a model.
 
         Parameters
         ----------
         data
-            .h5ad file with raw counts (``X`` or ``counts_layer``).
+            .h5ad file with raw counts (``X`` or ``counts_layer``), or an ``anndata.AnnData``
+            in memory or backed (same checks; its content hash makes the file and the loaded
+            object one dataset; the catalog records ``in-memory`` or the backing file).
         model
             Model family: ``tahoe-x1``, ``scfoundation``, ``scgpt``, ``geneformer`` or ``sclstore-tiny``.
         checkpoint
             Local checkpoint folder (not needed for ``sclstore-tiny``).
         **options
             Any :class:`~sclstore.store.IngestConfig` field (``pools``, ``layers``, ``dtype``,
-            ``batch_size``, ``device``, ``cluster_by``, ``seed``, ...).
+            ``batch_size``, ``device``, ``cluster_by``, ``seed``, ...). For a SOMA Experiment URI
+            (``*.soma``, needs ``sclstore[soma]``): ``obs_filter`` (a SOMA value filter such as
+            ``"cell_type == 'B cell'"``), ``soma_measurement`` (default ``RNA``) and ``soma_x``
+            (the X layer with raw counts; default ``raw``, ``counts`` or ``data``).
 
         Returns
         -------
@@ -105,12 +110,31 @@ class Store:
         >>> run = store.ingest("pbmc.h5ad", model="sclstore-tiny")     # doctest: +SKIP
         """
         from sclstore.ingest.pipeline import ingest
+        from sclstore.ingest.soma_source import is_soma_uri, read_soma, soma_label
 
+        soma = {k: options.pop(k) for k in ("obs_filter", "soma_measurement", "soma_x") if k in options}
+        label = None
+        if is_soma_uri(data):
+            uri = str(data)
+            data = read_soma(uri, obs_filter=soma.get("obs_filter"), measurement=soma.get("soma_measurement") or "RNA",
+                             x_name=soma.get("soma_x"))
+            label = soma_label(uri, soma.get("obs_filter"))
+            if not options.get("name"):
+                options["name"] = Path(uri.rstrip("/")).stem or None
+        elif soma.get("obs_filter"):
+            from sclstore.store.errors import InvalidInputError
+
+            raise InvalidInputError(f"obs_filter applies to SOMA Experiments; {data!r} is not one")
         config = IngestConfig(model=model, checkpoint=checkpoint, **options)
-        return ingest(self.backend, data, config)
+        return ingest(self.backend, data, config, source_label=label)
 
     def query(self, sql: str, *, memory_budget: int | None = None) -> Any:
         """Run a slice query over the ``embeddings`` virtual table.
+
+        Rows come in the store's cell order (``cluster_by`` changes it); ``res.src_idx`` holds
+        each cell's row in the ingested AnnData and is queryable (``WHERE src_idx < 100``,
+        ``ORDER BY src_idx``). ``res.to_anndata()`` and file exports put rows back in the
+        input order (pass ``order="store"`` to keep the store's).
 
         Examples
         --------
@@ -120,6 +144,94 @@ class Store:
         from sclstore.query import execute_query
 
         return execute_query(self.backend, sql, memory_budget=memory_budget)
+
+    def attach(
+        self,
+        adata: Any,
+        run: int | str,
+        *,
+        layers: list[int] | tuple[int, ...] | None = None,
+        pools: list[str] | tuple[str, ...] | None = None,
+        memory_budget: int | None = None,
+    ) -> list[str]:
+        """Write a run's embeddings into ``adata.obsm``, aligned by ``obs_names`` (in place).
+
+        Keys are ``X_<model>_L<layer>_<pool>`` (layer zero-padded, e.g. ``X_tahoe-x1_L07_cls``),
+        the same as :meth:`QueryResult.to_anndata` writes. Every cell of ``adata`` must be stored
+        (any order, any subset); provenance goes to ``adata.uns["sclstore"]``.
+
+        Returns
+        -------
+        list of str
+            The obsm keys written.
+
+        Raises
+        ------
+        InvalidInputError
+            If a cell is not stored or obs names repeat.
+
+        Examples
+        --------
+        >>> store.attach(adata, run=1, layers=[4, 8], pools=["cls"])     # doctest: +SKIP
+        ['X_sclstore-tiny_L04_cls', 'X_sclstore-tiny_L08_cls']
+        """
+        from sclstore.query.attach import attach
+
+        return attach(self.backend, adata, run, layers=layers, pools=pools, memory_budget=memory_budget)
+
+    def export(
+        self,
+        sql: str,
+        path: str | os.PathLike[str],
+        *,
+        order: str = "input",
+        with_counts: bool = False,
+        counts_from: Any = None,
+        into: str | os.PathLike[str] | None = None,
+        memory_budget: int | None = None,
+    ) -> dict[str, Any]:
+        """Run a query and write it to ``path`` (``.h5ad .npy .npz .parquet .csv`` or ``.soma``).
+
+        Rows follow the ingested AnnData (``order="input"``) unless the query has an ORDER BY
+        or ``order="store"``. ``with_counts`` (``.h5ad``; always for ``.soma``) adds the cells'
+        raw counts as ``X`` and the genes as ``var``, read from the file recorded at ingest (or
+        ``counts_from``: a path or AnnData). ``uns["sclstore"]`` records run, model, checkpoint
+        hash, layers, pools, cache key and sclstore version. ``into``: see ``query --into``.
+
+        Returns
+        -------
+        dict
+            The result summary plus ``path``.
+        """
+        from sclstore.exports import open_counts, write_soma
+        from sclstore.query import open_query, query_to_file
+
+        if str(path).rstrip("/").endswith(".soma"):
+            res = open_query(self.backend, sql, memory_budget=memory_budget)
+            with open_counts(res, counts_from) as src:
+                return write_soma(res, path, counts_from=src, order=order)
+        if not (with_counts or counts_from is not None):
+            return query_to_file(self.backend, sql, path, memory_budget=memory_budget, order=order, into=into)
+        opened: list[Any] = []
+
+        def factory(res: Any) -> Any:
+            opened.append(open_counts(res, counts_from))
+            return opened[-1]
+
+        try:
+            return query_to_file(self.backend, sql, path, memory_budget=memory_budget, order=order, into=into, counts_from=factory)
+        finally:
+            for src in opened:
+                src.close()
+
+    def to_soma(self, sql: str, uri: str | os.PathLike[str], *, order: str = "input", counts_from: Any = None) -> dict[str, Any]:
+        """Write a query's cells as a SOMA Experiment: obs, counts (``X/data``), var and one ``obsm``
+        array per (pool, layer) (needs ``sclstore[soma]``). See :meth:`export`."""
+        if not str(uri).rstrip("/").endswith(".soma"):
+            from sclstore.store.errors import InvalidInputError
+
+            raise InvalidInputError(f"a SOMA export path ends in .soma, got {str(uri)!r}")
+        return self.export(sql, uri, order=order, counts_from=counts_from)
 
     def evaluate_trajectory(self, run: int | str, **options: Any) -> Any:
         """Score every stored layer on trajectory inference (see :mod:`sclstore.eval`)."""

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sclstore.api import Store, default_store_path, open_store
+from sclstore.cli_rows import CsvOpt, NlOpt, TsvOpt, emit_rows, print_table, row_format
 from sclstore.store import catalog as catalogdb
 from sclstore.store.backend import Backend
 from sclstore.store.config import parse_csv
@@ -38,7 +39,8 @@ eval_app = typer.Typer(help="Score every stored layer on a task.", no_args_is_he
 app.add_typer(db_app, name="db")
 app.add_typer(eval_app, name="eval")
 
-out = Console(soft_wrap=True)
+# piped or redirected stdout has no width: never cut tables at 80 columns (issue 15.4)
+out = Console(soft_wrap=True) if sys.stdout.isatty() else Console(soft_wrap=True, width=100_000)
 err = Console(stderr=True, soft_wrap=True)
 
 StoreOpt = Annotated[str, typer.Option("--store", envvar="SCLSTORE_STORE", help="Store folder.", show_default=True)]
@@ -140,27 +142,37 @@ def ls(
     store: StoreOpt = default_store_path(),
     catalog: CatalogOpt = None,
     json_out: JsonOpt = False,
+    csv_out: CsvOpt = False,
+    tsv_out: TsvOpt = False,
+    nl_out: NlOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
     """List what the store holds: datasets, models or runs."""
     if what not in ("datasets", "models", "runs"):
         err.print(f"error: cannot list {what!r}: choose datasets, models or runs", markup=False)
         raise typer.Exit(2)
+    fmt = row_format(csv_out, tsv_out, nl_out, json_out)
     with _open(store, catalog) as st:
         items = {"datasets": st.datasets, "models": st.models, "runs": st.runs}[what]()
         if json_out:
             emit_json([i.to_json() for i in items])
             return
+        full = fmt is not None  # machine-readable rows carry whole hashes
         if what == "datasets":
-            rows = [[d.id, d.name, d.n_obs, d.n_vars, ",".join(c.name for c in d.obs_schema), d.content_hash[:12]] for d in items]
-            out.print(_table("datasets", ["id", "name", "cells", "genes", "obs columns", "hash"], rows))
+            columns = ["id", "name", "cells", "genes", "obs columns", "hash"]
+            rows = [[d.id, d.name, d.n_obs, d.n_vars, ",".join(c.name for c in d.obs_schema),
+                     d.content_hash if full else d.content_hash[:12]] for d in items]
         elif what == "models":
-            rows = [[m.id, m.family, m.name, m.n_layers, m.d_model, m.checkpoint_hash[:12]] for m in items]
-            out.print(_table("models", ["id", "family", "name", "blocks", "d_model", "checkpoint"], rows))
+            columns = ["id", "family", "name", "blocks", "d_model", "checkpoint"]
+            rows = [[m.id, m.family, m.name, m.n_layers, m.d_model, m.checkpoint_hash if full else m.checkpoint_hash[:12]] for m in items]
         else:
+            columns = ["id", "dataset", "model", "status", "cells", "layers", "pools", "dtype"]
             rows = [[r.id, r.dataset_name, r.model_name, r.status, f"{r.watermark}/{r.n_cells}",
                      f"{r.layers[0]}..{r.layers[-1]} ({len(r.layers)})", ",".join(r.pools), r.dtype] for r in items]
-            out.print(_table("runs", ["id", "dataset", "model", "status", "cells", "layers", "pools", "dtype"], rows))
+        if fmt is not None:
+            emit_rows(fmt, columns, rows, records=[i.to_json() for i in items])
+        else:
+            print_table(what, columns, rows)
 
 
 @app.command()
@@ -191,7 +203,7 @@ def verify(
 @app.command()
 @handled
 def ingest(
-    data: Annotated[Path, typer.Argument(help=".h5ad file with raw counts.")],
+    data: Annotated[str, typer.Argument(help=".h5ad file with raw counts, or a SOMA Experiment (*.soma; with --obs-filter).")],
     model: Annotated[str, typer.Option("--model", help="tahoe-x1, scfoundation, scgpt, geneformer or sclstore-tiny.")],
     checkpoint: Annotated[str | None, typer.Option(help="Local checkpoint folder (not for sclstore-tiny).")] = None,
     name: Annotated[str | None, typer.Option(help="Dataset name (default: the file name).")] = None,
@@ -210,6 +222,9 @@ def ingest(
     workers: Annotated[int, typer.Option(help="Tokenizer worker processes (0 = in process).")] = 1,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Fail instead of waiting when another process ingests the same run.")] = False,
     rehash: Annotated[bool, typer.Option("--rehash", help="Re-read the data and checkpoint to hash them (ignore the digest cache).")] = False,
+    obs_filter: Annotated[str | None, typer.Option("--obs-filter", help="SOMA input: obs filter, e.g. \"cell_type == 'B cell'\".")] = None,
+    soma_measurement: Annotated[str, typer.Option("--soma-measurement", help="SOMA input: measurement name.")] = "RNA",
+    soma_x: Annotated[str | None, typer.Option("--soma-x", help="SOMA input: X layer of raw counts (default raw, counts, data).")] = None,
     store: StoreOpt = default_store_path(),
     catalog: CatalogOpt = None,
     json_out: JsonOpt = False,
@@ -220,8 +235,11 @@ def ingest(
         res = st.ingest(
             data, model, checkpoint, name=name, pools=parse_csv(pool) or None, layers=layers, dtype=dtype,  # type: ignore[arg-type]
             batch_size=batch_size, device=device, counts_layer=counts_layer, gene_column=gene_column,
-            cluster_by=parse_csv(cluster_by), seed=seed, max_genes=max_genes, precision=precision, model_options=tuple(model_option or ()),
-            workers=workers, progress=not json_out, wait=not no_wait, rehash=rehash,
+            cluster_by=parse_csv(cluster_by), seed=seed, max_genes=max_genes, precision=precision,
+            model_options=tuple(model_option or ()),
+            workers=workers, progress=True, wait=not no_wait, rehash=rehash,  # progress goes to stderr: --json stays clean
+            **({"obs_filter": obs_filter} if obs_filter else {}), soma_measurement=soma_measurement,
+            **({"soma_x": soma_x} if soma_x else {}),
         )
     if json_out:
         emit_json(res.to_json())

@@ -14,6 +14,7 @@ Run it twice and the second run is all cache hits.
 from __future__ import annotations
 
 import logging
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -69,8 +70,15 @@ def run_demo(
 
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"out_dir": str(out), "store": str(out / "store")}
-    opts = {"progress": progress, "workers": 0}
+    report: dict[str, Any] = {"out_dir": str(out), "store": str(out / "store"), "commands": []}
+    opts: dict[str, Any] = {"progress": progress, "workers": 0}
+    store_arg = f"--store {shlex.quote(str(out / 'store'))}"
+
+    def cli(*args: str) -> None:
+        """Say (and record) the command line that reproduces a step."""
+        line = "sclstore " + " ".join(args) + " " + store_arg
+        report["commands"].append(line)
+        tell(f"   $ {line}")
     with open_store(out / "store", create=True) as store:
         # 1. real data, bundled with scanpy
         pbmc_path = out / "pbmc68k_reduced.h5ad"
@@ -79,14 +87,18 @@ def run_demo(
         run = store.ingest(pbmc_path, "sclstore-tiny", name="pbmc68k", cluster_by=("bulk_labels",), **opts)
         tell(f"1. ingested {pbmc_path.name}: run {run.id}, {run.cells} cells x {len(run.layers)} layers "
              f"(pools {', '.join(run.pools)}){' [cache hit]' if run.cache_hit else ''}")
+        cli("ingest", shlex.quote(str(pbmc_path)), "--model sclstore-tiny --name pbmc68k --cluster-by bulk_labels --workers 0")
         sql = f"SELECT * FROM embeddings WHERE run = {run.id} AND layer = 3 AND bulk_labels = 'CD14+ Monocyte'"
         res = store.query(sql)
         slice_path = out / "cd14_monocytes_layer3.h5ad"
         res.to_anndata().write_h5ad(slice_path)
-        tell(f"   query: {sql}\n   -> embeddings {tuple(res.embeddings.shape)}, written to {slice_path.name}")
+        tell(f"   query: {sql}\n   -> embeddings {tuple(res.embeddings.shape)}, written to {slice_path.name} (rows in the file's order)")
+        cli("query", shlex.quote(sql), "-o", shlex.quote(str(slice_path)))
         cent = store.query(f"SELECT bulk_labels, layer, AVG(embedding), COUNT(*) FROM embeddings WHERE run = {run.id} "
                            "GROUP BY bulk_labels, layer")
         tell(f"   centroids per cell type and layer: {tuple(cent.embeddings.shape)} (layers x groups x dim)")
+        cli("query", shlex.quote(f"SELECT bulk_labels, layer, AVG(embedding), COUNT(*) FROM embeddings WHERE run = {run.id} "
+                                 "GROUP BY bulk_labels, layer"), "--csv")
         report["pbmc"] = {"run": run.id, "cells": run.cells, "layers": list(run.layers), "slice_shape": list(res.embeddings.shape),
                           "slice_file": str(slice_path)}
 
@@ -99,6 +111,9 @@ def run_demo(
         traj_png = out / "trajectory_by_layer.png"
         traj.plot(traj_png)
         tell(f"2. trajectory (run {trun.id}): " + "; ".join(traj.headline()) + f"\n   plot: {traj_png.name}")
+        cli("ingest", shlex.quote(str(traj_path)), "--model sclstore-tiny --name sim-trajectory --workers 0")
+        cli("eval trajectory", str(trun.id), f"--pseudotime-key latent_time --n-neighbors 15 --bootstrap {5 if quick else 20}",
+            "--plot", shlex.quote(str(traj_png)))
         report["trajectory"] = {"run": trun.id, "summary": traj.to_json()["summary"], "plot": str(traj_png)}
 
         # 3. perturbation response on a simulated Perturb-seq screen, per activation state
@@ -114,6 +129,10 @@ def run_demo(
         pert_png = out / "perturbation_by_layer.png"
         pert.plot(pert_png)
         tell(f"3. perturbation (run {prun.id}, DE: {de_mode}):\n   " + "\n   ".join(pert.headline()) + f"\n   plot: {pert_png.name}")
+        cli("ingest", shlex.quote(str(pert_path)), "--model sclstore-tiny --name sim-perturbseq --cluster-by condition,gene --workers 0")
+        cli("eval perturbation", str(prun.id), "--perturbation-key gene --control NTC --condition-key condition --replicate-key donor",
+            f"--de {de_mode} --bootstrap {100 if quick else 200} --permutations {199 if quick else 999}",
+            "--plot", shlex.quote(str(pert_png)))
         report["perturbation"] = {"run": prun.id, "de_mode": de_mode, "summary": pert.to_json()["summary"], "plot": str(pert_png)}
     tell(f"everything is in {out}: store/ (catalog + arrays), the input .h5ad files, the query slice and the plots.\n"
          f"next: sclstore ls runs --store {out / 'store'}   |   sclstore query \"SELECT * FROM embeddings WHERE run = {run.id} "

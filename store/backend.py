@@ -48,6 +48,31 @@ __all__ = ["Backend", "MARKER", "cache_key"]
 
 logger = logging.getLogger(__name__)
 MARKER = "sclstore.json"
+
+
+def stores_below(root: Path, depth: int = 2, limit: int = 200) -> list[Path]:
+    """Stores in subfolders of ``root`` (at most ``depth`` levels, ``limit`` folders looked at),
+    for the hint when ``--store`` names a folder above a store."""
+    found: list[Path] = []
+    level = [root]
+    seen = 0
+    for _ in range(depth):
+        nxt: list[Path] = []
+        for folder in level:
+            try:
+                children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+            except OSError:
+                continue
+            for child in children:
+                seen += 1
+                if seen > limit:
+                    return found
+                if (child / MARKER).is_file():
+                    found.append(child)
+                else:
+                    nxt.append(child)
+        level = nxt
+    return found
 STORE_FORMAT_VERSION = 1
 
 
@@ -91,6 +116,9 @@ class Backend:
         if root.exists() and not root.is_dir():
             raise StoreExistsError(f"{root} exists and is not a folder: choose another --store path")
         if root.is_dir() and not marker.exists() and any(root.iterdir()):
+            inside = stores_below(root)
+            if inside:
+                raise StoreExistsError(f"{root} is not an sclstore store, but {inside[0]} is: pass --store {inside[0]}")
             raise StoreExistsError(f"{root} is a non-empty folder that is not an sclstore store: choose an empty or new --store path")
         url = catalog or cls.default_catalog(root)
         root.mkdir(parents=True, exist_ok=True)
@@ -123,7 +151,12 @@ class Backend:
         """
         root = Path(path).expanduser()
         if not (root / MARKER).is_file():
-            msg = f"{root} is not an sclstore store (no {MARKER}): run `sclstore init --store {root}` or pass the right --store"
+            inside = stores_below(root)
+            if inside:
+                more = f" (and {len(inside) - 1} more)" if len(inside) > 1 else ""
+                msg = f"{root} is not an sclstore store, but {inside[0]} is{more}: pass --store {inside[0]}"
+            else:
+                msg = f"{root} is not an sclstore store (no {MARKER}): run `sclstore init --store {root}` or pass the right --store"
             raise StoreNotFoundError(msg)
         url = catalog or cls.default_catalog(root)
         engine = catalogdb.make_engine(url)

@@ -54,3 +54,17 @@ def test_demo_quick(tmp_path: Path) -> None:
     assert {r["condition"] for r in report["perturbation"]["summary"]} == {"Rest", "Stim8hr", "Stim48hr"}
     verify = runner.invoke(app, ["verify", "--store", report["store"], "--json"])
     assert verify.exit_code == 0 and json.loads(verify.stdout)["ok"]
+    # the printed commands reproduce the steps: each ingest is a cache hit of the demo's run
+    import shlex
+
+    commands = report["commands"]
+    assert len(commands) == 7 and all(c.startswith("sclstore ") and c.endswith(f"--store {report['store']}") for c in commands)
+    ingests = [shlex.split(c)[1:] for c in commands if c.startswith("sclstore ingest ")]
+    runs = {report["pbmc"]["run"], report["trajectory"]["run"], report["perturbation"]["run"]}
+    for args in ingests:
+        again = runner.invoke(app, [*args, "--json"], catch_exceptions=False)
+        assert again.exit_code == 0, again.stderr
+        assert json.loads(again.stdout)["cache_hit"] and json.loads(again.stdout)["run_id"] in runs
+    centroids = next(shlex.split(c)[1:] for c in commands if "--csv" in c)
+    rows = runner.invoke(app, centroids, catch_exceptions=False).stdout.splitlines()
+    assert rows[0].startswith("layer,depth,group,") and len(rows) == 1 + 7 * 10  # 7 layers x 10 bulk labels

@@ -102,7 +102,7 @@ def test_all_cells_all_layers(store60: BuiltStore) -> None:
     b = store60
     res = execute_query(b.backend, f"SELECT * FROM embeddings WHERE run = {b.run_id}")
     check_cells(b, res, np.argsort(b.cell_idx_of_src), b.layers, "cls")
-    adata = res.to_anndata()
+    adata = res.to_anndata(order="store")
     assert list(adata.obsm) == [f"X_tiny-m_L0{x}_cls" for x in b.layers]
     np.testing.assert_array_equal(adata.obsm["X_tiny-m_L05_cls"], res.layer(5))
     assert adata.uns["sclstore"]["run"] == b.run_id
@@ -159,7 +159,6 @@ def test_group_by_edge_cases(store60: BuiltStore) -> None:
     ("sql", "exc", "match"),
     [
         ("SELECT * FROM embeddings WHERE layer = 2", InvalidQueryError, r"must pin one run.*candidates: run 1 \(toy/tiny-m"),
-        ("SELECT * FROM embeddings WHERE dataset = 'toy'", InvalidQueryError, r"must pin one run.*run 1"),
         ("SELECT * FROM embeddings WHERE run = 99", RunNotFoundError, r"no run 99"),
         ("SELECT * FROM embeddings WHERE dataset = 'toy' AND model = 'other'", RunNotFoundError, r"no complete run of model 'other'.*run 1"),
         ("SELECT * FROM embeddings WHERE run = 1 AND dataset = 'nope'", InvalidQueryError, r"has dataset 'toy', not 'nope'"),
@@ -172,7 +171,7 @@ def test_group_by_edge_cases(store60: BuiltStore) -> None:
         ("SELECT * FROM embeddings WHERE run = 1 AND depth = 1.5", InvalidQueryError, r"depth is layer / L"),
         ("SELECT * FROM embeddings WHERE run = 1 AND layer = 'x'", InvalidQueryError, r"layer is a number"),
         ("SELECT embedding.max FROM embeddings WHERE run = 1", NotFoundError, r"pool 'max' is not stored.*cls"),
-        ("SELECT embedding.cls, embedding.mean FROM embeddings WHERE run = 1", InvalidQueryError, r"one pool per query"),
+        ("SELECT layer, AVG(embedding.cls), AVG(embedding.mean) FROM embeddings WHERE run = 1 AND layer = 2 GROUP BY layer", InvalidQueryError, r"one pool per GROUP BY query"),
         ("SELECT nope FROM embeddings WHERE run = 1", InvalidQueryError, r"unknown column 'nope' in the select list"),
         ("SELECT * FROM embeddings WHERE run = 1 ORDER BY nope", InvalidQueryError, r"unknown column 'nope' in ORDER BY"),
         ("SELECT * FROM embeddings WHERE run = 1 AND embedding = 1", InvalidQueryError, r"embedding cannot be filtered"),
@@ -251,8 +250,9 @@ def test_incomplete_and_ambiguous_runs(tmp_path: Path) -> None:
         # a running run is no candidate: the name pair still pins the complete run
         res = execute_query(b.backend, "SELECT * FROM embeddings WHERE dataset = 'toy' AND model = 'tiny-m' AND layer = 0")
         assert res.run == b.run_id
-        with pytest.raises(InvalidQueryError, match=r"must pin one run.*run 1 \(toy/tiny-m.*complete\)$"):
-            execute_query(b.backend, "SELECT * FROM embeddings WHERE model = 'tiny-m'")
+        # one complete run of the model (or dataset): naming it pins that run (issue 15.6)
+        assert execute_query(b.backend, "SELECT cell FROM embeddings WHERE model = 'tiny-m'").run == b.run_id
+        assert execute_query(b.backend, "SELECT cell FROM embeddings WHERE dataset = 'toy'").run == b.run_id
         # once both are complete, the name pair is ambiguous and the error lists both
         from unittest import mock
 
@@ -263,6 +263,8 @@ def test_incomplete_and_ambiguous_runs(tmp_path: Path) -> None:
             b.backend.complete(running, lease, {})
         with pytest.raises(InvalidQueryError, match=rf"must pin one run.*candidates: run 1 .*; run {running.id} \(toy/tiny-m, 2 layers"):
             execute_query(b.backend, "SELECT * FROM embeddings WHERE dataset = 'toy' AND model = 'tiny-m'")
+        with pytest.raises(InvalidQueryError, match=r"must pin one run"):
+            execute_query(b.backend, "SELECT * FROM embeddings WHERE dataset = 'toy'")
         two = execute_query(b.backend, f"SELECT * FROM embeddings WHERE run = {running.id} AND depth = 1")
         assert two.layers == (8,) and not two.embeddings.any()
     finally:

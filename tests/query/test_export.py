@@ -96,7 +96,7 @@ def test_grouped_and_obs_only(small: BuiltStore, tmp_path: Path) -> None:
     cells = execute_query(b.backend, "SELECT cell, score FROM embeddings WHERE run = 1 AND layer = 2")
     assert cells.embeddings is None
     df = pd.read_csv(write_result(cells, tmp_path / "c.csv"))
-    assert df.columns.tolist() == ["cell", "cell_idx", "score"] and len(df) == 30
+    assert df.columns.tolist() == ["cell", "cell_idx", "src_idx", "score"] and len(df) == 30
     with pytest.raises(InvalidInputError, match=r"\.npy holds embeddings, but the query selects none"):
         write_result(cells, tmp_path / "c.npy")
 
@@ -105,8 +105,8 @@ def test_bad_paths(small: BuiltStore, tmp_path: Path) -> None:
     res = execute_query(small.backend, SQL)
     with pytest.raises(InvalidInputError, match=r"unknown extension '\.txt'; use one of \.h5ad, \.npy"):
         write_result(res, tmp_path / "a.txt")
-    with pytest.raises(InvalidInputError, match="does not exist"):
-        write_result(res, tmp_path / "nope" / "a.npy")
+    made = write_result(res, tmp_path / "nope" / "a.npy")  # like --plot, -o creates its folder
+    assert made.is_file() and np.load(made).shape == res.embeddings.shape
     with pytest.raises(InvalidInputError, match="unknown output extension"):
         query_to_file(small.backend, SQL, tmp_path / "a.xlsx")
     summary = query_to_file(small.backend, SQL, tmp_path / "q.npy")

@@ -65,7 +65,7 @@ HOSTILE = [
     ("SELECT * FROM embeddings WHERE run = 1 AND cell = :name", r"placeholder"),
     ("SELECT * FROM embeddings WHERE x = 'x'' OR 1=1 --", r"cannot read the query|quote"),
     ("SELECT * FROM embeddings WHERE \"a\"\"b = 1", r"cannot read the query|quote"),
-    ("SELECT * FROM embeddings WHERE run = 1 AND n_genes = n_genes", r"comparing two columns"),
+    ("SELECT * FROM embeddings WHERE run = 1 AND n_genes = n_genes", r"compares two columns.*Did you mean the value .n_genes."),
     ("SELECT * FROM embeddings WHERE 1 = 1", r"literal|column"),
     ("SELECT * FROM embeddings WHERE run = 1 OR 1 = 1", r"literal|column"),
     ("SELECT DISTINCT cell FROM embeddings WHERE run = 1", r"DISTINCT"),

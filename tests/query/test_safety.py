@@ -36,7 +36,7 @@ HOSTILE_NAMES = [
     'SELECT * FROM embeddings WHERE run = 1 AND "a""b" = 1',
     'SELECT * FROM embeddings WHERE run = 1 AND "x"" = 1; DROP TABLE runs; --" = 1',
     'SELECT "c0" FROM embeddings WHERE run = 1',
-    'SELECT * FROM embeddings WHERE run = 1 AND src_idx = 1',
+    'SELECT * FROM embeddings WHERE run = 1 AND c1 = 1',  # physical column names stay hidden (src_idx is public)
     "SELECT * FROM embeddings WHERE run = 1 AND sqlite_master = 'x'",
     "SELECT * FROM embeddings WHERE run = 1 AND pg_catalog = 'x'",
 ]
