@@ -103,7 +103,7 @@ def discover_families(builtin: Mapping[str, FamilyFactory] | None = None) -> dic
             continue
         try:
             obj = ep.load()
-        except Exception as exc:  # noqa: BLE001 - a broken plugin is reported, not fatal
+        except Exception as exc:
             logger.warning("model family %r (entry point %s) cannot be loaded: %s", ep.name, ep.value, exc)
             continue
         if not callable(obj):

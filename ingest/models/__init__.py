@@ -40,7 +40,8 @@ def _no_options(family: str, factory: Callable[[Path | None, int | None], ModelA
     def make(checkpoint: Path | None, max_genes: int | None, options: Mapping[str, str]) -> ModelAdapter:
         if options:
             given = ", ".join(f"{k}={v}" for k, v in options.items())
-            msg = f"model family {family!r} takes no model options (got {given}); model options: scfoundation (sub_model, tgthighres), tahoe-x1 (softmax_scale)"
+            msg = (f"model family {family!r} takes no model options (got {given}); model options: scfoundation "
+                   "(sub_model, tgthighres), tahoe-x1 (softmax_scale)")
             raise InvalidInputError(msg)
         return factory(checkpoint, max_genes)
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+
+import sclstore
 from sclstore.ingest.adapter import ModelAdapter, official_from_stored
 from sclstore.ingest.family import ENTRY_POINT_GROUP, ModelFamily, discover_families
 from sclstore.ingest.models import FAMILIES, families, load_adapter
-
-import sclstore
 
 HERE = Path(__file__).resolve().parent
 

@@ -2,4 +2,4 @@
 (``data``) and encoder (``model``). The package re-exports the adapter module's public names."""
 
 from .adapter import *  # noqa: F403
-from .adapter import __all__ as __all__  # noqa: PLE0605
+from .adapter import __all__ as __all__

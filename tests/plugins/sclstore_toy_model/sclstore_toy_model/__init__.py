@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse
 import torch
+from torch import nn
+
 from sclstore.ingest.adapter import (
     GeneMapping,
     ModelAdapter,
@@ -29,7 +31,6 @@ from sclstore.ingest.adapter import (
     map_to_vocab,
 )
 from sclstore.store.errors import InvalidInputError
-from torch import nn
 
 __all__ = ["D_MODEL", "N_GENES", "N_LAYERS", "ToyAdapter", "factory"]
 
