@@ -86,7 +86,7 @@ def write_random_tahoe(out: Path, genes: list[str], *, blocks: int, d_model: int
     import yaml
     from safetensors.torch import save_file
 
-    from sclstore.ingest.models.tahoe_model import TahoeConfig
+    from sclstore.ingest.models.tahoe.model import TahoeConfig
     from sclstore.ingest.models.train_tiny import TahoePretrainModel, model_configs
 
     vocab = {g: i for i, g in enumerate(genes)}

@@ -287,8 +287,12 @@ def run_task(
     if stored is not None:
         return EvalReport.from_json(stored, cached=True)
     ds = backend.get_dataset(info.dataset_id)
-    ctx = TaskContext(backend=backend, info=info, dataset=ds, obs=backend.read_obs(ds.id), pool=str(config.pool),
-                      counts_path=counts_path)
+    obs = backend.read_obs(ds.id)
+    skipped = np.asarray(info.unembeddable or (), dtype=np.int64)  # cells the model could not embed hold NaN
+    if skipped.size:
+        obs = obs[~np.isin(obs["cell_idx"].to_numpy(), skipped)]
+    ctx = TaskContext(backend=backend, info=info, dataset=ds, obs=obs, pool=str(config.pool),
+                      counts_path=counts_path, skipped_cells=skipped)
     state = task.prepare(ctx, config)
     layers = task.layers(ctx, config, state)
     progress = LayerProgress(len(layers), f"{task.name} run {info.id}", enabled=bool(config.progress))
@@ -299,6 +303,7 @@ def run_task(
         progress.close()
     report = task.summarise(ctx, config, state, results, params)
     report.notes.setdefault("seconds", round(_time.perf_counter() - t0, 3))
+    report.notes.setdefault("unembeddable_cells_skipped", int(skipped.size))
     backend.put_evaluation(info.id, task.name, phash, params, report.to_json())
     return report
 

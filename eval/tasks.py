@@ -123,6 +123,8 @@ class TaskContext:
     obs: pd.DataFrame
     pool: str
     counts_path: str | Path | None = None
+    skipped_cells: np.ndarray | None = None
+    """``cell_idx`` of cells the model could not embed (stored as NaN): left out of ``obs`` and of every layer."""
 
     def read_layer(self, layer: int, where: dict[str, Any] | None = None) -> np.ndarray:
         """One stored layer as a (cells x dim) float matrix in ``cell_idx`` order.
@@ -132,7 +134,10 @@ class TaskContext:
         """
         from sclstore.query import cells_query, execute
 
-        return execute(self.backend, cells_query(self.info.id, layers=[int(layer)], pool=self.pool, where=where)).embeddings[0]
+        res = execute(self.backend, cells_query(self.info.id, layers=[int(layer)], pool=self.pool, where=where))
+        if self.skipped_cells is None or not len(self.skipped_cells) or res.cell_idx is None:
+            return res.embeddings[0]
+        return res.embeddings[0][~np.isin(np.asarray(res.cell_idx), self.skipped_cells)]
 
     def column(self, key: str, what: str) -> pd.Series:
         """An obs column, or an error naming the columns the dataset has."""

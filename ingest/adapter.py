@@ -50,6 +50,9 @@ __all__ = [
     "cell_generator",
     "hash_files",
     "autocast_for",
+    "resolve_precision",
+    "OfficialEmbedding",
+    "official_from_stored",
 ]
 
 logger = logging.getLogger(__name__)
@@ -106,11 +109,15 @@ class TokenRecord:
         int64 token ids, special tokens included.
     values
         float32 input value of each token.
+    embeddable
+        False when the model cannot embed the cell (no gene token; the official tokenizer
+        would drop it): the pipeline stores NaN for it and records it in the run.
     """
 
     cell_idx: int
     gene_ids: np.ndarray
     values: np.ndarray
+    embeddable: bool = True
 
     def __len__(self) -> int:
         return int(self.gene_ids.shape[0])
@@ -330,11 +337,81 @@ def hash_files(paths: Sequence[Path]) -> str:
     return h.hexdigest()
 
 
-def autocast_for(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CUDA, nothing (fp32) elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(requested: str, official: str, device: torch.device) -> str:
+    """The precision a run uses: ``auto`` -> ``official`` on CUDA, ``fp32`` elsewhere; else ``requested``.
+
+    Raises
+    ------
+    InvalidInputError
+        If ``requested`` is not one of ``auto``, ``fp32``, ``bf16``, ``fp16``.
+    """
+    if requested == "auto":
+        return official if device.type == "cuda" else "fp32"
+    if requested not in ("fp32", *_AUTOCAST_DTYPES):
+        raise InvalidInputError(f"precision {requested!r} is not one of auto, fp32, bf16, fp16")
+    return requested
+
+
+def autocast_for(device: torch.device, precision: str | None = None) -> contextlib.AbstractContextManager[Any]:
+    """Autocast to ``precision`` (``bf16``/``fp16``) on ``device``; nothing for ``fp32``.
+
+    ``precision=None`` (legacy default): bf16 on CUDA, fp32 elsewhere.
+    """
+    if precision is None:
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    dtype = _AUTOCAST_DTYPES.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class OfficialEmbedding:
+    """A family's official cell embedding, as data over the stored vectors.
+
+    Attributes
+    ----------
+    layer
+        Stored layer (0 = embedding output, ``l`` = output of block ``l``).
+    pools
+        Stored pools concatenated in this order (one pool: that vector).
+    final_norm
+        Apply the model's final norm (:meth:`ModelAdapter.apply_final_norm`) to each pooled
+        vector first (stored layers exclude it, e.g. Tahoe-X1).
+    l2_normalise
+        L2-normalise the result (Tahoe-X1, scGPT).
+    """
+
+    layer: int
+    pools: tuple[str, ...]
+    final_norm: bool = False
+    l2_normalise: bool = False
+
+
+def official_from_stored(
+    spec: OfficialEmbedding, stored: Mapping[str, Any], final_norm: Any = None
+) -> torch.Tensor:
+    """The official embedding from stored pooled vectors ``{pool: (n_cells, d)}`` of ``spec.layer``.
+
+    Raises
+    ------
+    InvalidInputError
+        If a declared pool is missing.
+    """
+    parts = []
+    for pool in spec.pools:
+        if pool not in stored:
+            raise InvalidInputError(f"the official embedding needs pool {pool!r}; ingest with --pool {','.join(spec.pools)}")
+        x = torch.as_tensor(np.asarray(stored[pool])) if not isinstance(stored[pool], torch.Tensor) else stored[pool]
+        x = x.to(torch.float32)
+        if spec.final_norm:
+            x = final_norm(x).to(torch.float32)
+        parts.append(x)
+    out = torch.cat(parts, dim=-1)
+    return torch.nn.functional.normalize(out, p=2, dim=-1) if spec.l2_normalise else out
 
 
 class ModelAdapter(ABC, Generic[ModelT]):
@@ -405,7 +482,8 @@ class ModelAdapter(ABC, Generic[ModelT]):
             **self._describe_checkpoint(),
             "supported_pools": list(self.supported_pools),
             "default_pools": list(self.default_pools),
-            "precision": {"cuda": "bf16-autocast", "cpu": "fp32"},
+            "official_precision": self.official_precision,
+            "precision": {"cuda": f"{self.official_precision} (official)", "cpu": "fp32"},
             **self._describe_layers(),
         }
 
@@ -428,6 +506,24 @@ class ModelAdapter(ABC, Generic[ModelT]):
 
     def check_obs(self, obs: Any) -> Any:
         """Validate the cell metadata this model reads (default: none); raise ``InvalidInputError``."""
+        return None
+
+    official_precision: str = "fp32"
+    """The precision the family's official inference code runs in on CUDA (``fp32``, ``bf16``, ``fp16``)."""
+    precision: str = "auto"
+    """The precision of this adapter's forward passes (``auto``: :attr:`official_precision` on CUDA, fp32 elsewhere)."""
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The autocast context of :attr:`precision` on this adapter's device."""
+        device = self.device
+        return autocast_for(device, resolve_precision(self.precision, self.official_precision, device))
+
+    def observe_source(self, *, dense: bool, dtype: Any) -> None:
+        """Learn how the dataset stores its counts (dense or sparse, dtype), before tokenizing.
+
+        Default: nothing; a family whose official arithmetic depends on it (Geneformer) rebinds
+        its tokenizer.
+        """
         return None
 
     # --- model ----------------------------------------------------------------------------
@@ -464,7 +560,9 @@ class ModelAdapter(ABC, Generic[ModelT]):
         """Build the network, load the weights strictly and move it to ``device`` (idempotent)."""
         device = torch.device(device)
         if self.model is None:
-            logging.getLogger(type(self).__module__).info("loading %s weights from %s", self.name, self.files.weights)
+            files = getattr(self, "files", None)
+            logging.getLogger(type(self).__module__).info("loading %s weights from %s", self.name,
+                                                          getattr(files, "weights", "its factory"))
             self.model = self.build_model()
         if self._device != device:
             self.model.to(device)
@@ -487,13 +585,26 @@ class ModelAdapter(ABC, Generic[ModelT]):
     def _encode(self, batch: TokenBatch, *, n_blocks: int | None = None) -> torch.Tensor:
         """Run the encoder through its first ``n_blocks`` blocks (all when None); return hidden states."""
 
-    @abstractmethod
-    def official_embedding(self, batch: TokenBatch) -> torch.Tensor:
-        """``(B, d)`` float32 official cell embedding of the model."""
+    @property
+    def official(self) -> OfficialEmbedding:
+        """The family's official cell embedding, declared as data over the stored vectors."""
+        raise NotImplementedError(f"{type(self).__name__} declares no official embedding")
 
-    @abstractmethod
+    def apply_final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's final norm applied to pooled vectors (families whose official embedding needs it)."""
+        raise ModelError(f"{self.family} has no final norm outside its stored layers")
+
+    def official_embedding(self, batch: TokenBatch) -> torch.Tensor:
+        """``(B, d)`` float32 official cell embedding, from an independent forward pass (tests compare it
+        with :attr:`official` applied to the stored vectors). Default: :attr:`official` over :meth:`embed`."""
+        spec = self.official
+        pooled = self.embed(batch, layers=[spec.layer], pools=list(dict.fromkeys(spec.pools)))
+        return official_from_stored(spec, {p: v[0] for p, v in pooled.items()}, self.apply_final_norm)
+
     def final_transform(self, pooled_last: torch.Tensor) -> torch.Tensor:
-        """Map the stored last-layer ``cls`` vectors ``(B, d)`` to the official embedding."""
+        """Map stored ``cls`` vectors of the official layer ``(B, d)`` to the official embedding."""
+        spec = self.official
+        return official_from_stored(spec, {spec.pools[0]: pooled_last}, self.apply_final_norm)
 
     # --- shared machinery -------------------------------------------------------------------
     @property
@@ -564,10 +675,9 @@ class ModelAdapter(ABC, Generic[ModelT]):
         """
         layers, pools = [int(x) for x in layers], list(pools)
         self._check_request(layers, pools)
-        device = self.device
         batch = self._on_device(batch)
         with (
-            autocast_for(device),
+            self.autocast(),
             LayerCapture(self.blocks(), layers=layers, pools=pools, info=batch.pooling_info()) as cap,
         ):
             self._encode(batch, n_blocks=max(max(layers), 1))  # layer 0 is seen by block 0's pre-hook

@@ -66,6 +66,10 @@ class AnnDataSource(CountsSource):
         self.var = var
         self._matrix = matrix
         self._dense = not sp.issparse(matrix) and not hasattr(matrix, "format")
+        self.dense = self._dense
+        self.dtype = np.dtype(matrix.dtype)
+        self.stored_entries = False
+        self.stored_layout = "canonical"
         shape = tuple(int(x) for x in matrix.shape)
         self.n_obs, self.n_vars = shape[0], shape[1]
         if self.n_obs != self.obs.shape[0] or self.n_vars != len(self.gene_ids):
@@ -96,16 +100,18 @@ class AnnDataSource(CountsSource):
         """:meth:`scan` every time: an object in memory has no file to key a digest cache on."""
         return self.scan()
 
-    def rows(self, lo: int, hi: int) -> sp.csr_matrix:
-        """Counts of cells ``lo..hi-1`` as float32 CSR with sorted indices."""
+    def rows(self, lo: int, hi: int, *, canonical: bool | None = None) -> sp.csr_matrix:
+        """Counts of cells ``lo..hi-1`` as float32 CSR with sorted indices.
+
+        With ``stored_entries`` (or ``canonical=False``) sparse rows keep their stored entries.
+        """
         block = self._matrix[lo:hi]
         if not sp.issparse(block) and hasattr(block, "to_memory"):  # anndata backed sparse slice
             block = block.to_memory()
-        m = sp.csr_matrix(np.asarray(block), dtype=np.float32) if not sp.issparse(block) else sp.csr_matrix(block, dtype=np.float32)
-        m.sum_duplicates()
-        m.eliminate_zeros()
-        m.sort_indices()
-        return m
+        sparse = sp.issparse(block)
+        m = sp.csr_matrix(block, dtype=np.float32) if sparse else sp.csr_matrix(np.asarray(block), dtype=np.float32)
+        keep_stored = self.stored_entries if canonical is None else not canonical
+        return m if keep_stored and sparse else self._canonical(m)
 
 
 def open_source(data: Any, *, counts_layer: str | None = None, gene_column: str | None = None) -> CountsSource:

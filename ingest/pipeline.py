@@ -38,7 +38,7 @@ from sclstore.store import ArraySpec, Backend, IngestConfig, RunInfo, parse_laye
 from sclstore.store.errors import DatasetError, IngestError, InvalidInputError, LeaseHeldError
 from sclstore.store.hashcache import rehashing
 
-from .adapter import GeneMapping, ModelAdapter
+from .adapter import GeneMapping, ModelAdapter, resolve_precision
 from .anndata_source import is_anndata, open_source, source_provenance
 from .gene_check import check_unique_tokens
 from .hints import amend_counts_error, amend_gene_error
@@ -207,6 +207,7 @@ class _Writer:
     def __init__(self, backend: Backend, run: RunInfo, lease: Any, progress: Any) -> None:
         self._q: queue.Queue[Any] = queue.Queue(maxsize=1)
         self.error: BaseException | None = None
+        self.unembeddable: list[int] = [c for c in run.unembeddable if c < run.watermark]
         self._args = (backend, run, lease, progress)
         self._thread = threading.Thread(target=self._run, name="sclstore-writer", daemon=True)
         self._thread.start()
@@ -217,15 +218,17 @@ class _Writer:
             item = self._q.get()
             if item is _DONE or self.error is not None:
                 return
-            lo, block = item
+            lo, block, skipped = item
             try:
-                backend.write_block(run, lease, lo, block)
+                if skipped:
+                    self.unembeddable.extend(skipped)
+                backend.write_block(run, lease, lo, block, unembeddable=self.unembeddable if skipped else None)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
                 self.error = exc
 
-    def put(self, lo: int, block: dict[str, np.ndarray]) -> None:
+    def put(self, lo: int, block: dict[str, np.ndarray], skipped: Sequence[int] = ()) -> None:
         self.check()
-        self._q.put((lo, block))
+        self._q.put((lo, block, list(skipped)))
 
     def check(self) -> None:
         if self.error is not None:
@@ -247,11 +250,25 @@ class _Writer:
         self._thread.join(timeout=60)
 
 
+def _storage_params(adapter: ModelAdapter, source: CountsSource) -> dict[str, Any]:
+    """Cache-key parameters for how the counts are stored, for tokenizers whose output depends on it."""
+    out: dict[str, Any] = {}
+    if source.stored_entries and source.stored_layout != "canonical":
+        out["stored_layout"] = source.stored_layout
+    storage = getattr(adapter.tokenizer, "storage_key", None)
+    if callable(storage) and storage() is not None:
+        out["counts_storage"] = storage()
+    return out
+
+
 def _embed_chunk(
     adapter: ModelAdapter, records: list[Any], *, layers: Sequence[int], pools: Sequence[str],
     batch_size: int, device: torch.device, progress: Any = None,
-) -> dict[str, np.ndarray]:
+) -> tuple[dict[str, np.ndarray], list[int]]:
     """Embed one chunk: batches of similar length, results back in the chunk's cell order.
+
+    Records marked ``embeddable=False`` are not run through the model: their rows are NaN and
+    their global cell indices are returned as the second element.
 
     On CUDA each batch is collated into pinned memory and copied without blocking, and the
     pooled results stay on the GPU until the chunk is done: the host never waits for a batch,
@@ -259,8 +276,18 @@ def _embed_chunk(
     """
     n = len(records)
     lengths = np.array([adapter.tokenizer.seq_len(r) for r in records])
+    ok = np.array([getattr(r, "embeddable", True) for r in records], dtype=bool)
     order = np.lexsort((np.arange(n), lengths))
+    skipped: list[int] = []
+    if not ok.all():
+        order = order[ok[order]]
+        skipped = [int(records[i].cell_idx) for i in np.flatnonzero(~ok)]
     out = {p: np.empty((len(layers), n, adapter.d_model), dtype=np.float32) for p in pools}
+    if skipped:
+        for arr in out.values():
+            arr[:, ~ok, :] = np.nan
+        if progress is not None:
+            progress.advance(len(skipped))
     cuda = device.type == "cuda"
     pending: list[tuple[np.ndarray, dict[str, torch.Tensor]]] = []
     for b in range(0, n, batch_size):
@@ -275,7 +302,7 @@ def _embed_chunk(
         if progress is not None:  # per batch (on CUDA: per batch queued), so small ingests move too
             progress.advance(len(idx))
     _collect(out, pending)  # on CUDA: one device-to-host synchronisation per chunk
-    return out
+    return out, skipped
 
 
 def _collect(out: dict[str, np.ndarray], pending: list[tuple[np.ndarray, dict[str, torch.Tensor]]]) -> None:
@@ -340,6 +367,8 @@ def ingest(
                 raise
             raise InvalidInputError(amend_gene_error(str(exc), getattr(source, "var", None))) from None
         check_unique_tokens(source.gene_ids, mapping)
+        adapter.observe_source(dense=source.dense, dtype=source.dtype)
+        source.stored_entries = bool(getattr(adapter.tokenizer, "reads_stored_entries", False))
         adapter.check_obs(source.obs)  # e.g. Geneformer's obs['n_counts'], before anything is written
         layers = parse_layers(config.layers, adapter.n_layers)
         pools = tuple(config.pools) if config.pools else tuple(adapter.default_pools)
@@ -353,12 +382,14 @@ def ingest(
                 raise type(exc)(amend_counts_error(str(exc), source)) from None
             checkpoint_hash = adapter.checkpoint_hash
         name = name or f"anndata-{content_hash[:10]}"
-        precision = "bf16" if device.type == "cuda" else "fp32"
+        precision = resolve_precision(config.precision, adapter.official_precision, device)
+        adapter.precision = precision
         derived = run_key(config, content_hash=content_hash, checkpoint_hash=checkpoint_hash, mapping=mapping,
                           adapter_description=adapter.describe(), precision=precision,
                           resolved={"model": adapter.family, "checkpoint": checkpoint_hash, "layers": list(layers),
-                                    "pools": list(pools), "counts_layer": source.counts_key,
-                                    "model_options": sorted(adapter.effective_options().items())})
+                                    "pools": list(pools), "counts_layer": source.counts_key, "precision": precision,
+                                    "model_options": sorted(adapter.effective_options().items())},
+                          storage=_storage_params(adapter, source))
         key, params = derived.key, derived.params
         hit = backend.find_run(key)
         if hit is not None and hit.status == "complete":
@@ -392,9 +423,9 @@ def ingest(
                 try:
                     for lo, records in prefetch:
                         writer.check()
-                        block = _embed_chunk(adapter, records, layers=layers, pools=pools,
-                                             batch_size=batch_size, device=device, progress=progress)
-                        writer.put(lo, block)
+                        block, skipped = _embed_chunk(adapter, records, layers=layers, pools=pools,
+                                                      batch_size=batch_size, device=device, progress=progress)
+                        writer.put(lo, block, skipped)
                     writer.finish()
                 except BaseException:
                     writer.abort()
@@ -403,7 +434,11 @@ def ingest(
                     prefetch.close()
             elapsed = time.perf_counter() - t0
             embedded = run.n_cells - start
+            if writer.unembeddable:
+                logger.warning("%d cells have no gene the model knows; stored as NaN and recorded in run %s",
+                               len(writer.unembeddable), run.id)
             stats = {"gene_mapping": mapping.stats(), "seconds": round(elapsed, 3), "device": str(device),
+                     "unembeddable_cells": len(writer.unembeddable),
                      "cells_per_s": round(embedded / elapsed, 2) if elapsed > 0 else None, "resumed_from": start}
             run = backend.complete(run, lease, stats)
         except LeaseHeldError:

@@ -75,6 +75,7 @@ def _jsonable(value: Any) -> Any:
 def run_key(
     config: IngestConfig, *, resolved: Mapping[str, Any], content_hash: str, checkpoint_hash: str,
     mapping: GeneMapping, adapter_description: Mapping[str, Any], precision: str,
+    storage: Mapping[str, Any] | None = None,
 ) -> RunKey:
     """Derive the cache key of a run (see the module docstring).
 
@@ -91,7 +92,10 @@ def run_key(
     adapter_description
         ``adapter.describe()``.
     precision
-        ``"fp32"`` or ``"bf16"``.
+        The resolved inference precision (``fp32``, ``bf16`` or ``fp16``).
+    storage
+        How the counts are stored, for tokenizers whose output depends on it (dense vs sparse
+        X and its dtype, a fingerprint of non-canonical stored entries); empty otherwise.
 
     Returns
     -------
@@ -107,7 +111,8 @@ def run_key(
     if stray:
         raise ModelError(f"resolved values given for fields not marked numerics: {stray}")
     values = {name: _jsonable(resolved[name] if name in resolved else getattr(config, name)) for name in marked}
-    derived = {"gene_mapping": mapping_digest(mapping), "adapter": adapter_digest(adapter_description), "precision": precision}
+    derived = {"gene_mapping": mapping_digest(mapping), "adapter": adapter_digest(adapter_description), "precision": precision,
+               **{k: _jsonable(v) for k, v in sorted((storage or {}).items())}}
     key = cache_key({"key_version": KEY_VERSION, "encoding_version": ENCODING_VERSION, "dataset": content_hash,
                      "checkpoint": checkpoint_hash, "config": values, "derived": derived})
     params = {**values, **derived, **pinned_values(config), "key_version": KEY_VERSION}

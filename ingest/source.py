@@ -45,6 +45,22 @@ class CountsSource:
     gene_column
         Take gene ids from ``var[gene_column]`` instead of the var index.
 
+    Attributes
+    ----------
+    dense
+        True when the counts are stored dense.
+    dtype
+        The dtype the counts are stored in.
+    stored_entries
+        When True, :meth:`rows` / :meth:`take` return sparse rows with their entries as stored
+        (explicit zeros, duplicates and order kept), as official data loaders that read the CSR
+        arrays directly see them; set it before :meth:`scan`, which then also fingerprints that
+        storage in :attr:`stored_layout`.
+    stored_layout
+        After :meth:`scan` with ``stored_entries``: ``"canonical"`` when every stored row is
+        sorted, duplicate-free and zero-free (so it equals the content hash's view), else a
+        digest of the stored entries.
+
     Raises
     ------
     InvalidInputError
@@ -97,6 +113,10 @@ class CountsSource:
         self._dense = isinstance(elem, h5py.Dataset)
         if not self._dense:
             check_sparse_layout(elem, where=f"{self.path.name}:{self.counts_key}")
+        self.dense = self._dense
+        self.dtype = np.dtype(elem.dtype if self._dense else elem["data"].dtype)
+        self.stored_entries = False
+        self.stored_layout = "canonical"
         self._matrix = elem if self._dense else sparse_dataset(elem)
         shape = tuple(elem.shape) if self._dense else tuple(self._matrix.shape)
         if len(shape) != 2:
@@ -112,10 +132,18 @@ class CountsSource:
     def close(self) -> None:
         self._file.close()
 
-    def rows(self, lo: int, hi: int) -> sp.csr_matrix:
-        """Counts of cells ``lo..hi-1`` (file order) as float32 CSR with sorted indices."""
+    def rows(self, lo: int, hi: int, *, canonical: bool | None = None) -> sp.csr_matrix:
+        """Counts of cells ``lo..hi-1`` (file order) as float32 CSR with sorted indices.
+
+        With ``stored_entries`` (or ``canonical=False``) sparse rows keep their stored entries.
+        """
         block = self._matrix[lo:hi]
         m = sp.csr_matrix(block, dtype=np.float32) if not sp.issparse(block) else block.tocsr().astype(np.float32)
+        keep_stored = self.stored_entries if canonical is None else not canonical
+        return m if keep_stored and sp.issparse(block) else self._canonical(m)
+
+    @staticmethod
+    def _canonical(m: sp.csr_matrix) -> sp.csr_matrix:
         m.sum_duplicates()
         m.eliminate_zeros()
         m.sort_indices()
@@ -148,7 +176,17 @@ class CountsSource:
         The cache entry names the counts matrix and the hash scheme, so another
         ``--counts-layer`` of the same file is scanned on its own; ``--rehash`` forces a scan.
         """
-        return cached_digest(self.path, f"counts:{self.counts_key}:{SCAN_VERSION}", self.scan)
+        if not self.stored_entries:
+            return cached_digest(self.path, f"counts:{self.counts_key}:{SCAN_VERSION}", self.scan)
+
+        def scan_with_layout() -> str:
+            return f"{self.scan()}:{self.stored_layout}"
+
+        # families reading stored entries also need the stored-layout fingerprint: cached with the hash
+        value = cached_digest(self.path, f"counts:{self.counts_key}:{SCAN_VERSION}:stored-entries", scan_with_layout)
+        digest, _, layout = value.partition(":")
+        self.stored_layout = layout or "canonical"
+        return digest
 
     def scan(self, *, block_rows: int = 8192) -> str:
         """Validate the counts and return the dataset's content hash.
@@ -188,7 +226,18 @@ class CountsSource:
         h.update(f"{self.n_obs}x{self.n_vars}".encode())
         nnz = 0
         empty = 0
-        for lo, m in self.blocks(block_rows):
+        layout = hashlib.sha256() if self.stored_entries and not self._dense else None
+        raw_differs = False
+        for lo in range(0, self.n_obs, block_rows):
+            m = self.rows(lo, min(lo + block_rows, self.n_obs), canonical=layout is None)
+            if layout is not None and not (m.has_canonical_format and m.data.all()):
+                # stored zeros, duplicates or unsorted rows: fingerprint the stored entries
+                layout.update(np.array([lo], dtype=np.int64).tobytes())
+                layout.update(np.diff(m.indptr).astype(np.int64).tobytes())
+                layout.update(m.indices.astype(np.int64).tobytes())
+                layout.update(m.data.astype(np.float64).tobytes())
+                raw_differs = True
+                m = self._canonical(m.copy())
             data = m.data
             if not np.all(np.isfinite(data)):
                 raise DatasetError(f"{where} has NaN or infinite values (rows {lo}..): sclstore needs raw integer counts")
@@ -202,11 +251,12 @@ class CountsSource:
             h.update(np.diff(m.indptr).astype(np.int64).tobytes())
             h.update(m.indices.astype(np.int64).tobytes())
             h.update(data.astype(np.float64).tobytes())
+        self.stored_layout = layout.hexdigest() if layout is not None and raw_differs else "canonical"
         for names in (self.obs.index.astype(str), self.var_names):
             for name in names:
                 h.update(name.encode())
                 h.update(b"\0")
         if empty and nnz:
-            logger.warning("%d of %d cells of %s have no counts at all; they are embedded from their special tokens only",
+            logger.warning("%d of %d cells of %s have no counts at all; models that need a gene token cannot embed them (stored as NaN, listed as unembeddable)",
                            empty, self.n_obs, self.path.name)
         return h.hexdigest(), nnz

@@ -270,6 +270,7 @@ def ingest(
     cluster_by: Annotated[str | None, typer.Option(help="obs columns to order cells by, e.g. condition,donor.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of gene subsampling.")] = 0,
     max_genes: Annotated[int | None, typer.Option(help="Cap on tokens per cell (default: the model's).")] = None,
+    precision: Annotated[str, typer.Option(help="auto (the model's official precision on CUDA, fp32 on CPU), fp32, bf16 or fp16.")] = "auto",
     model_option: Annotated[list[str] | None, typer.Option("--model-option", help="KEY=VALUE, repeatable (scfoundation: sub_model, tgthighres).")] = None,
     workers: Annotated[int, typer.Option(help="Tokenizer worker processes (0 = in process).")] = 1,
     chunk_cells: Annotated[int, typer.Option(help="Cells per durable write: an interrupted run resumes from the last one.")] = 4096,
@@ -297,7 +298,7 @@ def ingest(
             res = st.ingest(
                 data, model, checkpoint, name=name, pools=parse_csv(pool) or None, layers=layers, dtype=dtype,  # type: ignore[arg-type]
                 batch_size=batch_size, device=device, counts_layer=counts_layer, gene_column=gene_column,
-                cluster_by=parse_csv(cluster_by), seed=seed, max_genes=max_genes, model_options=tuple(model_option or ()),
+                cluster_by=parse_csv(cluster_by), seed=seed, max_genes=max_genes, precision=precision, model_options=tuple(model_option or ()),
                 workers=workers, chunk_cells=chunk_cells, progress=True, wait=not no_wait, rehash=rehash, threads=threads,
                 **({"obs_filter": obs_filter} if obs_filter else {}), soma_measurement=soma_measurement,
                 **({"soma_x": soma_x} if soma_x else {}),

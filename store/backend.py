@@ -544,13 +544,21 @@ class Backend:
             lease.lost.set()
             raise LeaseHeldError(f"lost the lease on run {lease.run_id} to another process; it will finish the run")
 
-    def write_block(self, run: RunInfo, lease: Lease, start: int, block: dict[str, np.ndarray]) -> None:
-        """Write cells ``start..`` of every slot, durably, then advance the watermark."""
+    def write_block(
+        self, run: RunInfo, lease: Lease, start: int, block: dict[str, np.ndarray], *,
+        unembeddable: Sequence[int] | None = None,
+    ) -> None:
+        """Write cells ``start..`` of every slot, durably, then advance the watermark.
+
+        ``unembeddable`` is the run's full list of cells so far that the model could not embed
+        (their rows are NaN); it is recorded with the watermark when given.
+        """
         if lease.lost.is_set():
             raise LeaseHeldError(f"lost the lease on run {run.id} to another process; it will finish the run")
         n = next(iter(block.values())).shape[1]
         self.array_store.write(run, start, block)
-        self._owned_update(lease, watermark=start + n)
+        extra = {} if unembeddable is None else {"unembeddable": [int(c) for c in unembeddable]}
+        self._owned_update(lease, watermark=start + n, **extra)
 
     def complete(self, run: RunInfo, lease: Lease, stats: dict[str, Any]) -> RunInfo:
         """Consolidate the array (see :meth:`ArrayStore.full_consolidation`), then mark the run complete."""

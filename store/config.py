@@ -34,6 +34,10 @@ __all__ = [
 ]
 
 Dtype = Literal["float32", "float16"]
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+"""Inference precision: ``auto`` = each family's official inference precision on CUDA and fp32 on
+the CPU; otherwise that precision everywhere (bf16/fp16 as autocast)."""
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 DTYPES: tuple[str, ...] = get_args(Dtype)
 Device = Literal["auto", "cpu", "cuda"]
 DEVICES: tuple[str, ...] = get_args(Device)
@@ -166,7 +170,7 @@ class IngestConfig:
     """Everything ``sclstore ingest`` needs besides the data file.
 
     Fields marked ``numerics`` in their metadata (model, checkpoint, pools, layers, dtype,
-    counts_layer, gene_column, seed, max_genes, model_options) can change the stored numbers;
+    counts_layer, gene_column, seed, max_genes, precision, model_options) can change the stored numbers;
     the run's cache key is derived from all of them (:mod:`sclstore.ingest.run_key`), so a new
     such field enters the key by being marked. ``device`` enters through the precision it
     implies. Fields marked ``pinned`` (batch_size, chunk_cells) are kept from the run's first
@@ -187,6 +191,9 @@ class IngestConfig:
     cluster_by: tuple[str, ...] = ()
     seed: int = _numerics(default=0)
     max_genes: int | None = _numerics(default=None)
+    precision: Precision = _numerics(default="auto")
+    """``auto`` (the family's official inference precision on CUDA, fp32 on the CPU), ``fp32``,
+    ``bf16`` or ``fp16`` (autocast)."""
     model_options: tuple[tuple[str, str], ...] = _numerics(default=())
     """Model-specific options as ``(key, value)`` pairs (a dict is accepted), e.g. scFoundation's
     ``(("sub_model", "rde"),)``; the adapter validates the keys and hashes them with the checkpoint."""
@@ -204,6 +211,8 @@ class IngestConfig:
             raise InvalidInputError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.device not in DEVICES:
             raise InvalidInputError(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.precision not in PRECISIONS:
+            raise InvalidInputError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.batch_size < 1:
             raise InvalidInputError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.chunk_cells < 1:

@@ -114,6 +114,8 @@ class RunInfo:
     error: str | None
     created_at: str | None
     finished_at: str | None
+    unembeddable: tuple[int, ...] = ()
+    """Cells (store order) the model could not embed: NaN rows, skipped by evaluation."""
 
     @classmethod
     def from_row(cls, row: Run, array_uri: str) -> RunInfo:
@@ -145,6 +147,7 @@ class RunInfo:
             error=row.error,
             created_at=_iso(row.created_at),
             finished_at=_iso(row.finished_at),
+            unembeddable=tuple(int(x) for x in (row.unembeddable or ())),
         )
 
     @property

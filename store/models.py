@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -115,6 +116,8 @@ class Run(Base):
     """The lease holder's pid namespace (``readlink /proc/self/ns/pid``)."""
     heartbeat_at: Mapped[float | None] = mapped_column(Float)
     stats: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    unembeddable: Mapped[list[Any]] = mapped_column(JSON, default=list, server_default=text("'[]'"))
+    """Cell indices (store order) the model could not embed (no gene token); their rows hold NaN."""
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))

@@ -1,8 +1,8 @@
 """Pieces the model families share: the strict state-dict check, count validation, CSR-row and
 padding helpers for the tokenizers and collators, and the model name of a checkpoint folder.
 
-Each family keeps its own public entry points (``<family>_checkpoint.check_state_dict``,
-``<family>_data.collate_*``, the tokenizers); they call into this module with their own labels
+Each family keeps its own public entry points (``<family>.checkpoint.check_state_dict``,
+``<family>.data.collate_*``, the tokenizers); they call into this module with their own labels
 and allow-lists, so messages name the family as before. The adapter boilerplate (``load``,
 ``build_model``, ``blocks``, ``describe``) lives in :class:`~sclstore.ingest.adapter.ModelAdapter`.
 """
@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import numpy as np
 import scipy.sparse
@@ -205,6 +205,8 @@ class RowTokenizer:
     """
 
     token_ids: np.ndarray | None
+    canonical_counts: ClassVar[bool] = True
+    """Sum duplicate entries and sort each row before :meth:`_tokenize_row` (False: rows as stored)."""
 
     def bind(self: _RowTokenizerT, mapping: GeneMapping) -> _RowTokenizerT:
         """Return a copy that tokenizes count columns in the order of ``mapping``."""
@@ -239,7 +241,7 @@ class RowTokenizer:
         """
         if self.token_ids is None:
             raise ModelError(NOT_BOUND)
-        counts, cell_idx = validate_counts(counts, cell_idx, self.token_ids.shape[0])
+        counts, cell_idx = validate_counts(counts, cell_idx, self.token_ids.shape[0], canonical=self.canonical_counts)
         return [self._tokenize_row(counts, i, int(cell_idx[i]), seed) for i in range(counts.shape[0])]
 
     def _tokenize_row(self, counts: scipy.sparse.csr_matrix, row: int, cell: int, seed: int) -> TokenRecord:

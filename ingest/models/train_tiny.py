@@ -36,8 +36,8 @@ import yaml
 from torch import nn
 
 from ..adapter import TokenRecord
-from .tahoe_data import TahoeTokenizer, collate_records
-from .tahoe_model import TahoeConfig, TahoeModel, resolve_activation
+from .tahoe.data import TahoeTokenizer, collate_records
+from .tahoe.model import TahoeConfig, TahoeModel, resolve_activation
 
 __all__ = [
     "load_pbmc_counts",

@@ -140,3 +140,39 @@ def test_perturbation_per_condition_with_de_cache(tmp_path: Path, monkeypatch: p
             st.evaluate_perturbation(run_id, **{**kw, "control": "CTRL"})
         with pytest.raises(EvaluationError, match="condition column 'state' is not in the obs"):
             st.evaluate_perturbation(run_id, **{**kw, "condition_key": "state"})
+
+
+def test_unembeddable_cells_are_skipped_with_a_count(tmp_path: Path) -> None:
+    adata = simulate_trajectory(n_cells=300, n_genes=100, seed=2)
+    t = adata.obs["latent_time"].to_numpy()
+    layers = simulate_layers(np.column_stack([t, t**2]), n_layers=3, best_layer=1, seed=2)
+    path = tmp_path / "u.h5ad"
+    adata.write_h5ad(path)
+    backend = Backend.create(tmp_path / "store")
+    with CountsSource(path) as src:
+        ds = backend.register_dataset(name="u", content_hash=src.scan(), obs=src.obs, n_vars=src.n_vars,
+                                      source_path=str(path))
+    n_layers, n, dim = layers.shape
+    model = backend.register_model(family="synthetic", name="m", checkpoint_hash=cache_key("m"), n_layers=n_layers - 1,
+                                   d_model=dim, config={})
+    run = backend.create_run(dataset=ds, model=model, key=cache_key("u"), params={}, layers=list(range(n_layers)),
+                             spec=ArraySpec(n_layers=n_layers, n_cells=n, dim=dim, pools=("cls", "mean")))
+    order = backend.cell_order(ds.id)
+    stored = layers[:, order].copy()
+    skipped = [4, 50, 199]  # store order: NaN rows, as the pipeline writes cells a model cannot embed
+    stored[:, skipped] = np.nan
+    lease = backend.acquire(run.id, wait=False)
+    backend.write_block(run, lease, 0, {"cls": stored, "mean": stored}, unembeddable=skipped)
+    backend.complete(run, lease, {})
+    assert backend.get_run(run.id).unembeddable == tuple(skipped)
+    keep = np.ones(n, dtype=bool)
+    keep[skipped] = False
+    time_store = t[order]
+    with sclstore.Store(backend) as st:
+        rep = st.evaluate_trajectory(run.id, pseudotime_key="latent_time", n_subsamples=3, n_neighbors=15, reference=False)
+    assert rep.notes["unembeddable_cells_skipped"] == 3
+    for layer in range(n_layers):  # oracle: the same scoring on the embedded cells only
+        direct = runner_mod.score_trajectory(stored[layer][keep], time_store[keep], reference=None, n_neighbors=15,
+                                             root="diffusion-extreme", n_subsamples=3, seed=0)
+        got = rep.table.query(f"layer == {layer} and metric == 'spearman_time'")["score"].item()
+        assert got == pytest.approx(direct.rho_time, abs=1e-12)

@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertForMaskedLM, BertModel
 
 import sclstore
-import sclstore.ingest.models.geneformer as geneformer
-import sclstore.ingest.models.geneformer_checkpoint as gf_checkpoint
+import sclstore.ingest.models.geneformer.adapter as geneformer
+import sclstore.ingest.models.geneformer.checkpoint as gf_checkpoint
 from sclstore.ingest.adapter import TokenRecord
 from sclstore.ingest.models import load_adapter
 from sclstore.ingest.models.geneformer import GeneformerAdapter
@@ -398,3 +398,48 @@ def test_ingest_end_to_end(tmp_path: Path, v2: Path, random_counts: Counts) -> N
             np.testing.assert_allclose(stored[pool][:, cell], alone[pool][:, 0].numpy(), atol=1e-5, rtol=0)
         official = adapter.official_embedding(batch)[0].numpy()
         np.testing.assert_allclose(stored["cls"][adapter.official_layer, cell], official, atol=1e-5)
+
+
+def test_ensembl_mapping_dictionary_next_to_the_checkpoint_is_applied(v2: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "gf"
+    shutil.copytree(v2, folder)
+    genes = ens(N_GENES)
+    # the release's collapse dictionary: identity over its genes plus an alias of gene 0
+    ens_map = {g: g for g in genes} | {"ENSG00000999999": genes[0]}
+    (folder / "ensembl_mapping_dict_gc104M.pkl").write_bytes(pickle.dumps(ens_map))
+    adapter = load_adapter("geneformer", folder)
+    assert adapter.files.ensembl_mapping is not None
+    assert adapter.checkpoint_hash != load_adapter("geneformer", v2).checkpoint_hash
+    ids = [*genes, "ENSG00000999999", "ENSG00000888888"]   # an alias of gene 0 and an unknown id
+    mapping = adapter.map_genes(ids)
+    assert mapping.var_index.tolist() == [*range(N_GENES), N_GENES]  # alias kept, unknown dropped
+    tok = adapter.tokenizer
+    # alias and gene 0 collapse into one summed slot placed after the other genes, as upstream
+    assert tok.token_ids is not None and tok.token_ids[-1] == adapter.dicts.tokens[genes[0]]
+    assert len(tok.token_ids) == N_GENES
+    counts = sp.csr_matrix(np.concatenate([[3.0], np.zeros(N_GENES - 1), [4.0]])[None, :].astype(np.float32))
+    (rec,) = tok.tokenize(counts, np.array([0]), seed=0, totals=np.array([100.0]))
+    # one gene token (3 + 4 counts summed) between <cls> and <eos>
+    assert rec.gene_ids.tolist()[1:-1] == [adapter.dicts.tokens[genes[0]]]
+    med = adapter.dicts.medians[genes[0]]
+    assert rec.values[1] == np.float32(7 * (1 / 100.0) * 10_000 * (1 / med))  # reciprocals, as scipy
+    # without the mapping file the alias is unknown and exact duplicate ids stay separate tokens
+    plain = load_adapter("geneformer", v2)
+    assert plain.map_genes([*genes, genes[0]]).n_matched == N_GENES + 1
+
+
+def test_dense_and_sparse_files_are_tokenized_as_upstream_and_keyed_apart(
+    tmp_path: Path, v2: Path, random_counts: Counts
+) -> None:
+    counts = random_counts(12, N_GENES, seed=9)
+    obs = pd.DataFrame({"n_counts": (np.asarray(counts.sum(1)).ravel() + 3).astype(np.float32)},
+                       index=[f"c{i}" for i in range(12)])
+    paths = {}
+    for kind, X in (("sparse", counts), ("dense", counts.toarray())):
+        paths[kind] = tmp_path / f"{kind}.h5ad"
+        ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=ens(N_GENES))).write_h5ad(paths[kind])
+    with sclstore.open_store(tmp_path / "s", create=True) as st:
+        runs = {k: st.run(st.ingest(p, "geneformer", str(v2), progress=False, workers=0).id) for k, p in paths.items()}
+    assert runs["sparse"].params["counts_storage"] == "sparse:float32"
+    assert runs["dense"].params["counts_storage"] == "dense:float32"
+    assert runs["sparse"].cache_key != runs["dense"].cache_key

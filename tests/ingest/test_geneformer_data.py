@@ -11,7 +11,7 @@ import scipy.sparse as sp
 import torch
 
 from sclstore.ingest.adapter import GeneMapping
-from sclstore.ingest.models.geneformer_data import GeneformerTokenizer, collate_geneformer
+from sclstore.ingest.models.geneformer.data import GeneformerTokenizer, collate_geneformer, official_gene_layout
 from sclstore.store.errors import InvalidInputError, ModelError
 
 CLS, EOS = 2, 3
@@ -76,32 +76,58 @@ def test_total_scales_values_but_not_the_rank_order() -> None:
     np.testing.assert_allclose(c.values, a.values * 20 / 16, rtol=1e-7)
 
 
-def test_duplicate_ensembl_ids_are_summed_and_placed_last() -> None:
-    # columns: gene 10, gene 11, gene 10 again -> slots [11, 10(summed)], as upstream sum_ensembl_ids
+def test_exact_duplicate_ids_stay_two_tokens_as_upstream() -> None:
+    # 1:1 mapping -> upstream collapses nothing: gene 10 twice gives two tokens (each its own column)
     tok = _tok("V1", tokens=[10, 11, 10], medians=[1.0, 2.0, 1.0])
     (rec,) = tok.tokenize(_row([1, 4, 2]), np.array([0]), seed=0, totals=np.array([10.0]))
-    # gene 10: (1 + 2)/10*1e4/1 = 3000; gene 11: 4/10*1e4/2 = 2000
-    assert rec.gene_ids.tolist() == [10, 11]
-    np.testing.assert_allclose(rec.values, [3000, 2000])
-    assert tok.token_ids is not None and tok.token_ids.tolist() == [11, 10]
+    # 10: 1/10*1e4/1 = 1000, 11: 4/10*1e4/2 = 2000, 10 again: 2000 (tie with 11, argsort order)
+    np.testing.assert_allclose(sorted(rec.values.tolist()), [1000, 2000, 2000])
+    assert sorted(rec.gene_ids.tolist()) == [10, 10, 11]
 
 
-def test_empty_cells() -> None:
+def test_gene_layout_collapses_aliases_and_places_sums_last() -> None:
+    tokens = {"<pad>": 0, "<mask>": 1, "ENSG1": 10, "ENSG2": 11, "ENSG3": 12}
+    medians = {"ENSG1": 1.0, "ENSG2": 2.0, "ENSG3": 1.0}
+    # ENSGOLD is an alias of ENSG1; ensg3 is matched upper-cased; ENSG9 maps to no token
+    ens_map = {"ENSG1": "ENSG1", "ENSGOLD": "ENSG1", "ENSG2": "ENSG2", "ENSG3": "ENSG3", "ENSG9": "ENSG9"}
+    layout = official_gene_layout(["ENSG1", "ENSG2", "ENSGOLD", "ensg3", "ENSG9"], tokens, medians, ens_map)
+    assert layout.mapping.var_index.tolist() == [0, 1, 2, 3]
+    assert layout.slot_tokens.tolist() == [11, 12, 10]          # singles in var order, then the summed gene
+    assert layout.col_slot.tolist() == [2, 0, 2, 1]
+    assert layout.summed.tolist() == [False, False, True]
+    tok = GeneformerTokenizer(max_length=64).bind_layout(layout)
+    (rec,) = tok.tokenize(_row([1, 4, 2, 3]), np.array([0]), seed=0, totals=np.array([10.0]))
+    # ENSG1: (1 + 2)/10*1e4/1 = 3000, ENSG3: 3000 (tie), ENSG2: 4/10*1e4/2 = 2000
+    assert sorted(rec.gene_ids.tolist()[:2]) == [10, 12] and rec.gene_ids.tolist()[2] == 11
+    # without a mapping file: identity over the token dictionary; exact duplicates stay separate
+    plain = official_gene_layout(["ENSG1", "ENSG1", "ENSGOLD"], tokens, medians, None)
+    assert plain.mapping.var_index.tolist() == [0, 1] and plain.slot_tokens.tolist() == [10, 10]
+    assert not plain.summed.any()
+
+
+def test_empty_cells_are_not_embeddable() -> None:
     counts = sp.csr_matrix(np.zeros((1, 5), dtype=np.float32))
     (v1,) = _tok("V1").tokenize(counts, np.array([0]), seed=0, totals=np.array([0.0]))
     (v2,) = _tok("V2").tokenize(counts, np.array([0]), seed=0, totals=np.array([7.0]))
     assert len(v1) == 0 and v2.gene_ids.tolist() == [CLS, EOS]
+    assert not v1.embeddable and not v2.embeddable
+    (full,) = _tok("V2").tokenize(_row(HAND), np.array([0]), seed=0, totals=np.array([20.0]))
+    assert full.embeddable
 
 
 # ---------------------------------------------------------------- against the official arithmetic
-def _official(X: np.ndarray, n_counts: np.ndarray, medians: np.ndarray, tokens: np.ndarray, size: int,
-              special: bool) -> list[list[int]]:
-    """The official ``tokenize_anndata`` + ``create_dataset`` arithmetic, written out from its description.
+def _official(X: np.ndarray | sp.csr_matrix, n_counts: np.ndarray, medians: np.ndarray, tokens: np.ndarray,
+              size: int, special: bool) -> list[list[int]]:
+    """Upstream ``TranscriptomeTokenizer.tokenize_anndata`` + ``create_dataset``, step by step.
 
-    Dense ``X / n_counts[:, None] * 10_000 / medians``, converted to CSR, each row's non-zero
-    entries ranked by ``np.argsort(-values)``, truncated, ``<cls>``/``<eos>`` added for V2.
+    Follows ``geneformer/tokenizer.py`` (HF ``ctheodoris/Geneformer``): ``n_counts =
+    obs["n_counts"].values[:, None]``; ``X_norm = X_view / n_counts * target_sum /
+    norm_factor_vector`` with the real scipy (sparse ``X``) or numpy (dense ``X``) operators;
+    ``sp.csr_matrix(X_norm)``; ``rank_genes(X_norm[i].data, tokens[X_norm[i].indices])`` =
+    ``argsort(-data)``; then truncation and ``<cls>``/``<eos>``; empty cells dropped.
     """
-    X_norm = sp.csr_matrix(X / n_counts[:, None] * 10_000 / medians)
+    X_norm = X / n_counts[:, None] * 10_000
+    X_norm = sp.csr_matrix(X_norm / medians)
     out = []
     for i in range(X_norm.shape[0]):
         ranked = tokens[X_norm[i].indices][np.argsort(-X_norm[i].data)]
@@ -109,22 +135,57 @@ def _official(X: np.ndarray, n_counts: np.ndarray, medians: np.ndarray, tokens: 
     return out
 
 
+@pytest.mark.parametrize("x_dtype", [np.float32, np.int32])
+@pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("n_counts_dtype", [np.float64, np.float32, np.int64])
 @pytest.mark.parametrize("version", ["V1", "V2"])
-def test_matches_official_arithmetic_with_many_ties(version: str, n_counts_dtype: type) -> None:
+def test_matches_official_arithmetic_with_many_ties(version: str, n_counts_dtype: type, dense: bool,
+                                                    x_dtype: type) -> None:
     rng = np.random.default_rng(7)
     n_genes = 60
-    medians = rng.choice([0.5, 1.0, 1.5, 3.0], size=n_genes)  # repeated medians + small counts -> ties
+    medians = rng.choice([0.5, 1.0, 1.5, 3.0, 0.7], size=n_genes)  # repeated medians + small counts -> ties
     tokens = np.arange(10, 10 + n_genes)
-    X = (rng.random((25, n_genes)) < 0.6) * rng.integers(1, 4, size=(25, n_genes))
-    X = X.astype(np.float32)
-    n_counts = (X.sum(1) + rng.integers(0, 50, size=25)).astype(n_counts_dtype)  # unmapped genes count too
+    X = (rng.random((40, n_genes)) < 0.6) * rng.integers(1, 6, size=(40, n_genes))
+    X = X.astype(x_dtype)
+    n_counts = (X.sum(1) + rng.integers(0, 5000, size=40)).astype(n_counts_dtype)  # unmapped genes count too
     size = 20
-    tok = _tok(version, size, tokens.tolist(), medians.tolist())
-    recs = tok.tokenize(sp.csr_matrix(X), np.arange(25), seed=0, totals=n_counts)
-    expected = _official(X, n_counts, medians, tokens, size, version == "V2")
+    tok = _tok(version, size, tokens.tolist(), medians.tolist()).for_storage(dense=dense, dtype=x_dtype)
+    recs = tok.tokenize(sp.csr_matrix(X.astype(np.float32)), np.arange(40), seed=0, totals=n_counts)
+    expected = _official(X if dense else sp.csr_matrix(X), n_counts, medians, tokens, size, version == "V2")
     assert [r.gene_ids.tolist() for r in recs] == expected
     assert any(len(r) == size for r in recs)
+
+
+def test_sparse_and_dense_official_results_differ_and_each_is_reproduced() -> None:
+    """Near-ties: the reciprocal (sparse) and division (dense) arithmetic order some cells differently."""
+    rng = np.random.default_rng(3)
+    n_genes, n_cells = 200, 300
+    medians = rng.choice([0.5, 0.75, 1.0, 1.5, 3.0, 0.3], size=n_genes)  # x1/m1 == x2/m2 across genes
+    tokens = np.arange(4, 4 + n_genes)
+    X = (rng.poisson(2.0, size=(n_cells, n_genes))).astype(np.float32)
+    n_counts = (X.sum(1) + rng.integers(0, 3000, size=n_cells)).astype(np.float32)
+    sparse_off = _official(sp.csr_matrix(X), n_counts, medians, tokens, 4096, True)
+    dense_off = _official(X, n_counts, medians, tokens, 4096, True)
+    base = _tok("V2", 4096, tokens.tolist(), medians.tolist())
+    for dense, expected in ((False, sparse_off), (True, dense_off)):
+        recs = base.for_storage(dense=dense, dtype=np.float32).tokenize(
+            sp.csr_matrix(X), np.arange(n_cells), seed=0, totals=n_counts)
+        assert [r.gene_ids.tolist() for r in recs] == expected
+    # the storage matters upstream (here for some cells), so it must here
+    assert sum(a != b for a, b in zip(sparse_off, dense_off)) > 0
+
+
+def test_stored_zeros_and_duplicates_in_sparse_x_as_official() -> None:
+    # upstream keeps stored zeros of a sparse X as tokens (ranked last) and sums duplicates after scaling
+    data = np.array([3, 0, 1, 2, 0, 5], dtype=np.float32)
+    indices = np.array([0, 1, 2, 2, 3, 4])
+    X = sp.csr_matrix((data, indices, np.array([0, 6])), shape=(1, 5))
+    medians = np.array(MEDIANS)
+    tokens = np.arange(10, 15)
+    expected = _official(X, np.array([20.0]), medians, tokens, 64, False)
+    (rec,) = _tok("V1").tokenize(X, np.array([0]), seed=0, totals=np.array([20.0]))
+    assert rec.gene_ids.tolist() == expected[0]
+    assert rec.gene_ids.tolist()[-2:] in ([11, 13], [13, 11]) and len(rec) == 5
 
 
 # ---------------------------------------------------------------- totals and obs
@@ -197,3 +258,83 @@ def test_collate_v1_has_no_cls_and_handles_empty_cells() -> None:
     only_empty = collate_geneformer(recs[:1], pad_token_id=0, n_special=0)
     assert only_empty.gene_ids.shape == (1, 1) and not only_empty.padding_mask.any()
     assert isinstance(batch.values, torch.Tensor) and batch.values.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- oracle: sum_ensembl_ids + tokenize_anndata
+def _official_pipeline(adata, token_dict: dict, median_dict: dict, mapping_dict: dict, size: int) -> list[list[int]]:  # noqa: ANN001
+    """Upstream ``geneformer/tokenizer.py`` (HF ``ctheodoris/Geneformer``), h5ad path, V2, written
+    from its steps with the same anndata / pandas / scipy operations:
+
+    ``TranscriptomeTokenizer.__init__``: mapping restricted to values in the token dictionary.
+    ``sum_ensembl_ids`` (``collapse_gene_ids=True``): if the dataset ids found in the mapping and
+    their mapped values are equally many distinct ids, only ``var['ensembl_id_collapsed'] =
+    ensembl_id.str.upper().map(mapping)``; else var names := collapsed ids, unmapped columns
+    dropped, each id occurring more than once summed (``pd.DataFrame.sparse.from_spmatrix(...).sum(axis=1)``)
+    and ``sc.concat([non-duplicated columns, summed columns], axis=1)``.
+    ``tokenize_anndata``: columns whose collapsed id is a token, ``X_view / n_counts * target_sum /
+    norm_factor_vector``, ``sp.csr_matrix``, ``argsort(-data)`` per row; ``create_dataset``:
+    first ``size - 2`` genes between ``<cls>`` and ``<eos>``.
+    """
+    import collections
+
+    import anndata as ad
+    import pandas as pd
+    import scanpy as sc
+
+    mapping = {k: v for k, v in mapping_dict.items() if v in token_dict}
+    ids = list(adata.var["ensembl_id"])
+    in_map = [g for g in ids if g in mapping]
+    adata = adata.copy()
+    adata.var["ensembl_id_collapsed"] = adata.var["ensembl_id"].str.upper().map(mapping)
+    if len(set(in_map)) != len({mapping[g] for g in in_map}):
+        adata.var_names = adata.var["ensembl_id_collapsed"].astype(object).where(adata.var["ensembl_id_collapsed"].notna(), None)
+        adata = adata[:, ~adata.var.index.isna()]
+        dups = [g for g, c in collections.Counter(adata.var_names).items() if c > 1]
+        sums = []
+        for g in dups:
+            part = adata[:, adata.var_names == g]
+            df = pd.DataFrame.sparse.from_spmatrix(part.X, index=part.obs_names, columns=part.var_names)
+            s = pd.DataFrame(df.sum(axis=1))
+            s.columns = [g]
+            sums.append(s)
+        summed = pd.concat(sums, axis=1)
+        extra = ad.AnnData(X=summed, obs=adata.obs, var=pd.DataFrame({"ensembl_id_collapsed": summed.columns}, index=summed.columns))
+        dedup = adata[:, ~adata.var.index.isin(dups)]
+        obs = adata.obs
+        adata = sc.concat([dedup, extra], axis=1)
+        adata.obs = obs
+    collapsed = adata.var["ensembl_id_collapsed"]
+    loc = np.where([token_dict.get(g, None) is not None if isinstance(g, str) else False for g in collapsed])[0]
+    norm = np.array([median_dict[g] for g in collapsed.iloc[loc]])
+    tokens = np.array([token_dict[g] for g in collapsed.iloc[loc]])
+    n_counts = adata.obs["n_counts"].values[:, None]
+    X_norm = sp.csr_matrix(adata.X[:, loc] / n_counts * 10_000 / norm)
+    return [[CLS, *tokens[X_norm[i].indices][np.argsort(-X_norm[i].data)][: size - 2], EOS] for i in range(X_norm.shape[0])]
+
+
+@pytest.mark.parametrize("aliases", [False, True])
+def test_gene_layout_and_tokens_match_official_sum_ensembl_ids(aliases: bool) -> None:
+    import anndata as ad
+
+    rng = np.random.default_rng(11)
+    n = 50
+    genes = [f"ENSG{i:011d}" for i in range(n)]
+    token_dict = {"<pad>": 0, "<mask>": 1, "<cls>": CLS, "<eos>": EOS} | {g: 4 + i for i, g in enumerate(genes)}
+    median_dict = {g: float(m) for g, m in zip(genes, rng.choice([0.5, 1.0, 2.0, 0.25], size=n))}
+    mapping_dict = {g: g for g in genes}
+    ids = [*genes[:40], "ENSG99999999999"]
+    if aliases:  # two old ids mapped onto genes 3 and 7, and a lower-case id
+        mapping_dict |= {"ENSGOLD00000001": genes[3], "ENSGOLD00000002": genes[7]}
+        ids += ["ENSGOLD00000001", "ENSGOLD00000002", genes[45].lower()]
+    else:  # 1:1 on the dataset: an exact duplicate id stays two columns (two tokens)
+        ids += [genes[5], genes[45].lower()]
+    X = sp.csr_matrix(((rng.random((30, len(ids))) < 0.5) * rng.integers(1, 6, size=(30, len(ids)))).astype(np.float32))
+    n_counts = (np.asarray(X.sum(1)).ravel() + rng.integers(0, 100, size=30)).astype(np.float32)
+    adata = ad.AnnData(X=X, obs=pd.DataFrame({"n_counts": n_counts}, index=[f"c{i}" for i in range(30)]),
+                       var=pd.DataFrame({"ensembl_id": ids}, index=[f"v{i}" for i in range(len(ids))]))
+    expected = _official_pipeline(adata, token_dict, median_dict, mapping_dict, size=64)
+    layout = official_gene_layout(ids, token_dict, median_dict, mapping_dict)
+    tok = GeneformerTokenizer(max_length=64, cls_id=CLS, eos_id=EOS).bind_layout(layout)
+    recs = tok.tokenize(X[:, layout.mapping.var_index], np.arange(30), seed=0, totals=n_counts)
+    assert [r.gene_ids.tolist() for r in recs] == expected
+    assert bool(layout.summed.any()) == aliases

@@ -223,7 +223,7 @@ def test_other_bad_inputs(tmp_path: Path, random_counts, tiny_gene_ids, tiny_tah
         (good, {"pools": ("cls", "median")}, InvalidInputError, "not available"),
         (tmp_path / "missing.h5ad", {}, InvalidInputError, "does not exist"),
         (good, {"counts_layer": "raw"}, InvalidInputError, "--counts-layer 'raw' not in the file"),
-        (good, {"model_options": {"sub_model": "rde"}}, InvalidInputError, "'tahoe-x1' takes no model options"),
+        (good, {"model_options": {"sub_model": "rde"}}, InvalidInputError, "option sub_model=rde is not one of 'tahoe-x1'"),
         (good, {"model_options": ("sub_model",)}, InvalidInputError, "not KEY=VALUE"),
         (good, {"model_options": ("sub_model=rde;drop",)}, InvalidInputError, "malformed"),
         (good, {"model_options": ("a=1", "a=2")}, InvalidInputError, "given twice"),
@@ -282,6 +282,74 @@ def test_forked_workers_do_not_hang_after_torch_ran_in_parent(tmp_path: Path) ->
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_unembeddable_cells_are_nan_recorded_and_explicit_zeros_are_tokens(
+    tmp_path: Path, random_counts: Callable[..., sp.csr_matrix], tiny_gene_ids: Callable[..., list[str]],
+    tiny_tahoe_hf: Path,
+) -> None:
+    counts = random_counts(40, 40, seed=8).tolil()
+    counts[[3, 17], :] = 0  # two cells without any expressed gene
+    counts = counts.tocsr()
+    counts.eliminate_zeros()
+    # cell 5: append two explicit zeros (stored entries upstream's CountDataset turns into tokens)
+    rows = [counts[i] for i in range(40)]
+    free = [c for c in range(40) if c not in set(rows[5].indices)][:2]
+    rows[5] = sp.csr_matrix((np.concatenate([rows[5].data, [0.0, 0.0]]), np.concatenate([rows[5].indices, free]),
+                             [0, rows[5].nnz + 2]), shape=(1, 40))
+    raw = sp.vstack(rows, format="csr")
+    assert (raw.data == 0).sum() == 2
+    path = _write_h5ad(tmp_path / "d.h5ad", raw, tiny_gene_ids(40))
+    with sclstore.open_store(tmp_path / "s", create=True) as st:
+        res = st.ingest(path, "tahoe-x1", str(tiny_tahoe_hf), pools=("cls", "mean"), chunk_cells=16, batch_size=8,
+                        progress=False, workers=0)
+        run = st.run(res.id)
+        obs = st.backend.read_obs(run.dataset_id)
+        stored = _all_layers(st, res.id, "cls")
+        src_idx = obs["src_idx"].to_numpy()
+        expect = sorted(int(np.flatnonzero(src_idx == r)[0]) for r in (3, 17))
+        assert list(run.unembeddable) == expect and run.stats["unembeddable_cells"] == 2
+        nan_rows = np.flatnonzero(np.isnan(stored).any(axis=(0, 2)))
+        assert nan_rows.tolist() == expect and np.isnan(stored[:, expect]).all()
+        # the cell with explicit zeros: as its stored row tokenized alone (zeros are tokens), not as the canonical row
+        adapter = load_adapter("tahoe-x1", tiny_tahoe_hf)
+        mapping = adapter.map_genes(tiny_gene_ids(40))
+        adapter.load(torch.device("cpu"))
+        cell = int(np.flatnonzero(src_idx == 5)[0])
+        sub = raw[5][:, mapping.var_index]
+        (rec,) = adapter.tokenizer.tokenize(sub, np.array([cell]), seed=0)
+        assert len(rec) == rows[5].nnz + 1
+        alone = adapter.embed(adapter.collate([rec]), layers=list(run.layers), pools=["cls"])["cls"][:, 0].numpy()
+        np.testing.assert_allclose(stored[:, cell], alone, atol=1e-5, rtol=0)
+        # the same counts without the stored zeros are another extraction (another cache key)
+        canon = raw.copy()
+        canon.eliminate_zeros()
+        path2 = _write_h5ad(tmp_path / "d2.h5ad", canon, tiny_gene_ids(40))
+        res2 = st.ingest(path2, "tahoe-x1", str(tiny_tahoe_hf), pools=("cls", "mean"), chunk_cells=16, batch_size=8,
+                         progress=False, workers=0)
+        assert not res2.cache_hit and "stored_layout" in run.params and "stored_layout" not in st.run(res2.id).params
+
+
+def test_precision_auto_is_official_on_cuda_fp32_on_cpu_and_keys_the_run(tmp_path: Path, data: Path, tiny_tahoe_hf: Path) -> None:
+    from sclstore.ingest.adapter import resolve_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_precision("auto", "bf16", cpu) == "fp32" and resolve_precision("auto", "bf16", cuda) == "bf16"
+    assert resolve_precision("auto", "fp32", cuda) == "fp32" and resolve_precision("fp16", "fp32", cpu) == "fp16"
+    # official precisions: Tahoe from model_config (amp_bf16), scGPT fp16 autocast, Geneformer/scFoundation fp32
+    assert load_adapter("tahoe-x1", tiny_tahoe_hf).official_precision == "bf16"
+    with pytest.raises(InvalidInputError, match="--precision 'fp64' is not one of auto, fp32, bf16, fp16"):
+        sclstore.IngestConfig(model="sclstore-tiny", precision="fp64")  # type: ignore[arg-type]
+    with sclstore.open_store(tmp_path / "s", create=True) as st:
+        kw = dict(pools=("cls",), chunk_cells=64, progress=False, workers=0)
+        a = st.ingest(data, "tahoe-x1", str(tiny_tahoe_hf), **kw)
+        b = st.ingest(data, "tahoe-x1", str(tiny_tahoe_hf), precision="bf16", **kw)
+        c = st.ingest(data, "tahoe-x1", str(tiny_tahoe_hf), precision="fp32", **kw)
+        assert not b.cache_hit and c.cache_hit and c.run_id == a.run_id  # auto on the CPU is fp32
+        assert st.run(a.id).params["precision"] == "fp32" and st.run(b.id).params["precision"] == "bf16"
+        x, y = _all_layers(st, a.id, "cls"), _all_layers(st, b.id, "cls")
+    assert not np.array_equal(x[1:], y[1:])
+    np.testing.assert_allclose(y, x, atol=0.1, rtol=0.05)  # bf16 autocast: close, not equal
 
 
 def test_repeated_ingest_reads_neither_data_nor_checkpoint_bytes(

@@ -17,7 +17,7 @@ import scipy.sparse as sp
 import torch
 
 from sclstore.ingest.adapter import TokenRecord, map_to_vocab
-from sclstore.ingest.models.scfoundation_data import (
+from sclstore.ingest.models.scfoundation.data import (
     GENE_LIST_FILE,
     Resolution,
     ScFoundationTokenizer,

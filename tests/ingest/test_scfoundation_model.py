@@ -400,19 +400,19 @@ def test_sub_model_and_option_errors(tiny: Path, tmp_path: Path) -> None:
         load_adapter("scfoundation", f"{tiny}#sub_model=rde", options={"sub_model": "gene"})
     with pytest.raises(sclstore.InvalidInputError, match=r"unknown scFoundation model option\(s\) \['depth'\]"):
         load_adapter("scfoundation", tiny, options={"depth": "3"})
-    with pytest.raises(sclstore.InvalidInputError, match="'tahoe-x1' takes no model options"):
+    with pytest.raises(sclstore.InvalidInputError, match="option sub_model=rde is not one of 'tahoe-x1'"):
         load_adapter("tahoe-x1", tiny, options={"sub_model": "rde"})
     perf = write_tiny_scfoundation(tmp_path / "p", encoder_overrides={"module_type": "performer"})
     with pytest.raises(sclstore.CheckpointError, match=r"encoder module_type 'performer' is not supported"):
         ScFoundationAdapter(perf)
     short = write_tiny_scfoundation(tmp_path / "g", genes=None, n_genes=40)  # no TSV: packaged 19,264 genes
-    pattern = r"seq_len 42 means 40 genes but the packaged scfoundation_genes\.txt has 19264"
+    pattern = r"seq_len 42 means 40 genes but the packaged genes\.txt has 19264"
     with pytest.raises(sclstore.CheckpointError, match=pattern):
         ScFoundationAdapter(short)
 
 
 def test_construction_reads_no_tensor_data(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sclstore.ingest.models.scfoundation as sf
+    import sclstore.ingest.models.scfoundation.adapter as sf
 
     calls: list[dict[str, Any]] = []
     real_load = torch.load
@@ -490,7 +490,7 @@ def test_gene_id_type_and_duplicate_symbols(tiny: Path) -> None:
 def test_packaged_gene_list_drives_positions_of_real_symbols(tmp_path: Path) -> None:
     folder = write_tiny_scfoundation(tmp_path / "models", genes=None, n_genes=19264, depth=1, sub_models=("cell",))
     adapter = ScFoundationAdapter(folder)
-    assert adapter.describe()["gene_list"] == "packaged scfoundation_genes.txt" and adapter.n_layers == 1
+    assert adapter.describe()["gene_list"] == "packaged genes.txt" and adapter.n_layers == 1
     symbols = ["LYZ", "CD3E", "MS4A1", "NKG7", "GNLY", "CD14", "FCGR3A", "PPBP", "CD8A", "IL7R", "S100A8", "HBB"]
     mapping = adapter.map_genes(symbols + ["NOT-A-GENE"])
     assert mapping.n_matched == 12

@@ -17,7 +17,7 @@ import scipy.sparse as sp
 import torch
 
 from sclstore.ingest.adapter import GeneMapping, cell_generator
-from sclstore.ingest.models.scgpt_data import ScGPTTokenizer, binning, digitize_random
+from sclstore.ingest.models.scgpt.data import ScGPTTokenizer, binning, digitize_random
 from sclstore.store.errors import InvalidInputError, ModelError
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-import sclstore.ingest.models.tahoe as tahoe
-import sclstore.ingest.models.tahoe_checkpoint as tahoe_checkpoint
+import sclstore.ingest.models.tahoe.adapter as tahoe
+import sclstore.ingest.models.tahoe.checkpoint as tahoe_checkpoint
 from sclstore.ingest.models import FAMILIES, load_adapter
 from sclstore.store.errors import CheckpointError, InvalidInputError
 

@@ -13,7 +13,7 @@ import torch
 
 from sclstore.ingest.adapter import cell_generator, map_to_vocab
 from sclstore.ingest.models import load_adapter
-from sclstore.ingest.models.tahoe_data import TahoeTokenizer, binning
+from sclstore.ingest.models.tahoe.data import TahoeTokenizer, binning
 from sclstore.store.errors import InvalidInputError, ModelError, SclstoreError
 
 Counts = Callable[..., scipy.sparse.csr_matrix]
@@ -87,14 +87,45 @@ def test_tokenize_structure_hand_case() -> None:
     assert tok.seq_len(r0) == 4
 
 
-def test_tokenize_drops_explicit_zeros_and_sorts_indices() -> None:
+def _count_dataset_row(counts: scipy.sparse.csr_matrix, idx: int, gene_ids: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """Upstream ``tahoe_x1.data.CountDataset.__getitem__`` (no ``<cls>``): ``row = getrow(idx)``,
+    genes ``gene_ids[row.indices]``, values ``row.data`` -- the row's entries as stored."""
+    row = counts.getrow(idx)
+    return gene_ids[row.indices].tolist(), np.asarray(row.data, dtype=np.float32)
+
+
+def test_tokenize_keeps_explicit_zeros_and_stored_order_as_official() -> None:
     tok = _tokenizer()
     data = np.array([5.0, 0.0, 3.0, 1.0], dtype=np.float32)
     indices = np.array([4, 0, 1, 3])  # unsorted, with an explicit zero
     counts = scipy.sparse.csr_matrix((data, indices, np.array([0, 4])), shape=(1, 5))
     (rec,) = tok.tokenize(counts, np.array([0]), seed=0)
-    assert rec.gene_ids.tolist() == [101, 11, 13, 14]
-    assert rec.values.tolist() == [-2.0, 26.0, 1.0, 50.0]
+    genes, values = _count_dataset_row(counts, 0, np.arange(10, 15))
+    assert rec.gene_ids.tolist() == [101, *genes] == [101, 14, 10, 11, 13]
+    # the explicit zero is a token in bin 1; the other bins are those of the nonzero values
+    assert rec.values.tolist() == [-2.0, *binning(values).tolist()] == [-2.0, 50.0, 1.0, 26.0, 1.0]
+
+
+def test_tokenize_keeps_duplicate_entries_as_two_tokens() -> None:
+    tok = _tokenizer()
+    counts = scipy.sparse.csr_matrix((np.array([2.0, 3.0, 7.0], dtype=np.float32), np.array([1, 1, 2]),
+                                      np.array([0, 3])), shape=(1, 5))
+    (rec,) = tok.tokenize(counts, np.array([0]), seed=0)
+    genes, values = _count_dataset_row(counts, 0, np.arange(10, 15))
+    assert rec.gene_ids.tolist() == [101, *genes] == [101, 11, 11, 12]
+    np.testing.assert_array_equal(rec.values[1:], binning(values))
+
+
+def test_cell_without_genes_is_not_embeddable() -> None:
+    tok = _tokenizer()
+    counts = scipy.sparse.csr_matrix(np.array([[0, 0, 0, 0, 0], [0, 1, 0, 0, 0]], dtype=np.float32))
+    empty, one = tok.tokenize(counts, np.array([0, 1]), seed=0)
+    assert empty.gene_ids.tolist() == [101] and not empty.embeddable
+    assert one.embeddable
+    # an explicit zero is a gene token upstream, so that cell is embedded
+    (z,) = tok.tokenize(scipy.sparse.csr_matrix((np.zeros(1, dtype=np.float32), np.array([2]), np.array([0, 1])),
+                                                shape=(1, 5)), np.array([0]), seed=0)
+    assert z.gene_ids.tolist() == [101, 12] and z.values.tolist() == [-2.0, 1.0] and z.embeddable
 
 
 def test_tokenize_keep_first_two_feeds_first_gene_raw() -> None:

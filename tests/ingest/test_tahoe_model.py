@@ -175,3 +175,30 @@ def test_empty_cell_has_cls_and_zero_gene_pools(tiny_tahoe_hf: Path) -> None:
     out = adapter.embed(adapter.collate(recs), layers=[0, 1, 2], pools=POOLS)
     assert torch.all(out["mean"][:, 0] == 0) and torch.all(out["max"][:, 0] == 0)
     assert torch.isfinite(out["cls"]).all() and out["cls"][:, 0].abs().sum() > 0
+
+
+def test_softmax_scale_is_ignored_as_official_unless_opted_in(
+    tiny_tahoe_factory: Callable[..., Path], random_counts: Counts
+) -> None:
+    """Upstream ``TXBlock`` builds its attention without ``softmax_scale``: a config value has no effect."""
+    plain = tiny_tahoe_factory(seed=5)
+    cfg_attn = {"attn_type": "grouped_query_attention", "attn_impl": "flash", "use_attn_mask": False, "softmax_scale": 0.05}
+    scaled = tiny_tahoe_factory(seed=5, model_overrides={"attn_config": cfg_attn})
+    counts = random_counts(5, 40, seed=4)
+    layers = list(range(3))
+    a, recs = _setup(plain, counts)
+    b, _ = _setup(scaled, counts)
+    out_a = a.embed(a.collate(recs), layers=layers, pools=POOLS)
+    out_b = b.embed(b.collate(recs), layers=layers, pools=POOLS)
+    for pool in POOLS:
+        torch.testing.assert_close(out_b[pool], out_a[pool], atol=0, rtol=0)
+    opted = load_adapter("tahoe-x1", scaled, options={"softmax_scale": "config"})
+    assert isinstance(opted, TahoeAdapter) and opted.config.softmax_scale == 0.05
+    assert opted.checkpoint_hash != b.checkpoint_hash
+    opted.map_genes(ens(40))
+    opted.load(torch.device("cpu"))
+    out_c = opted.embed(opted.collate(recs), layers=layers, pools=POOLS)
+    assert (out_c["cls"][2] - out_a["cls"][2]).abs().max() > 1e-3
+    torch.testing.assert_close(out_c["cls"][0], out_a["cls"][0])  # the input layer has no attention
+    with pytest.raises(InvalidInputError, match="softmax_scale=official"):
+        load_adapter("tahoe-x1", scaled, options={"softmax_scale": "yes"})

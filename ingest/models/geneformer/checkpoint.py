@@ -29,8 +29,8 @@ import torch
 
 from sclstore.store.errors import CheckpointError
 
-from ._common import check_state_dict_strict
-from .safe_load import safe_torch_load
+from .._common import check_state_dict_strict
+from ..safe_load import safe_torch_load
 
 __all__ = [
     "WEIGHT_FILES",
@@ -51,6 +51,9 @@ WEIGHT_FILES: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")
 """Weight files of an HF folder, in order of preference."""
 TOKEN_GLOB = "*token_dictionary*.pkl"
 MEDIAN_GLOB = "*gene_median*.pkl"
+MAPPING_GLOB = "*ensembl_mapping_dict*.pkl"
+"""The release's Ensembl mapping (collapse) dictionary, e.g. ``ensembl_mapping_dict_gc104M.pkl``
+(V2) or ``ensembl_mapping_dict_gc30M.pkl`` (V1); optional, applied as the official tokenizer does."""
 IGNORED_PREFIXES: tuple[str, ...] = (
     "cls.",
     "pooler.",
@@ -75,6 +78,7 @@ class GeneformerFiles:
     weights: Path
     token_dictionary: Path
     gene_median: Path
+    ensembl_mapping: Path | None = None
 
     @property
     def fmt(self) -> str:
@@ -83,7 +87,8 @@ class GeneformerFiles:
 
     def all(self) -> tuple[Path, ...]:
         """Config, weight and dictionary files, in hashing order."""
-        return (self.config, self.weights, self.token_dictionary, self.gene_median)
+        extra = (self.ensembl_mapping,) if self.ensembl_mapping is not None else ()
+        return (self.config, self.weights, self.token_dictionary, self.gene_median, *extra)
 
 
 def foreign_family(folder: Path) -> str | None:
@@ -144,6 +149,12 @@ def locate_checkpoint(path: str | Path) -> GeneformerFiles:
     weights = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
     tokens = _one(folder, TOKEN_GLOB, "token dictionary")
     medians = _one(folder, MEDIAN_GLOB, "gene median")
+    ens_map = _one(folder, MAPPING_GLOB, "Ensembl mapping dictionary")
+    if ens_map is None:
+        logger.warning(
+            "no %s next to the checkpoint in %r: dataset ids are matched to the token dictionary as they are "
+            "(the official tokenizer would apply the release's Ensembl mapping dictionary)", MAPPING_GLOB, str(folder),
+        )
     missing = [
         name
         for name, found in (
@@ -162,7 +173,8 @@ def locate_checkpoint(path: str | Path) -> GeneformerFiles:
         raise CheckpointError(msg)
     assert weights is not None and tokens is not None and medians is not None
     return GeneformerFiles(
-        folder=folder, config=folder / "config.json", weights=weights, token_dictionary=tokens, gene_median=medians
+        folder=folder, config=folder / "config.json", weights=weights, token_dictionary=tokens, gene_median=medians,
+        ensembl_mapping=ens_map,
     )
 
 
@@ -228,14 +240,18 @@ class GeneformerDicts:
     tokens
         ``{token: id}`` including the special tokens.
     medians
-        ``{Ensembl id: median}`` (float).
+        ``{Ensembl id: median}`` as stored (python or numpy floats: upstream's
+        ``norm_factor_vector`` takes numpy's dtype of them).
     version
         ``"V1"`` (no ``<cls>``) or ``"V2"`` (``<cls>`` and ``<eos>``).
+    ensembl_mapping
+        ``{Ensembl id: Ensembl id}`` of the release's mapping dictionary, or None.
     """
 
     tokens: dict[str, int]
-    medians: dict[str, float]
+    medians: dict[str, Any]
     version: Version
+    ensembl_mapping: dict[str, str] | None = None
 
     @property
     def genes(self) -> dict[str, int]:
@@ -262,7 +278,9 @@ def read_dictionaries(files: GeneformerFiles) -> GeneformerDicts:
         raise CheckpointError(f"{name_m} is not a non-empty dictionary {{Ensembl id: median}}")
     try:
         tokens = {str(k): int(v) for k, v in raw_tokens.items()}
-        medians = {str(k): float(v) for k, v in raw_medians.items()}
+        medians = {str(k): v for k, v in raw_medians.items()}
+        for v in medians.values():
+            float(v)
     except (TypeError, ValueError) as exc:
         msg = f"{name_t} / {name_m} must map gene ids to integer token ids / numeric medians: {exc}"
         raise CheckpointError(msg) from exc
@@ -274,10 +292,11 @@ def read_dictionaries(files: GeneformerFiles) -> GeneformerDicts:
     if has_cls != has_eos:
         msg = f"{name_t} has {'<cls>' if has_cls else '<eos>'} but not {'<eos>' if has_cls else '<cls>'}; V2 needs both"
         raise CheckpointError(msg)
-    bad = next((g for g, m in medians.items() if not (math.isfinite(m) and m > 0)), None)
+    bad = next((g for g, m in medians.items() if not (math.isfinite(float(m)) and float(m) > 0)), None)
     if bad is not None:
         raise CheckpointError(f"{name_m}: the median of {bad!r} is {medians[bad]!r}; medians must be positive numbers")
-    dicts = GeneformerDicts(tokens=tokens, medians=medians, version="V2" if has_cls else "V1")
+    dicts = GeneformerDicts(tokens=tokens, medians=medians, version="V2" if has_cls else "V1",
+                            ensembl_mapping=_read_mapping(files.ensembl_mapping))
     n_genes = len(dicts.genes)
     if n_genes == 0:
         msg = f"no gene of {name_t} has a median in {name_m}; the two dictionaries are not of the same release"
@@ -287,6 +306,16 @@ def read_dictionaries(files: GeneformerFiles) -> GeneformerDicts:
         missing = n_tok - n_genes
         logger.warning("%d of %d genes of %s have no median in %s; they are ignored", missing, n_tok, name_t, name_m)
     return dicts
+
+
+def _read_mapping(path: Path | None) -> dict[str, str] | None:
+    """The Ensembl mapping dictionary (``{id: id}``; non-string values are never matched), or None."""
+    if path is None:
+        return None
+    raw = _load_pickle(path)
+    if not isinstance(raw, Mapping) or not raw:
+        raise CheckpointError(f"{path.name} is not a non-empty dictionary {{Ensembl id: Ensembl id}}")
+    return {str(k): v for k, v in raw.items() if isinstance(v, str)}
 
 
 def _fix_key(key: str) -> str:

@@ -31,8 +31,8 @@ import torch
 
 from sclstore.store.errors import InvalidInputError, ModelError
 
-from ..adapter import TokenRecord, cell_generator
-from ._common import RowTokenizer, csr_row, drop_zeros
+from ...adapter import TokenRecord, cell_generator
+from .._common import RowTokenizer, csr_row, drop_zeros
 
 __all__ = ["OFFICIAL_N_BINS", "digitize_random", "binning", "ScGPTTokenizer"]
 
@@ -156,4 +156,4 @@ class ScGPTTokenizer(RowTokenizer):
             perm = torch.randperm(genes.shape[0] - 1, generator=gen)[: self.max_length - 1].numpy()
             idx = np.concatenate(([0], perm + 1))
             genes, values = genes[idx], values[idx]
-        return TokenRecord(cell_idx=cell, gene_ids=genes, values=values)
+        return TokenRecord(cell_idx=cell, gene_ids=genes, values=values, embeddable=genes.shape[0] > 1)

@@ -42,8 +42,8 @@ import torch
 
 from sclstore.store.errors import CheckpointError, InvalidInputError, ModelError
 
-from ..adapter import GeneMapping, TokenBatch, TokenRecord
-from ._common import NOT_BOUND, csr_row, pad_records, validate_counts
+from ...adapter import GeneMapping, TokenBatch, TokenRecord
+from .._common import NOT_BOUND, csr_row, pad_records, validate_counts
 
 __all__ = [
     "GENE_LIST_FILE",
@@ -60,7 +60,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-GENE_LIST_FILE = Path(__file__).resolve().with_name("scfoundation_genes.txt")
+GENE_LIST_FILE = Path(__file__).resolve().with_name("genes.txt")
 """The official 19,264-gene list (``OS_scRNA_gene_index.19264.tsv``), one symbol per line, in order."""
 
 N_OFFICIAL_GENES = 19264
@@ -265,7 +265,8 @@ class ScFoundationTokenizer:
             dense[:] = 0.0
             np.add.at(dense, self.positions[cols], data)
             pos, val = gather_positive(cell_values(dense, self.resolution))
-            records.append(TokenRecord(cell_idx=int(cell_idx[i]), gene_ids=pos, values=val))
+            records.append(TokenRecord(cell_idx=int(cell_idx[i]), gene_ids=pos, values=val,
+                                       embeddable=bool((pos < self.n_genes).any())))
         return records
 
 

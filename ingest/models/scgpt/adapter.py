@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 from sclstore.store.errors import CheckpointError, InvalidInputError
 
-from ..adapter import GeneMapping, ModelAdapter, TokenBatch, TokenRecord, autocast_for, map_to_vocab
-from ._common import name_from_folder
-from .scgpt_checkpoint import (
+from ...adapter import GeneMapping, ModelAdapter, OfficialEmbedding, TokenBatch, TokenRecord, map_to_vocab
+from .._common import name_from_folder
+from .checkpoint import (
     ScGPTFiles,
     check_state_dict,
     locate_checkpoint,
@@ -35,9 +35,9 @@ from .scgpt_checkpoint import (
     read_vocab,
     rename_flash_keys,
 )
-from .scgpt_data import OFFICIAL_N_BINS, ScGPTTokenizer
-from .scgpt_model import ScGPTConfig, ScGPTModel
-from .tahoe_data import collate_records
+from .data import OFFICIAL_N_BINS, ScGPTTokenizer
+from .model import ScGPTConfig, ScGPTModel
+from ..tahoe.data import collate_records
 
 __all__ = ["ScGPTAdapter", "INFERENCE_MAX_LENGTH", "from_checkpoint"]
 
@@ -77,6 +77,7 @@ class ScGPTAdapter(ModelAdapter[ScGPTModel]):
     """
 
     family = "scgpt"
+    official_precision = "fp16"  # embed_data runs under torch.cuda.amp.autocast() (fp16)
     supported_pools = ("cls", "mean", "max")
     default_pools = ("cls", "mean", "max")
 
@@ -175,12 +176,17 @@ class ScGPTAdapter(ModelAdapter[ScGPTModel]):
         mask = batch.padding_mask[:, None, None, :]
         return model(batch.gene_ids, batch.values, mask, n_blocks=n_blocks)
 
+    @property
+    def official(self) -> OfficialEmbedding:
+        """Last-layer ``<cls>``, L2-normalised (``embed_data``)."""
+        return OfficialEmbedding(layer=self.n_layers, pools=("cls",), l2_normalise=True)
+
     @torch.no_grad()
     def official_embedding(self, batch: TokenBatch) -> torch.Tensor:
         """The official cell embedding: ``<cls>`` of the last block's output, L2-normalised, float32."""
         self._require_model()
         batch = self._on_device(batch)
-        with autocast_for(self.device):
+        with self.autocast():
             cls = self._encode(batch)[:, 0].float()
         return F.normalize(cls, p=2, dim=-1)
 

@@ -3,14 +3,14 @@
 Facts and pitfalls: ``research/models.md`` §3. In short:
 
 * checkpoint: ``models.ckpt`` with sub-models ``cell`` (default), ``rde`` and ``gene``; the
-  19,264-gene list ships with sclstore (``scfoundation_genes.txt``, the official
+  19,264-gene list ships with sclstore (``scfoundation/genes.txt``, the official
   ``OS_scRNA_gene_index.19264.tsv`` in order) unless the folder holds its own
   ``OS_scRNA_gene_index*.tsv``;
 * input: raw counts aligned to the gene list, ``log1p(CP10k)``, then the T and S resolution
   tokens (option ``tgthighres``, default ``t4`` as the official script), values ``> 0`` only,
-  position id = gene index (:mod:`.scfoundation_data`);
+  position id = gene index (:mod:`.data`);
 * model: soft-binned value embedding + gene position embedding, 12 post-LN blocks and a final
-  LayerNorm (:mod:`.scfoundation_model`); fp32 on CPU, bf16 autocast on CUDA;
+  LayerNorm (:mod:`.model`); fp32 (the official precision; see --precision);
 * pools, for every layer: ``S`` and ``T`` (the two resolution tokens), ``max`` and ``mean`` over
   the gene tokens; stored layer ``L`` includes the final LayerNorm, so the official cell
   embedding is ``concat[S, T, max, mean]`` of layer ``L`` (``4 d``, no normalisation):
@@ -38,10 +38,10 @@ from torch import nn
 
 from sclstore.store.errors import CheckpointError, InvalidInputError
 
-from ..adapter import GeneMapping, ModelAdapter, TokenBatch, TokenRecord, autocast_for, hash_files, map_to_vocab
-from ..capture import pool_hidden
-from ._common import name_from_folder
-from .scfoundation_checkpoint import (
+from ...adapter import GeneMapping, ModelAdapter, OfficialEmbedding, TokenBatch, TokenRecord, hash_files, map_to_vocab
+from ...capture import pool_hidden
+from .._common import name_from_folder
+from .checkpoint import (
     CheckpointFiles,
     check_state_dict,
     flatten_config,
@@ -51,7 +51,7 @@ from .scfoundation_checkpoint import (
     select_sub_model,
     sub_model_names,
 )
-from .scfoundation_data import (
+from .data import (
     GENE_LIST_FILE,
     Resolution,
     ScFoundationTokenizer,
@@ -60,7 +60,7 @@ from .scfoundation_data import (
     packaged_gene_list,
     read_gene_list,
 )
-from .scfoundation_model import ScFoundationConfig, ScFoundationModel
+from .model import ScFoundationConfig, ScFoundationModel
 
 __all__ = [
     "ScFoundationAdapter",
@@ -173,6 +173,7 @@ class ScFoundationAdapter(ModelAdapter[ScFoundationModel]):
     """
 
     family = "scfoundation"
+    official_precision = "fp32"  # get_embedding.py: no autocast
     supported_pools = OFFICIAL_POOLS
     default_pools = OFFICIAL_POOLS
 
@@ -305,12 +306,17 @@ class ScFoundationAdapter(ModelAdapter[ScFoundationModel]):
                 tensor[:, empty] = 0.0
         return out
 
+    @property
+    def official(self) -> OfficialEmbedding:
+        """``concat[S, T, max, mean]`` of the final-LN encoder output = stored layer L (``get_embedding.py``)."""
+        return OfficialEmbedding(layer=self.n_layers, pools=tuple(OFFICIAL_POOLS))
+
     @torch.no_grad()
     def official_embedding(self, batch: TokenBatch) -> torch.Tensor:
         """The official cell embedding ``concat[S, T, max, mean]`` of the encoder output, ``(B, 4 d)``."""
         self._require_model()
         batch = self._on_device(batch)
-        with autocast_for(self.device):
+        with self.autocast():
             hidden = self._encode(batch)
         pooled = pool_hidden(hidden, batch.pooling_info(), OFFICIAL_POOLS)
         out = official_from_pools(pooled)

@@ -32,8 +32,8 @@ import torch
 
 from sclstore.store.errors import CheckpointError
 
-from ._common import check_state_dict_strict
-from .safe_load import safe_torch_load
+from .._common import check_state_dict_strict
+from ..safe_load import safe_torch_load
 
 __all__ = [
     "REQUIRED_FILES",

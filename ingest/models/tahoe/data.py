@@ -16,6 +16,7 @@ import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import scipy.sparse
@@ -23,8 +24,8 @@ import torch
 
 from sclstore.store.errors import InvalidInputError
 
-from ..adapter import TokenBatch, TokenRecord, cell_generator
-from ._common import RowTokenizer, csr_row, drop_zeros, pad_records
+from ...adapter import TokenBatch, TokenRecord, cell_generator
+from .._common import RowTokenizer, csr_row, pad_records
 
 __all__ = ["binning", "log_transform", "TahoeTokenizer", "collate_records"]
 
@@ -117,9 +118,14 @@ class TahoeTokenizer(RowTokenizer):
             )
             raise InvalidInputError(msg)
 
+    reads_stored_entries: ClassVar[bool] = True
+    """Upstream's ``CountDataset`` takes a CSR row's entries as stored: explicit zeros become
+    tokens (bin 1), duplicate entries two tokens, in stored order."""
+    canonical_counts: ClassVar[bool] = False
+
     def _tokenize_row(self, counts: scipy.sparse.csr_matrix, row: int, cell: int, seed: int) -> TokenRecord:
         assert self.token_ids is not None
-        cols, data = drop_zeros(*csr_row(counts, row))
+        cols, data = csr_row(counts, row)
         genes = np.concatenate(([self.cls_id], self.token_ids[cols])).astype(np.int64)
         values = np.concatenate(([self.pad_value], data)).astype(np.float32)
         k = self.keep_first_n_tokens
@@ -133,7 +139,7 @@ class TahoeTokenizer(RowTokenizer):
             perm = torch.randperm(genes.shape[0] - k, generator=gen)[: self.max_length - k].numpy()
             idx = np.concatenate((np.arange(k), perm + k))
             genes, values = genes[idx], values[idx]
-        return TokenRecord(cell_idx=cell, gene_ids=genes, values=values)
+        return TokenRecord(cell_idx=cell, gene_ids=genes, values=values, embeddable=genes.shape[0] > k)
 
 
 def collate_records(

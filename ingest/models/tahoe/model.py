@@ -17,6 +17,7 @@ Parameter names match the official state dict (after stripping the ``model.`` pr
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sclstore.store.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["TahoeConfig", "TahoeModel", "TXBlock", "resolve_activation"]
 
@@ -94,8 +97,14 @@ class TahoeConfig:
         return int(self.d_model * self.expansion_ratio)
 
     @classmethod
-    def from_dicts(cls, model_cfg: Mapping[str, Any], collator_cfg: Mapping[str, Any]) -> TahoeConfig:
+    def from_dicts(
+        cls, model_cfg: Mapping[str, Any], collator_cfg: Mapping[str, Any], *, apply_softmax_scale: bool = False
+    ) -> TahoeConfig:
         """Build from the parsed YAML files, with the official defaults.
+
+        ``attn_config.softmax_scale`` is ignored, as the official ``TXBlock`` (it builds its
+        attention without passing it, so attention always scales by ``1/sqrt(head_dim)``);
+        ``apply_softmax_scale=True`` (model option ``softmax_scale=config``) applies it instead.
 
         Raises
         ------
@@ -143,6 +152,10 @@ class TahoeConfig:
             raise CheckpointError("collator_config.yml sets both do_binning and log_transform; only one is allowed")
         max_len = collator_cfg.get("max_length")
         scale = attn.get("softmax_scale")
+        if scale is not None and not apply_softmax_scale:
+            logger.info("attn_config.softmax_scale=%s is ignored, as the official TXBlock does "
+                        "(--model-option softmax_scale=config applies it)", scale)
+            scale = None
         cfg = cls(
             vocab_size=int(model_cfg["vocab_size"]),
             n_layers=int(model_cfg["n_layers"]),

@@ -14,6 +14,8 @@ Facts and pitfalls of the official model: ``research/models.md`` §1. In short:
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,17 +26,18 @@ import torch.nn.functional as F
 
 from sclstore.store.errors import CheckpointError
 
-from ..adapter import (
+from ...adapter import (
     GeneMapping,
     ModelAdapter,
+    OfficialEmbedding,
     TokenBatch,
     TokenRecord,
-    autocast_for,
+    hash_files,
     looks_like_ensembl,
     map_to_vocab,
 )
-from ._common import name_from_folder
-from .tahoe_checkpoint import (
+from .._common import name_from_folder
+from .checkpoint import (
     CheckpointFiles,
     check_state_dict,
     locate_checkpoint,
@@ -42,8 +45,8 @@ from .tahoe_checkpoint import (
     read_vocab,
     read_yaml,
 )
-from .tahoe_data import TahoeTokenizer, collate_records
-from .tahoe_model import TahoeConfig, TahoeModel
+from .data import TahoeTokenizer, collate_records
+from .model import TahoeConfig, TahoeModel
 
 __all__ = ["TahoeAdapter", "INFERENCE_MAX_LENGTH"]
 
@@ -51,6 +54,9 @@ logger = logging.getLogger(__name__)
 
 INFERENCE_MAX_LENGTH = 2048
 """Official inference sequence cap (``predict_embeddings.py``: ``seq_len_dataset`` default 2048)."""
+
+
+_PRECISIONS = {"fp32": "fp32", "amp_bf16": "bf16", "bf16": "bf16", "amp_fp16": "fp16", "fp16": "fp16"}
 
 
 class TahoeAdapter(ModelAdapter[TahoeModel]):
@@ -89,11 +95,13 @@ class TahoeAdapter(ModelAdapter[TahoeModel]):
         max_genes: int | None = None,
         family: str | None = None,
         name: str | None = None,
+        apply_softmax_scale: bool = False,
     ) -> None:
         self.files: CheckpointFiles = locate_checkpoint(checkpoint)
         model_cfg = read_yaml(self.files.model_config)
         collator_cfg = read_yaml(self.files.collator_config)
-        self.config = TahoeConfig.from_dicts(model_cfg, collator_cfg)
+        self.apply_softmax_scale = bool(apply_softmax_scale)
+        self.config = TahoeConfig.from_dicts(model_cfg, collator_cfg, apply_softmax_scale=self.apply_softmax_scale)
         self.vocab = read_vocab(self.files.vocab)
         cfg = self.config
         if max(self.vocab.values()) >= cfg.vocab_size:
@@ -116,6 +124,8 @@ class TahoeAdapter(ModelAdapter[TahoeModel]):
                 cfg.keep_first_n_tokens,
                 cfg.keep_first_n_tokens - 1,
             )
+        # get_batch_embeddings autocasts to model_config's precision (amp_bf16 in every release)
+        self.official_precision = _PRECISIONS.get(cfg.precision.lower(), "bf16")
         if family is not None:
             self.family = family
         self.name = name or name_from_folder(self.files.folder, "tahoe-x1")
@@ -137,10 +147,19 @@ class TahoeAdapter(ModelAdapter[TahoeModel]):
         self.tokenizer = self._base_tokenizer
 
     # --- identity -------------------------------------------------------------------------
+    @functools.cached_property
+    def checkpoint_hash(self) -> str:
+        """sha256 over the checkpoint files, plus the non-official ``softmax_scale=config`` option when set."""
+        base = hash_files(self.files.all())
+        if not self.apply_softmax_scale:
+            return base
+        return hashlib.sha256(f"{base}\0softmax_scale=config".encode()).hexdigest()
+
     def _describe_checkpoint(self) -> dict[str, Any]:
         cfg = self.config
         return {
             "architecture": "tahoe-x1",
+            "softmax_scale": cfg.softmax_scale if self.apply_softmax_scale else "1/sqrt(head_dim) (config value ignored, as upstream)",
             "n_layers": cfg.n_layers,
             "d_model": cfg.d_model,
             "n_heads": cfg.n_heads,
@@ -205,11 +224,23 @@ class TahoeAdapter(ModelAdapter[TahoeModel]):
         mask = batch.padding_mask[:, None, None, :]
         return model(batch.gene_ids, batch.values, mask, n_blocks=n_blocks)
 
+    @property
+    def official(self) -> OfficialEmbedding:
+        """Final-LayerNorm ``<cls>`` of the last block, L2-normalised (``get_batch_embeddings``)."""
+        return OfficialEmbedding(layer=self.n_layers, pools=("cls",), final_norm=True, l2_normalise=True)
+
+    @torch.no_grad()
+    def apply_final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's final LayerNorm on pooled vectors (on the model's device, float32 out)."""
+        model = self._require_model()
+        with self.autocast():
+            return model.final_norm(x.to(self.device, dtype=torch.float32)).float()
+
     @torch.no_grad()
     def official_embedding(self, batch: TokenBatch) -> torch.Tensor:
         """The official cell embedding: ``<cls>`` of the final-LN output, L2-normalised, float32."""
         model = self._require_model()
-        with autocast_for(self.device):
+        with self.autocast():
             hidden = model.final_norm(self._encode(batch))
             cls = hidden[:, 0].float()
         return F.normalize(cls, p=2, dim=-1)
@@ -226,6 +257,6 @@ class TahoeAdapter(ModelAdapter[TahoeModel]):
         model = self._require_model()
         self._check_width(pooled_last)
         x = pooled_last.to(self.device, dtype=torch.float32)
-        with autocast_for(self.device):
+        with self.autocast():
             y = model.final_norm(x).float()
         return F.normalize(y, p=2, dim=-1)

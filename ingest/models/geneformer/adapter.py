@@ -10,9 +10,9 @@ Facts and pitfalls of the official model: ``research/models.md`` §4. In short:
   ``<eos>``, input size 4096, official cell embedding = ``<cls>``). The input size is the
   model's ``max_position_embeddings`` (2048 for V1, 4096 for V2 releases);
 * input: genes matched by Ensembl id, ``counts / n_counts * 10_000 / gene_median``, non-zero
-  genes ranked by decreasing value, truncated (:mod:`.geneformer_data`);
+  genes ranked by decreasing value, truncated (:mod:`.data`);
 * model: post-LN BERT, absolute positions, token type 0, no final norm
-  (:mod:`.geneformer_model`);
+  (:mod:`.model`);
 * official cell embedding (``EmbExtractor``, default ``emb_layer=-1``): ``hidden_states[L-1]``
   of ``BertModel``, the output of the **second-to-last** block. Stored layer ``l`` equals
   ``hidden_states[l]`` (0 = embeddings), so the official embedding is the stored ``cls`` (V2)
@@ -28,6 +28,7 @@ rounding of exact near-ties) differ.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,10 +38,10 @@ import torch
 
 from sclstore.store.errors import CheckpointError, InvalidInputError
 
-from ..adapter import GeneMapping, ModelAdapter, TokenBatch, TokenRecord, autocast_for, map_to_vocab
-from ..capture import pool_hidden
-from ._common import name_from_folder
-from .geneformer_checkpoint import (
+from ...adapter import GeneMapping, ModelAdapter, OfficialEmbedding, TokenBatch, TokenRecord, map_to_vocab
+from ...capture import pool_hidden
+from .._common import name_from_folder
+from .checkpoint import (
     GeneformerFiles,
     check_state_dict,
     locate_checkpoint,
@@ -48,12 +49,14 @@ from .geneformer_checkpoint import (
     read_dictionaries,
     read_state_dict,
 )
-from .geneformer_data import GeneformerTokenizer, collate_geneformer
-from .geneformer_model import BertEncoderConfig, GeneformerBert
+from .data import GeneformerTokenizer, collate_geneformer, official_gene_layout
+from .model import BertEncoderConfig, GeneformerBert
 
 __all__ = ["GeneformerAdapter", "from_checkpoint"]
 
 logger = logging.getLogger(__name__)
+
+_VERSION_SUFFIX = re.compile(r"\.\d+$")
 
 
 class GeneformerAdapter(ModelAdapter[GeneformerBert]):
@@ -97,6 +100,7 @@ class GeneformerAdapter(ModelAdapter[GeneformerBert]):
     """
 
     family = "geneformer"
+    official_precision = "fp32"  # EmbExtractor: no autocast
 
     def __init__(self, checkpoint: str | Path, *, max_genes: int | None = None, name: str | None = None) -> None:
         self.files: GeneformerFiles = locate_checkpoint(checkpoint)
@@ -132,7 +136,6 @@ class GeneformerAdapter(ModelAdapter[GeneformerBert]):
         self.official_layer = max(self.n_layers - 1, 0)
         self.official_pool = "cls" if v2 else "mean"
         self._genes = dicts.genes
-        self._median_of_token = {tok: dicts.medians[g] for g, tok in self._genes.items()}
         self._base_tokenizer = GeneformerTokenizer(
             max_length=self.max_length,
             cls_id=int(dicts.tokens["<cls>"]) if v2 else None,
@@ -187,10 +190,28 @@ class GeneformerAdapter(ModelAdapter[GeneformerBert]):
         InvalidInputError
             If the ids are gene symbols (pass ``--gene-column`` with Ensembl ids) or too few match.
         """
-        mapping = map_to_vocab(gene_ids, self._genes, model=f"{self.family} ({self.name})")
-        medians = [self._median_of_token[int(t)] for t in mapping.token_ids]
-        self.tokenizer = self._base_tokenizer.bind(mapping, medians)
-        return mapping
+        ids = [str(g) for g in gene_ids]
+        layout = official_gene_layout(ids, self.dicts.tokens, self.dicts.medians, self.dicts.ensembl_mapping)
+        if layout.mapping.n_matched == 0:
+            # upstream would match nothing (e.g. versioned ids): match the unversioned ids instead
+            ids = [_VERSION_SUFFIX.sub("", g) for g in ids]
+            layout = official_gene_layout(ids, self.dicts.tokens, self.dicts.medians, self.dicts.ensembl_mapping)
+            if layout.mapping.n_matched:
+                logger.warning("no gene id matched as given; matching %d ids without their version suffix",
+                               layout.mapping.n_matched)
+        if layout.mapping.n_matched < min(10, len(ids)) or layout.mapping.n_matched < 0.1 * len(ids):
+            # too few: the generic mapper names the problem (symbols vs Ensembl ids, too few genes)
+            map_to_vocab(gene_ids, self._genes, model=f"{self.family} ({self.name})")
+            if layout.mapping.n_matched == 0:
+                raise InvalidInputError(f"none of the dataset's gene ids is known to {self.name}; pass the var "
+                                        "column holding Ensembl ids with --gene-column")
+        self.tokenizer = self._base_tokenizer.bind_layout(layout)
+        return layout.mapping
+
+    def observe_source(self, *, dense: bool, dtype: Any) -> None:
+        """Reproduce upstream's arithmetic for counts stored dense or sparse with ``dtype``."""
+        self._base_tokenizer = self._base_tokenizer.for_storage(dense=dense, dtype=dtype)
+        self.tokenizer = self.tokenizer.for_storage(dense=dense, dtype=dtype)
 
     def check_obs(self, obs: pd.DataFrame | None) -> str:
         """Validate the cells' total counts before anything is written (see :meth:`GeneformerTokenizer.check_obs`)."""
@@ -221,6 +242,11 @@ class GeneformerAdapter(ModelAdapter[GeneformerBert]):
     def _encode(self, batch: TokenBatch, *, n_blocks: int | None = None) -> torch.Tensor:
         return self._require_model()(batch.gene_ids, batch.padding_mask, n_blocks=n_blocks)
 
+    @property
+    def official(self) -> OfficialEmbedding:
+        """``EmbExtractor`` default: V2 ``<cls>`` / V1 mean of ``hidden_states[L-1]``, no transform."""
+        return OfficialEmbedding(layer=self.official_layer, pools=(self.official_pool,))
+
     @torch.no_grad()
     def official_embedding(self, batch: TokenBatch, *, layer: int | None = None) -> torch.Tensor:
         """The official cell embedding (``EmbExtractor``), float32 ``(B, d)``.
@@ -245,7 +271,7 @@ class GeneformerAdapter(ModelAdapter[GeneformerBert]):
         if not 0 <= layer <= self.n_layers:
             raise InvalidInputError(f"layer {layer} out of range: {self.name} has layers 0..{self.n_layers}")
         batch = self._on_device(batch)
-        with autocast_for(self.device):
+        with self.autocast():
             hidden = self._encode(batch, n_blocks=layer)
         return pool_hidden(hidden, batch.pooling_info(), [self.official_pool])[self.official_pool]
 
