@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sclstore.query import execute_query, open_query
-from sclstore.query.spec import Compare, IsNull, OrderItem, Predicate, to_sql
+from sclstore.query.spec import Compare, IsNull, OrderItem, to_sql
 from sclstore.store.errors import InvalidQueryError, NotFoundError, QueryTooLargeError, RunNotFoundError
 
 from .helpers import BuiltStore, build_store, check_cells, expected_rows, frame_of, random_obs
