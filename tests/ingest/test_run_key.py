@@ -24,7 +24,7 @@ from sclstore.store.config import NUMERICS, PINNED, fields_marked
 
 from .trust_helpers import load_test_module, write_h5ad
 
-MARKED = {"model", "checkpoint", "pools", "layers", "dtype", "counts_layer", "gene_column", "seed", "max_genes", "model_options"}
+MARKED = {"model", "checkpoint", "pools", "layers", "dtype", "counts_layer", "gene_column", "seed", "max_genes", "precision", "model_options"}
 """The oracle: the fields that can change the stored numbers, decided by reading the pipeline."""
 
 
@@ -67,6 +67,7 @@ def test_every_field_one_at_a_time(world: dict[str, Any], tmp_path: Path) -> Non
         "cluster_by": ("condition",),
         "seed": 9,
         "max_genes": 12,
+        "precision": "bf16",
         "model_options": None,  # tahoe-x1 has none: covered on scFoundation below
         "chunk_cells": 7,
         "workers": 1,
