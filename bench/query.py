@@ -72,7 +72,7 @@ def timed(cases: list[tuple[str, Callable[[], Any]]], repeats: int) -> list[tupl
             t = time.perf_counter()
             outs[i] = fn()
             times[i].append(time.perf_counter() - t)
-    return [(statistics.median(ts), min(ts), out) for ts, out in zip(times, outs)]
+    return [(statistics.median(ts), min(ts), out) for ts, out in zip(times, outs, strict=False)]
 
 
 def make_obs(n: int, seed: int) -> pd.DataFrame:
@@ -147,7 +147,7 @@ def catalog_part(backend: Backend, n: int, repeats: int) -> list[tuple[str, floa
         ("select_cells for `SELECT *` (all 6 obs columns)", lambda: select_cells(backend, plan_star)[0], lambda r: r),
     ]
     rows = []
-    for (label, _fn, get), (t, t_min, out) in zip(cases, timed([(c[0], c[1]) for c in cases], repeats)):
+    for (label, _fn, get), (t, t_min, out) in zip(cases, timed([(c[0], c[1]) for c in cases], repeats), strict=False):
         got = get(out)
         assert np.array_equal(got, truth), f"{label}: {len(got)} cells, expected {len(truth)}"
         rows.append((label, t, t_min))
@@ -236,7 +236,7 @@ def store_part(backend: Backend, work: Path, n: int, nl: int, d: int, repeats: i
         ("h5ad: anndata backed='r' + index", anndata_backed),
     ]
     rows = []
-    for (label, _fn), (t, t_min, got) in zip(cases, timed(cases, repeats)):
+    for (label, _fn), (t, t_min, got) in zip(cases, timed(cases, repeats), strict=False):
         assert np.array_equal(got, ref), f"{label}: results differ"
         rows.append((label, t, t_min))
     print(f"slice: layer {layer}, {len(cells):,} of {n:,} cells ({len(cells) / n:.1%}); results checked equal")

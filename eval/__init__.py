@@ -20,6 +20,7 @@ Lifecycle: experimental.
 
 from __future__ import annotations
 
+from sclstore.eval.celltype import ProbeScore, knn_predictions, logistic_predictions, macro_f1, nearest_neighbors, probe_score
 from sclstore.eval.claims import Claim, layer_claims, simultaneous_critical_value
 from sclstore.eval.de import (
     DE_MODES,
@@ -32,6 +33,15 @@ from sclstore.eval.de import (
     pseudobulk,
     pydeseq2_inputs,
     run_de,
+)
+from sclstore.eval.diagnostics import (
+    anisotropy,
+    cka_matrix,
+    linear_cka,
+    participation_ratio,
+    participation_ratio_from_spectrum,
+    top_coordinate_share,
+    twonn_dimension,
 )
 from sclstore.eval.dpt import (
     ROOT_RULES,
@@ -97,6 +107,7 @@ from sclstore.eval.stats import (
     subsample_scale,
     upper_triangle,
 )
+from sclstore.eval.tasks import Task, TaskConfig, config_params, get_task, register_task, task_names
 from sclstore.eval.trajectory import (
     GraphOptions,
     LayerPseudotimes,
@@ -112,53 +123,114 @@ from sclstore.eval.trajectory import (
     trajectory_paired_difference,
 )
 
-from sclstore.eval.celltype import ProbeScore, knn_predictions, logistic_predictions, macro_f1, nearest_neighbors, probe_score
-from sclstore.eval.diagnostics import (
-    anisotropy,
-    cka_matrix,
-    linear_cka,
-    participation_ratio,
-    participation_ratio_from_spectrum,
-    top_coordinate_share,
-    twonn_dimension,
-)
-from sclstore.eval.tasks import Task, TaskConfig, config_params, get_task, register_task, task_names
-
 __all__ = [
-    # tasks
-    "Task", "TaskConfig", "config_params", "get_task", "register_task", "task_names",
-    # diagnostics and label probes
-    "anisotropy", "top_coordinate_share", "participation_ratio", "participation_ratio_from_spectrum", "twonn_dimension",
-    "linear_cka", "cka_matrix", "ProbeScore", "nearest_neighbors", "knn_predictions", "logistic_predictions", "macro_f1",
-    "probe_score",
-    # claims (shared by every task)
-    "Claim", "layer_claims", "simultaneous_critical_value", "apply_claim", "claim_summary_row",
-    # trajectory, several layers on one common cell set
-    "GraphOptions", "LayerPseudotimes", "TrajectoryLayers", "layer_pseudotimes", "combine_layer_pseudotimes",
-    "score_trajectory_layers", "earliest_roots", "standardize_columns",
-    # cross-fitted RSA and calibrated intervals
-    "Similarity", "crossfit_halves", "crossfit_de", "rsa_crossfit", "score_perturbation_crossfit", "rsa_folds",
-    "ceiling_from_folds",
-    "calibrated_interval", "subsample_scale",
-    # trajectory
-    "ROOT_RULES", "RootRule", "DPTResult", "ReferencePseudotime", "TrajectoryScore", "SubsampleScores", "as_time",
-    "dpt_pseudotime", "reference_pseudotime", "score_trajectory", "paired_subsample_scores",
-    "trajectory_paired_difference",
-    # DE
-    "DE_MODES", "DEMode", "DEResult", "pseudobulk", "expressed_genes", "median_of_ratios",
-    "de_fast", "de_pydeseq2", "pydeseq2_inputs", "run_de",
-    # perturbation
-    "VARIANTS", "Variant", "PerturbationScore", "SplitHalfCeiling", "select_perturbations",
-    "group_centroids", "embedding_vectors", "cosine_similarity_matrix", "de_similarity",
-    "rsa_from_centroids", "score_perturbation", "perturbation_paired_difference",
-    "split_half_ceiling",
-    # stats
-    "PairedDifference", "percentile_ci", "paired_difference", "upper_triangle", "rsa_spearman",
-    "mantel_test", "bootstrap_rsa",
     # results and plot
-    "BASELINE_LAYER", "TABLE_COLUMNS", "LayerScore", "LayerSummary", "layer_depth", "layer_table",
-    "summarize_layers", "plot_layer_scores",
+    "BASELINE_LAYER",
     # simulators
-    "CONTROL_LABEL", "PERTURBSEQ_CONDITIONS", "default_gene_names", "simulate_trajectory",
-    "simulate_perturbseq", "simulate_layers", "log_pca",
+    "CONTROL_LABEL",
+    # DE
+    "DE_MODES",
+    "PERTURBSEQ_CONDITIONS",
+    # trajectory
+    "ROOT_RULES",
+    "TABLE_COLUMNS",
+    # perturbation
+    "VARIANTS",
+    # claims (shared by every task)
+    "Claim",
+    "DEMode",
+    "DEResult",
+    "DPTResult",
+    # trajectory, several layers on one common cell set
+    "GraphOptions",
+    "LayerPseudotimes",
+    "LayerScore",
+    "LayerSummary",
+    # stats
+    "PairedDifference",
+    "PerturbationScore",
+    "ProbeScore",
+    "ReferencePseudotime",
+    "RootRule",
+    # cross-fitted RSA and calibrated intervals
+    "Similarity",
+    "SplitHalfCeiling",
+    "SubsampleScores",
+    # tasks
+    "Task",
+    "TaskConfig",
+    "TrajectoryLayers",
+    "TrajectoryScore",
+    "Variant",
+    # diagnostics and label probes
+    "anisotropy",
+    "apply_claim",
+    "as_time",
+    "bootstrap_rsa",
+    "calibrated_interval",
+    "ceiling_from_folds",
+    "cka_matrix",
+    "claim_summary_row",
+    "combine_layer_pseudotimes",
+    "config_params",
+    "cosine_similarity_matrix",
+    "crossfit_de",
+    "crossfit_halves",
+    "de_fast",
+    "de_pydeseq2",
+    "de_similarity",
+    "default_gene_names",
+    "dpt_pseudotime",
+    "earliest_roots",
+    "embedding_vectors",
+    "expressed_genes",
+    "get_task",
+    "group_centroids",
+    "knn_predictions",
+    "layer_claims",
+    "layer_depth",
+    "layer_pseudotimes",
+    "layer_table",
+    "linear_cka",
+    "log_pca",
+    "logistic_predictions",
+    "macro_f1",
+    "mantel_test",
+    "median_of_ratios",
+    "nearest_neighbors",
+    "paired_difference",
+    "paired_subsample_scores",
+    "participation_ratio",
+    "participation_ratio_from_spectrum",
+    "percentile_ci",
+    "perturbation_paired_difference",
+    "plot_layer_scores",
+    "probe_score",
+    "pseudobulk",
+    "pydeseq2_inputs",
+    "reference_pseudotime",
+    "register_task",
+    "rsa_crossfit",
+    "rsa_folds",
+    "rsa_from_centroids",
+    "rsa_spearman",
+    "run_de",
+    "score_perturbation",
+    "score_perturbation_crossfit",
+    "score_trajectory",
+    "score_trajectory_layers",
+    "select_perturbations",
+    "simulate_layers",
+    "simulate_perturbseq",
+    "simulate_trajectory",
+    "simultaneous_critical_value",
+    "split_half_ceiling",
+    "standardize_columns",
+    "subsample_scale",
+    "summarize_layers",
+    "task_names",
+    "top_coordinate_share",
+    "trajectory_paired_difference",
+    "twonn_dimension",
+    "upper_triangle",
 ]

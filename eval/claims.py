@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import stats as sps
+
 from sclstore.store.errors import InvalidInputError
 
 __all__ = ["Claim", "layer_claims", "simultaneous_critical_value"]
@@ -194,7 +195,7 @@ def layer_claims(
     if not ok.any():
         msg = "no finite layer score; nothing to claim"
         raise InvalidInputError(msg)
-    dep = dict(zip(lay, depths)) if depths is not None else {}
+    dep = dict(zip(lay, depths, strict=False)) if depths is not None else {}
     idx = np.flatnonzero(ok)
     est, R, lay = est[idx], R[idx], [lay[i] for i in idx]
     R = R[:, np.isfinite(R).all(axis=0)]
@@ -243,7 +244,7 @@ def layer_claims(
     _db, blo, _bhi, _bp, _bpadj, _bq = family(bi, -1.0)
     indist = tuple(li for li in lay if li == lay[bi] or not blo[li] > 0)
     wins = np.bincount(np.argmax(cal, axis=0), minlength=len(lay)) / B
-    win = {li: float(w) for li, w in zip(lay, wins)}
+    win = {li: float(w) for li, w in zip(lay, wins, strict=False)}
     best = lay[bi]
     gain = float(est[bi] - est[fi])
     g_lo, g_hi = (lo[best], hi[best]) if best != f_layer else (0.0, 0.0)

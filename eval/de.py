@@ -30,14 +30,14 @@ from scipy import sparse
 from sclstore.store.errors import EvaluationError, InvalidInputError
 
 __all__ = [
-    "DEMode",
     "DE_MODES",
+    "DEMode",
     "DEResult",
-    "pseudobulk",
-    "expressed_genes",
-    "median_of_ratios",
     "de_fast",
     "de_pydeseq2",
+    "expressed_genes",
+    "median_of_ratios",
+    "pseudobulk",
     "pydeseq2_inputs",
     "run_de",
 ]

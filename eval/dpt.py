@@ -20,6 +20,7 @@ import pandas as pd
 from scipy import sparse
 from scipy import stats as sps
 from scipy.sparse.csgraph import connected_components
+
 from sclstore.store.errors import EvaluationError, InvalidInputError
 
 if TYPE_CHECKING:

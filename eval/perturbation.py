@@ -24,6 +24,7 @@ from typing import Literal, get_args
 import numpy as np
 import pandas as pd
 from scipy import sparse
+
 from sclstore.eval.de import (
     DEMode,
     _missing_control,
@@ -353,9 +354,9 @@ def _finite_folds(mats: list[tuple[np.ndarray, np.ndarray]], perts: list[str]) -
         keep[int(np.argmax(bad.sum(axis=1)))] = False
     if not keep.all():
         logger.warning("dropped %d perturbations with undefined similarity (zero shift or constant DE): %s",
-                       int((~keep).sum()), [p for p, k in zip(perts, keep) if not k][:5])
+                       int((~keep).sum()), [p for p, k in zip(perts, keep, strict=False) if not k][:5])
     ix = np.ix_(keep, keep)
-    return [(a[ix], b[ix]) for a, b in mats], [p for p, k in zip(perts, keep) if k]
+    return [(a[ix], b[ix]) for a, b in mats], [p for p, k in zip(perts, keep, strict=False) if k]
 
 
 def rsa_crossfit(
@@ -416,7 +417,7 @@ def rsa_crossfit(
         msg = f"RSA needs >=3 perturbations with both DE and embedding, got {len(perts)}; pass more perturbations (labels in DE: {idx[:5]})"
         raise EvaluationError(msg)
     mats = []
-    for c, d in zip(cfs, de_folds):
+    for c, d in zip(cfs, de_folds, strict=False):
         S_de = de_similarity(d.set_axis([str(x) for x in d.index], axis=0).loc[perts], method=similarity)
         S_emb = cosine_similarity_matrix(embedding_vectors(c, control, perts, variant=variant))
         mats.append((S_de, S_emb))
@@ -800,7 +801,7 @@ def ceiling_from_folds(de_folds: Sequence[pd.DataFrame], *, mode: str, similarit
         raise InvalidInputError(msg)
     values: list[float] = []
     k = 0
-    for a, b in zip(de_folds[0::2], de_folds[1::2]):
+    for a, b in zip(de_folds[0::2], de_folds[1::2], strict=False):
         perts = [str(p) for p in a.index if p in set(map(str, b.index))]
         sa = de_similarity(a.set_axis([str(x) for x in a.index], axis=0).loc[perts], method=similarity)
         sb = de_similarity(b.set_axis([str(x) for x in b.index], axis=0).loc[perts], method=similarity)

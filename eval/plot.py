@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
 from sclstore.store.errors import InvalidInputError
 
 __all__ = ["plot_layer_scores"]

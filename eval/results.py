@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
+
 from sclstore.eval.claims import Claim
 from sclstore.store.errors import InvalidInputError
 
@@ -209,7 +210,7 @@ def summarize_layers(table: pd.DataFrame, *, by: Sequence[str] = ("pool", "condi
     groups = table.groupby(keys, dropna=False, sort=False) if keys else [((), table)]
     for key, grp in groups:
         key = key if isinstance(key, tuple) else (key,)
-        out.append({**dict(zip(keys, key)), **asdict(_summary(grp))})
+        out.append({**dict(zip(keys, key, strict=False)), **asdict(_summary(grp))})
     return pd.DataFrame(out)
 
 

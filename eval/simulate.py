@@ -31,13 +31,13 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
 __all__ = [
-    "PERTURBSEQ_CONDITIONS",
     "CONTROL_LABEL",
+    "PERTURBSEQ_CONDITIONS",
     "default_gene_names",
-    "simulate_trajectory",
-    "simulate_perturbseq",
-    "simulate_layers",
     "log_pca",
+    "simulate_layers",
+    "simulate_perturbseq",
+    "simulate_trajectory",
 ]
 
 logger = logging.getLogger(__name__)
@@ -274,7 +274,7 @@ def simulate_perturbseq(
     kidx = np.array([-1] * n_control_cells + [k for k in range(n_perturbations) for _ in range(cells_per_perturbation)])
     blocks, obs_parts = [], []
     true = {}
-    for c, (cond, scale) in enumerate(zip(conditions, effect_scale)):
+    for c, (cond, scale) in enumerate(zip(conditions, effect_scale, strict=False)):
         n = len(labels)
         donor = np.empty(n, dtype=np.int64)  # donors balanced within every perturbation
         for k in range(-1, n_perturbations):

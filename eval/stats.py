@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
+
 from sclstore.store.errors import EvaluationError, InvalidInputError
 
 __all__ = [
@@ -203,10 +204,7 @@ def paired_difference(
     d = a - b
     d = d[np.isfinite(d)]
     n = int(d.size)
-    if estimate is not None:
-        est = float(estimate)
-    else:
-        est = float(np.mean(d)) if n else float("nan")
+    est = float(estimate) if estimate is not None else float(np.mean(d)) if n else float("nan")
     if n < 3 or not np.isfinite(est):
         return PairedDifference(estimate=est, ci_low=float("nan"), ci_high=float("nan"), p_value=float("nan"), n_resamples=n)
     se = scale * float(d.std(ddof=1))
@@ -258,7 +256,7 @@ def subsample_indices(
     if not 0.0 < fraction <= 1.0:
         msg = f"subsample fraction must be in (0, 1], got {fraction!r}; pass e.g. 0.8"
         raise InvalidInputError(msg)
-    m = int(round(fraction * n))
+    m = round(fraction * n)
     if m < 3:
         msg = f"a subsample of {fraction:.0%} of {n} cells has fewer than 3 cells; use more cells"
         raise InvalidInputError(msg)
@@ -582,7 +580,7 @@ def _mantel_folds(pairs: Sequence[tuple[np.ndarray, np.ndarray]], *, n_perm: int
     chunk = max(1, int(4e6 // max(k * k, 1)))
     for s in range(0, n_perm, chunk):
         P = perms[s:s + chunk]
-        for x, rb, ym in zip(xs, rbs, ymeans):
+        for x, rb, ym in zip(xs, rbs, ymeans, strict=False):
             Y = rb[P[:, iu[0]], P[:, iu[1]]]  # permuted upper triangles, (chunk, pairs)
             stat[s:s + chunk] += (Y - ym) @ x
     count = int((stat >= obs - 1e-12 * len(pairs)).sum())
@@ -615,5 +613,5 @@ def finite_subset(S_de: np.ndarray, S_emb: np.ndarray, perts: list[str]) -> tupl
         keep[int(np.argmax(bad.sum(axis=1)))] = False
     if not keep.all():
         logger.warning("dropped %d perturbations with undefined similarity (zero shift or constant DE): %s",
-                       int((~keep).sum()), [p for p, k in zip(perts, keep) if not k][:5])
-    return S_de[np.ix_(keep, keep)], S_emb[np.ix_(keep, keep)], [p for p, k in zip(perts, keep) if k]
+                       int((~keep).sum()), [p for p, k in zip(perts, keep, strict=False) if not k][:5])
+    return S_de[np.ix_(keep, keep)], S_emb[np.ix_(keep, keep)], [p for p, k in zip(perts, keep, strict=False) if k]

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+
 from sclstore.eval.dpt import (
     ROOT_RULES,
     ReferencePseudotime,
@@ -51,23 +52,23 @@ from sclstore.store.errors import EvaluationError, InvalidInputError
 __all__ = [
     # re-exported from .dpt so the whole trajectory API is importable from here
     "ROOT_RULES",
-    "RootRule",
-    "ReferencePseudotime",
-    "as_time",
-    "dpt_pseudotime",
-    "reference_pseudotime",
-    "TrajectoryScore",
-    "SubsampleScores",
-    "score_trajectory",
-    "paired_subsample_scores",
-    "trajectory_paired_difference",
     "GraphOptions",
     "LayerPseudotimes",
+    "ReferencePseudotime",
+    "RootRule",
+    "SubsampleScores",
     "TrajectoryLayers",
-    "layer_pseudotimes",
+    "TrajectoryScore",
+    "as_time",
     "combine_layer_pseudotimes",
-    "score_trajectory_layers",
+    "dpt_pseudotime",
     "earliest_roots",
+    "layer_pseudotimes",
+    "paired_subsample_scores",
+    "reference_pseudotime",
+    "score_trajectory",
+    "score_trajectory_layers",
+    "trajectory_paired_difference",
 ]
 
 logger = logging.getLogger(__name__)
@@ -619,7 +620,7 @@ def combine_layer_pseudotimes(
     unreached = (~F).sum(axis=1)
     mask_all = F.all(axis=0)
     if common:
-        for nm, u in zip(names, unreached):
+        for nm, u in zip(names, unreached, strict=False):
             if u:
                 logger.warning("%s: %d of %d cells are not reachable from the root in its kNN graph; they are dropped "
                                "from every layer so all layers are scored on the same %d cells", nm, int(u), n, int(mask_all.sum()))

@@ -39,20 +39,20 @@ from sclstore.store.hashcache import cached_digest
 from .capture import LayerCapture, PoolingInfo
 
 __all__ = [
+    "Batch",
     "GeneMapping",
+    "ModelAdapter",
+    "OfficialEmbedding",
+    "TokenBatch",
     "TokenRecord",
     "Tokenizer",
-    "Batch",
-    "TokenBatch",
-    "ModelAdapter",
-    "looks_like_ensembl",
-    "map_to_vocab",
+    "autocast_for",
     "cell_generator",
     "hash_files",
-    "autocast_for",
-    "resolve_precision",
-    "OfficialEmbedding",
+    "looks_like_ensembl",
+    "map_to_vocab",
     "official_from_stored",
+    "resolve_precision",
 ]
 
 logger = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from torch import nn
 
 from sclstore.store.errors import ModelError
 
-__all__ = ["REDUCTION_POOLS", "PoolingInfo", "LayerCapture", "pool_hidden", "first_tensor"]
+__all__ = ["REDUCTION_POOLS", "LayerCapture", "PoolingInfo", "first_tensor", "pool_hidden"]
 
 logger = logging.getLogger(__name__)
 

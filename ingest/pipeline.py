@@ -17,6 +17,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -174,7 +175,7 @@ class _Prefetch:
                     records = [r for f in futs for r in f.result()]
                 self._put((lo, records))
             self._put(_DONE)
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+        except BaseException as exc:
             self._put(exc)
 
     def _put(self, item: Any) -> None:
@@ -223,7 +224,7 @@ class _Writer:
                 if skipped:
                     self.unembeddable.extend(skipped)
                 backend.write_block(run, lease, lo, block, unembeddable=self.unembeddable if skipped else None)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            except BaseException as exc:
                 self.error = exc
 
     def put(self, lo: int, block: dict[str, np.ndarray], skipped: Sequence[int] = ()) -> None:
@@ -243,10 +244,8 @@ class _Writer:
         """Stop after the chunk being written (if any); used when the model side failed."""
         if self.error is None:
             self.error = IngestError("ingest aborted")
-        try:
+        with contextlib.suppress(queue.Full):
             self._q.put_nowait(_DONE)
-        except queue.Full:
-            pass
         self._thread.join(timeout=60)
 
 

@@ -242,7 +242,8 @@ class CountsSource:
             if not np.all(np.isfinite(data)):
                 raise DatasetError(f"{where} has NaN or infinite values (rows {lo}..): sclstore needs raw integer counts")
             if (data < 0).any():
-                raise DatasetError(f"{where} has negative values (rows {lo}..): sclstore needs raw counts, not scaled data; pass --counts-layer with raw counts")
+                msg = f"{where} has negative values (rows {lo}..): sclstore needs raw counts, not scaled data; pass --counts-layer with raw counts"
+                raise DatasetError(msg)
             if not np.all(data == np.round(data)):
                 msg = f"{where} has non-integer values (rows {lo}..): it looks normalised; pass --counts-layer with raw integer counts"
                 raise DatasetError(msg)
@@ -257,6 +258,7 @@ class CountsSource:
                 h.update(name.encode())
                 h.update(b"\0")
         if empty and nnz:
-            logger.warning("%d of %d cells of %s have no counts at all; models that need a gene token cannot embed them (stored as NaN, listed as unembeddable)",
+            logger.warning("%d of %d cells of %s have no counts at all; models that need a gene token cannot embed them "
+                           "(stored as NaN, listed as unembeddable)",
                            empty, self.n_obs, self.path.name)
         return h.hexdigest(), nnz

@@ -20,9 +20,7 @@ def include_object(obj: Any, name: str | None, type_: str, reflected: bool, comp
     """Per-dataset obs tables are data built at registration, not schema: leave them alone."""
     if type_ == "table" and name is not None and name.startswith("obs_"):
         return False
-    if type_ == "index" and name is not None and name.startswith("ix_obs_"):
-        return False
-    return True
+    return not (type_ == "index" and name is not None and name.startswith("ix_obs_"))
 
 
 def run_migrations_online() -> None:

@@ -6,7 +6,7 @@ from sqlglot import exp
 
 from sclstore.store.errors import InvalidQueryError
 
-__all__ = ["ALLOWED_SHAPE", "ALLOWED_PREDICATES", "snippet", "describe", "refuse", "check_args"]
+__all__ = ["ALLOWED_PREDICATES", "ALLOWED_SHAPE", "check_args", "describe", "refuse", "snippet"]
 
 ALLOWED_SHAPE = (
     "SELECT <columns | * | embedding[.pool] | AVG(embedding[.pool]) | COUNT(*)> FROM embeddings "
@@ -59,7 +59,8 @@ def describe(node: exp.Expression) -> str:
         if isinstance(node, kind):
             return name
     if isinstance(node, exp.Binary) and not isinstance(node, exp.Connector):
-        return "arithmetic or an operator" if isinstance(node, (exp.Add, exp.Sub, exp.Mul, exp.Div, exp.Mod, exp.DPipe)) else f"the operator {type(node).__name__.upper()}"
+        arithmetic = (exp.Add, exp.Sub, exp.Mul, exp.Div, exp.Mod, exp.DPipe)
+        return "arithmetic or an operator" if isinstance(node, arithmetic) else f"the operator {type(node).__name__.upper()}"
     if isinstance(node, exp.Func):
         name = node.sql_name() if not isinstance(node, exp.Anonymous) else str(node.this)
         return f"the function {name.upper()}()"

@@ -35,11 +35,11 @@ if TYPE_CHECKING:
 __all__ = [
     "BoundColumn",
     "bind_columns",
-    "resolve_column",
-    "compile_predicate",
     "compile_order",
-    "like_tokens",
+    "compile_predicate",
     "like_to_regex",
+    "like_tokens",
+    "resolve_column",
 ]
 
 _STRING_KINDS = ("string", "category")

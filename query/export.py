@@ -39,7 +39,7 @@ from .result import QueryResult, QueryStream, _uns
 if TYPE_CHECKING:
     from .plan import Backend
 
-__all__ = ["FORMATS", "ROW_FORMATS", "write_result", "write_rows", "query_to_file", "check_output"]
+__all__ = ["FORMATS", "ROW_FORMATS", "check_output", "query_to_file", "write_result", "write_rows"]
 
 logger = logging.getLogger(__name__)
 

@@ -49,7 +49,7 @@ from .spec import (
     Value,
 )
 
-__all__ = ["parse_query", "MAX_QUERY_CHARS", "MAX_IN_VALUES", "ALLOWED_SHAPE", "ALLOWED_PREDICATES"]
+__all__ = ["ALLOWED_PREDICATES", "ALLOWED_SHAPE", "MAX_IN_VALUES", "MAX_QUERY_CHARS", "parse_query"]
 
 logger = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ from .spec import (
 if TYPE_CHECKING:
     from sclstore.store.info import DatasetInfo, RunInfo
 
-__all__ = ["Backend", "RunReader", "QueryPlan", "split_where", "select_layers", "plan_query"]
+__all__ = ["Backend", "QueryPlan", "RunReader", "plan_query", "select_layers", "split_where"]
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def pin_run(backend: Backend, terms: Sequence[Compare]) -> RunInfo:
             raise InvalidQueryError(f"{key} is a name: write `{key} = '{given[key]}'` with quotes")
     run_value = given.get("run")
     if run_value is not None:
-        if isinstance(run_value, bool) or isinstance(run_value, float):
+        if isinstance(run_value, (bool, float)):
             raise InvalidQueryError(f"run is an id or a 'dataset/model' name, got {run_value!r}")
         info = backend.get_run(run_value)
         for key, actual in (("dataset", info.dataset_name), ("model", info.model_name)):
@@ -275,10 +275,10 @@ def select_layers(info: RunInfo, terms: Sequence[Predicate]) -> tuple[int, ...]:
     n = info.n_model_layers or 1
     keep = set(info.layers)
     for term in terms:
-        column = getattr(term, "column")
+        column = term.column
         pos = (lambda layer: Fraction(layer)) if column == "layer" else (lambda layer: Fraction(layer, n))
         matched: set[int]
-        if isinstance(term, Compare) and term.op in ("=", "!=") or isinstance(term, InList):
+        if (isinstance(term, Compare) and term.op in ("=", "!=")) or isinstance(term, InList):
             values = [term.value] if isinstance(term, Compare) else list(term.values)
             picked: set[int] = set()
             for value in values:
@@ -409,8 +409,7 @@ def plan_query(backend: Backend, query: SliceQuery) -> QueryPlan:
         if isinstance(item, (StarItem, EmbeddingItem)) or (isinstance(item, ColumnItem) and item.column == "embedding"):
             msg = "a GROUP BY query returns groups, not cells: select group columns, layer, AVG(embedding) and COUNT(*)"
             raise InvalidQueryError(msg)
-        if isinstance(item, ColumnItem) and item.column not in ("run", "dataset", "model", "layer", "depth"):
-            if item.column not in group:
+        if isinstance(item, ColumnItem) and item.column not in ("run", "dataset", "model", "layer", "depth") and item.column not in group:
                 msg = f"column {item.column!r} is selected but not in GROUP BY; add it to GROUP BY or drop it"
                 raise InvalidQueryError(msg)
     for item in order_obs:

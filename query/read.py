@@ -30,14 +30,14 @@ from .result import QueryResult, QueryStream, format_bytes
 from .spec import OrderItem, SliceQuery
 
 __all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "check_budget",
+    "contiguous_range",
     "execute_query",
     "open_query",
-    "check_budget",
-    "select_cells",
-    "contiguous_range",
-    "select_range",
     "read_cells",
-    "DEFAULT_CHUNK_BYTES",
+    "select_cells",
+    "select_range",
 ]
 
 logger = logging.getLogger(__name__)

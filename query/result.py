@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from .plan import Backend, QueryPlan
 
-__all__ = ["QueryResult", "QueryStream", "obsm_key", "format_bytes"]
+__all__ = ["QueryResult", "QueryStream", "format_bytes", "obsm_key"]
 
 logger = logging.getLogger(__name__)
 

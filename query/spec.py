@@ -8,35 +8,35 @@ dataset's obs schema only when the query is bound (:mod:`sclstore.query.plan`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Union, get_args
+from typing import Literal, get_args
 
 __all__ = [
-    "VIRTUAL_COLUMNS",
-    "RUN_COLUMNS",
-    "LAYER_COLUMNS",
-    "CompareOp",
     "COMPARE_OPS",
-    "Value",
-    "Compare",
-    "InList",
-    "Between",
-    "Like",
-    "IsNull",
-    "Truth",
+    "LAYER_COLUMNS",
+    "RUN_COLUMNS",
+    "VIRTUAL_COLUMNS",
     "And",
-    "Or",
-    "Not",
-    "Predicate",
-    "StarItem",
-    "ColumnItem",
-    "EmbeddingItem",
     "AvgItem",
+    "Between",
+    "ColumnItem",
+    "Compare",
+    "CompareOp",
     "CountItem",
-    "SelectItem",
+    "EmbeddingItem",
+    "InList",
+    "IsNull",
+    "Like",
+    "Not",
+    "Or",
     "OrderItem",
+    "Predicate",
+    "SelectItem",
     "SliceQuery",
-    "walk_columns",
+    "StarItem",
+    "Truth",
+    "Value",
     "to_sql",
+    "walk_columns",
 ]
 
 RUN_COLUMNS: tuple[str, ...] = ("run", "dataset", "model")
@@ -50,7 +50,7 @@ ingested AnnData, its input order; an obs column of the same name takes preceden
 CompareOp = Literal["=", "!=", "<", "<=", ">", ">="]
 COMPARE_OPS: tuple[str, ...] = get_args(CompareOp)
 
-Value = Union[str, int, float, bool]
+Value = str | int | float | bool
 """A literal in a predicate (``NULL`` only appears as :class:`IsNull`)."""
 
 
@@ -128,7 +128,7 @@ class Not:
     item: Predicate
 
 
-Predicate = Union[Compare, InList, Between, Like, IsNull, Truth, And, Or, Not]
+Predicate = Compare | InList | Between | Like | IsNull | Truth | And | Or | Not
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ class CountItem:
     """``COUNT(*)``: cells per group."""
 
 
-SelectItem = Union[StarItem, ColumnItem, EmbeddingItem, AvgItem, CountItem]
+SelectItem = StarItem | ColumnItem | EmbeddingItem | AvgItem | CountItem
 
 
 @dataclass(frozen=True)

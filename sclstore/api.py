@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # the persistence layer (SQLAlchemy, TileDB, pandas) loads wh
     from sclstore.store.info import DatasetInfo, ModelInfo, RunInfo
     from sclstore.store.runtime import ThreadPolicy
 
-__all__ = ["Store", "open_store", "default_store_path", "default_catalog"]
+__all__ = ["Store", "default_catalog", "default_store_path", "open_store"]
 
 
 def default_store_path() -> str:

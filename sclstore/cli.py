@@ -152,8 +152,7 @@ def db_upgrade(store: StoreOpt = default_store_path(), catalog: CatalogOpt = Non
 def db_current(store: StoreOpt = default_store_path(), catalog: CatalogOpt = None, json_out: JsonOpt = False, verbose: VerboseOpt = 0) -> None:
     """Show the catalog's schema revision and the newest one this sclstore knows."""
     from sclstore.store import catalog as catalogdb
-    from sclstore.store.backend import Backend
-    from sclstore.store.backend import MARKER
+    from sclstore.store.backend import MARKER, Backend
     from sclstore.store.location import StoreLocation
 
     loc = StoreLocation(store, _settings())
@@ -270,7 +269,9 @@ def ingest(
     seed: Annotated[int, typer.Option(help="Seed of gene subsampling.")] = 0,
     max_genes: Annotated[int | None, typer.Option(help="Cap on tokens per cell (default: the model's).")] = None,
     precision: Annotated[str, typer.Option(help="auto (the model's official precision on CUDA, fp32 on CPU), fp32, bf16 or fp16.")] = "auto",
-    model_option: Annotated[list[str] | None, typer.Option("--model-option", help="KEY=VALUE, repeatable (scfoundation: sub_model, tgthighres).")] = None,
+    model_option: Annotated[
+        list[str] | None, typer.Option("--model-option", help="KEY=VALUE, repeatable (scfoundation: sub_model, tgthighres).")
+    ] = None,
     workers: Annotated[int, typer.Option(help="Tokenizer worker processes (0 = in process).")] = 1,
     chunk_cells: Annotated[int, typer.Option(help="Cells per durable write: an interrupted run resumes from the last one.")] = 4096,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Fail instead of waiting when another process ingests the same run.")] = False,
@@ -321,9 +322,12 @@ def main() -> None:
     app()
 
 
-from sclstore import cli_eval, cli_info, cli_work  # noqa: E402,F401  (register info, query, eval, report and demo on `app`)
-from sclstore import cli_checkpoint  # noqa: E402,F401  (registers convert-checkpoint on `app`)
-
+from sclstore import (  # noqa: E402,F401  (register info, query, eval, report and demo on `app`)
+    cli_checkpoint,
+    cli_eval,
+    cli_info,
+    cli_work,
+)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

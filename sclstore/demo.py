@@ -24,7 +24,7 @@ import pandas as pd
 
 from sclstore.api import open_store
 
-__all__ = ["run_demo", "bundled_pbmc"]
+__all__ = ["bundled_pbmc", "run_demo"]
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from .errors import ArrayError, CatalogBusyError, CatalogConnectionError, CatalogDamagedError, SclstoreError
 
-__all__ = ["translate_errors", "translate_catalog_error", "catalog_errors"]
+__all__ = ["catalog_errors", "translate_catalog_error", "translate_errors"]
 
 
 def translate_catalog_error(exc: sa.exc.SQLAlchemyError) -> SclstoreError:

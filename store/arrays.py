@@ -27,15 +27,15 @@ __all__ = [
     "ENCODING_TYPE",
     "ENCODING_VERSION",
     "SUPPORTED_ENCODING_VERSIONS",
-    "cell_tile",
-    "coalesce",
-    "create_array",
-    "write_block",
-    "consolidate",
-    "finalise",
-    "fragment_ranges",
     "ArrayReader",
     "array_info",
+    "cell_tile",
+    "coalesce",
+    "consolidate",
+    "create_array",
+    "finalise",
+    "fragment_ranges",
+    "write_block",
 ]
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def coalesce(cells: np.ndarray) -> list[tuple[int, int]]:
     breaks = np.flatnonzero(np.diff(cells) != 1)
     starts = np.concatenate(([cells[0]], cells[breaks + 1]))
     stops = np.concatenate((cells[breaks], [cells[-1]]))
-    return [(int(a), int(b)) for a, b in zip(starts, stops)]
+    return [(int(a), int(b)) for a, b in zip(starts, stops, strict=False)]
 
 
 def create_array(uri: str, spec: ArraySpec, *, layers: Sequence[int], meta: dict[str, Any], ctx: tiledb.Ctx | None = None) -> None:

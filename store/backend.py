@@ -24,7 +24,10 @@ from sqlalchemy.orm import Session, joinedload
 
 from . import catalog as catalogdb
 from ._lazy import lazy_module
+from ._translate import translate_errors
+from .array_store import ArrayStore
 from .config import ArraySpec, StoreSettings, validate_name
+from .creating import check_empty_or_store, check_store_path, creation_lock, write_marker
 from .errors import (
     DatasetError,
     InvalidInputError,
@@ -36,12 +39,8 @@ from .errors import (
     StoreNotFoundError,
 )
 from .info import DatasetInfo, ModelInfo, RunInfo
-from .array_store import ArrayStore
-from .location import StoreLocation
 from .lease import Lease, try_acquire
-from .creating import check_empty_or_store, check_store_path, creation_lock, write_marker
-from .readonly import read_only_reason, refuse_write
-from ._translate import translate_errors
+from .location import StoreLocation
 from .models import Dataset, Evaluation, Intermediate, Model, Run, utcnow
 from .obs import (
     build_obs_table,
@@ -52,6 +51,7 @@ from .obs import (
     unindexable_columns,
 )
 from .obs_index import ObsIndex
+from .readonly import read_only_reason, refuse_write
 
 if TYPE_CHECKING:
     import numpy as np
@@ -63,7 +63,7 @@ else:  # loaded on first use: listing runs needs neither numpy, pandas nor TileD
     pd = lazy_module("pandas")
     arrays = lazy_module("sclstore.store.arrays")
 
-__all__ = ["Backend", "MARKER", "cache_key"]
+__all__ = ["MARKER", "Backend", "cache_key"]
 
 logger = logging.getLogger(__name__)
 MARKER = "sclstore.json"

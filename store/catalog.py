@@ -27,22 +27,22 @@ if TYPE_CHECKING:  # Alembic loads only to migrate or on a schema mismatch (open
     from alembic.config import Config
 
 __all__ = [
-    "make_engine",
-    "alembic_config",
-    "upgrade",
-    "downgrade",
-    "current_revision",
-    "head_revision",
-    "check_schema",
-    "check_models_match",
-    "write_tx",
-    "redact",
-    "parse_url",
-    "busy_timeout_s",
-    "locked_message",
-    "first_line",
-    "is_locked",
     "BUSY_TIMEOUT_S",
+    "alembic_config",
+    "busy_timeout_s",
+    "check_models_match",
+    "check_schema",
+    "current_revision",
+    "downgrade",
+    "first_line",
+    "head_revision",
+    "is_locked",
+    "locked_message",
+    "make_engine",
+    "parse_url",
+    "redact",
+    "upgrade",
+    "write_tx",
 ]
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def redact(url: str | URL) -> str:
         if u.host and "@" in u.host:  # an '@' inside the password: part of it parsed as the host
             u = u.set(host="***")
         return u.render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - only for messages
+    except Exception:
         return "<catalog url>"
 
 
@@ -77,7 +77,7 @@ def parse_url(url: str) -> URL:
 def _normalise(url: str) -> URL:
     try:
         u = make_url(url)
-    except Exception:  # noqa: BLE001 - ArgumentError, or ValueError for a bad port: never echo the text
+    except Exception:
         scheme = url.split("://", 1)[0] if "://" in url and len(url.split("://", 1)[0]) < 40 else "?"
         msg = (
             f"cannot parse the catalog URL (scheme {scheme!r}; the URL is not shown as it may hold a password): "

@@ -15,20 +15,20 @@ from typing import Any, Literal, get_args
 from .errors import InvalidInputError
 
 __all__ = [
-    "Dtype",
-    "DTYPES",
-    "Device",
     "DEVICES",
-    "Pool",
-    "POOLS",
-    "ArraySpec",
-    "IngestConfig",
+    "DTYPES",
     "NUMERICS",
     "PINNED",
-    "fields_marked",
+    "POOLS",
+    "ArraySpec",
+    "Device",
+    "Dtype",
+    "IngestConfig",
+    "Pool",
     "StoreSettings",
-    "parse_layers",
+    "fields_marked",
     "parse_csv",
+    "parse_layers",
     "parse_model_options",
     "validate_name",
 ]
@@ -183,7 +183,7 @@ class IngestConfig:
     name: str | None = None
     pools: tuple[str, ...] | None = _numerics(default=None)
     layers: str | tuple[int, ...] | None = _numerics(default=None)
-    dtype: Dtype = _numerics(default="float32")
+    dtype: Dtype = _numerics(default="float32")  # noqa: RUF009 (a dataclasses.field factory)
     batch_size: int = _pinned(default=32)
     device: Device = "auto"
     counts_layer: str | None = _numerics(default=None)
@@ -191,7 +191,7 @@ class IngestConfig:
     cluster_by: tuple[str, ...] = ()
     seed: int = _numerics(default=0)
     max_genes: int | None = _numerics(default=None)
-    precision: Precision = _numerics(default="auto")
+    precision: Precision = _numerics(default="auto")  # noqa: RUF009 (a dataclasses.field factory)
     """``auto`` (the family's official inference precision on CUDA, fp32 on the CPU), ``fp32``,
     ``bf16`` or ``fp16`` (autocast)."""
     model_options: tuple[tuple[str, str], ...] = _numerics(default=())

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection
 
 from .errors import StoreExistsError, StoreNotFoundError
 
-__all__ = ["check_store_path", "LOCK_NAME", "creation_lock", "check_empty_or_store", "write_marker", "migration_lock", "MIGRATION_LOCK_KEY"]
+__all__ = ["LOCK_NAME", "MIGRATION_LOCK_KEY", "check_empty_or_store", "check_store_path", "creation_lock", "migration_lock", "write_marker"]
 
 LOCK_NAME = ".sclstore.lock"
 """Lock file inside the store folder (taken while creating or upgrading the store)."""

@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 from .catalog import first_line, write_tx
 from .models import Run
 
-__all__ = ["Lease", "try_acquire", "owner_alive", "HOSTNAME", "BOOT_ID", "PID_NAMESPACE"]
+__all__ = ["BOOT_ID", "HOSTNAME", "PID_NAMESPACE", "Lease", "owner_alive", "try_acquire"]
 
 logger = logging.getLogger(__name__)
 HOSTNAME = socket.gethostname()

@@ -24,19 +24,19 @@ else:  # loaded on first use (ObsColumn and table names need neither)
     pd = lazy_module("pandas")
 
 __all__ = [
+    "MAX_INDEXED_BYTES",
     "MAX_KEPT_CATEGORIES",
     "ObsColumn",
     "ObsKind",
     "build_obs_table",
+    "check_obs_width",
     "frame_from_rows",
     "infer_obs_schema",
     "insert_obs",
     "make_categorical",
     "obs_rows",
     "obs_table_name",
-    "check_obs_width",
     "unindexable_columns",
-    "MAX_INDEXED_BYTES",
 ]
 
 ObsKind = Literal["category", "string", "int", "float", "bool"]
@@ -143,7 +143,7 @@ def infer_obs_schema(obs: pd.DataFrame) -> tuple[ObsColumn, ...]:
         )
         raise DatasetError(msg)
     schema = []
-    for i, (n, c) in enumerate(zip(names, obs.columns)):
+    for i, (n, c) in enumerate(zip(names, obs.columns, strict=False)):
         kind = _kind(obs[c])
         cats, ordered = None, False
         if kind == "category" and len(obs[c].cat.categories) <= MAX_KEPT_CATEGORIES:
@@ -243,7 +243,7 @@ def _python_values(series: pd.Series, kind: ObsKind) -> list[Any]:
         out[missing] = None
         return out.tolist()
     values = series.to_numpy(dtype=object)
-    out = np.array([None if m else str(v) for v, m in zip(values, missing)], dtype=object)
+    out = np.array([None if m else str(v) for v, m in zip(values, missing, strict=False)], dtype=object)
     return out.tolist()
 
 

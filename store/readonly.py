@@ -19,7 +19,7 @@ from sqlalchemy.engine import URL
 
 from .errors import ReadOnlyStoreError
 
-__all__ = ["read_only_reason", "sqlite_read_only_url", "refuse_write", "READ_ONLY_OPTION"]
+__all__ = ["READ_ONLY_OPTION", "read_only_reason", "refuse_write", "sqlite_read_only_url"]
 
 READ_ONLY_OPTION = "sclstore_read_only"
 """Engine execution option holding the reason a store is read-only (absent: writable)."""
@@ -28,7 +28,7 @@ READ_ONLY_OPTION = "sclstore_read_only"
 def _user() -> str:
     try:
         return getpass.getuser()
-    except Exception:  # noqa: BLE001 - no passwd entry (containers): the uid will do
+    except Exception:
         return f"uid {os.getuid()}"
 
 

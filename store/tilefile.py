@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-__all__ = ["TileFile", "FragmentTiles", "LayoutError", "KNOWN_FORMAT_VERSIONS", "single_fragment", "disjoint_fragments"]
+__all__ = ["KNOWN_FORMAT_VERSIONS", "FragmentTiles", "LayoutError", "TileFile", "disjoint_fragments", "single_fragment"]
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from . import arrays
 from .errors import SclstoreError
 from .info import RunInfo
 
-__all__ = ["verify_run", "compare_direct"]
+__all__ = ["compare_direct", "verify_run"]
 
 
 def verify_run(info: RunInfo, *, direct_reads: bool = True, ctx: tiledb.Ctx | None = None, seed: int | None = None) -> dict[str, Any]:

@@ -126,7 +126,7 @@ class S3Server:
             cfg |= {"vfs.s3.aws_access_key_id": self.access_key, "vfs.s3.aws_secret_access_key": self.secret_key}
         return cfg
 
-    def client(self):  # noqa: ANN201
+    def client(self):
         import boto3
 
         return boto3.client("s3", endpoint_url=self.url, aws_access_key_id=self.access_key,

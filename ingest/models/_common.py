@@ -27,14 +27,14 @@ from ..adapter import GeneMapping, TokenBatch, TokenRecord
 
 __all__ = [
     "NOT_BOUND",
-    "name_from_folder",
+    "PaddedRecords",
+    "RowTokenizer",
     "check_state_dict_strict",
-    "validate_counts",
     "csr_row",
     "drop_zeros",
-    "RowTokenizer",
-    "PaddedRecords",
+    "name_from_folder",
     "pad_records",
+    "validate_counts",
 ]
 
 logger = logging.getLogger(__name__)

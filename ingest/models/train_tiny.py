@@ -40,14 +40,14 @@ from .tahoe.data import TahoeTokenizer, collate_records
 from .tahoe.model import TahoeConfig, TahoeModel, resolve_activation
 
 __all__ = [
-    "load_pbmc_counts",
-    "model_configs",
     "TahoePretrainModel",
-    "masked_batch",
     "evaluate",
     "evaluate_checkpoint",
-    "train",
+    "load_pbmc_counts",
     "main",
+    "masked_batch",
+    "model_configs",
+    "train",
 ]
 
 logger = logging.getLogger(__name__)

@@ -39,7 +39,7 @@ def test_ingest_json_then_query(tmp_path: Path) -> None:
     n_dendritic = int((adata.obs["bulk_labels"] == "Dendritic").sum())
     assert q["layers"] == [3] and q["n_cells"] == n_dendritic
     with np.load(out, allow_pickle=False) as z:
-        emb = z[[k for k in z.files if k.startswith("emb")][0]] if "embeddings" not in z.files else z["embeddings"]
+        emb = z[next(k for k in z.files if k.startswith("emb"))] if "embeddings" not in z.files else z["embeddings"]
     assert emb.shape == (1, n_dendritic, 64) and np.isfinite(emb).all()
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sclstore.ingest.source import CountsSource
 from sclstore.eval.simulate import simulate_layers, simulate_trajectory
+from sclstore.ingest.source import CountsSource
 from sclstore.store import ArraySpec, Backend, cache_key
 from sclstore.testing import store_snapshot
 

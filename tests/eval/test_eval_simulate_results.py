@@ -146,6 +146,6 @@ def test_stats_helpers():
     assert d.p_value == pytest.approx(2 * sps.t.sf(0.3 / diffs.std(ddof=1), 3))
     a = subsample_indices(100, n_subsamples=3, fraction=0.8, seed=1, always_include=7)
     b = subsample_indices(100, n_subsamples=3, fraction=0.8, seed=1, always_include=7)
-    assert all(np.array_equal(x, y) and len(x) == 80 and 7 in x and len(set(x)) == 80 for x, y in zip(a, b))
+    assert all(np.array_equal(x, y) and len(x) == 80 and 7 in x and len(set(x)) == 80 for x, y in zip(a, b, strict=False))
     with pytest.raises(InvalidInputError, match="paired scores must come from the same resamples"):
         paired_difference(np.ones(3), np.ones(4))

@@ -71,7 +71,7 @@ def test_krumsiek11_noise_collapses(krumsiek, rng):
 
 
 def test_dpt_equals_direct_scanpy_call(krumsiek):
-    a, steps = krumsiek
+    a, _steps = krumsiek
     X = np.asarray(a.X, dtype=np.float32)
     ours = dpt_pseudotime(X, root=5, n_neighbors=15, n_dcs=10, seed=0)
     b = sc.AnnData(X)

@@ -24,7 +24,6 @@ import torch
 import yaml
 
 
-
 def make_gene_ids(n_genes: int, *, kind: str = "ensembl") -> list[str]:
     """Fake gene ids: ``ENSG00000000001…`` (kind ``"ensembl"``) or ``GENE1…`` (``"symbol"``)."""
     if kind == "ensembl":

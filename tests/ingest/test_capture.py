@@ -118,8 +118,7 @@ def test_errors_and_cleanup() -> None:
         with LayerCapture(list(model.blocks), layers=[1, 2], pools=["cls"], info=info) as cap:
             model.blocks[0](torch.randn(1, 3, 8))
         cap.result()
-    with pytest.raises(RuntimeError, match="boom"):
-        with LayerCapture(list(model.blocks), layers=[0, 1], pools=["cls"], info=info):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), LayerCapture(list(model.blocks), layers=[0, 1], pools=["cls"], info=info):
+        raise RuntimeError("boom")
     for block in model.blocks:
         assert not block._forward_hooks and not block._forward_pre_hooks

@@ -61,7 +61,7 @@ def make_tiny_geneformer(
     specials = ["<pad>", "<mask>"] + (["<cls>", "<eos>"] if version == "V2" else [])
     tokens = {t: i for i, t in enumerate(specials)} | {g: len(specials) + i for i, g in enumerate(ens(N_GENES))}
     rng = np.random.default_rng(seed)
-    medians = {g: float(m) for g, m in zip(ens(N_GENES), rng.uniform(0.3, 3.0, size=N_GENES))}
+    medians = {g: float(m) for g, m in zip(ens(N_GENES), rng.uniform(0.3, 3.0, size=N_GENES), strict=False)}
     cfg = BertConfig(
         vocab_size=len(tokens), hidden_size=32, num_hidden_layers=n_layers, num_attention_heads=4,
         intermediate_size=64, hidden_act=act, max_position_embeddings=max_pos, pad_token_id=0,

@@ -172,7 +172,7 @@ def test_sparse_and_dense_official_results_differ_and_each_is_reproduced() -> No
             sp.csr_matrix(X), np.arange(n_cells), seed=0, totals=n_counts)
         assert [r.gene_ids.tolist() for r in recs] == expected
     # the storage matters upstream (here for some cells), so it must here
-    assert sum(a != b for a, b in zip(sparse_off, dense_off)) > 0
+    assert sum(a != b for a, b in zip(sparse_off, dense_off, strict=False)) > 0
 
 
 def test_stored_zeros_and_duplicates_in_sparse_x_as_official() -> None:
@@ -261,7 +261,7 @@ def test_collate_v1_has_no_cls_and_handles_empty_cells() -> None:
 
 
 # ---------------------------------------------------------------- oracle: sum_ensembl_ids + tokenize_anndata
-def _official_pipeline(adata, token_dict: dict, median_dict: dict, mapping_dict: dict, size: int) -> list[list[int]]:  # noqa: ANN001
+def _official_pipeline(adata, token_dict: dict, median_dict: dict, mapping_dict: dict, size: int) -> list[list[int]]:
     """Upstream ``geneformer/tokenizer.py`` (HF ``ctheodoris/Geneformer``), h5ad path, V2, written
     from its steps with the same anndata / pandas / scipy operations:
 
@@ -304,7 +304,7 @@ def _official_pipeline(adata, token_dict: dict, median_dict: dict, mapping_dict:
         adata = sc.concat([dedup, extra], axis=1)
         adata.obs = obs
     collapsed = adata.var["ensembl_id_collapsed"]
-    loc = np.where([token_dict.get(g, None) is not None if isinstance(g, str) else False for g in collapsed])[0]
+    loc = np.where([token_dict.get(g) is not None if isinstance(g, str) else False for g in collapsed])[0]
     norm = np.array([median_dict[g] for g in collapsed.iloc[loc]])
     tokens = np.array([token_dict[g] for g in collapsed.iloc[loc]])
     n_counts = adata.obs["n_counts"].values[:, None]
@@ -320,7 +320,7 @@ def test_gene_layout_and_tokens_match_official_sum_ensembl_ids(aliases: bool) ->
     n = 50
     genes = [f"ENSG{i:011d}" for i in range(n)]
     token_dict = {"<pad>": 0, "<mask>": 1, "<cls>": CLS, "<eos>": EOS} | {g: 4 + i for i, g in enumerate(genes)}
-    median_dict = {g: float(m) for g, m in zip(genes, rng.choice([0.5, 1.0, 2.0, 0.25], size=n))}
+    median_dict = {g: float(m) for g, m in zip(genes, rng.choice([0.5, 1.0, 2.0, 0.25], size=n), strict=False)}
     mapping_dict = {g: g for g in genes}
     ids = [*genes[:40], "ENSG99999999999"]
     if aliases:  # two old ids mapped onto genes 3 and 7, and a lower-case id

@@ -144,7 +144,7 @@ def _watermark(store: Path) -> int:
         eng.dispose()
 
 
-def test_sigkill_then_resume_is_bit_identical(tmp_path: Path, random_counts, tiny_gene_ids, tiny_tahoe_factory) -> None:  # noqa: ANN001
+def test_sigkill_then_resume_is_bit_identical(tmp_path: Path, random_counts, tiny_gene_ids, tiny_tahoe_factory) -> None:
     ckpt = tiny_tahoe_factory("hf", n_genes=60, d_model=32, n_layers=3, max_length=48)
     data = _write_h5ad(tmp_path / "big.h5ad", random_counts(1200, 60, seed=5), tiny_gene_ids(60))
     killed = tmp_path / "killed"
@@ -171,7 +171,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path, random_counts, tin
             np.testing.assert_array_equal(resumed[pool], _all_layers(st, res.id, pool))
 
 
-def test_two_processes_ingesting_the_same_thing(tmp_path: Path, random_counts, tiny_gene_ids, tiny_tahoe_factory) -> None:  # noqa: ANN001
+def test_two_processes_ingesting_the_same_thing(tmp_path: Path, random_counts, tiny_gene_ids, tiny_tahoe_factory) -> None:
     ckpt = tiny_tahoe_factory("hf", n_genes=50)
     data = _write_h5ad(tmp_path / "d.h5ad", random_counts(400, 50, seed=8), tiny_gene_ids(50))
     store = tmp_path / "shared"
@@ -195,7 +195,7 @@ def test_two_processes_ingesting_the_same_thing(tmp_path: Path, random_counts, t
     ],
     ids=["negative", "non-integer", "nan"],
 )
-def test_bad_counts_leave_the_store_unchanged(tmp_path: Path, random_counts, tiny_gene_ids, tiny_tahoe_hf, mutate, error, match) -> None:  # noqa: ANN001
+def test_bad_counts_leave_the_store_unchanged(tmp_path: Path, random_counts, tiny_gene_ids, tiny_tahoe_hf, mutate, error, match) -> None:
     path = _write_h5ad(tmp_path / "bad.h5ad", mutate(random_counts(20, 40)), tiny_gene_ids(40))
     with sclstore.open_store(tmp_path / "s", create=True) as st:
         before = _dump(st)
@@ -204,7 +204,7 @@ def test_bad_counts_leave_the_store_unchanged(tmp_path: Path, random_counts, tin
         assert _dump(st) == before and not any((st.path / "arrays").iterdir())
 
 
-def test_other_bad_inputs(tmp_path: Path, random_counts, tiny_gene_ids, tiny_tahoe_hf, tiny_tahoe_factory) -> None:  # noqa: ANN001
+def test_other_bad_inputs(tmp_path: Path, random_counts, tiny_gene_ids, tiny_tahoe_hf, tiny_tahoe_factory) -> None:
     good = _write_h5ad(tmp_path / "good.h5ad", random_counts(20, 40), tiny_gene_ids(40))
     symbols = _write_h5ad(tmp_path / "sym.h5ad", random_counts(20, 40), tiny_gene_ids(40, kind="symbol"))
     empty = tmp_path / "empty.h5ad"
@@ -239,7 +239,7 @@ def test_other_bad_inputs(tmp_path: Path, random_counts, tiny_gene_ids, tiny_tah
 
 
 @pytest.mark.parametrize("encoding", ["csr", "csc", "dense", "layer"])
-def test_counts_source_encodings(tmp_path: Path, random_counts, tiny_gene_ids, encoding: str) -> None:  # noqa: ANN001
+def test_counts_source_encodings(tmp_path: Path, random_counts, tiny_gene_ids, encoding: str) -> None:
     X = random_counts(50, 40, seed=2)
     genes = tiny_gene_ids(40)
     path = tmp_path / "x.h5ad"
@@ -367,7 +367,7 @@ def test_repeated_ingest_reads_neither_data_nor_checkpoint_bytes(
         scans.append(str(self.path))
         return real_scan(self, *a, **k)  # type: ignore[arg-type]
 
-    def counting_open(self: Path, *a: object, **k: object):  # noqa: ANN202
+    def counting_open(self: Path, *a: object, **k: object):
         if self.parent == tiny_tahoe_hf:
             reads.append(self.name)
         return real_open(self, *a, **k)  # type: ignore[arg-type]

@@ -119,7 +119,7 @@ def test_tokenizer_errors_and_seed_independence() -> None:
     counts = sp.csr_matrix(np.random.default_rng(0).poisson(2.0, size=(5, 8)).astype(np.float32))
     a = tok.tokenize(counts, np.arange(5), seed=0)
     b = tok.tokenize(counts, np.arange(5) + 100, seed=7)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         np.testing.assert_array_equal(x.gene_ids, y.gene_ids)
         np.testing.assert_array_equal(x.values, y.values)
 
@@ -130,7 +130,7 @@ def test_tokenizer_pickles_without_weights() -> None:
     assert len(blob) < 4096 and b"torch" not in blob
     counts = sp.csr_matrix(np.arange(16, dtype=np.float32).reshape(2, 8))
     clone = pickle.loads(blob)
-    for x, y in zip(clone.tokenize(counts, np.arange(2), seed=0), tok.tokenize(counts, np.arange(2), seed=0)):
+    for x, y in zip(clone.tokenize(counts, np.arange(2), seed=0), tok.tokenize(counts, np.arange(2), seed=0), strict=False):
         np.testing.assert_array_equal(x.values, y.values)
 
 

@@ -492,12 +492,12 @@ def test_packaged_gene_list_drives_positions_of_real_symbols(tmp_path: Path) -> 
     adapter = ScFoundationAdapter(folder)
     assert adapter.describe()["gene_list"] == "packaged genes.txt" and adapter.n_layers == 1
     symbols = ["LYZ", "CD3E", "MS4A1", "NKG7", "GNLY", "CD14", "FCGR3A", "PPBP", "CD8A", "IL7R", "S100A8", "HBB"]
-    mapping = adapter.map_genes(symbols + ["NOT-A-GENE"])
+    mapping = adapter.map_genes([*symbols, "NOT-A-GENE"])
     assert mapping.n_matched == 12
     counts = sp.csr_matrix(np.arange(1, 14, dtype=np.float32)[None, :])
     (rec,) = adapter.tokenizer.tokenize(counts[:, mapping.var_index], np.array([0]), seed=0)
     expected = sorted(adapter.vocab[s] for s in symbols)
-    assert rec.gene_ids.tolist() == expected + [19264, 19265]
+    assert rec.gene_ids.tolist() == [*expected, 19264, 19265]
     adapter.load("cpu")
     out = adapter.embed(adapter.collate([rec]), layers=[0, 1], pools=POOLS)
     official = adapter.official_embedding(adapter.collate([rec]))

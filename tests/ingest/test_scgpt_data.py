@@ -141,7 +141,7 @@ def test_subsampling_bins_first_then_seeded_randperm() -> None:
     x = sp.csr_matrix((rng.random((12, n_genes)) < 0.8) * (rng.poisson(2.0, (12, n_genes)) + 1).astype(np.float32))
     cells = np.arange(100, 112)
     recs, fulls = tok.tokenize(x, cells, seed=5), full.tokenize(x, cells, seed=5)
-    for rec, ref, cell in zip(recs, fulls, cells):
+    for rec, ref, cell in zip(recs, fulls, cells, strict=False):
         n = len(ref)
         assert len(rec) == min(n, max_length) and rec.gene_ids[0] == 101 and rec.values[0] == -2.0
         if n <= max_length:
@@ -167,9 +167,9 @@ def test_tokens_are_per_cell_deterministic_and_batch_independent() -> None:
         np.testing.assert_array_equal(alone.gene_ids, batch[i].gene_ids)
         np.testing.assert_array_equal(alone.values, batch[i].values)
     other = tok.tokenize(x, cells, seed=2)
-    assert any(not np.array_equal(a.values, b.values) for a, b in zip(other, batch))
+    assert any(not np.array_equal(a.values, b.values) for a, b in zip(other, batch, strict=False))
     moved = tok.tokenize(x, cells + 1000, seed=1)
-    assert any(not np.array_equal(a.gene_ids, b.gene_ids) for a, b in zip(moved, batch))
+    assert any(not np.array_equal(a.gene_ids, b.gene_ids) for a, b in zip(moved, batch, strict=False))
 
 
 def test_tokenize_errors_and_pickling() -> None:

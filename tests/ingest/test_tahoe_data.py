@@ -159,7 +159,7 @@ def test_subsampling_bins_first_then_seeded_randperm(random_counts: Counts) -> N
     cells = np.arange(100, 112)
     recs = tok.tokenize(counts, cells, seed=5)
     fulls = full.tokenize(counts, cells, seed=5)
-    for rec, ref, cell in zip(recs, fulls, cells):
+    for rec, ref, cell in zip(recs, fulls, cells, strict=False):
         n = len(ref)
         assert len(rec) == min(n, max_length)
         assert rec.gene_ids[0] == 101 and rec.values[0] == -2.0
@@ -185,12 +185,12 @@ def test_subsampling_is_per_cell_deterministic_and_batch_independent(random_coun
         np.testing.assert_array_equal(alone.gene_ids, batch[i].gene_ids)
         np.testing.assert_array_equal(alone.values, batch[i].values)
     resumed = tok.tokenize(counts[6:], cells[6:], seed=1)
-    for a, b in zip(resumed, batch[6:]):
+    for a, b in zip(resumed, batch[6:], strict=False):
         np.testing.assert_array_equal(a.gene_ids, b.gene_ids)
     other_seed = tok.tokenize(counts, cells, seed=2)
-    assert any(not np.array_equal(a.gene_ids, b.gene_ids) for a, b in zip(other_seed, batch))
+    assert any(not np.array_equal(a.gene_ids, b.gene_ids) for a, b in zip(other_seed, batch, strict=False))
     other_cell = tok.tokenize(counts, cells + 1000, seed=1)
-    assert any(not np.array_equal(a.gene_ids, b.gene_ids) for a, b in zip(other_cell, batch))
+    assert any(not np.array_equal(a.gene_ids, b.gene_ids) for a, b in zip(other_cell, batch, strict=False))
 
 
 def test_tokenizer_pickles_without_weights(tiny_tahoe_hf: Path, random_counts: Counts) -> None:
@@ -200,7 +200,7 @@ def test_tokenizer_pickles_without_weights(tiny_tahoe_hf: Path, random_counts: C
     assert len(blob) < 4096 and b"torch" not in blob
     clone = pickle.loads(blob)
     counts = random_counts(3, 40, seed=0)
-    for a, b in zip(clone.tokenize(counts, np.arange(3), seed=0), adapter.tokenizer.tokenize(counts, np.arange(3), seed=0)):
+    for a, b in zip(clone.tokenize(counts, np.arange(3), seed=0), adapter.tokenizer.tokenize(counts, np.arange(3), seed=0), strict=False):
         np.testing.assert_array_equal(a.gene_ids, b.gene_ids)
         np.testing.assert_array_equal(a.values, b.values)
 

@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-from sclstore.store import ArraySpec, Backend, ObsColumn
 from sclstore.query.spec import OrderItem, Predicate
+from sclstore.store import ArraySpec, Backend, ObsColumn
 from sclstore.store.obs import build_obs_table, infer_obs_schema, obs_rows
 
 from .oracle import selected
@@ -104,7 +104,8 @@ def build_store(
     n = obs.shape[0]
     content = hashlib.sha256(f"{dataset}-{seed}-{n}".encode()).hexdigest()
     ds = backend.register_dataset(name=dataset, content_hash=content, obs=obs, n_vars=10, source_path=None, cluster_by=cluster_by)
-    m = backend.register_model(family="sclstore-tiny", name=model, checkpoint_hash="ck" + content[:8], n_layers=n_model_layers, d_model=dim, config={})
+    m = backend.register_model(family="sclstore-tiny", name=model, checkpoint_hash="ck" + content[:8], n_layers=n_model_layers,
+                               d_model=dim, config={})
     emb = {p: rng.normal(size=(len(layers), n, dim)).astype(np.float32) for p in pools}
     if dtype == "float16":  # the truth is what fp16 storage can hold
         emb = {p: e.astype(np.float16).astype(np.float32) for p, e in emb.items()}

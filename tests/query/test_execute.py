@@ -126,7 +126,7 @@ def test_group_by_centroids_and_counts(store60: BuiltStore) -> None:
     nonnull = [g for g in groups if g[0] is not None]
     nonnull.sort(key=lambda k: k[0], reverse=True)
     groups = nonnull + [g for g in groups if g[0] is None]
-    got = [(None if pd.isna(c) else c, bool(f)) for c, f in zip(res.obs.cell_type, res.obs.is_ctrl)]
+    got = [(None if pd.isna(c) else c, bool(f)) for c, f in zip(res.obs.cell_type, res.obs.is_ctrl, strict=False)]
     assert got == groups
     for j, (ct, flag) in enumerate(groups):
         m = ((obs.cell_type.isna()) if ct is None else (obs.cell_type == ct)) & (obs.is_ctrl == flag)
@@ -171,7 +171,8 @@ def test_group_by_edge_cases(store60: BuiltStore) -> None:
         ("SELECT * FROM embeddings WHERE run = 1 AND depth = 1.5", InvalidQueryError, r"depth is layer / L"),
         ("SELECT * FROM embeddings WHERE run = 1 AND layer = 'x'", InvalidQueryError, r"layer is a number"),
         ("SELECT embedding.max FROM embeddings WHERE run = 1", NotFoundError, r"pool 'max' is not stored.*cls"),
-        ("SELECT layer, AVG(embedding.cls), AVG(embedding.mean) FROM embeddings WHERE run = 1 AND layer = 2 GROUP BY layer", InvalidQueryError, r"one pool per GROUP BY query"),
+        ("SELECT layer, AVG(embedding.cls), AVG(embedding.mean) FROM embeddings WHERE run = 1 AND layer = 2 GROUP BY layer",
+         InvalidQueryError, r"one pool per GROUP BY query"),
         ("SELECT nope FROM embeddings WHERE run = 1", InvalidQueryError, r"unknown column 'nope' in the select list"),
         ("SELECT * FROM embeddings WHERE run = 1 ORDER BY nope", InvalidQueryError, r"unknown column 'nope' in ORDER BY"),
         ("SELECT * FROM embeddings WHERE run = 1 AND embedding = 1", InvalidQueryError, r"embedding cannot be filtered"),
@@ -343,7 +344,7 @@ def test_range_path_equals_row_path(store60: BuiltStore, where: str, mask: Any, 
     calls: list[tuple[int, int]] = []
     real_select_range = read_mod.select_range
 
-    def spy(backend, plan, first, last):  # noqa: ANN001, ANN202
+    def spy(backend, plan, first, last):
         calls.append((first, last))
         return real_select_range(backend, plan, first, last)
 

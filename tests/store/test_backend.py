@@ -27,7 +27,7 @@ def _catalog_dump(st: sclstore.Store) -> dict[str, list[tuple]]:
     return out
 
 
-def _register(st: sclstore.Store, obs: pd.DataFrame, *, name: str = "toy", h: str = "a" * 64, cluster_by=()):  # noqa: ANN001, ANN202
+def _register(st: sclstore.Store, obs: pd.DataFrame, *, name: str = "toy", h: str = "a" * 64, cluster_by=()):
     return st.backend.register_dataset(name=name, content_hash=h, obs=obs, n_vars=7, source_path=None, cluster_by=cluster_by)
 
 
@@ -74,7 +74,7 @@ def test_duplicate_obs_names_change_nothing(store: sclstore.Store) -> None:
     assert _catalog_dump(store) == before
 
 
-def _run(store: sclstore.Store, n: int = 12, dim: int = 8, key: str = "k1"):  # noqa: ANN202
+def _run(store: sclstore.Store, n: int = 12, dim: int = 8, key: str = "k1"):
     ds = _register(store, toy_obs(n))
     model = store.backend.register_model(family="fake", name="fake-m", checkpoint_hash="c" * 64, n_layers=2, d_model=dim, config={})
     spec = ArraySpec(n_layers=3, n_cells=n, dim=dim, pools=("cls", "mean"))

@@ -82,7 +82,7 @@ def test_unreachable_catalog(tmp_path: Path) -> None:
     assert not (tmp_path / "s" / "sclstore.json").exists()
 
 
-def test_wrong_password_is_one_clear_error(tmp_path: Path, postgres_server) -> None:  # noqa: ANN001
+def test_wrong_password_is_one_clear_error(tmp_path: Path, postgres_server) -> None:
     if postgres_server.password_role is None:
         pytest.skip("external PostgreSQL: password policy unknown")
     role, password = postgres_server.password_role
@@ -97,7 +97,7 @@ def test_wrong_password_is_one_clear_error(tmp_path: Path, postgres_server) -> N
     catalogdb.make_engine(postgres_server.url_for(user=role, password=password)).dispose()
 
 
-def test_catalog_lost_mid_session_is_a_clear_error(tmp_path: Path, postgres_server) -> None:  # noqa: ANN001
+def test_catalog_lost_mid_session_is_a_clear_error(tmp_path: Path, postgres_server) -> None:
     url = postgres_server.new_database()
     st = sclstore.open_store(tmp_path / "s", url, create=True)
     name = sa.engine.make_url(url).database

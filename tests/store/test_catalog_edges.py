@@ -78,7 +78,7 @@ def test_redact_hides_a_password_holding_at_signs() -> None:
     assert "ss" not in text.replace("postgresql", "") and "word" not in text
 
 
-def _owned_database(server, role: str) -> str:  # noqa: ANN001
+def _owned_database(server, role: str) -> str:
     name = f"pw_{os.getpid()}_{time.time_ns() % 10**8}"
     admin = sa.create_engine(server.admin_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
@@ -87,7 +87,7 @@ def _owned_database(server, role: str) -> str:  # noqa: ANN001
     return name
 
 
-def test_password_from_pgpass_file_and_catalog_from_environment(tmp_path: Path, postgres_server) -> None:  # noqa: ANN001
+def test_password_from_pgpass_file_and_catalog_from_environment(tmp_path: Path, postgres_server) -> None:
     if postgres_server.password_role is None:
         pytest.skip("external PostgreSQL: no password role to test with")
     role, password = postgres_server.password_role
@@ -143,7 +143,7 @@ def test_locked_sqlite_catalog_is_a_short_clear_error(tmp_path: Path, monkeypatc
 
 
 # ----------------------------------------------------------------------------------- outage
-def test_postgres_outage_is_one_line(tmp_path: Path, postgres_server, caplog: pytest.LogCaptureFixture) -> None:  # noqa: ANN001
+def test_postgres_outage_is_one_line(tmp_path: Path, postgres_server, caplog: pytest.LogCaptureFixture) -> None:
     url = postgres_server.new_database()
     b = Backend.create(tmp_path / "s", url)
     ds = b.register_dataset(name="d", content_hash="o" * 64, obs=toy_obs(6), n_vars=3, source_path=None)
@@ -179,9 +179,8 @@ def test_catalog_failure_inside_a_query_is_one_line(tmp_path: Path) -> None:
     conn.execute(f'DROP TABLE "{table}"')  # a damaged catalog
     conn.commit()
     conn.close()
-    with sclstore.open_store(tmp_path / "s") as st:
-        with pytest.raises(SclstoreError) as info:
-            st.query(f"SELECT * FROM embeddings WHERE run = {run_id} AND cell_type = 'T'")
+    with sclstore.open_store(tmp_path / "s") as st, pytest.raises(SclstoreError) as info:
+        st.query(f"SELECT * FROM embeddings WHERE run = {run_id} AND cell_type = 'T'")
     text = str(info.value)
     assert "no such table" in text and "SELECT" not in text and "\n" not in text
     res = _cli("query", f"SELECT * FROM embeddings WHERE run = {run_id} AND cell_type = 'T'", "--store", str(tmp_path / "s"))
@@ -224,9 +223,9 @@ def test_wide_obs(tmp_path: Path, catalog_url: str | None) -> None:
     Backend.create(tmp_path / "s", catalog_url).close()
     before = store_snapshot(tmp_path / "s", catalog_url)
     most = 1997 if catalog_url is None else 1597
-    with Backend.open(tmp_path / "s", catalog_url) as b:
-        with pytest.raises(DatasetError, match=rf"obs has 2000 columns; a (sqlite|postgresql) catalog holds at most {most} per dataset"):
-            b.register_dataset(name="wide", content_hash="w" * 64, obs=wide, n_vars=3, source_path=None)
+    too_wide = rf"obs has 2000 columns; a (sqlite|postgresql) catalog holds at most {most} per dataset"
+    with Backend.open(tmp_path / "s", catalog_url) as b, pytest.raises(DatasetError, match=too_wide):
+        b.register_dataset(name="wide", content_hash="w" * 64, obs=wide, n_vars=3, source_path=None)
     assert store_snapshot(tmp_path / "s", catalog_url) == before
     with Backend.open(tmp_path / "s", catalog_url) as b:
         half = wide.iloc[:, :1000]

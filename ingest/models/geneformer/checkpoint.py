@@ -33,16 +33,16 @@ from .._common import check_state_dict_strict
 from ..safe_load import safe_torch_load
 
 __all__ = [
-    "WEIGHT_FILES",
     "IGNORED_PREFIXES",
-    "GeneformerFiles",
+    "WEIGHT_FILES",
     "GeneformerDicts",
+    "GeneformerFiles",
+    "check_state_dict",
+    "foreign_family",
     "locate_checkpoint",
     "read_config",
     "read_dictionaries",
     "read_state_dict",
-    "check_state_dict",
-    "foreign_family",
 ]
 
 logger = logging.getLogger(__name__)
@@ -205,7 +205,7 @@ def read_config(files: GeneformerFiles) -> dict[str, Any]:
 class _SafeUnpickler(pickle.Unpickler):
     """Rebuild only builtin containers and numpy scalars (no code runs)."""
 
-    _ALLOWED = {
+    _ALLOWED = {  # noqa: RUF012 (read-only allow-list)
         ("numpy", "dtype"),
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
@@ -348,7 +348,7 @@ def read_state_dict(files: GeneformerFiles) -> dict[str, torch.Tensor]:
             raw = safe_torch_load(path)
     except CheckpointError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad checkpoint
+    except Exception as exc:
         raise CheckpointError(f"cannot read {path.name} in {str(files.folder)!r}: {exc}") from exc
     if not isinstance(raw, Mapping):
         raise CheckpointError(f"{path.name} in {str(files.folder)!r} does not hold a state dict")

@@ -43,7 +43,7 @@ from sclstore.store.errors import InvalidInputError, ModelError
 from ...adapter import GeneMapping, TokenBatch, TokenRecord
 from .._common import NOT_BOUND, csr_row, pad_records, validate_counts
 
-__all__ = ["TARGET_SUM", "N_COUNTS", "GeneLayout", "official_gene_layout", "GeneformerTokenizer", "collate_geneformer"]
+__all__ = ["N_COUNTS", "TARGET_SUM", "GeneLayout", "GeneformerTokenizer", "collate_geneformer", "official_gene_layout"]
 
 logger = logging.getLogger(__name__)
 

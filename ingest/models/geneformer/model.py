@@ -31,7 +31,7 @@ from torch import nn
 
 from sclstore.store.errors import CheckpointError
 
-__all__ = ["BertEncoderConfig", "GeneformerBert", "BertLayer", "resolve_activation"]
+__all__ = ["BertEncoderConfig", "BertLayer", "GeneformerBert", "resolve_activation"]
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,

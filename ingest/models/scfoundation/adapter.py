@@ -63,8 +63,8 @@ from .data import (
 from .model import ScFoundationConfig, ScFoundationModel
 
 __all__ = [
-    "ScFoundationAdapter",
     "OFFICIAL_POOLS",
+    "ScFoundationAdapter",
     "official_from_pools",
     "scfoundation_factory",
     "split_checkpoint_options",
@@ -349,7 +349,7 @@ class ScFoundationAdapter(ModelAdapter[ScFoundationModel]):
                     f"got a tensor of shape {tuple(t.shape)}"
                 )
                 raise InvalidInputError(msg)
-            pools = dict(zip(OFFICIAL_POOLS, t.unbind(0)))
+            pools = dict(zip(OFFICIAL_POOLS, t.unbind(0), strict=False))
         bad = [p for p in OFFICIAL_POOLS if p in pools and torch.as_tensor(pools[p]).shape[-1] != self.d_model]
         if bad:
             raise InvalidInputError(f"pools {bad} are not {self.d_model}-dimensional vectors of {self.name}")

@@ -32,14 +32,14 @@ __all__ = [
     "GENE_INDEX_GLOB",
     "IGNORED_PREFIXES",
     "CheckpointFiles",
-    "locate_checkpoint",
-    "family_hint",
-    "open_checkpoint",
-    "sub_model_names",
-    "select_sub_model",
-    "flatten_config",
-    "read_state_dict",
     "check_state_dict",
+    "family_hint",
+    "flatten_config",
+    "locate_checkpoint",
+    "open_checkpoint",
+    "read_state_dict",
+    "select_sub_model",
+    "sub_model_names",
 ]
 
 logger = logging.getLogger(__name__)

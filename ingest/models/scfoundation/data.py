@@ -49,13 +49,13 @@ __all__ = [
     "GENE_LIST_FILE",
     "N_OFFICIAL_GENES",
     "Resolution",
-    "read_gene_list",
-    "packaged_gene_list",
-    "cell_values",
-    "gather_positive",
     "ScFoundationTokenizer",
+    "cell_values",
     "collate_records",
     "empty_rows",
+    "gather_positive",
+    "packaged_gene_list",
+    "read_gene_list",
 ]
 
 logger = logging.getLogger(__name__)

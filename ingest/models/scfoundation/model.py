@@ -33,7 +33,7 @@ from torch import nn
 
 from sclstore.store.errors import CheckpointError
 
-__all__ = ["ScFoundationConfig", "ScFoundationModel", "AutoDiscretizationEmbedding", "EncoderLayer", "FinalStage"]
+__all__ = ["AutoDiscretizationEmbedding", "EncoderLayer", "FinalStage", "ScFoundationConfig", "ScFoundationModel"]
 
 
 @dataclass(frozen=True, kw_only=True)

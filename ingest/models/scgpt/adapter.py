@@ -26,6 +26,7 @@ from sclstore.store.errors import CheckpointError, InvalidInputError
 
 from ...adapter import GeneMapping, ModelAdapter, OfficialEmbedding, TokenBatch, TokenRecord, map_to_vocab
 from .._common import name_from_folder
+from ..tahoe.data import collate_records
 from .checkpoint import (
     ScGPTFiles,
     check_state_dict,
@@ -37,9 +38,8 @@ from .checkpoint import (
 )
 from .data import OFFICIAL_N_BINS, ScGPTTokenizer
 from .model import ScGPTConfig, ScGPTModel
-from ..tahoe.data import collate_records
 
-__all__ = ["ScGPTAdapter", "INFERENCE_MAX_LENGTH", "from_checkpoint"]
+__all__ = ["INFERENCE_MAX_LENGTH", "ScGPTAdapter", "from_checkpoint"]
 
 logger = logging.getLogger(__name__)
 

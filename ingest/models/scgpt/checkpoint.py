@@ -36,18 +36,18 @@ from .._common import check_state_dict_strict
 from ..safe_load import safe_torch_load
 
 __all__ = [
+    "IGNORED_PATTERNS",
+    "RENAME_RULES",
     "REQUIRED_FILES",
     "SPECIAL_TOKENS",
-    "RENAME_RULES",
-    "IGNORED_PATTERNS",
     "ScGPTFiles",
+    "check_state_dict",
     "guess_family",
     "locate_checkpoint",
     "read_args",
-    "read_vocab",
     "read_state_dict",
+    "read_vocab",
     "rename_flash_keys",
-    "check_state_dict",
 ]
 
 logger = logging.getLogger(__name__)

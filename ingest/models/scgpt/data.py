@@ -34,7 +34,7 @@ from sclstore.store.errors import InvalidInputError, ModelError
 from ...adapter import TokenRecord, cell_generator
 from .._common import RowTokenizer, csr_row, drop_zeros
 
-__all__ = ["OFFICIAL_N_BINS", "digitize_random", "binning", "ScGPTTokenizer"]
+__all__ = ["OFFICIAL_N_BINS", "ScGPTTokenizer", "binning", "digitize_random"]
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from sclstore.store.errors import CheckpointError
 
-__all__ = ["ScGPTConfig", "ScGPTModel", "ScGPTBlock", "REQUIRED_ARGS"]
+__all__ = ["REQUIRED_ARGS", "ScGPTBlock", "ScGPTConfig", "ScGPTModel"]
 
 REQUIRED_ARGS: tuple[str, ...] = ("embsize", "nheads", "d_hid", "nlayers", "pad_token", "pad_value")
 """``args.json`` keys the official ``embed_data`` reads (``n_layers_cls``/``dropout`` only matter for training)."""

@@ -48,7 +48,7 @@ from .checkpoint import (
 from .data import TahoeTokenizer, collate_records
 from .model import TahoeConfig, TahoeModel
 
-__all__ = ["TahoeAdapter", "INFERENCE_MAX_LENGTH"]
+__all__ = ["INFERENCE_MAX_LENGTH", "TahoeAdapter"]
 
 logger = logging.getLogger(__name__)
 

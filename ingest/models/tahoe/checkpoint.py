@@ -24,16 +24,16 @@ from .._common import check_state_dict_strict
 from ..safe_load import safe_torch_load
 
 __all__ = [
-    "CONFIG_FILES",
-    "WEIGHT_FILES",
-    "IGNORED_PREFIXES",
     "COMPOSER_MODULES",
+    "CONFIG_FILES",
+    "IGNORED_PREFIXES",
+    "WEIGHT_FILES",
     "CheckpointFiles",
-    "locate_checkpoint",
-    "read_yaml",
-    "read_vocab",
-    "read_state_dict",
     "check_state_dict",
+    "locate_checkpoint",
+    "read_state_dict",
+    "read_vocab",
+    "read_yaml",
 ]
 
 logger = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from sclstore.store.errors import InvalidInputError
 from ...adapter import TokenBatch, TokenRecord, cell_generator
 from .._common import RowTokenizer, csr_row, pad_records
 
-__all__ = ["binning", "log_transform", "TahoeTokenizer", "collate_records"]
+__all__ = ["TahoeTokenizer", "binning", "collate_records", "log_transform"]
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from sclstore.store.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TahoeConfig", "TahoeModel", "TXBlock", "resolve_activation"]
+__all__ = ["TXBlock", "TahoeConfig", "TahoeModel", "resolve_activation"]
 
 _ACTIVATIONS = ("relu", "gelu", "silu", "leaky_relu", "tanh", "sigmoid", "elu", "selu")
 _NORM_TYPES = ("layernorm", "low_precision_layernorm")
