@@ -42,7 +42,7 @@ from .spec import (
 )
 
 if TYPE_CHECKING:
-    from sclstore.store.info import DatasetInfo, RunInfo
+    from sclstore.store.info import DatasetInfo, ModelInfo, RunInfo
 
 __all__ = ["Backend", "QueryPlan", "RunReader", "plan_query", "select_layers", "split_where"]
 
@@ -69,6 +69,8 @@ class Backend(Protocol):
     def list_runs(
         self, *, dataset: str | None = None, model: str | None = None, status: str | None = "complete"
     ) -> list[RunInfo]: ...
+
+    def list_models(self) -> list[ModelInfo]: ...
 
     def get_dataset(self, dataset: int | str) -> DatasetInfo: ...
 
