@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -499,7 +500,7 @@ def de_similarity(lfc: pd.DataFrame | np.ndarray, *, method: str = "pearson") ->
         if method == "spearman":
             A = sps.rankdata(A, axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.corrcoef(A)
+            return cast("np.ndarray", np.corrcoef(A))  # 2-D input -> K x K matrix
     return pd.DataFrame(A.T).corr(method=method, min_periods=3).to_numpy()
 
 

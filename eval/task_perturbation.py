@@ -238,7 +238,7 @@ class PerturbationTask(Task):
         summary: list[dict[str, Any]] = []
         for cond, d in state["conditions"].items():
             cond_note = notes["conditions"][cond]
-            scores = {layer: (None if isinstance(res[cond], str) else res[cond]) for layer, res in results.items()}
+            scores: dict[int, Any] = {layer: (None if isinstance(res[cond], str) else res[cond]) for layer, res in results.items()}
             for layer, res in results.items():
                 if isinstance(res[cond], str):
                     cond_note.setdefault("undefined_layers", {})[str(layer)] = res[cond]

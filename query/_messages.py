@@ -44,7 +44,7 @@ _NAMED: dict[type[exp.Expression], str] = {
 }
 
 
-def snippet(node: exp.Expression | None, limit: int = 80) -> str:
+def snippet(node: exp.Expr | None, limit: int = 80) -> str:
     if node is None:
         return ""
     try:

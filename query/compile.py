@@ -194,7 +194,7 @@ class _Paren(ColumnElement[bool]):
 
     inherit_cache = True
     type = sa.Boolean()
-    _traverse_internals: ClassVar[list[tuple[str, Any]]] = [("inner", InternalTraversal.dp_clauseelement)]
+    _traverse_internals: ClassVar[list[tuple[str, Any]]] = [("inner", InternalTraversal.dp_clauseelement)]  # type: ignore[misc]  # SQLAlchemy stubs declare it per instance; it is class-level by design
 
     def __init__(self, inner: ColumnElement[bool]) -> None:
         self.inner = inner
@@ -271,7 +271,7 @@ def compile_predicate(
             _check_value(col, v, f"`{pred.column} BETWEEN ...`")
         if col.kind == "bool":
             raise InvalidQueryError(f"boolean column {col.name!r} supports = and != only, not BETWEEN")
-        expr = _ordered(col, dialect).between(_bind(col, pred.low), _bind(col, pred.high))
+        expr: ColumnElement[bool] = _ordered(col, dialect).between(_bind(col, pred.low), _bind(col, pred.high))
         return sa.not_(expr) if pred.negate else expr  # type: ignore[no-any-return]
     if isinstance(pred, Like):
         expr = _like(col, pred, dialect)

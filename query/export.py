@@ -264,6 +264,7 @@ def write_rows(result: QueryResult | QueryStream, fh: Any, fmt: str = "csv", *, 
     if fmt not in ROW_FORMATS:
         raise InvalidInputError(f"unknown row format {fmt!r}; use one of {', '.join(ROW_FORMATS)}")
     res = result.in_order(order)
+    assert isinstance(res, (QueryResult, QueryStream))  # in_order returns self or a same-class copy
     n = 0
     emb_cols = [f"e{j}" for j in range(res.dim)]
     for k, df in enumerate(_long_frames(res, chunk_cells)):

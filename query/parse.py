@@ -16,6 +16,7 @@ import logging
 import math
 import re
 from collections.abc import Callable
+from typing import cast
 
 import sqlglot
 from sqlglot import exp
@@ -445,7 +446,7 @@ def parse_query(sql: str) -> SliceQuery:
     if len(statements) != 1:
         raise InvalidQueryError(f"only one statement is allowed, got {len(statements)}; send a single SELECT")
     try:
-        return _convert(statements[0], sql)
+        return _convert(cast("exp.Expression", statements[0]), sql)  # parsed statements are concrete Expression nodes
     except RecursionError:
         raise InvalidQueryError("query is nested too deeply; simplify the parentheses") from None
 

@@ -31,6 +31,8 @@ from .spec import (
     CountItem,
     EmbeddingItem,
     InList,
+    Not,
+    Or,
     OrderItem,
     Predicate,
     SliceQuery,
@@ -40,7 +42,7 @@ from .spec import (
 )
 
 if TYPE_CHECKING:
-    from sclstore.store.info import DatasetInfo, RunInfo
+    from sclstore.store.info import DatasetInfo, ModelInfo, RunInfo
 
 __all__ = ["Backend", "QueryPlan", "RunReader", "plan_query", "select_layers", "split_where"]
 
@@ -67,6 +69,8 @@ class Backend(Protocol):
     def list_runs(
         self, *, dataset: str | None = None, model: str | None = None, status: str | None = "complete"
     ) -> list[RunInfo]: ...
+
+    def list_models(self) -> list[ModelInfo]: ...
 
     def get_dataset(self, dataset: int | str) -> DatasetInfo: ...
 
@@ -275,6 +279,7 @@ def select_layers(info: RunInfo, terms: Sequence[Predicate]) -> tuple[int, ...]:
     n = info.n_model_layers or 1
     keep = set(info.layers)
     for term in terms:
+        assert not isinstance(term, (And, Or, Not))  # split_where keeps only single-column leaf terms here
         column = term.column
         pos = (lambda layer: Fraction(layer)) if column == "layer" else (lambda layer: Fraction(layer, n))
         matched: set[int]
@@ -373,14 +378,14 @@ def plan_query(backend: Backend, query: SliceQuery) -> QueryPlan:
 
     order_obs: list[OrderItem] = []
     layer_desc = False
-    for item in query.order_by:
-        if item.column in ("layer", "depth"):
-            layer_desc = item.desc
-        elif item.column in ("run", "dataset", "model", "embedding"):
-            raise InvalidQueryError(f"cannot ORDER BY {item.column}; order by obs columns, cell, cell_idx or layer")
+    for order in query.order_by:
+        if order.column in ("layer", "depth"):
+            layer_desc = order.desc
+        elif order.column in ("run", "dataset", "model", "embedding"):
+            raise InvalidQueryError(f"cannot ORDER BY {order.column}; order by obs columns, cell, cell_idx or layer")
         else:
-            resolve_column(item.column, columns, "ORDER BY")
-            order_obs.append(item)
+            resolve_column(order.column, columns, "ORDER BY")
+            order_obs.append(order)
     if layer_desc:
         layers = tuple(reversed(layers))
     slots = tuple(info.layers.index(layer) for layer in layers)
@@ -412,9 +417,9 @@ def plan_query(backend: Backend, query: SliceQuery) -> QueryPlan:
         if isinstance(item, ColumnItem) and item.column not in ("run", "dataset", "model", "layer", "depth") and item.column not in group:
                 msg = f"column {item.column!r} is selected but not in GROUP BY; add it to GROUP BY or drop it"
                 raise InvalidQueryError(msg)
-    for item in order_obs:
-        if item.column not in group:
-            raise InvalidQueryError(f"ORDER BY {item.column!r} in a GROUP BY query must be one of the GROUP BY columns")
+    for order in order_obs:
+        if order.column not in group:
+            raise InvalidQueryError(f"ORDER BY {order.column!r} in a GROUP BY query must be one of the GROUP BY columns")
     return QueryPlan(
         obs_columns=tuple(group),
         order_by=tuple(order_obs),

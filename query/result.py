@@ -323,7 +323,8 @@ class QueryResult(_Slice):
 
         res = self.in_order(order)
         if res is not self:
-            return res.to_anndata(order="store")  # type: ignore[union-attr]
+            assert isinstance(res, QueryResult)  # in_order returns self or a same-class copy
+            return res.to_anndata(order="store")
         obs = self.obs.copy()
         obs.index = obs.index.astype(str)
         if not obs.index.is_unique:  # group labels can collide; keep AnnData happy
@@ -440,6 +441,7 @@ class QueryStream(_Slice):
         from .read import check_budget, read_cells
 
         check_budget(self.plan, self.n_rows, self.budget)
+        assert self.cell_idx is not None  # a stream always has resolved cells (set in __init__)
         emb = read_cells(self.backend, self.plan, self.cell_idx) if self.pool is not None else None
         more = {p: read_cells(self.backend, replace(self.plan, pool=p), self.cell_idx) for p in self.extra_pools}
         return QueryResult(

@@ -20,6 +20,7 @@ from .spec import (
     InList,
     OrderItem,
     Predicate,
+    SelectItem,
     SliceQuery,
     Value,
     to_sql,
@@ -71,7 +72,7 @@ def cells_query(
         Obs columns returned next to the embeddings.
     """
     pred = _where(run, layers, where)
-    select = (*(ColumnItem(c) for c in columns), EmbeddingItem(pool))
+    select: tuple[SelectItem, ...] = (*(ColumnItem(c) for c in columns), EmbeddingItem(pool))
     text = _text(", ".join([*columns, f"embedding{'.' + pool if pool else ''}"]), pred, " ORDER BY cell_idx")
     return SliceQuery(select=select, where=pred, order_by=(OrderItem("cell_idx"),), sql=text)
 

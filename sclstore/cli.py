@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, cast
 
 import typer
 from rich.console import Console
@@ -204,7 +204,7 @@ def ls(
 
             print_evals(st, run, json_out)
             return
-        items = {"datasets": st.datasets, "models": st.models, "runs": st.runs}[what]()
+        items = cast("list[Any]", {"datasets": st.datasets, "models": st.models, "runs": st.runs}[what]())  # each returns a list of *Info
         if json_out:
             emit_json([i.to_json() for i in items])
             return

@@ -119,6 +119,7 @@ def store_with_layers(root: str | Path, adata: Any, layers: np.ndarray, *, name:
                              spec=ArraySpec(n_layers=n_layers, n_cells=n, dim=dim, pools=("cls", "mean")))
     order = backend.cell_order(ds.id)
     lease = backend.acquire(run.id, wait=False)
+    assert lease is not None  # a freshly created run is free to lease
     backend.write_block(run, lease, 0, {"cls": layers[:, order], "mean": layers[:, order] * 0.5})
     backend.complete(run, lease, {})
     return backend, run.id
