@@ -23,10 +23,10 @@ import hashlib
 import logging
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 import numpy as np
 import scipy.sparse
@@ -570,7 +570,7 @@ class ModelAdapter(ABC, Generic[ModelT]):
 
     def blocks(self) -> Sequence[nn.Module]:
         """The ``L`` transformer blocks in forward order, ``model.blocks`` (valid after :meth:`load`)."""
-        return list(self._require_model().blocks)
+        return list(cast("Iterable[nn.Module]", self._require_model().blocks))
 
     def _require_model(self) -> ModelT:
         """The loaded network; raises ``ModelError`` before :meth:`load`."""

@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -354,7 +354,7 @@ def ingest(
         open_source(path)  # raises: names what was passed
     if not in_memory:
         path = Path(path).expanduser()
-    name = config.name or (None if in_memory else validate_name(_default_name(path), what="dataset"))
+    name = config.name or (None if in_memory else validate_name(_default_name(cast("Path", path)), what="dataset"))
     device = resolve_device(config.device)
     if adapter is None:
         adapter = load_adapter(config.model, config.checkpoint, max_genes=config.max_genes, options=dict(config.model_options))

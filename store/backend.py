@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -145,7 +145,7 @@ class Backend:
             For a remote store (an SQLite file cannot live on object storage).
         """
         loc = root if isinstance(root, StoreLocation) else None
-        uri = loc.uri if loc is not None else os.fspath(root)
+        uri = loc.uri if loc is not None else os.fspath(cast("str | os.PathLike[str]", root))
         if (loc is not None and not loc.is_local) or (loc is None and "://" in uri and not uri.startswith("file://")):
             msg = (f"store {uri} is remote and SQLite cannot live there: pass --catalog (or $SCLSTORE_CATALOG) "
                    "with a PostgreSQL URL, e.g. postgresql+psycopg://user@host/db")
@@ -408,7 +408,7 @@ class Backend:
             return [ModelInfo.from_row(r) for r in s.scalars(sa.select(Model).order_by(Model.id))]
 
     # ------------------------------------------------------------------ runs
-    def _run_query(self) -> sa.Select[tuple[Run]]:
+    def _run_query(self) -> sa.Select[Run]:
         return sa.select(Run).options(joinedload(Run.dataset), joinedload(Run.model))
 
     def _info(self, row: Run) -> RunInfo:

@@ -6,7 +6,7 @@ generated column name (``c0``, ``c1``, ...) and the mapping lives in ``datasets.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -177,7 +177,7 @@ def check_obs_width(n_columns: int, dialect: str) -> None:
 
 
 # categories are Text (any length; catalogs made before this kept them as VARCHAR(255))
-_SQL_TYPES = {"category": lambda: Text(), "string": lambda: Text(), "int": BigInteger, "float": Float, "bool": Boolean}
+_SQL_TYPES: dict[str, Callable[[], Any]] = {"category": lambda: Text(), "string": lambda: Text(), "int": BigInteger, "float": Float, "bool": Boolean}
 
 
 MAX_INDEXED_BYTES = 2000
@@ -298,6 +298,7 @@ def _load_rows(conn: Connection, table: Table, obs: pd.DataFrame, schema: Sequen
     n = len(order)
     if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
         raw = conn.connection.driver_connection
+        assert raw is not None  # an open connection always has its driver connection
         with raw.cursor() as cur, cur.copy(f"COPY {target} FROM STDIN") as copy:
             for row in zip(*values, strict=True):
                 copy.write_row(row)

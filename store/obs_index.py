@@ -9,7 +9,7 @@ here; it never holds an Engine or a connection. Catalog errors are translated in
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -50,10 +50,10 @@ class ObsIndex:
         self.dialect: str = engine.dialect.name
         """``sqlite`` or ``postgresql``: predicates compile per dialect."""
 
-    def _rows(self, stmt: sa.Select[Any]) -> list[Any]:
+    def _rows(self, stmt: sa.Select) -> list[Any]:
         with self._engine.connect() as conn:
             # raw DB-API rows: callers convert per column, much faster than per row
-            return conn.execute(stmt).cursor.fetchall()
+            return cast("list[Any]", conn.execute(stmt).cursor.fetchall())  # DB-API fetchall gives a list
 
     def select(
         self,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import cast
 
 from sclstore.store.errors import InvalidInputError
 
@@ -102,7 +103,7 @@ FAMILIES: dict[str, AdapterFactory] = {
 def families() -> dict[str, AdapterFactory]:
     """Every model family: those registered under the ``sclstore.models`` entry-point group, plus
     the built-ins (a plugin may not replace a built-in family's name)."""
-    found = discover_families()
+    found = cast("dict[str, AdapterFactory]", discover_families())  # the code treats every family as an adapter
     clash = sorted(n for n in found if n in FAMILIES and found[n] is not FAMILIES[n])
     for name in clash:
         logger.warning("entry point %r of another package is ignored: it is a built-in sclstore family", name)

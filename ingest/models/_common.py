@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import numpy as np
 import scipy.sparse
@@ -210,7 +210,7 @@ class RowTokenizer:
 
     def bind(self: _RowTokenizerT, mapping: GeneMapping) -> _RowTokenizerT:
         """Return a copy that tokenizes count columns in the order of ``mapping``."""
-        return dataclasses.replace(self, token_ids=np.asarray(mapping.token_ids, dtype=np.int64).copy())
+        return dataclasses.replace(cast("Any", self), token_ids=np.asarray(mapping.token_ids, dtype=np.int64).copy())
 
     def seq_len(self, record: TokenRecord) -> int:
         """Number of tokens of a record (``<cls>`` included)."""

@@ -147,11 +147,11 @@ class TahoePretrainModel(TahoeModel):
         """Return the expression-decoder and MVC predictions ``(B, S)`` of the bins."""
         out = self.final_norm(self(gene_ids, values, attn_mask, gen_mask=gen_mask))
         x = out
-        for layer in self.expression_decoder.linear_layers:
+        for layer in self.expression_decoder.linear_layers:  # type: ignore[union-attr]  # nn.Module __getattr__ typing
             x = self._leaky(layer(x))
-        expr = self.expression_decoder.out_proj(x).squeeze(-1)
-        query = torch.sigmoid(self.mvc_decoder.gene2query(self.gene_encoder(gene_ids)))
-        mvc = torch.bmm(self.mvc_decoder.W(query), out[:, 0, :].unsqueeze(2)).squeeze(2) / math.sqrt(query.shape[-1])
+        expr = self.expression_decoder.out_proj(x).squeeze(-1)  # type: ignore[operator]  # nn.Module __getattr__ typing
+        query = torch.sigmoid(self.mvc_decoder.gene2query(self.gene_encoder(gene_ids)))  # type: ignore[operator]  # nn.Module __getattr__ typing
+        mvc = torch.bmm(self.mvc_decoder.W(query), out[:, 0, :].unsqueeze(2)).squeeze(2) / math.sqrt(query.shape[-1])  # type: ignore[operator]  # nn.Module __getattr__ typing
         return expr, mvc
 
 
@@ -263,7 +263,7 @@ def train(out: Path, *, steps: int = 600, seed: int = 0, d_model: int = 64, n_la
     tr = [records[i] for i in sorted(order[N_VAL:])]
     model = TahoePretrainModel(cfg)
     with torch.no_grad():  # start the bin regressor at the mean training bin instead of 0
-        model.expression_decoder.out_proj.bias.fill_(float(np.concatenate([r.values[1:] for r in tr]).mean()))
+        model.expression_decoder.out_proj.bias.fill_(float(np.concatenate([r.values[1:] for r in tr]).mean()))  # type: ignore[union-attr, operator]  # nn.Module __getattr__ typing
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=1e-5)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(

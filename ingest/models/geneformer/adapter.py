@@ -31,7 +31,7 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import torch
@@ -211,7 +211,7 @@ class GeneformerAdapter(ModelAdapter[GeneformerBert]):
     def observe_source(self, *, dense: bool, dtype: Any) -> None:
         """Reproduce upstream's arithmetic for counts stored dense or sparse with ``dtype``."""
         self._base_tokenizer = self._base_tokenizer.for_storage(dense=dense, dtype=dtype)
-        self.tokenizer = self.tokenizer.for_storage(dense=dense, dtype=dtype)
+        self.tokenizer = cast("GeneformerTokenizer", self.tokenizer).for_storage(dense=dense, dtype=dtype)
 
     def check_obs(self, obs: pd.DataFrame | None) -> str:
         """Validate the cells' total counts before anything is written (see :meth:`GeneformerTokenizer.check_obs`)."""

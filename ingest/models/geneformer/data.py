@@ -31,7 +31,7 @@ import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import pandas as pd
@@ -130,14 +130,14 @@ def official_gene_layout(
     target = [mapped.get(g.upper()) for g in ids]
     keep = [i for i, t in enumerate(target) if t is not None and t in medians]
     if not collapse:
-        slot_ids = [target[i] for i in keep]
+        slot_ids = cast("list[str]", [target[i] for i in keep])  # keep holds only mapped genes
         col_slot = np.arange(len(keep), dtype=np.int64)
     else:
         counts = Counter(target[i] for i in keep)
         single = [i for i in keep if counts[target[i]] == 1]
         dups = [t for t in dict.fromkeys(target[i] for i in keep) if counts[t] > 1]
         slot_of = {target[i]: s for s, i in enumerate(single)} | {t: len(single) + j for j, t in enumerate(dups)}
-        slot_ids = [target[i] for i in single] + dups
+        slot_ids = cast("list[str]", [target[i] for i in single] + dups)
         col_slot = np.array([slot_of[target[i]] for i in keep], dtype=np.int64)
         if dups:
             logger.info("summing the counts of %d genes mapped from several Ensembl ids, as the official tokenizer", len(dups))
