@@ -32,9 +32,9 @@ import torch
 
 from sclstore.store.errors import CheckpointError, InvalidInputError
 
-from .models import scfoundation_checkpoint as sfc
-from .models import scgpt_checkpoint as sgc
-from .models import tahoe_checkpoint as txc
+from .models.scfoundation import checkpoint as sfc
+from .models.scgpt import checkpoint as sgc
+from .models.tahoe import checkpoint as txc
 
 __all__ = ["FAMILIES", "convert_checkpoint"]
 
