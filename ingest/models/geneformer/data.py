@@ -364,7 +364,7 @@ class GeneformerTokenizer:
             keep = x != 0
             slots, x = slots[keep], x[keep]
         if x.size and not total[0] > 0:
-            msg = f"cell {cell} has counts but a total count of {total[0]!r}; fix obs['n_counts'] or drop it"
+            msg = f"cell {cell} has counts but a total count of {float(total[0]):g}; fix obs['n_counts'] or drop it"
             raise InvalidInputError(msg)
         if not x.size:
             norm = np.zeros(0)
