@@ -210,7 +210,8 @@ class CountsSource:
             check_sparse_structure(self._file[self.counts_key], self._matrix.format, (self.n_obs, self.n_vars),
                                    where=f"{self.path.name}:{where}")
         try:
-            digest, nnz = self._hash_counts(where, block_rows)
+            with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf are reported below, as one line
+                digest, nnz = self._hash_counts(where, block_rows)
         except SclstoreError:
             raise
         except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:

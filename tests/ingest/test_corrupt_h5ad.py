@@ -144,7 +144,7 @@ def test_all_zero_counts_are_refused(tmp_path: Path, tiny_tahoe_hf: Path, tiny_g
         assert snapshot(st.path) == before
 
 
-def test_some_empty_cells_are_accepted_with_a_warning(
+def test_some_empty_cells_are_accepted_with_a_warning_and_stored_as_unembeddable(
     tmp_path: Path, tiny_tahoe_hf: Path, random_counts: Callable[..., Any], tiny_gene_ids: Callable[..., list[str]],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -155,11 +155,15 @@ def test_some_empty_cells_are_accepted_with_a_warning(
         with caplog.at_level("WARNING", logger="sclstore.ingest.source"):
             res = st.ingest(data, "tahoe-x1", str(tiny_tahoe_hf), pools=("cls", "mean"), progress=False, workers=0)
         assert "2 of 20 cells of some.h5ad have no counts at all" in caplog.text
-        obs = st.backend.read_obs(st.run(res.id).dataset_id)
+        run = st.run(res.id)
+        obs = st.backend.read_obs(run.dataset_id)
         with st.backend.open_reader(res.id) as rd:
             mean = rd.read([0, 1, 2], None, "mean")
     empty = [i for i, src in enumerate(obs["src_idx"]) if src in (3, 7)]
-    assert np.all(mean[:, empty] == 0)  # no gene token: the mean pool is zero (documented)
+    assert sorted(run.unembeddable) == sorted(empty)  # no gene token: recorded as unembeddable ...
+    assert np.all(np.isnan(mean[:, empty]))  # ... and stored as NaN
+    others = np.setdiff1d(np.arange(20), empty)
+    assert np.all(np.isfinite(mean[:, others]))
 
 
 def test_duplicate_gene_ids_are_refused(tmp_path: Path, tiny_tahoe_hf: Path, random_counts: Callable[..., Any],
