@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -28,7 +29,7 @@ sys.stderr.write("\\nLOADED " + json.dumps(sorted(m for m in heavy if m in sys.m
 
 def _run(body: str, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[str], list[str]]:
     code = PROBE.format(body=body, heavy=HEAVY)
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300, cwd=tempfile.gettempdir(),
                           env={**os.environ, **(env or {})})
     line = [ln for ln in proc.stderr.splitlines() if ln.startswith("LOADED ")]
     assert line, proc.stderr

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +62,8 @@ sys.stderr.write("\\nSTATE " + json.dumps({"code": code, "torch": torch.get_num_
 
 
 def _cli(*args: str, env: dict[str, str]) -> tuple[str, dict]:
-    proc = subprocess.run([sys.executable, "-c", WRAP, *args], capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run([sys.executable, "-c", WRAP, *args], capture_output=True, text=True, timeout=600, env=env,
+                          cwd=tempfile.gettempdir())  # outside the repo: its folders must not shadow the package
     state = [ln for ln in proc.stderr.splitlines() if ln.startswith("STATE ")]
     assert state, proc.stderr
     return proc.stdout, json.loads(state[-1][len("STATE "):]) | {"stderr": proc.stderr}

@@ -100,7 +100,7 @@ def test_soma_round_trip(lab: tuple[sclstore.Store, int, ad.AnnData, Path], tmp_
     for key in keys:
         layer, pool = int(key.split("_L")[1].split("_")[0]), key.rsplit("_", 1)[1]
         np.testing.assert_array_equal(back.obsm[key], _direct(st, run_id, back.obs_names, layer, pool))
-    with pytest.raises(InvalidInputError, match=r"exists: choose a new \.soma path"):
+    with pytest.raises(InvalidInputError, match=r"already exists: pass --force"):
         st.to_soma(sql, tmp_path / "out.soma")
     # the --with-counts .h5ad is what tiledbsoma.io.from_h5ad accepts
     st.export(sql, tmp_path / "c.h5ad", with_counts=True)

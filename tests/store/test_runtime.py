@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -259,7 +260,8 @@ def _child(threads: object, env_extra: dict[str, str]) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(env_extra)
     cmd = [sys.executable, "-c", CHILD.format(threads=threads)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=True,
+                         cwd=tempfile.gettempdir())  # outside the repo: its folders must not shadow the package
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
