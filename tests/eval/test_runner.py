@@ -15,27 +15,7 @@ from sclstore.eval.simulate import log_pca, simulate_layers, simulate_perturbseq
 from sclstore.ingest.source import CountsSource
 from sclstore.store import ArraySpec, Backend, cache_key
 from sclstore.store.errors import EvaluationError
-
-
-def _store_with_layers(root: Path, adata, layers: np.ndarray, *, name: str, cluster_by=(), key: str = "k") -> tuple[Backend, int]:
-    """Register ``adata`` (written next to the store) and a complete run holding ``layers`` (file order)."""
-    path = root / f"{name}.h5ad"
-    if not path.exists():
-        adata.write_h5ad(path)
-    backend = Backend.create(root / "store")
-    with CountsSource(path) as src:
-        ds = backend.register_dataset(name=name, content_hash=src.scan(), obs=src.obs, n_vars=src.n_vars,
-                                      source_path=str(path), cluster_by=cluster_by)
-    n_layers, n, dim = layers.shape
-    model = backend.register_model(family="synthetic", name=f"planted-{key}", checkpoint_hash=cache_key(key), n_layers=n_layers - 1,
-                                   d_model=dim, config={})
-    run = backend.create_run(dataset=ds, model=model, key=cache_key(name, key), params={}, layers=list(range(n_layers)),
-                             spec=ArraySpec(n_layers=n_layers, n_cells=n, dim=dim, pools=("cls", "mean")))
-    order = backend.cell_order(ds.id)
-    lease = backend.acquire(run.id, wait=False)
-    backend.write_block(run, lease, 0, {"cls": layers[:, order], "mean": layers[:, order] * 0.5})
-    backend.complete(run, lease, {})
-    return backend, run.id
+from sclstore.testing import store_with_layers
 
 
 def test_trajectory_best_layer_cached_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -43,7 +23,7 @@ def test_trajectory_best_layer_cached_and_errors(tmp_path: Path, monkeypatch: py
     t = adata.obs["latent_time"].to_numpy()
     latent = np.column_stack([t, (adata.obs["fate"] == "monocyte").to_numpy() * t])
     layers = simulate_layers(latent, n_layers=7, best_layer=3, seed=1)
-    backend, run_id = _store_with_layers(tmp_path, adata, layers, name="traj", cluster_by=("day",))
+    backend, run_id = store_with_layers(tmp_path, adata, layers, name="traj", cluster_by=("day",))
     with sclstore.Store(backend) as st:
         rep = st.evaluate_trajectory(run_id, pseudotime_key="latent_time", n_subsamples=4, n_neighbors=15)
         prim = rep.metric_table()
@@ -94,7 +74,7 @@ def test_perturbation_per_condition_with_de_cache(tmp_path: Path, monkeypatch: p
     adata = simulate_perturbseq(n_perturbations=16, n_genes=300, cells_per_perturbation=30, n_control_cells=120,
                                 conditions=("Rest", "Stim8hr"), effect_scale=(1.0, 2.0), n_donors=2, seed=2)
     layers = simulate_layers(log_pca(adata.X, n_comps=20), n_layers=9, best_layer=4, seed=3)
-    backend, run_id = _store_with_layers(tmp_path, adata, layers, name="pert", cluster_by=("condition", "gene"))
+    backend, run_id = store_with_layers(tmp_path, adata, layers, name="pert", cluster_by=("condition", "gene"))
     calls = {"de": 0}
     real = pert_mod.run_de
 
@@ -122,7 +102,7 @@ def test_perturbation_per_condition_with_de_cache(tmp_path: Path, monkeypatch: p
         again = st.evaluate_perturbation(run_id, **kw)
         assert again.cached and calls["de"] == 2
         # another run of the same dataset: layers are read again, DE comes from the catalog
-        backend2, run2 = _store_with_layers(tmp_path, adata, layers[::-1].copy(), name="pert", cluster_by=("condition", "gene"), key="k2")
+        backend2, run2 = store_with_layers(tmp_path, adata, layers[::-1].copy(), name="pert", cluster_by=("condition", "gene"), key="k2")
         other = sclstore.Store(backend2).evaluate_perturbation(run2, **kw)
         assert calls["de"] == 2 and not other.cached
         lay_o = other.table[other.table["representation"] == "layer"]
@@ -170,22 +150,9 @@ def test_unembeddable_cells_are_skipped_with_a_count(tmp_path: Path) -> None:
     assert rep.notes["unembeddable_cells_skipped"] == 3
     # oracle: the same evaluation of a store that holds only the embedded cells
     keep_src = np.setdiff1d(np.arange(n), order[skipped])  # source rows of the embedded cells
-    sub = adata[keep_src].copy()
-    sub_path = tmp_path / "kept.h5ad"
-    sub.write_h5ad(sub_path)
-    other = Backend.create(tmp_path / "store2")
-    with CountsSource(sub_path) as src:
-        ds2 = other.register_dataset(name="k", content_hash=src.scan(), obs=src.obs, n_vars=src.n_vars, source_path=str(sub_path))
-    model2 = other.register_model(family="synthetic", name="m", checkpoint_hash=cache_key("m"), n_layers=n_layers - 1,
-                                  d_model=dim, config={})
-    run2 = other.create_run(dataset=ds2, model=model2, key=cache_key("k"), params={}, layers=list(range(n_layers)),
-                            spec=ArraySpec(n_layers=n_layers, n_cells=len(keep_src), dim=dim, pools=("cls", "mean")))
-    kept = layers[:, keep_src][:, other.cell_order(ds2.id)].copy()
-    lease2 = other.acquire(run2.id, wait=False)
-    other.write_block(run2, lease2, 0, {"cls": kept, "mean": kept})
-    other.complete(run2, lease2, {})
+    other, run2 = store_with_layers(tmp_path / "kept", adata[keep_src].copy(), layers[:, keep_src].copy(), name="k")
     with sclstore.Store(other) as st2:
-        direct = st2.evaluate_trajectory(run2.id, pseudotime_key="latent_time", n_subsamples=3, n_neighbors=15, reference=False)
+        direct = st2.evaluate_trajectory(run2, pseudotime_key="latent_time", n_subsamples=3, n_neighbors=15, reference=False)
     for layer in range(n_layers):
         got = rep.table.query(f"layer == {layer} and metric == 'spearman_time'")["score"].item()
         want = direct.table.query(f"layer == {layer} and metric == 'spearman_time'")["score"].item()
