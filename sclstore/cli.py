@@ -264,4 +264,8 @@ from sclstore import (  # noqa: E402,F401  (register info, query, eval, report a
 )
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # `python -m sclstore.cli` (how executors start workers) runs this file as `__main__`, but the
+    # command modules above register on the imported `sclstore.cli.app`: run that one
+    from sclstore.cli import main as _main
+
+    _main()
