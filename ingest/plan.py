@@ -39,7 +39,8 @@ from .models import load_adapter
 from .run_key import adapter_digest, mapping_digest, run_key
 from .source import CountsSource
 
-__all__ = ["PLAN_VERSION", "Plan", "RunContext", "auto_chunk_cells", "open_context", "plan_run", "resolve_device"]
+__all__ = ["PLAN_VERSION", "NumericsRefused", "Plan", "RunContext", "auto_chunk_cells", "check_numerics", "open_context", "plan_run",
+           "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -257,6 +258,40 @@ def _context(
                       seed=int(p.get("seed", 0)), device=device, closer=stack)
 
 
+class NumericsRefused(InvalidInputError):
+    """This worker's settings would change a run's numbers (batch size, precision): it refuses the run.
+
+    Not the run's fault: a worker with the run's settings can still embed it.
+    """
+
+
+def check_numerics(
+    run: RunInfo, *, device: torch.device, batch_size: int | None, precision: str | None, official: str | None = None,
+) -> str | None:
+    """The precision this worker would embed ``run`` at, or raise if its settings would change the run's numbers.
+
+    ``official`` is the model's official precision; without it, a CUDA worker asked for ``auto``
+    cannot tell yet and None is returned (checked again once the model is known).
+
+    Raises
+    ------
+    NumericsRefused
+        Another batch size, or a precision other than the one the run is pinned to.
+    """
+    if batch_size is not None and batch_size != run.params.get("batch_size"):
+        raise NumericsRefused(f"run {run.id} is pinned to --batch-size {run.params.get('batch_size')} (batch composition changes "
+                              f"the numbers); this worker asked for {batch_size}: drop --batch-size")
+    requested = precision or run.plan.get("precision") or "auto"
+    if requested == "auto" and device.type == "cuda" and official is None:
+        return None
+    got = resolve_precision(requested, official or "fp32", device)
+    want = run.params.get("precision")
+    if got != want:
+        raise NumericsRefused(f"run {run.id} is pinned to {want} precision; on {device} this worker would run {got}: "
+                              f"use a {'CUDA' if device.type == 'cpu' else 'CPU'} worker or submit the run for this device")
+    return got
+
+
 def open_context(
     backend: Backend, run: RunInfo, *, device: str, batch_size: int | None = None, precision: str | None = None,
 ) -> RunContext:
@@ -272,10 +307,8 @@ def open_context(
     plan = run.plan
     if not plan.get("source"):
         raise InvalidInputError(f"run {run.id} was ingested from memory (no data file): only the process that started it can embed it")
-    if batch_size is not None and batch_size != run.params.get("batch_size"):
-        raise InvalidInputError(f"run {run.id} is pinned to --batch-size {run.params.get('batch_size')} (batch composition changes "
-                                f"the numbers); this worker asked for {batch_size}: drop --batch-size")
     dev = resolve_device(device)
+    check_numerics(run, device=dev, batch_size=batch_size, precision=precision)  # before anything is opened
     path = Path(plan["source"])
     try:
         stat = _file_stat(path)
@@ -295,12 +328,8 @@ def open_context(
         if adapter_digest(adapter.describe()) != run.params.get("adapter"):
             raise IngestError(f"the checkpoint at {plan['checkpoint']} is not the one run {run.id} was planned with: "
                               "point the worker at the same checkpoint")
-        want = run.params.get("precision")
-        got = resolve_precision(config.precision, adapter.official_precision, dev)
-        if got != want:
-            raise InvalidInputError(f"run {run.id} is pinned to {want} precision; on {dev} this worker would run {got}: "
-                                    f"use a {'CUDA' if dev.type == 'cpu' else 'CPU'} worker or submit the run for this device")
-        adapter.precision = got
+        got = check_numerics(run, device=dev, batch_size=batch_size, precision=precision, official=adapter.official_precision)
+        adapter.precision = cast("str", got)
         adapter.load(dev)
         return _context(run, adapter, source, mapping, dev, stack)
     except BaseException:

@@ -30,7 +30,7 @@ from sclstore.store.errors import (
 
 from .embed import embed_shard, peak_rss_bytes
 from .lifecycle import Interrupted
-from .plan import RunContext, open_context
+from .plan import NumericsRefused, RunContext, check_numerics, open_context, resolve_device
 
 __all__ = ["WorkReport", "work"]
 
@@ -122,14 +122,21 @@ def work(
     owned = set(ctxs)
     report = WorkReport(device=device)
     outage = _Outage()
+    refused: set[int] = set()
     t0 = time.perf_counter()
+    if runs is not None:  # refuse a run this worker would change the numbers of before claiming anything of it
+        dev = resolve_device(device)
+        for run_id in runs:
+            run = backend.get_run(run_id)
+            if run_id not in ctxs and run.plan and run.status not in ("complete",):
+                check_numerics(run, device=dev, batch_size=batch_size, precision=precision)
     try:
         while not stop.is_set():
             try:
-                lease = backend.shards.claim(runs=runs, device=device, shuffle=shuffle)
+                lease = backend.shards.claim(runs=runs, device=device, shuffle=shuffle, exclude=sorted(refused))
                 if lease is None:
                     report.runs_finalised += _finalise_ready(backend, runs, final_stats)
-                    if not forever and not backend.shards.pending_runs(runs):
+                    if not forever and not set(backend.shards.pending_runs(runs)) - refused:
                         break
                     outage.ok()
                     stop.wait(poll_s)
@@ -156,6 +163,13 @@ def work(
             except LeaseHeldError as exc:
                 lease.stop()
                 logger.warning("%s", exc)
+                continue
+            except NumericsRefused as exc:  # this worker's settings, not the run's fault: give the shard back untouched
+                backend.shards.release(lease)
+                if runs is not None:
+                    raise
+                logger.warning("skipping run %d: %s", shard.run_id, exc)
+                refused.add(shard.run_id)
                 continue
             except BaseException as exc:
                 fatal = fail_fast or isinstance(exc, _FATAL)

@@ -184,8 +184,9 @@ class ShardQueue:
         return int(res.rowcount)
 
     # ------------------------------------------------------------------ claiming
-    def claim(self, *, runs: Sequence[int] | None, device: str, shuffle: random.Random | None = None) -> ShardLease | None:
-        """Claim one shard of ``runs`` (None: of any shared run), or ``None`` if nothing is claimable.
+    def claim(self, *, runs: Sequence[int] | None, device: str, shuffle: random.Random | None = None,
+              exclude: Sequence[int] = ()) -> ShardLease | None:
+        """Claim one shard of ``runs`` (None: of any shared run, except those in ``exclude``), or ``None`` if nothing is claimable.
 
         ``shuffle`` picks among the claimable shards at random (tests of arbitrary shard orders);
         by default the lowest run id and shard index first.
@@ -201,6 +202,8 @@ class ShardQueue:
                 .where(Run.status.in_(ACTIVE_RUN), claimable)
                 .order_by(RunShard.run_id, RunShard.idx).limit(64))
         stmt = stmt.where(RunShard.run_id.in_([int(r) for r in runs])) if runs is not None else stmt.where(Run.shared.is_(True))
+        if exclude:
+            stmt = stmt.where(RunShard.run_id.not_in([int(r) for r in exclude]))
         if self.engine.dialect.name == "postgresql":
             stmt = stmt.with_for_update(skip_locked=True, of=RunShard)
         with write_tx(self.engine) as conn:
