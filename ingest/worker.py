@@ -172,6 +172,10 @@ def work(
                 refused.add(shard.run_id)
                 continue
             except BaseException as exc:
+                if forever and not fail_fast and isinstance(exc, (CatalogConnectionError, sa.exc.OperationalError)):
+                    backend.shards.release(lease)  # an outage is no fault of the shard: no attempt counted
+                    stop.wait(outage.hit(exc))
+                    continue
                 fatal = fail_fast or isinstance(exc, _FATAL)
                 status = backend.shards.release(lease, error=f"{type(exc).__name__}: {exc}", fail=fatal)
                 if fatal or not isinstance(exc, (SclstoreError, Exception)):

@@ -114,6 +114,7 @@ class ShardLease:
     _thread: threading.Thread | None = None
 
     def start(self) -> ShardLease:
+        _LIVE_OWNERS.add(self.owner)
         self._thread = threading.Thread(target=self._beat, name=f"sclstore-shard-{self.shard.id}", daemon=True)
         self._thread.start()
         return self
@@ -148,11 +149,15 @@ class ShardLease:
 
     def stop(self) -> None:
         self._stop.set()
+        _LIVE_OWNERS.discard(self.owner)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
 
 
 _CLEAR_LEASE = {"lease_owner": None, "lease_boot_id": None, "lease_pidns": None}
+_LIVE_OWNERS: set[str] = set()
+"""Owners of this process's running leases: a shard still marked as this process's but not among
+them (its release failed, e.g. in a catalog outage) is claimable again at once."""
 
 
 class ShardQueue:
@@ -233,6 +238,8 @@ class ShardQueue:
             return True
         if row.heartbeat_at is not None and row.heartbeat_at < now - self.ttl_s:
             return True
+        if (row.lease_host, row.lease_pid, row.lease_boot_id, row.lease_pidns) == (HOSTNAME, os.getpid(), BOOT_ID, PID_NAMESPACE):
+            return row.lease_owner not in _LIVE_OWNERS  # this process's: claimable unless it still works on it
         return owner_alive(row.lease_host, row.lease_pid, row.lease_boot_id, row.lease_pidns) is False
 
     # ------------------------------------------------------------------ owner's writes
