@@ -1,0 +1,272 @@
+"""The ingest service (issue 13): cancel, heartbeats from a thread, ``sclstore work --forever`` through
+catalog outages and SIGTERM, and ``sclstore ingest --devices cpu,cpu``.
+
+Every finished run is compared byte for byte with the oracle (fixture ``shard_oracle``: a plain
+single-process ingest of the same data and parameters).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+import sclstore
+from sclstore.cli import app
+from sclstore.ingest import embed as embed_mod
+from sclstore.ingest.worker import work
+from sclstore.store import shards as shards_mod
+from sclstore.store.config import StoreSettings
+from sclstore.store.models import RunShard
+from sclstore.store.shards import ShardQueue
+
+from .conftest import SHARD_CELLS, SHARD_KW
+from .shard_helpers import CatalogProxy, assert_same_bytes, child_env, cmdline, layer_bytes, marked, no_orphans, wait_for
+
+runner = CliRunner()
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="scans /proc for orphans")
+
+
+def _submit(st: sclstore.Store, world: dict[str, Path], **kw: Any) -> Any:
+    return st.submit(world["data"], "tahoe-x1", str(world["ckpt"]), shard_cells=kw.pop("shard_cells", 256), device="cpu",
+                     **{**SHARD_KW, **kw})
+
+
+def _catalog_args(catalog: str | None) -> list[str]:
+    return ["--catalog", catalog] if catalog else []
+
+
+# ------------------------------------------------------------------------------------------ cancel
+def test_cancel_stops_the_worker_at_its_next_chunk_and_an_identical_ingest_resumes(shard_world, shard_oracle, tmp_path,
+                                                                                   catalog_url) -> None:
+    root = tmp_path / "s"
+    with sclstore.open_store(root, catalog_url, create=True) as st:
+        sub = _submit(st, shard_world)
+        box: dict[str, Any] = {}
+        worker = threading.Thread(target=lambda: box.update(rep=work(st.backend, runs=[sub.id], device="cpu", workers=0, poll_s=0.05)))
+        worker.start()
+        wait_for(lambda: st.run(sub.id).watermark >= 64, 600, "two chunks written")
+        res = runner.invoke(app, ["cancel", str(sub.id), "--store", str(root), *_catalog_args(catalog_url)])
+        at_cancel = st.run(sub.id).watermark
+        assert res.exit_code == 0, res.stderr
+        assert re.fullmatch(rf"run {sub.id} cancelled: 3 shard\(s\) cancelled\n", res.stderr)
+        worker.join(300)
+        assert not worker.is_alive(), "the worker did not stop after the cancel"
+        rep = box["rep"]
+        assert rep.shards == 0 and rep.runs_finalised == []
+        assert at_cancel <= rep.cells <= at_cancel + 2 * SHARD_KW["chunk_cells"]  # the chunk in flight, at most one more
+        (doc,) = st.status(sub.id)
+        assert doc["status"] == "cancelled" and doc["shards"]["cancelled"] == 3 and doc["workers"] == []
+        assert all(s.lease_owner is None for s in st.backend.shards.shards(sub.id))
+        assert work(st.backend, runs=[sub.id], device="cpu", workers=0, poll_s=0.05).shards == 0  # nobody takes a cancelled run
+        done_before = doc["cells_done"]
+        again = st.ingest(shard_world["data"], "tahoe-x1", str(shard_world["ckpt"]), progress=False, workers=0, **SHARD_KW)
+        assert again.id == sub.id and not again.cache_hit
+        assert again.cells_embedded == SHARD_CELLS - done_before
+        assert st.run(sub.id).status == "complete"
+        assert_same_bytes(layer_bytes(st, sub.id), shard_oracle)
+
+
+# ------------------------------------------------------------------------------------------ heartbeat thread
+def test_a_chunk_slower_than_the_lease_ttl_keeps_its_shard(shard_world, shard_oracle, tmp_path, monkeypatch) -> None:
+    ttl, beat, slow = 2.0, 0.25, 5.0
+    calls = [0]
+    real_chunk = embed_mod._embed_chunk
+
+    def slow_chunk(*a: Any, **k: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 2:
+            time.sleep(slow)
+        return real_chunk(*a, **k)
+
+    monkeypatch.setattr(embed_mod, "_embed_chunk", slow_chunk)
+    settings = StoreSettings(lease_ttl_s=ttl, heartbeat_s=beat)
+    real_host = shards_mod.HOSTNAME
+    with sclstore.open_store(tmp_path / "s", create=True, settings=settings) as st:
+        sub = _submit(st, shard_world, shard_cells=1024)  # one shard
+        # the worker claims as if on another host: only its heartbeats keep the thief (this host) off its shard
+        monkeypatch.setattr(shards_mod, "HOSTNAME", "node-a")
+        box: dict[str, Any] = {}
+        worker = threading.Thread(target=lambda: box.update(rep=work(st.backend, runs=[sub.id], device="cpu", workers=0, poll_s=0.05)))
+        worker.start()
+        wait_for(lambda: st.backend.shards.shards(sub.id)[0].lease_host == "node-a", 300, "the worker's claim")
+        monkeypatch.setattr(shards_mod, "HOSTNAME", real_host)
+        thief = ShardQueue(st.backend.engine, ttl_s=ttl, heartbeat_s=beat)
+        stolen: list[int] = []
+        ages: list[float] = []
+        while worker.is_alive():
+            lease = thief.claim(runs=[sub.id], device="thief")
+            if lease is not None:
+                stolen.append(lease.shard.idx)
+                lease.stop()
+                break
+            with st.backend.engine.connect() as conn:
+                hb = conn.execute(sa.select(RunShard.heartbeat_at).where(RunShard.run_id == sub.id, RunShard.status == "claimed"))
+                ages += [time.time() - h for (h,) in hb if h is not None]
+            time.sleep(0.1)
+        worker.join(600)
+        rep = box["rep"]
+        assert calls[0] >= 3 and stolen == [] and rep.shards == 1 and rep.cells == SHARD_CELLS
+        assert ages and max(ages) < ttl
+        assert st.run(sub.id).status == "complete"
+        assert_same_bytes(layer_bytes(st, sub.id), shard_oracle)
+
+        # the control: without heartbeats, the same wait loses the shard to the thief
+        other = _submit(st, shard_world, seed=1, shard_cells=1024)
+        monkeypatch.setattr(shards_mod, "HOSTNAME", "node-a")
+        silent = ShardQueue(st.backend.engine, ttl_s=ttl, heartbeat_s=60.0).claim(runs=[other.id], device="cpu")
+        monkeypatch.setattr(shards_mod, "HOSTNAME", real_host)
+        assert silent is not None and thief.claim(runs=[other.id], device="thief") is None
+        time.sleep(ttl + 0.5)
+        taken = thief.claim(runs=[other.id], device="thief")
+        assert taken is not None and taken.shard.idx == 0
+        taken.stop()
+        silent.stop()
+
+
+# ------------------------------------------------------------------------------------------ service mode
+def _lines(log: Path, pattern: str) -> list[str]:
+    return [ln for ln in log.read_text(errors="replace").splitlines() if re.search(pattern, ln)]
+
+
+@linux_only
+@pytest.mark.slow
+def test_work_forever_survives_catalog_outages_and_drains_on_sigterm(shard_world, shard_oracle, tmp_path, postgres_server) -> None:
+    catalog = postgres_server.new_database()
+    root = tmp_path / "s"
+    proxy = CatalogProxy(catalog)
+    mark = f"sclstore-service-{uuid.uuid4().hex}"
+    log = tmp_path / "worker.log"
+    with sclstore.open_store(root, catalog, create=True) as st:
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen([sys.executable, "-m", "sclstore.cli", "work", "--forever", "--device", "cpu", "--threads", "1",
+                                     "--store", str(root)], env=child_env(mark, catalog=proxy.url), stdout=fh, stderr=subprocess.STDOUT,
+                                    cwd=tempfile.gettempdir(), start_new_session=True)
+        try:
+            wait_for(lambda: proxy.accepted > 0 or proc.poll() is not None, 300, "the service to connect")
+            time.sleep(2)
+            # outage 1, while idle
+            proxy.cut()
+            wait_for(lambda: _lines(log, "catalog unreachable"), 60, "the outage line")
+            time.sleep(5)
+            proxy.restore()
+            wait_for(lambda: _lines(log, "catalog reachable again"), 120, "the recovery line")
+            assert proc.poll() is None, log.read_text()[-3000:]
+            # a run appears: the service takes it
+            sub = _submit(st, shard_world)
+            wait_for(lambda: st.run(sub.id).watermark >= 64, 600, "the service to embed")
+            # outage 2, mid-shard
+            proxy.cut()
+            wait_for(lambda: len(_lines(log, "catalog unreachable")) >= 2, 120, "the second outage line")
+            time.sleep(3)
+            proxy.restore()
+            t_restored = time.time()
+            wait_for(lambda: len(_lines(log, "catalog reachable again")) >= 2, 120, "the second recovery line")
+
+            def progressing() -> bool:
+                sh = st.backend.shards.shards(sub.id)
+                return sh[0].status == "done" and sh[1].status == "claimed" and sh[1].watermark >= 256 + 32
+
+            wait_for(progressing, 600, "shard 0 done and shard 1 under way")
+            resumed_after = time.time() - t_restored
+            os.kill(proc.pid, signal.SIGTERM)
+            rc = proc.wait(timeout=180)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            proxy.close()
+        text = log.read_text(errors="replace")
+        assert rc == 143, text[-3000:]
+        assert len(_lines(log, "catalog unreachable")) == 2, text[-3000:]  # one line per outage
+        assert len(_lines(log, "catalog reachable again")) == 2, text[-3000:]
+        assert len(_lines(log, rf"shard \d+ of run {sub.id} done")) == 1, text[-3000:]  # one line per shard
+        assert "Traceback" not in text, text[-3000:]
+        sh = st.backend.shards.shards(sub.id)
+        assert sh[0].status == "done"
+        assert sh[1].status == "queued" and sh[1].lease_owner is None  # released ...
+        assert sh[1].watermark > 256 and sh[1].watermark % SHARD_KW["chunk_cells"] == 0  # ... at a chunk boundary
+        assert resumed_after < st.backend.settings.lease_ttl_s / 2, f"the service resumed {resumed_after:.0f} s after the outage"
+        no_orphans(mark)
+        rest = work(st.backend, runs=[sub.id], device="cpu", workers=0, poll_s=0.05)
+        assert rest.cells == SHARD_CELLS - sh[0].hi + sh[0].lo - (sh[1].watermark - sh[1].lo)
+        assert st.run(sub.id).status == "complete"
+        assert_same_bytes(layer_bytes(st, sub.id), shard_oracle)
+
+
+# ------------------------------------------------------------------------------------------ --devices
+@linux_only
+@pytest.mark.slow
+def test_ingest_on_two_cpu_devices_equals_one_ingest_and_sigterm_leaves_it_resumable(shard_world, shard_oracle, tmp_path) -> None:
+    root = tmp_path / "s"
+    mark = f"sclstore-devices-{uuid.uuid4().hex}"
+    # a 2-CPU allowance (as a Slurm task would have): each of the two workers gets one thread
+    env = child_env(mark, SLURM_CPUS_PER_TASK="2")
+    env.pop("SCLSTORE_THREADS", None)
+    cmd = [sys.executable, "-m", "sclstore.cli", "ingest", str(shard_world["data"]), "--model", "tahoe-x1", "--checkpoint",
+           str(shard_world["ckpt"]), "--chunk-cells", "32", "--batch-size", "8", "--pool", "cls,mean", "--devices", "cpu,cpu",
+           "--store", str(root)]
+    first_err = tmp_path / "first.err"
+    with open(first_err, "wb") as fh:
+        parent = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=fh, cwd=tempfile.gettempdir(), start_new_session=True)
+    try:
+        def workers() -> list[int]:
+            return [p for p in marked(mark) if "work" in cmdline(p)]
+
+        kids = wait_for(lambda: len(workers()) == 2 and workers(), 600, "two worker processes")
+        for pid in kids:
+            argv = cmdline(pid)
+            assert argv[argv.index("--threads") + 1] == "1" and argv[argv.index("--device") + 1] == "cpu", argv
+            assert "--no-progress" in argv
+        wait_for(lambda: (root / "catalog.sqlite").exists() and _watermark(root) >= 64, 600, "the workers to embed")
+        parent.send_signal(signal.SIGTERM)
+        rc = parent.wait(timeout=300)
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+            parent.wait()
+    assert rc == 143, first_err.read_text()[-3000:]
+    no_orphans(mark)
+    with sclstore.open_store(root) as st:
+        (run,) = st.runs()
+        assert run.status != "complete"
+        assert all(s.status in ("queued", "done") and s.lease_owner is None for s in st.backend.shards.shards(run.id))
+        partial = run.watermark
+    # the same command resumes it
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir(), timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with sclstore.open_store(root) as st:
+        assert res.stdout.strip() == str(run.id)
+        assert st.run(run.id).status == "complete"
+        assert_same_bytes(layer_bytes(st, run.id), shard_oracle)
+    bars = [ln for ln in res.stderr.splitlines() if re.search(r"cells \(\d", ln)]
+    assert bars and all(ln.startswith("ingest d: ") for ln in bars), res.stderr[-3000:]  # one progress bar, the parent's
+    counts = [int(re.search(r": ([\d,]+)/", ln).group(1).replace(",", "")) for ln in bars]  # type: ignore[union-attr]
+    assert counts[0] == partial and counts[-1] == SHARD_CELLS and counts == sorted(counts)
+    no_orphans(mark)
+
+
+def _watermark(root: Path) -> int:
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{root / 'catalog.sqlite'}?mode=ro", uri=True, timeout=1)
+        try:
+            row = con.execute("SELECT max(watermark) FROM runs").fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
+    return int(row[0] or 0)
