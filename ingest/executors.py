@@ -127,6 +127,9 @@ def _run_local(backend: Backend, run_id: int, devices: Sequence[str], threads: i
                 if now > seen:
                     bar.advance(now - seen)
                     seen = now
+            now = backend.get_run(run_id).watermark  # what the workers did after the last look
+            if now > seen:
+                bar.advance(now - seen)
     finally:
         for p in procs:
             if p.poll() is None:
