@@ -146,7 +146,7 @@ class CatalogProxy:
 
         u = sa.engine.make_url(url)
         host = str(u.query.get("host") or u.host or "localhost")
-        port = int(u.port or 5432)
+        port = int(u.port or u.query.get("port") or 5432)
         self._unix = host.startswith("/")
         if self._unix:
             self._dir = tempfile.mkdtemp(prefix="pgp", dir="/tmp")
