@@ -36,6 +36,9 @@ __all__ = ["WorkReport", "work"]
 
 logger = logging.getLogger(__name__)
 
+_OUTAGE = (CatalogConnectionError, sa.exc.OperationalError, sa.exc.InterfaceError)
+"""The catalog is unreachable (raw from the shard queue, translated from the backend)."""
+
 _FATAL = (InvalidInputError, DatasetError, ModelError)
 """Errors no other worker gets past (bad input, wrong checkpoint): the run fails at once."""
 
@@ -142,7 +145,7 @@ def work(
                     stop.wait(poll_s)
                     continue
                 outage.ok()
-            except (CatalogConnectionError, sa.exc.OperationalError) as exc:
+            except _OUTAGE as exc:
                 if not forever:
                     raise
                 stop.wait(outage.hit(exc))
@@ -172,7 +175,7 @@ def work(
                 refused.add(shard.run_id)
                 continue
             except BaseException as exc:
-                if forever and not fail_fast and isinstance(exc, (CatalogConnectionError, sa.exc.OperationalError)):
+                if forever and not fail_fast and isinstance(exc, _OUTAGE):
                     backend.shards.release(lease)  # an outage is no fault of the shard: no attempt counted
                     stop.wait(outage.hit(exc))
                     continue
