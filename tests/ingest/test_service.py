@@ -261,7 +261,7 @@ def test_ingest_on_two_cpu_devices_equals_one_ingest_and_sigterm_leaves_it_resum
         assert res.stdout.strip() == str(run.id)
         assert st.run(run.id).status == "complete"
         assert_same_bytes(layer_bytes(st, run.id), shard_oracle)
-    bars = [ln for ln in res.stderr.splitlines() if re.search(r"cells \(\d", ln)]
+    bars = [ln for ln in res.stderr.splitlines() if re.search(r"[\d,]+/[\d,]+ cells \(", ln)]
     assert bars and all(ln.startswith("ingest d: ") for ln in bars), res.stderr[-3000:]  # one progress bar, the parent's
     counts = [int(re.search(r": ([\d,]+)/", ln).group(1).replace(",", "")) for ln in bars]  # type: ignore[union-attr]
     assert counts[0] == partial and counts[-1] == SHARD_CELLS and counts == sorted(counts)
