@@ -102,7 +102,9 @@ def work(
         have no shard queued or being embedded (a worker waits while others hold shards, so it
         can take over a dead one's).
     batch_size, precision
-        Only to check: a worker whose settings would change a run's numbers refuses it.
+        Only to check: a worker whose settings would change a run's numbers refuses it
+        (:class:`~.plan.NumericsRefused`) before claiming anything of ``runs``; serving any run
+        (``runs=None``) it gives such a run's shard back untouched and skips the run.
     workers
         Tokenizer processes.
     progress
