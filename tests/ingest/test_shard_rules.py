@@ -286,3 +286,18 @@ def test_stale_lease_is_taken_over_at_its_watermark_without_rehashing(shard_worl
         monkeypatch.setattr(adapter_mod.ModelAdapter, "build_model", forbidden, raising=False)
         again = _submit(st, shard_world)
         assert again.cache_hit and again.id == sub.id and computed == []
+
+
+def test_a_worker_serving_any_run_skips_the_runs_it_would_change(shard_world, shard_oracle, tmp_path, caplog) -> None:
+    with sclstore.open_store(tmp_path / "s", create=True) as st:
+        gpu = _submit(st, shard_world, device="cuda")  # pinned to bf16: a CPU worker must not embed it
+        cpu = _submit(st, shard_world)
+        caplog.set_level("WARNING", logger="sclstore.ingest.worker")
+        rep = work(st.backend, runs=None, device="cpu", workers=0, poll_s=0.05)  # any shared run; returns when idle
+        assert rep.shards == 3 and rep.runs_finalised == [cpu.id]
+        assert_same_bytes(layer_bytes(st, cpu.id), shard_oracle)
+        run = st.run(gpu.id)
+        assert run.status in ("queued", "running") and run.error is None  # not failed: a CUDA worker can still do it
+        shards = st.backend.shards.shards(gpu.id)
+        assert [(s.status, s.watermark, s.lease_owner) for s in shards] == [("queued", s.lo, None) for s in shards]
+        assert sum("skipping run" in r.getMessage() for r in caplog.records) == 1  # said once
