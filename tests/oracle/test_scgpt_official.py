@@ -26,11 +26,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
 
+import sclstore
 from sclstore.ingest.adapter import TokenBatch, TokenRecord, cell_generator
 from sclstore.ingest.models import load_adapter
 from sclstore.ingest.models.scgpt import ScGPTAdapter
@@ -274,3 +277,31 @@ def test_padded_official_batch_is_what_sclstore_embeds(official: SimpleNamespace
             for pool in POOLS:
                 torch.testing.assert_close(full[pool][layer, i], want[pool], atol=5e-6, rtol=0)
 
+
+
+def test_ingest_stores_the_official_layers_and_embedding(official: SimpleNamespace, vocab: dict[str, int], tmp_path: Path) -> None:
+    """The whole pipeline (h5ad -> Store.ingest -> stored tiles) against the official model and collator."""
+    model = build_official(official, vocab, seed=13)
+    folder = write_checkpoint(tmp_path / "scgpt", model, vocab, layout="flash")
+    x = make_counts(20, seed=17, distinct=True)  # no ties: the official tokens do not depend on any generator
+    path = tmp_path / "data.h5ad"
+    ad.AnnData(X=x, obs=pd.DataFrame(index=[f"c{i}" for i in range(x.shape[0])]), var=pd.DataFrame(index=GENES)).write_h5ad(path)
+    with sclstore.open_store(tmp_path / "store", create=True) as store:
+        res = store.ingest(path, "scgpt", str(folder), progress=False, workers=0, batch_size=6, chunk_cells=8)
+        run = store.run(res.id)
+        with store.backend.open_reader(res.id) as reader:
+            stored = {p: reader.read(list(range(len(run.layers))), None, p) for p in POOLS}
+        src_idx = store.backend.read_obs(run.dataset_id)["src_idx"].to_numpy()
+    assert tuple(res.layers) == (0, 1, 2, 3)
+    ref = official_batch(official, x, vocab, 1200)
+    hidden = official_hidden_states(model, ref, vocab["<pad>"])
+    lengths = (~ref["gene"].eq(vocab["<pad>"])).sum(1).tolist()
+    for row, cell in enumerate(src_idx):
+        for layer in range(4):
+            want = _pools(hidden[layer][cell], lengths[cell])
+            for pool in POOLS:
+                np.testing.assert_allclose(stored[pool][layer, row], want[pool].numpy(), atol=5e-6, rtol=0)
+    emb = hidden[-1][:, 0, :].numpy()[src_idx]
+    want_emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    last_cls = stored["cls"][-1]
+    np.testing.assert_allclose(last_cls / np.linalg.norm(last_cls, axis=1, keepdims=True), want_emb, atol=2e-6, rtol=0)
