@@ -216,11 +216,13 @@ class ShardQueue:
         if self.engine.dialect.name == "postgresql":  # lock only the rows picked; other claimers skip them
             queued_stmt = queued_stmt.with_for_update(skip_locked=True, of=RunShard)
             taken_stmt = taken_stmt.with_for_update(skip_locked=True, of=RunShard)
+        _LIVE_OWNERS.add(owner)  # before the claim commits: no other thread of this process may take the shard as abandoned
         with write_tx(self.engine) as conn:
             candidates = list(conn.execute(queued_stmt).all())
             if not candidates:
                 candidates = [r for r in conn.execute(taken_stmt).all() if self._claimable(r, now)]
             if not candidates:
+                _LIVE_OWNERS.discard(owner)
                 return None
             pick = shuffle.choice(candidates) if shuffle is not None else candidates[0]
             prior = RunShard.status == "queued" if pick.status == "queued" else RunShard.lease_owner == pick.lease_owner
@@ -231,6 +233,7 @@ class ShardQueue:
                         attempts=RunShard.attempts + 1)
             )
             if res.rowcount != 1:  # only possible without row locks; the caller simply claims again
+                _LIVE_OWNERS.discard(owner)
                 return None
             row = conn.execute(_select_shards().where(RunShard.id == pick.id)).one()
             conn.execute(sa.update(Run).where(Run.id == row.run_id, Run.status == "queued").values(status="running"))
