@@ -151,8 +151,12 @@ class ShardLease:
                                  "this worker stops at the chunk boundary")
 
     def stop(self) -> None:
-        self._stop.set()
+        self.halt()
         _LIVE_OWNERS.discard(self.owner)
+
+    def halt(self) -> None:
+        """Stop the heartbeat; the shard still counts as this process's own until :meth:`stop`."""
+        self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
 
@@ -277,10 +281,13 @@ class ShardQueue:
 
     def done(self, lease: ShardLease) -> bool:
         """Mark the owner's shard done; False if it was lost before (another worker redoes its rest)."""
-        lease.stop()
-        with write_tx(self.engine) as conn:
-            res = conn.execute(sa.update(RunShard).where(*lease.owned())
-                               .values(status="done", finished_at=time.time(), **_CLEAR_LEASE))
+        lease.halt()  # still this process's own until written: no other thread of it takes the shard as abandoned
+        try:
+            with write_tx(self.engine) as conn:
+                res = conn.execute(sa.update(RunShard).where(*lease.owned())
+                                   .values(status="done", finished_at=time.time(), **_CLEAR_LEASE))
+        finally:
+            lease.stop()
         return res.rowcount == 1
 
     def release(self, lease: ShardLease, *, error: str | None = None, max_attempts: int = 3, fail: bool = False) -> str:
@@ -290,7 +297,7 @@ class ShardQueue:
         ``fail`` (an error no other worker can get past, such as bad input), becomes ``failed``
         and fails its run; otherwise it is queued again for any worker.
         """
-        lease.stop()
+        lease.halt()
         failed = error is not None and (fail or lease.shard.attempts >= max_attempts)
         status = "failed" if failed else "queued"
         try:
@@ -301,9 +308,12 @@ class ShardQueue:
                     conn.execute(sa.update(Run).where(Run.id == lease.shard.run_id, Run.status.in_(ACTIVE_RUN))
                                  .values(status="failed", error=(error or "")[:2000]))
         except sa.exc.SQLAlchemyError as exc:
-            logger.warning("could not release shard %d of run %d: %s (its lease expires by itself)", lease.shard.idx,
+            logger.warning("could not release shard %d of run %d: %s (this process may claim it again; others once its lease expires)",
+                           lease.shard.idx,
                            lease.shard.run_id, first_line(exc))
             return "claimed"
+        finally:
+            lease.stop()
         return status
 
     # ------------------------------------------------------------------ reading, cancelling
