@@ -309,8 +309,7 @@ class ShardQueue:
                                  .values(status="failed", error=(error or "")[:2000]))
         except sa.exc.SQLAlchemyError as exc:
             logger.warning("could not release shard %d of run %d: %s (this process may claim it again; others once its lease expires)",
-                           lease.shard.idx,
-                           lease.shard.run_id, first_line(exc))
+                           lease.shard.idx, lease.shard.run_id, first_line(exc))
             return "claimed"
         finally:
             lease.stop()
