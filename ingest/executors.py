@@ -76,7 +76,7 @@ def _preexec() -> None:  # pragma: no cover - runs in the child
 
 def ingest_on_devices(
     backend: Backend, path: Any, config: IngestConfig, *, devices: Sequence[str], executor: str, ray_address: str | None,
-    source_label: str | None, t0: float,
+    source_label: str | None, t0: float, ray_cpus: float = 1.0,
 ) -> Any:
     """Plan the run, run one worker per device until it is complete, return its ``IngestResult``."""
     from .pipeline import _result
@@ -100,8 +100,11 @@ def ingest_on_devices(
         from .ray_executor import run_ray_workers
 
         with make_progress(f"ingest {run.dataset_name}", total=run.n_cells, done=start, enabled=config.progress) as progress:
-            run_ray_workers(backend, run.id, n_workers=len(devices), gpu=devices[0] != "cpu", threads=threads,
-                            address=ray_address, progress=progress)
+            # on a joined cluster the actors' CPUs are what Ray reserves, unless the user chose a thread count
+            chosen = policy is not None and policy.enabled and policy.source != "allowance"
+            run_ray_workers(backend, run.id, n_workers=len(devices), gpu=devices[0] != "cpu",
+                            threads=threads if ray_address is None or chosen else None, address=ray_address, num_cpus=ray_cpus,
+                            workers=config.workers, progress=progress)
     else:
         _run_local(backend, run.id, devices, threads, progress=config.progress, start=start, label=run.dataset_name)
     run = backend.get_run(run.id)

@@ -1,0 +1,228 @@
+"""The Ray executor: GPU-requesting worker actors on a Ray cluster run the same claim loop.
+
+A local Ray cluster with fake GPU resources (two worker "nodes", one GPU each) runs a sharded ingest
+with two ``num_gpus=1`` actors that embed on CPU; one node is removed mid-shard and the other actor
+takes its shard over. The oracle of every test is a plain single-process ``Store.ingest`` of the same
+data and parameters: the bytes of every layer and pool must be identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import sclstore
+from sclstore.store.errors import IngestError
+
+ray = pytest.importorskip("ray", reason="the Ray executor needs sclstore[ray]")
+psutil = pytest.importorskip("psutil")
+
+from sclstore.ingest.ray_executor import ACTOR_NAMESPACE, run_ray_workers  # noqa: E402
+
+KW: dict[str, Any] = {"chunk_cells": 32, "batch_size": 8, "pools": ("cls", "mean")}
+N_CELLS = 600
+# d_model 512 in float32 gives 256-cell array tiles: shards of 200 cells round up to 256 (8 chunks of 32)
+SHARDS = [(0, 256), (256, 512), (512, 600)]
+OBJECT_STORE = 80 * 2**20
+
+
+def _data(path: Path, counts: sp.csr_matrix, genes: list[str]) -> Path:
+    n = counts.shape[0]
+    obs = pd.DataFrame({"donor": np.random.default_rng(1).choice(["d1", "d2"], size=n)}, index=[f"c{i}" for i in range(n)])
+    ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=genes)).write_h5ad(path)
+    return path
+
+
+def _layers(st: sclstore.Store, run_id: int) -> dict[str, bytes]:
+    run = st.run(run_id)
+    with st.backend.open_reader(run_id) as rd:
+        return {p: rd.read(list(range(len(run.layers))), None, p).tobytes() for p in run.pools}
+
+
+def _ray_processes(marker: str) -> list[str]:
+    """Live processes whose command line names ``marker`` (a Ray temp dir)."""
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or ())
+        except (psutil.Error, TypeError):
+            continue
+        if marker in cmd and p.pid != os.getpid():
+            found.append(f"{p.pid}: {cmd[:120]}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, random_counts, tiny_gene_ids, tiny_tahoe_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("ray")
+    ckpt = tiny_tahoe_factory("hf", n_genes=60, d_model=512, n_layers=2, n_heads=4, max_length=32)
+    data = _data(tmp / "d.h5ad", random_counts(N_CELLS, 60, seed=4), tiny_gene_ids(60))
+    return {"data": data, "ckpt": ckpt, "tmp": tmp}
+
+
+@pytest.fixture(scope="module")
+def reference(shared: dict[str, Path]) -> dict[str, bytes]:
+    """The oracle: one plain single-process ingest."""
+    with sclstore.open_store(shared["tmp"] / "ref", create=True) as st:
+        res = st.ingest(shared["data"], "tahoe-x1", str(shared["ckpt"]), progress=False, workers=0, device="cpu", **KW)
+        return _layers(st, res.id)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[tuple[Any, list[Any]]]:
+    """A head without GPUs and two worker nodes with one (fake) GPU each; torn down with every process."""
+    from ray.cluster_utils import Cluster
+
+    tmp = tempfile.mkdtemp(prefix="sclray")  # short: Ray's unix socket paths must stay under 107 bytes
+    old = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = tmp
+    c = None
+    try:
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "object_store_memory": OBJECT_STORE,
+                                                          "include_dashboard": False})
+        nodes = [c.add_node(num_cpus=1, num_gpus=1, object_store_memory=OBJECT_STORE) for _ in range(2)]
+        ray.init(address=c.address, namespace=ACTOR_NAMESPACE, log_to_driver=False)
+        yield c, nodes
+    finally:
+        ray.shutdown()
+        if c is not None:
+            c.shutdown()
+        if old is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = old
+        deadline = time.time() + 30
+        while _ray_processes(tmp) and time.time() < deadline:
+            time.sleep(0.5)
+        assert _ray_processes(tmp) == [], "Ray processes outlived the test cluster"
+
+
+class _Bar:
+    """A progress sink: what the parent reported, from the catalog's run watermark."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def advance(self, n: int) -> None:
+        self.total += n
+
+
+def _start(backend: Any, run_id: int, n_workers: int, bar: _Bar) -> tuple[threading.Thread, dict[str, Any]]:
+    """The parent, in a thread (the test thread plays the failure)."""
+    out: dict[str, Any] = {}
+
+    def parent() -> None:
+        try:
+            out["fates"] = run_ray_workers(backend, run_id, n_workers=n_workers, gpu=True, device="cpu", threads=1, workers=0,
+                                           progress=bar, poll_s=0.2)
+        except BaseException as exc:
+            out["error"] = exc
+
+    t = threading.Thread(target=parent, daemon=True)
+    t.start()
+    return t, out
+
+
+def _wait_mid_shard(st: sclstore.Store, run_id: int, out: dict[str, Any], timeout: float = 300) -> Any:
+    """The first shard with at least one chunk durably written and more to come."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert "error" not in out, out.get("error")
+        for s in st.backend.shards.shards(run_id):
+            if s.status == "claimed" and s.lo < s.watermark < s.hi - KW["chunk_cells"]:
+                return s
+        time.sleep(0.05)
+    raise AssertionError("no shard got under way")
+
+
+def _actors(run_id: int, n: int) -> dict[int, tuple[Any, dict[str, Any]]]:
+    """The parent's actors by pid (they are named after the run, their index and the parent's pid)."""
+    handles = [ray.get_actor(f"run{run_id}-worker{i}-{os.getpid()}", namespace=ACTOR_NAMESPACE) for i in range(n)]
+    infos = ray.get([h.whoami.remote() for h in handles], timeout=120)
+    return {info["pid"]: (h, info) for h, info in zip(handles, infos, strict=True)}
+
+
+def test_a_lost_node_mid_shard_is_taken_over_and_the_bytes_equal_one_ingest(cluster, shared, reference, tmp_path) -> None:
+    c, nodes = cluster
+    assert ray.cluster_resources().get("GPU") == 2
+    with sclstore.open_store(tmp_path / "s", create=True) as st, sclstore.open_store(tmp_path / "s") as watcher:
+        sub = st.submit(shared["data"], "tahoe-x1", str(shared["ckpt"]), shard_cells=200, device="cpu", **KW)
+        assert [(s.lo, s.hi) for s in st.backend.shards.shards(sub.id)] == SHARDS
+        bar = _Bar()
+        t, out = _start(st.backend, sub.id, 2, bar)
+        victim = _wait_mid_shard(watcher, sub.id, out)
+        actors = _actors(sub.id, 2)
+        assert set(actors) >= {victim.lease_pid}
+        node = next(n for n in nodes if n.node_id == actors[victim.lease_pid][1]["node_id"])
+        c.remove_node(node)  # the node is lost with the actor on it, mid-shard
+        t.join(timeout=600)
+        assert not t.is_alive()
+        assert "error" not in out, out.get("error")
+        fates = sorted(f.state for f in out["fates"])
+        assert fates == ["died", "ended"]
+        run = st.run(sub.id)
+        assert run.status == "complete" and run.watermark == N_CELLS
+        assert bar.total == N_CELLS  # one bar, fed from the catalog
+        taken = next(s for s in st.backend.shards.shards(sub.id) if s.idx == victim.idx)
+        survivor = next(pid for pid in actors if pid != victim.lease_pid)
+        assert (taken.status, taken.attempts, taken.lease_pid) == ("done", 2, survivor)
+        assert _layers(st, sub.id) == reference
+
+
+def test_every_actor_dead_is_a_clear_error_and_a_rerun_resumes(cluster, shared, reference, tmp_path) -> None:
+    with sclstore.open_store(tmp_path / "s", create=True) as st, sclstore.open_store(tmp_path / "s") as watcher:
+        sub = st.submit(shared["data"], "tahoe-x1", str(shared["ckpt"]), shard_cells=200, device="cpu", **KW)
+        t, out = _start(st.backend, sub.id, 1, _Bar())
+        victim = _wait_mid_shard(watcher, sub.id, out)
+        (handle, _), = _actors(sub.id, 1).values()
+        ray.kill(handle)
+        t.join(timeout=300)
+        err = out.get("error")
+        assert isinstance(err, IngestError), err
+        assert f"run {sub.id} is running" in str(err) and "actor 0 died" in str(err) and "rerun" in str(err)
+        left = next(s for s in st.backend.shards.shards(sub.id) if s.idx == victim.idx)
+        assert left.status == "claimed" and left.watermark >= victim.watermark  # kept every chunk it wrote
+        # the rerun takes over the dead actor's shard at its watermark (same host: the pid is gone)
+        t, out = _start(st.backend, sub.id, 1, _Bar())
+        t.join(timeout=600)
+        assert "error" not in out, out.get("error")
+        assert st.run(sub.id).status == "complete"
+        assert _layers(st, sub.id) == reference
+
+
+def test_cli_ingest_with_the_ray_executor_on_a_local_instance(shared, reference, tmp_path) -> None:
+    ray_tmp = tempfile.mkdtemp(prefix="sclray")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": ray_tmp}
+    store = tmp_path / "cli"
+    argv = [sys.executable, "-m", "sclstore.cli", "ingest", str(shared["data"]), "--model", "tahoe-x1", "--checkpoint",
+            str(shared["ckpt"]), "--store", str(store), "--devices", "cpu,cpu", "--executor", "ray", "--ray-cpus", "0.5",
+            "--chunk-cells", "32", "--batch-size", "8", "--pool", "cls,mean", "--workers", "0", "--shard-cells", "200", "--json"]
+    proc = subprocess.run(argv, cwd=tempfile.gettempdir(), env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)  # exactly one JSON document: Ray prints nothing on stdout
+    assert res["cells"] == N_CELLS and res["cells_embedded"] == N_CELLS and not res["cache_hit"]
+    assert res["device"] == "cpu,cpu"
+    with sclstore.open_store(store) as st:
+        assert st.run(res["run_id"]).status == "complete"
+        counts = st.backend.shards.counts(res["run_id"])
+        assert counts["done"] == len(SHARDS) and sum(counts.values()) == len(SHARDS)
+        assert {s.device for s in st.backend.shards.shards(res["run_id"])} == {"cpu"}
+        assert _layers(st, res["run_id"]) == reference
+    deadline = time.time() + 30
+    while _ray_processes(ray_tmp) and time.time() < deadline:
+        time.sleep(0.5)
+    assert _ray_processes(ray_tmp) == [], "the local Ray instance outlived the command"
