@@ -286,7 +286,8 @@ def open_context(
                            "submit it again (a new run) or restore the file")
     config = IngestConfig(model=plan["model"], checkpoint=plan["checkpoint"], counts_layer=plan["counts_layer"],
                           gene_column=plan["gene_column"], max_genes=plan["max_genes"],
-                          model_options=tuple(sorted(plan["model_options"].items())), precision=precision or plan["precision"])
+                          model_options=tuple(sorted(plan["model_options"].items())),
+                          precision=cast("Any", precision or plan["precision"]))
     stack = contextlib.ExitStack()
     try:
         _, source, adapter, mapping = _prepare(path, config, None, stack)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 import sys
 import threading
 from typing import Annotated, Any
@@ -177,7 +178,7 @@ def work(
     SIGTERM or SIGINT drains: the shard in progress is released at its next chunk boundary (exit
     143 / 130); another worker resumes it there.
     """
-    from sclstore.ingest.lifecycle import Interrupted, exit_code, signals_as_exceptions
+    from sclstore.ingest.lifecycle import Interrupted, exit_code, signals_as_stop
 
     if not no_progress and not verbose:
         handler = logging.StreamHandler(sys.stderr)
@@ -188,13 +189,17 @@ def work(
             lg.addHandler(handler)
     stop = threading.Event()
     try:
-        with signals_as_exceptions(), _open(store, catalog) as st:
+        with signals_as_stop(stop) as fired, _open(store, catalog) as st:
             report = st.work(runs or None, device=device, forever=forever, workers=workers, batch_size=batch_size,
                              precision=precision, stop=stop, threads=threads)
     except Interrupted as exc:
-        err.print(f"error: {exc}: the shard in progress was released at its last chunk; another worker resumes it",
+        err.print(f"error: {exc}: the shard in progress was released at its last written chunk; another worker resumes it",
                   markup=False, highlight=False)
         raise typer.Exit(exit_code(exc.signum)) from None
+    if fired:
+        err.print(f"error: interrupted by {signal.Signals(fired[0]).name}: drained ({report.shards} shard(s) done, the one in "
+                  "progress released at a chunk boundary); another worker resumes it", markup=False, highlight=False)
+        raise typer.Exit(exit_code(fired[0]))
     if json_out:
         emit_json(report.to_json() | {"thread_policy": policy_json()})
         return

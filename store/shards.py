@@ -192,19 +192,22 @@ class ShardQueue:
         """
         now = time.time()
         owner = f"{HOSTNAME}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
-        claimable = sa.or_(RunShard.status == "queued",
-                           sa.and_(RunShard.status == "claimed",
-                                   sa.or_(RunShard.heartbeat_at < now - self.ttl_s, RunShard.lease_host == HOSTNAME)))
-        stmt = (sa.select(RunShard.id, RunShard.status, RunShard.lease_owner, RunShard.lease_host, RunShard.lease_pid,
-                          RunShard.lease_boot_id, RunShard.lease_pidns, RunShard.heartbeat_at)
-                .join(Run, Run.id == RunShard.run_id)
-                .where(Run.status.in_(ACTIVE_RUN), claimable)
-                .order_by(RunShard.run_id, RunShard.idx).limit(64))
-        stmt = stmt.where(RunShard.run_id.in_([int(r) for r in runs])) if runs is not None else stmt.where(Run.shared.is_(True))
-        if self.engine.dialect.name == "postgresql":
-            stmt = stmt.with_for_update(skip_locked=True, of=RunShard)
+        cols = (RunShard.id, RunShard.status, RunShard.lease_owner, RunShard.lease_host, RunShard.lease_pid,
+                RunShard.lease_boot_id, RunShard.lease_pidns, RunShard.heartbeat_at)
+        base = sa.select(*cols).join(Run, Run.id == RunShard.run_id).where(Run.status.in_(ACTIVE_RUN))
+        base = base.where(RunShard.run_id.in_([int(r) for r in runs])) if runs is not None else base.where(Run.shared.is_(True))
+        base = base.order_by(RunShard.run_id, RunShard.idx).limit(16 if shuffle is not None else 1)
+        # a stale lease, or one of a dead process on this host, is claimable like a queued shard
+        taken = sa.and_(RunShard.status == "claimed",
+                        sa.or_(RunShard.heartbeat_at < now - self.ttl_s, RunShard.lease_host == HOSTNAME))
+        queued_stmt, taken_stmt = base.where(RunShard.status == "queued"), base.where(taken).limit(64)
+        if self.engine.dialect.name == "postgresql":  # lock only the rows picked; other claimers skip them
+            queued_stmt = queued_stmt.with_for_update(skip_locked=True, of=RunShard)
+            taken_stmt = taken_stmt.with_for_update(skip_locked=True, of=RunShard)
         with write_tx(self.engine) as conn:
-            candidates = [r for r in conn.execute(stmt).all() if self._claimable(r, now)]
+            candidates = list(conn.execute(queued_stmt).all())
+            if not candidates:
+                candidates = [r for r in conn.execute(taken_stmt).all() if self._claimable(r, now)]
             if not candidates:
                 return None
             pick = shuffle.choice(candidates) if shuffle is not None else candidates[0]
@@ -335,7 +338,8 @@ class ShardQueue:
         for s in shards:
             counts[s.status] = counts.get(s.status, 0) + 1
         done = run.n_cells if run.status == "complete" else sum(s.cells_done for s in shards)
-        workers, stale = [], []
+        workers: list[dict[str, Any]] = []
+        stale: list[dict[str, Any]] = []
         for s in shards:
             if s.status != "claimed":
                 continue
@@ -344,7 +348,7 @@ class ShardQueue:
             entry = {"shard": s.idx, "host": s.lease_host, "pid": s.lease_pid, "device": s.device, "cells_per_s": s.cells_per_s,
                      "cell": s.watermark, "of": [s.lo, s.hi], "heartbeat_age_s": round(age, 1), "stale": is_stale}
             (stale if is_stale else workers).append(entry)
-        rate = sum(w["cells_per_s"] or 0.0 for w in workers)
+        rate = float(sum(float(w["cells_per_s"] or 0.0) for w in workers))
         left = run.n_cells - done
         return {"run": run.id, "label": run.label, "status": run.status, "cells": run.n_cells, "cells_done": done,
                 "shards": counts, "workers": workers, "stale_leases": stale, "cells_per_s": round(rate, 2),

@@ -5,14 +5,7 @@ The oracle of every test is a plain single-process ``ingest`` of the same data a
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
-import sys
-import tempfile
-import threading
-import time
 from pathlib import Path
 
 import anndata as ad
@@ -20,12 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-import sqlalchemy as sa
 
 import sclstore
 from sclstore.ingest.worker import work
-from sclstore.store.errors import DatasetError, InvalidInputError
-from sclstore.store.models import RunShard
+from sclstore.store.errors import InvalidInputError
 from sclstore.store.shards import split_cells
 
 KW = {"chunk_cells": 32, "batch_size": 8, "pools": ("cls", "mean")}
