@@ -24,7 +24,6 @@ import math
 import os
 import socket
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
