@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -123,6 +124,18 @@ def _import_ray() -> Any:
     return ray
 
 
+def _python_handlers() -> dict[int, Any]:
+    """This process's Python-level SIGTERM/SIGINT handlers (main thread only: elsewhere none can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    out = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        handler = signal.getsignal(signum)
+        if handler is not None:
+            out[signum] = handler
+    return out
+
+
 def _local_init_args(n_workers: int, num_cpus: float, gpu: bool) -> dict[str, Any]:
     """A local Ray instance sized to this process's CPU allowance (never less than the actors reserve)."""
     policy = runtime.active_policy()
@@ -187,22 +200,53 @@ def run_ray_workers(
         raise InvalidInputError(f"--ray-cpus {num_cpus} must be >= 0")
     device = device or ("cuda" if gpu else "cpu")
     owns = not ray.is_initialized()
+    handlers = _python_handlers()
+    signalled: list[int] = []
     if owns:
         address = address or os.environ.get("RAY_ADDRESS") or None  # a Ray job's driver joins its cluster
         # "local": a new instance even when another runs on this machine (plain ray.init() would join that one)
         kwargs = {"address": address} if address else {"address": "local", **_local_init_args(n_workers, num_cpus, gpu)}
         ray.init(log_to_driver=False, namespace=ACTOR_NAMESPACE, **kwargs)
+    # Ray's core worker installs a C handler that aborts on SIGTERM, and an exception raised by a
+    # Python handler inside ray.wait surfaces as a SystemError: note the signal, drain, then deliver it
+    _note_signals(handlers, signalled)
     try:
         return _drive(ray, backend, run_id, n_workers=n_workers, gpu=gpu, threads=threads, address=address, num_cpus=num_cpus,
-                      device=device, workers=workers, progress=progress, poll_s=poll_s, drain_s=drain_s)
+                      device=device, workers=workers, progress=progress, poll_s=poll_s, drain_s=drain_s, signalled=signalled)
     finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
         if owns:
             ray.shutdown()  # a local instance stops; a joined cluster is only disconnected from
+        if signalled:
+            _deliver(signalled[0], handlers)
+
+
+class _Signalled(BaseException):
+    """SIGTERM/SIGINT reached the parent: drain the actors, then deliver it to the previous handler."""
+
+
+def _note_signals(handlers: dict[int, Any], signalled: list[int]) -> None:
+    def note(signum: int, frame: Any) -> None:
+        signalled.append(signum)
+
+    for signum, handler in handlers.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(signum, note)
+
+
+def _deliver(signum: int, handlers: dict[int, Any]) -> None:
+    """Hand a noted signal to the handler that was in force (the CLI's raises ``Interrupted``)."""
+    handler = handlers.get(signum)
+    if callable(handler):
+        handler(signum, None)
+    elif handler == signal.SIG_DFL:
+        os.kill(os.getpid(), signum)  # the default action, now that the actors have drained
 
 
 def _drive(
     ray: Any, backend: Backend, run_id: int, *, n_workers: int, gpu: bool, threads: int | None, address: str | None,
-    num_cpus: float, device: str, workers: int, progress: Any, poll_s: float, drain_s: float,
+    num_cpus: float, device: str, workers: int, progress: Any, poll_s: float, drain_s: float, signalled: list[int],
 ) -> list[ActorFate]:
     gpus = float(ray.cluster_resources().get("GPU", 0))
     if gpu and gpus < 1:
@@ -224,6 +268,8 @@ def _drive(
         pending = list(refs)
         while True:
             ready, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_s) if pending else ([], [])
+            if signalled:
+                raise _Signalled()
             for ref in ready:
                 _settle(ray, ref, fates[refs[ref]])
             run = backend.get_run(run_id)
@@ -240,6 +286,10 @@ def _drive(
         ready, pending = ray.wait(pending, num_returns=len(pending), timeout=max(10.0, 5 * poll_s)) if pending else ([], [])
         for ref in ready:
             _settle(ray, ref, fates[refs[ref]])
+    except _Signalled:
+        logger.warning("run %s: draining %d Ray worker actors (each releases its shard at its next chunk)", run_id, len(actors))
+        _drain(ray, actors, list(refs), drain_s)
+        return fates
     except BaseException:
         _drain(ray, actors, list(refs), drain_s)
         raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -109,10 +110,7 @@ def cluster() -> Iterator[tuple[Any, list[Any]]]:
             os.environ.pop("RAY_TMPDIR", None)
         else:
             os.environ["RAY_TMPDIR"] = old
-        deadline = time.time() + 30
-        while _ray_processes(tmp) and time.time() < deadline:
-            time.sleep(0.5)
-        assert _ray_processes(tmp) == [], "Ray processes outlived the test cluster"
+        assert _no_ray_left(tmp) == [], "Ray processes outlived the test cluster"
 
 
 class _Bar:
@@ -208,25 +206,69 @@ def test_every_actor_dead_is_a_clear_error_and_a_rerun_resumes(cluster, shared, 
         assert _layers(st, sub.id) == reference
 
 
-def test_cli_ingest_with_the_ray_executor_on_a_local_instance(shared, reference, tmp_path) -> None:
+def _mid_shard_of(store: Path, proc: subprocess.Popen[str], timeout: float = 400) -> Any:
+    """Wait for the CLI's store, its run, and a shard with a chunk written and more to come."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        if (store / "catalog.sqlite").exists():
+            try:
+                with sclstore.open_store(store) as st:
+                    for run in st.runs():
+                        for s in st.backend.shards.shards(run.id):
+                            if s.status == "claimed" and s.lo < s.watermark < s.hi - KW["chunk_cells"]:
+                                return s
+            except sclstore.SclstoreError:
+                pass  # the store is being created
+        time.sleep(0.1)
+    raise AssertionError("the CLI's actors never got under way")
+
+
+def test_cli_ingest_with_the_ray_executor_drains_on_sigterm_and_resumes(shared, reference, tmp_path) -> None:
+    """``sclstore ingest --devices cpu,cpu --executor ray`` on a local Ray instance, end to end."""
     ray_tmp = tempfile.mkdtemp(prefix="sclray")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": ray_tmp}
     store = tmp_path / "cli"
     argv = [sys.executable, "-m", "sclstore.cli", "ingest", str(shared["data"]), "--model", "tahoe-x1", "--checkpoint",
             str(shared["ckpt"]), "--store", str(store), "--devices", "cpu,cpu", "--executor", "ray", "--ray-cpus", "0.5",
-            "--chunk-cells", "32", "--batch-size", "8", "--pool", "cls,mean", "--workers", "0", "--shard-cells", "200", "--threads", "1", "--json"]
-    proc = subprocess.run(argv, cwd=tempfile.gettempdir(), env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout)  # exactly one JSON document: Ray prints nothing on stdout
-    assert res["cells"] == N_CELLS and res["cells_embedded"] == N_CELLS and not res["cache_hit"]
-    assert res["device"] == "cpu,cpu"
+            "--chunk-cells", "32", "--batch-size", "8", "--pool", "cls,mean", "--workers", "0", "--shard-cells", "200",
+            "--threads", "1", "--json"]
+    # SIGTERM mid-shard: the actors release their shards at the next chunk boundary, the local Ray instance stops
+    proc = subprocess.Popen(argv, cwd=tempfile.gettempdir(), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        mid = _mid_shard_of(store, proc)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "interrupted by SIGTERM" in stderr
+    with sclstore.open_store(store) as st:
+        shards = st.backend.shards.shards(mid.run_id)
+        assert not [s for s in shards if s.status == "claimed"]  # released, not left to a lease TTL
+        kept = next(s for s in shards if s.idx == mid.idx)
+        assert kept.status in ("queued", "done") and kept.watermark >= mid.watermark
+        assert st.run(mid.run_id).status != "complete"
+    assert _no_ray_left(ray_tmp) == [], "the local Ray instance outlived the interrupted command"
+
+    proc2 = subprocess.run(argv, cwd=tempfile.gettempdir(), env=env, capture_output=True, text=True, timeout=600)
+    assert proc2.returncode == 0, proc2.stderr[-3000:]
+    res = json.loads(proc2.stdout)  # exactly one JSON document: Ray prints nothing on stdout
+    assert res["run_id"] == mid.run_id and res["cells"] == N_CELLS and not res["cache_hit"]
+    assert 0 < res["cells_embedded"] < N_CELLS and res["device"] == "cpu,cpu"
     with sclstore.open_store(store) as st:
         assert st.run(res["run_id"]).status == "complete"
         counts = st.backend.shards.counts(res["run_id"])
         assert counts["done"] == len(SHARDS) and sum(counts.values()) == len(SHARDS)
         assert {s.device for s in st.backend.shards.shards(res["run_id"])} == {"cpu"}
         assert _layers(st, res["run_id"]) == reference
-    deadline = time.time() + 30
-    while _ray_processes(ray_tmp) and time.time() < deadline:
+    assert _no_ray_left(ray_tmp) == [], "the local Ray instance outlived the command"
+
+
+def _no_ray_left(marker: str, wait_s: float = 30) -> list[str]:
+    deadline = time.time() + wait_s
+    while _ray_processes(marker) and time.time() < deadline:
         time.sleep(0.5)
-    assert _ray_processes(ray_tmp) == [], "the local Ray instance outlived the command"
+    return _ray_processes(marker)
