@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import scipy.sparse as sp
 
@@ -30,7 +32,6 @@ import sclstore
 from sclstore.store.errors import IngestError
 
 ray = pytest.importorskip("ray", reason="the Ray executor needs sclstore[ray]")
-psutil = pytest.importorskip("psutil")
 
 from sclstore.ingest.ray_executor import ACTOR_NAMESPACE, run_ray_workers  # noqa: E402
 
@@ -110,7 +111,9 @@ def cluster() -> Iterator[tuple[Any, list[Any]]]:
             os.environ.pop("RAY_TMPDIR", None)
         else:
             os.environ["RAY_TMPDIR"] = old
-        assert _no_ray_left(tmp) == [], "Ray processes outlived the test cluster"
+        left = _no_ray_left(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        assert left == [], "Ray processes outlived the test cluster"
 
 
 class _Bar:
@@ -265,6 +268,7 @@ def test_cli_ingest_with_the_ray_executor_drains_on_sigterm_and_resumes(shared, 
         assert {s.device for s in st.backend.shards.shards(res["run_id"])} == {"cpu"}
         assert _layers(st, res["run_id"]) == reference
     assert _no_ray_left(ray_tmp) == [], "the local Ray instance outlived the command"
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _no_ray_left(marker: str, wait_s: float = 30) -> list[str]:
