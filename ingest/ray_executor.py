@@ -128,7 +128,7 @@ def _python_handlers() -> dict[int, Any]:
     """This process's Python-level SIGTERM/SIGINT handlers (main thread only: elsewhere none can be set)."""
     if threading.current_thread() is not threading.main_thread():
         return {}
-    out = {}
+    out: dict[int, Any] = {}
     for signum in (signal.SIGTERM, signal.SIGINT):
         handler = signal.getsignal(signum)
         if handler is not None:
