@@ -276,3 +276,31 @@ def _no_ray_left(marker: str, wait_s: float = 30) -> list[str]:
     while _ray_processes(marker) and time.time() < deadline:
         time.sleep(0.5)
     return _ray_processes(marker)
+
+
+def test_without_ray_installed_the_error_names_the_extra(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    with pytest.raises(sclstore.InvalidInputError, match=r"pip install 'sclstore\[ray\]'"):
+        run_ray_workers(None, 1, n_workers=1, gpu=False, threads=1)  # type: ignore[arg-type]
+
+
+def test_bad_actor_counts_are_refused_before_ray_starts(monkeypatch) -> None:
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init must not run"))
+    with pytest.raises(sclstore.InvalidInputError, match="--ray-cpus -1"):
+        run_ray_workers(None, 1, n_workers=1, gpu=False, threads=1, num_cpus=-1)  # type: ignore[arg-type]
+    with pytest.raises(sclstore.InvalidInputError, match="n_workers=0"):
+        run_ray_workers(None, 1, n_workers=0, gpu=False, threads=1)  # type: ignore[arg-type]
+
+
+def test_a_local_instance_is_sized_to_the_cpu_allowance(monkeypatch) -> None:
+    from sclstore.ingest import ray_executor
+    from sclstore.store import runtime
+
+    allowance = runtime.CpuAllowance(cpus=6, bound_by="affinity", host=64, affinity=6)
+    policy = runtime.decide(None, allowance=allowance, env={})
+    monkeypatch.setattr(runtime, "active_policy", lambda: policy)
+    # 6 CPUs allowed: Ray gets 6; actors reserving more than that raise Ray's CPU count to what they need
+    assert ray_executor._local_init_args(2, 1.0, gpu=True) == {"num_cpus": 6, "object_store_memory": 128 * 2**20,
+                                                                 "include_dashboard": False}
+    assert ray_executor._local_init_args(4, 2.0, gpu=False)["num_cpus"] == 8
+    assert ray_executor._local_init_args(1, 1.0, gpu=False)["num_gpus"] == 0
