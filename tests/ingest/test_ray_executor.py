@@ -35,6 +35,9 @@ ray = pytest.importorskip("ray", reason="the Ray executor needs sclstore[ray]")
 
 from sclstore.ingest.ray_executor import ACTOR_NAMESPACE, run_ray_workers  # noqa: E402
 
+# one Ray cluster and one oracle per module: keep the module on one xdist worker (with --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("ray")
+
 KW: dict[str, Any] = {"chunk_cells": 32, "batch_size": 8, "pools": ("cls", "mean")}
 N_CELLS = 600
 # d_model 512 in float32 gives 256-cell array tiles: shards of 200 cells round up to 256 (8 chunks of 32)
