@@ -200,19 +200,21 @@ def run_ray_workers(
         raise InvalidInputError(f"--ray-cpus {num_cpus} must be >= 0")
     device = device or ("cuda" if gpu else "cpu")
     owns = not ray.is_initialized()
+    local = False
     handlers = _python_handlers()
     signalled: list[int] = []
     if owns:
         address = address or os.environ.get("RAY_ADDRESS") or None  # a Ray job's driver joins its cluster
         # "local": a new instance even when another runs on this machine (plain ray.init() would join that one)
+        local = not address
         kwargs = {"address": address} if address else {"address": "local", **_local_init_args(n_workers, num_cpus, gpu)}
         ray.init(log_to_driver=False, namespace=ACTOR_NAMESPACE, **kwargs)
     # Ray's core worker installs a C handler that aborts on SIGTERM, and an exception raised by a
     # Python handler inside ray.wait surfaces as a SystemError: note the signal, drain, then deliver it
     _note_signals(handlers, signalled)
     try:
-        return _drive(ray, backend, run_id, n_workers=n_workers, gpu=gpu, threads=threads, address=address, num_cpus=num_cpus,
-                      device=device, workers=workers, progress=progress, poll_s=poll_s, drain_s=drain_s, signalled=signalled)
+        return _drive(ray, backend, run_id, n_workers=n_workers, gpu=gpu, threads=threads, num_cpus=num_cpus, device=device,
+                      workers=workers, progress=progress, poll_s=poll_s, drain_s=drain_s, signalled=signalled, local=local)
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
@@ -245,14 +247,16 @@ def _deliver(signum: int, handlers: dict[int, Any]) -> None:
 
 
 def _drive(
-    ray: Any, backend: Backend, run_id: int, *, n_workers: int, gpu: bool, threads: int | None, address: str | None,
-    num_cpus: float, device: str, workers: int, progress: Any, poll_s: float, drain_s: float, signalled: list[int],
+    ray: Any, backend: Backend, run_id: int, *, n_workers: int, gpu: bool, threads: int | None, num_cpus: float, device: str,
+    workers: int, progress: Any, poll_s: float, drain_s: float, signalled: list[int], local: bool,
 ) -> list[ActorFate]:
     gpus = float(ray.cluster_resources().get("GPU", 0))
-    if gpu and gpus < 1:
-        where = f"the Ray cluster at {address}" if address else "this machine's local Ray instance"
-        raise InvalidInputError(f"{where} has no GPU: use --devices cpu,... or join a GPU cluster with --ray-address")
-    if gpu and gpus < n_workers:
+    if gpu and gpus < 1 and local:
+        raise InvalidInputError("this machine's local Ray instance has no GPU: use --devices cpu,... or join a GPU cluster "
+                                "with --ray-address")
+    if gpu and gpus < 1:  # an autoscaling cluster may add GPU nodes when the actors ask
+        logger.warning("the Ray cluster has no GPU now: the %d GPU actors wait for one (Ctrl-C to stop)", n_workers)
+    elif gpu and gpus < n_workers:
         logger.warning("%d GPU actors asked for, the Ray cluster has %g GPUs: the others wait for one", n_workers, gpus)
     actor_threads = threads if threads is not None else max(1, int(num_cpus))
     actor_cls = ray.remote(num_gpus=1 if gpu else 0, num_cpus=num_cpus, max_concurrency=2, max_restarts=0)(RayWorker)
