@@ -208,7 +208,12 @@ def run_ray_workers(
         # "local": a new instance even when another runs on this machine (plain ray.init() would join that one)
         local = not address
         kwargs = {"address": address} if address else {"address": "local", **_local_init_args(n_workers, num_cpus, gpu)}
-        ray.init(log_to_driver=False, namespace=ACTOR_NAMESPACE, **kwargs)
+        try:
+            ray.init(log_to_driver=False, namespace=ACTOR_NAMESPACE, **kwargs)
+        except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
+            where = f"join the Ray cluster at {address}" if address else "start a local Ray instance"
+            raise IngestError(f"could not {where} ({_first_line(exc)}): check --ray-address; the run {run_id} is planned and "
+                              "`sclstore work` anywhere can embed it") from None
     # Ray's core worker installs a C handler that aborts on SIGTERM, and an exception raised by a
     # Python handler inside ray.wait surfaces as a SystemError: note the signal, drain, then deliver it
     _note_signals(handlers, signalled)
@@ -233,8 +238,7 @@ def _note_signals(handlers: dict[int, Any], signalled: list[int]) -> None:
         signalled.append(signum)
 
     for signum, handler in handlers.items():
-        if handler is not signal.SIG_IGN:
-            signal.signal(signum, note)
+        signal.signal(signum, handler if handler is signal.SIG_IGN else note)
 
 
 def _deliver(signum: int, handlers: dict[int, Any]) -> None:

@@ -307,3 +307,4 @@ def test_a_local_instance_is_sized_to_the_cpu_allowance(monkeypatch) -> None:
                                                                  "include_dashboard": False}
     assert ray_executor._local_init_args(4, 2.0, gpu=False)["num_cpus"] == 8
     assert ray_executor._local_init_args(1, 1.0, gpu=False)["num_gpus"] == 0
+
