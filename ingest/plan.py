@@ -239,7 +239,7 @@ def plan_run(
     pinned_chunk = int(run.params.get("chunk_cells") or chunk)
     align = max(pinned_chunk, cell_tile(spec.dim, spec.dtype))
     size = shard_cells or config.shard_cells or -(-run.n_cells // max(1, min_shards))
-    backend.shards.create(run.id, split_cells(run.n_cells, max(1, size), align))
+    backend.shards.create(run.id, split_cells(run.n_cells, max(1, size), align), pinned=run.params)
     if run.status in ("failed", "cancelled"):
         backend.shards.requeue(run.id)
         run = backend.get_run(run.id)

@@ -135,7 +135,7 @@ def work(
                     stop.wait(poll_s)
                     continue
                 outage.ok()
-            except (CatalogConnectionError, sa.exc.OperationalError) as exc:
+            except (CatalogConnectionError, sa.exc.DBAPIError) as exc:
                 if not forever:
                     raise
                 stop.wait(outage.hit(exc))
@@ -146,6 +146,7 @@ def work(
                 if ctx is None:
                     ctx = ctxs[shard.run_id] = open_context(backend, backend.get_run(shard.run_id), device=device,
                                                             batch_size=batch_size, precision=precision)
+                _check_pinned(ctx, shard)
                 t1 = time.perf_counter()
                 cells = embed_shard(backend, ctx.run, lease, adapter=ctx.adapter, source=ctx.source, mapping=ctx.mapping,
                                     layers=ctx.layers, pools=ctx.pools, batch_size=ctx.batch_size, chunk_cells=ctx.chunk_cells,
@@ -196,3 +197,14 @@ def _finalise_ready(backend: Backend, runs: Sequence[int] | None, extra: dict[in
         if backend.finalise_run(run_id, stats) is not None:
             done.append(run_id)
     return done
+
+
+def _check_pinned(ctx: RunContext, shard: Any) -> None:
+    """The shard row's pinned numerics must be the ones this worker embeds with."""
+    mine = {"batch_size": ctx.batch_size, "chunk_cells": ctx.chunk_cells, "precision": ctx.adapter.precision}
+    theirs = {"batch_size": shard.batch_size, "chunk_cells": shard.chunk_cells, "precision": shard.precision}
+    bad = {k: (theirs[k], mine[k]) for k in mine if theirs[k] is not None and theirs[k] != mine[k]}
+    if bad:
+        raise InvalidInputError(f"shard {shard.idx} of run {shard.run_id} is pinned to "
+                                + ", ".join(f"{k}={v[0]} (this worker: {v[1]})" for k, v in bad.items())
+                                + ": the numbers would change; use a worker with the run's settings")
