@@ -187,6 +187,8 @@ class RunShard(Base):
     resume points, precision)."""
     chunk_cells: Mapped[int | None] = mapped_column(Integer)
     precision: Mapped[str | None] = mapped_column(String(8))
+    cpu_threads: Mapped[int | None] = mapped_column(Integer)
+    """On the CPU the thread count changes the last bits of a forward pass: a CPU run pins it."""
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     cells_per_s: Mapped[float | None] = mapped_column(Float)
     peak_rss: Mapped[int | None] = mapped_column(BigInteger)

@@ -78,6 +78,7 @@ class ShardInfo:
     batch_size: int | None = None
     chunk_cells: int | None = None
     precision: str | None = None
+    cpu_threads: int | None = None
     attempts: int = 0
     cells_per_s: float | None = None
     peak_rss: int | None = None
@@ -178,7 +179,7 @@ class ShardQueue:
     # ------------------------------------------------------------------ planning
     def create(self, run_id: int, ranges: Sequence[tuple[int, int]], pinned: dict[str, Any] | None = None) -> None:
         """Insert a run's shards with its pinned numerics, unless it has them already (a repeated submit)."""
-        pin = {k: (pinned or {}).get(k) for k in ("batch_size", "chunk_cells", "precision")}
+        pin = {k: (pinned or {}).get(k) for k in ("batch_size", "chunk_cells", "precision", "cpu_threads")}
         with write_tx(self.engine) as conn:
             if conn.execute(sa.select(sa.func.count()).where(RunShard.run_id == run_id)).scalar_one():
                 return

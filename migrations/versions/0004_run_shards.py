@@ -39,6 +39,7 @@ def upgrade() -> None:
         sa.Column("batch_size", sa.Integer()),
         sa.Column("chunk_cells", sa.Integer()),
         sa.Column("precision", sa.String(8)),
+        sa.Column("cpu_threads", sa.Integer()),
         sa.Column("attempts", sa.Integer(), nullable=False, server_default=sa.text("0")),
         sa.Column("cells_per_s", sa.Float()),
         sa.Column("peak_rss", sa.BigInteger()),
