@@ -44,7 +44,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEMode = Literal["pydeseq2", "fast"]
+DEMode = Literal["pydeseq2", "fast", "wilcoxon"]  # wilcoxon: per cell (the paper's code), :mod:`.de_wilcoxon`
 DE_MODES: tuple[str, ...] = get_args(DEMode)
 
 _SEP = "|"
@@ -429,7 +429,7 @@ def run_de(
     pb_counts, pb_meta, control, perturbations, genes, n_jobs
         As in :func:`de_pydeseq2`.
     mode
-        ``"pydeseq2"`` or ``"fast"``.
+        ``"pydeseq2"`` or ``"fast"`` (``"wilcoxon"`` needs cells: :func:`~sclstore.eval.de_wilcoxon.de_wilcoxon`).
 
     Returns
     -------
@@ -438,11 +438,14 @@ def run_de(
     Raises
     ------
     InvalidInputError
-        Unknown mode.
+        Unknown mode, or ``"wilcoxon"``.
     """
     if mode not in DE_MODES:
         msg = f"unknown DE mode {mode!r}; pass one of {list(DE_MODES)}"
         raise InvalidInputError(msg)
     if mode == "fast":
         return de_fast(pb_counts, pb_meta, control, perturbations=perturbations, genes=genes)
+    if mode == "wilcoxon":
+        msg = "wilcoxon DE works on single cells, not pseudobulks: call sclstore.eval.de_wilcoxon.de_wilcoxon on the counts"
+        raise InvalidInputError(msg)
     return de_pydeseq2(pb_counts, pb_meta, control, perturbations=perturbations, genes=genes, n_jobs=n_jobs)
