@@ -218,11 +218,13 @@ def _contrasts(
         msg = f"control {control!r} has {nrep_c} replicate; DE needs >=2 per group: pass a replicate key with >=2 values (or pseudo-replicates)"
         raise EvaluationError(msg)
     perts = [p for p in dict.fromkeys(have) if p != control] if perturbations is None else [str(p) for p in perturbations]
-    missing = [p for p in perts if p not in set(have)]
+    present = set(have)
+    missing = [p for p in perts if p not in present]
     if missing:
-        msg = f"perturbations {missing[:5]} have no pseudobulk samples; pass labels from {sorted(set(have))[:10]}"
+        msg = f"perturbations {missing[:5]} have no pseudobulk samples; pass labels from {sorted(present)[:10]}"
         raise EvaluationError(msg)
-    few = [p for p in perts if pb_meta.loc[have == p, "replicate"].nunique() < 2]
+    n_reps = pb_meta.groupby(have.to_numpy())["replicate"].nunique()  # one pass, not one scan per perturbation
+    few = [p for p in perts if n_reps[p] < 2]
     if few:
         msg = f"perturbations {few[:5]} have fewer than 2 replicates; DE needs >=2 per group: drop them (select_perturbations does) or add replicates"
         raise EvaluationError(msg)

@@ -154,8 +154,9 @@ def _score_once(
     n_neighbors: int,
     n_dcs: int,
     seed: int,
+    transformer: Any = "sklearn",
 ) -> tuple[float, float, int, int, np.ndarray]:
-    a = _graph(X, n_neighbors, n_dcs, seed)
+    a = _graph(X, n_neighbors, n_dcs, seed, transformer=transformer)
     r = _choose_root(a, t, root)
     pt = _dpt_from_graph(a, r)
     dropped = int((~np.isfinite(pt)).sum())
@@ -296,11 +297,17 @@ def _subsample_scores(
     idxs = subsample_indices(n, n_subsamples=n_subsamples, fraction=fraction, seed=seed, always_include=forced) if n_subsamples else []
     L, B = len(Xs), len(idxs)
     rt, rr, nd = np.full((L, B), np.nan), np.full((L, B), np.nan), np.zeros((L, B), dtype=np.int64)
+    # one exact neighbour search per representation, restricted to every subsample (sclstore.eval.knn)
+    lists = [neighbour_lists(X, list_length(n, min(n_neighbors, n - 1) - 1, fraction), method="sklearn") if B and n > 2 else None
+             for X in Xs]
     for b, idx in enumerate(idxs):
         sub_root: RootRule | int = root if forced is None else int(np.searchsorted(idx, forced))
         sub_ref = ref[idx] if ref is not None else None
+        k = min(n_neighbors, len(idx) - 1)
         for i, X in enumerate(Xs):
-            rt[i, b], rr[i, b], nd[i, b], _, _ = _score_once(X[idx], t[idx], sub_ref, sub_root, n_neighbors, n_dcs, seed)
+            lst = lists[i]
+            tr: Any = PrecomputedKnn(*restrict(lst, X, np.asarray(idx), k - 1)) if lst is not None and k >= 2 else "sklearn"
+            rt[i, b], rr[i, b], nd[i, b], _, _ = _score_once(X[idx], t[idx], sub_ref, sub_root, n_neighbors, n_dcs, seed, tr)
     return SubsampleScores(rho_time=rt, rho_ref=rr, n_dropped=nd, indices=tuple(idxs))
 
 

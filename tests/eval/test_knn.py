@@ -78,3 +78,17 @@ def test_layer_pseudotimes_reuse_equals_fresh_searches(root: str | int) -> None:
     so = combine_layer_pseudotimes([old], t, subsamples=idx)
     np.testing.assert_allclose(sn.resamples_time, so.resamples_time, atol=1e-9)
     assert sn.rho_time[0] == pytest.approx(so.rho_time[0], abs=1e-9)
+
+
+def test_score_trajectory_subsamples_equal_fresh_dpt_runs() -> None:
+    from scipy import stats as sps
+
+    from sclstore.eval.dpt import dpt_pseudotime
+    from sclstore.eval.trajectory import score_trajectory
+
+    X, t = _data(n=260)
+    s = score_trajectory(X, t, n_neighbors=15, n_subsamples=3, seed=4)
+    for b, idx in enumerate(subsample_indices(X.shape[0], n_subsamples=3, fraction=0.8, seed=4)):
+        pt = dpt_pseudotime(X[idx], t[idx], n_neighbors=15, seed=4).pseudotime  # a fresh search on the subsample
+        ok = np.isfinite(pt)
+        assert s.subsample_rho_time[b] == pytest.approx(sps.spearmanr(pt[ok], t[idx][ok]).statistic, abs=1e-9)
