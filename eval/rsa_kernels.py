@@ -70,9 +70,13 @@ def sorted_ties(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @njit(cache=True, nogil=True)
-def _sorted_ranks(starts: np.ndarray, w: np.ndarray, r: np.ndarray) -> None:  # pragma: no cover - compiled
-    """Average ranks, in sorted order, of a multiset whose ``s``-th sorted value is repeated ``w[s]`` times."""
+def _sorted_ranks(starts: np.ndarray, w: np.ndarray, r: np.ndarray, m: float) -> float:  # pragma: no cover - compiled
+    """Average ranks, in sorted order, of a multiset whose ``s``-th sorted value is repeated ``w[s]`` times.
+
+    Writes the ranks to ``r`` and returns ``sum w (r - m)**2`` for the known mean rank ``m``.
+    """
     below = 0.0
+    ss = 0.0
     for g in range(starts.shape[0] - 1):
         a, b = starts[g], starts[g + 1]
         tot = 0.0
@@ -81,55 +85,49 @@ def _sorted_ranks(starts: np.ndarray, w: np.ndarray, r: np.ndarray) -> None:  # 
         rank = below + (tot + 1.0) / 2.0
         for s in range(a, b):
             r[s] = rank
+        ss += tot * (rank - m) * (rank - m)
         below += tot
+    return ss
 
 
 @njit(cache=True, nogil=True)
 def bootstrap_spearman_weighted(ii_x: np.ndarray, jj_x: np.ndarray, ok_x: np.ndarray, starts_x: np.ndarray,
                                 ii_y: np.ndarray, jj_y: np.ndarray, ok_y: np.ndarray, starts_y: np.ndarray,
-                                y_of_x: np.ndarray, resamples: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+                                y_of_x: np.ndarray, resamples: np.ndarray, work: np.ndarray) -> np.ndarray:  # pragma: no cover
     """Spearman correlation of two upper triangles on each item resample (row of ``resamples``).
 
     Each side is given in its own sorted order (:func:`sorted_ties`): the items ``ii, jj`` of
     each sorted pair, ``ok`` (pair finite on both sides) and the tie starts; ``y_of_x[s]`` is
     the position in the y order of the pair at position ``s`` of the x order. The mean rank of
-    a multiset of ``W`` elements is ``(W + 1) / 2``. ``nan`` where fewer than 3 pairs remain or
-    one side is constant.
+    a multiset of ``W`` elements is ``(W + 1) / 2``. ``work`` is a ``(4, pairs)`` scratch array
+    (float32 when every weight and average rank is exact in it, else float64). ``nan`` where
+    fewer than 3 pairs remain or one side is constant.
     """
     n_boot, k = resamples.shape
     n_pairs = ii_x.shape[0]
     out = np.full(n_boot, np.nan)
     c = np.zeros(k)
-    wx = np.zeros(n_pairs)
-    wy = np.zeros(n_pairs)
-    rx = np.zeros(n_pairs)
-    ry = np.zeros(n_pairs)
+    wx, wy, rx, ry = work[0], work[1], work[2], work[3]
     for b in range(n_boot):
         c[:] = 0.0
         for s in range(k):
             c[resamples[b, s]] += 1.0
         tot = 0.0
         for s in range(n_pairs):  # sequential: c is small and stays in cache
-            wx[s] = c[ii_x[s]] * c[jj_x[s]] if ok_x[s] else 0.0
-            tot += wx[s]
+            v = c[ii_x[s]] * c[jj_x[s]] if ok_x[s] else 0.0
+            wx[s] = v
+            tot += v
             wy[s] = c[ii_y[s]] * c[jj_y[s]] if ok_y[s] else 0.0
         if tot < 3:
             continue
-        _sorted_ranks(starts_x, wx, rx)
-        _sorted_ranks(starts_y, wy, ry)
         m = (tot + 1.0) / 2.0
-        syy = 0.0
-        for s in range(n_pairs):
-            if wy[s] > 0:
-                d = ry[s] - m
-                syy += wy[s] * d * d
+        sxx = _sorted_ranks(starts_x, wx, rx, m)
+        syy = _sorted_ranks(starts_y, wy, ry, m)
         sxy = 0.0
-        sxx = 0.0
         for s in range(n_pairs):
-            if wx[s] > 0:
-                dx = rx[s] - m
-                sxx += wx[s] * dx * dx
-                sxy += wx[s] * dx * (ry[y_of_x[s]] - m)  # the only random access
+            w = wx[s]
+            if w > 0:
+                sxy += w * (rx[s] - m) * (ry[y_of_x[s]] - m)  # the only random access
         den = np.sqrt(sxx * syy)
         if den > 0:
             out[b] = sxy / den
@@ -158,6 +156,9 @@ def bootstrap_spearman_pairs(x: np.ndarray, y: np.ndarray, ii: np.ndarray, jj: n
     oy, sy = sorted_ties(y)
     inv_y = np.empty_like(oy)
     inv_y[oy] = np.arange(oy.shape[0])
-    ii, jj = ii.astype(np.int32), jj.astype(np.int32)  # 4-byte indices: the passes are memory-bound
-    return np.asarray(bootstrap_spearman_weighted(ii[ox], jj[ox], ok[ox], sx, ii[oy], jj[oy], ok[oy], sy, inv_y[ox].astype(np.int32),
-                                                  np.ascontiguousarray(resamples, dtype=np.int64)))
+    ii, jj = ii.astype(np.int32), jj.astype(np.int32)  # 4-byte indices and scratch: the passes are memory-bound
+    k = resamples.shape[1]
+    # weights c_i c_j (< k^2) and average ranks (halves up to k^2 / 2) are exact in float32 when k^2 < 2**24
+    work = np.zeros((4, x.shape[0]), dtype=np.float32 if k * k < 2**24 else np.float64)
+    return np.asarray(bootstrap_spearman_weighted(ii[ox], jj[ox], ok[ox], sx.astype(np.int32), ii[oy], jj[oy], ok[oy], sy.astype(np.int32),
+                                                  inv_y[ox].astype(np.int32), np.ascontiguousarray(resamples, dtype=np.int64), work))

@@ -100,3 +100,24 @@ def test_rsa_folds_null_p_values_uniform_ish() -> None:
     ps = [rsa_folds([_sim(15, s, signal=0.0)], n_boot=0, n_perm=99, seed=s)[2] for s in range(40)]
     assert 0.3 < float(np.mean(ps)) < 0.7
     assert np.mean(np.asarray(ps) <= 0.05) <= 0.15
+
+
+def test_float64_scratch_gives_the_float32_numbers() -> None:
+    # above k = 4096 the kernel works in float64 (ranks no longer exact in float32): same code, same numbers
+    from sclstore.eval.rsa_kernels import bootstrap_spearman_weighted, sorted_ties
+
+    a, b = _sim(40, 9)
+    ii, jj = np.triu_indices(40, k=1)
+    x, y = a[ii, jj], b[ii, jj]
+    ok = np.ones(x.shape[0], dtype=bool)
+    ox, sx = sorted_ties(x)
+    oy, sy = sorted_ties(y)
+    inv = np.empty_like(oy)
+    inv[oy] = np.arange(oy.shape[0])
+    i32, j32 = ii.astype(np.int32), jj.astype(np.int32)
+    args = (i32[ox], j32[ox], ok, sx.astype(np.int32), i32[oy], j32[oy], ok, sy.astype(np.int32), inv[ox].astype(np.int32),
+            bootstrap_indices(40, n_boot=30, seed=1))
+    r32 = bootstrap_spearman_weighted(*args, np.zeros((4, x.shape[0]), dtype=np.float32))
+    r64 = bootstrap_spearman_weighted(*args, np.zeros((4, x.shape[0]), dtype=np.float64))
+    np.testing.assert_allclose(r64, r32, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(r64, reference_bootstrap(a, b, 30, 1), rtol=0, atol=1e-10)
