@@ -66,8 +66,11 @@ def list_length(n_cells: int, k: int, fraction: float) -> int:
     Returns
     -------
     int
+        ``k`` when ``fraction >= 1`` (the full data only).
     """
-    f = min(max(fraction, 1e-3), 1.0)
+    if fraction >= 1.0:  # no subsample: the k nearest are all that is needed
+        return int(min(n_cells - 1, k))
+    f = max(fraction, 1e-3)
     return int(min(n_cells - 1, math.ceil(k / f) + 15))
 
 

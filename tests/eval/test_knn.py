@@ -92,3 +92,11 @@ def test_score_trajectory_subsamples_equal_fresh_dpt_runs() -> None:
         pt = dpt_pseudotime(X[idx], t[idx], n_neighbors=15, seed=4).pseudotime  # a fresh search on the subsample
         ok = np.isfinite(pt)
         assert s.subsample_rho_time[b] == pytest.approx(sps.spearmanr(pt[ok], t[idx][ok]).statistic, abs=1e-9)
+
+
+def test_no_subsamples_searches_k_neighbours_and_matches() -> None:
+    assert list_length(1000, 29, 1.0) == 29 and list_length(1000, 29, 0.8) == 52 and list_length(40, 29, 0.8) == 39
+    X, t = _data(n=220)
+    opt = GraphOptions(n_neighbors=15, transformer="sklearn")
+    new, old = layer_pseudotimes(X, t, options=opt), layer_pseudotimes(X, t, options=opt, reuse_neighbours=False)
+    np.testing.assert_allclose(new.full, old.full, rtol=1e-5, atol=1e-6)
