@@ -27,7 +27,7 @@ from scipy import sparse
 
 from sclstore.store.errors import InvalidInputError
 
-__all__ = ["NEIGHBOUR_METHODS", "NeighbourLists", "PrecomputedKnn", "list_length", "neighbour_lists", "restrict"]
+__all__ = ["NEIGHBOUR_METHODS", "NeighbourLists", "PrecomputedKnn", "list_length", "neighbour_lists", "restrict", "subsample_fraction"]
 
 #: ``sklearn``: exact brute-force search; ``pynndescent``: approximate.
 NEIGHBOUR_METHODS = ("sklearn", "pynndescent")
