@@ -107,6 +107,8 @@ class RunContext:
     seed: int
     device: torch.device
     closer: contextlib.ExitStack
+    cpu_threads: int | None = None
+    """The run's pinned torch thread count on the CPU (None on CUDA or for runs without one)."""
 
     def close(self) -> None:
         self.closer.close()
@@ -149,7 +151,7 @@ def _prepare(
 def plan_run(
     backend: Backend, path: Any, config: IngestConfig, *, stack: contextlib.ExitStack, adapter: ModelAdapter | None = None,
     source_label: str | None = None, device: str | None = None, shard_cells: int | None = None, shared: bool = True,
-    min_shards: int = 1,
+    min_shards: int = 1, cpu_threads: int | None = None,
 ) -> Plan:
     """Check, hash, register and create a run with its shards (or find the identical one).
 
@@ -178,6 +180,9 @@ def plan_run(
         Whether ``sclstore work`` processes anywhere may claim the run's shards.
     min_shards
         Without ``shard_cells``, split into at least this many shards (several workers).
+    cpu_threads
+        For a CPU run, the torch threads every worker embeds with (the thread count changes the
+        last bits of a CPU forward pass, so a CPU run pins it); default: this process's.
 
     Returns
     -------
@@ -234,12 +239,13 @@ def plan_run(
         "batch_size": config.batch_size, "chunk_cells": chunk, "memory_mb": config.memory_mb,
         "gene_mapping": mapping.stats(), "planned_device": str(dev),
     }
-    run = backend.create_run(dataset=dataset, model=model, key=derived.key, params=derived.params, layers=layers, spec=spec,
-                             plan=plan, shared=shared and not in_memory)
+    threads = (cpu_threads or torch.get_num_threads()) if dev.type == "cpu" else None
+    run = backend.create_run(dataset=dataset, model=model, key=derived.key, params={**derived.params, "cpu_threads": threads},
+                             layers=layers, spec=spec, plan=plan, shared=shared and not in_memory)
     pinned_chunk = int(run.params.get("chunk_cells") or chunk)
     align = max(pinned_chunk, cell_tile(spec.dim, spec.dtype))
     size = shard_cells or config.shard_cells or -(-run.n_cells // max(1, min_shards))
-    backend.shards.create(run.id, split_cells(run.n_cells, max(1, size), align))
+    backend.shards.create(run.id, split_cells(run.n_cells, max(1, size), align), pinned=run.params)
     if run.status in ("failed", "cancelled"):
         backend.shards.requeue(run.id)
         run = backend.get_run(run.id)
@@ -254,7 +260,8 @@ def _context(
     chunk = int(p.get("chunk_cells") or run.plan.get("chunk_cells") or MAX_CHUNK_CELLS)
     return RunContext(run=run, adapter=adapter, source=source, mapping=mapping, layers=run.layers, pools=run.pools,
                       batch_size=int(p.get("batch_size") or run.plan.get("batch_size") or 32), chunk_cells=chunk,
-                      seed=int(p.get("seed", 0)), device=device, closer=stack)
+                      seed=int(p.get("seed", 0)), device=device, closer=stack,
+                      cpu_threads=int(p["cpu_threads"]) if device.type == "cpu" and p.get("cpu_threads") else None)
 
 
 def open_context(
@@ -276,6 +283,10 @@ def open_context(
         raise InvalidInputError(f"run {run.id} is pinned to --batch-size {run.params.get('batch_size')} (batch composition changes "
                                 f"the numbers); this worker asked for {batch_size}: drop --batch-size")
     dev = resolve_device(device)
+    planned = torch.device(plan.get("planned_device") or "cpu").type
+    if dev.type != planned:
+        raise InvalidInputError(f"run {run.id} was planned for {planned} workers and this worker embeds on {dev.type}: the numbers "
+                                f"differ between the two; run it with --device {planned}, or submit the data again for {dev.type}")
     path = Path(plan["source"])
     try:
         stat = _file_stat(path)

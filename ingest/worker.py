@@ -12,13 +12,13 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 
-from sclstore.store import Backend
+from sclstore.store import Backend, runtime
 from sclstore.store.errors import (
     CatalogConnectionError,
     DatasetError,
@@ -135,7 +135,7 @@ def work(
                     stop.wait(poll_s)
                     continue
                 outage.ok()
-            except (CatalogConnectionError, sa.exc.OperationalError) as exc:
+            except (CatalogConnectionError, sa.exc.DBAPIError) as exc:
                 if not forever:
                     raise
                 stop.wait(outage.hit(exc))
@@ -146,10 +146,12 @@ def work(
                 if ctx is None:
                     ctx = ctxs[shard.run_id] = open_context(backend, backend.get_run(shard.run_id), device=device,
                                                             batch_size=batch_size, precision=precision)
+                _check_pinned(ctx, shard)
                 t1 = time.perf_counter()
-                cells = embed_shard(backend, ctx.run, lease, adapter=ctx.adapter, source=ctx.source, mapping=ctx.mapping,
-                                    layers=ctx.layers, pools=ctx.pools, batch_size=ctx.batch_size, chunk_cells=ctx.chunk_cells,
-                                    seed=ctx.seed, device=ctx.device, workers=workers, progress=progress, stop=stop)
+                with _pinned_threads(ctx):
+                        cells = embed_shard(backend, ctx.run, lease, adapter=ctx.adapter, source=ctx.source, mapping=ctx.mapping,
+                                        layers=ctx.layers, pools=ctx.pools, batch_size=ctx.batch_size, chunk_cells=ctx.chunk_cells,
+                                        seed=ctx.seed, device=ctx.device, workers=workers, progress=progress, stop=stop)
             except Interrupted:
                 backend.shards.release(lease)
                 raise
@@ -196,3 +198,36 @@ def _finalise_ready(backend: Backend, runs: Sequence[int] | None, extra: dict[in
         if backend.finalise_run(run_id, stats) is not None:
             done.append(run_id)
     return done
+
+
+@contextlib.contextmanager
+def _pinned_threads(ctx: RunContext) -> Iterator[None]:
+    """Embed a CPU run with its pinned torch thread count (the count changes the last bits)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if ctx.cpu_threads is None or ctx.cpu_threads == before:
+        yield
+        return
+    policy = runtime.active_policy()
+    if policy is not None and policy.enabled and ctx.cpu_threads > policy.threads:
+        logger.warning("run %d embeds with %d threads on the CPU, as it was planned (this worker's allowance is %d): "
+                       "other thread counts would change its numbers", ctx.run.id, ctx.cpu_threads, policy.threads)
+    torch.set_num_threads(ctx.cpu_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_pinned(ctx: RunContext, shard: Any) -> None:
+    """The shard row's pinned numerics must be the ones this worker embeds with."""
+    mine = {"batch_size": ctx.batch_size, "chunk_cells": ctx.chunk_cells, "precision": ctx.adapter.precision,
+            "cpu_threads": ctx.cpu_threads}
+    theirs = {"batch_size": shard.batch_size, "chunk_cells": shard.chunk_cells, "precision": shard.precision,
+              "cpu_threads": shard.cpu_threads if ctx.device.type == "cpu" else None}
+    bad = {k: (theirs[k], mine[k]) for k in mine if theirs[k] is not None and theirs[k] != mine[k]}
+    if bad:
+        raise InvalidInputError(f"shard {shard.idx} of run {shard.run_id} is pinned to "
+                                + ", ".join(f"{k}={v[0]} (this worker: {v[1]})" for k, v in bad.items())
+                                + ": the numbers would change; use a worker with the run's settings")

@@ -75,6 +75,10 @@ class ShardInfo:
     lease_pid: int | None = None
     heartbeat_at: float | None = None
     device: str | None = None
+    batch_size: int | None = None
+    chunk_cells: int | None = None
+    precision: str | None = None
+    cpu_threads: int | None = None
     attempts: int = 0
     cells_per_s: float | None = None
     peak_rss: int | None = None
@@ -164,13 +168,14 @@ class ShardQueue:
         self.heartbeat_s = heartbeat_s
 
     # ------------------------------------------------------------------ planning
-    def create(self, run_id: int, ranges: Sequence[tuple[int, int]]) -> None:
-        """Insert a run's shards, unless it has them already (a repeated submit)."""
+    def create(self, run_id: int, ranges: Sequence[tuple[int, int]], pinned: dict[str, Any] | None = None) -> None:
+        """Insert a run's shards with its pinned numerics, unless it has them already (a repeated submit)."""
+        pin = {k: (pinned or {}).get(k) for k in ("batch_size", "chunk_cells", "precision", "cpu_threads")}
         with write_tx(self.engine) as conn:
             if conn.execute(sa.select(sa.func.count()).where(RunShard.run_id == run_id)).scalar_one():
                 return
             conn.execute(sa.insert(RunShard), [{"run_id": run_id, "idx": i, "lo": lo, "hi": hi, "status": "queued",
-                                                "watermark": lo, "attempts": 0, "unembeddable": []}
+                                                "watermark": lo, "attempts": 0, "unembeddable": [], **pin}
                                                for i, (lo, hi) in enumerate(ranges)])
 
     def requeue(self, run_id: int) -> int:
