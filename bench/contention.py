@@ -11,8 +11,10 @@ Measures, in one run (ratios are within this run):
 each ``--reps`` times **idle** and ``--reps`` times **under load** (one busy-looping process per
 usable CPU, started and stopped by the bench), with the thread policy **on** (the default) and
 **off** (``SCLSTORE_THREADS=off``: the behaviour before the policy: torch's OpenMP pool at every
-core, spin-waiting). Every measurement is a fresh Python process (the policy acts at start-up);
-only the ``store.ingest`` / ``store.evaluate_trajectory`` call is timed, not the imports.
+core, spin-waiting), the two policies interleaved rep by rep so that the other jobs' load drifts
+over both alike; the 1-minute load average before and after each rep is recorded. Every
+measurement is a fresh Python process (the policy acts at start-up); only the ``store.ingest`` /
+``store.evaluate_trajectory`` call is timed, not the imports.
 
 3. **Start-up**: wall time of ``sclstore --help``, ``sclstore ls runs`` and a one-layer query on a
    small store (median of ``--startup-reps``), with the top imports of ``python -X importtime``.
@@ -231,27 +233,32 @@ def main() -> None:
         work = Path(tmp)
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         data, tstore, trun = _prepare(work, args.cells, args.traj_cells) if tasks else (work, work, 0)
+        policies = [p.strip() == "on" for p in args.policies.split(",") if p.strip()]
         rows: list[dict[str, Any]] = []
         for task in tasks:
-            for policy in [p.strip() == "on" for p in args.policies.split(",") if p.strip()]:
-                for loaded in (False, True):
-                    secs, threads = [], None
-                    with Busy(allowance.cpus) if loaded else _Null():
-                        for i in range(args.reps):
+            for loaded in (False, True):
+                cells = {pol: {"task": task, "policy": pol, "loaded": loaded, "seconds": [], "load1": [], "torch_threads": None}
+                         for pol in policies}
+                with Busy(allowance.cpus) if loaded else _Null():
+                    for i in range(args.reps):
+                        for policy in policies:  # interleaved: a change in the other jobs' load hits both policies alike
+                            cell = cells[policy]
+                            load0 = os.getloadavg()[0]
+                            tag = f"{task}-{policy}-{loaded}-{i}"
                             if task == "ingest":
-                                res = _child(["ingest", str(data), str(work / f"ing-{policy}-{loaded}-{i}")], policy, args.timeout)
-                                threads = res["torch_threads"]
-                                shutil.rmtree(work / f"ing-{policy}-{loaded}-{i}", ignore_errors=True)
+                                res = _child(["ingest", str(data), str(work / tag)], policy, args.timeout)
+                                cell["torch_threads"] = res["torch_threads"]
+                                shutil.rmtree(work / tag, ignore_errors=True)
                             else:
-                                copy = work / f"traj-{policy}-{loaded}-{i}"
-                                shutil.copytree(tstore, copy)
-                                res = _child(["trajectory", str(copy), str(trun), str(args.subsamples)], policy, args.timeout)
-                                shutil.rmtree(copy, ignore_errors=True)
-                            secs.append(res["seconds"])
+                                shutil.copytree(tstore, work / tag)
+                                res = _child(["trajectory", str(work / tag), str(trun), str(args.subsamples)], policy, args.timeout)
+                                shutil.rmtree(work / tag, ignore_errors=True)
+                            cell["seconds"].append(res["seconds"])
+                            cell["load1"].append((load0, os.getloadavg()[0]))  # 1-minute load average before / after the rep
                             print(f"  {task:10s} policy={'on ' if policy else 'off'} {'loaded' if loaded else 'idle  '} rep {i}: "
-                                  f"{res['seconds']:.2f} s", flush=True)
-                    rows.append({"task": task, "policy": policy, "loaded": loaded, "seconds": secs, "torch_threads": threads,
-                                 **_stats(secs)})
+                                  f"{res['seconds']:.2f} s (load {load0:.1f} -> {cell['load1'][-1][1]:.1f})", flush=True)
+                rows += [cell | _stats(cell["seconds"]) for cell in cells.values()]
+        rows.sort(key=lambda r: (tasks.index(r["task"]), not r["policy"], r["loaded"]))
         report["rows"] = rows
         for row in rows:
             if row["loaded"]:
@@ -273,16 +280,21 @@ class _Null:
         return None
 
 
+def _load_range(loads: list[tuple[float, float]]) -> str:
+    vals = [x for pair in loads for x in pair]
+    return f"{min(vals):.1f}-{max(vals):.1f}" if vals else ""
+
+
 def render(report: dict[str, Any]) -> str:
     lines = [f"allowance: {report['allowance']}; busy processes under load: {report['busy_processes']}; "
              f"load average start {report['load_at_start']}, end {report['load_at_end']}", "",
-             "| task | policy | condition | median s | min s | max s | max/min | loaded/idle median | torch threads |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| task | policy | condition | median s | min s | max s | max/min | loaded/idle median | torch threads | 1-min load during reps |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.get("rows", []):
         ratio = f"{r['loaded_over_idle']:.2f}x" if "loaded_over_idle" in r else ""
         lines.append(f"| {r['task']} | {'on' if r['policy'] else 'off (old)'} | {'loaded' if r['loaded'] else 'idle'} | "
                      f"{r['median']:.2f} | {r['min']:.2f} | {r['max']:.2f} | {r['max_over_min']:.2f} | {ratio} | "
-                     f"{r['torch_threads'] if r['torch_threads'] is not None else ''} |")
+                     f"{r['torch_threads'] if r['torch_threads'] is not None else ''} | {_load_range(r.get('load1', []))} |")
     if "startup" in report:
         s = report["startup"]
         base = s.get("baseline_wall_s", {})
