@@ -4,8 +4,6 @@ Every command takes ``--store`` and ``--catalog``; reporting commands take ``--j
 print exactly one JSON document on stdout. Errors are one line on stderr, exit code 1.
 """
 
-from __future__ import annotations
-
 import functools
 import json
 import logging

@@ -1,7 +1,5 @@
 """``sclstore info``: version, store, catalog (password hidden) and the thread policy."""
 
-from __future__ import annotations
-
 import platform
 import sys
 from pathlib import Path
