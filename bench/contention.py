@@ -7,6 +7,8 @@ Measures, in one run (ratios are within this run):
 2. **one trajectory evaluation** (every layer of a ``--traj-cells`` (1,500) cell simulated
    differentiation embedded by ``sclstore-tiny``, ``--subsamples`` (20) interval subsamples, on a
    fresh copy of the store so nothing is cached);
+3. (``--tasks blas``) ``--blas-rounds`` numpy matrix products with pure-Python work between them:
+   wall and CPU seconds, showing OpenBLAS's idle threads spinning without the policy;
 
 each ``--reps`` times **idle** and ``--reps`` times **under load** (one busy-looping process per
 usable CPU, started and stopped by the bench), with the thread policy **on** (the default) and
@@ -16,7 +18,7 @@ over both alike; the 1-minute load average before and after each rep is recorded
 measurement is a fresh Python process (the policy acts at start-up); only the ``store.ingest`` /
 ``store.evaluate_trajectory`` call is timed, not the imports.
 
-3. **Start-up**: wall time of ``sclstore --help``, ``sclstore ls runs`` and a one-layer query on a
+4. **Start-up**: wall time of ``sclstore --help``, ``sclstore ls runs`` and a one-layer query on a
    small store (median of ``--startup-reps``), with the top imports of ``python -X importtime``.
 
 Usage::
@@ -45,7 +47,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve()
 POLICY_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
-               "NUMBA_NUM_THREADS", "BLIS_NUM_THREADS", "OMP_WAIT_POLICY", "SCLSTORE_THREADS", "_SCLSTORE_SET_VARS")
+               "NUMBA_NUM_THREADS", "BLIS_NUM_THREADS", "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT", "SCLSTORE_THREADS",
+               "_SCLSTORE_SET_VARS")
 
 
 # ------------------------------------------------------------------------------ children
@@ -78,6 +81,25 @@ def child_trajectory(store: str, run: int, subsamples: int) -> dict[str, Any]:
         secs = time.perf_counter() - t0
     assert not rep.cached
     return {"seconds": secs}
+
+
+def child_blas(rounds: int) -> dict[str, Any]:
+    """numpy BLAS calls with pure-Python work between them, the pattern of an evaluation: with
+    OpenBLAS's default its idle threads spin ~0.1 s after each call, burning CPU that the other
+    load (and this process's own Python thread) needs; the policy makes them sleep at once."""
+    from sclstore.store import runtime
+
+    runtime.configure()
+    import numpy as np
+
+    a = np.random.default_rng(0).random((256, 256))
+    t0, c0 = time.perf_counter(), time.process_time()
+    total = 0
+    for _ in range(rounds):
+        a @ a
+        for i in range(20000):
+            total += i
+    return {"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0}
 
 
 # ------------------------------------------------------------------------------ parent
@@ -210,7 +232,8 @@ def main() -> None:
     ap.add_argument("--startup-reps", type=int, default=5)
     ap.add_argument("--traj-cells", type=int, default=1500, help="Cells of the simulated differentiation.")
     ap.add_argument("--subsamples", type=int, default=20, help="Subsamples of the trajectory evaluation's intervals.")
-    ap.add_argument("--tasks", default="ingest,trajectory", help="Comma list: ingest, trajectory (empty: start-up only).")
+    ap.add_argument("--tasks", default="ingest,trajectory", help="Comma list: ingest, trajectory, blas (empty: start-up only).")
+    ap.add_argument("--blas-rounds", type=int, default=300, help="BLAS calls of the blas task.")
     ap.add_argument("--policies", default="on,off", help="Comma list: on (the thread policy), off (SCLSTORE_THREADS=off).")
     ap.add_argument("--skip-startup", action="store_true")
     ap.add_argument("--baseline-python", default=None, help="Also time start-up with this interpreter's sclstore install.")
@@ -220,7 +243,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         kind, *rest = args.child
-        res = child_ingest(*rest) if kind == "ingest" else child_trajectory(rest[0], int(rest[1]), int(rest[2]))
+        if kind == "ingest":
+            res = child_ingest(*rest)
+        elif kind == "blas":
+            res = child_blas(int(rest[0]))
+        else:
+            res = child_trajectory(rest[0], int(rest[1]), int(rest[2]))
         sys.stdout.write(json.dumps(res) + "\n")
         return
 
@@ -234,7 +262,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sclstore-contention-") as tmp:
         work = Path(tmp)
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        data, tstore, trun = _prepare(work, args.cells, args.traj_cells) if tasks else (work, work, 0)
+        prepare = any(t in ("ingest", "trajectory") for t in tasks)
+        data, tstore, trun = _prepare(work, args.cells, args.traj_cells) if prepare else (work, work, 0)
         policies = [p.strip() == "on" for p in args.policies.split(",") if p.strip()]
         rows: list[dict[str, Any]] = []
         for task in tasks:
@@ -253,6 +282,9 @@ def main() -> None:
                                 res = _child(["ingest", str(data), str(work / tag)], policy, args.timeout)
                                 cell["torch_threads"] = res["torch_threads"]
                                 shutil.rmtree(work / tag, ignore_errors=True)
+                            elif task == "blas":
+                                res = _child(["blas", str(args.blas_rounds)], policy, args.timeout)
+                                cell.setdefault("cpu", []).append(res["cpu"])
                             else:
                                 shutil.copytree(tstore, work / tag)
                                 res = _child(["trajectory", str(work / tag), str(trun), str(args.subsamples)], policy, args.timeout)
@@ -261,7 +293,8 @@ def main() -> None:
                             cell["load1"].append((load0, os.getloadavg()[0]))  # 1-minute load average before / after the rep
                             print(f"  {task:10s} policy={'on ' if policy else 'off'} {'loaded' if loaded else 'idle  '} rep {i}: "
                                   f"{res['seconds']:.2f} s (load {load0:.1f} -> {cell['load1'][-1][1]:.1f})", flush=True)
-                rows += [cell | _stats(cell["seconds"]) for cell in cells.values()]
+                rows += [cell | _stats(cell["seconds"]) | ({"cpu_median": statistics.median(cell["cpu"])} if "cpu" in cell else {})
+                         for cell in cells.values()]
         rows.sort(key=lambda r: (tasks.index(r["task"]), not r["policy"], r["loaded"]))
         report["rows"] = rows
         for row in rows:
@@ -299,6 +332,10 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"| {r['task']} | {'on' if r['policy'] else 'off (old)'} | {'loaded' if r['loaded'] else 'idle'} | "
                      f"{r['median']:.2f} | {r['min']:.2f} | {r['max']:.2f} | {r['max_over_min']:.2f} | {ratio} | "
                      f"{r['torch_threads'] if r['torch_threads'] is not None else ''} | {_load_range(r.get('load1', []))} |")
+    cpu = [r for r in report.get("rows", []) if "cpu_median" in r]
+    if cpu:
+        lines += ["", "CPU seconds (median) of the blas task: " + "; ".join(
+            f"{'on' if r['policy'] else 'off'} {'loaded' if r['loaded'] else 'idle'} {r['cpu_median']:.2f}" for r in cpu)]
     if "startup" in report:
         s = report["startup"]
         base = s.get("baseline_wall_s", {})
