@@ -164,15 +164,22 @@ def _stats(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "max_over_min": max(xs) / min(xs)}
 
 
+def _run_once(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> tuple[float, float]:
+    """(wall s, CPU s = user + system of the child) of one run of ``cmd``."""
+    import resource
+
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=cwd)
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd} failed: {proc.stderr[-2000:]}")
+    return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+
+
 def _timed(cmd: list[str], reps: int, env: dict[str, str], cwd: Path | None = None) -> list[float]:
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=cwd)
-        out.append(time.perf_counter() - t0)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cmd} failed: {proc.stderr[-2000:]}")
-    return out
+    return [_run_once(cmd, env, cwd)[0] for _ in range(reps)]
 
 
 def _top_imports(code: str, n: int = 8) -> list[tuple[str, float]]:
@@ -206,17 +213,30 @@ def startup(work: Path, reps: int, baseline: str | None = None) -> dict[str, Any
     if not Path(exe[0]).exists():
         exe = [sys.executable, "-m", "sclstore.cli"]
     query = f"SELECT * FROM embeddings WHERE run = {run.id} AND layer = 2"
-    cmds = {"sclstore --help": [*exe, "--help"], "sclstore ls runs": [*exe, "ls", "runs", "--store", str(root)],
-            "sclstore query (one layer)": [*exe, "query", query, "--store", str(root), "--json"]}
+    args = {"sclstore --help": ["--help"], "sclstore ls runs": ["ls", "runs", "--store", str(root)],
+            "sclstore query (one layer)": ["query", query, "--store", str(root), "--json"]}
+    # the other install's console script (e.g. the code before a start-up change), run outside any
+    # source checkout so that its own package is imported
+    installs = {"now": (exe, None)} | ({"baseline": ([str(Path(baseline).with_name("sclstore"))], work)} if baseline else {})
     env = _env(True)
-    _timed(cmds["sclstore --help"], 1, env)  # warm the file cache
-    out: dict[str, Any] = {"wall_s": {k: _stats(_timed(c, reps, env)) for k, c in cmds.items()}}
-    if baseline:  # the same commands with another install (e.g. the code before the lazy imports)
-        base = [str(Path(baseline).with_name("sclstore"))]  # that install's console script
-        # run outside any source checkout, so `-m sclstore.cli` imports the other install's package
-        out["baseline_wall_s"] = {k: _stats(_timed([*base, *c[len(exe):]], reps, env, cwd=work)) for k, c in cmds.items()}
+    times: dict[str, dict[str, list[tuple[float, float]]]] = {i: {k: [] for k in args} for i in installs}
+    for cmd, cwd in installs.values():  # warm the file cache (and byte-code caches, where Python may write them)
+        for a in args.values():
+            _run_once([*cmd, *a], env, cwd)
+    for _ in range(reps):  # interleaved: load changes hit both installs alike
+        for k, a in args.items():
+            for name, (cmd, cwd) in installs.items():
+                times[name][k].append(_run_once([*cmd, *a], env, cwd))
+    out: dict[str, Any] = {"wall_s": {k: _stats([w for w, _ in v]) for k, v in times["now"].items()},
+                           "cpu_s": {k: _stats([c for _, c in v]) for k, v in times["now"].items()}}
+    if baseline:
+        out["baseline_wall_s"] = {k: _stats([w for w, _ in v]) for k, v in times["baseline"].items()}
+        out["baseline_cpu_s"] = {k: _stats([c for _, c in v]) for k, v in times["baseline"].items()}
     out["python_startup_s"] = _stats(_timed([sys.executable, "-c", "pass"], reps, env))
     out["top_imports_cli"] = _top_imports("import sclstore.cli")
+    out["top_imports_ls"] = _top_imports(
+        f"import sys; from sclstore.cli import main; sys.argv = ['sclstore', 'ls', 'runs', '--store', {str(root)!r}]\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass")
     out["top_imports_query"] = _top_imports(
         f"import sys; from sclstore.cli import main; sys.argv = ['sclstore', 'query', {query!r}, '--store', {str(root)!r}, '--json']\n"
         "try:\n    main()\nexcept SystemExit:\n    pass")
@@ -338,12 +358,18 @@ def render(report: dict[str, Any]) -> str:
             f"{'on' if r['policy'] else 'off'} {'loaded' if r['loaded'] else 'idle'} {r['cpu_median']:.2f}" for r in cpu)]
     if "startup" in report:
         s = report["startup"]
-        base = s.get("baseline_wall_s", {})
-        lines += ["", "| command | median s | min s | max s | baseline median s |", "|---|---|---|---|---|"]
-        for k, v in {**s["wall_s"], "python -c pass": s["python_startup_s"]}.items():
-            b = f"{base[k]['median']:.3f}" if k in base else ""
-            lines.append(f"| {k} | {v['median']:.3f} | {v['min']:.3f} | {v['max']:.3f} | {b} |")
+        base, bcpu, cpu_s = s.get("baseline_wall_s", {}), s.get("baseline_cpu_s", {}), s.get("cpu_s", {})
+
+        def fmt(d: dict[str, Any], k: str) -> str:
+            return f"{d[k]['median']:.3f} ({d[k]['min']:.3f})" if k in d else ""
+
+        lines += ["", "| command | wall median (min) s | CPU median (min) s | baseline wall median (min) s | baseline CPU median (min) s |",
+                  "|---|---|---|---|---|"]
+        for k in [*s["wall_s"], "python -c pass"]:
+            wall = s["wall_s"] if k in s["wall_s"] else {k: s["python_startup_s"]}
+            lines.append(f"| {k} | {fmt(wall, k)} | {fmt(cpu_s, k)} | {fmt(base, k)} | {fmt(bcpu, k)} |")
         lines += ["", "top imports, `import sclstore.cli`: " + ", ".join(f"{n} {t:.3f} s" for n, t in s["top_imports_cli"]),
+                  "top imports, `sclstore ls runs`: " + ", ".join(f"{n} {t:.3f} s" for n, t in s.get("top_imports_ls", [])),
                   "top imports, one-layer query: " + ", ".join(f"{n} {t:.3f} s" for n, t in s["top_imports_query"])]
     return "\n".join(lines)
 
