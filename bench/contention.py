@@ -255,6 +255,7 @@ def main() -> None:
     ap.add_argument("--tasks", default="ingest,trajectory", help="Comma list: ingest, trajectory, blas (empty: start-up only).")
     ap.add_argument("--blas-rounds", type=int, default=300, help="BLAS calls of the blas task.")
     ap.add_argument("--policies", default="on,off", help="Comma list: on (the thread policy), off (SCLSTORE_THREADS=off).")
+    ap.add_argument("--conditions", default="idle,loaded", help="Comma list: idle, loaded (e.g. to add repetitions to one condition).")
     ap.add_argument("--skip-startup", action="store_true")
     ap.add_argument("--baseline-python", default=None, help="Also time start-up with this interpreter's sclstore install.")
     ap.add_argument("--timeout", type=float, default=600, help="Seconds per measurement before giving up.")
@@ -287,7 +288,7 @@ def main() -> None:
         policies = [p.strip() == "on" for p in args.policies.split(",") if p.strip()]
         rows: list[dict[str, Any]] = []
         for task in tasks:
-            for loaded in (False, True):
+            for loaded in [c.strip() == "loaded" for c in args.conditions.split(",") if c.strip()]:
                 cells = {pol: {"task": task, "policy": pol, "loaded": loaded, "seconds": [], "load1": [], "torch_threads": None}
                          for pol in policies}
                 with Busy(allowance.cpus) if loaded else _Null():
@@ -318,8 +319,8 @@ def main() -> None:
         rows.sort(key=lambda r: (tasks.index(r["task"]), not r["policy"], r["loaded"]))
         report["rows"] = rows
         for row in rows:
-            if row["loaded"]:
-                idle = next(r for r in rows if r["task"] == row["task"] and r["policy"] == row["policy"] and not r["loaded"])
+            idle = next((r for r in rows if r["task"] == row["task"] and r["policy"] == row["policy"] and not r["loaded"]), None)
+            if row["loaded"] and idle is not None:
                 row["loaded_over_idle"] = row["median"] / idle["median"]
         if not args.skip_startup:
             report["startup"] = startup(work, args.startup_reps, args.baseline_python)
