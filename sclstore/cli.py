@@ -265,4 +265,8 @@ from sclstore import (  # noqa: E402,F401  (register info, query, eval, report a
 )
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # `python -m sclstore.cli` runs this file as a second module, __main__; the cli_* modules
+    # register their commands (ingest, query, eval, ...) on sclstore.cli's app: run that one
+    from sclstore.cli import main as _registered_main
+
+    _registered_main()
