@@ -7,19 +7,23 @@ Measures, in one run (ratios are within this run):
 2. **one trajectory evaluation** (every layer of a ``--traj-cells`` (1,500) cell simulated
    differentiation embedded by ``sclstore-tiny``, ``--subsamples`` (20) interval subsamples, on a
    fresh copy of the store so nothing is cached);
+3. (``--tasks blas``) ``--blas-rounds`` numpy matrix products with pure-Python work between them:
+   wall and CPU seconds, showing OpenBLAS's idle threads spinning without the policy;
 
 each ``--reps`` times **idle** and ``--reps`` times **under load** (one busy-looping process per
 usable CPU, started and stopped by the bench), with the thread policy **on** (the default) and
 **off** (``SCLSTORE_THREADS=off``: the behaviour before the policy: torch's OpenMP pool at every
-core, spin-waiting). Every measurement is a fresh Python process (the policy acts at start-up);
-only the ``store.ingest`` / ``store.evaluate_trajectory`` call is timed, not the imports.
+core, spin-waiting), the two policies interleaved rep by rep so that the other jobs' load drifts
+over both alike; the 1-minute load average before and after each rep is recorded. Every
+measurement is a fresh Python process (the policy acts at start-up); only the ``store.ingest`` /
+``store.evaluate_trajectory`` call is timed, not the imports.
 
-3. **Start-up**: wall time of ``sclstore --help``, ``sclstore ls runs`` and a one-layer query on a
+4. **Start-up**: wall time of ``sclstore --help``, ``sclstore ls runs`` and a one-layer query on a
    small store (median of ``--startup-reps``), with the top imports of ``python -X importtime``.
 
 Usage::
 
-    python bench/contention.py [--cells 5000] [--reps 5] [--traj-cells 1500] [--subsamples 20]
+    python bench/contention.py [--cells 5000] [--reps 5] [--off-reps N] [--traj-cells 1500] [--subsamples 20]
                                [--startup-reps 5] [--tasks ingest,trajectory] [--out contention.json]
 
 Targets (issue 17): under load, median <= 2.5x the idle median (a fair share of the CPUs is 2x)
@@ -43,7 +47,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve()
 POLICY_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
-               "NUMBA_NUM_THREADS", "BLIS_NUM_THREADS", "OMP_WAIT_POLICY", "SCLSTORE_THREADS", "_SCLSTORE_SET_VARS")
+               "NUMBA_NUM_THREADS", "BLIS_NUM_THREADS", "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT", "SCLSTORE_THREADS",
+               "_SCLSTORE_SET_VARS")
 
 
 # ------------------------------------------------------------------------------ children
@@ -76,6 +81,25 @@ def child_trajectory(store: str, run: int, subsamples: int) -> dict[str, Any]:
         secs = time.perf_counter() - t0
     assert not rep.cached
     return {"seconds": secs}
+
+
+def child_blas(rounds: int) -> dict[str, Any]:
+    """numpy BLAS calls with pure-Python work between them, the pattern of an evaluation: with
+    OpenBLAS's default its idle threads spin ~0.1 s after each call, burning CPU that the other
+    load (and this process's own Python thread) needs; the policy makes them sleep at once."""
+    from sclstore.store import runtime
+
+    runtime.configure()
+    import numpy as np
+
+    a = np.random.default_rng(0).random((256, 256))
+    t0, c0 = time.perf_counter(), time.process_time()
+    total = 0
+    for _ in range(rounds):
+        a @ a
+        for i in range(20000):
+            total += i
+    return {"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0}
 
 
 # ------------------------------------------------------------------------------ parent
@@ -140,15 +164,22 @@ def _stats(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "max_over_min": max(xs) / min(xs)}
 
 
+def _run_once(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> tuple[float, float]:
+    """(wall s, CPU s = user + system of the child) of one run of ``cmd``."""
+    import resource
+
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=cwd)
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd} failed: {proc.stderr[-2000:]}")
+    return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+
+
 def _timed(cmd: list[str], reps: int, env: dict[str, str], cwd: Path | None = None) -> list[float]:
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=cwd)
-        out.append(time.perf_counter() - t0)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cmd} failed: {proc.stderr[-2000:]}")
-    return out
+    return [_run_once(cmd, env, cwd)[0] for _ in range(reps)]
 
 
 def _top_imports(code: str, n: int = 8) -> list[tuple[str, float]]:
@@ -182,17 +213,30 @@ def startup(work: Path, reps: int, baseline: str | None = None) -> dict[str, Any
     if not Path(exe[0]).exists():
         exe = [sys.executable, "-m", "sclstore.cli"]
     query = f"SELECT * FROM embeddings WHERE run = {run.id} AND layer = 2"
-    cmds = {"sclstore --help": [*exe, "--help"], "sclstore ls runs": [*exe, "ls", "runs", "--store", str(root)],
-            "sclstore query (one layer)": [*exe, "query", query, "--store", str(root), "--json"]}
+    args = {"sclstore --help": ["--help"], "sclstore ls runs": ["ls", "runs", "--store", str(root)],
+            "sclstore query (one layer)": ["query", query, "--store", str(root), "--json"]}
+    # the other install's console script (e.g. the code before a start-up change), run outside any
+    # source checkout so that its own package is imported
+    installs = {"now": (exe, None)} | ({"baseline": ([str(Path(baseline).with_name("sclstore"))], work)} if baseline else {})
     env = _env(True)
-    _timed(cmds["sclstore --help"], 1, env)  # warm the file cache
-    out: dict[str, Any] = {"wall_s": {k: _stats(_timed(c, reps, env)) for k, c in cmds.items()}}
-    if baseline:  # the same commands with another install (e.g. the code before the lazy imports)
-        base = [str(Path(baseline).with_name("sclstore"))]  # that install's console script
-        # run outside any source checkout, so `-m sclstore.cli` imports the other install's package
-        out["baseline_wall_s"] = {k: _stats(_timed([*base, *c[len(exe):]], reps, env, cwd=work)) for k, c in cmds.items()}
+    times: dict[str, dict[str, list[tuple[float, float]]]] = {i: {k: [] for k in args} for i in installs}
+    for cmd, cwd in installs.values():  # warm the file cache (and byte-code caches, where Python may write them)
+        for a in args.values():
+            _run_once([*cmd, *a], env, cwd)
+    for _ in range(reps):  # interleaved: load changes hit both installs alike
+        for k, a in args.items():
+            for name, (cmd, cwd) in installs.items():
+                times[name][k].append(_run_once([*cmd, *a], env, cwd))
+    out: dict[str, Any] = {"wall_s": {k: _stats([w for w, _ in v]) for k, v in times["now"].items()},
+                           "cpu_s": {k: _stats([c for _, c in v]) for k, v in times["now"].items()}}
+    if baseline:
+        out["baseline_wall_s"] = {k: _stats([w for w, _ in v]) for k, v in times["baseline"].items()}
+        out["baseline_cpu_s"] = {k: _stats([c for _, c in v]) for k, v in times["baseline"].items()}
     out["python_startup_s"] = _stats(_timed([sys.executable, "-c", "pass"], reps, env))
     out["top_imports_cli"] = _top_imports("import sclstore.cli")
+    out["top_imports_ls"] = _top_imports(
+        f"import sys; from sclstore.cli import main; sys.argv = ['sclstore', 'ls', 'runs', '--store', {str(root)!r}]\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass")
     out["top_imports_query"] = _top_imports(
         f"import sys; from sclstore.cli import main; sys.argv = ['sclstore', 'query', {query!r}, '--store', {str(root)!r}, '--json']\n"
         "try:\n    main()\nexcept SystemExit:\n    pass")
@@ -203,11 +247,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cells", type=int, default=5000)
     ap.add_argument("--reps", type=int, default=5, help="Repetitions per cell of the table (the issue asks for 5).")
+    ap.add_argument("--off-reps", type=int, default=None,
+                    help="Repetitions of the policy-off rows (default --reps; they are the slow ones on a loaded machine).")
     ap.add_argument("--startup-reps", type=int, default=5)
     ap.add_argument("--traj-cells", type=int, default=1500, help="Cells of the simulated differentiation.")
     ap.add_argument("--subsamples", type=int, default=20, help="Subsamples of the trajectory evaluation's intervals.")
-    ap.add_argument("--tasks", default="ingest,trajectory", help="Comma list: ingest, trajectory (empty: start-up only).")
+    ap.add_argument("--tasks", default="ingest,trajectory", help="Comma list: ingest, trajectory, blas (empty: start-up only).")
+    ap.add_argument("--blas-rounds", type=int, default=300, help="BLAS calls of the blas task.")
     ap.add_argument("--policies", default="on,off", help="Comma list: on (the thread policy), off (SCLSTORE_THREADS=off).")
+    ap.add_argument("--conditions", default="idle,loaded", help="Comma list: idle, loaded (e.g. to add repetitions to one condition).")
     ap.add_argument("--skip-startup", action="store_true")
     ap.add_argument("--baseline-python", default=None, help="Also time start-up with this interpreter's sclstore install.")
     ap.add_argument("--timeout", type=float, default=600, help="Seconds per measurement before giving up.")
@@ -216,7 +264,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         kind, *rest = args.child
-        res = child_ingest(*rest) if kind == "ingest" else child_trajectory(rest[0], int(rest[1]), int(rest[2]))
+        if kind == "ingest":
+            res = child_ingest(*rest)
+        elif kind == "blas":
+            res = child_blas(int(rest[0]))
+        else:
+            res = child_trajectory(rest[0], int(rest[1]), int(rest[2]))
         sys.stdout.write(json.dumps(res) + "\n")
         return
 
@@ -230,32 +283,44 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sclstore-contention-") as tmp:
         work = Path(tmp)
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        data, tstore, trun = _prepare(work, args.cells, args.traj_cells) if tasks else (work, work, 0)
+        prepare = any(t in ("ingest", "trajectory") for t in tasks)
+        data, tstore, trun = _prepare(work, args.cells, args.traj_cells) if prepare else (work, work, 0)
+        policies = [p.strip() == "on" for p in args.policies.split(",") if p.strip()]
         rows: list[dict[str, Any]] = []
         for task in tasks:
-            for policy in [p.strip() == "on" for p in args.policies.split(",") if p.strip()]:
-                for loaded in (False, True):
-                    secs, threads = [], None
-                    with Busy(allowance.cpus) if loaded else _Null():
-                        for i in range(args.reps):
+            for loaded in [c.strip() == "loaded" for c in args.conditions.split(",") if c.strip()]:
+                cells = {pol: {"task": task, "policy": pol, "loaded": loaded, "seconds": [], "load1": [], "torch_threads": None}
+                         for pol in policies}
+                with Busy(allowance.cpus) if loaded else _Null():
+                    for i in range(args.reps):
+                        for policy in policies:  # interleaved: a change in the other jobs' load hits both policies alike
+                            if not policy and args.off_reps is not None and i >= args.off_reps:
+                                continue
+                            cell = cells[policy]
+                            load0 = os.getloadavg()[0]
+                            tag = f"{task}-{policy}-{loaded}-{i}"
                             if task == "ingest":
-                                res = _child(["ingest", str(data), str(work / f"ing-{policy}-{loaded}-{i}")], policy, args.timeout)
-                                threads = res["torch_threads"]
-                                shutil.rmtree(work / f"ing-{policy}-{loaded}-{i}", ignore_errors=True)
+                                res = _child(["ingest", str(data), str(work / tag)], policy, args.timeout)
+                                cell["torch_threads"] = res["torch_threads"]
+                                shutil.rmtree(work / tag, ignore_errors=True)
+                            elif task == "blas":
+                                res = _child(["blas", str(args.blas_rounds)], policy, args.timeout)
+                                cell.setdefault("cpu", []).append(res["cpu"])
                             else:
-                                copy = work / f"traj-{policy}-{loaded}-{i}"
-                                shutil.copytree(tstore, copy)
-                                res = _child(["trajectory", str(copy), str(trun), str(args.subsamples)], policy, args.timeout)
-                                shutil.rmtree(copy, ignore_errors=True)
-                            secs.append(res["seconds"])
+                                shutil.copytree(tstore, work / tag)
+                                res = _child(["trajectory", str(work / tag), str(trun), str(args.subsamples)], policy, args.timeout)
+                                shutil.rmtree(work / tag, ignore_errors=True)
+                            cell["seconds"].append(res["seconds"])
+                            cell["load1"].append((load0, os.getloadavg()[0]))  # 1-minute load average before / after the rep
                             print(f"  {task:10s} policy={'on ' if policy else 'off'} {'loaded' if loaded else 'idle  '} rep {i}: "
-                                  f"{res['seconds']:.2f} s", flush=True)
-                    rows.append({"task": task, "policy": policy, "loaded": loaded, "seconds": secs, "torch_threads": threads,
-                                 **_stats(secs)})
+                                  f"{res['seconds']:.2f} s (load {load0:.1f} -> {cell['load1'][-1][1]:.1f})", flush=True)
+                rows += [cell | _stats(cell["seconds"]) | ({"cpu_median": statistics.median(cell["cpu"])} if "cpu" in cell else {})
+                         for cell in cells.values()]
+        rows.sort(key=lambda r: (tasks.index(r["task"]), not r["policy"], r["loaded"]))
         report["rows"] = rows
         for row in rows:
-            if row["loaded"]:
-                idle = next(r for r in rows if r["task"] == row["task"] and r["policy"] == row["policy"] and not r["loaded"])
+            idle = next((r for r in rows if r["task"] == row["task"] and r["policy"] == row["policy"] and not r["loaded"]), None)
+            if row["loaded"] and idle is not None:
                 row["loaded_over_idle"] = row["median"] / idle["median"]
         if not args.skip_startup:
             report["startup"] = startup(work, args.startup_reps, args.baseline_python)
@@ -273,24 +338,39 @@ class _Null:
         return None
 
 
+def _load_range(loads: list[tuple[float, float]]) -> str:
+    vals = [x for pair in loads for x in pair]
+    return f"{min(vals):.1f}-{max(vals):.1f}" if vals else ""
+
+
 def render(report: dict[str, Any]) -> str:
     lines = [f"allowance: {report['allowance']}; busy processes under load: {report['busy_processes']}; "
              f"load average start {report['load_at_start']}, end {report['load_at_end']}", "",
-             "| task | policy | condition | median s | min s | max s | max/min | loaded/idle median | torch threads |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| task | policy | condition | median s | min s | max s | max/min | loaded/idle median | torch threads | 1-min load during reps |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.get("rows", []):
         ratio = f"{r['loaded_over_idle']:.2f}x" if "loaded_over_idle" in r else ""
         lines.append(f"| {r['task']} | {'on' if r['policy'] else 'off (old)'} | {'loaded' if r['loaded'] else 'idle'} | "
                      f"{r['median']:.2f} | {r['min']:.2f} | {r['max']:.2f} | {r['max_over_min']:.2f} | {ratio} | "
-                     f"{r['torch_threads'] if r['torch_threads'] is not None else ''} |")
+                     f"{r['torch_threads'] if r['torch_threads'] is not None else ''} | {_load_range(r.get('load1', []))} |")
+    cpu = [r for r in report.get("rows", []) if "cpu_median" in r]
+    if cpu:
+        lines += ["", "CPU seconds (median) of the blas task: " + "; ".join(
+            f"{'on' if r['policy'] else 'off'} {'loaded' if r['loaded'] else 'idle'} {r['cpu_median']:.2f}" for r in cpu)]
     if "startup" in report:
         s = report["startup"]
-        base = s.get("baseline_wall_s", {})
-        lines += ["", "| command | median s | min s | max s | baseline median s |", "|---|---|---|---|---|"]
-        for k, v in {**s["wall_s"], "python -c pass": s["python_startup_s"]}.items():
-            b = f"{base[k]['median']:.3f}" if k in base else ""
-            lines.append(f"| {k} | {v['median']:.3f} | {v['min']:.3f} | {v['max']:.3f} | {b} |")
+        base, bcpu, cpu_s = s.get("baseline_wall_s", {}), s.get("baseline_cpu_s", {}), s.get("cpu_s", {})
+
+        def fmt(d: dict[str, Any], k: str) -> str:
+            return f"{d[k]['median']:.3f} ({d[k]['min']:.3f})" if k in d else ""
+
+        lines += ["", "| command | wall median (min) s | CPU median (min) s | baseline wall median (min) s | baseline CPU median (min) s |",
+                  "|---|---|---|---|---|"]
+        for k in [*s["wall_s"], "python -c pass"]:
+            wall = s["wall_s"] if k in s["wall_s"] else {k: s["python_startup_s"]}
+            lines.append(f"| {k} | {fmt(wall, k)} | {fmt(cpu_s, k)} | {fmt(base, k)} | {fmt(bcpu, k)} |")
         lines += ["", "top imports, `import sclstore.cli`: " + ", ".join(f"{n} {t:.3f} s" for n, t in s["top_imports_cli"]),
+                  "top imports, `sclstore ls runs`: " + ", ".join(f"{n} {t:.3f} s" for n, t in s.get("top_imports_ls", [])),
                   "top imports, one-layer query: " + ", ".join(f"{n} {t:.3f} s" for n, t in s["top_imports_query"])]
     return "\n".join(lines)
 

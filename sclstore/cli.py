@@ -4,8 +4,6 @@ Every command takes ``--store`` and ``--catalog``; reporting commands take ``--j
 print exactly one JSON document on stdout. Errors are one line on stderr, exit code 1.
 """
 
-from __future__ import annotations
-
 import functools
 import json
 import logging
@@ -34,9 +32,12 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # plain help and usage errors: typer's rich help imports rich.markdown and pygments, ~40% of
+    # `sclstore --help` (issue 17: < 0.3 s); tests/cli/test_startup.py guards it
+    rich_markup_mode=None,
 )
-db_app = typer.Typer(help="Catalog schema (Alembic) commands.", no_args_is_help=True)
-eval_app = typer.Typer(help="Score every stored layer on a task.", no_args_is_help=True)
+db_app = typer.Typer(help="Catalog schema (Alembic) commands.", no_args_is_help=True, rich_markup_mode=None)
+eval_app = typer.Typer(help="Score every stored layer on a task.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(db_app, name="db")
 app.add_typer(eval_app, name="eval")
 
@@ -103,7 +104,7 @@ def _global_options(
         list[str] | None,
         typer.Option("--tiledb-config", metavar="KEY=VALUE", envvar="SCLSTORE_TILEDB_CONFIG",
                      help="TileDB setting for the store's arrays, repeatable (e.g. vfs.s3.region=eu-west-1); "
-                          "also read from a \\[tiledb] table in sclstore.toml inside or beside the store."),
+                          "also read from a [tiledb] table in sclstore.toml inside or beside the store."),
     ] = None,
 ) -> None:
     """Layer-wise embedding store for single-cell foundation models: every layer, every cell, computed once."""

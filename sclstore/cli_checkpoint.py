@@ -1,7 +1,5 @@
 """``sclstore convert-checkpoint`` (registered on ``cli.app``)."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated
 

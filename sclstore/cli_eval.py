@@ -4,8 +4,6 @@
 KEY=VALUE), ``eval show ID``, ``ls evals`` (through :func:`print_evals`) and ``report``.
 """
 
-from __future__ import annotations
-
 import json
 import math
 from pathlib import Path
@@ -29,6 +27,7 @@ from sclstore.cli import (
     out,
     policy_json,
 )
+from sclstore.cli_rows import cell
 from sclstore.store.errors import InvalidInputError
 
 __all__ = ["print_eval", "print_evals"]
@@ -180,7 +179,7 @@ def print_evals(st: Store, run: str | None, json_out: bool) -> None:
         table.add_column(col)
     for e in items:
         params = ", ".join(f"{k}={v}" for k, v in e["params"].items() if k not in ("task", "version", "primary_metric") and v is not None)
-        table.add_row(str(e["id"]), str(e["run"]), e["task"], params, str(e["created_at"] or "")[:19])
+        table.add_row(*(cell(x) for x in (e["id"], e["run"], e["task"], params, str(e["created_at"] or "")[:19])))
     out.print(table)
 
 

@@ -1,7 +1,5 @@
 """``sclstore info``: version, store, catalog (password hidden) and the thread policy."""
 
-from __future__ import annotations
-
 import platform
 import sys
 from pathlib import Path
@@ -82,7 +80,8 @@ def info(
         + (f"; problem: {cat['problem']}" if cat["problem"] else ""),
         f"threads  {pol['reason']}",
         f"         limits: host {allowance['host']}, affinity {allowance['affinity']}, cgroup {allowance['cgroup']}, "
-        f"Slurm {allowance['slurm']}; OMP_WAIT_POLICY {pol['omp_wait_policy']}",
+        f"Slurm {allowance['slurm']}; OMP_WAIT_POLICY {pol['omp_wait_policy']}, "
+        f"OPENBLAS_THREAD_TIMEOUT {pol['openblas_thread_timeout'] or '(OpenBLAS default)'}",
     ]
     if pol["user_vars"]:
         lines.append("         set by you: " + ", ".join(f"{k}={v}" for k, v in pol["user_vars"].items()))

@@ -4,8 +4,6 @@
 every executor runs; ``status`` and ``cancel`` read and write the shard queue only.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import logging
 import signal

@@ -1,8 +1,6 @@
 """Row output for the CLI (``--csv``, ``--tsv``, ``--nl``), untruncated tables when piped, and
 the interactive preview of a query's first rows."""
 
-from __future__ import annotations
-
 import csv
 import json
 import sys
@@ -12,8 +10,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-__all__ = ["CsvOpt", "NlOpt", "TsvOpt", "emit_rows", "preview_table", "print_table", "row_format"]
+__all__ = ["CsvOpt", "NlOpt", "TsvOpt", "cell", "emit_rows", "preview_table", "print_table", "row_format"]
 
 CsvOpt = Annotated[bool, typer.Option("--csv", help="Print rows as CSV on stdout.")]
 TsvOpt = Annotated[bool, typer.Option("--tsv", help="Print rows as tab-separated values on stdout.")]
@@ -48,13 +47,19 @@ def _stdout_console() -> Console:
     return Console(soft_wrap=True) if sys.stdout.isatty() else Console(width=100_000, soft_wrap=True)
 
 
+def cell(value: Any) -> Text:
+    """A table cell shown exactly as written: rich markup (``[bold]``) and emoji codes (``:x:``) in
+    users' names and obs values are not interpreted."""
+    return Text(str(value))
+
+
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """A rich table on stdout; full width (no truncation) when stdout is not a terminal."""
     table = Table(title=title)
     for col in columns:
-        table.add_column(col, overflow="fold")
+        table.add_column(cell(col), overflow="fold")
     for row in rows:
-        table.add_row(*[str(x) for x in row])
+        table.add_row(*[cell(x) for x in row])
     _stdout_console().print(table)
 
 
@@ -71,13 +76,13 @@ def preview_table(res: Any, n: int = 10, dims: int = 4) -> Table:
         pool, layer = part.block_label(0)
         cols += [f"L{layer} {pool}[{j}]" for j in range(min(dims, part.dim))]
     for c in cols:
-        table.add_column(c)
+        table.add_column(cell(c))
     for i in range(min(n, part.n_rows)):
-        row = [str(part.obs.index[i])]
+        row = [part.obs.index[i]]
         if part.src_idx is not None:
-            row.append(str(part.src_idx[i]))
-        row += [str(part.obs[c].iloc[i]) for c in part.obs.columns[:6]]
+            row.append(part.src_idx[i])
+        row += [part.obs[c].iloc[i] for c in part.obs.columns[:6]]
         if emb is not None:
             row += [f"{v:.4g}" for v in emb[i, :dims]]
-        table.add_row(*row)
+        table.add_row(*[cell(x) for x in row])
     return table

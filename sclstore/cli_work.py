@@ -1,7 +1,5 @@
 """CLI commands that work over stored runs: query, eval, demo (registered on ``cli.app``)."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated, Any
 

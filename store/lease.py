@@ -18,7 +18,6 @@ import time
 import uuid
 from pathlib import Path
 
-import psutil
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
@@ -62,6 +61,8 @@ def owner_alive(
         return None
     if pid == os.getpid():
         return True
+    import psutil  # only to judge another local owner (listing a store never does)
+
     try:
         proc = psutil.Process(pid)
         return proc.status() != psutil.STATUS_ZOMBIE

@@ -13,7 +13,9 @@ fight the other load (measured: a forward pass 1-10x slower, erratic). This modu
    ``$SCLSTORE_THREADS``, else a thread count the user already set in ``OMP_NUM_THREADS`` /
    ``MKL_NUM_THREADS`` / ..., else the allowance divided among the local workers (at least 1);
 3. **applies** it (:func:`apply`) before any pool starts: ``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP
-   threads sleep instead of spinning against other processes) unless the user set it; the
+   threads sleep instead of spinning against other processes) unless the user set it, and the
+   same for OpenBLAS's own pthreads pool (numpy's and scipy's BLAS ignore ``OMP_WAIT_POLICY`` and
+   spin ~0.1 s after every call): ``OPENBLAS_THREAD_TIMEOUT=4`` unless the user set it; the
    standard thread variables (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``,
    ``NUMEXPR_NUM_THREADS``, ``VECLIB_MAXIMUM_THREADS``, ``NUMBA_NUM_THREADS``, ``BLIS_NUM_THREADS``)
    unless the user set them (a variable the user set is never changed); and, for libraries
@@ -50,6 +52,7 @@ from typing import Any
 from .errors import InvalidInputError
 
 __all__ = [
+    "BLAS_WAIT_VAR",
     "THREAD_VARS",
     "CpuAllowance",
     "ThreadPolicy",
@@ -75,6 +78,11 @@ THREAD_VARS = (
     "BLIS_NUM_THREADS",
 )
 WAIT_VAR = "OMP_WAIT_POLICY"
+#: OpenBLAS's own (pthreads) pool, numpy's and scipy's BLAS, ignores ``OMP_WAIT_POLICY``: its idle
+#: threads spin for 2**28 cycles (~0.1 s) after every call before they sleep. ``4`` (2**4 cycles,
+#: OpenBLAS's minimum) is its passive waiting; set with PASSIVE unless the user set a value.
+BLAS_WAIT_VAR = "OPENBLAS_THREAD_TIMEOUT"
+BLAS_PASSIVE_TIMEOUT = "4"
 ENV_THREADS = "SCLSTORE_THREADS"
 #: Names of the variables sclstore itself set (so a child process, or a second call, can tell
 #: them from the user's).
@@ -293,7 +301,9 @@ class ThreadPolicy:
     allowance
         The measured :class:`CpuAllowance`.
     wait_policy
-        The ``OMP_WAIT_POLICY`` in force (``PASSIVE`` unless the user set another).
+        The ``OMP_WAIT_POLICY`` in force (``PASSIVE`` unless the user set another); with
+        ``PASSIVE``, OpenBLAS's pool waits passively too (``OPENBLAS_THREAD_TIMEOUT=4``, see
+        :attr:`blas_wait`).
     user_vars
         Thread variables the user set (kept as they are).
     """
@@ -308,6 +318,16 @@ class ThreadPolicy:
     @property
     def enabled(self) -> bool:
         return self.source != "off"
+
+    @property
+    def blas_wait(self) -> str | None:
+        """The ``OPENBLAS_THREAD_TIMEOUT`` in force: the user's, else ``4`` (sleep at once) with
+        passive waiting, else None (OpenBLAS's default: spin ~0.1 s after every call)."""
+        if BLAS_WAIT_VAR in self.user_vars:
+            return self.user_vars[BLAS_WAIT_VAR]
+        if self.enabled and (self.wait_policy or "").upper() == "PASSIVE":
+            return BLAS_PASSIVE_TIMEOUT
+        return None
 
     @property
     def reason(self) -> str:
@@ -347,6 +367,7 @@ class ThreadPolicy:
             "enabled": self.enabled,
             "reason": self.reason,
             "omp_wait_policy": self.wait_policy,
+            "openblas_thread_timeout": self.blas_wait,
             "user_vars": dict(self.user_vars),
             "allowance": asdict(self.allowance) | {"warnings": list(self.allowance.warnings)},
         }
@@ -385,7 +406,7 @@ def _owned(env: Mapping[str, str]) -> set[str]:
 
 def _user_thread_vars(env: Mapping[str, str]) -> dict[str, str]:
     owned = _owned(env)
-    return {v: env[v] for v in (*THREAD_VARS, WAIT_VAR) if v in env and v not in owned}
+    return {v: env[v] for v in (*THREAD_VARS, WAIT_VAR, BLAS_WAIT_VAR) if v in env and v not in owned}
 
 
 def _first_int(text: str) -> int | None:
@@ -473,6 +494,11 @@ def apply(policy: ThreadPolicy, *, environ: MutableMapping[str, str] | None = No
         return policy
     owned = _owned(env)
     wanted = {v: str(policy.threads) for v in THREAD_VARS} | {WAIT_VAR: "PASSIVE"}
+    if policy.blas_wait == BLAS_PASSIVE_TIMEOUT:
+        wanted[BLAS_WAIT_VAR] = BLAS_PASSIVE_TIMEOUT
+    elif BLAS_WAIT_VAR in owned:  # the user chose active OpenMP waiting since: OpenBLAS's default too
+        env.pop(BLAS_WAIT_VAR, None)
+        owned.discard(BLAS_WAIT_VAR)
     for var, value in wanted.items():
         if var in env and var not in owned:
             continue  # the user's choice wins

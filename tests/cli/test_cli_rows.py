@@ -115,3 +115,32 @@ def test_preview_table_shows_first_rows_in_input_order(tmp_path: Path) -> None:
     for i, cells in enumerate(body):
         assert cells[1].strip() == str(i)  # src_idx
         assert float(cells[3]) == pytest.approx(values[1, i, 0], abs=1e-3 * max(1, abs(values[1, i, 0])))
+
+
+def test_table_cells_show_users_text_verbatim(tmp_path: Path) -> None:
+    """Obs names and values are data, not rich markup: ``[bold]`` and ``:smile:`` print as written."""
+    from rich.console import Console
+
+    from sclstore.api import open_store
+    from sclstore.cli_rows import preview_table
+
+    obs = pd.DataFrame({"[b]group": pd.Categorical(["[red]x[/red]", ":smile:", "a[1]"] * 4)},
+                       index=[f"[i]c{i}" for i in range(12)])
+    root = tmp_path / "s"
+    with Backend.create(root) as b:
+        ds = b.register_dataset(name="odd", content_hash="o" * 64, obs=obs, n_vars=5, source_path=None, cluster_by=())
+        m = b.register_model(family="synthetic", name="syn", checkpoint_hash="s" * 64, n_layers=1, d_model=2, config={})
+        run = b.create_run(dataset=ds, model=m, key=cache_key("odd"), params={}, layers=[0, 1],
+                           spec=ArraySpec(n_layers=2, n_cells=12, dim=2, pools=("cls",)))
+        lease = b.acquire(run.id, wait=False)
+        b.write_block(run, lease, 0, {"cls": np.zeros((2, 12, 2), np.float32)})
+        b.complete(run, lease, {})
+    code, stdout, _ = invoke("ls", "datasets", "--store", str(root))
+    assert code == 0 and "[b]group" in stdout, stdout
+    with open_store(root) as st:
+        res = st.query(f'SELECT cell, "[b]group", embedding FROM embeddings WHERE run = {run.id} AND layer = 0')
+    console = Console(width=300, record=True, file=io.StringIO())
+    console.print(preview_table(res, n=3, dims=1))
+    text = console.export_text()
+    for shown in ("[b]group", "[i]c0", "[red]x[/red]", ":smile:", "a[1]"):
+        assert shown in text, text

@@ -41,7 +41,7 @@ def test_bad_sclstore_threads_is_one_line(tmp_path: Path) -> None:
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
-    drop = (*runtime.THREAD_VARS, "OMP_WAIT_POLICY", "SCLSTORE_THREADS", "_SCLSTORE_SET_VARS")
+    drop = (*runtime.THREAD_VARS, "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT", "SCLSTORE_THREADS", "_SCLSTORE_SET_VARS")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(extra)
     return env
@@ -82,6 +82,7 @@ def test_info_reports_version_store_catalog_and_policy(tmp_path: Path) -> None:
     assert st["torch"] is None  # info imports no torch
     out, st = _cli("info", "--threads", "2", "--store", str(tmp_path / "s"), env=_clean_env())
     assert "2 threads per worker set by --threads" in out and "limits: host" in out
+    assert "OMP_WAIT_POLICY PASSIVE, OPENBLAS_THREAD_TIMEOUT 4" in out
 
 
 def test_ingest_applies_and_reports_the_policy(tmp_path: Path) -> None:

@@ -234,6 +234,26 @@ def test_apply_sets_passive_waiting() -> None:
     assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["OMP_NUM_THREADS"] == "2"
 
 
+def test_passive_waiting_covers_the_openblas_pool() -> None:
+    """numpy's and scipy's OpenBLAS (pthreads) ignores OMP_WAIT_POLICY; its idle threads sleep at
+    once only with OPENBLAS_THREAD_TIMEOUT=4 (2**4 cycles, OpenBLAS's minimum)."""
+    env: dict[str, str] = {}
+    p = runtime.decide(None, env=env, allowance=fixed(2))
+    runtime.apply(p, environ=env)
+    assert env["OPENBLAS_THREAD_TIMEOUT"] == "4" and p.to_json()["openblas_thread_timeout"] == "4"
+    assert "OPENBLAS_THREAD_TIMEOUT" in env["_SCLSTORE_SET_VARS"].split(",")
+    env = {"OPENBLAS_THREAD_TIMEOUT": "20"}  # the user's value wins
+    p = runtime.decide(None, env=env, allowance=fixed(2))
+    runtime.apply(p, environ=env)
+    assert env["OPENBLAS_THREAD_TIMEOUT"] == "20" and p.blas_wait == "20" and p.user_vars["OPENBLAS_THREAD_TIMEOUT"] == "20"
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}  # the user asked for spinning: OpenBLAS keeps its default
+    p = runtime.decide(None, env=env, allowance=fixed(2))
+    runtime.apply(p, environ=env)
+    assert "OPENBLAS_THREAD_TIMEOUT" not in env and p.blas_wait is None
+    env = {"SCLSTORE_THREADS": "off"}
+    assert runtime.decide(None, env=env, allowance=fixed(2)).blas_wait is None
+
+
 def test_off_sets_nothing() -> None:
     env = {"SCLSTORE_THREADS": "off"}
     runtime.apply(runtime.decide(None, env=env, allowance=fixed(2)), environ=env)
@@ -256,7 +276,7 @@ print(json.dumps({{"torch": torch.get_num_threads(), "interop": torch.get_num_in
 def _child(threads: object, env_extra: dict[str, str]) -> dict:
     import json
 
-    drop = (*runtime.THREAD_VARS, "OMP_WAIT_POLICY", "SCLSTORE_THREADS", "_SCLSTORE_SET_VARS")
+    drop = (*runtime.THREAD_VARS, "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT", "SCLSTORE_THREADS", "_SCLSTORE_SET_VARS")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(env_extra)
     cmd = [sys.executable, "-c", CHILD.format(threads=threads)]
