@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def plot_diagnostics(table: pd.DataFrame, out_png: str | Path, *, title: str = "
     cols = 3
     rows = (len(metrics) + cols - 1) // cols
     fig = _figure((3.3 * cols, 2.5 * rows))
-    fig.suptitle(title)
+    fig.suptitle("\n".join(textwrap.fill(line, 100) for line in title.splitlines()), fontsize=10)
     for i, m in enumerate(metrics):
         ax = fig.add_subplot(rows, cols, i + 1)
         sel = table[table["metric"] == m].sort_values("depth")
