@@ -37,13 +37,13 @@ logger = logging.getLogger(__name__)
 
 #: Sizes and evaluation settings of the demo (``quick``: the smaller variant the tests run).
 DEMO_SETTINGS: dict[bool, dict[str, int]] = {
-    False: {"traj_cells": 800, "subsamples": 20, "perts": 8, "pert_cells": 30, "ctrl_cells": 120, "boot": 200, "perm": 499,
+    False: {"traj_cells": 800, "subsamples": 20, "perts": 12, "pert_cells": 48, "ctrl_cells": 150, "boot": 200, "perm": 499,
             "celltype_boot": 100},
-    True: {"traj_cells": 400, "subsamples": 5, "perts": 6, "pert_cells": 20, "ctrl_cells": 60, "boot": 50, "perm": 99,
+    True: {"traj_cells": 400, "subsamples": 5, "perts": 8, "pert_cells": 30, "ctrl_cells": 60, "boot": 50, "perm": 99,
            "celltype_boot": 30},
 }
 TRAJECTORY_NEIGHBORS = 15
-TRAJECTORY_POOL = "mean"  # layer 0's <cls> is one fixed vector for every cell: the mean pool scores every layer
+EVAL_POOL = "mean"  # layer 0's <cls> is one fixed vector for every cell: the mean pool gives every layer a score
 
 
 def bundled_pbmc() -> Any:
@@ -63,8 +63,17 @@ def bundled_pbmc() -> Any:
     return ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=[str(g) for g in src.raw.var_names]))
 
 
+def _constant_layers(table: pd.DataFrame) -> list[int]:
+    """Layers whose participation ratio is undefined: every cell has the same vector."""
+    pr = table[table["metric"] == "participation_ratio"]
+    return sorted(int(v) for v in pr.loc[~np.isfinite(pr["score"].astype(float)), "layer"])
+
+
 def _range(table: pd.DataFrame, metric: str) -> str:
-    v = table.loc[(table["metric"] == metric) & np.isfinite(table["score"].astype(float)), "score"].astype(float)
+    """``min-max`` of a diagnostics metric over the layers that are not constant."""
+    skip = _constant_layers(table)
+    sel = table[(table["metric"] == metric) & ~table["layer"].isin(skip) & np.isfinite(table["score"].astype(float))]
+    v = sel["score"].astype(float)
     return f"{v.min():.2f}-{v.max():.2f}" if len(v) else "undefined"
 
 
@@ -169,18 +178,21 @@ def run_demo(
             geo = {}
             for pool in run.pools:
                 diag = store.evaluate("diagnostics", run.id, pool=pool, progress=progress)
+                const = _constant_layers(diag.table)
                 geo[pool] = {"anisotropy": _range(diag.table, "anisotropy"),
-                             "participation_ratio": _range(diag.table, "participation_ratio")}
+                             "participation_ratio": _range(diag.table, "participation_ratio"), "constant_layers": const}
                 tell(f"   diagnostics, pool {pool}: mean cosine of random cell pairs {geo[pool]['anisotropy']}, "
-                     f"participation ratio {geo[pool]['participation_ratio']} over layers (1 = collapsed onto a line)")
+                     f"participation ratio {geo[pool]['participation_ratio']} over layers (1 = collapsed onto a line)"
+                     + (f"; layer {', '.join(map(str, const))}: one fixed vector for every cell"
+                        + (" (the <cls> input embedding)" if pool == "cls" else "") if const else ""))
                 cli("eval diagnostics", str(run.id), "--pool", pool)
             rec.update(geometry=geo)
 
         with step("celltype") as rec:
-            ct = store.evaluate("celltype", run.id, label_key="bulk_labels", pool=TRAJECTORY_POOL, n_boot=cfg["celltype_boot"],
+            ct = store.evaluate("celltype", run.id, label_key="bulk_labels", pool=EVAL_POOL, n_boot=cfg["celltype_boot"],
                                 progress=progress)
-            tell("   cell-type probe (bulk_labels, pool mean): " + "; ".join(ct.headline()))
-            cli("eval celltype", str(run.id), f"--label-key bulk_labels --pool {TRAJECTORY_POOL} --bootstrap {cfg['celltype_boot']}")
+            tell(f"   cell-type probe (bulk_labels, pool {EVAL_POOL}): " + "; ".join(ct.headline()))
+            cli("eval celltype", str(run.id), f"--label-key bulk_labels --pool {EVAL_POOL} --bootstrap {cfg['celltype_boot']}")
             rec.update(summary=ct.to_json()["summary"], headline=ct.headline())
 
         # 2. trajectory on a simulated differentiation
@@ -190,12 +202,12 @@ def run_demo(
                 simulate_trajectory(n_cells=cfg["traj_cells"], n_genes=400, seed=0).write_h5ad(traj_path)
             trun = store.ingest(traj_path, "sclstore-tiny", name="sim-trajectory", **opts)
             cli("ingest", shlex.quote(str(traj_path)), "--model sclstore-tiny --name sim-trajectory --workers 0")
-            traj = store.evaluate_trajectory(trun.id, pseudotime_key="latent_time", pool=TRAJECTORY_POOL,
+            traj = store.evaluate_trajectory(trun.id, pseudotime_key="latent_time", pool=EVAL_POOL,
                                              n_subsamples=cfg["subsamples"], n_neighbors=TRAJECTORY_NEIGHBORS, progress=progress)
             traj_png = out / "trajectory_by_layer.png"
             traj.plot(traj_png)
-            tell(f"2. trajectory (run {trun.id}, pool {TRAJECTORY_POOL}): " + "\n   ".join(traj.headline()) + f"\n   plot: {traj_png.name}")
-            cli("eval trajectory", str(trun.id), f"--pseudotime-key latent_time --pool {TRAJECTORY_POOL} "
+            tell(f"2. trajectory (run {trun.id}, pool {EVAL_POOL}): " + "\n   ".join(traj.headline()) + f"\n   plot: {traj_png.name}")
+            cli("eval trajectory", str(trun.id), f"--pseudotime-key latent_time --pool {EVAL_POOL} "
                 f"--n-neighbors {TRAJECTORY_NEIGHBORS} --bootstrap {cfg['subsamples']}", "--plot", shlex.quote(str(traj_png)))
             rec.update(run=trun.id, summary=traj.to_json()["summary"], headline=traj.headline(), plot=str(traj_png),
                        baseline=_baseline_note(traj))
@@ -209,14 +221,14 @@ def run_demo(
             prun = store.ingest(pert_path, "sclstore-tiny", name="sim-perturbseq", cluster_by=("condition", "gene"), **opts)
             cli("ingest", shlex.quote(str(pert_path)), "--model sclstore-tiny --name sim-perturbseq --cluster-by condition,gene --workers 0")
             pert = store.evaluate_perturbation(prun.id, perturbation_key="gene", control="NTC", condition_key="condition",
-                                               replicate_key="donor", de_mode="fast", n_boot=cfg["boot"], n_perm=cfg["perm"],
-                                               progress=progress)
+                                               replicate_key="donor", de_mode="fast", pool=EVAL_POOL, n_boot=cfg["boot"],
+                                               n_perm=cfg["perm"], progress=progress)
             pert_png = out / "perturbation_by_layer.png"
             pert.plot(pert_png)
             tell(f"3. perturbation (run {prun.id}, pool {pert.params.get('pool')}, DE: fast):\n   " + "\n   ".join(pert.headline())
                  + f"\n   plot: {pert_png.name}")
             cli("eval perturbation", str(prun.id), "--perturbation-key gene --control NTC --condition-key condition --replicate-key donor",
-                f"--de fast --bootstrap {cfg['boot']} --permutations {cfg['perm']}", "--plot", shlex.quote(str(pert_png)))
+                f"--pool {EVAL_POOL} --de fast --bootstrap {cfg['boot']} --permutations {cfg['perm']}", "--plot", shlex.quote(str(pert_png)))
             rec.update(run=prun.id, de_mode="fast", summary=pert.to_json()["summary"], headline=pert.headline(), plot=str(pert_png),
                        baseline=_baseline_note(pert))
 
@@ -230,7 +242,7 @@ def run_demo(
 
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     report["cpu_seconds"] = round(time.process_time() - c_start, 1)
-    notes = [n for n in (report["steps"]["trajectory"]["baseline"], report["steps"]["perturbation"]["baseline"]) if n]
+    notes = [f"{task}: {report['steps'][task]['baseline']}" for task in ("trajectory", "perturbation") if report["steps"][task]["baseline"]]
     tell("What this shows: every layer of every cell was embedded once and stored; slices, evaluations, plots and reports "
          "come from the store without re-running the model. What it does not show: which layer of a real foundation model "
          "to use. sclstore-tiny is a 6-block toy trained on 600 cells; a better layer is claimed only where its simultaneous "

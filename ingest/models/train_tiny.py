@@ -30,7 +30,7 @@ import math
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import scipy.sparse
@@ -41,7 +41,7 @@ from torch import nn
 
 from ..adapter import TokenRecord
 from .tahoe.data import TahoeTokenizer, collate_records
-from .tahoe.model import TahoeConfig, TahoeModel, resolve_activation
+from .tahoe.model import TahoeConfig, TahoeModel, TXBlock, resolve_activation
 from .tiny_card import checkpoint_geometry, load_pbmc_counts, render_readme
 
 __all__ = [
@@ -66,6 +66,8 @@ N_VAL = 100
 MASK_VALUE = -1.0
 MLM_PROBABILITY = 0.15
 VIEW_MAX_GENES = 48
+OFFSET_WEIGHT = 2.0
+PR_WEIGHT = 8.0
 LOSS_POOLS = ("cls", "mean")  # the pools sclstore stores by default for this family
 
 
@@ -228,7 +230,8 @@ def split_views(records: list[TokenRecord], rng: np.random.Generator, *, max_gen
     The values stay the cell's bins, so a view is what the model would see of a cell measured
     on a random subset of its genes.
     """
-    first, second = [], []
+    first: list[TokenRecord] = []
+    second: list[TokenRecord] = []
     for rec in records:
         perm = 1 + rng.permutation(len(rec) - 1)
         half = min(perm.size // 2, max_genes)
@@ -256,12 +259,13 @@ def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def isotropy_penalty(z: torch.Tensor) -> torch.Tensor:
-    """``|mean z|² / mean |z|²`` (the share of the second moment in the common offset, which drives
-    the mean cosine of cell pairs) plus ``1 / participation ratio`` of the batch covariance."""
+    """``OFFSET_WEIGHT * |mean z|² / mean |z|²`` (the share of the second moment in the common offset,
+    which drives the mean cosine of cell pairs) plus ``PR_WEIGHT / participation ratio`` of the batch
+    covariance (a batch of 64 views overstates the participation ratio of the whole data, hence the weight)."""
     offset = z.mean(dim=0).pow(2).sum() / z.pow(2).sum(dim=1).mean().clamp_min(1e-12)
     zc = z - z.mean(dim=0)
     cov = zc.T @ zc / (z.shape[0] - 1)
-    return offset + cov.pow(2).sum() / torch.diagonal(cov).sum().pow(2).clamp_min(1e-12)
+    return OFFSET_WEIGHT * offset + PR_WEIGHT * cov.pow(2).sum() / torch.diagonal(cov).sum().pow(2).clamp_min(1e-12)
 
 
 def contrastive_loss(
@@ -306,12 +310,12 @@ def centre_biases(model: TahoePretrainModel, records: list[TokenRecord], *, pad_
     model.gene_encoder.enc_norm.bias -= mean_over_genes(model.gene_encoder(b.gene_ids))  # type: ignore[union-attr, operator]
     x = model.embed_tokens(b.gene_ids, b.values)
     attn = b.padding_mask[:, None, None, :]
-    for block in model.blocks:
+    for block in cast("list[TXBlock]", list(model.blocks)):
         a = block.self_attn(block.norm1(x), attn)
-        block.self_attn.out_proj.bias -= mean_over_genes(a)
+        block.self_attn.out_proj.bias.sub_(mean_over_genes(a))
         x = x + block.self_attn(block.norm1(x), attn)
         f = block._ff(block.norm2(x))
-        block.down_proj.bias -= mean_over_genes(f)
+        block.down_proj.bias.sub_(mean_over_genes(f))
         x = x + block._ff(block.norm2(x))
     model.train()
 
@@ -424,7 +428,8 @@ def train(out: Path, *, steps: int = 400, seed: int = 0, d_model: int = 64, n_la
         "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "threads": threads,
         "d_model": d_model, "n_layers": n_layers, "n_heads": n_heads, "mlm_probability": MLM_PROBABILITY,
         "objective": {"contrastive_weight": contrastive_weight, "temperature": temperature, "view_max_genes": VIEW_MAX_GENES,
-                      "loss_pools": list(LOSS_POOLS), "centred_bias_init_cells": 128},
+                      "loss_pools": list(LOSS_POOLS), "centred_bias_init_cells": 128,
+                      "offset_weight": OFFSET_WEIGHT, "pr_weight": PR_WEIGHT},
         "val_before_training": before, "val_after_training": after, "history": history,
         "seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__, "python": platform.python_version(),
     }

@@ -203,3 +203,16 @@ def test_plot_several_conditions_dodged_error_bars_and_gains_in_legend():
     assert xs[0] != xs[1]
     # reference lines take their condition's colour; the legend says so
     assert "PCA-of-counts baseline, colour of its condition" in legend
+
+
+def test_figure_title_names_run_pool_and_keys():
+    from sclstore.eval.report import EvalReport
+
+    rep = EvalReport(task="perturbation", run_id=3, run_label="screen/tiny", table=_table(), summary=pd.DataFrame(),
+                     params={"pool": "mean", "perturbation_key": "gene", "control": "NTC", "condition_key": "condition",
+                             "replicate_key": None, "de_mode": "fast", "protocol": "default"})
+    assert rep.figure_title() == ("perturbation - run 3 screen/tiny, pool mean\n"
+                                  "perturbation=gene, control=NTC, condition=condition, de_mode=fast")
+    traj = EvalReport(task="trajectory", run_id=2, run_label="sim/tiny", table=_table(), summary=pd.DataFrame(),
+                      params={"pool": "cls", "pseudotime_key": "latent_time", "n_neighbors": 15, "protocol": "paper"})
+    assert traj.figure_title().splitlines()[1] == "time=latent_time, n_neighbors=15, protocol=paper"
