@@ -3,7 +3,7 @@
 Run (a few minutes of CPU on one thread; bit-identical weights for a given seed, torch build and
 thread count; the exact command, time and resulting geometry are in the folder's README)::
 
-    python -m sclstore.ingest.models.train_tiny --steps 400 --seed 0 --threads 1
+    python -m sclstore.ingest.models.train_tiny --steps 500 --seed 0 --threads 1
 
 (``--out DIR`` writes elsewhere; the default is the packaged ``sclstore-tiny/`` folder.)
 
@@ -65,9 +65,9 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "sclstore-tiny"
 N_VAL = 100
 MASK_VALUE = -1.0
 MLM_PROBABILITY = 0.15
-VIEW_MAX_GENES = 48
+VIEW_MAX_GENES = 128
 OFFSET_WEIGHT = 2.0
-PR_WEIGHT = 8.0
+PR_WEIGHT = 32.0
 LOSS_POOLS = ("cls", "mean")  # the pools sclstore stores by default for this family
 
 
@@ -222,7 +222,7 @@ def _masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) ->
     return F.mse_loss(pred * m, target * m, reduction="sum") / m.sum()
 
 
-def split_views(records: list[TokenRecord], rng: np.random.Generator, *, max_genes: int = 48) -> list[TokenRecord]:
+def split_views(records: list[TokenRecord], rng: np.random.Generator, *, max_genes: int = 128) -> list[TokenRecord]:
     """Two views of every cell: disjoint random sets of at most ``max_genes`` of its gene tokens
     (at most half each), ``<cls>`` kept in both.
 
@@ -258,18 +258,19 @@ def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
     return F.cross_entropy(sim, target)
 
 
-def isotropy_penalty(z: torch.Tensor) -> torch.Tensor:
-    """``OFFSET_WEIGHT * |mean z|² / mean |z|²`` (the share of the second moment in the common offset,
-    which drives the mean cosine of cell pairs) plus ``PR_WEIGHT / participation ratio`` of the batch
+def isotropy_penalty(z: torch.Tensor, *, offset_weight: float = OFFSET_WEIGHT, pr_weight: float = PR_WEIGHT) -> torch.Tensor:
+    """``offset_weight * |mean z|² / mean |z|²`` (the share of the second moment in the common offset,
+    which drives the mean cosine of cell pairs) plus ``pr_weight / participation ratio`` of the batch
     covariance (a batch of 64 views overstates the participation ratio of the whole data, hence the weight)."""
     offset = z.mean(dim=0).pow(2).sum() / z.pow(2).sum(dim=1).mean().clamp_min(1e-12)
     zc = z - z.mean(dim=0)
     cov = zc.T @ zc / (z.shape[0] - 1)
-    return OFFSET_WEIGHT * offset + PR_WEIGHT * cov.pow(2).sum() / torch.diagonal(cov).sum().pow(2).clamp_min(1e-12)
+    return offset_weight * offset + pr_weight * cov.pow(2).sum() / torch.diagonal(cov).sum().pow(2).clamp_min(1e-12)
 
 
 def contrastive_loss(
-    states: list[torch.Tensor], b: dict[str, torch.Tensor], *, temperature: float
+    states: list[torch.Tensor], b: dict[str, torch.Tensor], *, temperature: float, offset_weight: float = OFFSET_WEIGHT,
+    pr_weight: float = PR_WEIGHT,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean NT-Xent and mean :func:`isotropy_penalty` over every layer and stored pool (:data:`LOSS_POOLS`).
 
@@ -285,7 +286,7 @@ def contrastive_loss(
             if pool not in LOSS_POOLS or (pool == "cls" and layer == 0):
                 continue
             con.append(nt_xent(z, temperature))
-            iso.append(isotropy_penalty(z))
+            iso.append(isotropy_penalty(z, offset_weight=offset_weight, pr_weight=pr_weight))
     return torch.stack(con).mean(), torch.stack(iso).mean()
 
 
@@ -358,9 +359,10 @@ def evaluate(
     return {f"mse_{k}": v / n for k, v in sums.items()} | {"n_masked": n}
 
 
-def train(out: Path, *, steps: int = 400, seed: int = 0, d_model: int = 64, n_layers: int = 6, n_heads: int = 4,
+def train(out: Path, *, steps: int = 500, seed: int = 0, d_model: int = 64, n_layers: int = 6, n_heads: int = 4,
           batch_size: int = 32, lr: float = 3e-3, threads: int = 1, contrastive_weight: float = 1.0,
-          temperature: float = 0.2) -> dict[str, Any]:
+          temperature: float = 0.2, offset_weight: float = OFFSET_WEIGHT, pr_weight: float = PR_WEIGHT,
+          view_genes: int = VIEW_MAX_GENES) -> dict[str, Any]:
     """Train sclstore-tiny and write the checkpoint folder; return the recorded metrics.
 
     Each step takes ``batch_size`` cells, splits each into two views (disjoint halves of its
@@ -401,12 +403,13 @@ def train(out: Path, *, steps: int = 400, seed: int = 0, d_model: int = 64, n_la
     model.train()
     for step in range(1, steps + 1):
         idx = rng.choice(len(tr), size=batch_size, replace=False)
-        views = split_views([tr[i] for i in idx], rng, max_genes=VIEW_MAX_GENES) if contrastive_weight else [tr[i] for i in idx]
+        views = split_views([tr[i] for i in idx], rng, max_genes=view_genes) if contrastive_weight else [tr[i] for i in idx]
         b = masked_batch(views, pad_token_id=cfg.pad_token_id, pad_value=cfg.pad_value, rng=rng)
         states = model.states(b["gene_ids"], b["values"], b["attn_mask"], b["gen_mask"])
         expr, mvc = model.heads(states[-1], b["gene_ids"])
         mse = (_masked_mse(expr, b["target"], b["gen_mask"]) + _masked_mse(mvc, b["target"], b["gen_mask"])) / 2
-        con, iso = contrastive_loss(states, b, temperature=temperature) if contrastive_weight else (torch.zeros(()), torch.zeros(()))
+        con, iso = contrastive_loss(states, b, temperature=temperature, offset_weight=offset_weight,
+                                    pr_weight=pr_weight) if contrastive_weight else (torch.zeros(()), torch.zeros(()))
         loss = mse / bin_var + contrastive_weight * (con + iso)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -421,15 +424,15 @@ def train(out: Path, *, steps: int = 400, seed: int = 0, d_model: int = 64, n_la
             model.train()
     after = evaluate(model, val, tr, seed=seed + 1, pad_token_id=cfg.pad_token_id)
     metrics = {
-        "command": _command(out, steps=steps, seed=seed, threads=threads),
+        "command": _command(out, steps=steps, seed=seed, threads=threads, pr_weight=pr_weight, view_genes=view_genes),
         "data": "scanpy.datasets.pbmc68k_reduced(): 700 cells x 765 genes, "
         "counts = rint(expm1(raw.X) * n_counts / 1e4)",
         "n_train_cells": len(tr), "n_val_cells": len(val), "val_cell_idx": sorted(int(i) for i in order[:N_VAL]),
         "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "threads": threads,
         "d_model": d_model, "n_layers": n_layers, "n_heads": n_heads, "mlm_probability": MLM_PROBABILITY,
-        "objective": {"contrastive_weight": contrastive_weight, "temperature": temperature, "view_max_genes": VIEW_MAX_GENES,
+        "objective": {"contrastive_weight": contrastive_weight, "temperature": temperature, "view_max_genes": view_genes,
                       "loss_pools": list(LOSS_POOLS), "centred_bias_init_cells": 128,
-                      "offset_weight": OFFSET_WEIGHT, "pr_weight": PR_WEIGHT},
+                      "offset_weight": offset_weight, "pr_weight": pr_weight},
         "val_before_training": before, "val_after_training": after, "history": history,
         "seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__, "python": platform.python_version(),
     }
@@ -440,8 +443,12 @@ def train(out: Path, *, steps: int = 400, seed: int = 0, d_model: int = 64, n_la
     return metrics
 
 
-def _command(out: Path, *, steps: int, seed: int, threads: int) -> str:
+def _command(out: Path, *, steps: int, seed: int, threads: int, pr_weight: float, view_genes: int) -> str:
     cmd = f"python -m sclstore.ingest.models.train_tiny --steps {steps} --seed {seed} --threads {threads}"
+    if pr_weight != PR_WEIGHT:
+        cmd += f" --pr-weight {pr_weight:g}"
+    if view_genes != VIEW_MAX_GENES:
+        cmd += f" --view-genes {view_genes}"
     return cmd if Path(out).resolve() == DEFAULT_OUT else f"{cmd} --out {out}"
 
 
@@ -493,12 +500,15 @@ def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--pr-weight", type=float, default=PR_WEIGHT)
+    parser.add_argument("--view-genes", type=int, default=VIEW_MAX_GENES)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    metrics = train(args.out, steps=args.steps, seed=args.seed, threads=args.threads)
+    metrics = train(args.out, steps=args.steps, seed=args.seed, threads=args.threads, pr_weight=args.pr_weight,
+                    view_genes=args.view_genes)
     logger.info("wrote %s: val MSE %.2f (mean-bin baseline %.2f)", args.out, metrics["val_after_training"]["mse_expr"],
                 metrics["val_after_training"]["mse_mean_bin"])
 
