@@ -52,6 +52,7 @@ from .obs import (
 )
 from .obs_index import ObsIndex
 from .readonly import read_only_reason, refuse_write
+from .shards import ShardLease, ShardQueue
 
 if TYPE_CHECKING:
     import numpy as np
@@ -125,6 +126,8 @@ class Backend:
         self.read_only: str | None = None
         """Why this process cannot write the store (``None``: it can); set by :meth:`open`."""
         self._obs_indexes: dict[int, ObsIndex] = {}
+        self.shards = ShardQueue(engine, ttl_s=self.settings.lease_ttl_s, heartbeat_s=self.settings.heartbeat_s)
+        """The runs' shard queue (:mod:`sclstore.store.shards`)."""
 
     # ------------------------------------------------------------------ opening
     @property
@@ -380,6 +383,10 @@ class Backend:
         """``src_idx`` of every cell in ``cell_idx`` order: where each stored cell sits in the source file."""
         return self.obs_index(dataset_id).cell_order()
 
+    def cell_order_range(self, dataset_id: int, lo: int, hi: int) -> np.ndarray:
+        """``src_idx`` of cells ``lo..hi-1`` only (what a shard's worker reads)."""
+        return self.obs_index(dataset_id).src_range(lo, hi)
+
     # ------------------------------------------------------------------ models
     def register_model(
         self, *, family: str, name: str, checkpoint_hash: str, n_layers: int, d_model: int, config: dict[str, Any]
@@ -481,8 +488,14 @@ class Backend:
         params: dict[str, Any],
         layers: Sequence[int],
         spec: ArraySpec,
+        plan: dict[str, Any] | None = None,
+        shared: bool = False,
     ) -> RunInfo:
-        """Create a run's array, then its catalog row (or return the run with this cache key)."""
+        """Create a run's array, then its catalog row (or return the run with this cache key).
+
+        ``plan`` is what a worker needs to embed the run's shards; ``shared`` lets any
+        ``sclstore work`` process claim them.
+        """
         found = self.find_run(key)
         if found is not None:
             return found
@@ -497,8 +510,8 @@ class Backend:
                         dataset_id=dataset.id, model_id=model.id, cache_key=key, params=params,
                         layers=[int(x) for x in layers], pools=list(spec.pools), dim=spec.dim,
                         n_cells=spec.n_cells, dtype=spec.dtype, encoding_type=arrays.ENCODING_TYPE,
-                        encoding_version=arrays.ENCODING_VERSION, array_uri=rel, status="running",
-                        watermark=0, stats={}, created_at=utcnow(),
+                        encoding_version=arrays.ENCODING_VERSION, array_uri=rel, status="queued",
+                        watermark=0, stats={}, created_at=utcnow(), plan=plan or {}, shared=shared,
                     )
                 )
         except sa.exc.IntegrityError:
@@ -567,6 +580,58 @@ class Backend:
                            lease_owner=None, lease_host=None, lease_pid=None)
         lease.release()
         return self.get_run(run.id)
+
+    def write_shard_block(
+        self, run: RunInfo, lease: ShardLease, start: int, block: dict[str, np.ndarray], *,
+        unembeddable: Sequence[int] | None = None, cells_per_s: float | None = None, peak_rss: int | None = None,
+    ) -> None:
+        """Write cells ``start..`` of a claimed shard durably, then advance the shard's watermark."""
+        lease.check()
+        n = next(iter(block.values())).shape[1]
+        self.array_store.write(run, start, block)
+        self.shards.advance(lease, start + n, cells=n, unembeddable=unembeddable, cells_per_s=cells_per_s, peak_rss=peak_rss)
+
+    def finalise_run(self, run_id: int, stats: dict[str, Any] | None = None) -> RunInfo | None:
+        """Finalise a run whose shards are all done; exactly one process does it.
+
+        The finaliser is whoever wins the run's lease; it consolidates the array (or checks its
+        disjoint fragments), gathers the shards' unembeddable cells and marks the run complete.
+        Returns the run this call completed, or ``None`` when it is complete already, another
+        process is finalising it, or shards are left.
+        """
+        st = self.settings
+        lease = try_acquire(self.engine, run_id, ttl_s=st.lease_ttl_s, heartbeat_s=st.heartbeat_s)
+        if lease is None:
+            return None
+        try:
+            shards = self.shards.shards(run_id)
+            if not shards or any(s.status != "done" for s in shards):
+                lease.release()
+                return None
+            run = self.get_run(run_id)
+            unembeddable = sorted({c for s in shards for c in s.unembeddable})
+            t0 = min((s.claimed_at for s in shards if s.claimed_at), default=None)
+            t1 = max((s.finished_at for s in shards if s.finished_at), default=None)
+            seconds = round(t1 - t0, 3) if t0 and t1 else None
+            workers = sorted({f"{s.lease_host}:{s.lease_pid}" for s in shards if s.lease_host})
+            summary = {"shards": len(shards), "workers": len(workers), "devices": sorted({s.device for s in shards if s.device}),
+                       "peak_rss_bytes": max((s.peak_rss or 0 for s in shards), default=0), "unembeddable_cells": len(unembeddable),
+                       "wall_seconds": seconds, "cells_per_s": round(run.n_cells / seconds, 2) if seconds else None}
+            self.array_store.finalise(run)
+            self._owned_update(lease, status="complete", stats={**summary, **(stats or {})}, finished_at=utcnow(),
+                               unembeddable=unembeddable, watermark=run.n_cells, lease_owner=None, lease_host=None, lease_pid=None)
+        except BaseException:
+            lease.release()
+            raise
+        lease.release()
+        logger.info("run %s complete: %d shard(s), %s cells/s", run_id, len(shards), summary["cells_per_s"])
+        return self.get_run(run_id)
+
+    def mark_failed(self, run_id: int, error: str) -> None:
+        """Mark an active run failed (an ingest that stopped; an identical ingest resumes it)."""
+        with contextlib.suppress(sa.exc.SQLAlchemyError), catalogdb.write_tx(self.engine) as conn:
+            conn.execute(sa.update(Run).where(Run.id == run_id, Run.status.in_(("queued", "running")))
+                         .values(status="failed", error=error[:2000]))
 
     def fail(self, run: RunInfo, lease: Lease, error: str) -> None:
         """Mark a run failed (its written prefix stays; an identical ingest resumes it)."""
