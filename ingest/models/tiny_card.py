@@ -150,8 +150,9 @@ torch build and thread count.)
   2. {o['contrastive_weight']} x SimCLR NT-Xent (temperature {o['temperature']}) between the two views of each cell, on the pooled
      embedding of every stored layer and pool ({', '.join(o['loss_pools'])}; pooled over the visible genes exactly as the ingest
      pools), so a cell's embedding must carry what its genes say about the cell, not which genes were seen;
-  3. the same weight x an isotropy penalty on the same pooled embeddings: `|mean z|² / mean |z|²` (the common
-     offset that makes every cell point the same way) + `1 / participation ratio` of the batch covariance.
+  3. the same weight x an isotropy penalty on the same pooled embeddings: {o['offset_weight']:g} x `|mean z|² / mean |z|²`
+     (the common offset that makes every cell point the same way) + {o['pr_weight']:g} / the participation ratio of
+     the batch covariance (a batch of 64 views overstates the participation ratio of the whole data).
 * Initialisation: PyTorch defaults, then the encoders' and blocks' output biases shifted so that the
   residual stream of {o['centred_bias_init_cells']} training cells' gene tokens has zero mean at every layer (data-dependent init).
 * AdamW (lr {m['lr']}, betas 0.9/0.95, warm-up + cosine), {m['steps']} steps, gradient clipping 1.0. Last logged
