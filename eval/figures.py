@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,13 +46,19 @@ def plot_diagnostics(table: pd.DataFrame, out_png: str | Path, *, title: str = "
     cols = 3
     rows = (len(metrics) + cols - 1) // cols
     fig = _figure((3.3 * cols, 2.5 * rows))
-    fig.suptitle(title)
+    fig.suptitle("\n".join(textwrap.fill(line, 100) for line in title.splitlines()), fontsize=10)
     for i, m in enumerate(metrics):
         ax = fig.add_subplot(rows, cols, i + 1)
         sel = table[table["metric"] == m].sort_values("depth")
-        ax.plot(sel["depth"].to_numpy(float), sel["score"].to_numpy(float), "-o", ms=3, lw=1.4)
+        x, y = sel["depth"].to_numpy(float), sel["score"].to_numpy(float)
+        ok = np.isfinite(y)
+        ax.plot(x[ok], y[ok], "-o", ms=3, lw=1.4)
+        if not ok.all():  # undefined values (e.g. a constant layer) are marked on the axis, not dropped silently
+            ax.plot(x[~ok], np.zeros((~ok).sum()), ls="none", marker="x", ms=7, mew=1.8, color="black",
+                    transform=ax.get_xaxis_transform(), clip_on=False)
+        undefined = ", ".join(str(int(v)) for v in sel["layer"].to_numpy()[~ok]) if "layer" in sel and not ok.all() else ""
         ax.set_title(_LABELS.get(m, m), fontsize=9)
-        ax.set_xlabel("relative depth", fontsize=8)
+        ax.set_xlabel("relative depth" + (f"   (× undefined: layer {undefined})" if undefined else ""), fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3, lw=0.5)
         if m.startswith("cka") or m in ("anisotropy", "top_coordinate_share"):

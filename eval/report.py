@@ -165,4 +165,15 @@ class EvalReport:
                   "rsa_shift_samecells": "RSA (Spearman, same cells: leak-prone)",
                   "rsa_centroid_samecells": "RSA (Spearman, centroid variant, same cells: leak-prone)",
                   }.get(str(self.params.get("primary_metric")), "score")
-        return plot_layer_scores(self.metric_table(), out_png, title=f"{self.task} - {self.run_label}", ylabel=ylabel)
+        return plot_layer_scores(self.metric_table(), out_png, title=self.figure_title(), ylabel=ylabel)
+
+    def figure_title(self) -> str:
+        """``task - run, pool P`` and, on a second line, the keys and settings that define the scores."""
+        p = self.params
+        keys = {"trajectory": ("pseudotime_key", "n_neighbors", "root_cell", "protocol"),
+                "perturbation": ("perturbation_key", "control", "condition_key", "replicate_key", "de_mode", "protocol"),
+                "celltype": ("label_key", "k", "folds")}.get(self.task, ())
+        shown = [f"{k.removesuffix('_key') if k != 'pseudotime_key' else 'time'}={p[k]}" for k in keys
+                 if p.get(k) is not None and not (k == "protocol" and p[k] == "default")]
+        first = f"{self.task} - run {self.run_id} {self.run_label}, pool {p.get('pool')}"
+        return first + ("\n" + ", ".join(shown) if shown else "")

@@ -131,7 +131,7 @@ class DiagnosticsTask(Task):
     def plot(self, report: EvalReport, out_png: str | Path) -> Path:
         from .figures import plot_diagnostics
 
-        return plot_diagnostics(report.table, out_png, title=f"diagnostics - {report.run_label}")
+        return plot_diagnostics(report.table, out_png, title=report.figure_title())
 
 
 # ----------------------------------------------------------------------------------- celltype
@@ -236,7 +236,7 @@ class CelltypeTask(Task):
     def plot(self, report: EvalReport, out_png: str | Path) -> Path:
         from .plot import plot_layer_scores
 
-        return plot_layer_scores(report.metric_table(), out_png, title=f"celltype ({report.params.get('label_key')}) - {report.run_label}",
+        return plot_layer_scores(report.metric_table(), out_png, title=report.figure_title(),
                                  ylabel="macro-F1, logistic-regression probe (5-fold CV)")
 
 

@@ -1,18 +1,22 @@
 """Train ``sclstore-tiny``: a small Tahoe-X1 on scanpy's bundled ``pbmc68k_reduced``.
 
-Run (600 steps at about 0.65 s each on 2 idle CPU cores, ~7 minutes; bit-identical weights for a
-given seed, torch build and thread count)::
+Run (a few minutes of CPU on one thread; bit-identical weights for a given seed, torch build and
+thread count; the exact command, time and resulting geometry are in the folder's README)::
 
-    python -m sclstore.ingest.models.train_tiny --steps 600 --seed 0 --threads 2
+    python -m sclstore.ingest.models.train_tiny --steps 500 --seed 0 --threads 1
 
 (``--out DIR`` writes elsewhere; the default is the packaged ``sclstore-tiny/`` folder.)
 
 Data: the 700 cells x 765 genes of ``scanpy.datasets.pbmc68k_reduced()`` (shipped inside the
 scanpy wheel); raw counts recovered as ``rint(expm1(raw.X) * obs.n_counts / 1e4)``; 600 cells
-train, 100 held out. Objective: the official Tahoe-X1 pretraining loss with a generative mask
-(``research/models.md`` §1): hide the binned values of 15 % of the gene tokens of each cell
-(value -1, flag embedding, masked tokens attend only to unmasked ones and themselves), predict
-their bins with ``expression_decoder`` and ``mvc_decoder``, loss = mean of the two masked MSEs.
+train, 100 held out. Each step splits every cell of the batch into two views (disjoint random
+gene subsets, :func:`split_views`). Objective: the official Tahoe-X1 pretraining loss with a
+generative mask (``research/models.md`` §1: hide the binned values of 15 % of the gene tokens,
+value -1 plus the flag embedding, hidden tokens attend only to visible ones and themselves,
+predict their bins with ``expression_decoder`` and ``mvc_decoder``), plus NT-Xent between the
+two views and an isotropy penalty on the pooled embeddings of every stored layer and pool
+(:func:`contrastive_loss`), after a data-dependent centring of the output biases
+(:func:`centre_biases`). Without the last three, the stored layers collapse onto one direction.
 The output folder is a Tahoe-X1 HF-layout checkpoint (``model.safetensors`` with ``model.``
 prefixed keys, decoder heads included), plus ``training.json`` and ``README.md``.
 """
@@ -26,7 +30,7 @@ import math
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import scipy.sparse
@@ -37,16 +41,21 @@ from torch import nn
 
 from ..adapter import TokenRecord
 from .tahoe.data import TahoeTokenizer, collate_records
-from .tahoe.model import TahoeConfig, TahoeModel, resolve_activation
+from .tahoe.model import TahoeConfig, TahoeModel, TXBlock, resolve_activation
+from .tiny_card import checkpoint_geometry, load_pbmc_counts, render_readme
 
 __all__ = [
     "TahoePretrainModel",
+    "centre_biases",
+    "contrastive_loss",
     "evaluate",
     "evaluate_checkpoint",
     "load_pbmc_counts",
     "main",
     "masked_batch",
     "model_configs",
+    "nt_xent",
+    "split_views",
     "train",
 ]
 
@@ -56,16 +65,10 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "sclstore-tiny"
 N_VAL = 100
 MASK_VALUE = -1.0
 MLM_PROBABILITY = 0.15
-
-
-def load_pbmc_counts() -> tuple[scipy.sparse.csr_matrix, list[str]]:
-    """Return the recovered raw counts (700 x 765, CSR float32) and gene symbols of pbmc68k_reduced."""
-    import scanpy as sc
-
-    adata = sc.datasets.pbmc68k_reduced()
-    raw = adata.raw.X.toarray() if scipy.sparse.issparse(adata.raw.X) else np.asarray(adata.raw.X)
-    counts = np.rint(np.expm1(raw) * adata.obs["n_counts"].to_numpy()[:, None] / 1e4)
-    return scipy.sparse.csr_matrix(counts.astype(np.float32)), [str(g) for g in adata.raw.var_names]
+VIEW_MAX_GENES = 128
+OFFSET_WEIGHT = 2.0
+PR_WEIGHT = 32.0
+LOSS_POOLS = ("cls", "mean")  # the pools sclstore stores by default for this family
 
 
 def model_configs(
@@ -145,7 +148,22 @@ class TahoePretrainModel(TahoeModel):
         self, gene_ids: torch.Tensor, values: torch.Tensor, attn_mask: torch.Tensor, gen_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the expression-decoder and MVC predictions ``(B, S)`` of the bins."""
-        out = self.final_norm(self(gene_ids, values, attn_mask, gen_mask=gen_mask))
+        return self.heads(self(gene_ids, values, attn_mask, gen_mask=gen_mask), gene_ids)
+
+    def states(
+        self, gene_ids: torch.Tensor, values: torch.Tensor, attn_mask: torch.Tensor, gen_mask: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """The residual stream at every stored layer: ``[input of block 0, output of block 0, ...]``."""
+        x = self.embed_tokens(gene_ids, values, gen_mask)
+        out = [x]
+        for block in self.blocks:
+            x = block(x, attn_mask)
+            out.append(x)
+        return out
+
+    def heads(self, hidden: torch.Tensor, gene_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two pretraining heads on the last residual stream (before the final norm)."""
+        out = self.final_norm(hidden)
         x = out
         for layer in self.expression_decoder.linear_layers:  # type: ignore[union-attr]  # nn.Module __getattr__ typing
             x = self._leaky(layer(x))
@@ -179,6 +197,7 @@ def masked_batch(
         "target": batch.values,
         "gen_mask": gen_mask,
         "attn_mask": attn,
+        "padding_mask": batch.padding_mask,
     }
 
 
@@ -201,6 +220,105 @@ def _tokenize_all(
 def _masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.float()
     return F.mse_loss(pred * m, target * m, reduction="sum") / m.sum()
+
+
+def split_views(records: list[TokenRecord], rng: np.random.Generator, *, max_genes: int = 128) -> list[TokenRecord]:
+    """Two views of every cell: disjoint random sets of at most ``max_genes`` of its gene tokens
+    (at most half each), ``<cls>`` kept in both.
+
+    Returns the first views of all cells, then the second views (``2 * len(records)`` records).
+    The values stay the cell's bins, so a view is what the model would see of a cell measured
+    on a random subset of its genes.
+    """
+    first: list[TokenRecord] = []
+    second: list[TokenRecord] = []
+    for rec in records:
+        perm = 1 + rng.permutation(len(rec) - 1)
+        half = min(perm.size // 2, max_genes)
+        for dst, idx in ((first, perm[:half]), (second, perm[half : 2 * half])):
+            keep = np.concatenate([[0], np.sort(idx)])
+            dst.append(TokenRecord(rec.cell_idx, rec.gene_ids[keep], rec.values[keep]))
+    return first + second
+
+
+def pool_states(hidden: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``cls`` (position 0), ``mean`` and ``max`` over the ``tokens`` positions, as the ingest pools them."""
+    m = tokens.unsqueeze(-1)
+    mean = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+    top = hidden.masked_fill(~m, float("-inf")).amax(dim=1)
+    return {"cls": hidden[:, 0], "mean": mean, "max": top}
+
+
+def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent loss for ``z = [view 1 of n cells; view 2 of the same n cells]`` (cosine similarity)."""
+    n = z.shape[0] // 2
+    u = F.normalize(z, dim=1)
+    sim = (u @ u.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
+    return F.cross_entropy(sim, target)
+
+
+def isotropy_penalty(z: torch.Tensor, *, offset_weight: float = OFFSET_WEIGHT, pr_weight: float = PR_WEIGHT) -> torch.Tensor:
+    """``offset_weight * |mean z|² / mean |z|²`` (the share of the second moment in the common offset,
+    which drives the mean cosine of cell pairs) plus ``pr_weight / participation ratio`` of the batch
+    covariance (a batch of 64 views overstates the participation ratio of the whole data, hence the weight)."""
+    offset = z.mean(dim=0).pow(2).sum() / z.pow(2).sum(dim=1).mean().clamp_min(1e-12)
+    zc = z - z.mean(dim=0)
+    cov = zc.T @ zc / (z.shape[0] - 1)
+    return offset_weight * offset + pr_weight * cov.pow(2).sum() / torch.diagonal(cov).sum().pow(2).clamp_min(1e-12)
+
+
+def contrastive_loss(
+    states: list[torch.Tensor], b: dict[str, torch.Tensor], *, temperature: float, offset_weight: float = OFFSET_WEIGHT,
+    pr_weight: float = PR_WEIGHT,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean NT-Xent and mean :func:`isotropy_penalty` over every layer and stored pool (:data:`LOSS_POOLS`).
+
+    ``cls`` counts from layer 1 (layer 0's ``<cls>`` is one fixed vector for every cell). Pools
+    run over the visible gene tokens only: with the generative mask they never attend to hidden
+    ones, so these are exactly the embeddings inference computes for the visible genes.
+    """
+    tokens = b["padding_mask"] & ~b["gen_mask"]
+    tokens[:, 0] = False
+    con, iso = [], []
+    for layer, h in enumerate(states):
+        for pool, z in pool_states(h, tokens).items():
+            if pool not in LOSS_POOLS or (pool == "cls" and layer == 0):
+                continue
+            con.append(nt_xent(z, temperature))
+            iso.append(isotropy_penalty(z, offset_weight=offset_weight, pr_weight=pr_weight))
+    return torch.stack(con).mean(), torch.stack(iso).mean()
+
+
+@torch.no_grad()
+def centre_biases(model: TahoePretrainModel, records: list[TokenRecord], *, pad_token_id: int, pad_value: float) -> None:
+    """Data-dependent initialisation: shift the encoders' and blocks' output biases so that, over the
+    gene tokens of ``records``, the residual stream has zero mean at every layer.
+
+    A freshly initialised model puts a large common offset into every token (the value encoder
+    sees the same bins in every cell), which makes every cell's embedding point the same way;
+    gradient steps of size ``lr`` take hundreds of steps to remove it. Only biases change.
+    """
+    model.eval()
+    b = collate_records(records, pad_token_id=pad_token_id, pad_value=pad_value, n_special=1)
+    genes = b.gene_mask
+
+    def mean_over_genes(x: torch.Tensor) -> torch.Tensor:
+        return x[genes].mean(dim=0)
+
+    enc = model.expression_encoder
+    enc.norm.bias -= mean_over_genes(enc(b.values))  # type: ignore[union-attr, operator]  # norm exists (use_norm)
+    model.gene_encoder.enc_norm.bias -= mean_over_genes(model.gene_encoder(b.gene_ids))  # type: ignore[union-attr, operator]
+    x = model.embed_tokens(b.gene_ids, b.values)
+    attn = b.padding_mask[:, None, None, :]
+    for block in cast("list[TXBlock]", list(model.blocks)):
+        a = block.self_attn(block.norm1(x), attn)
+        block.self_attn.out_proj.bias.sub_(mean_over_genes(a))
+        x = x + block.self_attn(block.norm1(x), attn)
+        f = block._ff(block.norm2(x))
+        block.down_proj.bias.sub_(mean_over_genes(f))
+        x = x + block._ff(block.norm2(x))
+    model.train()
 
 
 @torch.no_grad()
@@ -241,10 +359,18 @@ def evaluate(
     return {f"mse_{k}": v / n for k, v in sums.items()} | {"n_masked": n}
 
 
-def train(out: Path, *, steps: int = 600, seed: int = 0, d_model: int = 64, n_layers: int = 6, n_heads: int = 4,
-          batch_size: int = 32, lr: float = 3e-3, threads: int = 2) -> dict[str, Any]:
-    """Train sclstore-tiny and write the checkpoint folder; return the recorded metrics."""
-    t0 = time.perf_counter()
+def train(out: Path, *, steps: int = 500, seed: int = 0, d_model: int = 64, n_layers: int = 6, n_heads: int = 4,
+          batch_size: int = 32, lr: float = 3e-3, threads: int = 1, contrastive_weight: float = 1.0,
+          temperature: float = 0.2, offset_weight: float = OFFSET_WEIGHT, pr_weight: float = PR_WEIGHT,
+          view_genes: int = VIEW_MAX_GENES) -> dict[str, Any]:
+    """Train sclstore-tiny and write the checkpoint folder; return the recorded metrics.
+
+    Each step takes ``batch_size`` cells, splits each into two views (disjoint halves of its
+    genes, :func:`split_views`), hides 15 % of each view's values and minimises
+    ``masked MSE / var(bins) + contrastive_weight * NT-Xent`` (:func:`contrastive_loss` over the
+    pooled embeddings of every layer and pool; ``temperature`` is its softmax temperature).
+    """
+    t0, c0 = time.perf_counter(), time.process_time()
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
@@ -262,8 +388,11 @@ def train(out: Path, *, steps: int = 600, seed: int = 0, d_model: int = 64, n_la
     val = [records[i] for i in sorted(order[:N_VAL])]
     tr = [records[i] for i in sorted(order[N_VAL:])]
     model = TahoePretrainModel(cfg)
+    centre_biases(model, [tr[i] for i in rng.choice(len(tr), size=128, replace=False)], pad_token_id=cfg.pad_token_id,
+                  pad_value=cfg.pad_value)
     with torch.no_grad():  # start the bin regressor at the mean training bin instead of 0
         model.expression_decoder.out_proj.bias.fill_(float(np.concatenate([r.values[1:] for r in tr]).mean()))  # type: ignore[union-attr, operator]  # nn.Module __getattr__ typing
+    bin_var = float(np.concatenate([r.values[1:] for r in tr]).astype(np.float64).var())
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=1e-5)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -274,40 +403,62 @@ def train(out: Path, *, steps: int = 600, seed: int = 0, d_model: int = 64, n_la
     model.train()
     for step in range(1, steps + 1):
         idx = rng.choice(len(tr), size=batch_size, replace=False)
-        b = masked_batch([tr[i] for i in idx], pad_token_id=cfg.pad_token_id, pad_value=cfg.pad_value, rng=rng)
-        expr, mvc = model.predict(b["gene_ids"], b["values"], b["attn_mask"], b["gen_mask"])
-        loss = (_masked_mse(expr, b["target"], b["gen_mask"]) + _masked_mse(mvc, b["target"], b["gen_mask"])) / 2
+        views = split_views([tr[i] for i in idx], rng, max_genes=view_genes) if contrastive_weight else [tr[i] for i in idx]
+        b = masked_batch(views, pad_token_id=cfg.pad_token_id, pad_value=cfg.pad_value, rng=rng)
+        states = model.states(b["gene_ids"], b["values"], b["attn_mask"], b["gen_mask"])
+        expr, mvc = model.heads(states[-1], b["gene_ids"])
+        mse = (_masked_mse(expr, b["target"], b["gen_mask"]) + _masked_mse(mvc, b["target"], b["gen_mask"])) / 2
+        con, iso = contrastive_loss(states, b, temperature=temperature, offset_weight=offset_weight,
+                                    pr_weight=pr_weight) if contrastive_weight else (torch.zeros(()), torch.zeros(()))
+        loss = mse / bin_var + contrastive_weight * (con + iso)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         if step % 50 == 0 or step == steps:
-            history.append({"step": step, "train_loss": round(loss.item(), 4)})
-            logger.info("step %d/%d loss %.3f (%.0f s)", step, steps, loss.item(), time.perf_counter() - t0)
+            history.append({"step": step, "train_mse": round(mse.item(), 4), "train_contrastive": round(con.item(), 4),
+                            "train_isotropy": round(iso.item(), 4)})
+            logger.info("step %d/%d masked MSE %.2f, NT-Xent %.3f, isotropy penalty %.3f (%.0f s)", step, steps, mse.item(),
+                        con.item(), iso.item(), time.perf_counter() - t0)
             model.train()
     after = evaluate(model, val, tr, seed=seed + 1, pad_token_id=cfg.pad_token_id)
     metrics = {
-        "command": _command(out, steps=steps, seed=seed, threads=threads),
+        "command": _command(out, steps=steps, seed=seed, threads=threads, pr_weight=pr_weight, view_genes=view_genes),
         "data": "scanpy.datasets.pbmc68k_reduced(): 700 cells x 765 genes, "
         "counts = rint(expm1(raw.X) * n_counts / 1e4)",
         "n_train_cells": len(tr), "n_val_cells": len(val), "val_cell_idx": sorted(int(i) for i in order[:N_VAL]),
         "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "threads": threads,
         "d_model": d_model, "n_layers": n_layers, "n_heads": n_heads, "mlm_probability": MLM_PROBABILITY,
+        "objective": {"contrastive_weight": contrastive_weight, "temperature": temperature, "view_max_genes": view_genes,
+                      "loss_pools": list(LOSS_POOLS), "centred_bias_init_cells": 128,
+                      "offset_weight": offset_weight, "pr_weight": pr_weight},
         "val_before_training": before, "val_after_training": after, "history": history,
         "seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__, "python": platform.python_version(),
     }
-    _write_checkpoint(out, model, vocab, model_cfg, collator_cfg, metrics)
+    metrics["cpu_seconds"] = round(time.process_time() - c0, 1)
+    _write_checkpoint(out, model, vocab, model_cfg, collator_cfg)
+    metrics["pbmc_geometry"] = checkpoint_geometry(out)
+    _write_card(out, metrics)
     return metrics
 
 
-def _command(out: Path, *, steps: int, seed: int, threads: int) -> str:
+def _command(out: Path, *, steps: int, seed: int, threads: int, pr_weight: float, view_genes: int) -> str:
     cmd = f"python -m sclstore.ingest.models.train_tiny --steps {steps} --seed {seed} --threads {threads}"
+    if pr_weight != PR_WEIGHT:
+        cmd += f" --pr-weight {pr_weight:g}"
+    if view_genes != VIEW_MAX_GENES:
+        cmd += f" --view-genes {view_genes}"
     return cmd if Path(out).resolve() == DEFAULT_OUT else f"{cmd} --out {out}"
 
 
+def _write_card(out: Path, metrics: dict[str, Any]) -> None:
+    (out / "training.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    (out / "README.md").write_text(render_readme(metrics))
+
+
 def _write_checkpoint(out: Path, model: nn.Module, vocab: dict[str, int], model_cfg: dict[str, Any],
-                      collator_cfg: dict[str, Any], metrics: dict[str, Any]) -> None:
+                      collator_cfg: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -316,54 +467,6 @@ def _write_checkpoint(out: Path, model: nn.Module, vocab: dict[str, int], model_
     (out / "model_config.yml").write_text(yaml.safe_dump(model_cfg, sort_keys=False))
     (out / "collator_config.yml").write_text(yaml.safe_dump(collator_cfg, sort_keys=False))
     (out / "vocab.json").write_text(json.dumps(vocab, indent=1) + "\n")
-    (out / "training.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    (out / "README.md").write_text(_readme(metrics))
-
-
-def _readme(m: dict[str, Any]) -> str:
-    b, a = m["val_before_training"], m["val_after_training"]
-    return f"""# sclstore-tiny
-
-A small model of the **Tahoe-X1 architecture** ({m['n_layers']} pre-LN blocks, d_model {m['d_model']},
-{m['n_heads']} heads, FFN {4 * m['d_model']}, ReLU; gene-symbol vocabulary of the 765 genes of scanpy's
-`pbmc68k_reduced` + `<pad>`, `<cls>`, `<eoc>`), stored in the Tahoe-X1 Hugging Face checkpoint layout
-(`model_config.yml`, `collator_config.yml`, `vocab.json`, `model.safetensors` with `model.`-prefixed keys,
-decoder heads included) and loaded through the same adapter as real Tahoe-X1 checkpoints
-(`sclstore ingest … --model sclstore-tiny`, no `--checkpoint` needed).
-
-**What it is for:** the `sclstore demo`, tests and examples, so that the whole pipeline runs for real
-without a download. **It is not a foundation model**: it has seen 600 cells of one dataset.
-Real analyses use real checkpoints (`--model tahoe-x1 --checkpoint DIR`).
-
-## How it was trained
-
-    {m['command']}
-
-(`ingest/models/train_tiny.py`; {m['threads']} CPU threads, {m['seconds']} s, torch {m['torch']}; seeded and
-deterministic for a given torch build and thread count.)
-
-* Data: {m['data']}; {m['n_train_cells']} cells for training, {m['n_val_cells']} held out
-  (`val_cell_idx` in `training.json`). Data path as upstream: nonzero genes, `<cls>` first (value -2),
-  per-cell binning to 1..50.
-* Objective (upstream Tahoe-X1 pretraining): hide {int(m['mlm_probability'] * 100)} % of each cell's gene
-  values (value -1 plus the generative flag embedding; hidden tokens attend only to visible tokens and
-  themselves), predict their bins with `expression_decoder` and `mvc_decoder`; loss = mean of the two
-  masked MSEs. AdamW (lr {m['lr']}, betas 0.9/0.95, warm-up + cosine), batch {m['batch_size']} cells,
-  {m['steps']} steps, gradient clipping 1.0.
-
-## Did it learn something? (masked-bin MSE on the {m['n_val_cells']} held-out cells, {a['n_masked']} masked values)
-
-| predictor | MSE |
-|---|---|
-| trivial: mean bin of the training cells | {a['mse_mean_bin']:.2f} |
-| trivial: each gene's mean bin in the training cells | {a['mse_gene_mean_bin']:.2f} |
-| model before training (random init), expression decoder | {b['mse_expr']:.2f} |
-| **sclstore-tiny, expression decoder** | **{a['mse_expr']:.2f}** |
-| sclstore-tiny, MVC decoder (from the `<cls>` embedding) | {a['mse_mvc']:.2f} |
-
-Final training loss (mean of the two MSEs, last batch): {m['history'][-1]['train_loss']}.
-`tests/ingest/test_tiny.py` recomputes the held-out numbers from the committed weights.
-"""
 
 
 def evaluate_checkpoint(folder: Path) -> dict[str, float]:
@@ -397,12 +500,15 @@ def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--pr-weight", type=float, default=PR_WEIGHT)
+    parser.add_argument("--view-genes", type=int, default=VIEW_MAX_GENES)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    metrics = train(args.out, steps=args.steps, seed=args.seed, threads=args.threads)
+    metrics = train(args.out, steps=args.steps, seed=args.seed, threads=args.threads, pr_weight=args.pr_weight,
+                    view_genes=args.view_genes)
     logger.info("wrote %s: val MSE %.2f (mean-bin baseline %.2f)", args.out, metrics["val_after_training"]["mse_expr"],
                 metrics["val_after_training"]["mse_mean_bin"])
 

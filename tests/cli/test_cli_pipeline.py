@@ -44,27 +44,50 @@ def test_ingest_json_then_query(tmp_path: Path) -> None:
 
 
 def test_demo_quick(tmp_path: Path) -> None:
+    import shlex
+
     res = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--quick", "--json"], catch_exceptions=False)
     assert res.exit_code == 0, res.stderr
     report = json.loads(res.stdout)
-    assert report["pbmc"]["cells"] == 700 and report["pbmc"]["slice_shape"] == [1, 129, 64]
+    steps = report["steps"]
+    assert steps["pbmc"]["cells"] == 700 and steps["pbmc"]["slice_shape"] == [1, 129, 64]
     for task in ("trajectory", "perturbation"):
-        assert Path(report[task]["plot"]).stat().st_size > 10_000
-        assert report[task]["summary"]
-    assert {r["condition"] for r in report["perturbation"]["summary"]} == {"Rest", "Stim8hr", "Stim48hr"}
+        assert Path(steps[task]["plot"]).stat().st_size > 10_000
+        assert steps[task]["summary"] and steps[task]["headline"]
+    assert {r["condition"] for r in steps["perturbation"]["summary"]} == {"Rest", "Stim8hr", "Stim48hr"}
+    assert len(report["reports"]) == 3
+    for path in report["reports"]:
+        text = Path(path).read_text()
+        assert text.startswith("<!DOCTYPE html>") and "data:image/png;base64," in text
+    assert all(s["seconds"] >= 0 and s["cpu_seconds"] >= 0 for s in steps.values())
     verify = runner.invoke(app, ["verify", "--store", report["store"], "--json"])
     assert verify.exit_code == 0 and json.loads(verify.stdout)["ok"]
-    # the printed commands reproduce the steps: each ingest is a cache hit of the demo's run
-    import shlex
-
+    # every printed command reproduces its step: ingests are cache hits of the demo's runs, and each
+    # evaluation command finds the demo's cached result (same settings) and gives the same answer
     commands = report["commands"]
-    assert len(commands) == 7 and all(c.startswith("sclstore ") and c.endswith(f"--store {report['store']}") for c in commands)
-    ingests = [shlex.split(c)[1:] for c in commands if c.startswith("sclstore ingest ")]
-    runs = {report["pbmc"]["run"], report["trajectory"]["run"], report["perturbation"]["run"]}
-    for args in ingests:
-        again = runner.invoke(app, [*args, "--json"], catch_exceptions=False)
-        assert again.exit_code == 0, again.stderr
-        assert json.loads(again.stdout)["cache_hit"] and json.loads(again.stdout)["run_id"] in runs
-    centroids = next(shlex.split(c)[1:] for c in commands if "--csv" in c)
-    rows = runner.invoke(app, centroids, catch_exceptions=False).stdout.splitlines()
-    assert rows[0].startswith("layer,depth,group,") and len(rows) == 1 + 7 * 10  # 7 layers x 10 bulk labels
+    assert all(c.startswith("sclstore ") and c.endswith(f"--store {report['store']}") for c in commands)
+    runs = {steps[k]["run"] for k in ("pbmc", "trajectory", "perturbation")}
+    evals = {"trajectory": steps["trajectory"]["summary"], "perturbation": steps["perturbation"]["summary"],
+             "celltype": steps["celltype"]["summary"]}
+    seen = set()
+    for line in commands:
+        args = shlex.split(line)[1:]
+        if args[0] in ("ingest", "eval", "report") or "-o" in args:
+            args = [*args, "--json"]
+        again = runner.invoke(app, args, catch_exceptions=False)
+        assert again.exit_code == 0, (line, again.stderr)
+        if args[0] == "ingest":
+            doc = json.loads(again.stdout)
+            assert doc["cache_hit"] and doc["run_id"] in runs
+        elif args[0] == "eval":
+            doc = json.loads(again.stdout)
+            assert doc["cached"], line  # the CLI settings are the demo's
+            if args[1] in evals:
+                assert doc["summary"] == evals[args[1]]
+            seen.add(args[1])
+        elif args[0] == "report":
+            assert json.loads(again.stdout)["evaluations"] >= 1
+        elif "--csv" in args:
+            rows = again.stdout.splitlines()
+            assert rows[0].startswith("layer,depth,group,") and len(rows) == 1 + 7 * 10  # 7 layers x 10 bulk labels
+    assert seen == {"diagnostics", "celltype", "trajectory", "perturbation"}

@@ -149,3 +149,70 @@ def test_stats_helpers():
     assert all(np.array_equal(x, y) and len(x) == 80 and 7 in x and len(set(x)) == 80 for x, y in zip(a, b, strict=False))
     with pytest.raises(InvalidInputError, match="paired scores must come from the same resamples"):
         paired_difference(np.ones(3), np.ones(4))
+
+
+def _legend(fig) -> dict[str, object]:
+    ax = fig.axes[0]
+    return {t.get_text(): h for t, h in zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles, strict=True)}
+
+
+def test_plot_shows_every_layer_and_matching_legend_colours():
+    from matplotlib.colors import to_hex
+
+    from sclstore.eval.plot import layer_scores_figure
+
+    one = _table().query("condition == 'Rest'").assign(condition=None)
+    one.loc[one["layer"] == 0, ["score", "ci_low", "ci_high"]] = float("nan")  # e.g. a constant layer
+    fig = layer_scores_figure(one, title="trajectory - run 2 sim/tiny, pool cls\ntime=latent_time, n_neighbors=15")
+    ax = fig.axes[0]
+    legend = _legend(fig)
+    # layer 0 has no score: it is marked on the axis and named, not silently dropped
+    assert "no score (undefined): layer 0" in legend
+    crosses = [ln for ln in ax.get_lines() if ln.get_marker() == "x" and len(ln.get_xdata())]
+    assert len(crosses) == 1 and crosses[0].get_xdata()[0] == 0.0
+    # the baseline's legend entry has the colour of the baseline's line
+    base_y = float(one.loc[one["representation"] == "pca_hvg", "score"].iloc[0])
+    base_line = next(ln for ln in ax.get_lines() if ln.get_linestyle() == "--" and list(ln.get_ydata()) == [base_y, base_y])
+    assert to_hex(legend["PCA-of-counts baseline"].get_color()) == to_hex(base_line.get_color())
+    # the title names the pool and the keys; one condition gets a band
+    assert "pool cls" in ax.get_title() and "time=latent_time" in ax.get_title()
+    assert len(ax.collections) == 1  # the CI band
+
+
+def test_plot_several_conditions_dodged_error_bars_and_gains_in_legend():
+    from sclstore.eval.plot import layer_scores_figure
+
+    t = _table()
+    t["claimed_best"] = t["best_set"] = None
+    lay = t["representation"] == "layer"
+    t.loc[lay, ["claimed_best", "best_set"]] = False
+    t.loc[lay & (t["condition"] == "Stim48hr") & (t["layer"] == 8), ["claimed_best", "best_set"]] = True
+    fig = layer_scores_figure(t)
+    ax = fig.axes[0]
+    legend = _legend(fig)
+    # the supported gain (layer 8 vs final 12: 0.8 - 0.6) is in the condition's legend entry, not an overlapping label
+    assert "Stim48hr  (layer 8: +0.20 vs final)" in legend and "Rest" in legend
+    assert not ax.texts
+    # no translucent bands that overlap: error bars, dodged so they do not sit on each other
+    from matplotlib.collections import LineCollection, PolyCollection
+
+    assert not any(isinstance(c, PolyCollection) for c in ax.collections)
+    bars = [c for c in ax.collections if isinstance(c, LineCollection)]
+    assert len(bars) == 2
+    xs = [sorted({round(float(seg[0][0]), 4) for seg in c.get_segments()}) for c in bars]
+    assert xs[0] != xs[1]
+    # reference lines take their condition's colour; the legend says so
+    assert "PCA-of-counts baseline, colour of its condition" in legend
+
+
+def test_figure_title_names_run_pool_and_keys():
+    from sclstore.eval.report import EvalReport
+
+    rep = EvalReport(task="perturbation", run_id=3, run_label="screen/tiny", table=_table(), summary=pd.DataFrame(),
+                     params={"pool": "mean", "perturbation_key": "gene", "control": "NTC", "condition_key": "condition",
+                             "replicate_key": None, "de_mode": "fast", "protocol": "default"})
+    assert rep.figure_title() == ("perturbation - run 3 screen/tiny, pool mean\n"
+                                  "perturbation=gene, control=NTC, condition=condition, de_mode=fast")
+    traj = EvalReport(task="trajectory", run_id=2, run_label="sim/tiny", table=_table(), summary=pd.DataFrame(),
+                      params={"pool": "cls", "pseudotime_key": "latent_time", "n_neighbors": 15, "protocol": "paper"})
+    assert traj.figure_title().splitlines()[1] == "time=latent_time, n_neighbors=15, protocol=paper"

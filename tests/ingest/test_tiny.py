@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from sclstore.ingest.models import TINY_CHECKPOINT, load_adapter
+from sclstore.ingest.models.tiny_card import ANISOTROPY_MAX, PR_MIN, embed_pbmc
 from sclstore.ingest.models.train_tiny import evaluate_checkpoint, load_pbmc_counts
 from sclstore.store.errors import InvalidInputError
 
@@ -67,3 +68,59 @@ def test_tiny_learned_something_and_readme_numbers_reproduce() -> None:
         assert again[key] == pytest.approx(recorded[key], rel=1e-3), key
     assert again["mse_expr"] < 0.9 * again["mse_mean_bin"]
     assert again["mse_expr"] < again["mse_gene_mean_bin"]
+
+
+# (pool, layer) -> lower bound: layers whose participation ratio misses PR_MIN (issue 15 asks > 5); the
+# model README states each one. Not a tolerance: if retraining fixes one, this test fails until it is removed.
+SHORT_OF_PR: dict[tuple[str, int], float] = {("cls", 1): 4.9}
+
+
+@pytest.fixture(scope="module")
+def stored() -> dict[str, np.ndarray]:
+    """The packaged model's default pools on all 700 cells of pbmc68k_reduced, as ``sclstore ingest`` stores them."""
+    return embed_pbmc(None, pools=("cls", "mean"))
+
+
+def _mean_cosine_all_pairs(X: np.ndarray) -> float:
+    u = X / np.linalg.norm(X, axis=1, keepdims=True)
+    sims = u.astype(np.float64) @ u.T.astype(np.float64)
+    return float(sims[~np.eye(len(X), dtype=bool)].mean())
+
+
+def test_tiny_stored_layers_are_not_collapsed(stored: dict[str, np.ndarray]) -> None:
+    from sclstore.eval.diagnostics import anisotropy, participation_ratio
+
+    recorded = json.loads((TINY_CHECKPOINT / "training.json").read_text())["pbmc_geometry"]["pools"]
+    assert set(stored) == set(load_adapter("sclstore-tiny").default_pools)
+    for pool, emb in stored.items():
+        assert emb.shape == (7, 700, 64)
+        for layer, X in enumerate(emb):
+            if pool == "cls" and layer == 0:  # the <cls> input embedding: one fixed vector for every cell, by construction
+                assert np.ptp(X, axis=0).max() == 0 and recorded[pool][layer]["constant"]
+                continue
+            pr, cos = participation_ratio(X), _mean_cosine_all_pairs(X)
+            assert cos < ANISOTROPY_MAX, (pool, layer, cos)
+            if (pool, layer) in SHORT_OF_PR:  # documented in the model README as missing the issue's threshold
+                assert SHORT_OF_PR[(pool, layer)] < pr <= PR_MIN, (pool, layer, pr)
+            else:
+                assert pr > PR_MIN, (pool, layer, pr)
+            assert anisotropy(X) == pytest.approx(cos, abs=0.02)  # the evaluation's sampled estimate agrees
+            # the model card (README, training.json) records what the committed weights give
+            assert pr == pytest.approx(recorded[pool][layer]["participation_ratio"], rel=1e-3)
+            assert cos == pytest.approx(recorded[pool][layer]["anisotropy"], abs=1e-3)
+
+
+def test_tiny_layers_carry_cell_type_structure(stored: dict[str, np.ndarray]) -> None:
+    import scanpy as sc
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    labels = sc.datasets.pbmc68k_reduced().obs["bulk_labels"].astype(str).to_numpy()
+    majority = float(np.unique(labels, return_counts=True)[1].max() / labels.size)
+    folds = StratifiedKFold(5, shuffle=True, random_state=0)
+    shuffled = np.random.default_rng(0).permutation(labels)
+    for pool in ("cls", "mean"):
+        X = stored[pool][-1]  # the final layer (the official embedding's layer)
+        acc = cross_val_score(KNeighborsClassifier(15), X, labels, cv=folds).mean()
+        null = cross_val_score(KNeighborsClassifier(15), X, shuffled, cv=folds).mean()
+        assert acc > majority + 0.15 and acc > null + 0.15, (pool, acc, majority, null)
