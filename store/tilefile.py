@@ -204,12 +204,17 @@ class TileFile:
         item = self.dtype.itemsize
         tile_bytes = self.tile_elems * item
         try:
-            size = path.stat().st_size
+            with open(path, "rb") as fh:  # stat and map the same file
+                st = os.fstat(fh.fileno())
+                size = st.st_size
+                if size < _COUNT_BYTES + _CHUNK_HEADER_BYTES:
+                    raise LayoutError(f"{path.name} is too small")
+                raw = np.memmap(fh, dtype=np.uint8, mode="r")
         except OSError as exc:
             raise LayoutError(f"missing data file {path.name}") from exc
-        if size < _COUNT_BYTES + _CHUNK_HEADER_BYTES:
-            raise LayoutError(f"{path.name} is too small")
-        raw = np.memmap(path, dtype=np.uint8, mode="r")
+        self.path = path
+        self.file_id = (st.st_ino, st.st_size, st.st_mtime_ns)
+        """``(inode, size, mtime_ns)`` of the mapped file (see :mod:`sclstore.store.layout_cache`)."""
         n_chunks = int(raw[:_COUNT_BYTES].view("<u8")[0])
         chunk_bytes = int(raw[_COUNT_BYTES : _COUNT_BYTES + 4].view("<u4")[0])
         if n_chunks < 1 or chunk_bytes < item or chunk_bytes % item or -(-tile_bytes // chunk_bytes) != n_chunks:
