@@ -9,6 +9,7 @@ GROUP BY queries never hold the cells' embeddings: chunks are streamed and summe
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -138,10 +139,19 @@ def select_cells(
     index, columns, dialect = _bound(backend, plan)
     names = list(plan.obs_columns)
     where = compile_predicate(plan.where, columns, dialect=dialect) if plan.where is not None else None
+    by_cell = not names and (sort_by_cell or (not plan.order_by and plan.limit is None))
+    kept = index.kept_names() if by_cell else None
+    if kept is not None:  # only cell_idx from the catalog; names from the index's copy
+        cell_idx = index.cells(where)
+        obs = pd.DataFrame({}, index=pd.Index(kept[0][cell_idx], dtype=object), columns=[])  # as _frame builds it
+        logger.debug("resolved %d cells of dataset %s in %.3f s", len(cell_idx), plan.dataset.name, time.perf_counter() - t0)
+        return cell_idx, obs, kept[1][cell_idx]
     order = None if sort_by_cell else compile_order(plan.order_by, columns, dialect=dialect)
     rows = index.select(where, columns=[columns[n].sql for n in names], order_by=order,
                         limit=None if sort_by_cell else plan.limit)
     cell_idx, obs, src_idx = _frame(rows, names, {n: columns[n] for n in names})
+    if by_cell:
+        index.keep_names(len(rows))  # a dataset queried again keeps its names in memory
     logger.debug("resolved %d cells of dataset %s in %.3f s", len(rows), plan.dataset.name, time.perf_counter() - t0)
     return cell_idx, obs, src_idx
 
@@ -173,6 +183,10 @@ def select_range(backend: Backend, plan: QueryPlan, first: int, last: int) -> tu
     """
     index, columns, _ = _bound(backend, plan)
     names = list(plan.obs_columns)
+    kept = index.names(first, last) if not names else None
+    if kept is not None:  # the index keeps every cell's name: no catalog round trip
+        obs = pd.DataFrame(index=pd.Index(kept[0], dtype=object, copy=True))
+        return np.arange(first, last + 1, dtype=np.int64), obs, kept[1].copy()
     rows = index.range_rows(first, last, [columns[n].sql for n in names])
     if len(rows) != last - first + 1:  # datasets are immutable: this means a damaged catalog
         from sclstore.store.errors import SclstoreError
@@ -275,6 +289,7 @@ def _aggregate(backend: Backend, plan: QueryPlan, budget: int) -> QueryResult:
     )
 
 
+@functools.cache
 def _sclstore_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -287,10 +302,10 @@ def _sclstore_version() -> str:
 def provenance(backend: Backend, plan: QueryPlan) -> dict[str, Any]:
     """What exports record in ``uns["sclstore"]`` besides the slice: where the numbers came from."""
     run = plan.run
-    model = next((m for m in backend.list_models() if m.id == run.model_id), None)
+    model = backend.get_model(run.model_id)
     params = run.params or {}
     return {
-        "checkpoint_hash": model.checkpoint_hash if model is not None else "",
+        "checkpoint_hash": model.checkpoint_hash,
         "cache_key": run.cache_key,
         "dataset_hash": plan.dataset.content_hash,
         "source_path": plan.dataset.source_path or "",

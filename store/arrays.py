@@ -81,7 +81,12 @@ def coalesce(cells: np.ndarray) -> list[tuple[int, int]]:
     breaks = np.flatnonzero(np.diff(cells) != 1)
     starts = np.concatenate(([cells[0]], cells[breaks + 1]))
     stops = np.concatenate((cells[breaks], [cells[-1]]))
-    return [(int(a), int(b)) for a, b in zip(starts, stops, strict=False)]
+    return list(zip(starts.tolist(), stops.tolist(), strict=True))
+
+
+def count_ranges(cells: np.ndarray) -> int:
+    """How many ranges :func:`coalesce` would give, without building them."""
+    return 0 if cells.size == 0 else int(np.count_nonzero(np.diff(cells) != 1)) + 1
 
 
 def create_array(uri: str, spec: ArraySpec, *, layers: Sequence[int], meta: dict[str, Any], ctx: tiledb.Ctx | None = None) -> None:
@@ -453,8 +458,8 @@ class ArrayReader:
     def _read_direct(self, tf: FragmentTiles, slots: np.ndarray, cells: np.ndarray | None) -> np.ndarray:
         """float32 ``(len(slots), n, dim)``; float16 storage is converted while it is copied."""
         c, d, n_ct = self.cell_tile, self.dim, self._n_cell_tiles
-        ranges = [(0, self.n_cells - 1)] if cells is None else coalesce(cells)
-        if len(ranges) <= _MAX_RANGES:
+        if cells is None or count_ranges(cells) <= _MAX_RANGES:
+            ranges = [(0, self.n_cells - 1)] if cells is None else coalesce(cells)
             out = np.empty((len(slots), self.n_cells if cells is None else cells.size, d), dtype=np.float32)
             for i, slot in enumerate(slots):
                 pos = 0

@@ -314,6 +314,10 @@ class Backend:
     def list_models(self) -> list[ModelInfo]:
         return self.models.list_all()
 
+    def get_model(self, model_id: int) -> ModelInfo:
+        """A model by id (cached: model rows never change)."""
+        return self.models.get(model_id)
+
     # ------------------------------------------------------------------ runs
     def get_run(self, run: int | str) -> RunInfo:
         """A run by id, ``"7"``, or ``"dataset/model"`` name pair (see :meth:`RunRepository.get`)."""

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from . import catalog as catalogdb
 from ._translate import translate_errors
+from .errors import NotFoundError
 from .info import ModelInfo
 from .models import Model, utcnow
 
@@ -22,6 +23,26 @@ class ModelRepository:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._by_id: dict[int, ModelInfo] = {}  # model rows never change
+
+    def get(self, model_id: int) -> ModelInfo:
+        """A model by id (cached).
+
+        Raises
+        ------
+        NotFoundError
+            If no model has this id.
+        """
+        cached = self._by_id.get(int(model_id))
+        if cached is not None:
+            return cached
+        with Session(self.engine) as s:
+            row = s.get(Model, int(model_id))
+            if row is None:
+                raise NotFoundError(f"no model {model_id}; list them with `sclstore ls models`")
+            info = ModelInfo.from_row(row)
+        self._by_id[info.id] = info
+        return info
 
     def register(
         self, *, family: str, name: str, checkpoint_hash: str, n_layers: int, d_model: int, config: dict[str, Any]

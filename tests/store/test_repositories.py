@@ -23,8 +23,8 @@ from sclstore.store.run_writer import RunWriter
 from sclstore.store.runs import RunRepository
 from sclstore.testing import toy_obs
 
-# Backend's public methods before the split, with their parameters (other code and the sharded
-# ingest call them): they must all still exist with the same parameters.
+# Backend's public methods before the split (and get_model, added since), with their parameters
+# (other code and the sharded ingest call them): they must all still exist with the same parameters.
 BEFORE = {
     "acquire": ["run_id", "wait", "poll_s"],
     "array_path": ["uri"],
@@ -39,6 +39,7 @@ BEFORE = {
     "get_evaluation": ["run_id", "task", "params_hash"],
     "get_evaluation_by_id": ["evaluation_id"],
     "get_intermediate": ["key_hash"],
+    "get_model": ["model_id"],
     "get_run": ["run"],
     "list_datasets": [],
     "list_evaluations": ["run_id"],
@@ -93,6 +94,9 @@ def test_repositories_work_on_their_own_engine(backend: Backend) -> None:
     datasets, models = DatasetRepository(backend.engine), ModelRepository(backend.engine)
     assert datasets.get("d") == ds and datasets.get(ds.id) == ds and datasets.find("a" * 64) == ds
     assert datasets.list_all() == [ds] and models.list_all() == [m]
+    assert models.get(m.id) == m and backend.get_model(m.id) == m
+    with pytest.raises(NotFoundError, match="no model 99; list them with `sclstore ls models`"):
+        models.get(99)
     with pytest.raises(NotFoundError, match="no dataset 'x'; datasets: d"):
         datasets.get("x")
     obs = toy_obs(6)
