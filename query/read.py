@@ -28,7 +28,7 @@ from .hints import value_hints
 from .parse import parse_query
 from .plan import Backend, QueryPlan, plan_query
 from .result import QueryResult, QueryStream, format_bytes
-from .spec import OrderItem, SliceQuery
+from .spec import And, Between, Compare, OrderItem, Predicate, SliceQuery
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -172,8 +172,42 @@ def contiguous_range(backend: Backend, plan: QueryPlan) -> tuple[int, int] | Non
     if plan.where is None:  # every cell: known from the catalog row, no scan
         n = int(plan.dataset.n_obs)
         return (0, n - 1) if n else None
+    bounds = _cell_idx_bounds(plan.where)
+    if bounds is not None:  # only integer bounds on cell_idx, which numbers the cells 0..n-1: no scan
+        lo, hi = max(bounds[0], 0), min(bounds[1], int(plan.dataset.n_obs) - 1)
+        return (lo, hi) if lo <= hi else None
     index, columns, dialect = _bound(backend, plan)
     return index.contiguous_range(compile_predicate(plan.where, columns, dialect=dialect))
+
+
+def _cell_idx_bounds(pred: Predicate) -> tuple[int, int] | None:
+    """``(low, high)`` (inclusive, unclipped) when ``pred`` is only integer bounds on ``cell_idx``
+    (``BETWEEN``, ``=``, ``<``, ``<=``, ``>``, ``>=`` and ``AND`` of them), else ``None``."""
+    items = pred.items if isinstance(pred, And) else (pred,)
+    lo, hi = -(2**62), 2**62
+    for item in items:
+        values: tuple[Any, ...]
+        if isinstance(item, Between) and item.column == "cell_idx" and not item.negate:
+            values = (item.low, item.high)
+        elif isinstance(item, Compare) and item.column == "cell_idx" and item.op != "!=":
+            values = (item.value,)
+        else:
+            return None
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            return None
+        if isinstance(item, Between):
+            lo, hi = max(lo, int(item.low)), min(hi, int(item.high))
+        else:
+            v = int(item.value)
+            if item.op in ("=", ">="):
+                lo = max(lo, v)
+            if item.op in ("=", "<="):
+                hi = min(hi, v)
+            if item.op == ">":
+                lo = max(lo, v + 1)
+            if item.op == "<":
+                hi = min(hi, v - 1)
+    return lo, hi
 
 
 def select_range(backend: Backend, plan: QueryPlan, first: int, last: int) -> tuple[np.ndarray, pd.DataFrame, np.ndarray]:
@@ -379,10 +413,15 @@ def execute_query(backend: Backend, sql: str | SliceQuery, *, memory_budget: int
         # this thread fetches their names and metadata from the catalog
         first, last = span
         check_budget(plan, last - first + 1, budget)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sclstore-read") as pool:
-            reading = pool.submit(read_cells, backend, plan, np.arange(first, last + 1, dtype=np.int64))
-            cell_idx, obs, src_idx = select_range(backend, plan, first, last)
-            emb: np.ndarray | None = reading.result()
+        cells = np.arange(first, last + 1, dtype=np.int64)
+        if not plan.obs_columns and backend.obs_index(plan.dataset).kept_names() is not None:
+            cell_idx, obs, src_idx = select_range(backend, plan, first, last)  # in memory: nothing to overlap
+            emb: np.ndarray | None = read_cells(backend, plan, cells)
+        else:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sclstore-read") as pool:
+                reading = pool.submit(read_cells, backend, plan, cells)
+                cell_idx, obs, src_idx = select_range(backend, plan, first, last)
+                emb = reading.result()
     else:
         cell_idx, obs, src_idx = select_cells(backend, plan)
         check_budget(plan, len(cell_idx), budget)
