@@ -141,8 +141,8 @@ def select_cells(
     where = compile_predicate(plan.where, columns, dialect=dialect) if plan.where is not None else None
     by_cell = not names and (sort_by_cell or (not plan.order_by and plan.limit is None))
     kept = index.kept_names() if by_cell else None
-    if kept is not None:  # only cell_idx from the catalog; names from the index's copy
-        cell_idx = index.cells(where)
+    if kept is not None:  # only cell_idx from the catalog (remembered per predicate); names from the index's copy
+        cell_idx = index.cells(where, key=_hashable(plan.where))
         obs = pd.DataFrame({}, index=pd.Index(kept[0][cell_idx], dtype=object), columns=[])  # as _frame builds it
         logger.debug("resolved %d cells of dataset %s in %.3f s", len(cell_idx), plan.dataset.name, time.perf_counter() - t0)
         return cell_idx, obs, kept[1][cell_idx]
@@ -156,7 +156,16 @@ def select_cells(
     return cell_idx, obs, src_idx
 
 
-def contiguous_range(backend: Backend, plan: QueryPlan) -> tuple[int, int] | None:
+def _hashable(pred: Predicate | None) -> Predicate | None:
+    """``pred`` itself when it can key a cache (frozen dataclasses of plain values), else ``None``."""
+    try:
+        hash(pred)
+    except TypeError:
+        return None
+    return pred
+
+
+def contiguous_range(backend: Backend, plan: QueryPlan, *, scan: bool = True) -> tuple[int, int] | None:
     """``(first, last)`` when the plan selects exactly the cells ``first..last``, in that order.
 
     One aggregate over the predicate (``COUNT``, ``MIN``, ``MAX`` of ``cell_idx``: an index
@@ -165,7 +174,8 @@ def contiguous_range(backend: Backend, plan: QueryPlan) -> tuple[int, int] | Non
     are then known before any row is fetched and the array read can start at once.
 
     Returns ``None`` (use :func:`select_cells`) for ORDER BY other than ``cell_idx``, LIMIT,
-    an empty selection, or cells with gaps.
+    an empty selection, or cells with gaps; with ``scan=False`` also for any predicate that is
+    not integer bounds on ``cell_idx`` (nothing is asked of the catalog).
     """
     if plan.limit is not None or any(item.column != "cell_idx" or item.desc for item in plan.order_by):
         return None
@@ -176,6 +186,8 @@ def contiguous_range(backend: Backend, plan: QueryPlan) -> tuple[int, int] | Non
     if bounds is not None:  # only integer bounds on cell_idx, which numbers the cells 0..n-1: no scan
         lo, hi = max(bounds[0], 0), min(bounds[1], int(plan.dataset.n_obs) - 1)
         return (lo, hi) if lo <= hi else None
+    if not scan:
+        return None
     index, columns, dialect = _bound(backend, plan)
     return index.contiguous_range(compile_predicate(plan.where, columns, dialect=dialect))
 
@@ -407,14 +419,16 @@ def execute_query(backend: Backend, sql: str | SliceQuery, *, memory_budget: int
         res.extra.update({"hints": value_hints(backend, plan, empty=res.n_rows == 0)} if plan.where is not None else {})
         res.extra["provenance"] = provenance(backend, plan)
         return res
-    span = contiguous_range(backend, plan) if plan.pool is not None else None
+    # with every cell's name in memory, select_cells costs one cell_idx lookup: a range scan first would only add one
+    in_memory = not plan.obs_columns and backend.obs_index(plan.dataset).kept_names() is not None
+    span = contiguous_range(backend, plan, scan=not in_memory) if plan.pool is not None else None
     if span is not None:
         # the cells are known: read the array in a thread (libtiledb releases the GIL) while
         # this thread fetches their names and metadata from the catalog
         first, last = span
         check_budget(plan, last - first + 1, budget)
         cells = np.arange(first, last + 1, dtype=np.int64)
-        if not plan.obs_columns and backend.obs_index(plan.dataset).kept_names() is not None:
+        if in_memory:
             cell_idx, obs, src_idx = select_range(backend, plan, first, last)  # in memory: nothing to overlap
             emb: np.ndarray | None = read_cells(backend, plan, cells)
         else:

@@ -8,7 +8,8 @@ here; it never holds an Engine or a connection. Catalog errors are translated in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
@@ -26,10 +27,12 @@ else:  # loaded on first use: opening a store needs neither
     np = lazy_module("numpy")
     pd = lazy_module("pandas")
 
-__all__ = ["NAMES_CACHE_MAX_CELLS", "ObsIndex"]
+__all__ = ["NAMES_CACHE_MAX_CELLS", "SELECTIONS_MAX_CELLS", "ObsIndex"]
 
 NAMES_CACHE_MAX_CELLS = 2_000_000
 """Largest dataset whose cell names an :class:`ObsIndex` keeps in memory (~100 bytes per cell)."""
+SELECTIONS_MAX_CELLS = 4_000_000
+"""Cells (8 bytes each) of remembered selections an :class:`ObsIndex` keeps (see :meth:`ObsIndex.cells`)."""
 
 
 @translate_errors
@@ -54,6 +57,8 @@ class ObsIndex:
         """``sqlite`` or ``postgresql``: predicates compile per dialect."""
         self._names: tuple[np.ndarray, np.ndarray] | None = None
         self._name_requests = 0
+        self._selections: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        self._selected_cells = 0
 
     def _rows(self, stmt: sa.Select) -> list[Any]:
         with self._engine.connect() as conn:
@@ -94,13 +99,31 @@ class ObsIndex:
             stmt = stmt.limit(limit)
         return self._rows(stmt)
 
-    def cells(self, where: Any = None) -> np.ndarray:
-        """``cell_idx`` of the cells satisfying ``where``, ascending."""
+    def cells(self, where: Any = None, *, key: Hashable | None = None) -> np.ndarray:
+        """``cell_idx`` of the cells satisfying ``where``, ascending.
+
+        Parameters
+        ----------
+        key
+            A hashable identity of ``where`` (e.g. the query's predicate object): the answer is
+            remembered under it (datasets are immutable, so it never goes stale; the least
+            recently used answers are dropped beyond :data:`SELECTIONS_MAX_CELLS` cells in all).
+        """
+        if key is not None and key in self._selections:
+            self._selections.move_to_end(key)
+            return self._selections[key].copy()
         t = self.table
         stmt = sa.select(t.c.cell_idx).order_by(t.c.cell_idx)
         if where is not None:
             stmt = stmt.where(where)
-        return np.asarray([r[0] for r in self._rows(stmt)], dtype=np.int64)
+        rows = self._rows(stmt)
+        out = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        if key is not None and out.size <= SELECTIONS_MAX_CELLS:
+            self._selections[key] = out.copy()
+            self._selected_cells += out.size
+            while self._selected_cells > SELECTIONS_MAX_CELLS:
+                self._selected_cells -= self._selections.popitem(last=False)[1].size
+        return out
 
     def contiguous_range(self, where: Any) -> tuple[int, int] | None:
         """``(first, last)`` when ``where`` selects exactly the cells ``first..last``, else ``None``.

@@ -147,3 +147,25 @@ def test_obs_index_keeps_names_only_where_cheap_and_queries_agree(tmp_path: Path
             assert list(with_kept.obs.index) == list(names[with_kept.cell_idx])  # against the build's truth
             np.testing.assert_array_equal(with_kept.src_idx, src[with_kept.cell_idx])
     b.backend.close()
+
+
+def test_obs_index_remembers_selections_by_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sclstore.store.obs_index as obs_index_mod
+
+    obs = random_obs(60, seed=2, with_nulls=False)
+    b = build_store(tmp_path / "s", obs=obs, consolidate=False, cluster_by=())
+    ds = b.backend.get_run(b.run_id).dataset_id
+    index = b.backend.obs_index(ds)
+    col = {c.name: index.table.c[c.column] for c in b.backend.get_dataset(ds).obs_schema}
+    truth = {"T": np.sort(b.cell_idx_of_src[obs["cell_type"].to_numpy() == "T"])}
+    first = index.cells(col["cell_type"] == sa.literal("T"), key="T")
+    np.testing.assert_array_equal(first, truth["T"])
+    first[:] = -1  # the caller's copy: the remembered answer is untouched
+    with b.backend.engine.begin() as conn:  # an answer under a key is not asked of the catalog again
+        conn.execute(sa.text(f'UPDATE "{index.table.name}" SET {col["cell_type"].name} = NULL'))  # test-only
+    np.testing.assert_array_equal(index.cells(col["cell_type"] == sa.literal("T"), key="T"), truth["T"])
+    assert index.cells(col["cell_type"] == sa.literal("T")).size == 0  # without a key: asked again
+    monkeypatch.setattr(obs_index_mod, "SELECTIONS_MAX_CELLS", truth["T"].size + 5)
+    np.testing.assert_array_equal(index.cells(index.table.c.cell_idx < 10, key="first ten"), np.arange(10))
+    assert "T" not in index._selections  # over the limit in all: the oldest answer went
+    b.backend.close()
