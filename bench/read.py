@@ -26,8 +26,10 @@ sclstore's per-process layout cache keeps a complete run's tile files mapped).
 
 ``--s3`` starts moto's S3 server on 127.0.0.1 (a child process; nothing else is contacted), builds
 the run on ``s3://bench/store`` with the catalog in a local SQLite file, and times sclstore's
-reader (libtiledb with the store's tuned object-storage settings), libtiledb with its default
-settings, and a raw boto3 ranged GET of the same tile bytes (the endpoint's physical limit).
+reader (libtiledb with the store's tuned object-storage settings; and the same with
+``vfs.min_parallel_size`` raised so that no read is split into parallel ranged GETs), libtiledb
+with its default settings, and a raw boto3 ranged GET of the same tile bytes (the endpoint's
+physical limit).
 
 Usage::
 
@@ -366,9 +368,13 @@ def s3_bench(args: argparse.Namespace, work: Path, mm: np.ndarray, obs: pd.DataF
         n_ct = -(-n // c)
         stride = size // (nl * n_ct)  # bytes per tile incl. its chunk headers (unfiltered, one fragment)
 
-        def sclstore_read(slots: list[int], cells: np.ndarray | None) -> Callable[[], np.ndarray]:
+        # the store's settings, but every VFS read as one request (no split into parallel ranged GETs)
+        one_request = dict(backend.location.settings.tiledb_config, **{"vfs.min_parallel_size": str(1 << 40)})
+        one_ctx = tiledb.Ctx(tiledb.Config(one_request))
+
+        def sclstore_read(slots: list[int], cells: np.ndarray | None, *, c: tiledb.Ctx = ctx) -> Callable[[], np.ndarray]:
             def fn() -> np.ndarray:
-                with ArrayReader(run.array_uri, ctx=ctx) as rd:
+                with ArrayReader(run.array_uri, ctx=c) as rd:
                     return rd.read(slots, cells, "cls")
             return fn
 
@@ -392,12 +398,13 @@ def s3_bench(args: argparse.Namespace, work: Path, mm: np.ndarray, obs: pd.DataF
                 return np.frombuffer(b"".join(parts), dtype=np.uint8)
             return fn
 
-        names = ["raw ranged GET", "sclstore (tuned libtiledb)", "libtiledb default settings"]
+        names = ["raw ranged GET", "sclstore (tuned libtiledb)", "sclstore, unsplit reads", "libtiledb default settings"]
         rows = []
         for label, slots, cells in cases:
-            out = timed([raw_get(slots, cells), sclstore_read(slots, cells), plain(slots, cells)], args.repeats)
+            out = timed([raw_get(slots, cells), sclstore_read(slots, cells), sclstore_read(slots, cells, c=one_ctx),
+                         plain(slots, cells)], args.repeats)
             want = np.asarray(mm[slots] if cells is None else mm[slots][:, cells], dtype=np.float32)
-            assert np.array_equal(out[1][2], want) and np.array_equal(out[2][2], want), f"{label}: results differ"
+            assert all(np.array_equal(o[2], want) for o in out[1:]), f"{label}: results differ"
             rows.append((label, [o[0] for o in out], [o[1] for o in out]))
             print(f"  {label}: " + ", ".join(f"{name} {o[0]:.4f} s" for name, o in zip(names, out, strict=True)), flush=True)
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
