@@ -282,7 +282,9 @@ class ArrayReader:
 
     A complete run's single consolidated fragment is read straight from its tile files
     (:mod:`sclstore.store.tilefile`) when ``direct`` and its layout checks pass; any other array
-    (or ``direct=False``) is read through libtiledb. Both give identical values.
+    (or ``direct=False``) is read through libtiledb. Both give identical values. What a direct
+    reader validated is kept per process (:mod:`sclstore.store.layout_cache`): reopening an
+    unchanged run opens nothing in libtiledb.
 
     Not thread-safe: use one reader per thread.
     """

@@ -13,7 +13,8 @@ miss, and the reader opens the array through libtiledb and validates it again.
 
 Tile headers are still checked on every read (:mod:`sclstore.store.tilefile`): the cache skips
 only the open. Entries are dropped when a direct read finds an unexpected tile. At most
-:data:`MAX_ENTRIES` arrays are held (least recently used evicted): each holds file mappings.
+:data:`MAX_ENTRIES` arrays and :data:`MAX_FILES` mapped files are held (least recently used
+evicted first): each mapping holds a file descriptor.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from dataclasses import dataclass
 
 from .tilefile import FragmentTiles, TileFile
 
-__all__ = ["MAX_ENTRIES", "DirectLayout", "clear", "drop", "get", "put", "stamp"]
+__all__ = ["MAX_ENTRIES", "MAX_FILES", "DirectLayout", "clear", "drop", "get", "put", "stamp"]
 
 MAX_ENTRIES = 32
 """Arrays whose layouts are kept per process."""
+MAX_FILES = 256
+"""Mapped data files kept in all (each mapping holds a file descriptor)."""
 
 Stamp = tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[int, int, int], ...]]
 
@@ -101,7 +104,7 @@ def put(path: str, layout: DirectLayout) -> bool:
     with _lock:
         _entries[path] = (now, layout)
         _entries.move_to_end(path)
-        while len(_entries) > MAX_ENTRIES:
+        while len(_entries) > 1 and (len(_entries) > MAX_ENTRIES or sum(len(e[1].files) for e in _entries.values()) > MAX_FILES):
             _entries.popitem(last=False)
     return True
 

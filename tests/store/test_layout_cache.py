@@ -105,3 +105,12 @@ def test_least_recently_used_layouts_are_evicted(tmp_path: Path, monkeypatch: py
     assert layout_cache.get(uris[0]) is not None  # a is now the most recently used
     arrays.ArrayReader(uris[2]).close()
     assert layout_cache.get(uris[1]) is None and layout_cache.get(uris[0]) is not None and layout_cache.get(uris[2]) is not None
+
+
+def test_mapped_files_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(layout_cache, "MAX_FILES", 2)  # each array below maps one file (one pool, one fragment)
+    uris = [str(tmp_path / name) for name in ("a", "b", "c")]
+    for i, uri in enumerate(uris):
+        _build(uri, n=300, dim=8, seed=i)
+        arrays.ArrayReader(uri).close()
+    assert [layout_cache.get(u) is not None for u in uris] == [False, True, True]
