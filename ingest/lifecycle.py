@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from types import FrameType
 
-__all__ = ["Interrupted", "die_with_parent", "exit_code", "signals_as_exceptions", "worker_setup"]
+__all__ = ["Interrupted", "die_with_parent", "exit_code", "signals_as_exceptions", "signals_as_stop", "worker_setup"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,35 @@ def signals_as_exceptions(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIG
     previous = {s: signal.signal(s, handler) for s in signums}
     try:
         yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def signals_as_stop(
+    stop: threading.Event, signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT),
+) -> Iterator[list[int]]:
+    """Drain on the first of ``signums``: set ``stop`` (a worker finishes the chunk in flight and
+    releases its shard); a second signal raises :class:`Interrupted`. Yields the signals received."""
+    fired: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield fired
+        return
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        fired.append(signum)
+        if len(fired) == 1:
+            logger.warning("%s: finishing the chunk in flight, then releasing the shard (again to stop now)",
+                           signal.Signals(signum).name)
+            stop.set()
+            return
+        if len(fired) == 2:
+            raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in signums}
+    try:
+        yield fired
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

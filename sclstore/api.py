@@ -164,8 +164,48 @@ class Store:
             from sclstore.store.errors import InvalidInputError
 
             raise InvalidInputError(f"obs_filter applies to SOMA Experiments; {data!r} is not one")
+        sharding = {k: options.pop(k) for k in ("devices", "executor", "ray_address") if k in options}
         config = IngestConfig(model=model, checkpoint=checkpoint, **options)
-        return ingest(self.backend, data, config, source_label=label)
+        return ingest(self.backend, data, config, source_label=label, **sharding)
+
+    # ------------------------------------------------------------------ the ingest service
+    def submit(self, data: str | os.PathLike[str], model: str, checkpoint: str | None = None, **options: Any) -> Any:
+        """Plan a run for workers anywhere: hash, register, create the run and its shards (no embedding).
+
+        ``options`` are :class:`~sclstore.store.IngestConfig` fields; ``device`` names the
+        workers' device (it sets the run's precision and need not exist here); ``shard_cells``
+        sizes the shards (default 16 chunks). Returns a ``SubmitResult`` (``.id``: the run id).
+        """
+        from sclstore.ingest.pipeline import submit
+
+        return submit(self.backend, data, IngestConfig(model=model, checkpoint=checkpoint, **options))
+
+    def work(
+        self, runs: Any = None, *, device: str = "auto", forever: bool = False, threads: int | str | None = None,
+        workers: int = 1, batch_size: int | None = None, precision: str | None = None, progress: Any = None,
+        stop: Any = None, poll_s: float = 1.0,
+    ) -> Any:
+        """Be a worker: claim shards of ``runs`` (default: any shared run), embed, finalise.
+
+        Returns once nothing is left in scope (``forever``: when ``stop``, a ``threading.Event``,
+        is set). ``batch_size``/``precision`` only check: a run pinned to others is refused.
+        Returns a ``WorkReport``.
+        """
+        runtime.apply(runtime.decide(threads))
+        from sclstore.ingest.worker import work
+
+        ids = None if runs is None else [self.run(r).id for r in ([runs] if isinstance(runs, (int, str)) else runs)]
+        return work(self.backend, runs=ids, device=device, forever=forever, batch_size=batch_size, precision=precision,
+                    workers=workers, progress=progress, stop=stop, poll_s=poll_s)
+
+    def status(self, run: int | str | None = None) -> list[dict[str, Any]]:
+        """Shards queued/claimed/done, per-worker cells/s, ETA and stale leases, per run (default: unfinished runs)."""
+        runs = [self.run(run)] if run is not None else [r for r in self.runs() if r.status != "complete"]
+        return [self.backend.shards.status(r) for r in runs]
+
+    def cancel(self, run: int | str) -> int:
+        """Cancel a run: workers stop at their next chunk; returns the shards cancelled. An identical ingest resumes it."""
+        return self.backend.shards.cancel(self.run(run).id)
 
     def query(self, sql: str, *, memory_budget: int | None = None) -> Any:
         """Run a slice query over the ``embeddings`` virtual table.

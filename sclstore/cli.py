@@ -20,7 +20,7 @@ from rich.table import Table
 from sclstore.api import Store, default_store_path, open_store
 from sclstore.cli_rows import CsvOpt, NlOpt, TsvOpt, emit_rows, print_table, row_format
 from sclstore.store import runtime
-from sclstore.store.config import StoreSettings, parse_csv
+from sclstore.store.config import StoreSettings
 from sclstore.store.errors import SclstoreError
 
 # Heavy modules (torch, scanpy, anndata, TileDB, pandas, Alembic) load inside the commands that
@@ -250,73 +250,6 @@ def verify(
         raise typer.Exit(1)
 
 
-# ------------------------------------------------------------------------------ ingest
-@app.command()
-@handled
-def ingest(
-    data: Annotated[str, typer.Argument(help=".h5ad file with raw counts, or a SOMA Experiment (*.soma; with --obs-filter).")],
-    model: Annotated[str, typer.Option("--model", help="tahoe-x1, scfoundation, scgpt, geneformer or sclstore-tiny.")],
-    checkpoint: Annotated[str | None, typer.Option(help="Local checkpoint folder (not for sclstore-tiny).")] = None,
-    name: Annotated[str | None, typer.Option(help="Dataset name (default: the file name).")] = None,
-    pool: Annotated[str | None, typer.Option("--pool", help="Pools, e.g. cls,mean (default: the model's).")] = None,
-    layers: Annotated[str, typer.Option(help="all, a list 0,6,12 or a range 0:12.")] = "all",
-    dtype: Annotated[str, typer.Option(help="float32 or float16.")] = "float32",
-    batch_size: Annotated[int, typer.Option(help="Cells per forward pass.")] = 32,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    counts_layer: Annotated[str | None, typer.Option(help="Read counts from layers[KEY] instead of X.")] = None,
-    gene_column: Annotated[str | None, typer.Option(help="var column with gene ids (default: var index).")] = None,
-    cluster_by: Annotated[str | None, typer.Option(help="obs columns to order cells by, e.g. condition,donor.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of gene subsampling.")] = 0,
-    max_genes: Annotated[int | None, typer.Option(help="Cap on tokens per cell (default: the model's).")] = None,
-    precision: Annotated[str, typer.Option(help="auto (the model's official precision on CUDA, fp32 on CPU), fp32, bf16 or fp16.")] = "auto",
-    model_option: Annotated[
-        list[str] | None, typer.Option("--model-option", help="KEY=VALUE, repeatable (scfoundation: sub_model, tgthighres).")
-    ] = None,
-    workers: Annotated[int, typer.Option(help="Tokenizer worker processes (0 = in process).")] = 1,
-    chunk_cells: Annotated[int, typer.Option(help="Cells per durable write: an interrupted run resumes from the last one.")] = 4096,
-    no_wait: Annotated[bool, typer.Option("--no-wait", help="Fail instead of waiting when another process ingests the same run.")] = False,
-    rehash: Annotated[bool, typer.Option("--rehash", help="Re-read the data and checkpoint to hash them (ignore the digest cache).")] = False,
-    obs_filter: Annotated[str | None, typer.Option("--obs-filter", help="SOMA input: obs filter, e.g. \"cell_type == 'B cell'\".")] = None,
-    soma_measurement: Annotated[str, typer.Option("--soma-measurement", help="SOMA input: measurement name.")] = "RNA",
-    soma_x: Annotated[str | None, typer.Option("--soma-x", help="SOMA input: X layer of raw counts (default raw, counts, data).")] = None,
-    threads: ThreadsOpt = None,
-    store: StoreOpt = default_store_path(),
-    catalog: CatalogOpt = None,
-    json_out: JsonOpt = False,
-    verbose: VerboseOpt = 0,
-) -> None:
-    """Embed every cell with every layer of a model, once; prints the run id.
-
-    SIGTERM (e.g. a Slurm time limit) or SIGINT ends it with one line on stderr and exit status
-    143 / 130; the run keeps every finished chunk and the same command resumes it.
-    """
-    from sclstore.ingest.lifecycle import Interrupted, exit_code, signals_as_exceptions
-
-    try:
-        with signals_as_exceptions(), _open(store, catalog, create=True) as st:
-            # progress goes to stderr: --json stays clean
-            res = st.ingest(
-                data, model, checkpoint, name=name, pools=parse_csv(pool) or None, layers=layers, dtype=dtype,  # type: ignore[arg-type]
-                batch_size=batch_size, device=device, counts_layer=counts_layer, gene_column=gene_column,
-                cluster_by=parse_csv(cluster_by), seed=seed, max_genes=max_genes, precision=precision, model_options=tuple(model_option or ()),
-                workers=workers, chunk_cells=chunk_cells, progress=True, wait=not no_wait, rehash=rehash, threads=threads,
-                **({"obs_filter": obs_filter} if obs_filter else {}), soma_measurement=soma_measurement,
-                **({"soma_x": soma_x} if soma_x else {}),
-            )
-    except Interrupted as exc:
-        err.print(f"error: {exc}: the run keeps its finished chunks; rerun the same command to resume it",
-                  markup=False, highlight=False)
-        raise typer.Exit(exit_code(exc.signum)) from None
-    if json_out:
-        emit_json(res.to_json() | {"thread_policy": policy_json()})
-        return
-    what = "cache hit: already stored as run" if res.cache_hit else "stored run"
-    err.print(f"{what} {res.run_id} ({res.dataset}/{res.model}): {res.cells} cells x {len(res.layers)} layers x "
-              f"pools {','.join(res.pools)}; genes matched {res.gene_mapping['n_matched']}/{res.gene_mapping['n_vars']}; "
-              f"{res.seconds:.1f} s", markup=False, highlight=False)
-    sys.stdout.write(f"{res.run_id}\n")
-
-
 def main() -> None:
     """Console-script entry point."""
     app()
@@ -326,6 +259,7 @@ from sclstore import (  # noqa: E402,F401  (register info, query, eval, report a
     cli_checkpoint,
     cli_eval,
     cli_info,
+    cli_ingest,
     cli_work,
 )
 

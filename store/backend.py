@@ -46,6 +46,7 @@ from .readonly import read_only_reason, refuse_write
 from .results_cache import ResultCache
 from .run_writer import RunWriter
 from .runs import RunRepository
+from .shards import ShardLease, ShardQueue
 
 if TYPE_CHECKING:
     import numpy as np
@@ -109,7 +110,10 @@ class Backend:
         self.datasets = DatasetRepository(engine)
         self.models = ModelRepository(engine)
         self.runs = RunRepository(engine, self.array_store)
-        self.writer = RunWriter(engine, self.array_store, self.runs)
+        settings = location.settings
+        self.shards = ShardQueue(engine, ttl_s=settings.lease_ttl_s, heartbeat_s=settings.heartbeat_s)
+        """The runs' shard queue (:mod:`sclstore.store.shards`)."""
+        self.writer = RunWriter(engine, self.array_store, self.runs, shards=self.shards)
         self.results = ResultCache(engine)
 
     @property
@@ -303,6 +307,10 @@ class Backend:
         """``src_idx`` of every cell in ``cell_idx`` order: where each stored cell sits in the source file."""
         return self.datasets.obs_index(dataset_id).cell_order()
 
+    def cell_order_range(self, dataset_id: int, lo: int, hi: int) -> np.ndarray:
+        """``src_idx`` of cells ``lo..hi-1`` only (what a shard's worker reads)."""
+        return self.datasets.obs_index(dataset_id).src_range(lo, hi)
+
     # ------------------------------------------------------------------ models
     def register_model(
         self, *, family: str, name: str, checkpoint_hash: str, n_layers: int, d_model: int, config: dict[str, Any]
@@ -339,9 +347,16 @@ class Backend:
         params: dict[str, Any],
         layers: Sequence[int],
         spec: ArraySpec,
+        plan: dict[str, Any] | None = None,
+        shared: bool = False,
     ) -> RunInfo:
-        """Create a run's array, then its catalog row (or return the run with this cache key)."""
-        return self.runs.create(dataset=dataset, model=model, key=key, params=params, layers=layers, spec=spec)
+        """Create a run's array, then its catalog row (or return the run with this cache key).
+
+        ``plan`` is what a worker needs to embed the run's shards; ``shared`` lets any
+        ``sclstore work`` process claim them (see :meth:`RunRepository.create`).
+        """
+        return self.runs.create(dataset=dataset, model=model, key=key, params=params, layers=layers, spec=spec,
+                                plan=plan, shared=shared)
 
     def acquire(self, run_id: int, *, wait: bool, poll_s: float = 1.0) -> Lease | None:
         """Lease a run for writing; ``None`` means it is complete (see :meth:`RunWriter.acquire`)."""
@@ -357,6 +372,23 @@ class Backend:
     def complete(self, run: RunInfo, lease: Lease, stats: dict[str, Any]) -> RunInfo:
         """Consolidate the array (see :meth:`ArrayStore.full_consolidation`), then mark the run complete."""
         return self.writer.complete(run, lease, stats)
+
+    def write_shard_block(
+        self, run: RunInfo, lease: ShardLease, start: int, block: dict[str, np.ndarray], *,
+        unembeddable: Sequence[int] | None = None, cells_per_s: float | None = None, peak_rss: int | None = None,
+    ) -> None:
+        """Write cells ``start..`` of a claimed shard durably, then advance the shard's watermark."""
+        self.writer.write_shard_block(run, lease, start, block, unembeddable=unembeddable, cells_per_s=cells_per_s,
+                                      peak_rss=peak_rss)
+
+    def finalise_run(self, run_id: int, stats: dict[str, Any] | None = None) -> RunInfo | None:
+        """Finalise a run whose shards are all done; exactly one process does it (see
+        :meth:`RunWriter.finalise_run`)."""
+        return self.writer.finalise_run(run_id, stats)
+
+    def mark_failed(self, run_id: int, error: str) -> None:
+        """Mark an active run failed (an ingest that stopped; an identical ingest resumes it)."""
+        self.writer.mark_failed(run_id, error)
 
     def fail(self, run: RunInfo, lease: Lease, error: str) -> None:
         """Mark a run failed (its written prefix stays; an identical ingest resumes it)."""

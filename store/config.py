@@ -174,8 +174,8 @@ class IngestConfig:
     the run's cache key is derived from all of them (:mod:`sclstore.ingest.run_key`), so a new
     such field enters the key by being marked. ``device`` enters through the precision it
     implies. Fields marked ``pinned`` (batch_size, chunk_cells) are kept from the run's first
-    attempt when it resumes; the others (name, cluster_by, workers, progress, wait, rehash) never
-    change a number.
+    attempt when it resumes; the others (name, cluster_by, workers, memory_mb, shard_cells, progress,
+    wait, rehash) never change a number.
     """
 
     model: str = _numerics()
@@ -197,7 +197,13 @@ class IngestConfig:
     model_options: tuple[tuple[str, str], ...] = _numerics(default=())
     """Model-specific options as ``(key, value)`` pairs (a dict is accepted), e.g. scFoundation's
     ``(("sub_model", "rde"),)``; the adapter validates the keys and hashes them with the checkpoint."""
-    chunk_cells: int = _pinned(default=4096)
+    chunk_cells: int | None = _pinned(default=None)
+    """Cells per durable write (the resume points); default: as many as fit :attr:`memory_mb`, at most 4,096."""
+    memory_mb: int = 256
+    """Host memory for embeddings in flight (about three chunks of every kept layer and pool)."""
+    shard_cells: int | None = None
+    """Cells per shard (rounded up to chunk and tile boundaries); default: one shard for a plain
+    ingest, about four per worker with ``devices``, 16 chunks for ``submit``."""
     workers: int = 1
     progress: bool = True
     wait: bool = True
@@ -215,8 +221,12 @@ class IngestConfig:
             raise InvalidInputError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.batch_size < 1:
             raise InvalidInputError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.chunk_cells < 1:
-            raise InvalidInputError(f"chunk_cells must be >= 1, got {self.chunk_cells}")
+        if self.chunk_cells is not None and self.chunk_cells < 1:
+            raise InvalidInputError(f"--chunk-cells must be >= 1, got {self.chunk_cells}")
+        if self.shard_cells is not None and self.shard_cells < 1:
+            raise InvalidInputError(f"--shard-cells must be >= 1, got {self.shard_cells}")
+        if self.memory_mb < 1:
+            raise InvalidInputError(f"--memory-mb must be >= 1, got {self.memory_mb}")
         if self.max_genes is not None and self.max_genes < 2:
             raise InvalidInputError(f"max_genes must be >= 2, got {self.max_genes}")
         if self.workers < 0:

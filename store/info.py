@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .models import Dataset, Model, Run
@@ -116,6 +116,10 @@ class RunInfo:
     finished_at: str | None
     unembeddable: tuple[int, ...] = ()
     """Cells (store order) the model could not embed: NaN rows, skipped by evaluation."""
+    plan: dict[str, Any] = field(default_factory=dict)
+    """What a worker needs to embed the run's shards (see :mod:`sclstore.ingest.plan`)."""
+    shared: bool = False
+    """Whether any ``sclstore work`` process may claim its shards."""
 
     @classmethod
     def from_row(cls, row: Run, array_uri: str) -> RunInfo:
@@ -148,6 +152,8 @@ class RunInfo:
             created_at=_iso(row.created_at),
             finished_at=_iso(row.finished_at),
             unembeddable=tuple(int(x) for x in (row.unembeddable or ())),
+            plan=dict(row.plan or {}),
+            shared=bool(row.shared),
         )
 
     @property

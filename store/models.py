@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -26,7 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-__all__ = ["RUN_STATUSES", "Base", "Dataset", "Evaluation", "Intermediate", "Model", "Run", "utcnow"]
+__all__ = ["RUN_STATUSES", "Base", "Dataset", "Evaluation", "Intermediate", "Model", "Run", "RunShard", "utcnow"]
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -36,7 +37,8 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-RUN_STATUSES = ("running", "complete", "failed")
+RUN_STATUSES = ("queued", "running", "complete", "failed", "cancelled")
+SHARD_STATUSES = ("queued", "claimed", "done", "failed", "cancelled")
 
 
 def utcnow() -> dt.datetime:
@@ -121,6 +123,11 @@ class Run(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    plan: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default=text("'{}'"))
+    """What a worker needs to embed the run's shards (source, checkpoint, options, pinned numerics)."""
+    shared: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("0"))
+    """Whether any ``sclstore work`` process may claim its shards (False: only the ingesting process,
+    e.g. for an in-memory AnnData)."""
 
     dataset: Mapped[Dataset] = relationship(back_populates="runs")
     model: Mapped[Model] = relationship(back_populates="runs")
@@ -152,3 +159,33 @@ class Intermediate(Base):
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     payload: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RunShard(Base):
+    """A contiguous, chunk-aligned cell range ``[lo, hi)`` of a run, claimed by one worker at a time."""
+
+    __tablename__ = "run_shards"
+    __table_args__ = (UniqueConstraint("run_id", "idx"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
+    idx: Mapped[int] = mapped_column(Integer)
+    lo: Mapped[int] = mapped_column(BigInteger)
+    hi: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    watermark: Mapped[int] = mapped_column(BigInteger)
+    """Cells ``lo..watermark-1`` are written durably; a takeover resumes here."""
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_host: Mapped[str | None] = mapped_column(String(255))
+    lease_pid: Mapped[int | None] = mapped_column(Integer)
+    lease_boot_id: Mapped[str | None] = mapped_column(String(64))
+    lease_pidns: Mapped[str | None] = mapped_column(String(64))
+    heartbeat_at: Mapped[float | None] = mapped_column(Float)
+    device: Mapped[str | None] = mapped_column(String(64))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    cells_per_s: Mapped[float | None] = mapped_column(Float)
+    peak_rss: Mapped[int | None] = mapped_column(BigInteger)
+    unembeddable: Mapped[list[Any]] = mapped_column(JSON, default=list, server_default=text("'[]'"))
+    error: Mapped[str | None] = mapped_column(Text)
+    claimed_at: Mapped[float | None] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float)

@@ -209,6 +209,12 @@ class ObsIndex:
         t = self.table
         return np.asarray([r[0] for r in self._rows(sa.select(t.c.src_idx).order_by(t.c.cell_idx))], dtype=np.int64)
 
+    def src_range(self, lo: int, hi: int) -> np.ndarray:
+        """``src_idx`` of cells ``lo..hi-1`` in cell order (a primary-key range scan: a shard's rows only)."""
+        t = self.table
+        stmt = sa.select(t.c.src_idx).where(t.c.cell_idx >= lo, t.c.cell_idx < hi).order_by(t.c.cell_idx)
+        return np.asarray([r[0] for r in self._rows(stmt)], dtype=np.int64)
+
     @staticmethod
     def build_table(dataset: DatasetInfo, metadata: sa.MetaData) -> sa.Table:
         if dataset.obs_table in metadata.tables:

@@ -6,6 +6,7 @@ Every catalog write of a writer is conditioned on still owning the run's lease (
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from .info import RunInfo
 from .lease import Lease, try_acquire
 from .models import Run, utcnow
 from .runs import RunRepository
+from .shards import ShardLease, ShardQueue
 
 if TYPE_CHECKING:
     import numpy as np
@@ -46,13 +48,20 @@ class RunWriter:
         The run repository (lease holders and completion are looked up there).
     settings
         Lease TTL and heartbeat period (default: the array store location's settings).
+    shards
+        The runs' shard queue (sharded runs: :meth:`write_shard_block`, :meth:`finalise_run`).
     """
 
-    def __init__(self, engine: Engine, array_store: ArrayStore, runs: RunRepository, settings: StoreSettings | None = None) -> None:
+    def __init__(
+        self, engine: Engine, array_store: ArrayStore, runs: RunRepository, settings: StoreSettings | None = None, *,
+        shards: ShardQueue | None = None,
+    ) -> None:
         self.engine = engine
         self.array_store = array_store
         self.runs = runs
         self.settings: StoreSettings = settings if settings is not None else array_store.settings
+        self.shards = shards if shards is not None else ShardQueue(engine, ttl_s=self.settings.lease_ttl_s,
+                                                                   heartbeat_s=self.settings.heartbeat_s)
 
     def acquire(self, run_id: int, *, wait: bool, poll_s: float = 1.0) -> Lease | None:
         """Lease a run for writing. ``None`` means the run is (or became) complete.
@@ -118,6 +127,58 @@ class RunWriter:
                           lease_owner=None, lease_host=None, lease_pid=None)
         lease.release()
         return self.runs.get(run.id)
+
+    def write_shard_block(
+        self, run: RunInfo, lease: ShardLease, start: int, block: dict[str, np.ndarray], *,
+        unembeddable: Sequence[int] | None = None, cells_per_s: float | None = None, peak_rss: int | None = None,
+    ) -> None:
+        """Write cells ``start..`` of a claimed shard durably, then advance the shard's watermark."""
+        lease.check()
+        n = next(iter(block.values())).shape[1]
+        self.array_store.write(run, start, block)
+        self.shards.advance(lease, start + n, cells=n, unembeddable=unembeddable, cells_per_s=cells_per_s, peak_rss=peak_rss)
+
+    def finalise_run(self, run_id: int, stats: dict[str, Any] | None = None) -> RunInfo | None:
+        """Finalise a run whose shards are all done; exactly one process does it.
+
+        The finaliser is whoever wins the run's lease; it consolidates the array (or checks its
+        disjoint fragments), gathers the shards' unembeddable cells and marks the run complete.
+        Returns the run this call completed, or ``None`` when it is complete already, another
+        process is finalising it, or shards are left.
+        """
+        st = self.settings
+        lease = try_acquire(self.engine, run_id, ttl_s=st.lease_ttl_s, heartbeat_s=st.heartbeat_s)
+        if lease is None:
+            return None
+        try:
+            shards = self.shards.shards(run_id)
+            if not shards or any(s.status != "done" for s in shards):
+                lease.release()
+                return None
+            run = self.runs.get(run_id)
+            unembeddable = sorted({c for s in shards for c in s.unembeddable})
+            t0 = min((s.claimed_at for s in shards if s.claimed_at), default=None)
+            t1 = max((s.finished_at for s in shards if s.finished_at), default=None)
+            seconds = round(t1 - t0, 3) if t0 and t1 else None
+            workers = sorted({f"{s.lease_host}:{s.lease_pid}" for s in shards if s.lease_host})
+            summary = {"shards": len(shards), "workers": len(workers), "devices": sorted({s.device for s in shards if s.device}),
+                       "peak_rss_bytes": max((s.peak_rss or 0 for s in shards), default=0), "unembeddable_cells": len(unembeddable),
+                       "wall_seconds": seconds, "cells_per_s": round(run.n_cells / seconds, 2) if seconds else None}
+            self.array_store.finalise(run)
+            self._owned_update(lease, status="complete", stats={**summary, **(stats or {})}, finished_at=utcnow(),
+                               unembeddable=unembeddable, watermark=run.n_cells, lease_owner=None, lease_host=None, lease_pid=None)
+        except BaseException:
+            lease.release()
+            raise
+        lease.release()
+        logger.info("run %s complete: %d shard(s), %s cells/s", run_id, len(shards), summary["cells_per_s"])
+        return self.runs.get(run_id)
+
+    def mark_failed(self, run_id: int, error: str) -> None:
+        """Mark an active run failed (an ingest that stopped; an identical ingest resumes it)."""
+        with contextlib.suppress(sa.exc.SQLAlchemyError), catalogdb.write_tx(self.engine) as conn:
+            conn.execute(sa.update(Run).where(Run.id == run_id, Run.status.in_(("queued", "running")))
+                         .values(status="failed", error=error[:2000]))
 
     def fail(self, run: RunInfo, lease: Lease, error: str) -> None:
         """Mark a run failed (its written prefix stays; an identical ingest resumes it)."""

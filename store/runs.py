@@ -124,11 +124,15 @@ class RunRepository:
         params: dict[str, Any],
         layers: Sequence[int],
         spec: ArraySpec,
+        plan: dict[str, Any] | None = None,
+        shared: bool = False,
     ) -> RunInfo:
         """Create a run's array, then its catalog row (or return the run with this cache key).
 
-        A failure to write the row removes the array again; when a concurrent process created
-        the same run first, its run is returned and this array is removed.
+        ``plan`` is what a worker needs to embed the run's shards; ``shared`` lets any
+        ``sclstore work`` process claim them. A failure to write the row removes the array
+        again; when a concurrent process created the same run first, its run is returned and
+        this array is removed.
         """
         found = self.find(key)
         if found is not None:
@@ -144,8 +148,8 @@ class RunRepository:
                         dataset_id=dataset.id, model_id=model.id, cache_key=key, params=params,
                         layers=[int(x) for x in layers], pools=list(spec.pools), dim=spec.dim,
                         n_cells=spec.n_cells, dtype=spec.dtype, encoding_type=arrays.ENCODING_TYPE,
-                        encoding_version=arrays.ENCODING_VERSION, array_uri=rel, status="running",
-                        watermark=0, stats={}, created_at=utcnow(),
+                        encoding_version=arrays.ENCODING_VERSION, array_uri=rel, status="queued",
+                        watermark=0, stats={}, created_at=utcnow(), plan=plan or {}, shared=shared,
                     )
                 )
         except sa.exc.IntegrityError:

@@ -261,7 +261,7 @@ def test_forked_workers_do_not_hang_after_torch_ran_in_parent(tmp_path: Path) ->
         """
         import json, numpy as np, scipy.sparse as sp, torch
         from sclstore.ingest.models import TINY_CHECKPOINT, load_adapter
-        from sclstore.ingest.pipeline import _tokenize, start_workers
+        from sclstore.ingest.embed import _tokenize, start_workers
         torch.set_num_threads(2)
         x = torch.randn(600, 600)
         for _ in range(5):

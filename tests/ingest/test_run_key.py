@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 import sclstore
-import sclstore.ingest.pipeline as pipeline
+import sclstore.ingest.embed as pipeline
 from sclstore.store import IngestConfig
 from sclstore.store.config import NUMERICS, PINNED, fields_marked
 
@@ -70,6 +70,8 @@ def test_every_field_one_at_a_time(world: dict[str, Any], tmp_path: Path) -> Non
         "precision": "bf16",
         "model_options": None,  # tahoe-x1 has none: covered on scFoundation below
         "chunk_cells": 7,
+        "memory_mb": 1,
+        "shard_cells": 8,
         "workers": 1,
         "progress": True,
         "wait": False,

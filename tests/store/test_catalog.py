@@ -13,7 +13,7 @@ from sclstore.store.backend import Backend
 from sclstore.store.errors import CatalogConnectionError, SchemaVersionError, StoreNotFoundError
 from sclstore.store.models import Base
 
-TABLES = {"datasets", "models", "runs", "evaluations", "intermediates"}
+TABLES = {"datasets", "models", "runs", "run_shards", "evaluations", "intermediates"}
 
 
 def _url(tmp_path: Path, catalog_url: str | None) -> str:

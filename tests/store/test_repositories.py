@@ -23,16 +23,18 @@ from sclstore.store.run_writer import RunWriter
 from sclstore.store.runs import RunRepository
 from sclstore.testing import toy_obs
 
-# Backend's public methods before the split (and get_model, added since), with their parameters
-# (other code and the sharded ingest call them): they must all still exist with the same parameters.
+# Backend's public methods before the split (and those added since: get_model, the sharded
+# ingest's), with their parameters (other code calls them): they must keep these parameters.
 BEFORE = {
     "acquire": ["run_id", "wait", "poll_s"],
     "array_path": ["uri"],
     "cell_order": ["dataset_id"],
+    "cell_order_range": ["dataset_id", "lo", "hi"],
     "close": [],
     "complete": ["run", "lease", "stats"],
-    "create_run": ["dataset", "model", "key", "params", "layers", "spec"],
+    "create_run": ["dataset", "model", "key", "params", "layers", "spec", "plan", "shared"],
     "fail": ["run", "lease", "error"],
+    "finalise_run": ["run_id", "stats"],
     "find_dataset": ["content_hash"],
     "find_run": ["key"],
     "get_dataset": ["dataset"],
@@ -45,6 +47,7 @@ BEFORE = {
     "list_evaluations": ["run_id"],
     "list_models": [],
     "list_runs": ["dataset", "model", "status"],
+    "mark_failed": ["run_id", "error"],
     "obs_index": ["dataset"],
     "obs_table": ["dataset_id"],
     "open_reader": ["run"],
@@ -55,6 +58,7 @@ BEFORE = {
     "register_model": ["family", "name", "checkpoint_hash", "n_layers", "d_model", "config"],
     "verify": ["run"],
     "write_block": ["run", "lease", "start", "block", "unembeddable"],
+    "write_shard_block": ["run", "lease", "start", "block", "unembeddable", "cells_per_s", "peak_rss"],
 }
 
 
@@ -104,10 +108,10 @@ def test_repositories_work_on_their_own_engine(backend: Backend) -> None:
     assert list(frame.index) == list(obs.index) and list(frame["src_idx"]) == list(range(6))
     runs = RunRepository(backend.engine, backend.array_store)
     assert runs.get(run.id) == run and runs.get("d/m") == run and runs.find(cache_key("r")) == run
-    assert runs.list_all(status="running") == [run] and runs.list_all(status="complete") == []
-    with pytest.raises(RunNotFoundError, match=f"no run 7; runs: {run.id}=d/m \\(running\\)"):
+    assert runs.list_all(status="queued") == [run] and runs.list_all(status="complete") == []
+    with pytest.raises(RunNotFoundError, match=f"no run 7; runs: {run.id}=d/m \\(queued\\)"):
         runs.get(7)
-    with pytest.raises(InvalidInputError, match="is running \\(0/6 cells\\)"):
+    with pytest.raises(InvalidInputError, match="is queued \\(0/6 cells\\)"):
         runs.open_reader(run)
     # a writer on its own: lease, two blocks, completion; the reader returns what was written
     writer = RunWriter(backend.engine, backend.array_store, runs)

@@ -1,0 +1,198 @@
+"""A worker: claim shards from the catalog, embed them, finalise runs whose last shard is done.
+
+The same loop serves every executor: ``sclstore work`` (a Slurm array task, a Kubernetes pod, the
+long-lived service with ``--forever``), the processes ``sclstore ingest --devices`` starts, the Ray
+actors of ``--executor ray``, and the in-process worker of a plain ``sclstore ingest``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+
+from sclstore.store import Backend
+from sclstore.store.errors import (
+    CatalogConnectionError,
+    DatasetError,
+    InvalidInputError,
+    LeaseHeldError,
+    ModelError,
+    SclstoreError,
+)
+
+from .embed import embed_shard, peak_rss_bytes
+from .lifecycle import Interrupted
+from .plan import RunContext, open_context
+
+__all__ = ["WorkReport", "work"]
+
+logger = logging.getLogger(__name__)
+
+_FATAL = (InvalidInputError, DatasetError, ModelError)
+"""Errors no other worker gets past (bad input, wrong checkpoint): the run fails at once."""
+
+
+@dataclass
+class WorkReport:
+    """What one worker did."""
+
+    shards: int = 0
+    cells: int = 0
+    seconds: float = 0.0
+    runs_finalised: list[int] = field(default_factory=list)
+    peak_rss_bytes: int = 0
+    device: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shards": self.shards, "cells": self.cells, "seconds": round(self.seconds, 3),
+                "cells_per_s": round(self.cells / self.seconds, 2) if self.seconds > 0 else None,
+                "runs_finalised": self.runs_finalised, "peak_rss_bytes": self.peak_rss_bytes, "device": self.device}
+
+
+class _Outage:
+    """Backoff and one log line per catalog outage (service mode)."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.delay = 1.0
+
+    def hit(self, exc: BaseException) -> float:
+        if self.since is None:
+            self.since = time.time()
+            logger.warning("catalog unreachable (%s); retrying with backoff", str(exc).splitlines()[0][:200])
+        self.delay = min(self.delay * 2, 60.0)
+        return self.delay
+
+    def ok(self) -> None:
+        if self.since is not None:
+            logger.warning("catalog reachable again after %.0f s", time.time() - self.since)
+        self.since, self.delay = None, 1.0
+
+
+def work(
+    backend: Backend, *, runs: Sequence[int] | None = None, device: str = "auto", forever: bool = False,
+    batch_size: int | None = None, precision: str | None = None, workers: int = 1, progress: Any = None,
+    stop: threading.Event | None = None, contexts: dict[int, RunContext] | None = None, shuffle: random.Random | None = None,
+    poll_s: float = 1.0, fail_fast: bool = False, on_shard: Callable[[int], None] | None = None,
+    final_stats: dict[int, dict[str, Any]] | None = None,
+) -> WorkReport:
+    """Claim and embed shards until there is nothing left to do (or, with ``forever``, until ``stop``).
+
+    Parameters
+    ----------
+    backend
+        The open store (its catalog is the queue).
+    runs
+        Work only on these runs; default: any shared run in the catalog.
+    device
+        This worker's device (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
+    forever
+        Keep polling for new runs (the ingest service); otherwise return once the runs in scope
+        have no shard queued or being embedded (a worker waits while others hold shards, so it
+        can take over a dead one's).
+    batch_size, precision
+        Only to check: a worker whose settings would change a run's numbers refuses it.
+    workers
+        Tokenizer processes.
+    progress
+        Object with ``advance(n)`` (cells), or None.
+    stop
+        Set to drain: the shard in progress is released at its next chunk boundary.
+    contexts
+        Ready contexts by run id (a plain ingest passes the one it planned).
+    shuffle
+        Claim shards in random order (tests).
+    fail_fast
+        Raise the first error instead of releasing the shard for another attempt (plain ingest).
+    on_shard
+        Called with the cells of each finished shard.
+    final_stats
+        Extra run stats by run id, recorded if this worker finalises the run.
+    """
+    stop = stop or threading.Event()
+    ctxs: dict[int, RunContext] = dict(contexts or {})
+    owned = set(ctxs)
+    report = WorkReport(device=device)
+    outage = _Outage()
+    t0 = time.perf_counter()
+    try:
+        while not stop.is_set():
+            try:
+                lease = backend.shards.claim(runs=runs, device=device, shuffle=shuffle)
+                if lease is None:
+                    report.runs_finalised += _finalise_ready(backend, runs, final_stats)
+                    if not forever and not backend.shards.pending_runs(runs):
+                        break
+                    outage.ok()
+                    stop.wait(poll_s)
+                    continue
+                outage.ok()
+            except (CatalogConnectionError, sa.exc.OperationalError) as exc:
+                if not forever:
+                    raise
+                stop.wait(outage.hit(exc))
+                continue
+            shard = lease.shard
+            try:
+                ctx = ctxs.get(shard.run_id)
+                if ctx is None:
+                    ctx = ctxs[shard.run_id] = open_context(backend, backend.get_run(shard.run_id), device=device,
+                                                            batch_size=batch_size, precision=precision)
+                t1 = time.perf_counter()
+                cells = embed_shard(backend, ctx.run, lease, adapter=ctx.adapter, source=ctx.source, mapping=ctx.mapping,
+                                    layers=ctx.layers, pools=ctx.pools, batch_size=ctx.batch_size, chunk_cells=ctx.chunk_cells,
+                                    seed=ctx.seed, device=ctx.device, workers=workers, progress=progress, stop=stop)
+            except Interrupted:
+                backend.shards.release(lease)
+                raise
+            except LeaseHeldError as exc:
+                lease.stop()
+                logger.warning("%s", exc)
+                continue
+            except BaseException as exc:
+                fatal = fail_fast or isinstance(exc, _FATAL)
+                status = backend.shards.release(lease, error=f"{type(exc).__name__}: {exc}", fail=fatal)
+                if fatal or not isinstance(exc, (SclstoreError, Exception)):
+                    raise
+                logger.warning("shard %d of run %d failed (%s: %s); it is %s", shard.idx, shard.run_id, type(exc).__name__, exc, status)
+                continue
+            report.cells += cells
+            report.peak_rss_bytes = peak_rss_bytes()
+            if stop.is_set() and lease.shard.hi > shard.watermark + cells:
+                backend.shards.release(lease)
+                logger.info("shard %d of run %d released at cell %d (draining)", shard.idx, shard.run_id, shard.watermark + cells)
+                break
+            if backend.shards.done(lease):
+                report.shards += 1
+                secs = time.perf_counter() - t1
+                logger.info("shard %d of run %d done: cells %d..%d, %d embedded in %.1f s (%.1f cells/s) on %s", shard.idx,
+                            shard.run_id, shard.lo, shard.hi, cells, secs, cells / secs if secs > 0 else 0.0, device)
+                if on_shard is not None:
+                    on_shard(cells)
+            report.runs_finalised += _finalise_ready(backend, [shard.run_id], final_stats)
+    finally:
+        for run_id, ctx in ctxs.items():
+            if run_id not in owned:
+                with contextlib.suppress(Exception):
+                    ctx.close()
+        report.seconds = time.perf_counter() - t0
+        report.peak_rss_bytes = peak_rss_bytes()
+    return report
+
+
+def _finalise_ready(backend: Backend, runs: Sequence[int] | None, extra: dict[int, dict[str, Any]] | None) -> list[int]:
+    done = []
+    for run_id in backend.shards.finishable_runs(runs):
+        run = backend.get_run(run_id)
+        stats = {"gene_mapping": run.plan.get("gene_mapping"), **(extra or {}).get(run_id, {})}
+        if backend.finalise_run(run_id, stats) is not None:
+            done.append(run_id)
+    return done

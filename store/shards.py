@@ -1,0 +1,356 @@
+"""The shard queue: a run's cells split into chunk-aligned ranges that workers claim from the catalog.
+
+The catalog is the queue. A run is planned once (``sclstore submit``) into shards, contiguous cell
+ranges ``[lo, hi)`` whose boundaries are multiples of the run's chunk size and of the array's cell
+tile; any number of workers, anywhere the catalog and the store are reachable, then claim them:
+
+* a **claim** is atomic: one write transaction (``BEGIN IMMEDIATE`` on SQLite) that picks a
+  claimable shard with ``SELECT ... FOR UPDATE SKIP LOCKED`` (PostgreSQL: concurrent claimers skip
+  each other's rows instead of waiting) and updates it conditioned on its previous owner;
+* a shard is claimable when it is queued, or claimed by an owner whose heartbeat is older than the
+  lease TTL, or by a process on this host (same boot, same pid namespace) that no longer exists;
+* the owner's heartbeat comes from a thread (:class:`ShardLease`), so a chunk slower than the TTL
+  keeps its shard; every write of the owner is conditioned on still owning the shard, so a worker
+  whose shard was taken over or cancelled stops at its next chunk boundary;
+* a shard's watermark advances only after its chunk is durably in the array, so a takeover resumes
+  where the dead worker's last committed chunk ended.
+
+Finalisation (consolidation, the run's status) is done by exactly one process: the one that wins the
+run's lease (:func:`sclstore.store.lease.try_acquire`) once every shard is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from .catalog import first_line, write_tx
+from .errors import InvalidInputError, LeaseHeldError
+from .lease import BOOT_ID, HOSTNAME, PID_NAMESPACE, owner_alive
+from .models import Run, RunShard
+
+__all__ = ["ACTIVE_RUN", "ShardInfo", "ShardLease", "ShardQueue", "split_cells"]
+
+logger = logging.getLogger(__name__)
+
+ACTIVE_RUN = ("queued", "running")
+"""Run statuses whose shards may be claimed."""
+
+
+def split_cells(n_cells: int, shard_cells: int, align: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` ranges covering ``0..n_cells`` of ``shard_cells`` rounded up to a multiple of ``align``.
+
+    >>> split_cells(10, 4, 3)
+    [(0, 6), (6, 10)]
+    """
+    if shard_cells < 1:
+        raise InvalidInputError(f"--shard-cells must be >= 1, got {shard_cells}")
+    size = -(-shard_cells // align) * align
+    return [(lo, min(lo + size, n_cells)) for lo in range(0, n_cells, size)]
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard as the catalog holds it."""
+
+    id: int
+    run_id: int
+    idx: int
+    lo: int
+    hi: int
+    status: str
+    watermark: int
+    lease_owner: str | None = None
+    lease_host: str | None = None
+    lease_pid: int | None = None
+    heartbeat_at: float | None = None
+    device: str | None = None
+    attempts: int = 0
+    cells_per_s: float | None = None
+    peak_rss: int | None = None
+    unembeddable: tuple[int, ...] = ()
+    error: str | None = None
+    claimed_at: float | None = None
+    finished_at: float | None = None
+
+    @classmethod
+    def from_row(cls, row: Any) -> ShardInfo:
+        m = row._mapping
+        return cls(**{k: m[k] for k in _COLUMNS if k != "unembeddable"},
+                   unembeddable=tuple(int(c) for c in (m["unembeddable"] or ())))
+
+    @property
+    def cells_done(self) -> int:
+        return int(self.watermark - self.lo)
+
+
+_COLUMNS = tuple(f.name for f in ShardInfo.__dataclass_fields__.values())
+
+
+def _select_shards() -> sa.Select[Any]:
+    return sa.select(*(getattr(RunShard, c) for c in _COLUMNS))
+
+
+@dataclass
+class ShardLease:
+    """A claimed shard, kept alive by a daemon heartbeat thread until :meth:`stop`."""
+
+    engine: Engine
+    shard: ShardInfo
+    owner: str
+    heartbeat_s: float
+    lost: threading.Event = field(default_factory=threading.Event)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> ShardLease:
+        self._thread = threading.Thread(target=self._beat, name=f"sclstore-shard-{self.shard.id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        failing = False
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                with write_tx(self.engine) as conn:
+                    res = conn.execute(sa.update(RunShard).where(*self.owned()).values(heartbeat_at=time.time()))
+                if res.rowcount != 1:
+                    logger.warning("shard %d of run %d was taken over or cancelled", self.shard.idx, self.shard.run_id)
+                    self.lost.set()
+                    return
+                if failing:
+                    logger.warning("heartbeat of shard %d of run %d works again", self.shard.idx, self.shard.run_id)
+                failing = False
+            except sa.exc.SQLAlchemyError as exc:  # transient: try again next beat, say so once
+                if not failing:
+                    logger.warning("heartbeat of shard %d of run %d failed: %s; retrying", self.shard.idx, self.shard.run_id,
+                                   first_line(exc))
+                failing = True
+
+    def owned(self) -> tuple[Any, ...]:
+        """WHERE clauses that hold only while this process still owns the shard."""
+        return (RunShard.id == self.shard.id, RunShard.lease_owner == self.owner, RunShard.status == "claimed")
+
+    def check(self) -> None:
+        if self.lost.is_set():
+            raise LeaseHeldError(f"shard {self.shard.idx} of run {self.shard.run_id} was taken over or cancelled; "
+                                 "this worker stops at the chunk boundary")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+
+_CLEAR_LEASE = {"lease_owner": None, "lease_boot_id": None, "lease_pidns": None}
+
+
+class ShardQueue:
+    """The shards of every run in one catalog."""
+
+    def __init__(self, engine: Engine, *, ttl_s: float, heartbeat_s: float) -> None:
+        self.engine = engine
+        self.ttl_s = ttl_s
+        self.heartbeat_s = heartbeat_s
+
+    # ------------------------------------------------------------------ planning
+    def create(self, run_id: int, ranges: Sequence[tuple[int, int]]) -> None:
+        """Insert a run's shards, unless it has them already (a repeated submit)."""
+        with write_tx(self.engine) as conn:
+            if conn.execute(sa.select(sa.func.count()).where(RunShard.run_id == run_id)).scalar_one():
+                return
+            conn.execute(sa.insert(RunShard), [{"run_id": run_id, "idx": i, "lo": lo, "hi": hi, "status": "queued",
+                                                "watermark": lo, "attempts": 0, "unembeddable": []}
+                                               for i, (lo, hi) in enumerate(ranges)])
+
+    def requeue(self, run_id: int) -> int:
+        """Put a failed or cancelled run's unfinished shards back in the queue; returns how many."""
+        with write_tx(self.engine) as conn:
+            res = conn.execute(sa.update(RunShard)
+                               .where(RunShard.run_id == run_id, RunShard.status.in_(("failed", "cancelled")))
+                               .values(status="queued", attempts=0, error=None, **_CLEAR_LEASE))
+            conn.execute(sa.update(Run).where(Run.id == run_id, Run.status.in_(("failed", "cancelled")))
+                         .values(status="queued", error=None))
+        return int(res.rowcount)
+
+    # ------------------------------------------------------------------ claiming
+    def claim(self, *, runs: Sequence[int] | None, device: str, shuffle: random.Random | None = None) -> ShardLease | None:
+        """Claim one shard of ``runs`` (None: of any shared run), or ``None`` if nothing is claimable.
+
+        ``shuffle`` picks among the claimable shards at random (tests of arbitrary shard orders);
+        by default the lowest run id and shard index first.
+        """
+        now = time.time()
+        owner = f"{HOSTNAME}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        cols = (RunShard.id, RunShard.status, RunShard.lease_owner, RunShard.lease_host, RunShard.lease_pid,
+                RunShard.lease_boot_id, RunShard.lease_pidns, RunShard.heartbeat_at)
+        base = sa.select(*cols).join(Run, Run.id == RunShard.run_id).where(Run.status.in_(ACTIVE_RUN))
+        base = base.where(RunShard.run_id.in_([int(r) for r in runs])) if runs is not None else base.where(Run.shared.is_(True))
+        base = base.order_by(RunShard.run_id, RunShard.idx).limit(16 if shuffle is not None else 1)
+        # a stale lease, or one of a dead process on this host, is claimable like a queued shard
+        taken = sa.and_(RunShard.status == "claimed",
+                        sa.or_(RunShard.heartbeat_at < now - self.ttl_s, RunShard.lease_host == HOSTNAME))
+        queued_stmt, taken_stmt = base.where(RunShard.status == "queued"), base.where(taken).limit(64)
+        if self.engine.dialect.name == "postgresql":  # lock only the rows picked; other claimers skip them
+            queued_stmt = queued_stmt.with_for_update(skip_locked=True, of=RunShard)
+            taken_stmt = taken_stmt.with_for_update(skip_locked=True, of=RunShard)
+        with write_tx(self.engine) as conn:
+            candidates = list(conn.execute(queued_stmt).all())
+            if not candidates:
+                candidates = [r for r in conn.execute(taken_stmt).all() if self._claimable(r, now)]
+            if not candidates:
+                return None
+            pick = shuffle.choice(candidates) if shuffle is not None else candidates[0]
+            prior = RunShard.status == "queued" if pick.status == "queued" else RunShard.lease_owner == pick.lease_owner
+            res = conn.execute(
+                sa.update(RunShard).where(RunShard.id == pick.id, prior)
+                .values(status="claimed", lease_owner=owner, lease_host=HOSTNAME, lease_pid=os.getpid(), lease_boot_id=BOOT_ID,
+                        lease_pidns=PID_NAMESPACE, heartbeat_at=now, claimed_at=now, device=device, error=None,
+                        attempts=RunShard.attempts + 1)
+            )
+            if res.rowcount != 1:  # only possible without row locks; the caller simply claims again
+                return None
+            row = conn.execute(_select_shards().where(RunShard.id == pick.id)).one()
+            conn.execute(sa.update(Run).where(Run.id == row.run_id, Run.status == "queued").values(status="running"))
+        shard = ShardInfo.from_row(row)
+        if pick.status == "claimed":
+            logger.info("took over shard %d of run %d from %s (resuming at cell %d)", shard.idx, shard.run_id, pick.lease_owner,
+                        shard.watermark)
+        return ShardLease(self.engine, shard, owner, self.heartbeat_s).start()
+
+    def _claimable(self, row: Any, now: float) -> bool:
+        if row.status == "queued":
+            return True
+        if row.heartbeat_at is not None and row.heartbeat_at < now - self.ttl_s:
+            return True
+        return owner_alive(row.lease_host, row.lease_pid, row.lease_boot_id, row.lease_pidns) is False
+
+    # ------------------------------------------------------------------ owner's writes
+    def advance(self, lease: ShardLease, watermark: int, *, cells: int, unembeddable: Sequence[int] | None,
+                cells_per_s: float | None, peak_rss: int | None) -> None:
+        """Record cells ``..watermark`` of the shard as durably written (the array write came first).
+
+        Raises
+        ------
+        LeaseHeldError
+            If the shard was taken over or cancelled; nothing is recorded.
+        """
+        lease.check()
+        values: dict[str, Any] = {"watermark": watermark, "heartbeat_at": time.time(), "cells_per_s": cells_per_s,
+                                  "peak_rss": peak_rss}
+        if unembeddable is not None:
+            values["unembeddable"] = [int(c) for c in unembeddable]
+        with write_tx(self.engine) as conn:
+            res = conn.execute(sa.update(RunShard).where(*lease.owned()).values(**values))
+            if res.rowcount == 1:
+                conn.execute(sa.update(Run).where(Run.id == lease.shard.run_id).values(watermark=Run.watermark + cells))
+        if res.rowcount != 1:
+            lease.lost.set()
+            lease.check()
+
+    def done(self, lease: ShardLease) -> bool:
+        """Mark the owner's shard done; False if it was lost before (another worker redoes its rest)."""
+        lease.stop()
+        with write_tx(self.engine) as conn:
+            res = conn.execute(sa.update(RunShard).where(*lease.owned())
+                               .values(status="done", finished_at=time.time(), **_CLEAR_LEASE))
+        return res.rowcount == 1
+
+    def release(self, lease: ShardLease, *, error: str | None = None, max_attempts: int = 3, fail: bool = False) -> str:
+        """Give a shard back (interrupted, or failed with ``error``); returns its new status.
+
+        A shard whose claims ended in errors ``max_attempts`` times, or one released with
+        ``fail`` (an error no other worker can get past, such as bad input), becomes ``failed``
+        and fails its run; otherwise it is queued again for any worker.
+        """
+        lease.stop()
+        failed = error is not None and (fail or lease.shard.attempts >= max_attempts)
+        status = "failed" if failed else "queued"
+        try:
+            with write_tx(self.engine) as conn:
+                res = conn.execute(sa.update(RunShard).where(*lease.owned())
+                                   .values(status=status, error=None if error is None else error[:2000], **_CLEAR_LEASE))
+                if failed and res.rowcount == 1:
+                    conn.execute(sa.update(Run).where(Run.id == lease.shard.run_id, Run.status.in_(ACTIVE_RUN))
+                                 .values(status="failed", error=(error or "")[:2000]))
+        except sa.exc.SQLAlchemyError as exc:
+            logger.warning("could not release shard %d of run %d: %s (its lease expires by itself)", lease.shard.idx,
+                           lease.shard.run_id, first_line(exc))
+            return "claimed"
+        return status
+
+    # ------------------------------------------------------------------ reading, cancelling
+    def shards(self, run_id: int) -> list[ShardInfo]:
+        with self.engine.connect() as conn:
+            return [ShardInfo.from_row(r) for r in conn.execute(_select_shards().where(RunShard.run_id == run_id).order_by(RunShard.idx))]
+
+    def counts(self, run_id: int) -> dict[str, int]:
+        """Shards per status (every status present, zeros included)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(RunShard.status, sa.func.count()).where(RunShard.run_id == run_id).group_by(RunShard.status))
+            got = {s: int(n) for s, n in rows}
+        return {s: got.get(s, 0) for s in ("queued", "claimed", "done", "failed", "cancelled")}
+
+    def pending_runs(self, runs: Sequence[int] | None) -> list[int]:
+        """Active runs in scope that still have shards not done (work left for someone)."""
+        stmt = (sa.select(RunShard.run_id).join(Run, Run.id == RunShard.run_id)
+                .where(Run.status.in_(ACTIVE_RUN), RunShard.status.in_(("queued", "claimed"))).distinct())
+        stmt = stmt.where(RunShard.run_id.in_([int(r) for r in runs])) if runs is not None else stmt.where(Run.shared.is_(True))
+        with self.engine.connect() as conn:
+            return sorted(int(r[0]) for r in conn.execute(stmt))
+
+    def finishable_runs(self, runs: Sequence[int] | None) -> list[int]:
+        """Active runs in scope whose shards are all done (waiting for their finaliser)."""
+        not_done = sa.select(RunShard.id).where(RunShard.run_id == Run.id, RunShard.status != "done").exists()
+        any_shard = sa.select(RunShard.id).where(RunShard.run_id == Run.id).exists()
+        stmt = sa.select(Run.id).where(Run.status.in_(ACTIVE_RUN), any_shard, ~not_done)
+        stmt = stmt.where(Run.id.in_([int(r) for r in runs])) if runs is not None else stmt.where(Run.shared.is_(True))
+        with self.engine.connect() as conn:
+            return sorted(int(r[0]) for r in conn.execute(stmt))
+
+    def cancel(self, run_id: int) -> int:
+        """Cancel a run: its unfinished shards stop at their next chunk boundary; returns how many."""
+        with write_tx(self.engine) as conn:
+            res = conn.execute(sa.update(RunShard)
+                               .where(RunShard.run_id == run_id, RunShard.status.in_(("queued", "claimed", "failed")))
+                               .values(status="cancelled", **_CLEAR_LEASE))
+            conn.execute(sa.update(Run).where(Run.id == run_id, Run.status != "complete").values(status="cancelled"))
+        return int(res.rowcount)
+
+    def status(self, run: Any) -> dict[str, Any]:
+        """A run's progress from its shards: counts, cells done, per-worker cells/s, ETA, stale leases.
+
+        ``run`` is a :class:`~sclstore.store.info.RunInfo`.
+        """
+        now = time.time()
+        shards = self.shards(run.id)
+        counts = {s: 0 for s in ("queued", "claimed", "done", "failed", "cancelled")}
+        for s in shards:
+            counts[s.status] = counts.get(s.status, 0) + 1
+        done = run.n_cells if run.status == "complete" else sum(s.cells_done for s in shards)
+        workers: list[dict[str, Any]] = []
+        stale: list[dict[str, Any]] = []
+        for s in shards:
+            if s.status != "claimed":
+                continue
+            age = now - (s.heartbeat_at or 0)
+            is_stale = age > self.ttl_s
+            entry = {"shard": s.idx, "host": s.lease_host, "pid": s.lease_pid, "device": s.device, "cells_per_s": s.cells_per_s,
+                     "cell": s.watermark, "of": [s.lo, s.hi], "heartbeat_age_s": round(age, 1), "stale": is_stale}
+            (stale if is_stale else workers).append(entry)
+        rate = float(sum(float(w["cells_per_s"] or 0.0) for w in workers))
+        left = run.n_cells - done
+        return {"run": run.id, "label": run.label, "status": run.status, "cells": run.n_cells, "cells_done": done,
+                "shards": counts, "workers": workers, "stale_leases": stale, "cells_per_s": round(rate, 2),
+                "eta_s": round(left / rate, 1) if rate > 0 and left > 0 else (0.0 if left == 0 else None),
+                "error": run.error}

@@ -1,0 +1,82 @@
+"""Sharded ingest: submit once, workers claim shards; any worker count, order or kill gives the same bytes.
+
+The oracle of every test is a plain single-process ``ingest`` of the same data and parameters.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import sclstore
+from sclstore.ingest.worker import work
+from sclstore.store.errors import InvalidInputError
+from sclstore.store.shards import split_cells
+
+KW = {"chunk_cells": 32, "batch_size": 8, "pools": ("cls", "mean")}
+N_CELLS = 600
+# d_model 512 in float32 gives 256-cell array tiles: shards of 200 cells round up to 256 (chunks of 32)
+SHARDS = [(0, 256), (256, 512), (512, 600)]
+
+
+def _data(path: Path, counts: sp.csr_matrix, genes: list[str]) -> Path:
+    n = counts.shape[0]
+    obs = pd.DataFrame({"donor": np.random.default_rng(1).choice(["d1", "d2"], size=n)}, index=[f"c{i}" for i in range(n)])
+    ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=genes)).write_h5ad(path)
+    return path
+
+
+def _layers(st: sclstore.Store, run_id: int) -> dict[str, bytes]:
+    run = st.run(run_id)
+    with st.backend.open_reader(run_id) as rd:
+        return {p: rd.read(list(range(len(run.layers))), None, p).tobytes() for p in run.pools}
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, random_counts, tiny_gene_ids, tiny_tahoe_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("shards")
+    ckpt = tiny_tahoe_factory("hf", n_genes=60, d_model=512, n_layers=2, n_heads=4, max_length=32)
+    data = _data(tmp / "d.h5ad", random_counts(N_CELLS, 60, seed=4), tiny_gene_ids(60))
+    return {"data": data, "ckpt": ckpt, "tmp": tmp}
+
+
+@pytest.fixture
+def world(shared: dict[str, Path], tmp_path: Path) -> dict[str, Path]:
+    return {**shared, "tmp": tmp_path}
+
+
+@pytest.fixture(scope="module")
+def reference(shared: dict[str, Path]) -> dict[str, bytes]:
+    """The oracle: one plain single-process ingest."""
+    with sclstore.open_store(shared["tmp"] / "ref", create=True) as st:
+        res = st.ingest(shared["data"], "tahoe-x1", str(shared["ckpt"]), progress=False, workers=0, **KW)
+        assert st.backend.shards.counts(res.id)["done"] == 1  # a plain ingest is one shard
+        return _layers(st, res.id)
+
+
+def test_split_cells_aligns_every_boundary() -> None:
+    assert split_cells(300, 100, 32) == [(0, 128), (128, 256), (256, 300)]
+    assert split_cells(10, 100, 4) == [(0, 10)]
+    with pytest.raises(InvalidInputError, match="--shard-cells"):
+        split_cells(10, 0, 4)
+
+
+def test_submit_then_workers_in_random_order_equal_one_ingest(world, reference, catalog_url) -> None:
+    with sclstore.open_store(world["tmp"] / "s", catalog_url, create=True) as st:
+        sub = st.submit(world["data"], "tahoe-x1", str(world["ckpt"]), shard_cells=200, device="cpu", **KW)
+        assert (sub.shards, sub.shard_cells, sub.cache_hit) == (3, 256, False)
+        assert st.run(sub.id).status == "queued"
+        assert [(s.lo, s.hi) for s in st.backend.shards.shards(sub.id)] == SHARDS
+        first = work(st.backend, runs=[sub.id], device="cpu", workers=0, shuffle=random.Random(7), poll_s=0.05)
+        assert first.shards == 3 and first.cells == N_CELLS and first.runs_finalised == [sub.id]
+        run = st.run(sub.id)
+        assert run.status == "complete" and run.stats["shards"] == 3
+        assert _layers(st, sub.id) == reference
+        again = st.submit(world["data"], "tahoe-x1", str(world["ckpt"]), device="cpu", **KW)
+        assert again.cache_hit and again.id == sub.id
