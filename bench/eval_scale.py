@@ -10,10 +10,18 @@ E3  trajectory: ``--traj-cells`` (100,000) cells x ``--layers`` (13) layers x ``
 E4  perturbation: ``--perturbations`` (2,000) x 3 conditions x 13 layers, fast DE, ``--jobs``.
 E5  approximate vs exact kNN (celltype kNN probe): neighbour recall, macro-F1 of both, times, on
     ``--knn-cells`` (50,000) cells x ``--dim``.
+E6  trajectory cost per layer vs cells, in-process CPU seconds (load-independent, unlike wall time):
+    ``layer_pseudotimes`` (one neighbour search reused by ``--subsamples`` subsamples) on one
+    synthetic ``--dim`` layer at ``--layer-cells`` sizes, with the kNN method ``--knn``; the
+    fitted power law is extrapolated to ``--traj-cells`` x ``--layers`` on ``--jobs`` cores.
+E7  RSA cost per layer and condition vs perturbations, in-process CPU seconds: cross-fitted
+    ``rsa_folds`` (2 folds, 200 bootstraps, 999 permutations) at ``--rsa-k`` perturbations
+    (the target 2,000 included), extrapolated to 3 conditions x ``--layers`` on ``--jobs`` cores.
 
 Usage::
 
-    python bench/eval_scale.py [--size 1.0] [--jobs 2] [--subsamples 20] [--only E3 E4 E5] [--dir WORK]
+    python bench/eval_scale.py [--size 1.0] [--jobs 2] [--subsamples 20] [--only E3 E4 E5 E6 E7] [--dir WORK]
+                               [--layer-cells 5000 10000 20000] [--knn approx] [--rsa-k 500 1000 2000]
 """
 
 from __future__ import annotations
@@ -99,6 +107,57 @@ def e5(args: argparse.Namespace) -> None:
           f"kNN-probe macro-F1 exact {fe:.4f} vs approximate {fa:.4f} (difference {fa - fe:+.4f})  [{load()}]")
 
 
+def _fit(xs: list[float], ys: list[float]) -> float:
+    """Power-law exponent from the two largest sizes."""
+    return float(np.log(ys[-1] / ys[-2]) / np.log(xs[-1] / xs[-2]))
+
+
+def e6(args: argparse.Namespace) -> None:
+    from threadpoolctl import threadpool_limits
+
+    from sclstore.eval.stats import subsample_indices
+    from sclstore.eval.trajectory import GraphOptions, layer_pseudotimes
+
+    tr = {"exact": "sklearn", "approx": "pynndescent"}[args.knn]
+    cpu = []
+    for n in args.layer_cells:
+        rng = np.random.default_rng(0)
+        t = rng.uniform(0, 1, n)
+        X = simulate_layers(np.c_[t, np.sin(3 * t), rng.normal(scale=0.3, size=(n, 3))], n_layers=1, best_layer=0, dim=args.dim, seed=1)[0]
+        idx = subsample_indices(n, n_subsamples=args.subsamples, fraction=0.8, seed=0)
+        with threadpool_limits(limits=1):  # as the runner does per layer
+            if n == args.layer_cells[0]:  # numba JIT (pynndescent compiles per input size class) paid before timing
+                layer_pseudotimes(X, t, subsamples=[idx[0]], options=GraphOptions(transformer=tr))
+            c0, w0 = time.process_time(), time.perf_counter()
+            layer_pseudotimes(X, t, subsamples=idx, options=GraphOptions(transformer=tr))
+            cpu.append(time.process_time() - c0)
+        print(f"E6 one layer, {n} cells x {args.dim} dims, {args.subsamples} subsamples, kNN {tr}: {cpu[-1]:.1f} s CPU "
+              f"({time.perf_counter() - w0:.1f} s wall)  [{load()}]")
+    if len(cpu) >= 2:
+        e = _fit(args.layer_cells, cpu)
+        full = cpu[-1] * (args.traj_cells / args.layer_cells[-1]) ** e * args.layers / args.jobs
+        print(f"   EXTRAPOLATED (CPU ~ n^{e:.2f} from the two largest sizes) to {args.traj_cells} cells x {args.layers} layers on "
+              f"{args.jobs} idle cores: {full / 60:.0f} min")
+
+
+def e7(args: argparse.Namespace) -> None:
+    from sclstore.eval.stats import rsa_folds
+
+    cpu = []
+    for K in args.rsa_k:
+        rng = np.random.default_rng(K)
+        z = rng.normal(size=(K, 10))
+        folds = [(np.corrcoef(z + rng.normal(size=(K, 10))), np.corrcoef(z + rng.normal(size=(K, 10)))) for _ in range(2)]
+        rsa_folds([(a[:20, :20], b[:20, :20]) for a, b in folds], n_boot=2, n_perm=2)  # JIT
+        c0, w0 = time.process_time(), time.perf_counter()
+        rsa_folds(folds, n_boot=200, n_perm=999, seed=0)
+        cpu.append(time.process_time() - c0)
+        print(f"E7 cross-fitted RSA (2 folds, 200 bootstraps, 999 permutations), {K} perturbations: {cpu[-1]:.1f} s CPU "
+              f"({time.perf_counter() - w0:.1f} s wall) per layer and condition  [{load()}]")
+    print(f"   at {args.rsa_k[-1]} perturbations x 3 conditions x {args.layers} layers on {args.jobs} idle cores: "
+          f"{cpu[-1] * 3 * args.layers / args.jobs / 60:.1f} min of RSA (plus DE and centroids, linear in cells: E4)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=float, default=1.0, help="scale of every cell/perturbation count (1 = the issue's targets)")
@@ -111,7 +170,10 @@ def main() -> None:
     ap.add_argument("--genes", type=int, default=300)
     ap.add_argument("--knn-cells", type=int, default=50_000)
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--only", nargs="+", default=["E3", "E4", "E5"])
+    ap.add_argument("--layer-cells", type=int, nargs="+", default=[5000, 10000, 20000], help="E6 sizes")
+    ap.add_argument("--knn", choices=["exact", "approx"], default="approx", help="E6 neighbour search (auto picks approx above 8,192)")
+    ap.add_argument("--rsa-k", type=int, nargs="+", default=[500, 1000, 2000], help="E7 perturbation counts")
+    ap.add_argument("--only", nargs="+", default=["E3", "E4", "E5", "E6", "E7"])
     ap.add_argument("--dir", type=Path, default=None)
     args = ap.parse_args()
     work = Path(args.dir or tempfile.mkdtemp(prefix="sclstore-bench-scale-"))
@@ -123,6 +185,10 @@ def main() -> None:
             e4(work, args)
         if "E3" in args.only:
             e3(work, args)
+        if "E6" in args.only:
+            e6(args)
+        if "E7" in args.only:
+            e7(args)
     finally:
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -34,6 +34,7 @@ from sclstore.eval.de import (
     pydeseq2_inputs,
     run_de,
 )
+from sclstore.eval.de_wilcoxon import de_wilcoxon
 from sclstore.eval.diagnostics import (
     anisotropy,
     cka_matrix,
@@ -179,6 +180,7 @@ __all__ = [
     "de_fast",
     "de_pydeseq2",
     "de_similarity",
+    "de_wilcoxon",
     "default_gene_names",
     "dpt_pseudotime",
     "earliest_roots",

@@ -44,7 +44,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEMode = Literal["pydeseq2", "fast"]
+DEMode = Literal["pydeseq2", "fast", "wilcoxon"]  # wilcoxon: per cell (the paper's code), :mod:`.de_wilcoxon`
 DE_MODES: tuple[str, ...] = get_args(DEMode)
 
 _SEP = "|"
@@ -218,11 +218,13 @@ def _contrasts(
         msg = f"control {control!r} has {nrep_c} replicate; DE needs >=2 per group: pass a replicate key with >=2 values (or pseudo-replicates)"
         raise EvaluationError(msg)
     perts = [p for p in dict.fromkeys(have) if p != control] if perturbations is None else [str(p) for p in perturbations]
-    missing = [p for p in perts if p not in set(have)]
+    present = set(have)
+    missing = [p for p in perts if p not in present]
     if missing:
-        msg = f"perturbations {missing[:5]} have no pseudobulk samples; pass labels from {sorted(set(have))[:10]}"
+        msg = f"perturbations {missing[:5]} have no pseudobulk samples; pass labels from {sorted(present)[:10]}"
         raise EvaluationError(msg)
-    few = [p for p in perts if pb_meta.loc[have == p, "replicate"].nunique() < 2]
+    n_reps = pb_meta.groupby(have.to_numpy())["replicate"].nunique()  # one pass, not one scan per perturbation
+    few = [p for p in perts if n_reps[p] < 2]
     if few:
         msg = f"perturbations {few[:5]} have fewer than 2 replicates; DE needs >=2 per group: drop them (select_perturbations does) or add replicates"
         raise EvaluationError(msg)
@@ -429,7 +431,7 @@ def run_de(
     pb_counts, pb_meta, control, perturbations, genes, n_jobs
         As in :func:`de_pydeseq2`.
     mode
-        ``"pydeseq2"`` or ``"fast"``.
+        ``"pydeseq2"`` or ``"fast"`` (``"wilcoxon"`` needs cells: :func:`~sclstore.eval.de_wilcoxon.de_wilcoxon`).
 
     Returns
     -------
@@ -438,11 +440,14 @@ def run_de(
     Raises
     ------
     InvalidInputError
-        Unknown mode.
+        Unknown mode, or ``"wilcoxon"``.
     """
     if mode not in DE_MODES:
         msg = f"unknown DE mode {mode!r}; pass one of {list(DE_MODES)}"
         raise InvalidInputError(msg)
     if mode == "fast":
         return de_fast(pb_counts, pb_meta, control, perturbations=perturbations, genes=genes)
+    if mode == "wilcoxon":
+        msg = "wilcoxon DE works on single cells, not pseudobulks: call sclstore.eval.de_wilcoxon.de_wilcoxon on the counts"
+        raise InvalidInputError(msg)
     return de_pydeseq2(pb_counts, pb_meta, control, perturbations=perturbations, genes=genes, n_jobs=n_jobs)

@@ -13,7 +13,7 @@ import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -163,8 +163,9 @@ def standardize_columns(X: np.ndarray) -> np.ndarray:
     return Z.astype(np.float32)
 
 
-def _graph(X: np.ndarray, n_neighbors: int, n_dcs: int, seed: int, *, transformer: str | None = "sklearn",
+def _graph(X: np.ndarray, n_neighbors: int, n_dcs: int, seed: int, *, transformer: Any = "sklearn",
            diffmap_comps: int | None = None) -> AnnData:
+    """kNN graph + diffusion map; ``transformer`` may be a precomputed one (:class:`~sclstore.eval.knn.PrecomputedKnn`)."""
     import anndata as ad
     import scanpy as sc
 

@@ -534,6 +534,11 @@ def crossfit_de(
     for i, h in enumerate(masks):
         if only is not None and i != only:
             continue
+        if mode == "wilcoxon":  # the paper protocol's per-cell DE
+            from sclstore.eval.de_wilcoxon import de_wilcoxon
+
+            out.append(de_wilcoxon(C[h], pert[h], control, perturbations=want, gene_names=names, genes=universe).lfc)
+            continue
         pb, meta = pseudobulk(C[h], pert[h], rep[h], gene_names=names)
         out.append(run_de(pb, meta, control, mode=mode, perturbations=want, genes=universe, n_jobs=n_jobs).lfc)
     return out

@@ -19,6 +19,7 @@ import scipy.sparse as sp
 from sclstore.store.errors import EvaluationError, InvalidInputError
 
 from .de import DE_MODES, DEResult, pseudobulk, run_de
+from .de_wilcoxon import de_wilcoxon
 from .perturbation import (
     VARIANTS,
     ceiling_from_folds,
@@ -53,7 +54,8 @@ class PerturbationConfig(TaskConfig):
     condition_key, replicate_key
         obs columns of the cell state (scored separately, never pooled) and of donors/replicates.
     de_mode
-        ``pydeseq2`` (paper-faithful) or ``fast``.
+        ``pydeseq2``, ``fast`` or ``wilcoxon`` (the paper's code: scanpy's per-cell Wilcoxon log fold changes;
+        ``None``: ``wilcoxon`` with ``protocol="paper"``, else ``pydeseq2``).
     variant
         ``shift`` or the paper's ``centroid`` (``None``: ``centroid`` with ``protocol="paper"``, else ``shift``).
     n_boot, n_perm, min_cells, ceiling
@@ -72,7 +74,7 @@ class PerturbationConfig(TaskConfig):
     control: str
     condition_key: str | None = None
     replicate_key: str | None = None
-    de_mode: str = "pydeseq2"
+    de_mode: str | None = None
     variant: str | None = None
     n_boot: int = 200
     n_perm: int = 999
@@ -90,6 +92,7 @@ class PerturbationConfig(TaskConfig):
         paper = self.protocol == "paper"
         # resolve the protocol's defaults here, so the cache key holds what was actually computed
         object.__setattr__(self, "variant", self.variant or ("centroid" if paper else "shift"))
+        object.__setattr__(self, "de_mode", self.de_mode or ("wilcoxon" if paper else "pydeseq2"))
         object.__setattr__(self, "similarity", self.similarity or ("spearman" if paper else "pearson"))
         object.__setattr__(self, "crossfit", (not paper) if self.crossfit is None else bool(self.crossfit))
         if self.de_mode not in DE_MODES:
@@ -165,6 +168,8 @@ class PerturbationTask(Task):
 
             def compute_de(mask: np.ndarray = mask, rep: Any = rep, others: list[str] = others) -> pd.DataFrame:
                 c, g = need_counts()
+                if config.de_mode == "wilcoxon":
+                    return de_wilcoxon(c[mask], perts[mask].to_numpy(), config.control, perturbations=others, gene_names=list(g)).lfc
                 pb, meta = pseudobulk(c[mask], perts[mask].to_numpy(), np.asarray(rep), gene_names=list(g))
                 res: DEResult = run_de(pb, meta, config.control, mode=config.de_mode, perturbations=others, n_jobs=jobs)  # type: ignore[arg-type]
                 return res.lfc

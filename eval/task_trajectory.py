@@ -101,7 +101,7 @@ class TrajectoryTask(Task):
     """Trajectory inference per layer (see :mod:`sclstore.eval.trajectory`)."""
 
     name = "trajectory"
-    version = "2"
+    version = "3"  # 3: one neighbour search per layer reused by the subsamples (approximate kNN results changed)
     title = "Trajectory inference (DPT vs time)"
     config_cls = TrajectoryConfig
 

@@ -40,6 +40,7 @@ from sclstore.eval.dpt import (
     reference_pseudotime,
     standardize_columns,
 )
+from sclstore.eval.knn import NEIGHBOUR_METHODS, PrecomputedKnn, list_length, neighbour_lists, restrict, subsample_fraction
 from sclstore.eval.stats import (
     PairedDifference,
     calibrated_interval,
@@ -153,8 +154,9 @@ def _score_once(
     n_neighbors: int,
     n_dcs: int,
     seed: int,
+    transformer: Any = "sklearn",
 ) -> tuple[float, float, int, int, np.ndarray]:
-    a = _graph(X, n_neighbors, n_dcs, seed)
+    a = _graph(X, n_neighbors, n_dcs, seed, transformer=transformer)
     r = _choose_root(a, t, root)
     pt = _dpt_from_graph(a, r)
     dropped = int((~np.isfinite(pt)).sum())
@@ -295,11 +297,17 @@ def _subsample_scores(
     idxs = subsample_indices(n, n_subsamples=n_subsamples, fraction=fraction, seed=seed, always_include=forced) if n_subsamples else []
     L, B = len(Xs), len(idxs)
     rt, rr, nd = np.full((L, B), np.nan), np.full((L, B), np.nan), np.zeros((L, B), dtype=np.int64)
+    # one exact neighbour search per representation, restricted to every subsample (sclstore.eval.knn)
+    lists = [neighbour_lists(X, list_length(n, min(n_neighbors, n - 1) - 1, fraction), method="sklearn") if B and n > 2 else None
+             for X in Xs]
     for b, idx in enumerate(idxs):
         sub_root: RootRule | int = root if forced is None else int(np.searchsorted(idx, forced))
         sub_ref = ref[idx] if ref is not None else None
+        k = min(n_neighbors, len(idx) - 1)
         for i, X in enumerate(Xs):
-            rt[i, b], rr[i, b], nd[i, b], _, _ = _score_once(X[idx], t[idx], sub_ref, sub_root, n_neighbors, n_dcs, seed)
+            lst = lists[i]
+            tr: Any = PrecomputedKnn(*restrict(lst, X, np.asarray(idx), k - 1)) if lst is not None and k >= 2 else "sklearn"
+            rt[i, b], rr[i, b], nd[i, b], _, _ = _score_once(X[idx], t[idx], sub_ref, sub_root, n_neighbors, n_dcs, seed, tr)
     return SubsampleScores(rho_time=rt, rho_ref=rr, n_dropped=nd, indices=tuple(idxs))
 
 
@@ -519,6 +527,7 @@ def layer_pseudotimes(
     root: RootRule | int = "diffusion-extreme",
     options: GraphOptions = GraphOptions(),
     extra_roots: Sequence[int] = (),
+    reuse_neighbours: bool = True,
 ) -> LayerPseudotimes:
     """DPT of one representation on all cells and on the given subsamples.
 
@@ -537,6 +546,11 @@ def layer_pseudotimes(
         Graph options.
     extra_roots
         Additional root cells scored on the full graph (root sensitivity).
+    reuse_neighbours
+        Search the neighbours once on all cells and restrict them to each subsample
+        (:mod:`sclstore.eval.knn`; the same graphs as a fresh exact search per subsample) instead
+        of searching every subsample again. Applies to ``options.transformer`` ``"sklearn"``
+        and ``"pynndescent"``; scanpy's own choice (``None``, the paper protocol) searches anew.
 
     Returns
     -------
@@ -547,19 +561,29 @@ def layer_pseudotimes(
     if options.standardize:
         X = standardize_columns(X)
     o = options
+    lists = None
+    if reuse_neighbours and o.transformer in NEIGHBOUR_METHODS and X.shape[0] > 2:
+        # one search for all cells and every subsample (exact for the exact search: see sclstore.eval.knn)
+        K = list_length(X.shape[0], min(o.n_neighbors, X.shape[0] - 1) - 1, subsample_fraction(X.shape[0], subsamples))
+        lists = neighbour_lists(X, K, method=str(o.transformer), seed=o.seed)
 
-    def dpt(Xs: np.ndarray, ts: np.ndarray, r: RootRule | int) -> tuple[np.ndarray, int, Any]:
-        a = _graph(Xs, o.n_neighbors, o.n_dcs, o.seed, transformer=o.transformer, diffmap_comps=o.diffmap_comps)
+    def dpt(Xs: np.ndarray, ts: np.ndarray, r: RootRule | int, subset: np.ndarray | None) -> tuple[np.ndarray, int, Any]:
+        transformer: Any = o.transformer
+        k = min(o.n_neighbors, Xs.shape[0] - 1)
+        if lists is not None and k >= 2:
+            sel = np.arange(X.shape[0]) if subset is None else subset
+            transformer = PrecomputedKnn(*restrict(lists, X, sel, k - 1))
+        a = _graph(Xs, o.n_neighbors, o.n_dcs, o.seed, transformer=transformer, diffmap_comps=o.diffmap_comps)
         rr = _choose_root(a, ts, r)
         return _dpt_from_graph(a, rr), rr, a
 
-    full, r0, a = dpt(X, t, root)
+    full, r0, a = dpt(X, t, root, None)
     extra = np.vstack([_dpt_from_graph(a, int(e)) for e in extra_roots]) if len(extra_roots) else np.empty((0, t.shape[0]))
     subs = []
     forced = None if isinstance(root, str) else int(root)
     for idx in subsamples:
         sr: RootRule | int = root if forced is None else int(np.searchsorted(idx, forced))
-        subs.append(dpt(X[idx], t[idx], sr)[0])
+        subs.append(dpt(X[idx], t[idx], sr, np.asarray(idx))[0])
     return LayerPseudotimes(full=full, root=r0, subsamples=tuple(subs), extra_roots=extra)
 
 

@@ -76,7 +76,7 @@ def _preexec() -> None:  # pragma: no cover - runs in the child
 
 def ingest_on_devices(
     backend: Backend, path: Any, config: IngestConfig, *, devices: Sequence[str], executor: str, ray_address: str | None,
-    source_label: str | None, t0: float,
+    source_label: str | None, t0: float, ray_cpus: float = 1.0,
 ) -> Any:
     """Plan the run, run one worker per device until it is complete, return its ``IngestResult``."""
     from .pipeline import _result
@@ -84,24 +84,29 @@ def ingest_on_devices(
     devices = normalise_devices(devices)
     if is_anndata(path):
         raise InvalidInputError("--devices needs a .h5ad path every worker can open (an in-memory AnnData lives in this process)")
-    with contextlib.ExitStack() as stack:
-        plan = plan_run(backend, path, config, stack=stack, source_label=source_label, device=devices[0], shared=True,
-                        min_shards=4 * len(devices))
-    run = plan.run
-    if plan.cache_hit:
-        return _result(run, cache_hit=True, embedded=0, t0=t0, device=",".join(devices), mapping=plan.mapping)
-    start = run.watermark
     policy = runtime.active_policy()
     if policy is None or not policy.enabled:
         threads = max(1, (os.cpu_count() or 1) // len(devices))
     else:  # the allowance is shared by the workers; a number the user chose applies to each
         threads = policy.split(len(devices)) if policy.source == "allowance" else policy.threads
+    chosen = policy is not None and policy.enabled and policy.source != "allowance"
+    # a CPU run pins its workers' thread count (it changes the last bits); on a joined Ray cluster
+    # an actor's threads are the CPUs Ray reserves for it, unless the user chose a number
+    joined_ray = executor == "ray" and ray_address is not None and not chosen
+    with contextlib.ExitStack() as stack:
+        plan = plan_run(backend, path, config, stack=stack, source_label=source_label, device=devices[0], shared=True,
+                        min_shards=4 * len(devices), cpu_threads=max(1, int(ray_cpus)) if joined_ray else threads)
+    run = plan.run
+    if plan.cache_hit:
+        return _result(run, cache_hit=True, embedded=0, t0=t0, device=",".join(devices), mapping=plan.mapping)
+    start = run.watermark
     if executor == "ray":
         from .ray_executor import run_ray_workers
 
         with make_progress(f"ingest {run.dataset_name}", total=run.n_cells, done=start, enabled=config.progress) as progress:
-            run_ray_workers(backend, run.id, n_workers=len(devices), gpu=devices[0] != "cpu", threads=threads,
-                            address=ray_address, progress=progress)
+            run_ray_workers(backend, run.id, n_workers=len(devices), gpu=devices[0] != "cpu",
+                            threads=threads if ray_address is None or chosen else None, address=ray_address, num_cpus=ray_cpus,
+                            workers=config.workers, progress=progress)
     else:
         _run_local(backend, run.id, devices, threads, progress=config.progress, start=start, label=run.dataset_name)
     run = backend.get_run(run.id)
@@ -127,6 +132,9 @@ def _run_local(backend: Backend, run_id: int, devices: Sequence[str], threads: i
                 if now > seen:
                     bar.advance(now - seen)
                     seen = now
+            now = backend.get_run(run_id).watermark  # what the workers did after the last look
+            if now > seen:
+                bar.advance(now - seen)
     finally:
         for p in procs:
             if p.poll() is None:

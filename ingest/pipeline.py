@@ -111,7 +111,7 @@ def submit(backend: Backend, path: str | os.PathLike[str], config: IngestConfig)
 def ingest(
     backend: Backend, path: str | os.PathLike[str] | Any, config: IngestConfig, *, adapter: ModelAdapter | None = None,
     source_label: str | None = None, devices: Sequence[str] | None = None, executor: str = "local",
-    ray_address: str | None = None,
+    ray_address: str | None = None, ray_cpus: float = 1.0,
 ) -> IngestResult:
     """Embed every cell of an .h5ad file (or an AnnData) with every kept layer, into ``backend``.
 
@@ -134,8 +134,9 @@ def ingest(
     devices
         One worker per device (``["cuda:0", "cuda:1"]``, or ``["cpu", "cpu"]``): local processes,
         or Ray actors with ``executor="ray"``. Default: this process embeds on ``config.device``.
-    executor, ray_address
-        ``local`` or ``ray`` (``sclstore[ray]``), and the Ray cluster to join.
+    executor, ray_address, ray_cpus
+        ``local`` or ``ray`` (``sclstore[ray]``), the Ray cluster to join (default: a local Ray
+        instance), and the CPUs Ray reserves per worker actor.
 
     Returns
     -------
@@ -155,7 +156,7 @@ def ingest(
         from .executors import ingest_on_devices
 
         return ingest_on_devices(backend, path, config, devices=list(devices), executor=executor, ray_address=ray_address,
-                                 source_label=source_label, t0=t0)
+                                 source_label=source_label, t0=t0, ray_cpus=ray_cpus)
     with contextlib.ExitStack() as stack:
         plan = plan_run(backend, path, config, stack=stack, adapter=adapter, source_label=source_label)
         if plan.cache_hit or plan.context is None:

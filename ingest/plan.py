@@ -39,7 +39,8 @@ from .models import load_adapter
 from .run_key import adapter_digest, mapping_digest, run_key
 from .source import CountsSource
 
-__all__ = ["PLAN_VERSION", "Plan", "RunContext", "auto_chunk_cells", "open_context", "plan_run", "resolve_device"]
+__all__ = ["PLAN_VERSION", "NumericsRefused", "Plan", "RunContext", "auto_chunk_cells", "check_numerics", "open_context", "plan_run",
+           "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,8 @@ class RunContext:
     seed: int
     device: torch.device
     closer: contextlib.ExitStack
+    cpu_threads: int | None = None
+    """The run's pinned torch thread count on the CPU (None on CUDA or for runs without one)."""
 
     def close(self) -> None:
         self.closer.close()
@@ -149,7 +152,7 @@ def _prepare(
 def plan_run(
     backend: Backend, path: Any, config: IngestConfig, *, stack: contextlib.ExitStack, adapter: ModelAdapter | None = None,
     source_label: str | None = None, device: str | None = None, shard_cells: int | None = None, shared: bool = True,
-    min_shards: int = 1,
+    min_shards: int = 1, cpu_threads: int | None = None,
 ) -> Plan:
     """Check, hash, register and create a run with its shards (or find the identical one).
 
@@ -178,6 +181,9 @@ def plan_run(
         Whether ``sclstore work`` processes anywhere may claim the run's shards.
     min_shards
         Without ``shard_cells``, split into at least this many shards (several workers).
+    cpu_threads
+        For a CPU run, the torch threads every worker embeds with (the thread count changes the
+        last bits of a CPU forward pass, so a CPU run pins it); default: this process's.
 
     Returns
     -------
@@ -234,12 +240,13 @@ def plan_run(
         "batch_size": config.batch_size, "chunk_cells": chunk, "memory_mb": config.memory_mb,
         "gene_mapping": mapping.stats(), "planned_device": str(dev),
     }
-    run = backend.create_run(dataset=dataset, model=model, key=derived.key, params=derived.params, layers=layers, spec=spec,
-                             plan=plan, shared=shared and not in_memory)
+    threads = (cpu_threads or torch.get_num_threads()) if dev.type == "cpu" else None
+    run = backend.create_run(dataset=dataset, model=model, key=derived.key, params={**derived.params, "cpu_threads": threads},
+                             layers=layers, spec=spec, plan=plan, shared=shared and not in_memory)
     pinned_chunk = int(run.params.get("chunk_cells") or chunk)
     align = max(pinned_chunk, cell_tile(spec.dim, spec.dtype))
     size = shard_cells or config.shard_cells or -(-run.n_cells // max(1, min_shards))
-    backend.shards.create(run.id, split_cells(run.n_cells, max(1, size), align))
+    backend.shards.create(run.id, split_cells(run.n_cells, max(1, size), align), pinned=run.params)
     if run.status in ("failed", "cancelled"):
         backend.shards.requeue(run.id)
         run = backend.get_run(run.id)
@@ -254,7 +261,46 @@ def _context(
     chunk = int(p.get("chunk_cells") or run.plan.get("chunk_cells") or MAX_CHUNK_CELLS)
     return RunContext(run=run, adapter=adapter, source=source, mapping=mapping, layers=run.layers, pools=run.pools,
                       batch_size=int(p.get("batch_size") or run.plan.get("batch_size") or 32), chunk_cells=chunk,
-                      seed=int(p.get("seed", 0)), device=device, closer=stack)
+                      seed=int(p.get("seed", 0)), device=device, closer=stack,
+                      cpu_threads=int(p["cpu_threads"]) if device.type == "cpu" and p.get("cpu_threads") else None)
+
+
+class NumericsRefused(InvalidInputError):
+    """This worker's settings would change a run's numbers (batch size, precision): it refuses the run.
+
+    Not the run's fault: a worker with the run's settings can still embed it.
+    """
+
+
+def check_numerics(
+    run: RunInfo, *, device: torch.device, batch_size: int | None, precision: str | None, official: str | None = None,
+) -> str | None:
+    """The precision this worker would embed ``run`` at, or raise if its settings would change the run's numbers.
+
+    ``official`` is the model's official precision; without it, a CUDA worker asked for ``auto``
+    cannot tell yet and None is returned (checked again once the model is known).
+
+    Raises
+    ------
+    NumericsRefused
+        Another batch size, or a precision other than the one the run is pinned to.
+    """
+    if batch_size is not None and batch_size != run.params.get("batch_size"):
+        raise NumericsRefused(f"run {run.id} is pinned to --batch-size {run.params.get('batch_size')} (batch composition changes "
+                              f"the numbers); this worker asked for {batch_size}: drop --batch-size")
+    requested = precision or run.plan.get("precision") or "auto"
+    if requested == "auto" and device.type == "cuda" and official is None:
+        return None
+    got = resolve_precision(requested, official or "fp32", device)
+    want = run.params.get("precision")
+    if got != want:
+        raise NumericsRefused(f"run {run.id} is pinned to {want} precision; on {device} this worker would run {got}: "
+                              f"use a {'CUDA' if device.type == 'cpu' else 'CPU'} worker or submit the run for this device")
+    planned = torch.device(run.plan.get("planned_device") or "cpu").type
+    if device.type != planned:
+        raise NumericsRefused(f"run {run.id} was planned for {planned} workers and this worker embeds on {device.type}: the numbers "
+                              f"differ between the two; run it with --device {planned}, or submit the data again for {device.type}")
+    return got
 
 
 def open_context(
@@ -272,10 +318,8 @@ def open_context(
     plan = run.plan
     if not plan.get("source"):
         raise InvalidInputError(f"run {run.id} was ingested from memory (no data file): only the process that started it can embed it")
-    if batch_size is not None and batch_size != run.params.get("batch_size"):
-        raise InvalidInputError(f"run {run.id} is pinned to --batch-size {run.params.get('batch_size')} (batch composition changes "
-                                f"the numbers); this worker asked for {batch_size}: drop --batch-size")
     dev = resolve_device(device)
+    check_numerics(run, device=dev, batch_size=batch_size, precision=precision)  # before anything is opened
     path = Path(plan["source"])
     try:
         stat = _file_stat(path)
@@ -296,12 +340,8 @@ def open_context(
         if adapter_digest(adapter.describe()) != run.params.get("adapter"):
             raise IngestError(f"the checkpoint at {plan['checkpoint']} is not the one run {run.id} was planned with: "
                               "point the worker at the same checkpoint")
-        want = run.params.get("precision")
-        got = resolve_precision(config.precision, adapter.official_precision, dev)
-        if got != want:
-            raise InvalidInputError(f"run {run.id} is pinned to {want} precision; on {dev} this worker would run {got}: "
-                                    f"use a {'CUDA' if dev.type == 'cpu' else 'CPU'} worker or submit the run for this device")
-        adapter.precision = got
+        got = check_numerics(run, device=dev, batch_size=batch_size, precision=precision, official=adapter.official_precision)
+        adapter.precision = cast("str", got)
         adapter.load(dev)
         return _context(run, adapter, source, mapping, dev, stack)
     except BaseException:

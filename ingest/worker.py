@@ -12,13 +12,13 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 
-from sclstore.store import Backend
+from sclstore.store import Backend, runtime
 from sclstore.store.errors import (
     CatalogConnectionError,
     DatasetError,
@@ -30,11 +30,14 @@ from sclstore.store.errors import (
 
 from .embed import embed_shard, peak_rss_bytes
 from .lifecycle import Interrupted
-from .plan import RunContext, open_context
+from .plan import NumericsRefused, RunContext, check_numerics, open_context, resolve_device
 
 __all__ = ["WorkReport", "work"]
 
 logger = logging.getLogger(__name__)
+
+_OUTAGE = (CatalogConnectionError, sa.exc.OperationalError, sa.exc.InterfaceError)
+"""The catalog is unreachable mid-shard (raw from the shard queue, translated from the backend)."""
 
 _FATAL = (InvalidInputError, DatasetError, ModelError)
 """Errors no other worker gets past (bad input, wrong checkpoint): the run fails at once."""
@@ -99,7 +102,9 @@ def work(
         have no shard queued or being embedded (a worker waits while others hold shards, so it
         can take over a dead one's).
     batch_size, precision
-        Only to check: a worker whose settings would change a run's numbers refuses it.
+        Only to check: a worker whose settings would change a run's numbers refuses it
+        (:class:`~.plan.NumericsRefused`) before claiming anything of ``runs``; serving any run
+        (``runs=None``) it gives such a run's shard back untouched and skips the run.
     workers
         Tokenizer processes.
     progress
@@ -122,20 +127,27 @@ def work(
     owned = set(ctxs)
     report = WorkReport(device=device)
     outage = _Outage()
+    refused: set[int] = set()
     t0 = time.perf_counter()
+    if runs is not None:  # refuse a run this worker would change the numbers of before claiming anything of it
+        dev = resolve_device(device)
+        for run_id in runs:
+            run = backend.get_run(run_id)
+            if run_id not in ctxs and run.plan and run.status not in ("complete",):
+                check_numerics(run, device=dev, batch_size=batch_size, precision=precision)
     try:
         while not stop.is_set():
             try:
-                lease = backend.shards.claim(runs=runs, device=device, shuffle=shuffle)
+                lease = backend.shards.claim(runs=runs, device=device, shuffle=shuffle, exclude=sorted(refused))
                 if lease is None:
                     report.runs_finalised += _finalise_ready(backend, runs, final_stats)
-                    if not forever and not backend.shards.pending_runs(runs):
+                    if not forever and not set(backend.shards.pending_runs(runs)) - refused:
                         break
                     outage.ok()
                     stop.wait(poll_s)
                     continue
                 outage.ok()
-            except (CatalogConnectionError, sa.exc.OperationalError) as exc:
+            except (CatalogConnectionError, sa.exc.DBAPIError) as exc:
                 if not forever:
                     raise
                 stop.wait(outage.hit(exc))
@@ -146,10 +158,12 @@ def work(
                 if ctx is None:
                     ctx = ctxs[shard.run_id] = open_context(backend, backend.get_run(shard.run_id), device=device,
                                                             batch_size=batch_size, precision=precision)
+                _check_pinned(ctx, shard)
                 t1 = time.perf_counter()
-                cells = embed_shard(backend, ctx.run, lease, adapter=ctx.adapter, source=ctx.source, mapping=ctx.mapping,
-                                    layers=ctx.layers, pools=ctx.pools, batch_size=ctx.batch_size, chunk_cells=ctx.chunk_cells,
-                                    seed=ctx.seed, device=ctx.device, workers=workers, progress=progress, stop=stop)
+                with _pinned_threads(ctx):
+                        cells = embed_shard(backend, ctx.run, lease, adapter=ctx.adapter, source=ctx.source, mapping=ctx.mapping,
+                                        layers=ctx.layers, pools=ctx.pools, batch_size=ctx.batch_size, chunk_cells=ctx.chunk_cells,
+                                        seed=ctx.seed, device=ctx.device, workers=workers, progress=progress, stop=stop)
             except Interrupted:
                 backend.shards.release(lease)
                 raise
@@ -157,7 +171,18 @@ def work(
                 lease.stop()
                 logger.warning("%s", exc)
                 continue
+            except NumericsRefused as exc:  # this worker's settings, not the run's fault: give the shard back untouched
+                backend.shards.release(lease)
+                if runs is not None:
+                    raise
+                logger.warning("skipping run %d: %s", shard.run_id, exc)
+                refused.add(shard.run_id)
+                continue
             except BaseException as exc:
+                if forever and not fail_fast and isinstance(exc, _OUTAGE):
+                    backend.shards.release(lease)  # an outage is no fault of the shard: no attempt counted
+                    stop.wait(outage.hit(exc))
+                    continue
                 fatal = fail_fast or isinstance(exc, _FATAL)
                 status = backend.shards.release(lease, error=f"{type(exc).__name__}: {exc}", fail=fatal)
                 if fatal or not isinstance(exc, (SclstoreError, Exception)):
@@ -196,3 +221,36 @@ def _finalise_ready(backend: Backend, runs: Sequence[int] | None, extra: dict[in
         if backend.finalise_run(run_id, stats) is not None:
             done.append(run_id)
     return done
+
+
+@contextlib.contextmanager
+def _pinned_threads(ctx: RunContext) -> Iterator[None]:
+    """Embed a CPU run with its pinned torch thread count (the count changes the last bits)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if ctx.cpu_threads is None or ctx.cpu_threads == before:
+        yield
+        return
+    policy = runtime.active_policy()
+    if policy is not None and policy.enabled and ctx.cpu_threads > policy.threads:
+        logger.warning("run %d embeds with %d threads on the CPU, as it was planned (this worker's allowance is %d): "
+                       "other thread counts would change its numbers", ctx.run.id, ctx.cpu_threads, policy.threads)
+    torch.set_num_threads(ctx.cpu_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_pinned(ctx: RunContext, shard: Any) -> None:
+    """The shard row's pinned numerics must be the ones this worker embeds with."""
+    mine = {"batch_size": ctx.batch_size, "chunk_cells": ctx.chunk_cells, "precision": ctx.adapter.precision,
+            "cpu_threads": ctx.cpu_threads}
+    theirs = {"batch_size": shard.batch_size, "chunk_cells": shard.chunk_cells, "precision": shard.precision,
+              "cpu_threads": shard.cpu_threads if ctx.device.type == "cpu" else None}
+    bad = {k: (theirs[k], mine[k]) for k in mine if theirs[k] is not None and theirs[k] != mine[k]}
+    if bad:
+        raise InvalidInputError(f"shard {shard.idx} of run {shard.run_id} is pinned to "
+                                + ", ".join(f"{k}={v[0]} (this worker: {v[1]})" for k, v in bad.items())
+                                + ": the numbers would change; use a worker with the run's settings")

@@ -164,7 +164,7 @@ class Store:
             from sclstore.store.errors import InvalidInputError
 
             raise InvalidInputError(f"obs_filter applies to SOMA Experiments; {data!r} is not one")
-        sharding = {k: options.pop(k) for k in ("devices", "executor", "ray_address") if k in options}
+        sharding = {k: options.pop(k) for k in ("devices", "executor", "ray_address", "ray_cpus") if k in options}
         config = IngestConfig(model=model, checkpoint=checkpoint, **options)
         return ingest(self.backend, data, config, source_label=label, **sharding)
 

@@ -264,4 +264,8 @@ from sclstore import (  # noqa: E402,F401  (register info, query, eval, report a
 )
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # `python -m sclstore.cli` (the local --devices workers): this file runs as __main__, but the
+    # command modules above registered their commands on the imported sclstore.cli's app
+    from sclstore.cli import main as _main
+
+    _main()

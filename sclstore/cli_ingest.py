@@ -93,6 +93,7 @@ def ingest(
     devices: Annotated[str | None, typer.Option("--devices", help="One worker per device, e.g. cuda:0,cuda:1 (or cpu,cpu).")] = None,
     executor: Annotated[str, typer.Option("--executor", help="With --devices: local processes or ray actors (sclstore[ray]).")] = "local",
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray cluster to join (default: start a local one).")] = None,
+    ray_cpus: Annotated[float, typer.Option("--ray-cpus", help="CPUs Ray reserves per worker actor (--executor ray).")] = 1.0,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Fail instead of waiting when another process ingests the same run.")] = False,
     obs_filter: Annotated[str | None, typer.Option("--obs-filter", help="SOMA input: obs filter, e.g. \"cell_type == 'B cell'\".")] = None,
     soma_measurement: Annotated[str, typer.Option("--soma-measurement", help="SOMA input: measurement name.")] = "RNA",
@@ -111,7 +112,8 @@ def ingest(
                          precision, model_option, workers, chunk_cells, memory_mb, shard_cells, rehash).config()
     soma = {"obs_filter": obs_filter} if obs_filter else {}
     soma |= {"soma_x": soma_x} if soma_x else {}
-    sharding: dict[str, Any] = {"devices": parse_csv(devices), "executor": executor, "ray_address": ray_address} if devices else {}
+    sharding: dict[str, Any] = {"devices": parse_csv(devices), "executor": executor, "ray_address": ray_address,
+                                "ray_cpus": ray_cpus} if devices else {}
     try:
         with signals_as_exceptions(), _open(store, catalog, create=True) as st:
             # progress goes to stderr: --json stays clean

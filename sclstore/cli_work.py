@@ -146,7 +146,8 @@ def eval_perturbation(
     control: Annotated[str, typer.Option("--control", help="Label of control cells, e.g. NTC.")],
     condition_key: Annotated[str | None, typer.Option("--condition-key", help="obs column of cell state; scored separately.")] = None,
     replicate_key: Annotated[str | None, typer.Option("--replicate-key", help="obs column of donors/replicates.")] = None,
-    de: Annotated[str, typer.Option("--de", help="pydeseq2 (paper-faithful) or fast.")] = "pydeseq2",
+    de: Annotated[str | None, typer.Option("--de", help="pydeseq2, fast or wilcoxon (the paper's per-cell DE); "
+                                                         "default: wilcoxon with --protocol paper, else pydeseq2.")] = None,
     permutations: Annotated[int, typer.Option("--permutations", help="Permutations of the RSA test.")] = 999,
     pool: PoolOpt = None,
     bootstrap: BootOpt = 200,

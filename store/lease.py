@@ -127,14 +127,14 @@ def try_acquire(engine: Engine, run_id: int, *, ttl_s: float, heartbeat_s: float
         row = conn.execute(
             sa.select(Run.lease_owner, Run.lease_host, Run.lease_pid, Run.lease_boot_id, Run.lease_pidns, Run.status).where(Run.id == run_id)
         ).one()
-        if row.status == "complete":
+        if row.status in ("complete", "cancelled"):  # a cancelled run is never finalised nor written
             return None
         cond = sa.or_(Run.lease_owner.is_(None), Run.heartbeat_at < now - ttl_s)
         if row.lease_owner is not None and owner_alive(row.lease_host, row.lease_pid, row.lease_boot_id, row.lease_pidns) is False:
             cond = Run.lease_owner == row.lease_owner
         res = conn.execute(
             sa.update(Run)
-            .where(Run.id == run_id, Run.status != "complete", cond)
+            .where(Run.id == run_id, Run.status.not_in(("complete", "cancelled")), cond)
             .values(lease_owner=owner, lease_host=HOSTNAME, lease_pid=os.getpid(), lease_boot_id=BOOT_ID,
                     lease_pidns=PID_NAMESPACE, heartbeat_at=now, status="running", error=None)
         )

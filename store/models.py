@@ -182,6 +182,13 @@ class RunShard(Base):
     lease_pidns: Mapped[str | None] = mapped_column(String(64))
     heartbeat_at: Mapped[float | None] = mapped_column(Float)
     device: Mapped[str | None] = mapped_column(String(64))
+    batch_size: Mapped[int | None] = mapped_column(Integer)
+    """The run's pinned numerics, which every worker of this shard must use (batch composition,
+    resume points, precision)."""
+    chunk_cells: Mapped[int | None] = mapped_column(Integer)
+    precision: Mapped[str | None] = mapped_column(String(8))
+    cpu_threads: Mapped[int | None] = mapped_column(Integer)
+    """On the CPU the thread count changes the last bits of a forward pass: a CPU run pins it."""
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     cells_per_s: Mapped[float | None] = mapped_column(Float)
     peak_rss: Mapped[int | None] = mapped_column(BigInteger)

@@ -75,6 +75,10 @@ class ShardInfo:
     lease_pid: int | None = None
     heartbeat_at: float | None = None
     device: str | None = None
+    batch_size: int | None = None
+    chunk_cells: int | None = None
+    precision: str | None = None
+    cpu_threads: int | None = None
     attempts: int = 0
     cells_per_s: float | None = None
     peak_rss: int | None = None
@@ -114,6 +118,7 @@ class ShardLease:
     _thread: threading.Thread | None = None
 
     def start(self) -> ShardLease:
+        _LIVE_OWNERS.add(self.owner)
         self._thread = threading.Thread(target=self._beat, name=f"sclstore-shard-{self.shard.id}", daemon=True)
         self._thread.start()
         return self
@@ -147,12 +152,20 @@ class ShardLease:
                                  "this worker stops at the chunk boundary")
 
     def stop(self) -> None:
+        self.halt()
+        _LIVE_OWNERS.discard(self.owner)
+
+    def halt(self) -> None:
+        """Stop the heartbeat; the shard still counts as this process's own until :meth:`stop`."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
 
 
 _CLEAR_LEASE = {"lease_owner": None, "lease_boot_id": None, "lease_pidns": None}
+_LIVE_OWNERS: set[str] = set()
+"""Owners of this process's running leases: a shard still marked as this process's but not among
+them (its release failed, e.g. in a catalog outage) is claimable again at once."""
 
 
 class ShardQueue:
@@ -164,13 +177,14 @@ class ShardQueue:
         self.heartbeat_s = heartbeat_s
 
     # ------------------------------------------------------------------ planning
-    def create(self, run_id: int, ranges: Sequence[tuple[int, int]]) -> None:
-        """Insert a run's shards, unless it has them already (a repeated submit)."""
+    def create(self, run_id: int, ranges: Sequence[tuple[int, int]], pinned: dict[str, Any] | None = None) -> None:
+        """Insert a run's shards with its pinned numerics, unless it has them already (a repeated submit)."""
+        pin = {k: (pinned or {}).get(k) for k in ("batch_size", "chunk_cells", "precision", "cpu_threads")}
         with write_tx(self.engine) as conn:
             if conn.execute(sa.select(sa.func.count()).where(RunShard.run_id == run_id)).scalar_one():
                 return
             conn.execute(sa.insert(RunShard), [{"run_id": run_id, "idx": i, "lo": lo, "hi": hi, "status": "queued",
-                                                "watermark": lo, "attempts": 0, "unembeddable": []}
+                                                "watermark": lo, "attempts": 0, "unembeddable": [], **pin}
                                                for i, (lo, hi) in enumerate(ranges)])
 
     def requeue(self, run_id: int) -> int:
@@ -184,8 +198,9 @@ class ShardQueue:
         return int(res.rowcount)
 
     # ------------------------------------------------------------------ claiming
-    def claim(self, *, runs: Sequence[int] | None, device: str, shuffle: random.Random | None = None) -> ShardLease | None:
-        """Claim one shard of ``runs`` (None: of any shared run), or ``None`` if nothing is claimable.
+    def claim(self, *, runs: Sequence[int] | None, device: str, shuffle: random.Random | None = None,
+              exclude: Sequence[int] = ()) -> ShardLease | None:
+        """Claim one shard of ``runs`` (None: of any shared run, except those in ``exclude``), or ``None`` if nothing is claimable.
 
         ``shuffle`` picks among the claimable shards at random (tests of arbitrary shard orders);
         by default the lowest run id and shard index first.
@@ -196,6 +211,8 @@ class ShardQueue:
                 RunShard.lease_boot_id, RunShard.lease_pidns, RunShard.heartbeat_at)
         base = sa.select(*cols).join(Run, Run.id == RunShard.run_id).where(Run.status.in_(ACTIVE_RUN))
         base = base.where(RunShard.run_id.in_([int(r) for r in runs])) if runs is not None else base.where(Run.shared.is_(True))
+        if exclude:
+            base = base.where(RunShard.run_id.not_in([int(r) for r in exclude]))
         base = base.order_by(RunShard.run_id, RunShard.idx).limit(16 if shuffle is not None else 1)
         # a stale lease, or one of a dead process on this host, is claimable like a queued shard
         taken = sa.and_(RunShard.status == "claimed",
@@ -204,11 +221,13 @@ class ShardQueue:
         if self.engine.dialect.name == "postgresql":  # lock only the rows picked; other claimers skip them
             queued_stmt = queued_stmt.with_for_update(skip_locked=True, of=RunShard)
             taken_stmt = taken_stmt.with_for_update(skip_locked=True, of=RunShard)
+        _LIVE_OWNERS.add(owner)  # before the claim commits: no other thread of this process may take the shard as abandoned
         with write_tx(self.engine) as conn:
             candidates = list(conn.execute(queued_stmt).all())
             if not candidates:
                 candidates = [r for r in conn.execute(taken_stmt).all() if self._claimable(r, now)]
             if not candidates:
+                _LIVE_OWNERS.discard(owner)
                 return None
             pick = shuffle.choice(candidates) if shuffle is not None else candidates[0]
             prior = RunShard.status == "queued" if pick.status == "queued" else RunShard.lease_owner == pick.lease_owner
@@ -219,6 +238,7 @@ class ShardQueue:
                         attempts=RunShard.attempts + 1)
             )
             if res.rowcount != 1:  # only possible without row locks; the caller simply claims again
+                _LIVE_OWNERS.discard(owner)
                 return None
             row = conn.execute(_select_shards().where(RunShard.id == pick.id)).one()
             conn.execute(sa.update(Run).where(Run.id == row.run_id, Run.status == "queued").values(status="running"))
@@ -233,6 +253,8 @@ class ShardQueue:
             return True
         if row.heartbeat_at is not None and row.heartbeat_at < now - self.ttl_s:
             return True
+        if (row.lease_host, row.lease_pid, row.lease_boot_id, row.lease_pidns) == (HOSTNAME, os.getpid(), BOOT_ID, PID_NAMESPACE):
+            return row.lease_owner not in _LIVE_OWNERS  # this process's: claimable unless it still works on it
         return owner_alive(row.lease_host, row.lease_pid, row.lease_boot_id, row.lease_pidns) is False
 
     # ------------------------------------------------------------------ owner's writes
@@ -260,10 +282,13 @@ class ShardQueue:
 
     def done(self, lease: ShardLease) -> bool:
         """Mark the owner's shard done; False if it was lost before (another worker redoes its rest)."""
-        lease.stop()
-        with write_tx(self.engine) as conn:
-            res = conn.execute(sa.update(RunShard).where(*lease.owned())
-                               .values(status="done", finished_at=time.time(), **_CLEAR_LEASE))
+        lease.halt()  # still this process's own until written: no other thread of it takes the shard as abandoned
+        try:
+            with write_tx(self.engine) as conn:
+                res = conn.execute(sa.update(RunShard).where(*lease.owned())
+                                   .values(status="done", finished_at=time.time(), **_CLEAR_LEASE))
+        finally:
+            lease.stop()
         return res.rowcount == 1
 
     def release(self, lease: ShardLease, *, error: str | None = None, max_attempts: int = 3, fail: bool = False) -> str:
@@ -273,7 +298,7 @@ class ShardQueue:
         ``fail`` (an error no other worker can get past, such as bad input), becomes ``failed``
         and fails its run; otherwise it is queued again for any worker.
         """
-        lease.stop()
+        lease.halt()
         failed = error is not None and (fail or lease.shard.attempts >= max_attempts)
         status = "failed" if failed else "queued"
         try:
@@ -284,9 +309,11 @@ class ShardQueue:
                     conn.execute(sa.update(Run).where(Run.id == lease.shard.run_id, Run.status.in_(ACTIVE_RUN))
                                  .values(status="failed", error=(error or "")[:2000]))
         except sa.exc.SQLAlchemyError as exc:
-            logger.warning("could not release shard %d of run %d: %s (its lease expires by itself)", lease.shard.idx,
-                           lease.shard.run_id, first_line(exc))
+            logger.warning("could not release shard %d of run %d: %s (this process may claim it again; others once its lease expires)",
+                           lease.shard.idx, lease.shard.run_id, first_line(exc))
             return "claimed"
+        finally:
+            lease.stop()
         return status
 
     # ------------------------------------------------------------------ reading, cancelling

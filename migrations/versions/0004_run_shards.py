@@ -36,6 +36,10 @@ def upgrade() -> None:
         sa.Column("lease_pidns", sa.String(64)),
         sa.Column("heartbeat_at", sa.Float()),
         sa.Column("device", sa.String(64)),
+        sa.Column("batch_size", sa.Integer()),
+        sa.Column("chunk_cells", sa.Integer()),
+        sa.Column("precision", sa.String(8)),
+        sa.Column("cpu_threads", sa.Integer()),
         sa.Column("attempts", sa.Integer(), nullable=False, server_default=sa.text("0")),
         sa.Column("cells_per_s", sa.Float()),
         sa.Column("peak_rss", sa.BigInteger()),
@@ -52,16 +56,20 @@ def upgrade() -> None:
         batch.add_column(sa.Column("plan", sa.JSON(), nullable=False, server_default=sa.text("'{}'")))
         batch.add_column(sa.Column("shared", sa.Boolean(), nullable=False, server_default=sa.false()))
     runs = sa.table("runs", sa.column("id", sa.Integer()), sa.column("n_cells", sa.BigInteger()),
-                    sa.column("watermark", sa.BigInteger()), sa.column("status", sa.String()))
+                    sa.column("watermark", sa.BigInteger()), sa.column("status", sa.String()), sa.column("params", sa.JSON()))
     shards = sa.table("run_shards", sa.column("run_id", sa.Integer()), sa.column("idx", sa.Integer()),
                       sa.column("lo", sa.BigInteger()), sa.column("hi", sa.BigInteger()),
                       sa.column("status", sa.String()), sa.column("watermark", sa.BigInteger()),
-                      sa.column("attempts", sa.Integer()))
+                      sa.column("attempts", sa.Integer()), sa.column("batch_size", sa.Integer()),
+                      sa.column("chunk_cells", sa.Integer()), sa.column("precision", sa.String()))
     conn = op.get_bind()
-    rows = conn.execute(sa.select(runs.c.id, runs.c.n_cells, runs.c.watermark).where(runs.c.status != "complete")).all()
+    rows = conn.execute(sa.select(runs.c.id, runs.c.n_cells, runs.c.watermark, runs.c.params)
+                        .where(runs.c.status != "complete")).all()
     if rows:
         conn.execute(sa.insert(shards), [{"run_id": r.id, "idx": 0, "lo": 0, "hi": r.n_cells, "status": "queued",
-                                          "watermark": r.watermark, "attempts": 0} for r in rows])
+                                          "watermark": r.watermark, "attempts": 0, "batch_size": (r.params or {}).get("batch_size"),
+                                          "chunk_cells": (r.params or {}).get("chunk_cells"),
+                                          "precision": (r.params or {}).get("precision")} for r in rows])
 
 
 def downgrade() -> None:

@@ -306,3 +306,46 @@ def random_counts() -> Callable[..., scipy.sparse.csr_matrix]:
 def tiny_gene_ids() -> Callable[..., list[str]]:
     """The function :func:`make_gene_ids` ``(n_genes, *, kind="ensembl"|"symbol") -> ids``."""
     return make_gene_ids
+
+
+# ---------------------------------------------------------------------------- sharded ingest (issue 13)
+SHARD_KW: dict[str, Any] = {"chunk_cells": 32, "batch_size": 8, "pools": ("cls", "mean")}
+"""Ingest parameters of the sharded-ingest tests (their oracle is a plain ingest with these)."""
+SHARD_CELLS = 520
+"""d_model 512 in float32 gives 256-cell array tiles: ``shard_cells=256`` makes shards [0,256) [256,512) [512,520)."""
+
+
+@pytest.fixture(scope="session")
+def shard_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A small .h5ad and a tiny Tahoe-X1 (d 512, one block, 8 tokens: cheap forward passes, 256-cell tiles)."""
+    import anndata as ad
+    import pandas as pd
+
+    tmp = tmp_path_factory.mktemp("shardworld")
+    ckpt = make_tiny_tahoe(tmp / "ckpt", "hf", n_genes=60, d_model=512, n_layers=1, n_heads=4, max_length=8)
+    counts = make_random_counts(SHARD_CELLS, 60, seed=4)
+    obs = pd.DataFrame({"donor": np.random.default_rng(1).choice(["d1", "d2"], size=SHARD_CELLS)},
+                       index=[f"c{i}" for i in range(SHARD_CELLS)])
+    data = tmp / "d.h5ad"
+    ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=make_gene_ids(60))).write_h5ad(data)
+    return {"data": data, "ckpt": ckpt, "tmp": tmp}
+
+
+class OracleBytes(dict):  # type: ignore[type-arg]
+    """Pool -> bytes, with a short repr (hypothesis and pytest print fixture values)."""
+
+    def __repr__(self) -> str:
+        return f"<oracle bytes of pools {sorted(self)}>"
+
+
+@pytest.fixture(scope="session")
+def shard_oracle(shard_world: dict[str, Path]) -> dict[str, bytes]:
+    """The oracle of the sharded-ingest tests: one plain single-process ingest, every pool's bytes."""
+    import sclstore
+
+    with sclstore.open_store(shard_world["tmp"] / "oracle", create=True) as st:
+        res = st.ingest(shard_world["data"], "tahoe-x1", str(shard_world["ckpt"]), progress=False, workers=0, **SHARD_KW)
+        run = st.run(res.id)
+        assert run.status == "complete" and run.n_cells == SHARD_CELLS
+        with st.backend.open_reader(res.id) as rd:
+            return OracleBytes({p: rd.read(list(range(len(run.layers))), None, p).tobytes() for p in run.pools})

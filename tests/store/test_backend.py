@@ -83,7 +83,7 @@ def _run(store: sclstore.Store, n: int = 12, dim: int = 8, key: str = "k1"):
 
 def test_run_lifecycle_and_reads(store: sclstore.Store) -> None:
     run = _run(store)
-    assert run.status == "queued" and run.watermark == 0  # created runs wait for a writer (sharded ingest)
+    assert run.status == "queued" and run.watermark == 0  # a new run waits for its shards to be claimed
     rng = np.random.default_rng(0)
     full = {p: rng.normal(size=(3, 12, 8)).astype(np.float32) for p in ("cls", "mean")}
     lease = store.backend.acquire(run.id, wait=False)
