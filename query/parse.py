@@ -12,6 +12,7 @@ names the offending part and says what is allowed. The result is a tree of froze
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -413,6 +414,13 @@ def parse_query(sql: str) -> SliceQuery:
     """
     if not isinstance(sql, str):
         raise InvalidQueryError(f"a query must be text, got {type(sql).__name__}")
+    return _parse_cached(sql)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_cached(sql: str) -> SliceQuery:
+    """:func:`parse_query` of one text, remembered (a :class:`SliceQuery` is immutable; errors
+    are not cached): repeated queries skip sqlglot."""
     if len(sql) > MAX_QUERY_CHARS:
         raise InvalidQueryError(f"query is {len(sql)} characters; at most {MAX_QUERY_CHARS} are allowed")
     if "\x00" in sql:

@@ -9,6 +9,7 @@ GROUP BY queries never hold the cells' embeddings: chunks are streamed and summe
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,7 @@ from .hints import value_hints
 from .parse import parse_query
 from .plan import Backend, QueryPlan, plan_query
 from .result import QueryResult, QueryStream, format_bytes
-from .spec import OrderItem, SliceQuery
+from .spec import And, Between, Compare, OrderItem, Predicate, SliceQuery
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -138,15 +139,33 @@ def select_cells(
     index, columns, dialect = _bound(backend, plan)
     names = list(plan.obs_columns)
     where = compile_predicate(plan.where, columns, dialect=dialect) if plan.where is not None else None
+    by_cell = not names and (sort_by_cell or (not plan.order_by and plan.limit is None))
+    kept = index.kept_names() if by_cell else None
+    if kept is not None:  # only cell_idx from the catalog (remembered per predicate); names from the index's copy
+        cell_idx = index.cells(where, key=_hashable(plan.where))
+        obs = pd.DataFrame({}, index=pd.Index(kept[0][cell_idx], dtype=object), columns=[])  # as _frame builds it
+        logger.debug("resolved %d cells of dataset %s in %.3f s", len(cell_idx), plan.dataset.name, time.perf_counter() - t0)
+        return cell_idx, obs, kept[1][cell_idx]
     order = None if sort_by_cell else compile_order(plan.order_by, columns, dialect=dialect)
     rows = index.select(where, columns=[columns[n].sql for n in names], order_by=order,
                         limit=None if sort_by_cell else plan.limit)
     cell_idx, obs, src_idx = _frame(rows, names, {n: columns[n] for n in names})
+    if by_cell:
+        index.keep_names(len(rows))  # a dataset queried again keeps its names in memory
     logger.debug("resolved %d cells of dataset %s in %.3f s", len(rows), plan.dataset.name, time.perf_counter() - t0)
     return cell_idx, obs, src_idx
 
 
-def contiguous_range(backend: Backend, plan: QueryPlan) -> tuple[int, int] | None:
+def _hashable(pred: Predicate | None) -> Predicate | None:
+    """``pred`` itself when it can key a cache (frozen dataclasses of plain values), else ``None``."""
+    try:
+        hash(pred)
+    except TypeError:
+        return None
+    return pred
+
+
+def contiguous_range(backend: Backend, plan: QueryPlan, *, scan: bool = True) -> tuple[int, int] | None:
     """``(first, last)`` when the plan selects exactly the cells ``first..last``, in that order.
 
     One aggregate over the predicate (``COUNT``, ``MIN``, ``MAX`` of ``cell_idx``: an index
@@ -155,15 +174,52 @@ def contiguous_range(backend: Backend, plan: QueryPlan) -> tuple[int, int] | Non
     are then known before any row is fetched and the array read can start at once.
 
     Returns ``None`` (use :func:`select_cells`) for ORDER BY other than ``cell_idx``, LIMIT,
-    an empty selection, or cells with gaps.
+    an empty selection, or cells with gaps; with ``scan=False`` also for any predicate that is
+    not integer bounds on ``cell_idx`` (nothing is asked of the catalog).
     """
     if plan.limit is not None or any(item.column != "cell_idx" or item.desc for item in plan.order_by):
         return None
     if plan.where is None:  # every cell: known from the catalog row, no scan
         n = int(plan.dataset.n_obs)
         return (0, n - 1) if n else None
+    bounds = _cell_idx_bounds(plan.where)
+    if bounds is not None:  # only integer bounds on cell_idx, which numbers the cells 0..n-1: no scan
+        lo, hi = max(bounds[0], 0), min(bounds[1], int(plan.dataset.n_obs) - 1)
+        return (lo, hi) if lo <= hi else None
+    if not scan:
+        return None
     index, columns, dialect = _bound(backend, plan)
     return index.contiguous_range(compile_predicate(plan.where, columns, dialect=dialect))
+
+
+def _cell_idx_bounds(pred: Predicate) -> tuple[int, int] | None:
+    """``(low, high)`` (inclusive, unclipped) when ``pred`` is only integer bounds on ``cell_idx``
+    (``BETWEEN``, ``=``, ``<``, ``<=``, ``>``, ``>=`` and ``AND`` of them), else ``None``."""
+    items = pred.items if isinstance(pred, And) else (pred,)
+    lo, hi = -(2**62), 2**62
+    for item in items:
+        values: tuple[Any, ...]
+        if isinstance(item, Between) and item.column == "cell_idx" and not item.negate:
+            values = (item.low, item.high)
+        elif isinstance(item, Compare) and item.column == "cell_idx" and item.op != "!=":
+            values = (item.value,)
+        else:
+            return None
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            return None
+        if isinstance(item, Between):
+            lo, hi = max(lo, int(item.low)), min(hi, int(item.high))
+        else:
+            v = int(item.value)
+            if item.op in ("=", ">="):
+                lo = max(lo, v)
+            if item.op in ("=", "<="):
+                hi = min(hi, v)
+            if item.op == ">":
+                lo = max(lo, v + 1)
+            if item.op == "<":
+                hi = min(hi, v - 1)
+    return lo, hi
 
 
 def select_range(backend: Backend, plan: QueryPlan, first: int, last: int) -> tuple[np.ndarray, pd.DataFrame, np.ndarray]:
@@ -173,6 +229,10 @@ def select_range(backend: Backend, plan: QueryPlan, first: int, last: int) -> tu
     """
     index, columns, _ = _bound(backend, plan)
     names = list(plan.obs_columns)
+    kept = index.names(first, last) if not names else None
+    if kept is not None:  # the index keeps every cell's name: no catalog round trip
+        obs = pd.DataFrame(index=pd.Index(kept[0], dtype=object, copy=True))
+        return np.arange(first, last + 1, dtype=np.int64), obs, kept[1].copy()
     rows = index.range_rows(first, last, [columns[n].sql for n in names])
     if len(rows) != last - first + 1:  # datasets are immutable: this means a damaged catalog
         from sclstore.store.errors import SclstoreError
@@ -275,6 +335,7 @@ def _aggregate(backend: Backend, plan: QueryPlan, budget: int) -> QueryResult:
     )
 
 
+@functools.cache
 def _sclstore_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -287,10 +348,10 @@ def _sclstore_version() -> str:
 def provenance(backend: Backend, plan: QueryPlan) -> dict[str, Any]:
     """What exports record in ``uns["sclstore"]`` besides the slice: where the numbers came from."""
     run = plan.run
-    model = next((m for m in backend.list_models() if m.id == run.model_id), None)
+    model = backend.get_model(run.model_id)
     params = run.params or {}
     return {
-        "checkpoint_hash": model.checkpoint_hash if model is not None else "",
+        "checkpoint_hash": model.checkpoint_hash,
         "cache_key": run.cache_key,
         "dataset_hash": plan.dataset.content_hash,
         "source_path": plan.dataset.source_path or "",
@@ -358,16 +419,23 @@ def execute_query(backend: Backend, sql: str | SliceQuery, *, memory_budget: int
         res.extra.update({"hints": value_hints(backend, plan, empty=res.n_rows == 0)} if plan.where is not None else {})
         res.extra["provenance"] = provenance(backend, plan)
         return res
-    span = contiguous_range(backend, plan) if plan.pool is not None else None
+    # with every cell's name in memory, select_cells costs one cell_idx lookup: a range scan first would only add one
+    in_memory = not plan.obs_columns and backend.obs_index(plan.dataset).kept_names() is not None
+    span = contiguous_range(backend, plan, scan=not in_memory) if plan.pool is not None else None
     if span is not None:
         # the cells are known: read the array in a thread (libtiledb releases the GIL) while
         # this thread fetches their names and metadata from the catalog
         first, last = span
         check_budget(plan, last - first + 1, budget)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sclstore-read") as pool:
-            reading = pool.submit(read_cells, backend, plan, np.arange(first, last + 1, dtype=np.int64))
-            cell_idx, obs, src_idx = select_range(backend, plan, first, last)
-            emb: np.ndarray | None = reading.result()
+        cells = np.arange(first, last + 1, dtype=np.int64)
+        if in_memory:
+            cell_idx, obs, src_idx = select_range(backend, plan, first, last)  # in memory: nothing to overlap
+            emb: np.ndarray | None = read_cells(backend, plan, cells)
+        else:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sclstore-read") as pool:
+                reading = pool.submit(read_cells, backend, plan, cells)
+                cell_idx, obs, src_idx = select_range(backend, plan, first, last)
+                emb = reading.result()
     else:
         cell_idx, obs, src_idx = select_cells(backend, plan)
         check_budget(plan, len(cell_idx), budget)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import tiledb
 
+from . import layout_cache
 from .config import ArraySpec
 from .errors import ArrayError, EncodingVersionError
 from .tilefile import FragmentTiles, LayoutError, TileFile, disjoint_fragments
@@ -80,7 +81,12 @@ def coalesce(cells: np.ndarray) -> list[tuple[int, int]]:
     breaks = np.flatnonzero(np.diff(cells) != 1)
     starts = np.concatenate(([cells[0]], cells[breaks + 1]))
     stops = np.concatenate((cells[breaks], [cells[-1]]))
-    return [(int(a), int(b)) for a, b in zip(starts, stops, strict=False)]
+    return list(zip(starts.tolist(), stops.tolist(), strict=True))
+
+
+def count_ranges(cells: np.ndarray) -> int:
+    """How many ranges :func:`coalesce` would give, without building them."""
+    return 0 if cells.size == 0 else int(np.count_nonzero(np.diff(cells) != 1)) + 1
 
 
 def create_array(uri: str, spec: ArraySpec, *, layers: Sequence[int], meta: dict[str, Any], ctx: tiledb.Ctx | None = None) -> None:
@@ -276,45 +282,71 @@ class ArrayReader:
 
     A complete run's single consolidated fragment is read straight from its tile files
     (:mod:`sclstore.store.tilefile`) when ``direct`` and its layout checks pass; any other array
-    (or ``direct=False``) is read through libtiledb. Both give identical values.
+    (or ``direct=False``) is read through libtiledb. Both give identical values. What a direct
+    reader validated is kept per process (:mod:`sclstore.store.layout_cache`): reopening an
+    unchanged run opens nothing in libtiledb.
 
     Not thread-safe: use one reader per thread.
     """
 
     def __init__(self, uri: str, *, ctx: tiledb.Ctx | None = None, direct: bool = True) -> None:
-        try:
-            self._arr = tiledb.open(uri, "r", ctx=ctx)
-        except tiledb.TileDBError as exc:
-            msg = f"cannot open array {uri}: {exc}; run `sclstore verify` to check the store"
-            raise ArrayError(msg) from exc
-        version = self._arr.meta.get("sclstore_encoding_version")
+        self.uri = uri
+        self.dtype: str
+        self._ctx = ctx
+        self._arr_handle: tiledb.Array | None = None
+        self._direct: dict[str, FragmentTiles] | None = None
+        self._shared = False  # the tile files belong to the layout cache: never close them here
+        local = "://" not in uri or uri.startswith("file://")
+        self._path = uri.removeprefix("file://")
+        cached = layout_cache.get(self._path) if direct and local else None
+        if cached is not None:  # a complete run validated before, its files unchanged: no libtiledb open
+            self.dtype = cached.dtype
+            self.n_slots, self.n_cells, self.dim, self.cell_tile = cached.n_slots, cached.n_cells, cached.dim, cached.cell_tile
+            self._n_cell_tiles = -(-self.n_cells // self.cell_tile)
+            self.pools = cached.pools
+            self._direct, self._shared = cached.tiles, True
+            return
+        arr = self._arr
+        version = arr.meta.get("sclstore_encoding_version")
         if version not in SUPPORTED_ENCODING_VERSIONS:
-            self._arr.close()
+            self.close()
             msg = f"array {uri} has encoding version {version!r}, this sclstore reads {sorted(SUPPORTED_ENCODING_VERSIONS)}: upgrade sclstore"
             raise EncodingVersionError(msg)
-        self.uri = uri
-        self.dtype: str = self._arr.meta["dtype"]
-        dom = self._arr.schema.domain
+        self.dtype = str(arr.meta["dtype"])
+        dom = arr.schema.domain
         self.n_slots = int(dom.dim(0).domain[1]) + 1
         self.n_cells = int(dom.dim(1).domain[1]) + 1
         self.dim = int(dom.dim(2).domain[1]) + 1
         self.cell_tile = int(dom.dim(1).tile)
         self._n_cell_tiles = -(-self.n_cells // self.cell_tile)
-        self.pools = tuple(self._arr.schema.attr(i).name for i in range(self._arr.schema.nattr))
-        self._ctx = ctx
-        self._direct: dict[str, FragmentTiles] | None = None
-        if direct and ("://" not in uri or uri.startswith("file://")):
+        self.pools = tuple(arr.schema.attr(i).name for i in range(arr.schema.nattr))
+        if direct and local:
             try:
-                self._direct = self._open_direct()
+                self._direct, fragments = self._open_direct()
             except LayoutError as exc:
                 _fallback(uri, exc)
+            else:
+                layout = layout_cache.DirectLayout(self.dtype, self.n_slots, self.n_cells, self.dim, self.cell_tile,
+                                                   self.pools, self._direct, fragments)
+                self._shared = layout_cache.put(self._path, layout)
+
+    @property
+    def _arr(self) -> tiledb.Array:
+        """The array opened through libtiledb (on first use: a reader from the layout cache has none)."""
+        if self._arr_handle is None:
+            try:
+                self._arr_handle = tiledb.open(self.uri, "r", ctx=self._ctx)
+            except tiledb.TileDBError as exc:
+                msg = f"cannot open array {self.uri}: {exc}; run `sclstore verify` to check the store"
+                raise ArrayError(msg) from exc
+        return self._arr_handle
 
     @property
     def direct(self) -> bool:
         """Whether reads bypass libtiledb (see :mod:`sclstore.store.tilefile`)."""
         return self._direct is not None
 
-    def _open_direct(self) -> dict[str, FragmentTiles]:
+    def _open_direct(self) -> tuple[dict[str, FragmentTiles], tuple[str, ...]]:
         schema = self._arr.schema
         dom = schema.domain
         if schema.sparse or schema.cell_order != "row-major" or schema.tile_order != "row-major":
@@ -342,7 +374,7 @@ class ArrayReader:
             tfs = [(lo, hi, TileFile(folder / f"a{i}.tdb", n_tiles=self.n_slots * (hi - lo), tile_elems=elems, dtype=view))
                    for lo, hi, folder in parts]
             files[attr.name] = FragmentTiles(tfs, self._n_cell_tiles)
-        return files
+        return files, tuple(folder.name for _lo, _hi, folder in parts)
 
     def __enter__(self) -> ArrayReader:
         return self
@@ -351,8 +383,10 @@ class ArrayReader:
         self.close()
 
     def close(self) -> None:
-        self.close_direct()
-        self._arr.close()
+        self._release_direct()
+        if self._arr_handle is not None:
+            self._arr_handle.close()
+            self._arr_handle = None
 
     def _decode(self, raw: np.ndarray) -> np.ndarray:
         if self.dtype == "float16":
@@ -399,10 +433,16 @@ class ArrayReader:
         return np.ascontiguousarray(out, dtype=np.float32)
 
     def close_direct(self) -> None:
-        """Stop reading tile files directly (later reads go through libtiledb)."""
-        for tf in (self._direct or {}).values():
-            tf.close()
-        self._direct = None
+        """Stop reading tile files directly (later reads go through libtiledb, and later readers
+        of this array validate it again)."""
+        layout_cache.drop(self._path)
+        self._release_direct()
+
+    def _release_direct(self) -> None:
+        if not self._shared:  # tile files held by the layout cache stay open for other readers
+            for tf in (self._direct or {}).values():
+                tf.close()
+        self._direct, self._shared = None, False
 
     def _read_tiledb(self, slots: np.ndarray, cells: np.ndarray | None, pool: str) -> np.ndarray:
         slot_ranges = coalesce(slots)
@@ -420,8 +460,8 @@ class ArrayReader:
     def _read_direct(self, tf: FragmentTiles, slots: np.ndarray, cells: np.ndarray | None) -> np.ndarray:
         """float32 ``(len(slots), n, dim)``; float16 storage is converted while it is copied."""
         c, d, n_ct = self.cell_tile, self.dim, self._n_cell_tiles
-        ranges = [(0, self.n_cells - 1)] if cells is None else coalesce(cells)
-        if len(ranges) <= _MAX_RANGES:
+        if cells is None or count_ranges(cells) <= _MAX_RANGES:
+            ranges = [(0, self.n_cells - 1)] if cells is None else coalesce(cells)
             out = np.empty((len(slots), self.n_cells if cells is None else cells.size, d), dtype=np.float32)
             for i, slot in enumerate(slots):
                 pos = 0

@@ -8,7 +8,8 @@ here; it never holds an Engine or a connection. Catalog errors are translated in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
@@ -26,7 +27,12 @@ else:  # loaded on first use: opening a store needs neither
     np = lazy_module("numpy")
     pd = lazy_module("pandas")
 
-__all__ = ["ObsIndex"]
+__all__ = ["NAMES_CACHE_MAX_CELLS", "SELECTIONS_MAX_CELLS", "ObsIndex"]
+
+NAMES_CACHE_MAX_CELLS = 2_000_000
+"""Largest dataset whose cell names an :class:`ObsIndex` keeps in memory (~100 bytes per cell)."""
+SELECTIONS_MAX_CELLS = 4_000_000
+"""Cells (8 bytes each) of remembered selections an :class:`ObsIndex` keeps (see :meth:`ObsIndex.cells`)."""
 
 
 @translate_errors
@@ -49,6 +55,10 @@ class ObsIndex:
         self.table = table
         self.dialect: str = engine.dialect.name
         """``sqlite`` or ``postgresql``: predicates compile per dialect."""
+        self._names: tuple[np.ndarray, np.ndarray] | None = None
+        self._name_requests = 0
+        self._selections: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        self._selected_cells = 0
 
     def _rows(self, stmt: sa.Select) -> list[Any]:
         with self._engine.connect() as conn:
@@ -89,13 +99,31 @@ class ObsIndex:
             stmt = stmt.limit(limit)
         return self._rows(stmt)
 
-    def cells(self, where: Any = None) -> np.ndarray:
-        """``cell_idx`` of the cells satisfying ``where``, ascending."""
+    def cells(self, where: Any = None, *, key: Hashable | None = None) -> np.ndarray:
+        """``cell_idx`` of the cells satisfying ``where``, ascending.
+
+        Parameters
+        ----------
+        key
+            A hashable identity of ``where`` (e.g. the query's predicate object): the answer is
+            remembered under it (datasets are immutable, so it never goes stale; the least
+            recently used answers are dropped beyond :data:`SELECTIONS_MAX_CELLS` cells in all).
+        """
+        if key is not None and key in self._selections:
+            self._selections.move_to_end(key)
+            return self._selections[key].copy()
         t = self.table
         stmt = sa.select(t.c.cell_idx).order_by(t.c.cell_idx)
         if where is not None:
             stmt = stmt.where(where)
-        return np.asarray([r[0] for r in self._rows(stmt)], dtype=np.int64)
+        rows = self._rows(stmt)
+        out = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        if key is not None and out.size <= SELECTIONS_MAX_CELLS:
+            self._selections[key] = out.copy()
+            self._selected_cells += out.size
+            while self._selected_cells > SELECTIONS_MAX_CELLS:
+                self._selected_cells -= self._selections.popitem(last=False)[1].size
+        return out
 
     def contiguous_range(self, where: Any) -> tuple[int, int] | None:
         """``(first, last)`` when ``where`` selects exactly the cells ``first..last``, else ``None``.
@@ -116,6 +144,51 @@ class ObsIndex:
         t = self.table
         stmt = sa.select(t.c.cell, t.c.src_idx, *columns).where(t.c.cell_idx.between(first, last)).order_by(t.c.cell_idx)
         return self._rows(stmt)
+
+    def names(self, first: int, last: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(cell names, src_idx)`` of cells ``first..last`` from this index's in-memory copy of
+        every cell's name, or ``None`` when it is not kept (then ask :meth:`range_rows`).
+
+        The copy is made (one scan of ``cell`` and ``src_idx``) only where it costs little
+        against what is asked: when the request covers at least a quarter of the cells, or from
+        the second request on (a process that queries a dataset repeatedly); and never for more
+        than :data:`NAMES_CACHE_MAX_CELLS` cells. Datasets are immutable, so the copy never goes stale.
+        """
+        kept = self._names_for(last - first + 1)
+        return None if kept is None else (kept[0][first : last + 1], kept[1][first : last + 1])
+
+    def names_of(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(cell names, src_idx)`` of ``cells`` (any order), as :meth:`names`."""
+        kept = self._names_for(len(cells))
+        return None if kept is None else (kept[0][cells], kept[1][cells])
+
+    def kept_names(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Every cell's ``(name, src_idx)`` in ``cell_idx`` order if kept in memory (see
+        :meth:`names`), else ``None``; nothing is fetched. Treat the arrays as read-only."""
+        return self._names
+
+    def keep_names(self, wanted: int) -> bool:
+        """Note a request for ``wanted`` cells' names answered elsewhere; keep every cell's name
+        if the rule of :meth:`names` says so. Returns whether they are kept now."""
+        return self._names_for(wanted) is not None
+
+    def _names_for(self, wanted: int) -> tuple[np.ndarray, np.ndarray] | None:
+        if self._names is not None:
+            return self._names
+        n = int(self.dataset.n_obs)
+        self._name_requests += 1
+        if n > NAMES_CACHE_MAX_CELLS or (4 * wanted < n and self._name_requests < 2):
+            return None
+        t = self.table
+        rows = self._rows(sa.select(t.c.cell_idx, t.c.cell, t.c.src_idx).order_by(t.c.cell_idx))
+        idx = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        if len(rows) != n or not np.array_equal(idx, np.arange(n)):
+            return None  # cell_idx not 0..n-1 (a damaged catalog): let the SQL path report it
+        names = np.empty(n, dtype=object)
+        names[:] = [r[1] for r in rows]
+        src = np.fromiter((r[2] for r in rows), dtype=np.int64, count=n)
+        self._names = (names, src)
+        return self._names
 
     def distinct(self, column: Any, limit: int) -> list[Any]:
         """Up to ``limit`` distinct non-NULL values of one column of :attr:`table`."""

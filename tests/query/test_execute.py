@@ -246,7 +246,7 @@ def test_incomplete_and_ambiguous_runs(tmp_path: Path) -> None:
         model = b.backend.list_models()[0]
         spec = ArraySpec(n_layers=2, n_cells=12, dim=6, pools=("cls",))
         running = b.backend.create_run(dataset=ds, model=model, key="f" * 64, params={}, layers=(0, 8), spec=spec)
-        with pytest.raises(InvalidQueryError, match=rf"run {running.id} \(toy/tiny-m\) is running, not complete"):
+        with pytest.raises(InvalidQueryError, match=rf"run {running.id} \(toy/tiny-m\) is queued, not complete"):
             execute_query(b.backend, f"SELECT * FROM embeddings WHERE run = {running.id}")
         # a running run is no candidate: the name pair still pins the complete run
         res = execute_query(b.backend, "SELECT * FROM embeddings WHERE dataset = 'toy' AND model = 'tiny-m' AND layer = 0")
@@ -351,7 +351,7 @@ def test_range_path_equals_row_path(store60: BuiltStore, where: str, mask: Any, 
     monkeypatch.setattr(read_mod, "select_range", spy)
     fast = execute_query(b.backend, sql)
     assert len(calls) == 1
-    monkeypatch.setattr(read_mod, "contiguous_range", lambda *_a: None)
+    monkeypatch.setattr(read_mod, "contiguous_range", lambda *_a, **_k: None)
     slow = execute_query(b.backend, sql)
     assert len(calls) == 1
     np.testing.assert_array_equal(fast.cell_idx, slow.cell_idx)
