@@ -99,6 +99,8 @@ def cluster() -> Iterator[tuple[Any, list[Any]]]:
     tmp = tempfile.mkdtemp(prefix="sclray")  # short: Ray's unix socket paths must stay under 107 bytes
     old = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = tmp
+    cwd = os.getcwd()
+    os.chdir(tmp)  # Ray puts the driver's cwd on its workers' sys.path: the repository root would shadow the package
     c = None
     try:
         c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "object_store_memory": OBJECT_STORE,
@@ -108,6 +110,7 @@ def cluster() -> Iterator[tuple[Any, list[Any]]]:
         yield c, nodes
     finally:
         ray.shutdown()
+        os.chdir(cwd)
         if c is not None:
             c.shutdown()
         if old is None:
