@@ -32,6 +32,18 @@ print(json.dumps(rep.to_json()))
 """A ``python -c`` worker: :func:`sclstore.ingest.worker.work` on one run, claiming its shards in a random order."""
 
 
+def write_shard_data(path: Path, counts: Any, genes: list[str]) -> Path:
+    """An .h5ad of ``counts`` with a ``donor`` obs column (the sharded-ingest tests' data)."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    n = counts.shape[0]
+    obs = pd.DataFrame({"donor": np.random.default_rng(1).choice(["d1", "d2"], size=n)}, index=[f"c{i}" for i in range(n)])
+    ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=genes)).write_h5ad(path)
+    return path
+
+
 def layer_bytes(st: sclstore.Store, run_id: int) -> dict[str, bytes]:
     """Every layer of every pool of a run, as raw bytes (the oracle comparison)."""
     run = st.run(run_id)

@@ -21,12 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import anndata as ad
-import numpy as np
-import pandas as pd
 import psutil
 import pytest
-import scipy.sparse as sp
 
 import sclstore
 from sclstore.store.errors import IngestError
@@ -34,6 +30,8 @@ from sclstore.store.errors import IngestError
 ray = pytest.importorskip("ray", reason="the Ray executor needs sclstore[ray]")
 
 from sclstore.ingest.ray_executor import ACTOR_NAMESPACE, run_ray_workers  # noqa: E402
+
+from .shard_helpers import layer_bytes, write_shard_data  # noqa: E402
 
 # one Ray cluster and one oracle per module: keep the module on one xdist worker (with --dist loadgroup)
 pytestmark = pytest.mark.xdist_group("ray")
@@ -43,19 +41,6 @@ N_CELLS = 600
 # d_model 512 in float32 gives 256-cell array tiles: shards of 200 cells round up to 256 (8 chunks of 32)
 SHARDS = [(0, 256), (256, 512), (512, 600)]
 OBJECT_STORE = 80 * 2**20
-
-
-def _data(path: Path, counts: sp.csr_matrix, genes: list[str]) -> Path:
-    n = counts.shape[0]
-    obs = pd.DataFrame({"donor": np.random.default_rng(1).choice(["d1", "d2"], size=n)}, index=[f"c{i}" for i in range(n)])
-    ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=genes)).write_h5ad(path)
-    return path
-
-
-def _layers(st: sclstore.Store, run_id: int) -> dict[str, bytes]:
-    run = st.run(run_id)
-    with st.backend.open_reader(run_id) as rd:
-        return {p: rd.read(list(range(len(run.layers))), None, p).tobytes() for p in run.pools}
 
 
 def _ray_processes(marker: str) -> list[str]:
@@ -75,7 +60,7 @@ def _ray_processes(marker: str) -> list[str]:
 def shared(tmp_path_factory, random_counts, tiny_gene_ids, tiny_tahoe_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("ray")
     ckpt = tiny_tahoe_factory("hf", n_genes=60, d_model=512, n_layers=2, n_heads=4, max_length=32)
-    data = _data(tmp / "d.h5ad", random_counts(N_CELLS, 60, seed=4), tiny_gene_ids(60))
+    data = write_shard_data(tmp / "d.h5ad", random_counts(N_CELLS, 60, seed=4), tiny_gene_ids(60))
     return {"data": data, "ckpt": ckpt, "tmp": tmp}
 
 
@@ -88,7 +73,7 @@ def reference(shared: dict[str, Path]) -> dict[str, bytes]:
     """
     with sclstore.open_store(shared["tmp"] / "ref", create=True) as st:
         res = st.ingest(shared["data"], "tahoe-x1", str(shared["ckpt"]), progress=False, workers=0, device="cpu", threads=1, **KW)
-        return _layers(st, res.id)
+        return layer_bytes(st, res.id)
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +176,7 @@ def test_a_lost_node_mid_shard_is_taken_over_and_the_bytes_equal_one_ingest(clus
         taken = next(s for s in st.backend.shards.shards(sub.id) if s.idx == victim.idx)
         survivor = next(pid for pid in actors if pid != victim.lease_pid)
         assert (taken.status, taken.attempts, taken.lease_pid) == ("done", 2, survivor)
-        assert _layers(st, sub.id) == reference
+        assert layer_bytes(st, sub.id) == reference
 
 
 def test_every_actor_dead_is_a_clear_error_and_a_rerun_resumes(cluster, shared, reference, tmp_path) -> None:
@@ -212,7 +197,7 @@ def test_every_actor_dead_is_a_clear_error_and_a_rerun_resumes(cluster, shared, 
         t.join(timeout=600)
         assert "error" not in out, out.get("error")
         assert st.run(sub.id).status == "complete"
-        assert _layers(st, sub.id) == reference
+        assert layer_bytes(st, sub.id) == reference
 
 
 def _mid_shard_of(store: Path, proc: subprocess.Popen[str], timeout: float = 400) -> Any:
@@ -272,7 +257,7 @@ def test_cli_ingest_with_the_ray_executor_drains_on_sigterm_and_resumes(shared, 
         counts = st.backend.shards.counts(res["run_id"])
         assert counts["done"] == len(SHARDS) and sum(counts.values()) == len(SHARDS)
         assert {s.device for s in st.backend.shards.shards(res["run_id"])} == {"cpu"}
-        assert _layers(st, res["run_id"]) == reference
+        assert layer_bytes(st, res["run_id"]) == reference
     assert _no_ray_left(ray_tmp) == [], "the local Ray instance outlived the command"
     shutil.rmtree(ray_tmp, ignore_errors=True)
 

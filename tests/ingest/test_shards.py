@@ -8,16 +8,14 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import anndata as ad
-import numpy as np
-import pandas as pd
 import pytest
-import scipy.sparse as sp
 
 import sclstore
 from sclstore.ingest.worker import work
 from sclstore.store.errors import InvalidInputError
 from sclstore.store.shards import split_cells
+
+from .shard_helpers import layer_bytes, write_shard_data
 
 KW = {"chunk_cells": 32, "batch_size": 8, "pools": ("cls", "mean")}
 N_CELLS = 600
@@ -25,24 +23,11 @@ N_CELLS = 600
 SHARDS = [(0, 256), (256, 512), (512, 600)]
 
 
-def _data(path: Path, counts: sp.csr_matrix, genes: list[str]) -> Path:
-    n = counts.shape[0]
-    obs = pd.DataFrame({"donor": np.random.default_rng(1).choice(["d1", "d2"], size=n)}, index=[f"c{i}" for i in range(n)])
-    ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=genes)).write_h5ad(path)
-    return path
-
-
-def _layers(st: sclstore.Store, run_id: int) -> dict[str, bytes]:
-    run = st.run(run_id)
-    with st.backend.open_reader(run_id) as rd:
-        return {p: rd.read(list(range(len(run.layers))), None, p).tobytes() for p in run.pools}
-
-
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory, random_counts, tiny_gene_ids, tiny_tahoe_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("shards")
     ckpt = tiny_tahoe_factory("hf", n_genes=60, d_model=512, n_layers=2, n_heads=4, max_length=32)
-    data = _data(tmp / "d.h5ad", random_counts(N_CELLS, 60, seed=4), tiny_gene_ids(60))
+    data = write_shard_data(tmp / "d.h5ad", random_counts(N_CELLS, 60, seed=4), tiny_gene_ids(60))
     return {"data": data, "ckpt": ckpt, "tmp": tmp}
 
 
@@ -57,7 +42,7 @@ def reference(shared: dict[str, Path]) -> dict[str, bytes]:
     with sclstore.open_store(shared["tmp"] / "ref", create=True) as st:
         res = st.ingest(shared["data"], "tahoe-x1", str(shared["ckpt"]), progress=False, workers=0, **KW)
         assert st.backend.shards.counts(res.id)["done"] == 1  # a plain ingest is one shard
-        return _layers(st, res.id)
+        return layer_bytes(st, res.id)
 
 
 def test_split_cells_aligns_every_boundary() -> None:
@@ -77,6 +62,6 @@ def test_submit_then_workers_in_random_order_equal_one_ingest(world, reference, 
         assert first.shards == 3 and first.cells == N_CELLS and first.runs_finalised == [sub.id]
         run = st.run(sub.id)
         assert run.status == "complete" and run.stats["shards"] == 3
-        assert _layers(st, sub.id) == reference
+        assert layer_bytes(st, sub.id) == reference
         again = st.submit(world["data"], "tahoe-x1", str(world["ckpt"]), device="cpu", **KW)
         assert again.cache_hit and again.id == sub.id
