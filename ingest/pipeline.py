@@ -96,13 +96,10 @@ def submit(backend: Backend, path: str | os.PathLike[str], config: IngestConfig)
     if not isinstance(path, (str, os.PathLike)):
         raise InvalidInputError("submit needs a .h5ad path that workers can open; for an in-memory AnnData use ingest")
     with contextlib.ExitStack() as stack:
-        plan = plan_run(backend, path, config, stack=stack, device=config.device, shared=True,
-                        shard_cells=config.shard_cells or SUBMIT_SHARD_CHUNKS * (config.chunk_cells or 0) or None)
+        plan = plan_run(backend, path, config, stack=stack, device=config.device, shared=True, shard_chunks=SUBMIT_SHARD_CHUNKS)
     run = plan.run
     shards = backend.shards.shards(run.id)
     chunk = int(run.params.get("chunk_cells") or 0)
-    if config.shard_cells is None and len(shards) == 1 and not plan.cache_hit and run.n_cells > SUBMIT_SHARD_CHUNKS * chunk > 0:
-        logger.info("run %s keeps the single shard it was planned with", run.id)
     return SubmitResult(run_id=run.id, dataset=run.dataset_name, model=run.model_name, cache_hit=plan.cache_hit, status=run.status,
                         cells=run.n_cells, shards=len(shards), shard_cells=max((s.hi - s.lo for s in shards), default=0),
                         chunk_cells=chunk)

@@ -152,7 +152,7 @@ def _prepare(
 def plan_run(
     backend: Backend, path: Any, config: IngestConfig, *, stack: contextlib.ExitStack, adapter: ModelAdapter | None = None,
     source_label: str | None = None, device: str | None = None, shard_cells: int | None = None, shared: bool = True,
-    min_shards: int = 1, cpu_threads: int | None = None,
+    min_shards: int = 1, shard_chunks: int | None = None, cpu_threads: int | None = None,
 ) -> Plan:
     """Check, hash, register and create a run with its shards (or find the identical one).
 
@@ -181,6 +181,8 @@ def plan_run(
         Whether ``sclstore work`` processes anywhere may claim the run's shards.
     min_shards
         Without ``shard_cells``, split into at least this many shards (several workers).
+    shard_chunks
+        Without ``shard_cells``, shards of this many of the run's (pinned) chunks (``submit``: 16).
     cpu_threads
         For a CPU run, the torch threads every worker embeds with (the thread count changes the
         last bits of a CPU forward pass, so a CPU run pins it); default: this process's.
@@ -245,7 +247,8 @@ def plan_run(
                              layers=layers, spec=spec, plan=plan, shared=shared and not in_memory)
     pinned_chunk = int(run.params.get("chunk_cells") or chunk)
     align = max(pinned_chunk, cell_tile(spec.dim, spec.dtype))
-    size = shard_cells or config.shard_cells or -(-run.n_cells // max(1, min_shards))
+    size = (shard_cells or config.shard_cells or (shard_chunks * pinned_chunk if shard_chunks else 0)
+            or -(-run.n_cells // max(1, min_shards)))
     backend.shards.create(run.id, split_cells(run.n_cells, max(1, size), align), pinned=run.params)
     if run.status in ("failed", "cancelled"):
         backend.shards.requeue(run.id)

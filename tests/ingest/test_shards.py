@@ -65,3 +65,9 @@ def test_submit_then_workers_in_random_order_equal_one_ingest(world, reference, 
         assert layer_bytes(st, sub.id) == reference
         again = st.submit(world["data"], "tahoe-x1", str(world["ckpt"]), device="cpu", **KW)
         assert again.cache_hit and again.id == sub.id
+
+
+def test_submit_defaults_to_shards_of_16_chunks(world) -> None:
+    with sclstore.open_store(world["tmp"] / "s", create=True) as st:
+        sub = st.submit(world["data"], "tahoe-x1", str(world["ckpt"]), device="cpu", **KW)  # chunks of 32, tiles of 256
+        assert [(s.lo, s.hi) for s in st.backend.shards.shards(sub.id)] == [(0, 16 * 32), (16 * 32, N_CELLS)]
