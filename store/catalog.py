@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import logging
 import os
 import re
@@ -218,10 +219,15 @@ def write_tx(engine: Engine) -> Iterator[Connection]:
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
-    """Alembic configuration pointing at the migrations shipped inside the package."""
+    """Alembic configuration pointing at the migrations shipped inside the package.
+
+    Alembic's own messages go to a private buffer, never to ``sys.stdout``: its default stream is
+    bound when alembic is first imported (under pytest, a capture file that is later closed), and
+    a command's stdout must stay clean for ``--json``.
+    """
     from alembic.config import Config
 
-    cfg = Config()
+    cfg = Config(stdout=io.StringIO())
     cfg.set_main_option("script_location", str(resources.files("sclstore.migrations")))
     if connection is not None:
         cfg.attributes["connection"] = connection

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,22 @@ def test_upgrade_downgrade_upgrade_and_models_match(tmp_path: Path, catalog_url:
         catalogdb.check_models_match(engine)
     finally:
         engine.dispose()
+
+
+def test_migrations_write_nothing_to_stdout(tmp_path: Path) -> None:
+    # Alembic prints to the stdout it saw when first imported; a migration or model check must
+    # neither write there (it would break ``--json``) nor fail once that stream is closed.
+    code = (
+        "import sys, io; import alembic.config; sys.stdout.close(); sys.stdout = io.StringIO()\n"
+        "from sclstore.store import catalog as c\n"
+        f"e = c.make_engine('sqlite:///{tmp_path / 'c.sqlite'}')\n"
+        "c.upgrade(e); c.check_models_match(e); c.downgrade(e, 'base'); c.upgrade(e)\n"
+        "sys.stderr.write('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.endswith("ok")
+    assert out.stdout == ""
 
 
 def test_models_and_migrations_cover_the_same_tables() -> None:
