@@ -23,7 +23,27 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["bootstrap_spearman_pairs", "bootstrap_spearman_weighted", "permutation_stats", "sorted_ties"]
+__all__ = ["LANES", "bootstrap_spearman_blocked", "bootstrap_spearman_pairs", "bootstrap_spearman_weighted", "permutation_stats",
+           "sorted_ties"]
+
+#: Bootstrap resamples per pass over the pairs (:func:`bootstrap_spearman_blocked`).
+LANES = 8
+#: Upper bound on the blocked kernel's rank scratch (``pairs x lanes``); fewer lanes above it.
+_RANKS_BYTES = 256 * 2**20
+
+
+@njit(cache=True, nogil=True)
+def _permutation_stat(x: np.ndarray, rank_b: np.ndarray, perm: np.ndarray, mean_b: float) -> float:  # pragma: no cover - compiled
+    """One permutation's ``sum_{i<j} x_ij (rank_b[perm_i, perm_j] - mean_b)``, summed in pair order."""
+    k = perm.shape[0]
+    acc = 0.0
+    pos = 0
+    for i in range(k):
+        row = rank_b[perm[i]]
+        for j in range(i + 1, k):
+            acc += x[pos] * (row[perm[j]] - mean_b)
+            pos += 1
+    return acc
 
 
 @njit(cache=True, nogil=True)
@@ -31,19 +51,37 @@ def permutation_stats(x: np.ndarray, rank_b: np.ndarray, perms: np.ndarray, mean
     """``stat[p] = sum_{i<j} x_ij (rank_b[perm_i, perm_j] - mean_b)`` for every permutation (row of ``perms``).
 
     ``x`` is the upper triangle (row by row) of the first matrix's centred, scaled ranks.
+    Permutations go in blocks of 8 through one pass over ``x``: eight independent sums
+    (a single running sum waits on its previous addition at every pair), each still added
+    term by term in pair order, so every statistic is bit-for-bit the one-at-a-time sum
+    (:func:`_permutation_stat`, used for the last ``n_perm % 8``).
     """
     n_perm, k = perms.shape
     out = np.zeros(n_perm)
-    for p in range(n_perm):
-        perm = perms[p]
-        acc = 0.0
+    n_block = n_perm - n_perm % 8
+    for p in range(0, n_block, 8):
+        q0, q1, q2, q3 = perms[p], perms[p + 1], perms[p + 2], perms[p + 3]
+        q4, q5, q6, q7 = perms[p + 4], perms[p + 5], perms[p + 6], perms[p + 7]
+        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
         pos = 0
         for i in range(k):
-            row = rank_b[perm[i]]
+            r0, r1, r2, r3 = rank_b[q0[i]], rank_b[q1[i]], rank_b[q2[i]], rank_b[q3[i]]
+            r4, r5, r6, r7 = rank_b[q4[i]], rank_b[q5[i]], rank_b[q6[i]], rank_b[q7[i]]
             for j in range(i + 1, k):
-                acc += x[pos] * (row[perm[j]] - mean_b)
+                v = x[pos]
+                a0 += v * (r0[q0[j]] - mean_b)
+                a1 += v * (r1[q1[j]] - mean_b)
+                a2 += v * (r2[q2[j]] - mean_b)
+                a3 += v * (r3[q3[j]] - mean_b)
+                a4 += v * (r4[q4[j]] - mean_b)
+                a5 += v * (r5[q5[j]] - mean_b)
+                a6 += v * (r6[q6[j]] - mean_b)
+                a7 += v * (r7[q7[j]] - mean_b)
                 pos += 1
-        out[p] = acc
+        out[p], out[p + 1], out[p + 2], out[p + 3] = a0, a1, a2, a3
+        out[p + 4], out[p + 5], out[p + 6], out[p + 7] = a4, a5, a6, a7
+    for p in range(n_block, n_perm):
+        out[p] = _permutation_stat(x, rank_b, perms[p], mean_b)
     return out
 
 
@@ -134,6 +172,134 @@ def bootstrap_spearman_weighted(ii_x: np.ndarray, jj_x: np.ndarray, ok_x: np.nda
     return out
 
 
+@njit(cache=True, nogil=True)
+def _block_counts(resamples: np.ndarray, b0: int, c: np.ndarray, bad_i: np.ndarray, bad_j: np.ndarray,
+                  tot: np.ndarray, m: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Item counts ``c[:, l]`` of resample ``b0 + l`` and the total pair weight of each (exact integers)."""
+    n_boot, k = resamples.shape
+    lanes = c.shape[1]
+    c[:, :] = 0.0
+    for lane in range(min(lanes, n_boot - b0)):
+        for s in range(k):
+            c[resamples[b0 + lane, s], lane] += 1.0
+    for lane in range(lanes):
+        s1 = 0.0
+        s2 = 0.0
+        for i in range(k):
+            s1 += c[i, lane]
+            s2 += c[i, lane] * c[i, lane]
+        t = (s1 * s1 - s2) / 2.0  # sum_{i<j} c_i c_j: integers, exact below 2**53
+        for q in range(bad_i.shape[0]):
+            t -= c[bad_i[q], lane] * c[bad_j[q], lane]
+        tot[lane] = t
+        m[lane] = (t + 1.0) / 2.0
+
+
+@njit(cache=True, nogil=True)
+def bootstrap_spearman_blocked(ii_x: np.ndarray, jj_x: np.ndarray, ok_x: np.ndarray, starts_x: np.ndarray,
+                               ii_y: np.ndarray, jj_y: np.ndarray, ok_y: np.ndarray, starts_y: np.ndarray,
+                               y_of_x: np.ndarray, bad_i: np.ndarray, bad_j: np.ndarray, resamples: np.ndarray,
+                               ry: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    """:func:`bootstrap_spearman_weighted` for ``L`` resamples per pass over the pairs (``ry`` is ``(pairs, L)``).
+
+    The same arithmetic, in the same order, per resample: every output is bit-for-bit the
+    one-at-a-time kernel's. What changes is the memory traffic and the waiting: the sorted
+    index arrays are read once per block of ``L`` resamples instead of once per resample, the
+    ``L`` resamples' weights and ranks of one pair sit side by side (``c`` is ``(items, L)``,
+    ``ry`` is ``(pairs, L)``), and the ``L`` running sums are independent. The y side's ranks
+    are written first; the x side's are computed on the fly and combined with them at once
+    (weights are recomputed from the counts, never stored). The total weight of a resample is
+    ``(sum(c)^2 - sum(c^2)) / 2`` minus the weights of the non-finite pairs ``(bad_i, bad_j)``,
+    the exact integer the one-at-a-time kernel sums. ``ry`` is float32 when every rank is exact
+    in it, else float64.
+    """
+    n_boot, k = resamples.shape
+    lanes = ry.shape[1]
+    out = np.full(n_boot, np.nan)
+    c = np.zeros((k, lanes))
+    tot, m = np.zeros(lanes), np.zeros(lanes)
+    below, grp, rank = np.zeros(lanes), np.zeros(lanes), np.zeros(lanes)
+    sxx, syy, sxy = np.zeros(lanes), np.zeros(lanes), np.zeros(lanes)
+    for b0 in range(0, n_boot, lanes):
+        _block_counts(resamples, b0, c, bad_i, bad_j, tot, m)
+        # y side: average ranks of every pair, stored for the x pass
+        below[:] = 0.0
+        syy[:] = 0.0
+        for g in range(starts_y.shape[0] - 1):
+            a, e = starts_y[g], starts_y[g + 1]
+            if e - a == 1:  # a value without ties (the common case)
+                i, j = ii_y[a], jj_y[a]
+                if ok_y[a]:
+                    for lane in range(lanes):
+                        w = c[i, lane] * c[j, lane]
+                        r = below[lane] + (w + 1.0) / 2.0
+                        ry[a, lane] = r
+                        d = r - m[lane]
+                        syy[lane] += w * d * d
+                        below[lane] += w
+                else:
+                    for lane in range(lanes):
+                        ry[a, lane] = below[lane] + 0.5
+                continue
+            grp[:] = 0.0
+            for s in range(a, e):
+                if ok_y[s]:
+                    i, j = ii_y[s], jj_y[s]
+                    for lane in range(lanes):
+                        grp[lane] += c[i, lane] * c[j, lane]
+            for lane in range(lanes):
+                r = below[lane] + (grp[lane] + 1.0) / 2.0
+                rank[lane] = r
+                d = r - m[lane]
+                syy[lane] += grp[lane] * d * d
+                below[lane] += grp[lane]
+            for s in range(a, e):
+                for lane in range(lanes):
+                    ry[s, lane] = rank[lane]
+        # x side: ranks on the fly, joined with the y ranks in x order
+        below[:] = 0.0
+        sxx[:] = 0.0
+        sxy[:] = 0.0
+        for g in range(starts_x.shape[0] - 1):
+            a, e = starts_x[g], starts_x[g + 1]
+            if e - a == 1:
+                if ok_x[a]:
+                    i, j, t = ii_x[a], jj_x[a], y_of_x[a]
+                    for lane in range(lanes):
+                        w = c[i, lane] * c[j, lane]
+                        r = below[lane] + (w + 1.0) / 2.0
+                        d = r - m[lane]
+                        sxx[lane] += w * d * d
+                        below[lane] += w
+                        sxy[lane] += w * d * (ry[t, lane] - m[lane])  # + (+-0) where w = 0: no change
+                continue
+            grp[:] = 0.0
+            for s in range(a, e):
+                if ok_x[s]:
+                    i, j = ii_x[s], jj_x[s]
+                    for lane in range(lanes):
+                        grp[lane] += c[i, lane] * c[j, lane]
+            for lane in range(lanes):
+                r = below[lane] + (grp[lane] + 1.0) / 2.0
+                rank[lane] = r
+                d = r - m[lane]
+                sxx[lane] += grp[lane] * d * d
+                below[lane] += grp[lane]
+            for s in range(a, e):
+                if ok_x[s]:
+                    i, j, t = ii_x[s], jj_x[s], y_of_x[s]
+                    for lane in range(lanes):
+                        w = c[i, lane] * c[j, lane]
+                        sxy[lane] += w * (rank[lane] - m[lane]) * (ry[t, lane] - m[lane])
+        for lane in range(min(lanes, n_boot - b0)):
+            if tot[lane] < 3:
+                continue
+            den = np.sqrt(sxx[lane] * syy[lane])
+            if den > 0:
+                out[b0 + lane] = sxy[lane] / den
+    return out
+
+
 def bootstrap_spearman_pairs(x: np.ndarray, y: np.ndarray, ii: np.ndarray, jj: np.ndarray, resamples: np.ndarray) -> np.ndarray:
     """Spearman correlation of paired pair-values ``x, y`` (items ``ii, jj``) on each item resample.
 
@@ -159,6 +325,10 @@ def bootstrap_spearman_pairs(x: np.ndarray, y: np.ndarray, ii: np.ndarray, jj: n
     ii, jj = ii.astype(np.int32), jj.astype(np.int32)  # 4-byte indices and scratch: the passes are memory-bound
     k = resamples.shape[1]
     # weights c_i c_j (< k^2) and average ranks (halves up to k^2 / 2) are exact in float32 when k^2 < 2**24
-    work = np.zeros((4, x.shape[0]), dtype=np.float32 if k * k < 2**24 else np.float64)
-    return np.asarray(bootstrap_spearman_weighted(ii[ox], jj[ox], ok[ox], sx.astype(np.int32), ii[oy], jj[oy], ok[oy], sy.astype(np.int32),
-                                                  inv_y[ox].astype(np.int32), np.ascontiguousarray(resamples, dtype=np.int64), work))
+    dtype = np.dtype(np.float32 if k * k < 2**24 else np.float64)
+    lanes = max(1, min(LANES, resamples.shape[0], _RANKS_BYTES // max(1, x.shape[0] * dtype.itemsize)))
+    ry = np.zeros((x.shape[0], lanes), dtype=dtype)
+    bad = np.flatnonzero(~ok)
+    return np.asarray(bootstrap_spearman_blocked(ii[ox], jj[ox], ok[ox], sx.astype(np.int32), ii[oy], jj[oy], ok[oy], sy.astype(np.int32),
+                                                 inv_y[ox].astype(np.int32), ii[bad], jj[bad],
+                                                 np.ascontiguousarray(resamples, dtype=np.int64), ry))
