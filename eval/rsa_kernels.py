@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["LANES", "bootstrap_spearman_blocked", "bootstrap_spearman_pairs", "bootstrap_spearman_weighted", "permutation_stats",
+__all__ = ["LANES", "average_ranks", "bootstrap_spearman_blocked", "bootstrap_spearman_pairs", "bootstrap_spearman_weighted", "permutation_stats",
            "sorted_ties"]
 
 #: Bootstrap resamples per pass over the pairs (:func:`bootstrap_spearman_blocked`): 16 float32 ranks of
@@ -115,6 +115,17 @@ def sorted_ties(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         new[1:] = s[1:] != s[:-1]
     starts = np.append(np.flatnonzero(new), s.shape[0]).astype(np.int64)
     return order.astype(np.int64), starts
+
+
+def average_ranks(order: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """``scipy.stats.rankdata(v)`` (average ranks, float64) from :func:`sorted_ties` of ``v``: the same numbers.
+
+    Every average rank is a half-integer, exact in float64, whatever the arithmetic that forms it.
+    """
+    counts = np.diff(starts)
+    out = np.empty(order.shape[0])
+    out[order] = np.repeat(starts[:-1] + (counts + 1) / 2.0, counts)
+    return out
 
 
 @njit(cache=True, nogil=True)
@@ -312,7 +323,8 @@ def bootstrap_spearman_blocked(ii_x: np.ndarray, jj_x: np.ndarray, ok_x: np.ndar
     return out
 
 
-def bootstrap_spearman_pairs(x: np.ndarray, y: np.ndarray, ii: np.ndarray, jj: np.ndarray, resamples: np.ndarray) -> np.ndarray:
+def bootstrap_spearman_pairs(x: np.ndarray, y: np.ndarray, ii: np.ndarray, jj: np.ndarray, resamples: np.ndarray, *,
+                             ties: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
     """Spearman correlation of paired pair-values ``x, y`` (items ``ii, jj``) on each item resample.
 
     Parameters
@@ -323,6 +335,8 @@ def bootstrap_spearman_pairs(x: np.ndarray, y: np.ndarray, ii: np.ndarray, jj: n
         The two items of each pair (``ii != jj``).
     resamples
         ``(n_boot, k)`` item indices drawn with replacement.
+    ties
+        :func:`sorted_ties` of ``x`` and of ``y`` when the caller has them already.
 
     Returns
     -------
@@ -330,8 +344,7 @@ def bootstrap_spearman_pairs(x: np.ndarray, y: np.ndarray, ii: np.ndarray, jj: n
         ``n_boot`` correlations (``nan`` where undefined).
     """
     ok = np.isfinite(x) & np.isfinite(y)
-    ox, sx = sorted_ties(x)
-    oy, sy = sorted_ties(y)
+    (ox, sx), (oy, sy) = ties if ties is not None else (sorted_ties(x), sorted_ties(y))
     inv_y = np.empty_like(oy)
     inv_y[oy] = np.arange(oy.shape[0])
     ii, jj = ii.astype(np.int32), jj.astype(np.int32)  # 4-byte indices and scratch: the passes are memory-bound

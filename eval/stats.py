@@ -527,29 +527,63 @@ def rsa_folds(
     if any(a.shape[0] != k for a, _ in pairs):
         msg = "every fold must cover the same items"
         raise InvalidInputError(msg)
-    score = float(np.mean([rsa_spearman(a, b) for a, b in pairs]))
+    from .rsa_kernels import average_ranks, bootstrap_spearman_pairs, sorted_ties
+
+    # each upper triangle is sorted once: its score, bootstrap and Mantel ranks all come from that order
+    # (the same numbers as rsa_spearman, bootstrap_rsa and _rank_matrix, which sort it three times)
+    iu = np.triu_indices(k, k=1)
+    tris = [(a[iu], b[iu]) for a, b in pairs]
+    ties = [(sorted_ties(x), sorted_ties(y)) for x, y in tris]
+    finite = [bool(np.isfinite(x).all() and np.isfinite(y).all()) for x, y in tris]
+    ranks = [(average_ranks(*tx), average_ranks(*ty)) if f else None for (tx, ty), f in zip(ties, finite, strict=True)]
+    score = float(np.mean([_spearman_ranked(x, y, r) if r is not None else rsa_spearman(a, b)
+                           for (x, y), r, (a, b) in zip(tris, ranks, pairs, strict=True)]))
     boot = np.full(n_boot, np.nan)
     if n_boot > 0:
-        vals = np.array([bootstrap_rsa(a, b, n_boot=n_boot, seed=seed) for a, b in pairs])
+        res = bootstrap_indices(k, n_boot=n_boot, seed=seed)  # the resamples of bootstrap_rsa, shared by the folds
+        vals = np.array([bootstrap_spearman_pairs(x, y, iu[0], iu[1], res, ties=t) for (x, y), t in zip(tris, ties, strict=True)])
         boot = vals.mean(axis=0)
     p = float("nan")
     if n_perm > 0:
-        p = _mantel_folds(pairs, n_perm=n_perm, seed=seed)
+        p = _mantel_folds(pairs, n_perm=n_perm, seed=seed, ranks=ranks)
     return score, boot, p
 
 
-def _mantel_folds(pairs: Sequence[tuple[np.ndarray, np.ndarray]], *, n_perm: int, seed: int) -> float:
+def _spearman_ranked(x: np.ndarray, y: np.ndarray, ranks: tuple[np.ndarray, np.ndarray]) -> float:
+    """:func:`rsa_spearman` of finite upper triangles ``x, y`` given their average ranks: the same number.
+
+    ``scipy.stats.spearmanr(x, y)`` ranks both columns into a ``(2, P)`` buffer, viewed as ``(P, 2)``,
+    and returns ``np.corrcoef(view, rowvar=False)[1, 0]``; this makes the same call on the same
+    array layout (``tests/eval/test_rsa_blocked.py`` checks equality with ``rsa_spearman``).
+    """
+    if x.shape[0] < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    buff = np.empty((2, x.shape[0]))
+    buff[0], buff[1] = ranks
+    return float(np.corrcoef(buff.T, rowvar=False)[1, 0])
+
+
+def _mantel_folds(pairs: Sequence[tuple[np.ndarray, np.ndarray]], *, n_perm: int, seed: int,
+                  ranks: Sequence[tuple[np.ndarray, np.ndarray] | None] | None = None) -> float:
+    """Joint Mantel p-value; ``ranks[f]``: average ranks of fold ``f``'s two upper triangles, if known."""
     k = pairs[0][0].shape[0]
     iu = np.triu_indices(k, k=1)
     xs, rbs, ymeans = [], [], []
     obs = 0.0
-    for a, b in pairs:
+    for f, (a, b) in enumerate(pairs):
         if not (np.isfinite(upper_triangle(a)).all() and np.isfinite(upper_triangle(b)).all()):
             msg = "the Mantel test needs finite similarity matrices; drop the items with undefined similarity"
             raise InvalidInputError(msg)
-        ra, rb = _rank_matrix(a), _rank_matrix(b)
-        x = ra[iu] - ra[iu].mean()
-        y0 = rb[iu]
+        known = ranks[f] if ranks is not None else None
+        if known is None:
+            ra, rb = _rank_matrix(a), _rank_matrix(b)
+            ra_u, y0 = ra[iu], rb[iu]
+        else:  # the values _rank_matrix would give
+            ra_u, y0 = known
+            rb = np.zeros((k, k))
+            rb[iu] = y0
+            rb = rb + rb.T
+        x = ra_u - ra_u.mean()
         nx, ny = np.sqrt((x**2).sum()), np.sqrt(((y0 - y0.mean()) ** 2).sum())
         if nx == 0 or ny == 0:
             return float("nan")

@@ -105,3 +105,53 @@ def test_permutation_blocks_are_bitwise_the_pair_order_sums(n_perm: int, dtype: 
     mean_b = float(r[iu].mean())
     got = permutation_stats(x, r, perms, mean_b)
     assert np.array_equal(got, _python_stats(x, r, perms, mean_b))
+
+
+def test_average_ranks_are_scipys_rankdata() -> None:
+    from scipy import stats as sps
+
+    from sclstore.eval.rsa_kernels import average_ranks
+
+    rng = np.random.default_rng(8)
+    for v in (rng.normal(size=1000), np.round(rng.normal(size=5000), 1), np.array([2.0]), np.zeros(7)):
+        assert np.array_equal(average_ranks(*sorted_ties(v)), sps.rankdata(v))
+
+
+def _old_rsa_folds(folds: list[tuple[np.ndarray, np.ndarray]], n_boot: int, n_perm: int, seed: int) -> tuple[float, np.ndarray, float]:
+    from sclstore.eval.stats import _mantel_folds, bootstrap_rsa, rsa_spearman
+
+    score = float(np.mean([rsa_spearman(a, b) for a, b in folds]))
+    boot = np.array([bootstrap_rsa(a, b, n_boot=n_boot, seed=seed) for a, b in folds]).mean(axis=0)
+    p = _mantel_folds(folds, n_perm=n_perm, seed=seed) if n_perm else float("nan")
+    return score, boot, p
+
+
+@pytest.mark.parametrize(("k", "ties", "n_folds"), [(5, False, 1), (40, True, 2), (300, False, 2), (120, True, 3)])
+def test_rsa_folds_shared_sorts_give_the_former_numbers(k: int, ties: bool, n_folds: int) -> None:
+    from sclstore.eval.stats import rsa_folds
+
+    rng = np.random.default_rng(k)
+    z = rng.normal(size=(k, 4))
+    folds = []
+    for _ in range(n_folds):
+        a, b = np.corrcoef(z + rng.normal(size=(k, 4))), np.corrcoef(0.5 * z + rng.normal(size=(k, 4)))
+        if ties:
+            a, b = np.round(a, 1), np.round(b, 1)
+        folds.append(((a + a.T) / 2, (b + b.T) / 2))
+    got = rsa_folds(folds, n_boot=37, n_perm=45, seed=3)
+    want = _old_rsa_folds(folds, 37, 45, 3)
+    assert got[0] == want[0] and np.isfinite(got[0])
+    assert np.array_equal(got[1], want[1], equal_nan=True)
+    assert got[2] == want[2]
+
+
+def test_rsa_folds_with_missing_pairs_gives_the_former_score_and_bootstrap() -> None:
+    from sclstore.eval.stats import rsa_folds
+
+    x, y, ii, jj = _pairs(30, 2, missing=6)
+    a, b = np.zeros((30, 30)), np.zeros((30, 30))
+    a[ii, jj], b[ii, jj] = x, y
+    a, b = a + a.T, b + b.T
+    got = rsa_folds([(a, b)], n_boot=20, n_perm=0, seed=1)
+    want = _old_rsa_folds([(a, b)], 20, 0, 1)
+    assert got[0] == want[0] and np.array_equal(got[1], want[1], equal_nan=True) and np.isnan(got[2])
