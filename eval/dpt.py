@@ -169,8 +169,6 @@ def _graph(X: np.ndarray, n_neighbors: int, n_dcs: int, seed: int, *, transforme
     import anndata as ad
     import scanpy as sc
 
-    from .diffmap import diffusion_map
-
     n = X.shape[0]
     k = min(n_neighbors, n - 1)
     a = ad.AnnData(obs=pd.DataFrame(index=pd.RangeIndex(n).astype(str)))
@@ -178,7 +176,7 @@ def _graph(X: np.ndarray, n_neighbors: int, n_dcs: int, seed: int, *, transforme
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sc.pp.neighbors(a, n_neighbors=k, use_rep="rep", transformer=transformer, random_state=seed)
-        diffusion_map(a, min(diffmap_comps or n_dcs, n - 2), random_state=seed)  # sc.tl.diffmap's numbers, leaner products
+        sc.tl.diffmap(a, n_comps=min(diffmap_comps or n_dcs, n - 2), random_state=seed)
     a.uns["sclstore_n_dcs"] = int(min(n_dcs, a.obsm["X_diffmap"].shape[1]))
     return a
 
