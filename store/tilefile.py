@@ -218,18 +218,17 @@ class TileFile:
     """
 
     def __init__(self, source: ByteSource | str | os.PathLike[str], *, n_tiles: int, tile_elems: int, dtype: np.dtype) -> None:
-        if isinstance(source, (str, os.PathLike)):
-            source = MappedFile(Path(source))
-        self.source: ByteSource = source
+        self.source: ByteSource = MappedFile(Path(source)) if isinstance(source, (str, os.PathLike)) else source
+        src = self.source
         self.dtype = np.dtype(dtype)
         self.n_tiles = int(n_tiles)
         self.tile_elems = int(tile_elems)
         item = self.dtype.itemsize
         tile_bytes = self.tile_elems * item
-        size, name = source.size, source.name
+        size, name = src.size, src.name
         if size < _COUNT_BYTES + _CHUNK_HEADER_BYTES:
             raise LayoutError(f"{name} is too small")
-        head = np.ascontiguousarray(source.read(0, _COUNT_BYTES + _CHUNK_HEADER_BYTES))
+        head = np.ascontiguousarray(src.read(0, _COUNT_BYTES + _CHUNK_HEADER_BYTES))
         n_chunks = int(head[:_COUNT_BYTES].view("<u8")[0])
         chunk_bytes = int(head[_COUNT_BYTES : _COUNT_BYTES + 4].view("<u4")[0])
         if n_chunks < 1 or chunk_bytes < item or chunk_bytes % item or -(-tile_bytes // chunk_bytes) != n_chunks:
@@ -248,7 +247,7 @@ class TileFile:
         self._chunk_elems = chunk_bytes // item
         self._tail_elems = 0 if last == chunk_bytes else last // item
         self._aligned = (_COUNT_BYTES + _CHUNK_HEADER_BYTES) % item == 0 and stride % item == 0 and step % item == 0
-        self._whole = None if source.mapped is None else Fetched(source.mapped)
+        self._whole = None if src.mapped is None else Fetched(src.mapped)
         if self._whole is not None:
             self.check(0, 1)
         else:  # a remote file: the first chunk's header, read above (every read checks the headers it uses)

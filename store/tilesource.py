@@ -34,14 +34,29 @@ class LayoutError(Exception):
 class ByteSource(Protocol):
     """The bytes of one attribute file."""
 
-    name: str
-    path: str | os.PathLike[str]
-    """A local ``Path`` or a VFS URI."""
-    size: int
-    file_id: tuple[int, int, int]
-    mapped: np.ndarray | None
-    """The whole file as ``uint8`` when it is memory-mapped, else ``None``."""
-    max_gap: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def path(self) -> str | os.PathLike[str]:
+        """A local ``Path`` or a VFS URI."""
+        ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def file_id(self) -> tuple[int, int, int]: ...
+
+    @property
+    def mapped(self) -> np.ndarray | None:
+        """The whole file as ``uint8`` when it is memory-mapped, else ``None``."""
+        ...
+
+    @property
+    def max_gap(self) -> int:
+        """Needed byte ranges closer than this are read as one (with the bytes between)."""
+        ...
 
     def read(self, offset: int, nbytes: int) -> np.ndarray:
         """``nbytes`` bytes from ``offset`` as a ``uint8`` array (may be read-only)."""
