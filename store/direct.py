@@ -200,11 +200,11 @@ def _remote_single_fragment(uri: str, listing: Listing, full: tuple[tuple[int, i
     return [(f"{uri.rstrip('/')}/__fragments/{next(iter(names))}", int(version), full)]
 
 
-def _max_gap(ctx: tiledb.Ctx | None) -> int:
+def _setting(ctx: tiledb.Ctx | None, key: str, default: int) -> int:
     try:
-        return int((ctx or tiledb.default_ctx()).config()["vfs.min_batch_gap"])
+        return int((ctx or tiledb.default_ctx()).config()[key])
     except (KeyError, ValueError, tiledb.TileDBError):
-        return _DEFAULT_GAP
+        return default
 
 
 def open_direct(uri: str, arr: tiledb.Array, *, dtype: str, ctx: tiledb.Ctx | None = None) -> DirectLayout:
@@ -240,7 +240,8 @@ def open_direct(uri: str, arr: tiledb.Array, *, dtype: str, ctx: tiledb.Ctx | No
         info = tiledb.array_fragments(uri, ctx=ctx)
         frags = list(zip(info.uri, info.version, info.nonempty_domain, strict=True))
     parts = disjoint_fragments(frags, n_slots=n_slots, n_cells=n_cells, dim=dim, cell_tile=cell_tile)
-    gap = 0 if local else _max_gap(ctx)
+    gap = 0 if local else _setting(ctx, "vfs.min_batch_gap", _DEFAULT_GAP)
+    parallel = 1 if local else _setting(ctx, "sm.io_concurrency_level", 1)
     tiles = {}
     for i in range(schema.nattr):
         attr = schema.attr(i)
@@ -258,7 +259,7 @@ def open_direct(uri: str, arr: tiledb.Array, *, dtype: str, ctx: tiledb.Ctx | No
                 size = sizes.get(f"__fragments/{name}/a{i}.tdb")
                 if size is None:
                     raise LayoutError(f"missing data file a{i}.tdb of fragment {name}")
-                source = VfsFile(vfs, f"{folder}/a{i}.tdb", size, max_gap=gap)
+                source = VfsFile(vfs, f"{folder}/a{i}.tdb", size, max_gap=gap, parallel=parallel)
             files.append((lo, hi, TileFile(source, n_tiles=n_slots * (hi - lo), tile_elems=cell_tile * dim, dtype=view)))
         tiles[attr.name] = FragmentTiles(files, -(-n_cells // cell_tile))
     pools = tuple(schema.attr(i).name for i in range(schema.nattr))

@@ -7,13 +7,15 @@ remote file is read on demand: the byte ranges a read needs are sorted, ranges c
 ``max_gap`` bytes are merged (one ranged request then reads through the gap, as TileDB's own
 ``vfs.min_batch_gap`` does), and each merged range is one VFS read, through the store's
 ``tiledb.Ctx`` (credentials, endpoint, parallel-request settings) -- a full layer of a complete
-run is a single read.
+run is a single read. Several merged ranges (scattered rows) are read together by a few threads
+(up to the context's ``sm.io_concurrency_level``), as libtiledb would.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -58,6 +60,11 @@ class ByteSource(Protocol):
         """Needed byte ranges closer than this are read as one (with the bytes between)."""
         ...
 
+    @property
+    def parallel(self) -> int:
+        """How many reads of this file may be in flight together."""
+        ...
+
     def read(self, offset: int, nbytes: int) -> np.ndarray:
         """``nbytes`` bytes from ``offset`` as a ``uint8`` array (may be read-only)."""
         ...
@@ -77,6 +84,7 @@ class MappedFile:
     """
 
     max_gap = 0
+    parallel = 1
 
     def __init__(self, path: Path) -> None:
         try:
@@ -111,13 +119,14 @@ class VfsFile:
 
     mapped = None
 
-    def __init__(self, vfs: Any, uri: str, size: int, *, max_gap: int) -> None:
+    def __init__(self, vfs: Any, uri: str, size: int, *, max_gap: int, parallel: int = 1) -> None:
         self.vfs = vfs
         self.path = uri
         self.name = uri.rstrip("/").rsplit("/", 1)[-1]
         self.size = int(size)
         self.file_id = (0, self.size, 0)
         self.max_gap = int(max_gap)
+        self.parallel = int(parallel)
         self._local = threading.local()
 
     def read(self, offset: int, nbytes: int) -> np.ndarray:
@@ -195,7 +204,14 @@ class Fetched:
 
 def fetch_ranges(source: ByteSource, starts: np.ndarray, ends: np.ndarray) -> Fetched:
     """Read file ranges ``[starts[i], ends[i])`` of a remote ``source``, merging ranges less than
-    ``source.max_gap`` bytes apart into one read each."""
+    ``source.max_gap`` bytes apart into one read each; up to ``source.parallel`` reads (at most
+    :data:`MAX_READ_THREADS`) are in flight together.
+
+    Raises
+    ------
+    LayoutError
+        If a read fails.
+    """
     order = np.argsort(starts, kind="stable")
     s, e = starts[order].astype(np.int64), ends[order].astype(np.int64)
     reach = np.maximum.accumulate(e)
@@ -214,6 +230,28 @@ def fetch_ranges(source: ByteSource, starts: np.ndarray, ends: np.ndarray) -> Fe
         bases[k] = pos
         pos += int(lengths[k])
     buf = np.empty(pos, dtype=np.uint8)
-    for k in range(p_start.size):
+
+    def one(k: int) -> None:
         buf[bases[k] : bases[k] + lengths[k]] = source.read(int(p_start[k]), int(lengths[k]))
+
+    width = min(source.parallel, MAX_READ_THREADS, p_start.size)
+    if width > 1:  # scattered pieces: in flight together (VFS reads release the GIL)
+        list(_executor().map(lambda i: [one(k) for k in range(i, p_start.size, width)], range(width)))
+    else:
+        for k in range(p_start.size):
+            one(k)
     return Fetched(buf, p_start, p_end, bases)
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+MAX_READ_THREADS = 16
+"""Threads shared by all fetches (a source's ``parallel`` is capped at this)."""
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=MAX_READ_THREADS, thread_name_prefix="sclstore-vfs-read")
+        return _pool

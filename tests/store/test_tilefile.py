@@ -153,8 +153,8 @@ class _Ranges:
 
     mapped = None
 
-    def __init__(self, path: Path, max_gap: int) -> None:
-        self.path, self.name, self.max_gap = path, path.name, max_gap
+    def __init__(self, path: Path, max_gap: int, parallel: int = 1) -> None:
+        self.path, self.name, self.max_gap, self.parallel = path, path.name, max_gap, parallel
         self.size = path.stat().st_size
         self.file_id = (0, self.size, 0)
         self.reads: list[tuple[int, int]] = []
@@ -186,6 +186,12 @@ def test_fetched_ranges_merge_within_the_gap_and_keep_alignment(tmp_path: Path) 
         got.locate_many(np.array([50]), 4)
     one = fetch_ranges(src, np.array([16]), np.array([24]))  # a single aligned range is used as read
     assert one.bases is not None and one.buf.size == 8 and src.reads[-1] == (16, 8)
+    # many scattered pieces, read by up to 3 threads: the same reads and bytes
+    par = _Ranges(f, max_gap=0, parallel=3)
+    starts = np.arange(0, 4000, 100) + np.arange(40) % 7
+    got = fetch_ranges(par, starts, starts + 13)
+    assert sorted(par.reads) == [(int(a), 13) for a in starts]
+    np.testing.assert_array_equal(got.take(starts, 13), content[starts[:, None] + np.arange(13)])
 
 
 @pytest.mark.parametrize(("n", "dim", "dtype"), [(700, 512, "float32"), (900, 512, "float16"), (1500, 100, "float32")])
