@@ -203,43 +203,61 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> list[str]:
     return [sys.executable, "-m", "sclstore.cli", *args]
 
 
-def _sharded_run(data: Path, store: Path, *, shard_cells: int, n_workers: int) -> tuple[float, list[dict[str, Any]]]:
-    """Submit, then time ``n_workers`` one-thread ``sclstore work`` processes until the run is complete."""
+def _sharded_run(data: Path, store: Path, *, shard_cells: int, chunk_cells: int, n_workers: int) -> tuple[float, float, list[dict[str, Any]]]:
+    """Submit, then time ``n_workers`` one-thread ``sclstore work`` processes until the run is complete.
+
+    Returns the wall seconds, the workers' CPU seconds (user + system) and their JSON reports.
+    """
     import json
+    import resource
     import subprocess
 
     cwd = tempfile.gettempdir()
     env = {**os.environ, "SCLSTORE_THREADS": "1"}
     subprocess.run(_cli("submit", str(data), "--model", "sclstore-tiny", "--device", "cpu", "--store", str(store),
-                        "--shard-cells", str(shard_cells), "--json"), check=True, capture_output=True, cwd=cwd, env=env)
+                        "--shard-cells", str(shard_cells), "--chunk-cells", str(chunk_cells), "--json"),
+                   check=True, capture_output=True, cwd=cwd, env=env)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     procs = [subprocess.Popen(_cli("work", "--store", str(store), "--device", "cpu", "--threads", "1", "--workers", "0",
                                    "--json", "--no-progress"), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=cwd, env=env)
              for _ in range(n_workers)]
     reports = [json.loads(p.communicate()[0]) for p in procs]
     secs = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if any(p.returncode for p in procs):
         raise SystemExit(f"a worker failed: {[p.returncode for p in procs]}")
-    return secs, reports
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return secs, cpu, reports
 
 
 def workers(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="sclstore-workers-"))
     data = _pbmc(work, args.cells)
     shard = -(-args.cells // args.shards)
-    print(f"sharded ingest of {args.cells:,} cells (sclstore-tiny, one thread per worker); load average {os.getloadavg()}")
+    if shard % args.chunk_cells:
+        raise SystemExit(f"--cells / --shards ({shard}) must be a multiple of --chunk-cells ({args.chunk_cells})")
+    print(f"sharded ingest of {args.cells:,} cells (sclstore-tiny, chunks of {args.chunk_cells}, one thread per worker); "
+          f"load average {os.getloadavg()}")
     rows: dict[str, list[float]] = {"1 shard, 1 worker": [], f"{args.shards} shards, 1 worker": [], f"{args.shards} shards, 2 workers": []}
+    cpus: dict[str, list[float]] = {k: [] for k in rows}
     rss: list[int] = []
     for r in range(args.repeats):
         for label, (cells_per_shard, n) in zip(rows, [(args.cells, 1), (shard, 1), (shard, 2)], strict=True):
-            secs, reports = _sharded_run(data, work / f"s{r}-{n}-{cells_per_shard}", shard_cells=cells_per_shard, n_workers=n)
+            secs, cpu, reports = _sharded_run(data, work / f"s{r}-{n}-{cells_per_shard}", shard_cells=cells_per_shard,
+                                              chunk_cells=args.chunk_cells, n_workers=n)
+            n_shards = sum(int(x["shards"]) for x in reports)
+            if n_shards != -(-args.cells // cells_per_shard) or sum(int(x["cells"]) for x in reports) != args.cells:
+                raise SystemExit(f"{label}: the workers embedded {n_shards} shards, not the layout asked for: {reports}")
             rows[label].append(secs)
+            cpus[label].append(cpu)
             rss += [int(x["peak_rss_bytes"]) for x in reports]
+        print(f"  repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in rows.items()) + f"; load average {os.getloadavg()}")
     med = {k: statistics.median(v) for k, v in rows.items()}
     base = med["1 shard, 1 worker"]
-    print(f"{'layout':<24} {'median s':>9} {'cells/s':>9} {'vs 1 shard, 1 worker':>21}")
+    print(f"{'layout':<24} {'median s':>9} {'cells/s':>9} {'vs 1 shard, 1 worker':>21} {'worker CPU s':>13}")
     for k, v in med.items():
-        print(f"{k:<24} {v:>9.2f} {args.cells / v:>9.1f} {base / v:>20.2f}x")
+        print(f"{k:<24} {v:>9.2f} {args.cells / v:>9.1f} {base / v:>20.2f}x {statistics.median(cpus[k]):>13.1f}")
     one, two = med[f"{args.shards} shards, 1 worker"], med[f"{args.shards} shards, 2 workers"]
     print(f"2 workers vs 1 worker (same shards): {one / two:.2f}x throughput (target >= 1.8x)")
     print(f"coordination overhead ({args.shards} shards vs 1, one worker): {(one - base) / base * 100:+.1f}% (target < 2%)")
@@ -249,13 +267,16 @@ def workers(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- claims
 
 
-def _claimer(url: str, run_id: int, n: int, ttl: float, out: Any) -> None:
+def _claimer(url: str, run_id: int, n: int, ttl: float, out: Any, start: Any) -> None:
     from sclstore.store.catalog import make_engine
     from sclstore.store.shards import ShardQueue
 
     engine = make_engine(url)
+    with engine.connect() as conn:  # a pooled connection, as a long-lived worker has
+        conn.execute(sa.text("SELECT 1"))
     q = ShardQueue(engine, ttl_s=ttl, heartbeat_s=ttl / 2)
     lat = []
+    start.wait()  # every claimer imported and connected: claims start together, no start-up in the timings
     for _ in range(n):
         t = time.perf_counter()
         lease = q.claim(runs=[run_id], device="cpu")
@@ -292,7 +313,8 @@ def _claims_on(url: str, args: argparse.Namespace) -> list[float]:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     per = args.claim_shards // args.claimers + 1
-    procs = [ctx.Process(target=_claimer, args=(url, run, per, 60.0, out)) for _ in range(args.claimers)]
+    start = ctx.Barrier(args.claimers)
+    procs = [ctx.Process(target=_claimer, args=(url, run, per, 60.0, out, start)) for _ in range(args.claimers)]
     for p in procs:
         p.start()
     lat = [x for _ in procs for x in out.get()]
@@ -328,6 +350,7 @@ def main() -> None:
     wk = sub.add_parser("workers")
     wk.add_argument("--cells", type=int, default=4096)
     wk.add_argument("--shards", type=int, default=8)
+    wk.add_argument("--chunk-cells", type=int, default=512, help="Cells per chunk (shards are whole chunks).")
     wk.add_argument("--repeats", type=int, default=3)
     cl = sub.add_parser("claims")
     cl.add_argument("--claimers", type=int, default=16)

@@ -221,32 +221,42 @@ class ShardQueue:
         if self.engine.dialect.name == "postgresql":  # lock only the rows picked; other claimers skip them
             queued_stmt = queued_stmt.with_for_update(skip_locked=True, of=RunShard)
             taken_stmt = taken_stmt.with_for_update(skip_locked=True, of=RunShard)
+        lease = {"status": "claimed", "lease_owner": owner, "lease_host": HOSTNAME, "lease_pid": os.getpid(),
+                 "lease_boot_id": BOOT_ID, "lease_pidns": PID_NAMESPACE, "heartbeat_at": now, "claimed_at": now,
+                 "device": device, "error": None, "attempts": RunShard.attempts + 1}
+        returning = [getattr(RunShard, c) for c in _COLUMNS]
         _LIVE_OWNERS.add(owner)  # before the claim commits: no other thread of this process may take the shard as abandoned
+        took_over_from: str | None = None
         with write_tx(self.engine) as conn:
-            candidates = list(conn.execute(queued_stmt).all())
-            if not candidates:
-                candidates = [r for r in conn.execute(taken_stmt).all() if self._claimable(r, now)]
-            if not candidates:
+            row = None
+            if shuffle is None:  # the common case in one statement: pick (row-locked, others skip it) and take
+                first = queued_stmt.with_only_columns(RunShard.id).scalar_subquery()
+                row = conn.execute(sa.update(RunShard).where(RunShard.id == first).values(**lease).returning(*returning)).first()
+            else:
+                candidates = list(conn.execute(queued_stmt).all())
+                if candidates:
+                    row = self._take(conn, shuffle.choice(candidates), lease, returning)
+            if row is None:  # no queued shard: an abandoned one (stale lease, or a dead process on this host)?
+                abandoned = [r for r in conn.execute(taken_stmt).all() if self._claimable(r, now)]
+                if abandoned:
+                    pick = shuffle.choice(abandoned) if shuffle is not None else abandoned[0]
+                    row = self._take(conn, pick, lease, returning)
+                    took_over_from = pick.lease_owner
+            if row is None:  # nothing claimable, or (without row locks) another claimer was first: claim again
                 _LIVE_OWNERS.discard(owner)
                 return None
-            pick = shuffle.choice(candidates) if shuffle is not None else candidates[0]
-            prior = RunShard.status == "queued" if pick.status == "queued" else RunShard.lease_owner == pick.lease_owner
-            res = conn.execute(
-                sa.update(RunShard).where(RunShard.id == pick.id, prior)
-                .values(status="claimed", lease_owner=owner, lease_host=HOSTNAME, lease_pid=os.getpid(), lease_boot_id=BOOT_ID,
-                        lease_pidns=PID_NAMESPACE, heartbeat_at=now, claimed_at=now, device=device, error=None,
-                        attempts=RunShard.attempts + 1)
-            )
-            if res.rowcount != 1:  # only possible without row locks; the caller simply claims again
-                _LIVE_OWNERS.discard(owner)
-                return None
-            row = conn.execute(_select_shards().where(RunShard.id == pick.id)).one()
             conn.execute(sa.update(Run).where(Run.id == row.run_id, Run.status == "queued").values(status="running"))
         shard = ShardInfo.from_row(row)
-        if pick.status == "claimed":
-            logger.info("took over shard %d of run %d from %s (resuming at cell %d)", shard.idx, shard.run_id, pick.lease_owner,
+        if took_over_from is not None:
+            logger.info("took over shard %d of run %d from %s (resuming at cell %d)", shard.idx, shard.run_id, took_over_from,
                         shard.watermark)
         return ShardLease(self.engine, shard, owner, self.heartbeat_s).start()
+
+    @staticmethod
+    def _take(conn: sa.Connection, pick: Any, lease: dict[str, Any], returning: list[Any]) -> Any:
+        """Take the picked shard if it is still as read (queued, or held by the same stale owner)."""
+        prior = RunShard.status == "queued" if pick.status == "queued" else RunShard.lease_owner == pick.lease_owner
+        return conn.execute(sa.update(RunShard).where(RunShard.id == pick.id, prior).values(**lease).returning(*returning)).first()
 
     def _claimable(self, row: Any, now: float) -> bool:
         if row.status == "queued":
