@@ -200,8 +200,15 @@ def is_locked(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def write_tx(engine: Engine) -> Iterator[Connection]:
+def write_tx(engine: Engine, *, durable: bool = True) -> Iterator[Connection]:
     """A write transaction (``BEGIN IMMEDIATE`` on SQLite), committed on success.
+
+    ``durable=False`` (PostgreSQL) commits without waiting for the WAL flush
+    (``synchronous_commit = off`` for this transaction only): a server crash may lose the last
+    such commits, never make the catalog inconsistent, and the next durable commit flushes them.
+    For writes whose loss only costs repeated work (shard claims, heartbeats, a shard marked
+    done: its lease then expires and a worker finds nothing left past its durable watermark);
+    a commit per claim was a disk flush per claim.
 
     Raises
     ------
@@ -214,6 +221,8 @@ def write_tx(engine: Engine) -> Iterator[Connection]:
     with engine.connect() as conn:
         conn = conn.execution_options(sqlite_immediate=True)
         with conn.begin():
+            if not durable and conn.dialect.name == "postgresql":
+                conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
             yield conn
 
 
