@@ -251,6 +251,38 @@ def _sharded_run(data: Path, store: Path, *, shard_cells: int, chunk_cells: int,
     return secs, cpu, reports, int(planned["shards"])
 
 
+_SPIN = """
+import os, sys, time
+os.sched_setaffinity(0, {int(sys.argv[1])})
+import torch
+torch.set_num_threads(1)
+a = torch.randn(384, 384)
+t = time.perf_counter()
+for _ in range(int(sys.argv[2])):
+    a = torch.tanh(a @ a / 384)
+print(time.perf_counter() - t)
+"""
+
+
+def machine_scaling(rounds: int = 1500) -> float:
+    """The machine's own 1 -> 2 process throughput ratio for single-threaded, CPU-bound torch work
+    (each process pinned to its own CPU): the most two workers can gain here."""
+    import subprocess
+    import sys
+
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+
+    def run(on: list[int]) -> float:
+        procs = [subprocess.Popen([sys.executable, "-c", _SPIN, str(c), str(rounds)], stdout=subprocess.PIPE, text=True) for c in on]
+        t = time.perf_counter()
+        for p in procs:
+            p.communicate()
+        return time.perf_counter() - t
+
+    one, two = min(run(cpus[:1]) for _ in range(2)), min(run(cpus) for _ in range(2))
+    return 2 * one / two
+
+
 def workers(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="sclstore-workers-"))
     data = _pbmc(work, args.cells)
@@ -281,6 +313,8 @@ def workers(args: argparse.Namespace) -> None:
         print(f"{k:<24} {v:>9.2f} {args.cells / v:>9.1f} {base / v:>20.2f}x {statistics.median(cpus[k]):>13.1f}")
     one, two = med[f"{args.shards} shards, 1 worker"], med[f"{args.shards} shards, 2 workers"]
     print(f"2 workers vs 1 worker (same shards): {one / two:.2f}x throughput (target >= 1.8x)")
+    if args.pin:
+        print(f"anchor, this machine's own 1 -> 2 process scaling of pinned single-thread torch work: {machine_scaling():.2f}x")
     print(f"coordination overhead ({args.shards} shards vs 1, one worker): {(one - base) / base * 100:+.1f}% (target < 2%)")
     print(f"peak RSS per worker: median {statistics.median(rss) / 2**20:.0f} MB, max {max(rss) / 2**20:.0f} MB")
 

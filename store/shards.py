@@ -183,8 +183,8 @@ _RUN_STARTS = sa.update(Run).where(Run.id == sa.bindparam("run"), Run.status == 
 class _ClaimStatements:
     """A claim's statements for one scope (runs, excluded runs, shuffled or not)."""
 
-    queued: sa.Select[Any]
-    abandoned: sa.Select[Any]
+    queued: Any  # sa.Select of the shard columns the claim reads
+    abandoned: Any
     take_first: sa.Update
     take_queued: sa.Update
     take_over: sa.Update
