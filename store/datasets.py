@@ -22,8 +22,9 @@ from .config import validate_name
 from .errors import DatasetError, NotFoundError
 from .info import DatasetInfo
 from .models import Dataset, utcnow
-from .obs import build_obs_table, check_obs_width, infer_obs_schema, insert_obs, obs_table_name, unindexable_columns
+from .obs import build_obs_table, check_obs_width, infer_obs_schema, obs_table_name, unindexable_columns
 from .obs_index import ObsIndex
+from .obs_load import insert_obs
 
 if TYPE_CHECKING:
     import numpy as np

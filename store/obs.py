@@ -10,8 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import BigInteger, Boolean, Column, Connection, Float, Index, Integer, MetaData, Table, Text
-from sqlalchemy.schema import CreateTable
+from sqlalchemy import BigInteger, Boolean, Column, Float, Index, Integer, MetaData, Table, Text
 
 from ._lazy import lazy_module
 from .errors import DatasetError, DuplicateObsNamesError
@@ -30,9 +29,9 @@ __all__ = [
     "ObsKind",
     "build_obs_table",
     "check_obs_width",
+    "columns_in_order",
     "frame_from_rows",
     "infer_obs_schema",
-    "insert_obs",
     "make_categorical",
     "obs_rows",
     "obs_table_name",
@@ -247,7 +246,7 @@ def _python_values(series: pd.Series, kind: ObsKind) -> list[Any]:
     return out.tolist()
 
 
-def _columns_in_order(obs: pd.DataFrame, schema: Sequence[ObsColumn], order: np.ndarray) -> dict[str, list[Any]]:
+def columns_in_order(obs: pd.DataFrame, schema: Sequence[ObsColumn], order: np.ndarray) -> dict[str, list[Any]]:
     """Every obs-table column as a Python list in ``cell_idx`` order (``order[i]`` = obs row of cell ``i``)."""
     order = np.asarray(order, dtype=np.int64)
     cols: dict[str, list[Any]] = {
@@ -265,48 +264,11 @@ def obs_rows(
     obs: pd.DataFrame, schema: Sequence[ObsColumn], order: np.ndarray, *, chunk: int = 20_000
 ) -> Iterator[list[dict[str, Any]]]:
     """Yield insert rows (dicts) in ``cell_idx`` order; ``order[i]`` is the obs row of cell ``i``."""
-    cols = _columns_in_order(obs, schema, order)
+    cols = columns_in_order(obs, schema, order)
     names = list(cols)
     values = [cols[n] for n in names]
     for lo in range(0, len(order), chunk):
         yield [dict(zip(names, row, strict=True)) for row in zip(*(v[lo : lo + chunk] for v in values), strict=True)]
-
-
-def insert_obs(conn: Connection, table: Table, obs: pd.DataFrame, schema: Sequence[ObsColumn], order: np.ndarray,
-               *, chunk: int = 50_000) -> None:
-    """Create a dataset's obs table and bulk-load its rows inside ``conn``'s transaction.
-
-    The table is created bare, loaded, and indexed last (one sorted index build instead of
-    per-row index maintenance). PostgreSQL gets one ``COPY ... FROM STDIN`` (psycopg 3); other
-    dialects a batched ``executemany`` of positional tuples straight on the driver. Column and
-    table names are the generated ones (``c0``, ``obs_<hash>``), quoted by the dialect; values
-    are always parameters.
-    """
-    conn.execute(CreateTable(table))
-    _load_rows(conn, table, obs, schema, order, chunk=chunk)
-    for index in sorted(table.indexes, key=lambda ix: str(ix.name)):
-        index.create(conn)
-
-
-def _load_rows(conn: Connection, table: Table, obs: pd.DataFrame, schema: Sequence[ObsColumn], order: np.ndarray,
-               *, chunk: int) -> None:
-    cols = _columns_in_order(obs, schema, order)
-    names = list(cols)
-    values = [cols[n] for n in names]
-    quote = conn.dialect.identifier_preparer.quote
-    target = f"{quote(table.name)} ({', '.join(quote(n) for n in names)})"
-    n = len(order)
-    if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
-        raw = conn.connection.driver_connection
-        assert raw is not None  # an open connection always has its driver connection
-        with raw.cursor() as cur, cur.copy(f"COPY {target} FROM STDIN") as copy:
-            for row in zip(*values, strict=True):
-                copy.write_row(row)
-        return
-    marks = ", ".join("?" if conn.dialect.paramstyle == "qmark" else "%s" for _ in names)
-    sql = f"INSERT INTO {target} VALUES ({marks})"
-    for lo in range(0, n, chunk):
-        conn.exec_driver_sql(sql, list(zip(*(v[lo : lo + chunk] for v in values), strict=True)))
 
 
 def frame_from_rows(df: pd.DataFrame, schema: Sequence[ObsColumn]) -> pd.DataFrame:
@@ -316,9 +278,9 @@ def frame_from_rows(df: pd.DataFrame, schema: Sequence[ObsColumn]) -> pd.DataFra
         values = df[col.column].to_numpy() if len(df) else np.array([])
         if col.kind == "category":
             out[col.name] = make_categorical(values, col.categories, col.ordered)
-        elif col.kind == "int":
-            s = pd.Series(values, index=out.index)
-            out[col.name] = s.astype("Int64") if s.isna().any() else s.astype(np.int64)
+        elif col.kind == "int":  # from the Python ints (a float detour would round beyond 2**53)
+            ints = [None if v is None or v != v else int(v) for v in values]
+            out[col.name] = pd.array(ints, dtype="Int64") if None in ints else np.asarray(ints, dtype=np.int64)
         elif col.kind == "float":
             out[col.name] = pd.Series(values, index=out.index, dtype=np.float64)
         elif col.kind == "bool":

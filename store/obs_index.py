@@ -201,7 +201,8 @@ class ObsIndex:
         if cells is not None:
             stmt = stmt.where(t.c.cell_idx.in_([int(c) for c in cells]))
         with self._engine.connect() as conn:
-            df = pd.DataFrame(conn.execute(stmt).mappings().all(), columns=[c.name for c in t.columns])
+            # object columns: values stay the driver's Python objects (no int -> float detour for NULLs)
+            df = pd.DataFrame(conn.execute(stmt).all(), columns=[c.name for c in t.columns], dtype=object)
         return frame_from_rows(df, self.dataset.obs_schema)
 
     def cell_order(self) -> np.ndarray:

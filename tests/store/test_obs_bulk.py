@@ -8,17 +8,23 @@ import sqlalchemy as sa
 
 import sclstore
 
-AWKWARD = ["plain", "tab\there", "new\nline", "back\\slash", "quote\"s", "comma,s", "", "\\N", "ünïcode ρ", "NULL"]
+AWKWARD = ["plain", "tab\there", "new\nline", "back\\slash", "quote\"s", "comma,s", "", "\\N", "ünïcode ρ", "NULL",
+           "cr\r\nlf", "\\t not a tab", "trailing\\"]
+# doubles whose text form is easy to get wrong: subnormal, extremes, negative zero, 17 significant digits
+EDGE_FLOATS = [5e-324, 2.2250738585072014e-308, 1.7976931348623157e308, -0.0, 0.1 + 0.2, 1 / 3, -1e-300, 123456789.12345679]
 
 
 def _obs(n: int, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     text = np.array([AWKWARD[i % len(AWKWARD)] for i in range(n)], dtype=object)
     text[rng.random(n) < 0.1] = None
-    ints = pd.array(rng.integers(-5, 5, n), dtype="Int64")
+    raw = rng.integers(-5, 5, n)
+    raw[:2] = [np.iinfo(np.int64).max, np.iinfo(np.int64).min]
+    ints = pd.array(raw, dtype="Int64")
     ints[rng.random(n) < 0.1] = pd.NA
     floats = rng.normal(size=n)
     floats[rng.random(n) < 0.1] = np.nan
+    floats[: len(EDGE_FLOATS)] = EDGE_FLOATS
     flags = pd.array(rng.random(n) < 0.5, dtype="boolean")
     flags[rng.random(n) < 0.1] = pd.NA
     cats = pd.Categorical(rng.choice(["b", "a", "c\td"], n), categories=["c\td", "b", "a"])
@@ -44,7 +50,9 @@ def test_registered_obs_round_trips_awkward_values(store: sclstore.Store) -> Non
         got = [None if pd.isna(v) else v for v in back[col].tolist()]
         want = [None if pd.isna(v) else v for v in expected[col].tolist()]
         assert got == want, col
-    np.testing.assert_array_equal(back["score"].to_numpy(), expected["score"].to_numpy())
+    np.testing.assert_array_equal(back["score"].to_numpy(), expected["score"].to_numpy())  # bit-exact doubles
+    if store.backend.engine.dialect.name == "postgresql":  # SQLite stores an integral REAL as an integer: -0.0 -> 0
+        assert np.signbit(back["score"].to_numpy()).tolist() == np.signbit(expected["score"].to_numpy()).tolist()
     assert back["count"].isna().tolist() == expected["count"].isna().tolist()
     assert back["count"].dropna().astype(int).tolist() == expected["count"].dropna().astype(int).tolist()
     assert back["flag"].isna().tolist() == expected["flag"].isna().tolist()
@@ -60,3 +68,12 @@ def test_obs_table_indexes_exist_after_bulk_load(store: sclstore.Store) -> None:
     with store.backend.engine.connect() as conn:  # the unique index on cell names holds
         n = conn.execute(sa.select(sa.func.count(sa.distinct(table.c.cell)))).scalar_one()
     assert n == len(obs)
+
+
+def test_copy_text_fields_escape_like_postgresql_documents() -> None:
+    from sclstore.store.obs_load import _text
+
+    # COPY text format: backslash, tab, newline, CR escaped; NULL is \N; a literal "\N" must not read as NULL
+    assert _text(["a\tb", None, "c\\N", "x\r\ny", ""]) == ["a\\tb", "\\N", "c\\\\N", "x\\r\\ny", ""]
+    # a value with the joiner's NUL falls back to escaping value by value (same fields, same count)
+    assert _text(["n\0ul\t", None, "ok"]) == ["n\0ul\\t", "\\N", "ok"]
