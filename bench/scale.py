@@ -257,30 +257,33 @@ os.sched_setaffinity(0, {int(sys.argv[1])})
 import torch
 torch.set_num_threads(1)
 a = torch.randn(384, 384)
-t = time.perf_counter()
-for _ in range(int(sys.argv[2])):
+start, stop = float(sys.argv[2]), float(sys.argv[2]) + float(sys.argv[3])
+while time.time() < start:
+    time.sleep(0.01)
+rounds = 0
+while time.time() < stop:
     a = torch.tanh(a @ a / 384)
-print(time.perf_counter() - t)
+    rounds += 1
+print(rounds)
 """
 
 
-def machine_scaling(rounds: int = 1500) -> float:
+def machine_scaling(seconds: float = 5.0) -> float:
     """The machine's own 1 -> 2 process throughput ratio for single-threaded, CPU-bound torch work
-    (each process pinned to its own CPU): the most two workers can gain here."""
+    (each process pinned to its own CPU, all counting rounds in the same window after their
+    imports): the most two workers can gain here."""
     import subprocess
     import sys
 
     cpus = sorted(os.sched_getaffinity(0))[:2]
 
-    def run(on: list[int]) -> float:
-        procs = [subprocess.Popen([sys.executable, "-c", _SPIN, str(c), str(rounds)], stdout=subprocess.PIPE, text=True) for c in on]
-        t = time.perf_counter()
-        for p in procs:
-            p.communicate()
-        return time.perf_counter() - t
+    def rounds(on: list[int]) -> int:
+        start = time.time() + 4.0  # after every process has imported torch
+        procs = [subprocess.Popen([sys.executable, "-c", _SPIN, str(c), str(start), str(seconds)], stdout=subprocess.PIPE, text=True)
+                 for c in on]
+        return sum(int(p.communicate()[0]) for p in procs)
 
-    one, two = min(run(cpus[:1]) for _ in range(2)), min(run(cpus) for _ in range(2))
-    return 2 * one / two
+    return rounds(cpus) / rounds(cpus[:1])
 
 
 def workers(args: argparse.Namespace) -> None:
