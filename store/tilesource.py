@@ -231,15 +231,15 @@ def fetch_ranges(source: ByteSource, starts: np.ndarray, ends: np.ndarray) -> Fe
         pos += int(lengths[k])
     buf = np.empty(pos, dtype=np.uint8)
 
-    def one(k: int) -> None:
-        buf[bases[k] : bases[k] + lengths[k]] = source.read(int(p_start[k]), int(lengths[k]))
+    def some(first: int, step: int) -> None:
+        for k in range(first, p_start.size, step):
+            buf[bases[k] : bases[k] + lengths[k]] = source.read(int(p_start[k]), int(lengths[k]))
 
     width = min(source.parallel, MAX_READ_THREADS, p_start.size)
     if width > 1:  # scattered pieces: in flight together (VFS reads release the GIL)
-        list(_executor().map(lambda i: [one(k) for k in range(i, p_start.size, width)], range(width)))
+        list(_executor().map(some, range(width), [width] * width))
     else:
-        for k in range(p_start.size):
-            one(k)
+        some(0, 1)
     return Fetched(buf, p_start, p_end, bases)
 
 
