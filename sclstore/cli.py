@@ -181,6 +181,19 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     return table
 
 
+def _list(store: str, catalog: str | None, what: str) -> list[Any]:
+    """Datasets, models or runs (each a list of *Info); a local SQLite store is read without
+    SQLAlchemy (store/listing.py), anything else through the store."""
+    if catalog is None:
+        from sclstore.store.listing import quick_list
+
+        items = quick_list(store, cast("Any", what))
+        if items is not None:
+            return items
+    with _open(store, catalog) as st:
+        return cast("list[Any]", {"datasets": st.datasets, "models": st.models, "runs": st.runs}[what]())
+
+
 @app.command("ls")
 @handled
 def ls(
@@ -199,32 +212,32 @@ def ls(
         err.print(f"error: cannot list {what!r}: choose datasets, models, runs or evals", markup=False)
         raise typer.Exit(2)
     fmt = row_format(csv_out, tsv_out, nl_out, json_out)
-    with _open(store, catalog) as st:
-        if what == "evals":
+    if what == "evals":
+        with _open(store, catalog) as st:
             from sclstore.cli_eval import print_evals
 
             print_evals(st, run, json_out)
             return
-        items = cast("list[Any]", {"datasets": st.datasets, "models": st.models, "runs": st.runs}[what]())  # each returns a list of *Info
-        if json_out:
-            emit_json([i.to_json() for i in items])
-            return
-        full = fmt is not None  # machine-readable rows carry whole hashes
-        if what == "datasets":
-            columns = ["id", "name", "cells", "genes", "obs columns", "hash"]
-            rows = [[d.id, d.name, d.n_obs, d.n_vars, ",".join(c.name for c in d.obs_schema),
-                     d.content_hash if full else d.content_hash[:12]] for d in items]
-        elif what == "models":
-            columns = ["id", "family", "name", "blocks", "d_model", "checkpoint"]
-            rows = [[m.id, m.family, m.name, m.n_layers, m.d_model, m.checkpoint_hash if full else m.checkpoint_hash[:12]] for m in items]
-        else:
-            columns = ["id", "dataset", "model", "status", "cells", "layers", "pools", "dtype"]
-            rows = [[r.id, r.dataset_name, r.model_name, r.status, f"{r.watermark}/{r.n_cells}",
-                     f"{r.layers[0]}..{r.layers[-1]} ({len(r.layers)})", ",".join(r.pools), r.dtype] for r in items]
-        if fmt is not None:
-            emit_rows(fmt, columns, rows, records=[i.to_json() for i in items])
-        else:
-            print_table(what, columns, rows)
+    items = _list(store, catalog, what)
+    if json_out:
+        emit_json([i.to_json() for i in items])
+        return
+    full = fmt is not None  # machine-readable rows carry whole hashes
+    if what == "datasets":
+        columns = ["id", "name", "cells", "genes", "obs columns", "hash"]
+        rows = [[d.id, d.name, d.n_obs, d.n_vars, ",".join(c.name for c in d.obs_schema),
+                 d.content_hash if full else d.content_hash[:12]] for d in items]
+    elif what == "models":
+        columns = ["id", "family", "name", "blocks", "d_model", "checkpoint"]
+        rows = [[m.id, m.family, m.name, m.n_layers, m.d_model, m.checkpoint_hash if full else m.checkpoint_hash[:12]] for m in items]
+    else:
+        columns = ["id", "dataset", "model", "status", "cells", "layers", "pools", "dtype"]
+        rows = [[r.id, r.dataset_name, r.model_name, r.status, f"{r.watermark}/{r.n_cells}",
+                 f"{r.layers[0]}..{r.layers[-1]} ({len(r.layers)})", ",".join(r.pools), r.dtype] for r in items]
+    if fmt is not None:
+        emit_rows(fmt, columns, rows, records=[i.to_json() for i in items])
+    else:
+        print_table(what, columns, rows)
 
 
 @app.command()

@@ -21,8 +21,9 @@ import tiledb
 
 from . import layout_cache
 from .config import ArraySpec
+from .direct import DirectLayout, coalesce, open_direct
 from .errors import ArrayError, EncodingVersionError
-from .tilefile import FragmentTiles, LayoutError, TileFile, disjoint_fragments
+from .tilefile import LayoutError
 
 __all__ = [
     "ENCODING_TYPE",
@@ -46,13 +47,13 @@ ENCODING_VERSION = "1"
 SUPPORTED_ENCODING_VERSIONS = frozenset({"1"})
 _TARGET_TILE_BYTES = 512 * 1024
 _MAX_RANGES = 64
-"""More cell ranges than this are read as the tiles they touch plus a take."""
+"""More cell ranges than this are read through libtiledb as one bounding read plus a take."""
 _CELL_DOMAIN_MAX = 2**40 - 1
 _warned_fallback = False
 
 
 def _fallback(uri: str, reason: object) -> None:
-    """Log why a local complete run is read through libtiledb: the first time per process at
+    """Log why a complete run is read through libtiledb: the first time per process at
     WARNING (direct reads are several times faster), later ones at DEBUG."""
     global _warned_fallback
     if _warned_fallback:
@@ -72,21 +73,6 @@ def cell_tile(dim: int, dtype: str) -> int:
     c = max(1, _TARGET_TILE_BYTES // (dim * itemsize))
     c = 1 << (c.bit_length() - 1)
     return int(min(8192, max(32, c)))
-
-
-def coalesce(cells: np.ndarray) -> list[tuple[int, int]]:
-    """Sorted unique cell indices -> inclusive ``(start, stop)`` ranges."""
-    if cells.size == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(cells) != 1)
-    starts = np.concatenate(([cells[0]], cells[breaks + 1]))
-    stops = np.concatenate((cells[breaks], [cells[-1]]))
-    return list(zip(starts.tolist(), stops.tolist(), strict=True))
-
-
-def count_ranges(cells: np.ndarray) -> int:
-    """How many ranges :func:`coalesce` would give, without building them."""
-    return 0 if cells.size == 0 else int(np.count_nonzero(np.diff(cells) != 1)) + 1
 
 
 def create_array(uri: str, spec: ArraySpec, *, layers: Sequence[int], meta: dict[str, Any], ctx: tiledb.Ctx | None = None) -> None:
@@ -264,27 +250,14 @@ def array_info(uri: str, ctx: tiledb.Ctx | None = None) -> dict[str, Any]:
         }
 
 
-def _single_fragment(uri: str, full: tuple[tuple[int, int], ...]) -> list[tuple[str, int, Any]] | None:
-    """The common case without a fragment-info load: one fragment folder in a local array whose
-    non-empty domain is the full domain (the caller checked), so the fragment covers it all."""
-    try:
-        names = [e.name for e in os.scandir(os.path.join(uri.removeprefix("file://"), "__fragments")) if e.is_dir()]
-    except OSError:
-        return None
-    version = names[0].rsplit("_", 1)[-1] if len(names) == 1 else ""
-    if not version.isdigit():
-        return None
-    return [(os.path.join(uri, "__fragments", names[0]), int(version), full)]
-
-
 class ArrayReader:
     """Reads slices of one run's array; open once, read many times.
 
-    A complete run's single consolidated fragment is read straight from its tile files
-    (:mod:`sclstore.store.tilefile`) when ``direct`` and its layout checks pass; any other array
-    (or ``direct=False``) is read through libtiledb. Both give identical values. What a direct
-    reader validated is kept per process (:mod:`sclstore.store.layout_cache`): reopening an
-    unchanged run opens nothing in libtiledb.
+    A complete run's array is read straight from its tile files (:mod:`sclstore.store.direct`:
+    memory-mapped locally, by ranged VFS reads on object storage) when ``direct`` and its layout
+    checks pass; any other array (or ``direct=False``) is read through libtiledb. Both give
+    identical values. What a direct reader validated is kept per process
+    (:mod:`sclstore.store.layout_cache`): reopening an unchanged run opens nothing in libtiledb.
 
     Not thread-safe: use one reader per thread.
     """
@@ -294,17 +267,15 @@ class ArrayReader:
         self.dtype: str
         self._ctx = ctx
         self._arr_handle: tiledb.Array | None = None
-        self._direct: dict[str, FragmentTiles] | None = None
-        self._shared = False  # the tile files belong to the layout cache: never close them here
-        local = "://" not in uri or uri.startswith("file://")
-        self._path = uri.removeprefix("file://")
-        cached = layout_cache.get(self._path) if direct and local else None
+        self._direct: DirectLayout | None = None
+        self._shared = False  # the layout belongs to the layout cache: never close its files here
+        self._key = layout_cache.key(uri, ctx)
+        cached = layout_cache.get(self._key) if direct else None
         if cached is not None:  # a complete run validated before, its files unchanged: no libtiledb open
             self.dtype = cached.dtype
             self.n_slots, self.n_cells, self.dim, self.cell_tile = cached.n_slots, cached.n_cells, cached.dim, cached.cell_tile
-            self._n_cell_tiles = -(-self.n_cells // self.cell_tile)
             self.pools = cached.pools
-            self._direct, self._shared = cached.tiles, True
+            self._direct, self._shared = cached, True
             return
         arr = self._arr
         version = arr.meta.get("sclstore_encoding_version")
@@ -318,17 +289,14 @@ class ArrayReader:
         self.n_cells = int(dom.dim(1).domain[1]) + 1
         self.dim = int(dom.dim(2).domain[1]) + 1
         self.cell_tile = int(dom.dim(1).tile)
-        self._n_cell_tiles = -(-self.n_cells // self.cell_tile)
         self.pools = tuple(arr.schema.attr(i).name for i in range(arr.schema.nattr))
-        if direct and local:
+        if direct:
             try:
-                self._direct, fragments = self._open_direct()
+                self._direct = open_direct(uri, arr, dtype=self.dtype, ctx=ctx)
             except LayoutError as exc:
                 _fallback(uri, exc)
             else:
-                layout = layout_cache.DirectLayout(self.dtype, self.n_slots, self.n_cells, self.dim, self.cell_tile,
-                                                   self.pools, self._direct, fragments)
-                self._shared = layout_cache.put(self._path, layout)
+                self._shared = layout_cache.put(self._key, self._direct)
 
     @property
     def _arr(self) -> tiledb.Array:
@@ -345,36 +313,6 @@ class ArrayReader:
     def direct(self) -> bool:
         """Whether reads bypass libtiledb (see :mod:`sclstore.store.tilefile`)."""
         return self._direct is not None
-
-    def _open_direct(self) -> tuple[dict[str, FragmentTiles], tuple[str, ...]]:
-        schema = self._arr.schema
-        dom = schema.domain
-        if schema.sparse or schema.cell_order != "row-major" or schema.tile_order != "row-major":
-            raise LayoutError("not a dense row-major array")
-        if int(dom.dim(0).tile) != 1 or int(dom.dim(2).tile) != self.dim:
-            raise LayoutError("tiles are not (1, C, dim)")
-        full = ((0, self.n_slots - 1), (0, self.n_cells - 1), (0, self.dim - 1))
-        ned = self._arr.nonempty_domain()
-        if ned is None or tuple((int(a), int(b)) for a, b in ned) != full:
-            raise LayoutError(f"written domain {ned} is not the full domain {full}")
-        frags = _single_fragment(self.uri, full)
-        if frags is None:  # several fragments (or unknown): ask TileDB for each one's domain (~1 ms)
-            info = tiledb.array_fragments(self.uri, ctx=self._ctx)
-            frags = list(zip(info.uri, info.version, info.nonempty_domain, strict=True))
-        parts = disjoint_fragments(frags, n_slots=self.n_slots, n_cells=self.n_cells, dim=self.dim, cell_tile=self.cell_tile)
-        files = {}
-        for i in range(schema.nattr):
-            attr = schema.attr(i)
-            if len(attr.filters):
-                raise LayoutError(f"attribute {attr.name} has filters")
-            view = np.dtype(np.float16) if self.dtype == "float16" else np.dtype(attr.dtype)  # uint16 bits are float16
-            if view.itemsize != np.dtype(attr.dtype).itemsize:
-                raise LayoutError(f"attribute {attr.name} stores {attr.dtype}, not {self.dtype}")
-            elems = self.cell_tile * self.dim
-            tfs = [(lo, hi, TileFile(folder / f"a{i}.tdb", n_tiles=self.n_slots * (hi - lo), tile_elems=elems, dtype=view))
-                   for lo, hi, folder in parts]
-            files[attr.name] = FragmentTiles(tfs, self._n_cell_tiles)
-        return files, tuple(folder.name for _lo, _hi, folder in parts)
 
     def __enter__(self) -> ArrayReader:
         return self
@@ -422,7 +360,7 @@ class ArrayReader:
         out = None
         if self._direct is not None:
             try:
-                out = self._read_direct(self._direct[pool], uniq, cells)  # float32 already
+                out = self._direct.read(pool, uniq, cells)  # float32 already
             except LayoutError as exc:
                 _fallback(self.uri, f"a direct read failed ({exc})")
                 self.close_direct()
@@ -435,13 +373,12 @@ class ArrayReader:
     def close_direct(self) -> None:
         """Stop reading tile files directly (later reads go through libtiledb, and later readers
         of this array validate it again)."""
-        layout_cache.drop(self._path)
+        layout_cache.drop(self._key)
         self._release_direct()
 
     def _release_direct(self) -> None:
-        if not self._shared:  # tile files held by the layout cache stay open for other readers
-            for tf in (self._direct or {}).values():
-                tf.close()
+        if not self._shared and self._direct is not None:  # a layout held by the cache stays open for other readers
+            self._direct.close()
         self._direct, self._shared = None, False
 
     def _read_tiledb(self, slots: np.ndarray, cells: np.ndarray | None, pool: str) -> np.ndarray:
@@ -456,59 +393,6 @@ class ArrayReader:
             block = self._arr.multi_index[slot_ranges, [(lo, hi)], :][pool]
             return block[:, cells - lo, :]
         return self._arr.multi_index[slot_ranges, ranges, :][pool]
-
-    def _read_direct(self, tf: FragmentTiles, slots: np.ndarray, cells: np.ndarray | None) -> np.ndarray:
-        """float32 ``(len(slots), n, dim)``; float16 storage is converted while it is copied."""
-        c, d, n_ct = self.cell_tile, self.dim, self._n_cell_tiles
-        if cells is None or count_ranges(cells) <= _MAX_RANGES:
-            ranges = [(0, self.n_cells - 1)] if cells is None else coalesce(cells)
-            out = np.empty((len(slots), self.n_cells if cells is None else cells.size, d), dtype=np.float32)
-            for i, slot in enumerate(slots):
-                pos = 0
-                for lo, hi in ranges:
-                    self._copy_range(tf, int(slot) * n_ct, lo, hi, out[i, pos : pos + hi - lo + 1])
-                    pos += hi - lo + 1
-            return out
-        assert cells is not None
-        tile_of, row_of = np.divmod(cells, c)
-        # many ranges: copy the selected rows of every slot straight from the file, in one gather
-        tiles = (np.asarray(slots, dtype=np.int64)[:, None] * n_ct + tile_of[None, :]).ravel()
-        rows = tf.gather(tiles, np.tile(row_of, len(slots)), d)
-        if rows is not None:
-            return rows.reshape(len(slots), cells.size, d).astype(np.float32, copy=False)
-        tiles = np.unique(tile_of)  # rows may straddle chunks: decode the tiles touched, then take
-        rank = np.zeros(n_ct, dtype=np.int64)
-        rank[tiles] = np.arange(tiles.size)
-        take = rank[tile_of] * c + row_of
-        out = np.empty((len(slots), cells.size, d), dtype=np.float32)
-        buf = np.empty((tiles.size, c * d), dtype=np.float32)
-        runs = coalesce(tiles)
-        for i, slot in enumerate(slots):
-            base, k = int(slot) * n_ct, 0
-            for a, b in runs:
-                tf.decode(base + a, base + b + 1, buf[k : k + b - a + 1])
-                k += b - a + 1
-            np.take(buf.reshape(-1, d), take, axis=0, out=out[i])
-        return out
-
-    def _copy_range(self, tf: FragmentTiles, base: int, lo: int, hi: int, dest: np.ndarray) -> None:
-        """Cells ``lo..hi`` of the slot whose first tile is ``base`` into ``dest`` (hi-lo+1, dim).
-
-        Whole tiles are decoded straight into ``dest``; the partial tiles at either end go
-        through a one-tile buffer.
-        """
-        c, d = self.cell_tile, self.dim
-        t_first, t_last = lo // c, hi // c
-        a = t_first if lo % c == 0 else t_first + 1
-        b = t_last if (hi + 1) % c == 0 else t_last - 1
-        if a <= b:
-            r0 = a * c - lo
-            tf.decode(base + a, base + b + 1, dest[r0 : r0 + (b - a + 1) * c].reshape(b - a + 1, c * d))
-        for t in dict.fromkeys(t for t in (t_first, t_last) if not a <= t <= b):
-            tmp = np.empty((1, c * d), dtype=np.float32)
-            tf.decode(base + t, base + t + 1, tmp)
-            c0, c1 = max(lo, t * c), min(hi, t * c + c - 1)
-            dest[c0 - lo : c1 - lo + 1] = tmp.reshape(c, d)[c0 - t * c : c1 - t * c + 1]
 
     def iter_chunks(
         self, slots: Sequence[int], cells: np.ndarray | None, pool: str, *, chunk_cells: int

@@ -38,7 +38,7 @@ from .datasets import DatasetRepository
 from .errors import InvalidInputError, SclstoreError, StoreExistsError, StoreNotFoundError
 from .info import DatasetInfo, ModelInfo, RunInfo
 from .lease import Lease
-from .location import StoreLocation
+from .location import MARKER, StoreLocation
 from .model_registry import ModelRepository
 from .models import utcnow
 from .obs_index import ObsIndex
@@ -58,7 +58,6 @@ if TYPE_CHECKING:
 __all__ = ["MARKER", "Backend", "cache_key"]
 
 logger = logging.getLogger(__name__)
-MARKER = "sclstore.json"
 
 
 def stores_below(root: Path, depth: int = 2, limit: int = 200) -> list[Path]:

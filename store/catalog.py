@@ -8,11 +8,9 @@ PostgreSQL is used through psycopg 3 for a shared lab store.
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import logging
 import os
-import re
 from collections.abc import Iterator
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -23,6 +21,7 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from .errors import CatalogBusyError, CatalogConnectionError, InvalidInputError, SchemaVersionError
 from .readonly import READ_ONLY_OPTION, refuse_write, sqlite_read_only_url
+from .revisions import head_revision
 
 if TYPE_CHECKING:  # Alembic loads only to migrate or on a schema mismatch (opening a store skips it)
     from alembic.config import Config
@@ -201,8 +200,15 @@ def is_locked(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def write_tx(engine: Engine) -> Iterator[Connection]:
+def write_tx(engine: Engine, *, durable: bool = True) -> Iterator[Connection]:
     """A write transaction (``BEGIN IMMEDIATE`` on SQLite), committed on success.
+
+    ``durable=False`` (PostgreSQL) commits without waiting for the WAL flush
+    (``synchronous_commit = off`` for this transaction only): a server crash may lose the last
+    such commits, never make the catalog inconsistent, and the next durable commit flushes them.
+    For writes whose loss only costs repeated work (shard claims, heartbeats, a shard marked
+    done: its lease then expires and a worker finds nothing left past its durable watermark);
+    a commit per claim was a disk flush per claim.
 
     Raises
     ------
@@ -215,6 +221,8 @@ def write_tx(engine: Engine) -> Iterator[Connection]:
     with engine.connect() as conn:
         conn = conn.execution_options(sqlite_immediate=True)
         with conn.begin():
+            if not durable and conn.dialect.name == "postgresql":
+                conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
             yield conn
 
 
@@ -232,41 +240,6 @@ def alembic_config(connection: Connection | None = None) -> Config:
     if connection is not None:
         cfg.attributes["connection"] = connection
     return cfg
-
-
-_REV = re.compile(r"^revision(?:\s*:[^=]*)?\s*=\s*['\"]([^'\"]+)['\"]", re.M)
-_DOWN = re.compile(r"^down_revision(?:\s*:[^=]*)?\s*=\s*(.+)$", re.M)
-
-
-@functools.cache
-def head_revision() -> str:
-    """The newest revision this sclstore knows.
-
-    Read from the migration files' ``revision`` / ``down_revision`` lines (no Alembic import,
-    so opening a store stays fast); anything but one linear head falls back to Alembic's
-    ``ScriptDirectory`` (tests/store/test_catalog.py checks that both agree).
-    """
-    revs: set[str] = set()
-    downs: set[str] = set()
-    for f in (resources.files("sclstore.migrations") / "versions").iterdir():
-        if not f.name.endswith(".py") or f.name.startswith("__"):
-            continue
-        text = f.read_text(encoding="utf-8")
-        rev, down = _REV.search(text), _DOWN.search(text)
-        if rev is None or down is None:
-            return _alembic_head()
-        revs.add(rev.group(1))
-        downs.update(re.findall(r"['\"]([^'\"]+)['\"]", down.group(1)))
-    heads = revs - downs
-    return heads.pop() if len(heads) == 1 else _alembic_head()
-
-
-def _alembic_head() -> str:
-    from alembic.script import ScriptDirectory
-
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
-    assert head is not None
-    return head
 
 
 def current_revision(engine: Engine) -> str | None:

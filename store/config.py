@@ -282,8 +282,9 @@ class StoreSettings:
     """Largest query result materialised in memory."""
     tiledb_config: dict[str, str] = field(default_factory=dict)
     direct_reads: bool = True
-    """Read complete runs straight from their tile files when their layout qualifies
-    (:mod:`sclstore.store.tilefile`); ``False`` reads everything through libtiledb."""
+    """Read complete runs straight from their tile files when their layout qualifies (mapped
+    locally, by ranged VFS reads on object storage: :mod:`sclstore.store.direct`); ``False``
+    reads everything through libtiledb."""
     remote_consolidate_max_bytes: int = 2 * 1024**3
     """On object storage, a completed run's array up to this size is rewritten as one fragment;
     a larger one keeps its (disjoint) fragments and only their metadata is consolidated."""

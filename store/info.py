@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .models import Dataset, Model, Run
-from .obs import ObsColumn
+from .obs_column import ObsColumn
+
+if TYPE_CHECKING:  # the ORM rows (or any object with their attributes: see store/listing.py)
+    from .models import Dataset, Model, Run
 
 __all__ = ["DatasetInfo", "ModelInfo", "RunInfo"]
 

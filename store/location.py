@@ -34,7 +34,10 @@ if TYPE_CHECKING:
 else:
     tiledb = lazy_module("tiledb")  # loaded on first use: a local store lists its runs without TileDB
 
-__all__ = ["CONFIG_FILE", "REMOTE_DEFAULTS", "StoreLocation", "parse_tiledb_options", "redact_config"]
+__all__ = ["CONFIG_FILE", "MARKER", "REMOTE_DEFAULTS", "StoreLocation", "parse_tiledb_options", "redact_config"]
+
+MARKER = "sclstore.json"
+"""The file that makes a folder (or prefix) an sclstore store."""
 
 logger = logging.getLogger(__name__)
 

@@ -7,13 +7,13 @@ generated column name (``c0``, ``c1``, ...) and the mapping lives in ``datasets.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import BigInteger, Boolean, Column, Float, Index, Integer, MetaData, Table, Text
 
 from ._lazy import lazy_module
 from .errors import DatasetError, DuplicateObsNamesError
+from .obs_column import MAX_KEPT_CATEGORIES, ObsColumn, ObsKind
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,43 +37,6 @@ __all__ = [
     "obs_table_name",
     "unindexable_columns",
 ]
-
-ObsKind = Literal["category", "string", "int", "float", "bool"]
-
-
-MAX_KEPT_CATEGORIES = 10_000
-"""Category lists up to this length are kept in the catalog (their order and ``ordered`` flag)."""
-
-
-@dataclass(frozen=True)
-class ObsColumn:
-    """One obs column: its user-facing name, its SQL column and its kind.
-
-    For categorical columns, ``categories`` keeps the AnnData's category order (and ``ordered``
-    its flag), so a developmental-stage column comes back in stage order, not alphabetically;
-    ``None`` (older catalogs, or more than :data:`MAX_KEPT_CATEGORIES` categories) means
-    code-point order.
-    """
-
-    name: str
-    column: str
-    kind: ObsKind
-    categories: tuple[str, ...] | None = None
-    ordered: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "column": self.column, "kind": self.kind}
-        if self.categories is not None:
-            out["categories"] = list(self.categories)
-            out["ordered"] = self.ordered
-        return out
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ObsColumn:
-        cats = data.get("categories")
-        return cls(name=str(data["name"]), column=str(data["column"]), kind=data["kind"],
-                   categories=None if cats is None else tuple(str(c) for c in cats), ordered=bool(data.get("ordered", False)))
-
 
 def make_categorical(values: Any, categories: Sequence[str] | None = None, ordered: bool = False) -> pd.Categorical:
     """A categorical of ``values`` whose categories are the values present, in the order of

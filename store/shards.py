@@ -127,7 +127,7 @@ class ShardLease:
         failing = False
         while not self._stop.wait(self.heartbeat_s):
             try:
-                with write_tx(self.engine) as conn:
+                with write_tx(self.engine, durable=False) as conn:
                     res = conn.execute(sa.update(RunShard).where(*self.owned()).values(heartbeat_at=time.time()))
                 if res.rowcount != 1:
                     logger.warning("shard %d of run %d was taken over or cancelled", self.shard.idx, self.shard.run_id)
@@ -168,6 +168,51 @@ _LIVE_OWNERS: set[str] = set()
 them (its release failed, e.g. in a catalog outage) is claimable again at once."""
 
 
+# what a claim writes; every value is bound at execution (the statements are built once per scope;
+# bound names carry a b_ prefix: SQLAlchemy reserves column names in an UPDATE's SET)
+_LEASE_VALUES: dict[str, Any] = {
+    "status": "claimed", "lease_owner": sa.bindparam("b_owner"), "lease_host": sa.bindparam("b_host"),
+    "lease_pid": sa.bindparam("b_pid"), "lease_boot_id": sa.bindparam("b_boot_id"), "lease_pidns": sa.bindparam("b_pidns"),
+    "heartbeat_at": sa.bindparam("b_now"), "claimed_at": sa.bindparam("b_now"), "device": sa.bindparam("b_device"),
+    "error": None, "attempts": RunShard.attempts + 1,
+}
+_RUN_STARTS = sa.update(Run).where(Run.id == sa.bindparam("run"), Run.status == "queued").values(status="running")
+
+
+@dataclass(frozen=True)
+class _ClaimStatements:
+    """A claim's statements for one scope (runs, excluded runs, shuffled or not)."""
+
+    queued: Any  # sa.Select of the shard columns the claim reads
+    abandoned: Any
+    take_first: sa.Update
+    take_queued: sa.Update
+    take_over: sa.Update
+
+    @classmethod
+    def build(cls, runs: tuple[int, ...] | None, exclude: tuple[int, ...], *, shuffled: bool, postgresql: bool) -> _ClaimStatements:
+        cols = (RunShard.id, RunShard.status, RunShard.lease_owner, RunShard.lease_host, RunShard.lease_pid,
+                RunShard.lease_boot_id, RunShard.lease_pidns, RunShard.heartbeat_at)
+        base = sa.select(*cols).join(Run, Run.id == RunShard.run_id).where(Run.status.in_(ACTIVE_RUN))
+        base = base.where(RunShard.run_id.in_(runs)) if runs is not None else base.where(Run.shared.is_(True))
+        if exclude:
+            base = base.where(RunShard.run_id.not_in(exclude))
+        base = base.order_by(RunShard.run_id, RunShard.idx).limit(16 if shuffled else 1)
+        # a stale lease, or one of a dead process on this host, is claimable like a queued shard
+        stale = sa.and_(RunShard.status == "claimed", sa.or_(RunShard.heartbeat_at < sa.bindparam("b_stale_before"),
+                                                             RunShard.lease_host == sa.bindparam("b_host")))
+        queued, abandoned = base.where(RunShard.status == "queued"), base.where(stale).limit(64)
+        if postgresql:  # lock only the rows picked; other claimers skip them
+            queued = queued.with_for_update(skip_locked=True, of=RunShard)
+            abandoned = abandoned.with_for_update(skip_locked=True, of=RunShard)
+        returning = [getattr(RunShard, c) for c in _COLUMNS]
+        take = sa.update(RunShard).values(**_LEASE_VALUES).returning(*returning)
+        first = queued.with_only_columns(RunShard.id).scalar_subquery()
+        return cls(queued=queued, abandoned=abandoned, take_first=take.where(RunShard.id == first),
+                   take_queued=take.where(RunShard.id == sa.bindparam("b_pick_id"), RunShard.status == "queued"),
+                   take_over=take.where(RunShard.id == sa.bindparam("b_pick_id"), RunShard.lease_owner == sa.bindparam("b_prior_owner")))
+
+
 class ShardQueue:
     """The shards of every run in one catalog."""
 
@@ -175,6 +220,7 @@ class ShardQueue:
         self.engine = engine
         self.ttl_s = ttl_s
         self.heartbeat_s = heartbeat_s
+        self._statements: dict[tuple[Any, ...], _ClaimStatements] = {}
 
     # ------------------------------------------------------------------ planning
     def create(self, run_id: int, ranges: Sequence[tuple[int, int]], pinned: dict[str, Any] | None = None) -> None:
@@ -207,46 +253,52 @@ class ShardQueue:
         """
         now = time.time()
         owner = f"{HOSTNAME}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
-        cols = (RunShard.id, RunShard.status, RunShard.lease_owner, RunShard.lease_host, RunShard.lease_pid,
-                RunShard.lease_boot_id, RunShard.lease_pidns, RunShard.heartbeat_at)
-        base = sa.select(*cols).join(Run, Run.id == RunShard.run_id).where(Run.status.in_(ACTIVE_RUN))
-        base = base.where(RunShard.run_id.in_([int(r) for r in runs])) if runs is not None else base.where(Run.shared.is_(True))
-        if exclude:
-            base = base.where(RunShard.run_id.not_in([int(r) for r in exclude]))
-        base = base.order_by(RunShard.run_id, RunShard.idx).limit(16 if shuffle is not None else 1)
-        # a stale lease, or one of a dead process on this host, is claimable like a queued shard
-        taken = sa.and_(RunShard.status == "claimed",
-                        sa.or_(RunShard.heartbeat_at < now - self.ttl_s, RunShard.lease_host == HOSTNAME))
-        queued_stmt, taken_stmt = base.where(RunShard.status == "queued"), base.where(taken).limit(64)
-        if self.engine.dialect.name == "postgresql":  # lock only the rows picked; other claimers skip them
-            queued_stmt = queued_stmt.with_for_update(skip_locked=True, of=RunShard)
-            taken_stmt = taken_stmt.with_for_update(skip_locked=True, of=RunShard)
+        stmts = self._claim_statements(runs, exclude, shuffled=shuffle is not None)
+        lease = {"b_owner": owner, "b_host": HOSTNAME, "b_pid": os.getpid(), "b_boot_id": BOOT_ID, "b_pidns": PID_NAMESPACE,
+                 "b_now": now, "b_device": device, "b_stale_before": now - self.ttl_s}
         _LIVE_OWNERS.add(owner)  # before the claim commits: no other thread of this process may take the shard as abandoned
-        with write_tx(self.engine) as conn:
-            candidates = list(conn.execute(queued_stmt).all())
-            if not candidates:
-                candidates = [r for r in conn.execute(taken_stmt).all() if self._claimable(r, now)]
-            if not candidates:
+        took_over_from: str | None = None
+        with write_tx(self.engine, durable=False) as conn:  # a lost claim is re-claimed; the owner's writes check ownership
+            row = None
+            if shuffle is None:  # the common case in one statement: pick (row-locked, others skip it) and take
+                row = conn.execute(stmts.take_first, lease).first()
+            else:
+                candidates = list(conn.execute(stmts.queued, lease).all())
+                if candidates:
+                    row = self._take(conn, stmts, shuffle.choice(candidates), lease)
+            if row is None:  # no queued shard: an abandoned one (stale lease, or a dead process on this host)?
+                abandoned = [r for r in conn.execute(stmts.abandoned, lease).all() if self._claimable(r, now)]
+                if abandoned:
+                    pick = shuffle.choice(abandoned) if shuffle is not None else abandoned[0]
+                    row = self._take(conn, stmts, pick, lease)
+                    took_over_from = pick.lease_owner
+            if row is None:  # nothing claimable, or (without row locks) another claimer was first: claim again
                 _LIVE_OWNERS.discard(owner)
                 return None
-            pick = shuffle.choice(candidates) if shuffle is not None else candidates[0]
-            prior = RunShard.status == "queued" if pick.status == "queued" else RunShard.lease_owner == pick.lease_owner
-            res = conn.execute(
-                sa.update(RunShard).where(RunShard.id == pick.id, prior)
-                .values(status="claimed", lease_owner=owner, lease_host=HOSTNAME, lease_pid=os.getpid(), lease_boot_id=BOOT_ID,
-                        lease_pidns=PID_NAMESPACE, heartbeat_at=now, claimed_at=now, device=device, error=None,
-                        attempts=RunShard.attempts + 1)
-            )
-            if res.rowcount != 1:  # only possible without row locks; the caller simply claims again
-                _LIVE_OWNERS.discard(owner)
-                return None
-            row = conn.execute(_select_shards().where(RunShard.id == pick.id)).one()
-            conn.execute(sa.update(Run).where(Run.id == row.run_id, Run.status == "queued").values(status="running"))
+            conn.execute(_RUN_STARTS, {"run": row.run_id})
         shard = ShardInfo.from_row(row)
-        if pick.status == "claimed":
-            logger.info("took over shard %d of run %d from %s (resuming at cell %d)", shard.idx, shard.run_id, pick.lease_owner,
+        if took_over_from is not None:
+            logger.info("took over shard %d of run %d from %s (resuming at cell %d)", shard.idx, shard.run_id, took_over_from,
                         shard.watermark)
         return ShardLease(self.engine, shard, owner, self.heartbeat_s).start()
+
+    @staticmethod
+    def _take(conn: sa.Connection, stmts: _ClaimStatements, pick: Any, lease: dict[str, Any]) -> Any:
+        """Take the picked shard if it is still as read (queued, or held by the same stale owner)."""
+        if pick.status == "queued":
+            return conn.execute(stmts.take_queued, {**lease, "b_pick_id": pick.id}).first()
+        return conn.execute(stmts.take_over, {**lease, "b_pick_id": pick.id, "b_prior_owner": pick.lease_owner}).first()
+
+    def _claim_statements(self, runs: Sequence[int] | None, exclude: Sequence[int], *, shuffled: bool) -> _ClaimStatements:
+        """The claim's statements for this scope, built once (values are bound at execution)."""
+        key = (None if runs is None else tuple(int(r) for r in runs), tuple(int(r) for r in exclude), shuffled)
+        stmts = self._statements.get(key)
+        if stmts is None:
+            if len(self._statements) > 64:
+                self._statements.clear()
+            stmts = self._statements[key] = _ClaimStatements.build(key[0], key[1], shuffled=shuffled,
+                                                                   postgresql=self.engine.dialect.name == "postgresql")
+        return stmts
 
     def _claimable(self, row: Any, now: float) -> bool:
         if row.status == "queued":
@@ -283,8 +335,8 @@ class ShardQueue:
     def done(self, lease: ShardLease) -> bool:
         """Mark the owner's shard done; False if it was lost before (another worker redoes its rest)."""
         lease.halt()  # still this process's own until written: no other thread of it takes the shard as abandoned
-        try:
-            with write_tx(self.engine) as conn:
+        try:  # a lost "done" only lets the lease expire: the next owner resumes at the durable watermark, the end
+            with write_tx(self.engine, durable=False) as conn:
                 res = conn.execute(sa.update(RunShard).where(*lease.owned())
                                    .values(status="done", finished_at=time.time(), **_CLEAR_LEASE))
         finally:

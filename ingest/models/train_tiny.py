@@ -3,7 +3,7 @@
 Run (a few minutes of CPU on one thread; bit-identical weights for a given seed, torch build and
 thread count; the exact command, time and resulting geometry are in the folder's README)::
 
-    python -m sclstore.ingest.models.train_tiny --steps 500 --seed 0 --threads 1
+    python -m sclstore.ingest.models.train_tiny --steps 600 --seed 0 --threads 1
 
 (``--out DIR`` writes elsewhere; the default is the packaged ``sclstore-tiny/`` folder.)
 
@@ -359,7 +359,7 @@ def evaluate(
     return {f"mse_{k}": v / n for k, v in sums.items()} | {"n_masked": n}
 
 
-def train(out: Path, *, steps: int = 500, seed: int = 0, d_model: int = 64, n_layers: int = 6, n_heads: int = 4,
+def train(out: Path, *, steps: int = 600, seed: int = 0, d_model: int = 64, n_layers: int = 6, n_heads: int = 4,
           batch_size: int = 32, lr: float = 3e-3, threads: int = 1, contrastive_weight: float = 1.0,
           temperature: float = 0.2, offset_weight: float = OFFSET_WEIGHT, pr_weight: float = PR_WEIGHT,
           view_genes: int = VIEW_MAX_GENES) -> dict[str, Any]:
@@ -500,7 +500,7 @@ def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--pr-weight", type=float, default=PR_WEIGHT)

@@ -190,8 +190,8 @@ def test_verify_compares_direct_reads_with_libtiledb(store: sclstore.Store, monk
             np.testing.assert_array_equal(rd.read([2, 0], None, "mean"), values[[2, 0]])
     real = TileFile.decode
 
-    def flip(self: TileFile, t0: int, t1: int, dest: np.ndarray) -> None:  # a decoder bug
-        real(self, t0, t1, dest)
+    def flip(self: TileFile, t0: int, t1: int, dest: np.ndarray, *rest: object) -> None:  # a decoder bug
+        real(self, t0, t1, dest, *rest)  # type: ignore[arg-type]
         dest[0, 0] += 1
 
     monkeypatch.setattr(TileFile, "decode", flip)

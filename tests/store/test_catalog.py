@@ -126,3 +126,23 @@ def test_catalog_lost_mid_session_is_a_clear_error(tmp_path: Path, postgres_serv
     with pytest.raises(CatalogConnectionError, match="catalog database error: .*check that the catalog database is up"):
         st.runs()
     st.close()
+
+
+def test_non_durable_write_skips_only_its_own_wal_flush(tmp_path: Path, catalog_url: str | None) -> None:
+    engine = catalogdb.make_engine(_url(tmp_path, catalog_url))
+    try:
+        if engine.dialect.name != "postgresql":
+            with catalogdb.write_tx(engine, durable=False) as conn:  # SQLite: an ordinary write transaction
+                conn.execute(sa.text("CREATE TABLE t (x INTEGER)"))
+                conn.execute(sa.text("INSERT INTO t VALUES (1)"))
+            with engine.connect() as conn:
+                assert conn.execute(sa.text("SELECT x FROM t")).scalar_one() == 1
+            return
+        setting = sa.text("SHOW synchronous_commit")
+        with catalogdb.write_tx(engine, durable=False) as conn:
+            assert conn.execute(setting).scalar_one() == "off"
+        for _ in range(3):  # pooled connections come back with the server's setting (SET LOCAL ends with the transaction)
+            with catalogdb.write_tx(engine) as conn:
+                assert conn.execute(setting).scalar_one() == "on"
+    finally:
+        engine.dispose()

@@ -130,8 +130,8 @@ def test_layout_checks_refuse_foreign_files(tmp_path: Path) -> None:
 def test_reader_falls_back_to_libtiledb_on_a_bad_tile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     uri, truth = _build(tmp_path, n=600, dim=512, dtype="float32", slots=2, pools=("cls",))
 
-    def refuse(self: TileFile, which: object, label: str, *, chunks: object = None) -> None:
-        raise LayoutError(f"{label}: unexpected chunk header")
+    def refuse(self: TileFile, *_args: object) -> None:
+        raise LayoutError("tiles 0..1: unexpected chunk header")
 
     with arrays.ArrayReader(uri) as rd:
         assert rd.direct
@@ -146,3 +146,87 @@ def test_reader_falls_back_to_libtiledb_on_a_bad_tile(tmp_path: Path, monkeypatc
         scattered = np.arange(0, 600, 3)
         np.testing.assert_array_equal(rd.read([0, 1], scattered, "cls"), truth["cls"][:, scattered])
         assert not rd.direct
+
+
+class _Ranges:
+    """A local file read by byte ranges, as a remote one is (the VFS path without a server)."""
+
+    mapped = None
+
+    def __init__(self, path: Path, max_gap: int, parallel: int = 1) -> None:
+        self.path, self.name, self.max_gap, self.parallel = path, path.name, max_gap, parallel
+        self.size = path.stat().st_size
+        self.file_id = (0, self.size, 0)
+        self.reads: list[tuple[int, int]] = []
+
+    def read(self, offset: int, nbytes: int) -> np.ndarray:
+        self.reads.append((offset, nbytes))
+        with open(self.path, "rb") as fh:
+            fh.seek(offset)
+            return np.frombuffer(fh.read(nbytes), dtype=np.uint8)
+
+    def close(self) -> None:
+        pass
+
+
+def test_fetched_ranges_merge_within_the_gap_and_keep_alignment(tmp_path: Path) -> None:
+    from sclstore.store.tilesource import fetch_ranges
+
+    f = tmp_path / "bytes"
+    content = np.arange(1000, dtype=np.uint32).view(np.uint8)  # byte i of the file: known
+    f.write_bytes(content.tobytes())
+    src = _Ranges(f, max_gap=10)
+    got = fetch_ranges(src, np.array([100, 4, 30, 112]), np.array([108, 20, 38, 120]))
+    # [4, 20) and [30, 38) are 10 apart: one read; [100, 108) and [112, 120): one read
+    assert src.reads == [(4, 34), (100, 20)]
+    assert got.bases is not None and [int(b) % 8 for b in got.bases] == [4, 4]  # same residue as the file offsets
+    np.testing.assert_array_equal(got.take(np.array([4, 33, 116]), 4), content[[[4, 5, 6, 7], [33, 34, 35, 36], [116, 117, 118, 119]]])
+    assert got.locate(30, 8) is not None and got.locate(36, 8) is None  # [36, 44) runs past the first piece
+    with pytest.raises(ValueError, match="outside"):
+        got.locate_many(np.array([50]), 4)
+    one = fetch_ranges(src, np.array([16]), np.array([24]))  # a single aligned range is used as read
+    assert one.bases is not None and one.buf.size == 8 and src.reads[-1] == (16, 8)
+    # many scattered pieces, read by up to 3 threads: the same reads and bytes
+    par = _Ranges(f, max_gap=0, parallel=3)
+    starts = np.arange(0, 4000, 100) + np.arange(40) % 7
+    got = fetch_ranges(par, starts, starts + 13)
+    assert sorted(par.reads) == [(int(a), 13) for a in starts]
+    np.testing.assert_array_equal(got.take(starts, 13), content[starts[:, None] + np.arange(13)])
+
+
+@pytest.mark.parametrize(("n", "dim", "dtype"), [(700, 512, "float32"), (900, 512, "float16"), (1500, 100, "float32")])
+def test_ranged_tile_reads_equal_mapped_ones(tmp_path: Path, n: int, dim: int, dtype: str) -> None:
+    """The remote code path (fetch the byte ranges, decode from them) on a local file: equal to
+    the mapped path and the values written, reading only the tiles or chunks needed."""
+    uri, truth = _build(tmp_path, n=n, dim=dim, dtype=dtype, slots=2, pools=("cls",))
+    frag = single_fragment(uri)
+    c = arrays.cell_tile(dim, dtype)
+    n_ct = -(-n // c)
+    view = np.dtype(np.float16 if dtype == "float16" else np.float32)
+    mapped = TileFile(frag / "a0.tdb", n_tiles=2 * n_ct, tile_elems=c * dim, dtype=view)
+    src = _Ranges(frag / "a0.tdb", max_gap=0)
+    ranged = TileFile(src, n_tiles=2 * n_ct, tile_elems=c * dim, dtype=view)
+    assert ranged.remote and not mapped.remote and src.reads == [(0, 20)]  # the first tile's header
+    a, b = np.empty((n_ct, c * dim), np.float32), np.empty((n_ct, c * dim), np.float32)
+    mapped.decode(n_ct, 2 * n_ct, a)
+    ranged.decode(n_ct, 2 * n_ct, b)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a.reshape(-1, dim)[:n], truth["cls"][1])
+    assert src.reads[-1] == (n_ct * mapped._stride, n_ct * mapped._stride)  # the layer in one read
+    rng = np.random.default_rng(0)
+    cells = np.sort(rng.choice(n, size=n // 4, replace=False))
+    tiles, rows = np.divmod(cells, c)
+    got = ranged.gather(tiles + n_ct, rows, dim)
+    want = mapped.gather(tiles + n_ct, rows, dim)
+    assert (got is None) == (want is None) == (dim == 100)  # 100-value rows straddle 64 KiB chunks
+    if got is not None:
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got.astype(np.float32), truth["cls"][1][cells])
+    fetched = ranged.fetch_tiles(np.array([0, 2]))  # two runs: two reads, decodable from what was fetched
+    before = len(src.reads)
+    one = np.empty((1, c * dim), np.float32)
+    ranged.decode(2, 3, one, fetched)
+    assert len(src.reads) == before
+    slot, t = divmod(2, n_ct)
+    want_cells = truth["cls"][slot][t * c : (t + 1) * c]
+    np.testing.assert_array_equal(one.reshape(c, dim)[: len(want_cells)], want_cells)
