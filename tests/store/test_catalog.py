@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,8 @@ def test_migrations_write_nothing_to_stdout(tmp_path: Path) -> None:
         "c.upgrade(e); c.check_models_match(e); c.downgrade(e, 'base'); c.upgrade(e)\n"
         "sys.stderr.write('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    # from outside the checkout: the repository's folders must not shadow the installed package
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=tempfile.gettempdir())
     assert out.returncode == 0, out.stderr
     assert out.stderr.endswith("ok")
     assert out.stdout == ""
