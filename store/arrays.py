@@ -111,16 +111,39 @@ def create_array(uri: str, spec: ArraySpec, *, layers: Sequence[int], meta: dict
 def _fsync_tree(path: Path) -> None:
     for root, _dirs, files in os.walk(path):
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        dfd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+            _fsync_path(os.path.join(root, name))
+        _fsync_path(root)
+
+
+def _fsync_path(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_written(root: Path, fragments: Sequence[str]) -> None:
+    """fsync what one write added: its fragment folders, their commit files and the two parent folders.
+
+    Constant work per write, however many fragments the array already holds (fsyncing the whole
+    ``__fragments`` tree after every chunk made a run's writes quadratic in its chunk count). If
+    the layout is not the expected one (another TileDB format), every fragment and commit is
+    fsynced as before.
+    """
+    names = [u.rstrip("/").rsplit("/", 1)[-1] for u in fragments]
+    frags, commits = root / "__fragments", root / "__commits"
+    mine = [(frags / n, commits / f"{n}.wrt") for n in names]
+    if not names or not all(f.is_dir() and c.is_file() for f, c in mine):
+        for sub in (frags, commits):
+            if sub.exists():
+                _fsync_tree(sub)
+        return
+    for frag, commit in mine:
+        _fsync_tree(frag)
+        _fsync_path(commit)
+    _fsync_path(frags)
+    _fsync_path(commits)
 
 
 def write_block(
@@ -144,11 +167,9 @@ def write_block(
     try:
         with tiledb.open(uri, "w", ctx=ctx) as arr:
             arr[0:n_slots, start : start + n, 0:dim] = data
+            written = list(getattr(arr, "last_write_info", None) or ())
         if durable and ("://" not in uri or uri.startswith("file://")):
-            for sub in ("__fragments", "__commits"):
-                p = Path(uri.removeprefix("file://")) / sub
-                if p.exists():
-                    _fsync_tree(p)
+            _fsync_written(Path(uri.removeprefix("file://")), written)
     except tiledb.TileDBError as exc:
         msg = f"writing cells {start}:{start + n} to {uri} failed: {exc}; check free disk space and rerun the same ingest to resume"
         raise ArrayError(msg) from exc

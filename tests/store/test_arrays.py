@@ -46,3 +46,36 @@ def test_coalesce() -> None:
 @pytest.mark.parametrize(("dim", "dtype", "expected"), [(512, "float32", 256), (512, "float16", 512), (2560, "float16", 64), (4, "float32", 8192)])
 def test_cell_tile_sizes(dim: int, dtype: str, expected: int) -> None:
     assert arrays.cell_tile(dim, dtype) == expected
+
+
+def test_a_durable_write_fsyncs_what_it_added_and_nothing_older(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counted, not timed: each write fsyncs exactly the files and folders it created (oracle: the
+    directory listing before and after the write) plus the two parent folders, so the work per
+    chunk stays constant however many fragments the array already holds."""
+    n, dim, step = 240, 4, 20
+    uri = tmp_path / "a"
+    arrays.create_array(str(uri), ArraySpec(n_layers=1, n_cells=n, dim=dim, pools=("cls",), dtype="float32"), layers=[0], meta={})
+    synced: list[str] = []
+    real_open = arrays.os.open
+
+    def spy_open(path: str, flags: int, *args: int) -> int:
+        fd = real_open(path, flags, *args)
+        names[fd] = str(Path(path).resolve())
+        return fd
+
+    names: dict[int, str] = {}
+    monkeypatch.setattr(arrays.os, "open", spy_open)
+    monkeypatch.setattr(arrays.os, "fsync", lambda fd: synced.append(names[fd]))
+    data = np.arange(n * dim, dtype=np.float32).reshape(1, n, dim)
+    per_write = []
+    for lo in range(0, n, step):
+        before = {str(p.resolve()) for p in uri.rglob("*")}
+        synced.clear()
+        arrays.write_block(str(uri), lo, {"cls": data[:, lo : lo + step]}, dtype="float32")
+        added = {str(p.resolve()) for p in uri.rglob("*")} - before
+        assert added and set(synced) == added | {str((uri / "__fragments").resolve()), str((uri / "__commits").resolve())}
+        per_write.append(len(synced))
+    assert len(set(per_write)) == 1  # the 12th write fsyncs no more than the 1st
+    monkeypatch.undo()
+    with arrays.ArrayReader(str(uri)) as rd:
+        np.testing.assert_array_equal(rd.read([0], None, "cls"), data)
