@@ -169,15 +169,23 @@ class Store:
         return ingest(self.backend, data, config, source_label=label, **sharding)
 
     # ------------------------------------------------------------------ the ingest service
-    def submit(self, data: str | os.PathLike[str], model: str, checkpoint: str | None = None, **options: Any) -> Any:
+    def submit(
+        self, data: str | os.PathLike[str], model: str, checkpoint: str | None = None, *, threads: int | str | None = None,
+        **options: Any,
+    ) -> Any:
         """Plan a run for workers anywhere: hash, register, create the run and its shards (no embedding).
 
         ``options`` are :class:`~sclstore.store.IngestConfig` fields; ``device`` names the
         workers' device (it sets the run's precision and need not exist here); ``shard_cells``
-        sizes the shards (default 16 chunks). Returns a ``SubmitResult`` (``.id``: the run id).
+        sizes the shards (default 16 chunks). A CPU run is pinned to the torch thread count of
+        the thread policy (``threads``, ``$SCLSTORE_THREADS``, else this process's allowance; see
+        :meth:`thread_policy`), as :meth:`ingest` is: give the workers' count. Returns a
+        ``SubmitResult`` (``.id``: the run id).
         """
+        policy = runtime.configure(threads)
         from sclstore.ingest.pipeline import submit
 
+        runtime.apply(policy)  # torch is loaded now: the planner pins its thread count
         return submit(self.backend, data, IngestConfig(model=model, checkpoint=checkpoint, **options))
 
     def work(

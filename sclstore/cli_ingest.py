@@ -138,18 +138,21 @@ def submit(
     counts_layer: CountsOpt = None, gene_column: GeneColOpt = None, cluster_by: ClusterOpt = None, seed: SeedOpt = 0,
     max_genes: MaxGenesOpt = None, precision: PrecisionOpt = "auto", model_option: ModelOptionOpt = None, workers: WorkersOpt = 1,
     chunk_cells: ChunkOpt = None, memory_mb: MemoryOpt = 256, shard_cells: ShardOpt = None, rehash: RehashOpt = False,
-    store: StoreOpt = default_store_path(), catalog: CatalogOpt = None, json_out: JsonOpt = False, verbose: VerboseOpt = 0,
+    threads: ThreadsOpt = None, store: StoreOpt = default_store_path(), catalog: CatalogOpt = None, json_out: JsonOpt = False,
+    verbose: VerboseOpt = 0,
 ) -> None:
     """Plan a run once (hash, register the dataset, create the run, its array and shards); prints the run id.
 
     Workers anywhere then embed it: `sclstore work RUN` (see the README's Slurm and Kubernetes recipes).
+    A CPU run is pinned to the thread policy's count here (`--threads`, `$SCLSTORE_THREADS`, else
+    this machine's allowance): give the workers' count.
     """
     opts = IngestOptions(name, pool, layers, dtype, batch_size, device, counts_layer, gene_column, cluster_by, seed, max_genes,
                          precision, model_option, workers, chunk_cells, memory_mb, shard_cells, rehash).config()
     with _open(store, catalog, create=True) as st:
-        res = st.submit(data, model, checkpoint, **opts)
+        res = st.submit(data, model, checkpoint, threads=threads, **opts)
     if json_out:
-        emit_json(res.to_json())
+        emit_json(res.to_json() | {"thread_policy": policy_json()})
         return
     what = "cache hit: already stored as run" if res.cache_hit else f"run {res.run_id} planned"
     err.print(f"{what} ({res.dataset}/{res.model}): {res.cells} cells in {res.shards} shard(s) of <= {res.shard_cells}; "

@@ -5,7 +5,12 @@ The oracle of every test is a plain single-process ``ingest`` of the same data a
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -71,3 +76,26 @@ def test_submit_defaults_to_shards_of_16_chunks(world) -> None:
     with sclstore.open_store(world["tmp"] / "s", create=True) as st:
         sub = st.submit(world["data"], "tahoe-x1", str(world["ckpt"]), device="cpu", **KW)  # chunks of 32, tiles of 256
         assert [(s.lo, s.hi) for s in st.backend.shards.shards(sub.id)] == [(0, 16 * 32), (16 * 32, N_CELLS)]
+
+
+@pytest.mark.parametrize("how", ["--threads", "SCLSTORE_THREADS"])
+def test_cli_submit_pins_the_thread_policy_count_the_workers_use(world, how: str) -> None:
+    """`sclstore submit` applies the thread policy before planning, as `ingest` does: a CPU run is
+    pinned to the count the workers are given, not to torch's default on the submitting machine
+    (which made every `--threads 1` worker switch torch to the machine's core count per shard).
+    3 is no machine's default here, so the pinned value can only come from the policy."""
+    store = world["tmp"] / "s"
+    argv = [sys.executable, "-m", "sclstore.cli", "submit", str(world["data"]), "--model", "tahoe-x1", "--checkpoint", str(world["ckpt"]),
+            "--device", "cpu", "--store", str(store), "--chunk-cells", "32", "--batch-size", "8", "--shard-cells", "200", "--json"]
+    env = {k: v for k, v in os.environ.items() if k != "SCLSTORE_THREADS"}
+    if how == "--threads":
+        argv += ["--threads", "3"]
+    else:
+        env["SCLSTORE_THREADS"] = "3"
+    res = subprocess.run(argv, capture_output=True, text=True, cwd=tempfile.gettempdir(), env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["thread_policy"]["threads"] == 3 and out["shards"] == 3
+    with sclstore.open_store(store) as st:
+        assert st.run(out["run_id"]).params["cpu_threads"] == 3
+        assert [s.cpu_threads for s in st.backend.shards.shards(out["run_id"])] == [3, 3, 3]
