@@ -57,14 +57,27 @@ def test_split_cells_aligns_every_boundary() -> None:
         split_cells(10, 0, 4)
 
 
-def test_submit_then_workers_in_random_order_equal_one_ingest(world, reference, catalog_url) -> None:
+def test_submit_then_workers_in_random_order_equal_one_ingest(world, reference, catalog_url, monkeypatch) -> None:
+    import torch
+
+    from sclstore.ingest import worker
+
+    opened, switched = [], []
+    real_open = worker.open_context
+    monkeypatch.setattr(worker, "open_context", lambda *a, **k: opened.append(1) or real_open(*a, **k))
     with sclstore.open_store(world["tmp"] / "s", catalog_url, create=True) as st:
         sub = st.submit(world["data"], "tahoe-x1", str(world["ckpt"]), shard_cells=200, device="cpu", **KW)
         assert (sub.shards, sub.shard_cells, sub.cache_hit) == (3, 256, False)
         assert st.run(sub.id).status == "queued"
         assert [(s.lo, s.hi) for s in st.backend.shards.shards(sub.id)] == SHARDS
+        # planned under this process's thread policy, so the worker embeds with its own count
+        assert st.run(sub.id).params["cpu_threads"] == torch.get_num_threads()
+        monkeypatch.setattr(torch, "set_num_threads", lambda n: switched.append(n))
         first = work(st.backend, runs=[sub.id], device="cpu", workers=0, shuffle=random.Random(7), poll_s=0.05)
+        monkeypatch.undo()
         assert first.shards == 3 and first.cells == N_CELLS and first.runs_finalised == [sub.id]
+        # per worker and run, not per shard: the model, data file and mapping are opened once; no thread switches
+        assert (len(opened), switched) == (1, [])
         run = st.run(sub.id)
         assert run.status == "complete" and run.stats["shards"] == 3
         assert layer_bytes(st, sub.id) == reference
