@@ -26,7 +26,10 @@ workers
     cores) and the workers' CPU seconds.
     Coordination overhead: the same cells as one shard by one worker (a plain in-process ingest's
     layout) against ``--shards`` shards by one worker: the difference is what claims, heartbeats,
-    per-shard start-up and finalisation cost (target < 2%). Peak RSS per worker from ``--json``.
+    per-shard start-up and finalisation cost (target < 2%). Single runs of this 2-vCPU VM scatter
+    by +-5-9%, more than the target, so the workers also report their own split (``sclstore work
+    --json``: ``coordination_seconds`` = seconds - start-up - embedding spans), a ratio inside
+    one run. Peak RSS per worker from ``--json``.
 
 claims
     Claim latency with ``--claimers`` (16) concurrent processes on PostgreSQL (embedded server) and
@@ -297,6 +300,7 @@ def workers(args: argparse.Namespace) -> None:
           f"load average {os.getloadavg()}")
     rows: dict[str, list[float]] = {"1 shard, 1 worker": [], f"{args.shards} shards, 1 worker": [], f"{args.shards} shards, 2 workers": []}
     cpus: dict[str, list[float]] = {k: [] for k in rows}
+    coord: dict[str, list[float]] = {k: [] for k in rows}  # the workers' own split: coordination share of their seconds
     rss: list[int] = []
     for r in range(args.repeats):
         for label, (cells_per_shard, n) in zip(rows, [(args.cells, 1), (shard, 1), (shard, 2)], strict=True):
@@ -309,18 +313,24 @@ def workers(args: argparse.Namespace) -> None:
                 raise SystemExit(f"{label}: a worker got no shard (too few shards for {n} workers): {reports}")
             rows[label].append(secs)
             cpus[label].append(cpu)
+            coord[label].append(sum(float(x["coordination_seconds"]) for x in reports) / sum(float(x["seconds"]) for x in reports))
             rss += [int(x["peak_rss_bytes"]) for x in reports]
         print(f"  repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in rows.items()) + f"; load average {os.getloadavg()}")
     med = {k: statistics.median(v) for k, v in rows.items()}
     base = med["1 shard, 1 worker"]
-    print(f"{'layout':<24} {'median s':>9} {'cells/s':>9} {'vs 1 shard, 1 worker':>21} {'worker CPU s':>13}")
+    print(f"{'layout':<24} {'median s':>9} {'cells/s':>9} {'vs 1 shard, 1 worker':>21} {'worker CPU s':>13} {'coordination':>13}")
     for k, v in med.items():
-        print(f"{k:<24} {v:>9.2f} {args.cells / v:>9.1f} {base / v:>20.2f}x {statistics.median(cpus[k]):>13.1f}")
+        print(f"{k:<24} {v:>9.2f} {args.cells / v:>9.1f} {base / v:>20.2f}x {statistics.median(cpus[k]):>13.1f}"
+              f" {statistics.median(coord[k]) * 100:>12.2f}%")
     one, two = med[f"{args.shards} shards, 1 worker"], med[f"{args.shards} shards, 2 workers"]
     print(f"2 workers vs 1 worker (same shards): {one / two:.2f}x throughput (target >= 1.8x)")
     if args.pin:
         print(f"anchor, this machine's own 1 -> 2 process scaling of pinned single-thread torch work: {machine_scaling():.2f}x")
     print(f"coordination overhead ({args.shards} shards vs 1, one worker): {(one - base) / base * 100:+.1f}% (target < 2%)")
+    extra = statistics.median(coord[f"{args.shards} shards, 1 worker"]) - statistics.median(coord["1 shard, 1 worker"])
+    print(f"coordination measured inside the workers ({args.shards} shards, one worker; claims, done, finalisation, per-shard "
+          f"obs rows, thread start-up, pipeline fill and drain): {statistics.median(coord[f'{args.shards} shards, 1 worker']) * 100:.2f}% "
+          f"of its seconds, {extra * 100:+.2f} points over the 1-shard layout (target < 2%)")
     print(f"peak RSS per worker: median {statistics.median(rss) / 2**20:.0f} MB, max {max(rss) / 2**20:.0f} MB")
 
 

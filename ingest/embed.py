@@ -258,12 +258,14 @@ def _collect(out: dict[str, np.ndarray], pending: list[tuple[np.ndarray, dict[st
 def embed_shard(
     backend: Backend, run: RunInfo, lease: ShardLease, *, adapter: ModelAdapter, source: CountsSource, mapping: GeneMapping,
     layers: Sequence[int], pools: Sequence[str], batch_size: int, chunk_cells: int, seed: int, device: torch.device,
-    workers: int, progress: Any = None, stop: threading.Event | None = None,
+    workers: int, progress: Any = None, stop: threading.Event | None = None, spans: list[float] | None = None,
 ) -> int:
     """Embed a claimed shard from its watermark to its end; returns the cells embedded.
 
     Reads only the shard's rows of the obs index. ``stop`` (SIGTERM in service mode) ends the
-    shard early at a chunk boundary; the caller releases it.
+    shard early at a chunk boundary; the caller releases it. ``spans`` gets the seconds from the
+    first chunk's arrival to the last chunk's embedding: the rest of the call (obs rows, thread
+    start-up, the pipeline's fill and drain) is per-shard overhead.
 
     Raises
     ------
@@ -290,8 +292,10 @@ def embed_shard(
 
     prefetch = _Prefetch(source, order, start, mapping, adapter.tokenizer, chunks, seed, workers)
     writer = _Writer(commit, [c for c in shard.unembeddable if c < start])
+    first: float | None = None
     try:
         for lo, records in prefetch:
+            first = time.perf_counter() if first is None else first
             writer.check()
             lease.check()
             block, skipped = _embed_chunk(adapter, records, layers=layers, pools=pools, batch_size=batch_size,
@@ -299,6 +303,8 @@ def embed_shard(
             writer.put(lo, block, skipped)
             if stop is not None and stop.is_set():
                 break
+        if spans is not None and first is not None:
+            spans.append(time.perf_counter() - first)
         writer.finish()
     except BaseException:
         writer.abort()

@@ -45,7 +45,13 @@ _FATAL = (InvalidInputError, DatasetError, ModelError)
 
 @dataclass
 class WorkReport:
-    """What one worker did."""
+    """What one worker did.
+
+    ``seconds`` splits into ``startup_seconds`` (opening each run: model, data file, gene
+    mapping), ``embedding_seconds`` (in each shard, from its first chunk's arrival to its last
+    chunk's embedding) and the rest, ``coordination_seconds``: claims, "done", finalisation, the
+    obs rows and pipeline fill and drain of every shard, and waiting for other workers' shards.
+    """
 
     shards: int = 0
     cells: int = 0
@@ -53,11 +59,16 @@ class WorkReport:
     runs_finalised: list[int] = field(default_factory=list)
     peak_rss_bytes: int = 0
     device: str = ""
+    startup_seconds: float = 0.0
+    embedding_seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
+        coordination = max(0.0, self.seconds - self.startup_seconds - self.embedding_seconds)
         return {"shards": self.shards, "cells": self.cells, "seconds": round(self.seconds, 3),
                 "cells_per_s": round(self.cells / self.seconds, 2) if self.seconds > 0 else None,
-                "runs_finalised": self.runs_finalised, "peak_rss_bytes": self.peak_rss_bytes, "device": self.device}
+                "runs_finalised": self.runs_finalised, "peak_rss_bytes": self.peak_rss_bytes, "device": self.device,
+                "startup_seconds": round(self.startup_seconds, 3), "embedding_seconds": round(self.embedding_seconds, 3),
+                "coordination_seconds": round(coordination, 3)}
 
 
 class _Outage:
@@ -156,14 +167,18 @@ def work(
             try:
                 ctx = ctxs.get(shard.run_id)
                 if ctx is None:
+                    t1 = time.perf_counter()
                     ctx = ctxs[shard.run_id] = open_context(backend, backend.get_run(shard.run_id), device=device,
                                                             batch_size=batch_size, precision=precision)
+                    report.startup_seconds += time.perf_counter() - t1
                 _check_pinned(ctx, shard)
                 t1 = time.perf_counter()
+                spans: list[float] = []
                 with _pinned_threads(ctx):
-                        cells = embed_shard(backend, ctx.run, lease, adapter=ctx.adapter, source=ctx.source, mapping=ctx.mapping,
+                    cells = embed_shard(backend, ctx.run, lease, adapter=ctx.adapter, source=ctx.source, mapping=ctx.mapping,
                                         layers=ctx.layers, pools=ctx.pools, batch_size=ctx.batch_size, chunk_cells=ctx.chunk_cells,
-                                        seed=ctx.seed, device=ctx.device, workers=workers, progress=progress, stop=stop)
+                                        seed=ctx.seed, device=ctx.device, workers=workers, progress=progress, stop=stop, spans=spans)
+                report.embedding_seconds += sum(spans)
             except Interrupted:
                 backend.shards.release(lease)
                 raise

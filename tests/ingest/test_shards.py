@@ -78,6 +78,9 @@ def test_submit_then_workers_in_random_order_equal_one_ingest(world, reference, 
         assert first.shards == 3 and first.cells == N_CELLS and first.runs_finalised == [sub.id]
         # per worker and run, not per shard: the model, data file and mapping are opened once; no thread switches
         assert (len(opened), switched) == (1, [])
+        split = first.to_json()  # the worker's own time split: start-up + embedding + coordination = its seconds
+        assert split["startup_seconds"] > 0 and split["embedding_seconds"] > 0 and split["coordination_seconds"] >= 0
+        assert split["startup_seconds"] + split["embedding_seconds"] + split["coordination_seconds"] == pytest.approx(split["seconds"], abs=0.003)
         run = st.run(sub.id)
         assert run.status == "complete" and run.stats["shards"] == 3
         assert layer_bytes(st, sub.id) == reference
