@@ -21,7 +21,7 @@ from scipy import sparse
 from scipy import stats as sps
 from scipy.sparse.csgraph import connected_components
 
-from sclstore.eval.knn import PrecomputedKnn
+from sclstore.eval.knn import PrecomputedKnn, neighbour_lists
 from sclstore.store.errors import EvaluationError, InvalidInputError
 
 if TYPE_CHECKING:
@@ -198,7 +198,11 @@ def _neighbour_graph(a: AnnData, X: np.ndarray, k: int, seed: int, transformer: 
     """
     from sclstore.eval.connectivity import umap_connectivities
 
-    pre = transformer if isinstance(transformer, PrecomputedKnn) else PrecomputedKnn(*_exact_lists(X, k - 1))
+    if isinstance(transformer, PrecomputedKnn):
+        pre = transformer
+    else:  # the exact search scanpy's transformer="sklearn" makes (tests/eval/test_knn.py)
+        lists = neighbour_lists(X, k - 1, method="sklearn")
+        pre = PrecomputedKnn(lists.indices, lists.distances)
     n = X.shape[0]
     self_col = np.arange(n, dtype=np.int64)[:, None]
     indices = np.hstack([self_col, pre.indices])
@@ -209,13 +213,6 @@ def _neighbour_graph(a: AnnData, X: np.ndarray, k: int, seed: int, transformer: 
     a.uns["neighbors"] = {"connectivities_key": "connectivities", "distances_key": "distances",
                           "params": {"n_neighbors": int(m + 1), "method": "umap", "random_state": seed, "metric": "euclidean",
                                      "use_rep": "rep"}}
-
-
-def _exact_lists(X: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
-    from sclstore.eval.knn import neighbour_lists
-
-    lists = neighbour_lists(X, K, method="sklearn")
-    return lists.indices, lists.distances
 
 
 def _choose_root(a: AnnData, time: np.ndarray, root: RootRule | int) -> int:
