@@ -21,6 +21,7 @@ from scipy import sparse
 from scipy import stats as sps
 from scipy.sparse.csgraph import connected_components
 
+from sclstore.eval.knn import PrecomputedKnn, neighbour_lists
 from sclstore.store.errors import EvaluationError, InvalidInputError
 
 if TYPE_CHECKING:
@@ -165,7 +166,12 @@ def standardize_columns(X: np.ndarray) -> np.ndarray:
 
 def _graph(X: np.ndarray, n_neighbors: int, n_dcs: int, seed: int, *, transformer: Any = "sklearn",
            diffmap_comps: int | None = None) -> AnnData:
-    """kNN graph + diffusion map; ``transformer`` may be a precomputed one (:class:`~sclstore.eval.knn.PrecomputedKnn`)."""
+    """kNN graph + diffusion map; ``transformer`` may be a precomputed one (:class:`~sclstore.eval.knn.PrecomputedKnn`).
+
+    For the exact search and precomputed lists the graph is built here
+    (:func:`_neighbour_graph`: scanpy's ``method="umap"`` graph without importing umap); any
+    other ``transformer`` (``None``: scanpy's own choice) goes through ``sc.pp.neighbors``.
+    """
     import anndata as ad
     import scanpy as sc
 
@@ -175,10 +181,38 @@ def _graph(X: np.ndarray, n_neighbors: int, n_dcs: int, seed: int, *, transforme
     a.obsm["rep"] = X
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sc.pp.neighbors(a, n_neighbors=k, use_rep="rep", transformer=transformer, random_state=seed)
+        if k >= 2 and (transformer == "sklearn" or isinstance(transformer, PrecomputedKnn)):
+            _neighbour_graph(a, X, k, seed, transformer)
+        else:
+            sc.pp.neighbors(a, n_neighbors=k, use_rep="rep", transformer=transformer, random_state=seed)
         sc.tl.diffmap(a, n_comps=min(diffmap_comps or n_dcs, n - 2), random_state=seed)
     a.uns["sclstore_n_dcs"] = int(min(n_dcs, a.obsm["X_diffmap"].shape[1]))
     return a
+
+
+def _neighbour_graph(a: AnnData, X: np.ndarray, k: int, seed: int, transformer: Any) -> None:
+    """Write what ``sc.pp.neighbors(a, n_neighbors=k, use_rep="rep", transformer=...)`` writes.
+
+    ``distances`` holds each cell's ``k - 1`` neighbours, ``connectivities`` umap's fuzzy union
+    (:func:`~sclstore.eval.connectivity.umap_connectivities`), ``uns["neighbors"]`` scanpy's keys.
+    """
+    from sclstore.eval.connectivity import umap_connectivities
+
+    if isinstance(transformer, PrecomputedKnn):
+        pre = transformer
+    else:  # the exact search scanpy's transformer="sklearn" makes (tests/eval/test_knn.py)
+        lists = neighbour_lists(X, k - 1, method="sklearn")
+        pre = PrecomputedKnn(lists.indices, lists.distances)
+    n = X.shape[0]
+    self_col = np.arange(n, dtype=np.int64)[:, None]
+    indices = np.hstack([self_col, pre.indices])
+    distances = np.hstack([np.zeros((n, 1), dtype=np.float32), pre.distances])
+    m = pre.indices.shape[1]
+    a.obsp["distances"] = sparse.csr_matrix((pre.distances.ravel(), pre.indices.ravel(), np.arange(0, n * m + 1, m)), shape=(n, n))
+    a.obsp["connectivities"] = umap_connectivities(indices, distances)
+    a.uns["neighbors"] = {"connectivities_key": "connectivities", "distances_key": "distances",
+                          "params": {"n_neighbors": int(m + 1), "method": "umap", "random_state": seed, "metric": "euclidean",
+                                     "use_rep": "rep"}}
 
 
 def _choose_root(a: AnnData, time: np.ndarray, root: RootRule | int) -> int:
