@@ -172,7 +172,8 @@ def standardize_columns(X: np.ndarray) -> np.ndarray:
 EIGSH_TOL = 1e-8
 
 
-def diffusion_map(a: AnnData, n_comps: int, seed: int, *, tol: float = EIGSH_TOL, v0: np.ndarray | None = None) -> None:
+def diffusion_map(a: AnnData, n_comps: int, seed: int, *, tol: float = EIGSH_TOL, v0: np.ndarray | None = None,
+                  float64_transitions: bool = False) -> None:
     """``sc.tl.diffmap`` with a solver tolerance and an optional start vector.
 
     The same transition matrix (Coifman-Lafon density normalisation, symmetric) and the same
@@ -192,18 +193,26 @@ def diffusion_map(a: AnnData, n_comps: int, seed: int, *, tol: float = EIGSH_TOL
         ARPACK's relative residual tolerance (0: machine precision).
     v0
         Start vector of the Lanczos iteration (e.g. from a larger graph's eigenvectors).
+    float64_transitions
+        Build the transition matrix in float64 in one pass (:func:`~sclstore.eval.knngraph.transitions_sym`)
+        instead of scanpy's float32 diagonal-matrix products (entries agree to float32 rounding).
     """
     from scipy.sparse.linalg import eigsh
     from sklearn.utils import check_random_state
 
     conn = a.obsp["connectivities"]
     n = conn.shape[0]
-    dens = np.asarray(conn.sum(axis=0))
-    D = sparse.spdiags(1.0 / dens, 0, n, n)
-    conn_norm = D @ conn @ D
-    z = np.sqrt(np.asarray(conn_norm.sum(axis=0)))
-    Z = sparse.spdiags(1.0 / z, 0, n, n)
-    matrix = (Z @ conn_norm @ Z).astype(np.float64)
+    if float64_transitions:
+        from sclstore.eval.knngraph import transitions_sym
+
+        matrix = transitions_sym(conn)
+    else:
+        dens = np.asarray(conn.sum(axis=0))
+        D = sparse.spdiags(1.0 / dens, 0, n, n)
+        conn_norm = D @ conn @ D
+        z = np.sqrt(np.asarray(conn_norm.sum(axis=0)))
+        Z = sparse.spdiags(1.0 / z, 0, n, n)
+        matrix = (Z @ conn_norm @ Z).astype(np.float64)
     k = min(n - 1, n_comps)
     start = check_random_state(seed).standard_normal(n) if v0 is None else np.asarray(v0, dtype=np.float64)
     evals, evecs = eigsh(matrix, k=k, which="LM", ncv=None, v0=start, tol=tol)
@@ -212,22 +221,35 @@ def diffusion_map(a: AnnData, n_comps: int, seed: int, *, tol: float = EIGSH_TOL
 
 
 def _graph(X: np.ndarray, n_neighbors: int, n_dcs: int, seed: int, *, transformer: Any = "sklearn",
-           diffmap_comps: int | None = None, v0: np.ndarray | None = None, eigen_tol: float = 0.0) -> AnnData:
+           diffmap_comps: int | None = None, v0: np.ndarray | None = None, eigen_tol: float = 0.0, direct: bool = False) -> AnnData:
     """kNN graph + diffusion map; ``transformer`` may be a precomputed one (:class:`~sclstore.eval.knn.PrecomputedKnn`).
 
-    ``eigen_tol=0`` and ``v0=None`` give ``sc.tl.diffmap`` bit for bit (every caller but the per-layer runner).
+    ``eigen_tol=0``, ``v0=None`` and ``direct=False`` give ``sc.pp.neighbors`` + ``sc.tl.diffmap`` bit
+    for bit (every caller but the per-layer runner). ``direct=True`` with precomputed neighbours
+    builds the connectivities and the transition matrix straight from the lists
+    (:mod:`sclstore.eval.knngraph`: the same graph without scanpy's matrix round trips).
     """
     import anndata as ad
     import scanpy as sc
 
+    from sclstore.eval.knn import PrecomputedKnn
+
     n = X.shape[0]
     k = min(n_neighbors, n - 1)
     a = ad.AnnData(obs=pd.DataFrame(index=pd.RangeIndex(n).astype(str)))
-    a.obsm["rep"] = X
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sc.pp.neighbors(a, n_neighbors=k, use_rep="rep", transformer=transformer, random_state=seed)
-    diffusion_map(a, min(diffmap_comps or n_dcs, n - 2), seed, v0=v0, tol=eigen_tol)
+    direct = direct and isinstance(transformer, PrecomputedKnn)
+    if direct:
+        from sclstore.eval.knngraph import umap_connectivities
+
+        a.obsp["connectivities"] = umap_connectivities(transformer.indices, transformer.distances)
+        a.uns["neighbors"] = {"connectivities_key": "connectivities", "distances_key": "distances",
+                              "params": {"n_neighbors": int(transformer.indices.shape[1] + 1), "method": "umap"}}
+    else:
+        a.obsm["rep"] = X
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sc.pp.neighbors(a, n_neighbors=k, use_rep="rep", transformer=transformer, random_state=seed)
+    diffusion_map(a, min(diffmap_comps or n_dcs, n - 2), seed, v0=v0, tol=eigen_tol, float64_transitions=direct)
     a.uns["sclstore_n_dcs"] = int(min(n_dcs, a.obsm["X_diffmap"].shape[1]))
     return a
 

@@ -1,4 +1,4 @@
-"""The runner's diffusion map: scanpy's bit for bit at tol 0; the fast solver (tol, warm start) within 1e-6 (DPT)."""
+"""The runner's diffusion map: scanpy's bit for bit at tol 0; the fast solver (tol, warm start) within 5e-6 (DPT)."""
 
 from __future__ import annotations
 
@@ -60,19 +60,19 @@ def test_tolerance_and_warm_start_reach_the_same_eigenpairs() -> None:
 
 
 @pytest.mark.parametrize("root", ["diffusion-extreme", 4])
-def test_fast_eigen_dpt_equal_scanpys_within_1e6(root: str | int) -> None:
+def test_fast_eigen_dpt_equal_scanpys_within_5e6(root: str | int) -> None:
     X, t = _data(1500)
     idx = subsample_indices(X.shape[0], n_subsamples=5, fraction=0.8, seed=2, always_include=None if isinstance(root, str) else root)
     fast = layer_pseudotimes(X, t, subsamples=idx, root=root, options=GraphOptions(n_neighbors=15), extra_roots=(1, 9))
     exact = layer_pseudotimes(X, t, subsamples=idx, root=root, options=GraphOptions(n_neighbors=15, fast_eigen=False), extra_roots=(1, 9))
     assert fast.root == exact.root
-    np.testing.assert_allclose(fast.full, exact.full, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(fast.extra_roots, exact.extra_roots, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(fast.full, exact.full, rtol=0, atol=5e-6)
+    np.testing.assert_allclose(fast.extra_roots, exact.extra_roots, rtol=0, atol=5e-6)
     for a, b in zip(fast.subsamples, exact.subsamples, strict=True):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=0, atol=5e-6)
     sf = combine_layer_pseudotimes([fast], t, subsamples=idx)
     se = combine_layer_pseudotimes([exact], t, subsamples=idx)
-    # Spearman on 1,200 cells: two cells whose DPTs differ by < 1e-6 may swap ranks, which moves rho by
+    # Spearman on 1,200 cells: two cells whose DPTs differ by < 5e-6 may swap ranks, which moves rho by
     # 12 |rank difference in time| / (n^3 - n), ~1e-6 here; the scores agree to that
     np.testing.assert_allclose(sf.resamples_time, se.resamples_time, rtol=0, atol=1e-5)
     assert sf.rho_time[0] == pytest.approx(se.rho_time[0], abs=1e-5)
