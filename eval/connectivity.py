@@ -179,9 +179,10 @@ def memberships(indices: np.ndarray, distances: np.ndarray) -> np.ndarray:
     n, k = idx.shape
     sigma, rho = bandwidths(d, float(k))
     shifted = (d - rho[:, None]).astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        w = _exp32(-(shifted / sigma[:, None]))
-    w = np.where((shifted <= 0) | (sigma[:, None] == 0), np.float32(1.0), w).astype(np.float32)
+    one = (shifted <= 0) | (sigma[:, None] == 0)
+    safe_sigma = np.where(sigma > 0, sigma, np.float32(1.0)).astype(np.float32)
+    w = _exp32(-(np.where(one, np.float32(0.0), shifted) / safe_sigma[:, None]))  # computed where used: no overflow
+    w[one] = 1.0
     w[idx == np.arange(n)[:, None]] = 0.0
     w[idx < 0] = 0.0
     return w
