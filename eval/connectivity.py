@@ -1,17 +1,24 @@
-"""UMAP connectivities of a kNN graph: scanpy's ``method="umap"`` graph without importing umap.
+"""UMAP connectivities and the diffusion operator of a kNN graph, without importing umap.
 
 ``sc.pp.neighbors`` turns neighbour lists into connectivities with umap's
 ``fuzzy_simplicial_set``. Importing umap imports pynndescent, which compiles its distance
 functions with numba at import time, uncached: 13-16 s of CPU in every new process, more than a
 whole trajectory evaluation of a few thousand cells, and the part that is most erratic on a
-loaded machine. The computation itself is small and is done here with the same arithmetic, step
-for step: the per-cell bandwidth bisection in float64 over float32 distance differences (what
-umap's compiled code does; here a small numba kernel, cached on disk), the memberships ``exp(-(d - rho) / sigma)``
-in float32 with the C library's ``expf`` values, and the fuzzy union ``A + A^T - A * A^T``. The
-result is umap's bit for bit (tested) wherever the C library can be loaded; elsewhere the
+loaded machine. The computation itself is small and is done here with umap's arithmetic, step
+for step:
+
+- :func:`bandwidths`: the per-cell bisection in float64 over float32 distance differences (what
+  umap's compiled code does; a small numba kernel, cached on disk);
+- :func:`memberships`: ``exp(-(d - rho) / sigma)`` in float32 with the C library's ``expf``
+  values;
+- :func:`umap_connectivities`: the fuzzy union ``A + A^T - A * A^T`` (a numba merge of each row
+  with its transposed row, in float32 as scipy's sparse arithmetic);
+- :func:`transitions_sym`: scanpy's Coifman-Lafon diffusion operator, accumulated in float64 in
+  one pass (the trajectory runner's direct path; scanpy sums in float32).
+
+The connectivities are umap's bit for bit wherever the C library can be loaded; elsewhere the
 float32 ``exp`` is correctly rounded, which differs from ``expf`` in ~0.1% of values by one unit
-in the last place. ``tests/eval/test_connectivity.py`` compares the graphs with umap's (via
-scanpy) and the pseudotimes built on them.
+in the last place. ``tests/eval/test_connectivity.py`` checks both against umap and scanpy.
 """
 
 from __future__ import annotations
@@ -22,10 +29,11 @@ import functools
 from collections.abc import Callable
 from typing import cast
 
+import numba
 import numpy as np
 from scipy import sparse
 
-__all__ = ["bandwidths", "umap_connectivities"]
+__all__ = ["bandwidths", "memberships", "transitions_sym", "umap_connectivities"]
 
 _TOLERANCE = 1e-5  # umap's SMOOTH_K_TOLERANCE
 _MIN_SCALE = 1e-3  # umap's MIN_K_DIST_SCALE
@@ -150,8 +158,103 @@ def bandwidths(distances: np.ndarray, k: float, *, n_iter: int = 64) -> tuple[np
     return sigma, rho
 
 
+def memberships(indices: np.ndarray, distances: np.ndarray) -> np.ndarray:
+    """umap's membership strengths ``exp(-max(d_ij - rho_i, 0) / sigma_i)``, float32, per list entry.
+
+    Parameters
+    ----------
+    indices
+        ``(n, k)`` neighbour indices, column 0 the cell itself (its entry is 0: no self loops;
+        negative indices, missing neighbours, are 0 too).
+    distances
+        ``(n, k)`` matching distances, ascending per row.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, k)`` float32 (1 where the distance is within ``rho_i`` or ``sigma_i = 0``).
+    """
+    idx = np.asarray(indices, dtype=np.int64)
+    d = np.asarray(distances, dtype=np.float32)
+    n, k = idx.shape
+    sigma, rho = bandwidths(d, float(k))
+    shifted = (d - rho[:, None]).astype(np.float32)
+    one = (shifted <= 0) | (sigma[:, None] == 0)
+    safe_sigma = np.where(sigma > 0, sigma, np.float32(1.0)).astype(np.float32)
+    w = _exp32(-(np.where(one, np.float32(0.0), shifted) / safe_sigma[:, None]))  # computed where used: no overflow
+    w[one] = 1.0
+    w[idx == np.arange(n)[:, None]] = 0.0
+    w[idx < 0] = 0.0
+    return w
+
+
+@numba.njit(cache=True)
+def _fuzzy_union(idx: np.ndarray, val: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - numba
+    """CSR (sorted columns) of ``P + P^T - P * P^T`` in float32; ``P[i, idx[i, j]] = val[i, j]`` (zeros dropped)."""
+    k = idx.shape[1]
+    # forward rows, sorted by column; duplicates summed (as a COO -> CSR conversion does)
+    fcol = np.empty((n, k), dtype=np.int64)
+    fval = np.empty((n, k), dtype=np.float32)
+    flen = np.zeros(n, dtype=np.int64)
+    bcount = np.zeros(n + 1, dtype=np.int64)
+    for i in range(n):
+        order = np.argsort(idx[i], kind="mergesort")
+        m = 0
+        for jj in range(k):
+            j = order[jj]
+            v = val[i, j]
+            if v == 0.0:
+                continue
+            c = idx[i, j]
+            if m > 0 and fcol[i, m - 1] == c:
+                fval[i, m - 1] = np.float32(fval[i, m - 1] + v)
+            else:
+                fcol[i, m] = c
+                fval[i, m] = v
+                m += 1
+        flen[i] = m
+        for jj in range(m):
+            bcount[fcol[i, jj] + 1] += 1
+    # backward rows (the transpose) by counting sort: row c holds (i, P[i, c]) in increasing i
+    bptr = np.cumsum(bcount)
+    bcol = np.empty(bptr[n], dtype=np.int64)
+    bval = np.empty(bptr[n], dtype=np.float32)
+    fill = bptr[:n].copy()
+    for i in range(n):
+        for jj in range(flen[i]):
+            c = fcol[i, jj]
+            bcol[fill[c]] = i
+            bval[fill[c]] = fval[i, jj]
+            fill[c] += 1
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    cols = np.empty(bptr[n] + flen.sum(), dtype=np.int32)
+    data = np.empty(bptr[n] + flen.sum(), dtype=np.float32)
+    pos = 0
+    for i in range(n):
+        a, b = 0, bptr[i]
+        ae, be = flen[i], bptr[i + 1]
+        while a < ae or b < be:
+            if b >= be or (a < ae and fcol[i, a] < bcol[b]):
+                c, p, q = fcol[i, a], fval[i, a], np.float32(0.0)
+                a += 1
+            elif a >= ae or bcol[b] < fcol[i, a]:
+                c, p, q = bcol[b], np.float32(0.0), bval[b]
+                b += 1
+            else:
+                c, p, q = fcol[i, a], fval[i, a], bval[b]
+                a += 1
+                b += 1
+            u = np.float32(np.float32(p + q) - np.float32(p * q))
+            if u != 0.0:
+                cols[pos] = c
+                data[pos] = u
+                pos += 1
+        indptr[i + 1] = pos
+    return indptr, cols[:pos], data[:pos]
+
+
 def umap_connectivities(indices: np.ndarray, distances: np.ndarray) -> sparse.csr_matrix:
-    """Symmetric fuzzy-union connectivities of a kNN graph (umap's, with its defaults).
+    """Symmetric fuzzy-union connectivities of a kNN graph (umap's, with scanpy's arguments).
 
     Parameters
     ----------
@@ -163,26 +266,39 @@ def umap_connectivities(indices: np.ndarray, distances: np.ndarray) -> sparse.cs
     Returns
     -------
     scipy.sparse.csr_matrix
-        ``n x n`` float32, ``w_ij + w_ji - w_ij * w_ji`` with
-        ``w_ij = exp(-max(d_ij - rho_i, 0) / sigma_i)`` (1 where ``sigma_i = 0``; none on the
-        diagonal).
+        ``n x n`` float32, sorted indices, no explicit zeros: ``w_ij + w_ji - w_ij * w_ji`` of
+        :func:`memberships` ``w``.
     """
     idx = np.asarray(indices, dtype=np.int64)
-    d = np.asarray(distances, dtype=np.float32)
-    n, k = idx.shape
-    sigma, rho = bandwidths(d, float(k))
-    shifted = (d - rho[:, None]).astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        w = _exp32(-(shifted / sigma[:, None]))
-    w = np.where((shifted <= 0) | (sigma[:, None] == 0), np.float32(1.0), w).astype(np.float32)
-    rows = np.repeat(np.arange(n), k)
-    w[idx == np.arange(n)[:, None]] = 0.0  # no self loops
-    w[idx < 0] = 0.0  # missing neighbours
-    keep = w.ravel() != 0
-    graph = sparse.coo_matrix((w.ravel()[keep], (rows[keep], idx.ravel()[keep])), shape=(n, n)).tocsr()
-    graph.sum_duplicates()
-    t = graph.T.tocsr()
-    union = graph + t - graph.multiply(t)
-    union = sparse.csr_matrix(union, dtype=np.float32)
-    union.eliminate_zeros()
-    return union
+    n = idx.shape[0]
+    indptr, cols, data = _fuzzy_union(idx, memberships(idx, distances), n)
+    out = sparse.csr_matrix((data, cols, indptr), shape=(n, n))
+    out.has_sorted_indices = True
+    return out
+
+
+def transitions_sym(conn: sparse.csr_matrix) -> sparse.csr_matrix:
+    """Symmetric transition matrix with Coifman-Lafon density normalisation (scanpy's), float64.
+
+    ``K = D^-1 C D^-1`` with ``D`` the degrees of ``C``, then ``T = Z^-1 K Z^-1`` with ``Z`` the
+    square roots of the degrees of ``K``.
+
+    Parameters
+    ----------
+    conn
+        Symmetric connectivities (CSR).
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        float64, same sparsity pattern.
+    """
+    conn = sparse.csr_matrix(conn)
+    n = conn.shape[0]
+    rows = np.repeat(np.arange(n), np.diff(conn.indptr))
+    cols = conn.indices
+    c = conn.data.astype(np.float64)
+    q = np.bincount(rows, weights=c, minlength=n)  # = column sums: C is symmetric
+    kd = c / (q[rows] * q[cols])
+    z = np.sqrt(np.bincount(rows, weights=kd, minlength=n))
+    return sparse.csr_matrix((kd / (z[rows] * z[cols]), cols.copy(), conn.indptr.copy()), shape=(n, n))

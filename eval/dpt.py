@@ -28,11 +28,13 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
 __all__ = [
+    "EIGSH_TOL",
     "ROOT_RULES",
     "DPTResult",
     "ReferencePseudotime",
     "RootRule",
     "as_time",
+    "diffusion_map",
     "dpt_pseudotime",
     "reference_pseudotime",
     "standardize_columns",
@@ -164,13 +166,69 @@ def standardize_columns(X: np.ndarray) -> np.ndarray:
     return Z.astype(np.float32)
 
 
+#: Relative residual tolerance of the diffusion map's ARPACK eigensolver. scanpy passes 0 (machine
+#: precision, ~370 Lanczos products at 16,000 cells); 1e-8 needs ~30% fewer products and moves the
+#: float32 eigenvectors it stores by at most a few float32 ulps (DPT within ~1e-7, Spearman within
+#: ~1e-8 on the benchmark layers; ``tests/eval/test_diffmap.py``).
+EIGSH_TOL = 1e-8
+
+
+def diffusion_map(a: AnnData, n_comps: int, seed: int, *, tol: float = EIGSH_TOL, v0: np.ndarray | None = None,
+                  float64_transitions: bool = False) -> None:
+    """``sc.tl.diffmap`` with a solver tolerance and an optional start vector.
+
+    The same transition matrix (Coifman-Lafon density normalisation, symmetric) and the same
+    ``eigsh(which="LM")`` call as scanpy's :func:`scanpy.tl.diffmap`; with ``tol=0`` and ``v0=None``
+    (scanpy's seeded normal start) the result is scanpy's bit for bit. Writes
+    ``obsm["X_diffmap"]`` and ``uns["diffmap_evals"]`` (float32, decreasing).
+
+    Parameters
+    ----------
+    a
+        AnnData after ``sc.pp.neighbors`` (reads ``obsp["connectivities"]``).
+    n_comps
+        Eigenpairs to compute.
+    seed
+        Seed of scanpy's random start vector (used when ``v0`` is ``None``).
+    tol
+        ARPACK's relative residual tolerance (0: machine precision).
+    v0
+        Start vector of the Lanczos iteration (e.g. from a larger graph's eigenvectors).
+    float64_transitions
+        Build the transition matrix in float64 in one pass (:func:`~sclstore.eval.connectivity.transitions_sym`)
+        instead of scanpy's float32 diagonal-matrix products (entries agree to float32 rounding).
+    """
+    from scipy.sparse.linalg import eigsh
+    from sklearn.utils import check_random_state
+
+    conn = a.obsp["connectivities"]
+    n = conn.shape[0]
+    if float64_transitions:
+        from sclstore.eval.connectivity import transitions_sym
+
+        matrix = transitions_sym(conn)
+    else:
+        dens = np.asarray(conn.sum(axis=0))
+        D = sparse.spdiags(1.0 / dens, 0, n, n)
+        conn_norm = D @ conn @ D
+        z = np.sqrt(np.asarray(conn_norm.sum(axis=0)))
+        Z = sparse.spdiags(1.0 / z, 0, n, n)
+        matrix = (Z @ conn_norm @ Z).astype(np.float64)
+    k = min(n - 1, n_comps)
+    start = check_random_state(seed).standard_normal(n) if v0 is None else np.asarray(v0, dtype=np.float64)
+    evals, evecs = eigsh(matrix, k=k, which="LM", ncv=None, v0=start, tol=tol)
+    a.obsm["X_diffmap"] = evecs.astype(np.float32)[:, ::-1]
+    a.uns["diffmap_evals"] = evals.astype(np.float32)[::-1]
+
+
 def _graph(X: np.ndarray, n_neighbors: int, n_dcs: int, seed: int, *, transformer: Any = "sklearn",
-           diffmap_comps: int | None = None) -> AnnData:
+           diffmap_comps: int | None = None, v0: np.ndarray | None = None, eigen_tol: float = 0.0, direct: bool = False) -> AnnData:
     """kNN graph + diffusion map; ``transformer`` may be a precomputed one (:class:`~sclstore.eval.knn.PrecomputedKnn`).
 
-    For the exact search and precomputed lists the graph is built here
-    (:func:`_neighbour_graph`: scanpy's ``method="umap"`` graph without importing umap); any
-    other ``transformer`` (``None``: scanpy's own choice) goes through ``sc.pp.neighbors``.
+    ``eigen_tol=0``, ``v0=None`` and ``direct=False`` give ``sc.pp.neighbors`` + ``sc.tl.diffmap`` bit
+    for bit (every caller but the per-layer runner). ``direct=True`` with precomputed neighbours
+    builds the connectivities and the transition matrix straight from the lists
+    (:mod:`sclstore.eval.connectivity`: the same graph without scanpy's matrix round trips).
     """
     import anndata as ad
     import scanpy as sc
@@ -178,14 +236,23 @@ def _graph(X: np.ndarray, n_neighbors: int, n_dcs: int, seed: int, *, transforme
     n = X.shape[0]
     k = min(n_neighbors, n - 1)
     a = ad.AnnData(obs=pd.DataFrame(index=pd.RangeIndex(n).astype(str)))
-    a.obsm["rep"] = X
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if k >= 2 and (transformer == "sklearn" or isinstance(transformer, PrecomputedKnn)):
-            _neighbour_graph(a, X, k, seed, transformer)
-        else:
+    direct = direct and k >= 2 and isinstance(transformer, PrecomputedKnn)
+    if direct:  # connectivities only: no distance matrix, no AnnData round trips
+        from sclstore.eval.connectivity import umap_connectivities
+
+        pre = transformer
+        a.obsp["connectivities"] = umap_connectivities(*_with_self(pre.indices, pre.distances))
+        a.uns["neighbors"] = {"connectivities_key": "connectivities", "distances_key": "distances",
+                              "params": {"n_neighbors": int(pre.indices.shape[1] + 1), "method": "umap"}}
+    elif k >= 2 and (transformer == "sklearn" or isinstance(transformer, PrecomputedKnn)):
+        a.obsm["rep"] = X
+        _neighbour_graph(a, X, k, seed, transformer)
+    else:
+        a.obsm["rep"] = X
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             sc.pp.neighbors(a, n_neighbors=k, use_rep="rep", transformer=transformer, random_state=seed)
-        sc.tl.diffmap(a, n_comps=min(diffmap_comps or n_dcs, n - 2), random_state=seed)
+    diffusion_map(a, min(diffmap_comps or n_dcs, n - 2), seed, v0=v0, tol=eigen_tol, float64_transitions=direct)
     a.uns["sclstore_n_dcs"] = int(min(n_dcs, a.obsm["X_diffmap"].shape[1]))
     return a
 
@@ -204,15 +271,19 @@ def _neighbour_graph(a: AnnData, X: np.ndarray, k: int, seed: int, transformer: 
         lists = neighbour_lists(X, k - 1, method="sklearn")
         pre = PrecomputedKnn(lists.indices, lists.distances)
     n = X.shape[0]
-    self_col = np.arange(n, dtype=np.int64)[:, None]
-    indices = np.hstack([self_col, pre.indices])
-    distances = np.hstack([np.zeros((n, 1), dtype=np.float32), pre.distances])
     m = pre.indices.shape[1]
     a.obsp["distances"] = sparse.csr_matrix((pre.distances.ravel(), pre.indices.ravel(), np.arange(0, n * m + 1, m)), shape=(n, n))
-    a.obsp["connectivities"] = umap_connectivities(indices, distances)
+    a.obsp["connectivities"] = umap_connectivities(*_with_self(pre.indices, pre.distances))
     a.uns["neighbors"] = {"connectivities_key": "connectivities", "distances_key": "distances",
                           "params": {"n_neighbors": int(m + 1), "method": "umap", "random_state": seed, "metric": "euclidean",
                                      "use_rep": "rep"}}
+
+
+def _with_self(indices: np.ndarray, distances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbour lists with each cell itself (distance 0) first, as umap takes them."""
+    n = indices.shape[0]
+    return (np.hstack([np.arange(n, dtype=np.int64)[:, None], np.asarray(indices, dtype=np.int64)]),
+            np.hstack([np.zeros((n, 1), dtype=np.float32), np.asarray(distances, dtype=np.float32)]))
 
 
 def _choose_root(a: AnnData, time: np.ndarray, root: RootRule | int) -> int:

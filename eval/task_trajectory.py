@@ -101,7 +101,8 @@ class TrajectoryTask(Task):
     """Trajectory inference per layer (see :mod:`sclstore.eval.trajectory`)."""
 
     name = "trajectory"
-    version = "3"  # 3: one neighbour search per layer reused by the subsamples (approximate kNN results changed)
+    version = "4"  # 3: one neighbour search per layer reused by the subsamples (approximate kNN results changed)
+    # 4: diffusion maps with ARPACK tol 1e-8 and warm-started subsamples (DPT within ~1e-7)
     title = "Trajectory inference (DPT vs time)"
     config_cls = TrajectoryConfig
 
@@ -133,7 +134,8 @@ class TrajectoryTask(Task):
             root = int(obs.index.get_loc(config.root_cell))
         transformer = _transformer(config, len(time))
         options = GraphOptions(n_neighbors=config.n_neighbors, n_dcs=10, diffmap_comps=15 if paper else None,
-                               transformer=transformer, standardize=config.standardize, seed=config.seed)
+                               transformer=transformer, standardize=config.standardize, seed=config.seed,
+                               fast_eigen=not paper)
         forced = None if isinstance(root, str) else int(root)
         idxs = subsample_indices(len(time), n_subsamples=config.n_subsamples, fraction=SUBSAMPLE_FRACTION, seed=config.seed,
                                  always_include=forced) if config.n_subsamples else []

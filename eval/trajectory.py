@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from sclstore.eval.dpt import (
+    EIGSH_TOL,
     ROOT_RULES,
     ReferencePseudotime,
     RootRule,
@@ -415,6 +416,12 @@ class GraphOptions:
         Z-score every coordinate before the graph (:func:`~sclstore.eval.dpt.standardize_columns`).
     seed
         ``random_state`` of neighbours and eigen solvers.
+    fast_eigen
+        Diffusion maps with ARPACK tolerance :data:`~sclstore.eval.dpt.EIGSH_TOL` and, on the
+        subsamples, a start vector from the full-data eigenvectors (~40% fewer Lanczos products);
+        with reused neighbour lists, connectivities and transition matrix built straight from the
+        lists (:mod:`sclstore.eval.connectivity`). DPT within 5e-6 of ``False``, which is
+        ``sc.pp.neighbors`` + ``sc.tl.diffmap`` bit for bit.
     """
 
     n_neighbors: int = 30
@@ -423,6 +430,7 @@ class GraphOptions:
     transformer: str | None = "sklearn"
     standardize: bool = False
     seed: int = 0
+    fast_eigen: bool = True
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)  # holds arrays
@@ -567,23 +575,30 @@ def layer_pseudotimes(
         K = list_length(X.shape[0], min(o.n_neighbors, X.shape[0] - 1) - 1, subsample_fraction(X.shape[0], subsamples))
         lists = neighbour_lists(X, K, method=str(o.transformer), seed=o.seed)
 
-    def dpt(Xs: np.ndarray, ts: np.ndarray, r: RootRule | int, subset: np.ndarray | None) -> tuple[np.ndarray, int, Any]:
+    def dpt(Xs: np.ndarray, ts: np.ndarray, r: RootRule | int, subset: np.ndarray | None,
+            v0: np.ndarray | None = None) -> tuple[np.ndarray, int, Any]:
         transformer: Any = o.transformer
         k = min(o.n_neighbors, Xs.shape[0] - 1)
         if lists is not None and k >= 2:
             sel = np.arange(X.shape[0]) if subset is None else subset
             transformer = PrecomputedKnn(*restrict(lists, X, sel, k - 1))
-        a = _graph(Xs, o.n_neighbors, o.n_dcs, o.seed, transformer=transformer, diffmap_comps=o.diffmap_comps)
+        a = _graph(Xs, o.n_neighbors, o.n_dcs, o.seed, transformer=transformer, diffmap_comps=o.diffmap_comps, v0=v0,
+                   eigen_tol=EIGSH_TOL if o.fast_eigen else 0.0, direct=o.fast_eigen)
         rr = _choose_root(a, ts, r)
         return _dpt_from_graph(a, rr), rr, a
 
     full, r0, a = dpt(X, t, root, None)
+    # warm start: the subsample's leading eigenvectors are close to the full data's, restricted
+    basis = np.asarray(a.obsm["X_diffmap"], dtype=np.float64) if o.fast_eigen else None
     extra = np.vstack([_dpt_from_graph(a, int(e)) for e in extra_roots]) if len(extra_roots) else np.empty((0, t.shape[0]))
     subs = []
     forced = None if isinstance(root, str) else int(root)
     for idx in subsamples:
         sr: RootRule | int = root if forced is None else int(np.searchsorted(idx, forced))
-        subs.append(dpt(X[idx], t[idx], sr, np.asarray(idx))[0])
+        v0 = basis[idx].sum(axis=1) if basis is not None and len(idx) > basis.shape[1] + 1 else None
+        if v0 is not None and not (np.isfinite(v0).all() and np.abs(v0).max() > 0):
+            v0 = None  # scanpy's seeded random start
+        subs.append(dpt(X[idx], t[idx], sr, np.asarray(idx), v0)[0])
     return LayerPseudotimes(full=full, root=r0, subsamples=tuple(subs), extra_roots=extra)
 
 

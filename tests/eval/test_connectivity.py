@@ -106,3 +106,18 @@ def test_trajectory_graph_imports_no_umap() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tempfile.gettempdir())
     assert out.stdout.strip() == "[]"
+
+
+def test_memberships_of_tied_and_far_neighbours_equal_umaps_without_warnings() -> None:
+    from umap.umap_ import compute_membership_strengths, smooth_knn_dist
+
+    from sclstore.eval.connectivity import memberships
+
+    d = np.array([[0, 0, 0, 1e-30, 50.0], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0]], np.float32)  # ties, a far cell, all duplicates
+    i = np.array([[0, 1, 2, 3, 4], [1, 0, 2, 3, 4], [2, 0, 1, 3, 4]])
+    sigma, rho = smooth_knn_dist(d, 5.0)
+    want = compute_membership_strengths(i, d, sigma, rho, False)[2].reshape(3, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow or division warnings from discarded values
+        got = memberships(i, d)
+    assert np.array_equal(got, want)
