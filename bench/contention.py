@@ -121,13 +121,14 @@ def _child(args: list[str], policy: bool, timeout: float) -> dict[str, Any]:
 class Busy:
     """One busy-looping process per usable CPU (the competing load)."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, settle: float = 30.0) -> None:
         self.n = n
+        self.settle = settle
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def __enter__(self) -> Busy:
         self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.n)]
-        time.sleep(1.0)
+        time.sleep(self.settle)  # the first repetitions after the load starts ran slowest: measure in the steady state
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -246,6 +247,7 @@ def startup(work: Path, reps: int, baseline: str | None = None) -> dict[str, Any
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cells", type=int, default=5000)
+    ap.add_argument("--settle", type=float, default=30.0, help="Seconds the load runs before the first loaded repetition.")
     ap.add_argument("--reps", type=int, default=5, help="Repetitions per cell of the table (the issue asks for 5).")
     ap.add_argument("--off-reps", type=int, default=None,
                     help="Repetitions of the policy-off rows (default --reps; they are the slow ones on a loaded machine).")
@@ -291,7 +293,7 @@ def main() -> None:
             for loaded in [c.strip() == "loaded" for c in args.conditions.split(",") if c.strip()]:
                 cells = {pol: {"task": task, "policy": pol, "loaded": loaded, "seconds": [], "load1": [], "torch_threads": None}
                          for pol in policies}
-                with Busy(allowance.cpus) if loaded else _Null():
+                with Busy(allowance.cpus, args.settle) if loaded else _Null():
                     for i in range(args.reps):
                         for policy in policies:  # interleaved: a change in the other jobs' load hits both policies alike
                             if not policy and args.off_reps is not None and i >= args.off_reps:

@@ -21,6 +21,7 @@ from scipy import sparse
 from scipy import stats as sps
 from scipy.sparse.csgraph import connected_components
 
+from sclstore.eval.knn import PrecomputedKnn, neighbour_lists
 from sclstore.store.errors import EvaluationError, InvalidInputError
 
 if TYPE_CHECKING:
@@ -194,7 +195,7 @@ def diffusion_map(a: AnnData, n_comps: int, seed: int, *, tol: float = EIGSH_TOL
     v0
         Start vector of the Lanczos iteration (e.g. from a larger graph's eigenvectors).
     float64_transitions
-        Build the transition matrix in float64 in one pass (:func:`~sclstore.eval.knngraph.transitions_sym`)
+        Build the transition matrix in float64 in one pass (:func:`~sclstore.eval.connectivity.transitions_sym`)
         instead of scanpy's float32 diagonal-matrix products (entries agree to float32 rounding).
     """
     from scipy.sparse.linalg import eigsh
@@ -203,7 +204,7 @@ def diffusion_map(a: AnnData, n_comps: int, seed: int, *, tol: float = EIGSH_TOL
     conn = a.obsp["connectivities"]
     n = conn.shape[0]
     if float64_transitions:
-        from sclstore.eval.knngraph import transitions_sym
+        from sclstore.eval.connectivity import transitions_sym
 
         matrix = transitions_sym(conn)
     else:
@@ -227,23 +228,25 @@ def _graph(X: np.ndarray, n_neighbors: int, n_dcs: int, seed: int, *, transforme
     ``eigen_tol=0``, ``v0=None`` and ``direct=False`` give ``sc.pp.neighbors`` + ``sc.tl.diffmap`` bit
     for bit (every caller but the per-layer runner). ``direct=True`` with precomputed neighbours
     builds the connectivities and the transition matrix straight from the lists
-    (:mod:`sclstore.eval.knngraph`: the same graph without scanpy's matrix round trips).
+    (:mod:`sclstore.eval.connectivity`: the same graph without scanpy's matrix round trips).
     """
     import anndata as ad
     import scanpy as sc
 
-    from sclstore.eval.knn import PrecomputedKnn
-
     n = X.shape[0]
     k = min(n_neighbors, n - 1)
     a = ad.AnnData(obs=pd.DataFrame(index=pd.RangeIndex(n).astype(str)))
-    direct = direct and isinstance(transformer, PrecomputedKnn)
-    if direct:
-        from sclstore.eval.knngraph import umap_connectivities
+    direct = direct and k >= 2 and isinstance(transformer, PrecomputedKnn)
+    if direct:  # connectivities only: no distance matrix, no AnnData round trips
+        from sclstore.eval.connectivity import umap_connectivities
 
-        a.obsp["connectivities"] = umap_connectivities(transformer.indices, transformer.distances)
+        pre = transformer
+        a.obsp["connectivities"] = umap_connectivities(*_with_self(pre.indices, pre.distances))
         a.uns["neighbors"] = {"connectivities_key": "connectivities", "distances_key": "distances",
-                              "params": {"n_neighbors": int(transformer.indices.shape[1] + 1), "method": "umap"}}
+                              "params": {"n_neighbors": int(pre.indices.shape[1] + 1), "method": "umap"}}
+    elif k >= 2 and (transformer == "sklearn" or isinstance(transformer, PrecomputedKnn)):
+        a.obsm["rep"] = X
+        _neighbour_graph(a, X, k, seed, transformer)
     else:
         a.obsm["rep"] = X
         with warnings.catch_warnings():
@@ -252,6 +255,35 @@ def _graph(X: np.ndarray, n_neighbors: int, n_dcs: int, seed: int, *, transforme
     diffusion_map(a, min(diffmap_comps or n_dcs, n - 2), seed, v0=v0, tol=eigen_tol, float64_transitions=direct)
     a.uns["sclstore_n_dcs"] = int(min(n_dcs, a.obsm["X_diffmap"].shape[1]))
     return a
+
+
+def _neighbour_graph(a: AnnData, X: np.ndarray, k: int, seed: int, transformer: Any) -> None:
+    """Write what ``sc.pp.neighbors(a, n_neighbors=k, use_rep="rep", transformer=...)`` writes.
+
+    ``distances`` holds each cell's ``k - 1`` neighbours, ``connectivities`` umap's fuzzy union
+    (:func:`~sclstore.eval.connectivity.umap_connectivities`), ``uns["neighbors"]`` scanpy's keys.
+    """
+    from sclstore.eval.connectivity import umap_connectivities
+
+    if isinstance(transformer, PrecomputedKnn):
+        pre = transformer
+    else:  # the exact search scanpy's transformer="sklearn" makes (tests/eval/test_knn.py)
+        lists = neighbour_lists(X, k - 1, method="sklearn")
+        pre = PrecomputedKnn(lists.indices, lists.distances)
+    n = X.shape[0]
+    m = pre.indices.shape[1]
+    a.obsp["distances"] = sparse.csr_matrix((pre.distances.ravel(), pre.indices.ravel(), np.arange(0, n * m + 1, m)), shape=(n, n))
+    a.obsp["connectivities"] = umap_connectivities(*_with_self(pre.indices, pre.distances))
+    a.uns["neighbors"] = {"connectivities_key": "connectivities", "distances_key": "distances",
+                          "params": {"n_neighbors": int(m + 1), "method": "umap", "random_state": seed, "metric": "euclidean",
+                                     "use_rep": "rep"}}
+
+
+def _with_self(indices: np.ndarray, distances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbour lists with each cell itself (distance 0) first, as umap takes them."""
+    n = indices.shape[0]
+    return (np.hstack([np.arange(n, dtype=np.int64)[:, None], np.asarray(indices, dtype=np.int64)]),
+            np.hstack([np.zeros((n, 1), dtype=np.float32), np.asarray(distances, dtype=np.float32)]))
 
 
 def _choose_root(a: AnnData, time: np.ndarray, root: RootRule | int) -> int:

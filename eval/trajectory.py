@@ -420,7 +420,7 @@ class GraphOptions:
         Diffusion maps with ARPACK tolerance :data:`~sclstore.eval.dpt.EIGSH_TOL` and, on the
         subsamples, a start vector from the full-data eigenvectors (~40% fewer Lanczos products);
         with reused neighbour lists, connectivities and transition matrix built straight from the
-        lists (:mod:`sclstore.eval.knngraph`). DPT within 5e-6 of ``False``, which is
+        lists (:mod:`sclstore.eval.connectivity`). DPT within 5e-6 of ``False``, which is
         ``sc.pp.neighbors`` + ``sc.tl.diffmap`` bit for bit.
     """
 

@@ -1,4 +1,4 @@
-"""Connectivities and transition matrix built from neighbour lists equal scanpy's (the oracle)."""
+"""The runner's direct graph: connectivities (numba union) and transition matrix built from neighbour lists equal scanpy's (the oracle)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import scanpy as sc
 from scanpy.neighbors import Neighbors
 from sklearn.neighbors import NearestNeighbors
 
+from sclstore.eval.connectivity import transitions_sym, umap_connectivities
+from sclstore.eval.dpt import _with_self
 from sclstore.eval.knn import PrecomputedKnn
-from sclstore.eval.knngraph import transitions_sym, umap_connectivities
 
 
 def _data(n: int, d: int = 10, seed: int = 0, duplicates: int = 0) -> np.ndarray:
@@ -48,11 +49,11 @@ def test_connectivities_equal_scanpys(n: int, k: int, duplicates: int) -> None:
     X = _data(n, duplicates=duplicates)
     idx, dist = _lists(X, k)
     want = _scanpy(X, idx, dist).obsp["connectivities"].tocsr()
-    got = umap_connectivities(idx, dist)
+    got = umap_connectivities(*_with_self(idx, dist))
     assert got.dtype == np.float32 and got.has_canonical_format
     want.sort_indices()
     assert np.array_equal(got.indptr, want.indptr) and np.array_equal(got.indices, want.indices)
-    np.testing.assert_allclose(got.data, want.data, rtol=1e-6, atol=0)
+    assert np.array_equal(got.data, want.data)  # bit for bit
     assert abs(got - got.T).max() == 0  # exactly symmetric
 
 
