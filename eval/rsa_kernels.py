@@ -219,6 +219,25 @@ def _block_counts(resamples: np.ndarray, b0: int, c: np.ndarray, bad_i: np.ndarr
 
 
 @njit(cache=True, nogil=True)
+def _tie_group(a: int, e: int, ok: np.ndarray, ii: np.ndarray, jj: np.ndarray, c: np.ndarray, m: np.ndarray, below: np.ndarray,
+               grp: np.ndarray, rank: np.ndarray, ss: np.ndarray) -> None:  # pragma: no cover - compiled
+    """One group of tied pairs ``a:e`` in every lane: its weight ``grp``, its average rank ``rank``;
+    adds ``grp * (rank - m)^2`` to ``ss`` and the weight to ``below`` (pairs ranked so far)."""
+    grp[:] = 0.0
+    for s in range(a, e):
+        if ok[s]:
+            i, j = ii[s], jj[s]
+            for lane in range(grp.shape[0]):
+                grp[lane] += c[i, lane] * c[j, lane]
+    for lane in range(grp.shape[0]):
+        r = below[lane] + (grp[lane] + 1.0) / 2.0
+        rank[lane] = r
+        d = r - m[lane]
+        ss[lane] += grp[lane] * d * d
+        below[lane] += grp[lane]
+
+
+@njit(cache=True, nogil=True)
 def bootstrap_spearman_blocked(ii_x: np.ndarray, jj_x: np.ndarray, ok_x: np.ndarray, starts_x: np.ndarray,
                                ii_y: np.ndarray, jj_y: np.ndarray, ok_y: np.ndarray, starts_y: np.ndarray,
                                y_of_x: np.ndarray, bad_i: np.ndarray, bad_j: np.ndarray, resamples: np.ndarray,
@@ -264,18 +283,7 @@ def bootstrap_spearman_blocked(ii_x: np.ndarray, jj_x: np.ndarray, ok_x: np.ndar
                     for lane in range(lanes):
                         ry[a, lane] = below[lane] + 0.5
                 continue
-            grp[:] = 0.0
-            for s in range(a, e):
-                if ok_y[s]:
-                    i, j = ii_y[s], jj_y[s]
-                    for lane in range(lanes):
-                        grp[lane] += c[i, lane] * c[j, lane]
-            for lane in range(lanes):
-                r = below[lane] + (grp[lane] + 1.0) / 2.0
-                rank[lane] = r
-                d = r - m[lane]
-                syy[lane] += grp[lane] * d * d
-                below[lane] += grp[lane]
+            _tie_group(a, e, ok_y, ii_y, jj_y, c, m, below, grp, rank, syy)
             for s in range(a, e):
                 for lane in range(lanes):
                     ry[s, lane] = rank[lane]
@@ -296,18 +304,7 @@ def bootstrap_spearman_blocked(ii_x: np.ndarray, jj_x: np.ndarray, ok_x: np.ndar
                         below[lane] += w
                         sxy[lane] += w * d * (ry[t, lane] - m[lane])  # + (+-0) where w = 0: no change
                 continue
-            grp[:] = 0.0
-            for s in range(a, e):
-                if ok_x[s]:
-                    i, j = ii_x[s], jj_x[s]
-                    for lane in range(lanes):
-                        grp[lane] += c[i, lane] * c[j, lane]
-            for lane in range(lanes):
-                r = below[lane] + (grp[lane] + 1.0) / 2.0
-                rank[lane] = r
-                d = r - m[lane]
-                sxx[lane] += grp[lane] * d * d
-                below[lane] += grp[lane]
+            _tie_group(a, e, ok_x, ii_x, jj_x, c, m, below, grp, rank, sxx)
             for s in range(a, e):
                 if ok_x[s]:
                     i, j, t = ii_x[s], jj_x[s], y_of_x[s]

@@ -35,27 +35,26 @@ def _pairs(k: int, seed: int, *, ties: bool = False, missing: int = 0) -> tuple[
     return x, y, ii, jj
 
 
-def _one_at_a_time(x: np.ndarray, y: np.ndarray, ii: np.ndarray, jj: np.ndarray, resamples: np.ndarray, dtype: type) -> np.ndarray:
+def _sorted_inputs(x: np.ndarray, y: np.ndarray, ii: np.ndarray, jj: np.ndarray) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """The kernels' common arguments (pairs in x order, then in y order, then y's position of each x pair) and the missing mask."""
     ok = np.isfinite(x) & np.isfinite(y)
     ox, sx = sorted_ties(x)
     oy, sy = sorted_ties(y)
     inv = np.empty_like(oy)
     inv[oy] = np.arange(oy.shape[0])
     i32, j32 = ii.astype(np.int32), jj.astype(np.int32)
-    return bootstrap_spearman_weighted(i32[ox], j32[ox], ok[ox], sx.astype(np.int32), i32[oy], j32[oy], ok[oy], sy.astype(np.int32),
-                                       inv[ox].astype(np.int32), resamples, np.zeros((4, x.shape[0]), dtype=dtype))
+    return (i32[ox], j32[ox], ok[ox], sx.astype(np.int32), i32[oy], j32[oy], ok[oy], sy.astype(np.int32), inv[ox].astype(np.int32)), ~ok
+
+
+def _one_at_a_time(x: np.ndarray, y: np.ndarray, ii: np.ndarray, jj: np.ndarray, resamples: np.ndarray, dtype: type) -> np.ndarray:
+    args, _ = _sorted_inputs(x, y, ii, jj)
+    return bootstrap_spearman_weighted(*args, resamples, np.zeros((4, x.shape[0]), dtype=dtype))
 
 
 def _blocked(x: np.ndarray, y: np.ndarray, ii: np.ndarray, jj: np.ndarray, resamples: np.ndarray, dtype: type, lanes: int) -> np.ndarray:
-    ok = np.isfinite(x) & np.isfinite(y)
-    ox, sx = sorted_ties(x)
-    oy, sy = sorted_ties(y)
-    inv = np.empty_like(oy)
-    inv[oy] = np.arange(oy.shape[0])
-    i32, j32 = ii.astype(np.int32), jj.astype(np.int32)
-    bad = np.flatnonzero(~ok)
-    return bootstrap_spearman_blocked(i32[ox], j32[ox], ok[ox], sx.astype(np.int32), i32[oy], j32[oy], ok[oy], sy.astype(np.int32),
-                                      inv[ox].astype(np.int32), i32[bad], j32[bad], resamples, np.zeros((x.shape[0], lanes), dtype=dtype))
+    args, bad = _sorted_inputs(x, y, ii, jj)
+    return bootstrap_spearman_blocked(*args, ii[bad].astype(np.int32), jj[bad].astype(np.int32), resamples,
+                                      np.zeros((x.shape[0], lanes), dtype=dtype))
 
 
 @pytest.mark.parametrize(("k", "ties", "missing", "n_boot"),
