@@ -88,39 +88,33 @@ def _mean32(d: np.ndarray, axis: int | None) -> np.ndarray | float:
     return acc.astype(np.float64) / d.shape[1]
 
 
-@functools.cache
-def _bisect() -> Callable[[np.ndarray, float, float, int], np.ndarray]:
-    """The per-cell bisection, compiled with numba (cached on disk; ~0.05 s for 100,000 cells).
+@numba.njit(cache=True, nogil=True)
+def _bisect(shifted: np.ndarray, target: float, tol: float, n_iter: int) -> np.ndarray:  # pragma: no cover - numba
+    """The per-cell bisection (~0.05 s for 100,000 cells).
 
     Per row: ``mid`` starts at 1; each step sums ``exp(-d / mid)`` over the positive shifted
     distances (1 for the others) left to right in float64; within ``tol`` of ``target`` the row
     stops; above it ``mid`` halves towards ``lo``, below it doubles while no upper bound is known.
     """
-    import numba
-
-    @numba.njit(cache=True, nogil=True)
-    def bisect(shifted: np.ndarray, target: float, tol: float, n_iter: int) -> np.ndarray:  # pragma: no cover - numba
-        n, k = shifted.shape
-        out = np.empty(n, dtype=np.float64)
-        for i in range(n):
-            lo, hi, mid = 0.0, np.inf, 1.0
-            for _ in range(n_iter):
-                psum = 0.0
-                for j in range(k):
-                    x = shifted[i, j]
-                    psum += np.exp(-(x / mid)) if x > 0 else 1.0
-                if np.fabs(psum - target) < tol:
-                    break
-                if psum > target:
-                    hi = mid
-                    mid = (lo + hi) / 2.0
-                else:
-                    lo = mid
-                    mid = mid * 2.0 if np.isinf(hi) else (lo + hi) / 2.0
-            out[i] = mid
-        return out
-
-    return cast("Callable[[np.ndarray, float, float, int], np.ndarray]", bisect)
+    n, k = shifted.shape
+    out = np.empty(n, dtype=np.float64)
+    for i in range(n):
+        lo, hi, mid = 0.0, np.inf, 1.0
+        for _ in range(n_iter):
+            psum = 0.0
+            for j in range(k):
+                x = shifted[i, j]
+                psum += np.exp(-(x / mid)) if x > 0 else 1.0
+            if np.fabs(psum - target) < tol:
+                break
+            if psum > target:
+                hi = mid
+                mid = (lo + hi) / 2.0
+            else:
+                lo = mid
+                mid = mid * 2.0 if np.isinf(hi) else (lo + hi) / 2.0
+        out[i] = mid
+    return out
 
 
 def bandwidths(distances: np.ndarray, k: float, *, n_iter: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -152,7 +146,7 @@ def bandwidths(distances: np.ndarray, k: float, *, n_iter: int = 64) -> tuple[np
     first = positive.argmax(axis=1)
     rho = np.where(positive.any(axis=1), d[np.arange(n), first], np.float32(0)).astype(np.float32)
     shifted = (d[:, 1:] - rho[:, None]).astype(np.float32)  # the difference in float32, as umap's
-    sigma = _bisect()(shifted, target, _TOLERANCE, n_iter)
+    sigma = _bisect(shifted, target, _TOLERANCE, n_iter)
     floor = np.where(rho > 0, _mean32(d, 1), _mean32(d, None)) * _MIN_SCALE
     sigma = np.where(sigma < floor, floor, sigma).astype(np.float32)
     return sigma, rho
