@@ -11,10 +11,12 @@ Measures, in one run (ratios are within this run):
    wall and CPU seconds, showing OpenBLAS's idle threads spinning without the policy;
 
 each ``--reps`` times **idle** and ``--reps`` times **under load** (one busy-looping process per
-usable CPU, started and stopped by the bench), with the thread policy **on** (the default) and
-**off** (``SCLSTORE_THREADS=off``: the behaviour before the policy: torch's OpenMP pool at every
-core, spin-waiting), the two policies interleaved rep by rep so that the other jobs' load drifts
-over both alike; the 1-minute load average before and after each rep is recorded. Every
+usable CPU, started and stopped by the bench), with the thread policy **on** (the default:
+on the CPU, one batch per thread, batches side by side), **split** (the policy, but each batch
+split over all the threads, one batch at a time: the default before CPU streams) and **off**
+(``SCLSTORE_THREADS=off`` and split batches: the behaviour before the policy: torch's OpenMP pool
+at every core, spin-waiting), the policies interleaved rep by rep so that the other jobs' load
+drifts over all alike; the 1-minute load average before and after each rep is recorded. Every
 measurement is a fresh Python process (the policy acts at start-up); only the ``store.ingest`` /
 ``store.evaluate_trajectory`` call is timed, not the imports.
 
@@ -46,6 +48,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve()
+MODES = ("on", "split", "off")
+SPLIT_VAR = "_SCLSTORE_BENCH_SPLIT"  # the child plans one batch split over all its threads (the former default)
 POLICY_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
                "NUMBA_NUM_THREADS", "BLIS_NUM_THREADS", "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT", "SCLSTORE_THREADS",
                "_SCLSTORE_SET_VARS")
@@ -57,15 +61,21 @@ def child_ingest(data: str, store: str) -> dict[str, Any]:
     from sclstore.store import runtime
 
     runtime.configure()  # as Store.ingest does, but before the (untimed) torch import
-    import sclstore.ingest.pipeline
+    import torch
 
+    import sclstore.ingest.pipeline
+    from sclstore.ingest import embed, plan
+
+    if os.environ.get(SPLIT_VAR):
+        plan.CPU_THREADS_PER_BATCH = torch.get_num_threads()
     with sclstore.open_store(store, create=True) as st:
         t0 = time.perf_counter()
         res = st.ingest(data, "sclstore-tiny", workers=1, device="cpu", progress=False)
         secs = time.perf_counter() - t0
-    import torch
-
-    return {"seconds": secs, "cells": res.cells, "torch_threads": torch.get_num_threads()}
+        per_batch = int(st.run(res.run_id).params["cpu_threads"])
+    threads = torch.get_num_threads()
+    return {"seconds": secs, "cells": res.cells, "torch_threads": threads, "threads_per_batch": per_batch,
+            "streams": embed.stream_count(threads, per_batch)}
 
 
 def child_trajectory(store: str, run: int, subsamples: int) -> dict[str, Any]:
@@ -103,14 +113,16 @@ def child_blas(rounds: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ parent
-def _env(policy: bool) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in POLICY_VARS}
-    if not policy:
+def _env(mode: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in (*POLICY_VARS, SPLIT_VAR)}
+    if mode == "off":
         env["SCLSTORE_THREADS"] = "off"
+    if mode in ("off", "split"):
+        env[SPLIT_VAR] = "1"
     return env
 
 
-def _child(args: list[str], policy: bool, timeout: float) -> dict[str, Any]:
+def _child(args: list[str], policy: str, timeout: float) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, str(HERE), "--child", *args], capture_output=True, text=True, env=_env(policy),
                           timeout=timeout)
     if proc.returncode != 0:
@@ -256,7 +268,9 @@ def main() -> None:
     ap.add_argument("--subsamples", type=int, default=20, help="Subsamples of the trajectory evaluation's intervals.")
     ap.add_argument("--tasks", default="ingest,trajectory", help="Comma list: ingest, trajectory, blas (empty: start-up only).")
     ap.add_argument("--blas-rounds", type=int, default=300, help="BLAS calls of the blas task.")
-    ap.add_argument("--policies", default="on,off", help="Comma list: on (the thread policy), off (SCLSTORE_THREADS=off).")
+    ap.add_argument("--policies", default="on,split,off",
+                    help="Comma list: on (the thread policy, CPU streams), split (the policy, one batch split over the threads), "
+                         "off (SCLSTORE_THREADS=off, split batches).")
     ap.add_argument("--conditions", default="idle,loaded", help="Comma list: idle, loaded (e.g. to add repetitions to one condition).")
     ap.add_argument("--skip-startup", action="store_true")
     ap.add_argument("--baseline-python", default=None, help="Also time start-up with this interpreter's sclstore install.")
@@ -287,23 +301,28 @@ def main() -> None:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         prepare = any(t in ("ingest", "trajectory") for t in tasks)
         data, tstore, trun = _prepare(work, args.cells, args.traj_cells) if prepare else (work, work, 0)
-        policies = [p.strip() == "on" for p in args.policies.split(",") if p.strip()]
+        policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+        bad = [p for p in policies if p not in MODES]
+        if bad:
+            ap.error(f"unknown --policies {bad}; choose from {', '.join(MODES)}")
         rows: list[dict[str, Any]] = []
         for task in tasks:
+            modes = [p for p in policies if p != "split" or task == "ingest"]  # only ingest runs batches
             for loaded in [c.strip() == "loaded" for c in args.conditions.split(",") if c.strip()]:
-                cells = {pol: {"task": task, "policy": pol, "loaded": loaded, "seconds": [], "load1": [], "torch_threads": None}
-                         for pol in policies}
+                cells = {pol: {"task": task, "policy": pol, "loaded": loaded, "seconds": [], "load1": [], "torch_threads": None,
+                               "streams": None}
+                         for pol in modes}
                 with Busy(allowance.cpus, args.settle) if loaded else _Null():
                     for i in range(args.reps):
-                        for policy in policies:  # interleaved: a change in the other jobs' load hits both policies alike
-                            if not policy and args.off_reps is not None and i >= args.off_reps:
+                        for policy in modes:  # interleaved: a change in the other jobs' load hits both policies alike
+                            if policy == "off" and args.off_reps is not None and i >= args.off_reps:
                                 continue
                             cell = cells[policy]
                             load0 = os.getloadavg()[0]
                             tag = f"{task}-{policy}-{loaded}-{i}"
                             if task == "ingest":
                                 res = _child(["ingest", str(data), str(work / tag)], policy, args.timeout)
-                                cell["torch_threads"] = res["torch_threads"]
+                                cell["torch_threads"], cell["streams"] = res["torch_threads"], res["streams"]
                                 shutil.rmtree(work / tag, ignore_errors=True)
                             elif task == "blas":
                                 res = _child(["blas", str(args.blas_rounds)], policy, args.timeout)
@@ -314,11 +333,11 @@ def main() -> None:
                                 shutil.rmtree(work / tag, ignore_errors=True)
                             cell["seconds"].append(res["seconds"])
                             cell["load1"].append((load0, os.getloadavg()[0]))  # 1-minute load average before / after the rep
-                            print(f"  {task:10s} policy={'on ' if policy else 'off'} {'loaded' if loaded else 'idle  '} rep {i}: "
+                            print(f"  {task:10s} policy={policy:5s} {'loaded' if loaded else 'idle  '} rep {i}: "
                                   f"{res['seconds']:.2f} s (load {load0:.1f} -> {cell['load1'][-1][1]:.1f})", flush=True)
                 rows += [cell | _stats(cell["seconds"]) | ({"cpu_median": statistics.median(cell["cpu"])} if "cpu" in cell else {})
                          for cell in cells.values()]
-        rows.sort(key=lambda r: (tasks.index(r["task"]), not r["policy"], r["loaded"]))
+        rows.sort(key=lambda r: (tasks.index(r["task"]), MODES.index(r["policy"]), r["loaded"]))
         report["rows"] = rows
         for row in rows:
             idle = next((r for r in rows if r["task"] == row["task"] and r["policy"] == row["policy"] and not r["loaded"]), None)
@@ -348,17 +367,20 @@ def _load_range(loads: list[tuple[float, float]]) -> str:
 def render(report: dict[str, Any]) -> str:
     lines = [f"allowance: {report['allowance']}; busy processes under load: {report['busy_processes']}; "
              f"load average start {report['load_at_start']}, end {report['load_at_end']}", "",
-             "| task | policy | condition | median s | min s | max s | max/min | loaded/idle median | torch threads | 1-min load during reps |",
+             "| task | policy | condition | median s | min s | max s | max/min | loaded/idle median | torch threads (streams) "
+             "| 1-min load during reps |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    label = {"on": "on", "split": "on, split batches", "off": "off (old)"}
     for r in report.get("rows", []):
         ratio = f"{r['loaded_over_idle']:.2f}x" if "loaded_over_idle" in r else ""
-        lines.append(f"| {r['task']} | {'on' if r['policy'] else 'off (old)'} | {'loaded' if r['loaded'] else 'idle'} | "
+        threads = "" if r["torch_threads"] is None else f"{r['torch_threads']} ({r.get('streams')})"
+        lines.append(f"| {r['task']} | {label[r['policy']]} | {'loaded' if r['loaded'] else 'idle'} | "
                      f"{r['median']:.2f} | {r['min']:.2f} | {r['max']:.2f} | {r['max_over_min']:.2f} | {ratio} | "
-                     f"{r['torch_threads'] if r['torch_threads'] is not None else ''} | {_load_range(r.get('load1', []))} |")
+                     f"{threads} | {_load_range(r.get('load1', []))} |")
     cpu = [r for r in report.get("rows", []) if "cpu_median" in r]
     if cpu:
         lines += ["", "CPU seconds (median) of the blas task: " + "; ".join(
-            f"{'on' if r['policy'] else 'off'} {'loaded' if r['loaded'] else 'idle'} {r['cpu_median']:.2f}" for r in cpu)]
+            f"{r['policy']} {'loaded' if r['loaded'] else 'idle'} {r['cpu_median']:.2f}" for r in cpu)]
     if "startup" in report:
         s = report["startup"]
         base, bcpu, cpu_s = s.get("baseline_wall_s", {}), s.get("baseline_cpu_s", {}), s.get("cpu_s", {})

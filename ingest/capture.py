@@ -22,6 +22,7 @@ A cell without any gene token gets a zero vector for ``mean`` and ``max``.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -147,6 +148,11 @@ class LayerCapture:
     >>> with LayerCapture(model.blocks, layers=[0, 6, 12], pools=["cls", "mean"], info=info) as cap:
     ...     model(batch)
     >>> cap.result()["mean"].shape   # (3, B, d)
+
+    Several threads may each run a forward pass of the same model inside their own capture
+    (CPU streams, :mod:`sclstore.ingest.embed`): a capture's hooks act only on forward passes of
+    the thread that entered it, and accept either hook signature, because a pass may have taken
+    a snapshot of the module's hooks just before another thread's capture removed its own.
     """
 
     def __init__(
@@ -176,6 +182,7 @@ class LayerCapture:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._out: dict[str, torch.Tensor] | None = None
         self._filled: set[int] = set()
+        self._thread = threading.get_ident()
 
     def _store(self, layer: int, hidden: torch.Tensor) -> None:
         pooled = pool_hidden(hidden, self._info, self._pools)
@@ -192,8 +199,10 @@ class LayerCapture:
     def __enter__(self) -> LayerCapture:
         if 0 in self._slot:
 
-            def pre_hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                hidden = args[0] if args else next(iter(kwargs.values()))
+            def pre_hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> None:
+                if threading.get_ident() != self._thread:
+                    return  # another thread's forward pass
+                hidden = args[0] if args else next(iter((kwargs or {}).values()))
                 self._store(0, first_tensor(hidden))
 
             self._handles.append(self._blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
@@ -201,8 +210,9 @@ class LayerCapture:
             if layer == 0:
                 continue
 
-            def hook(_module: nn.Module, _args: Any, output: Any, *, _layer: int = layer) -> None:
-                self._store(_layer, first_tensor(output))
+            def hook(_module: nn.Module, _args: Any, *rest: Any, _layer: int = layer) -> None:
+                if threading.get_ident() == self._thread:  # ``rest``: (output,) or (kwargs, output)
+                    self._store(_layer, first_tensor(rest[-1]))
 
             self._handles.append(self._blocks[layer - 1].register_forward_hook(hook))
         return self

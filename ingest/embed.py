@@ -5,14 +5,23 @@ Stages, overlapped:
 * a prefetch thread reads the next chunk of the shard's cells from the data file (in the
   store's cell order) and tokenizes it, in worker processes when ``workers > 0``;
 * the calling thread batches the chunk by sequence length and runs the model (hooks pool every
-  block inside the hook);
+  block inside the hook); on the CPU, ``streams`` threads each run whole batches on the run's
+  torch threads per batch (one for new runs), so the batches run side by side instead of one
+  batch at a time with its operations split over the threads;
 * a writer thread writes the finished chunk to TileDB (durably) and only then advances the
   shard's watermark in the catalog.
 
 Each cell's tokens depend only on ``(seed, cell_idx)``, and chunks start at multiples of the
 run's chunk size whichever shard they belong to, so the batches (and thus every bit) of a run
 are the same whatever the number of workers, the order shards are taken in, or where a killed
-worker's shard was resumed.
+worker's shard was resumed. A batch's numbers depend on the torch threads it runs on (the run pins
+that count), not on how many batches run at once.
+
+Why streams: an operation split over threads ends when its slowest thread ends. On a CPU shared
+with other busy processes, one descheduled thread stalls every split operation of a forward pass
+(thousands per chunk), and the run time swings with the scheduler (``bench/contention.py``: 29-45 s
+for 5,000 cells split over two threads under load, 33-35 s as two streams, and faster idle too).
+Each stream holds one batch's activations, so a CPU ingest holds ``streams`` batches at once.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ from .adapter import GeneMapping, ModelAdapter
 from .lifecycle import worker_setup
 from .source import CountsSource
 
-__all__ = ["embed_shard", "peak_rss_bytes", "start_workers"]
+__all__ = ["embed_shard", "peak_rss_bytes", "start_workers", "stream_count"]
 
 logger = logging.getLogger(__name__)
 _DONE = object()
@@ -206,12 +215,13 @@ class _Writer:
 
 def _embed_chunk(
     adapter: ModelAdapter, records: list[Any], *, layers: Sequence[int], pools: Sequence[str],
-    batch_size: int, device: torch.device, progress: Any = None,
+    batch_size: int, device: torch.device, progress: Any = None, streams: cf.ThreadPoolExecutor | None = None,
 ) -> tuple[dict[str, np.ndarray], list[int]]:
     """Embed one chunk: batches of similar length, results back in the chunk's cell order.
 
     Records marked ``embeddable=False`` are not run through the model: their rows are NaN and
-    their global cell indices are returned as the second element.
+    their global cell indices are returned as the second element. With ``streams`` (CPU only)
+    the batches are run by its threads, side by side; each writes its own rows.
 
     On CUDA each batch is collated into pinned memory and copied without blocking, and the
     pooled results stay on the GPU until the chunk is done: the host never waits for a batch,
@@ -232,9 +242,12 @@ def _embed_chunk(
         if progress is not None:
             progress.advance(len(skipped))
     cuda = device.type == "cuda"
+    batches = [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
+    if streams is not None and not cuda and len(batches) > 1:
+        _run_streams(streams, adapter, records, batches, out, layers=layers, pools=pools, device=device, progress=progress)
+        return out, skipped
     pending: list[tuple[np.ndarray, dict[str, torch.Tensor]]] = []
-    for b in range(0, n, batch_size):
-        idx = order[b : b + batch_size]
+    for idx in batches:
         batch = adapter.collate([records[i] for i in idx])
         if cuda:
             batch = batch.pin_memory()
@@ -248,6 +261,34 @@ def _embed_chunk(
     return out, skipped
 
 
+def _run_streams(
+    streams: cf.ThreadPoolExecutor, adapter: ModelAdapter, records: list[Any], batches: list[np.ndarray], out: dict[str, np.ndarray],
+    *, layers: Sequence[int], pools: Sequence[str], device: torch.device, progress: Any,
+) -> None:
+    """Run the batches on the stream threads; progress advances here, in the calling thread."""
+
+    def one(idx: np.ndarray) -> int:
+        pooled = adapter.embed(adapter.collate([records[i] for i in idx]).to(device), layers=layers, pools=pools)
+        _collect(out, [(idx, pooled)])  # disjoint rows per batch
+        return len(idx)
+
+    futures = [streams.submit(one, idx) for idx in batches]
+    try:
+        for fut in futures:
+            n = fut.result()
+            if progress is not None:
+                progress.advance(n)
+    finally:  # on an error (or an interrupt) no batch of this chunk is left to run
+        for fut in futures:
+            fut.cancel()
+        cf.wait(futures)
+
+
+def stream_count(threads: int, threads_per_batch: int | None) -> int:
+    """Batches embedded at once on the CPU: the process's threads over the run's threads per batch (>= 1)."""
+    return max(1, threads // max(1, threads_per_batch or threads))
+
+
 def _collect(out: dict[str, np.ndarray], pending: list[tuple[np.ndarray, dict[str, torch.Tensor]]]) -> None:
     for idx, pooled in pending:
         for pool, tensor in pooled.items():
@@ -258,9 +299,12 @@ def _collect(out: dict[str, np.ndarray], pending: list[tuple[np.ndarray, dict[st
 def embed_shard(
     backend: Backend, run: RunInfo, lease: ShardLease, *, adapter: ModelAdapter, source: CountsSource, mapping: GeneMapping,
     layers: Sequence[int], pools: Sequence[str], batch_size: int, chunk_cells: int, seed: int, device: torch.device,
-    workers: int, progress: Any = None, stop: threading.Event | None = None, spans: list[float] | None = None,
+    workers: int, progress: Any = None, stop: threading.Event | None = None, spans: list[float] | None = None, streams: int = 1,
 ) -> int:
     """Embed a claimed shard from its watermark to its end; returns the cells embedded.
+
+    On the CPU, ``streams > 1`` threads run batches side by side, each on this process's current
+    torch thread count (the run's threads per batch, set by the caller).
 
     Reads only the shard's rows of the obs index. ``stop`` (SIGTERM in service mode) ends the
     shard early at a chunk boundary; the caller releases it. ``spans`` gets the seconds from the
@@ -293,13 +337,16 @@ def embed_shard(
     prefetch = _Prefetch(source, order, start, mapping, adapter.tokenizer, chunks, seed, workers)
     writer = _Writer(commit, [c for c in shard.unembeddable if c < start])
     first: float | None = None
+    pool = (cf.ThreadPoolExecutor(streams, thread_name_prefix="sclstore-stream", initializer=torch.set_num_threads,
+                                  initargs=(torch.get_num_threads(),))
+            if streams > 1 and device.type == "cpu" else None)
     try:
         for lo, records in prefetch:
             first = time.perf_counter() if first is None else first
             writer.check()
             lease.check()
             block, skipped = _embed_chunk(adapter, records, layers=layers, pools=pools, batch_size=batch_size,
-                                          device=device, progress=progress)
+                                          device=device, progress=progress, streams=pool)
             writer.put(lo, block, skipped)
             if stop is not None and stop.is_set():
                 break
@@ -310,5 +357,7 @@ def embed_shard(
         writer.abort()
         raise
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         prefetch.close()
     return written[0]

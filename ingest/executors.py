@@ -90,12 +90,11 @@ def ingest_on_devices(
     else:  # the allowance is shared by the workers; a number the user chose applies to each
         threads = policy.split(len(devices)) if policy.source == "allowance" else policy.threads
     chosen = policy is not None and policy.enabled and policy.source != "allowance"
-    # a CPU run pins its workers' thread count (it changes the last bits); on a joined Ray cluster
-    # an actor's threads are the CPUs Ray reserves for it, unless the user chose a number
-    joined_ray = executor == "ray" and ray_address is not None and not chosen
+    # a CPU run pins its threads per batch (one); each worker runs as many batches at once as its
+    # threads (on a joined Ray cluster: the CPUs Ray reserves for an actor, unless the user chose)
     with contextlib.ExitStack() as stack:
         plan = plan_run(backend, path, config, stack=stack, source_label=source_label, device=devices[0], shared=True,
-                        min_shards=4 * len(devices), cpu_threads=max(1, int(ray_cpus)) if joined_ray else threads)
+                        min_shards=4 * len(devices))
     run = plan.run
     if plan.cache_hit:
         return _result(run, cache_hit=True, embedded=0, t0=t0, device=",".join(devices), mapping=plan.mapping)

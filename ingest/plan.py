@@ -47,6 +47,11 @@ logger = logging.getLogger(__name__)
 PLAN_VERSION = 1
 MAX_CHUNK_CELLS = 4096
 SUBMIT_SHARD_CHUNKS = 16
+#: Torch threads per batch of a new CPU run. One thread per batch, with several batches at once,
+#: is faster than one batch split over the threads and keeps its speed on a CPU shared with other
+#: busy processes (:mod:`sclstore.ingest.embed`); and a run's numbers then do not depend on the
+#: machine's or the worker's thread count.
+CPU_THREADS_PER_BATCH = 1
 """Default shard size of ``sclstore submit``, in chunks."""
 
 
@@ -109,7 +114,7 @@ class RunContext:
     device: torch.device
     closer: contextlib.ExitStack
     cpu_threads: int | None = None
-    """The run's pinned torch thread count on the CPU (None on CUDA or for runs without one)."""
+    """The run's pinned torch threads per batch on the CPU (None on CUDA or for runs without one)."""
 
     def close(self) -> None:
         self.closer.close()
@@ -184,8 +189,10 @@ def plan_run(
     shard_chunks
         Without ``shard_cells``, shards of this many of the run's (pinned) chunks (``submit``: 16).
     cpu_threads
-        For a CPU run, the torch threads every worker embeds with (the thread count changes the
-        last bits of a CPU forward pass, so a CPU run pins it); default: this process's.
+        For a CPU run, the torch threads each batch runs on (the count changes the last bits of a
+        CPU forward pass, so a CPU run pins it); default :data:`CPU_THREADS_PER_BATCH`. Workers
+        run as many batches at once as their thread allowance holds
+        (:func:`~sclstore.ingest.embed.stream_count`), so a run's numbers do not depend on it.
 
     Returns
     -------
@@ -242,7 +249,7 @@ def plan_run(
         "batch_size": config.batch_size, "chunk_cells": chunk, "memory_mb": config.memory_mb,
         "gene_mapping": mapping.stats(), "planned_device": str(dev),
     }
-    threads = (cpu_threads or torch.get_num_threads()) if dev.type == "cpu" else None
+    threads = (cpu_threads or CPU_THREADS_PER_BATCH) if dev.type == "cpu" else None
     run = backend.create_run(dataset=dataset, model=model, key=derived.key, params={**derived.params, "cpu_threads": threads},
                              layers=layers, spec=spec, plan=plan, shared=shared and not in_memory)
     pinned_chunk = int(run.params.get("chunk_cells") or chunk)

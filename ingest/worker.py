@@ -28,7 +28,7 @@ from sclstore.store.errors import (
     SclstoreError,
 )
 
-from .embed import embed_shard, peak_rss_bytes
+from .embed import embed_shard, peak_rss_bytes, stream_count
 from .lifecycle import Interrupted
 from .plan import NumericsRefused, RunContext, check_numerics, open_context, resolve_device
 
@@ -174,10 +174,11 @@ def work(
                 _check_pinned(ctx, shard)
                 t1 = time.perf_counter()
                 spans: list[float] = []
-                with _pinned_threads(ctx):
+                with _pinned_threads(ctx) as streams:
                     cells = embed_shard(backend, ctx.run, lease, adapter=ctx.adapter, source=ctx.source, mapping=ctx.mapping,
                                         layers=ctx.layers, pools=ctx.pools, batch_size=ctx.batch_size, chunk_cells=ctx.chunk_cells,
-                                        seed=ctx.seed, device=ctx.device, workers=workers, progress=progress, stop=stop, spans=spans)
+                                        seed=ctx.seed, device=ctx.device, workers=workers, progress=progress, stop=stop, spans=spans,
+                                        streams=streams)
                 report.embedding_seconds += sum(spans)
             except Interrupted:
                 backend.shards.release(lease)
@@ -239,13 +240,21 @@ def _finalise_ready(backend: Backend, runs: Sequence[int] | None, extra: dict[in
 
 
 @contextlib.contextmanager
-def _pinned_threads(ctx: RunContext) -> Iterator[None]:
-    """Embed a CPU run with its pinned torch thread count (the count changes the last bits)."""
+def _pinned_threads(ctx: RunContext) -> Iterator[int]:
+    """Embed a CPU run with its pinned torch threads per batch (the count changes the last bits).
+
+    Yields the number of CPU streams: this process's threads over the run's threads per batch
+    (:func:`~sclstore.ingest.embed.stream_count`; 1 on CUDA).
+    """
     import torch
 
     before = torch.get_num_threads()
-    if ctx.cpu_threads is None or ctx.cpu_threads == before:
-        yield
+    if ctx.cpu_threads is None or ctx.device.type != "cpu":
+        yield 1
+        return
+    streams = stream_count(before, ctx.cpu_threads)
+    if ctx.cpu_threads == before:
+        yield streams
         return
     policy = runtime.active_policy()
     if policy is not None and policy.enabled and ctx.cpu_threads > policy.threads:
@@ -253,7 +262,7 @@ def _pinned_threads(ctx: RunContext) -> Iterator[None]:
                        "other thread counts would change its numbers", ctx.run.id, ctx.cpu_threads, policy.threads)
     torch.set_num_threads(ctx.cpu_threads)
     try:
-        yield
+        yield streams
     finally:
         torch.set_num_threads(before)
 

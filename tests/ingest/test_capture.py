@@ -122,3 +122,38 @@ def test_errors_and_cleanup() -> None:
         raise RuntimeError("boom")
     for block in model.blocks:
         assert not block._forward_hooks and not block._forward_pre_hooks
+
+
+def test_captures_in_concurrent_threads_see_only_their_own_forward_passes() -> None:
+    """CPU streams: threads run the same model at once, each inside its own capture. Each thread's
+    result is the explicit pooling of its own states (the oracle), for every pass, while the other
+    threads' captures enter and leave on the same blocks all the while."""
+    import threading
+
+    model = Stack(d=16, n=4)
+    lengths = [7, 2, 5]
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def stream(seed: int) -> None:
+        try:
+            start.wait()
+            for step in range(60):
+                x = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(seed * 1000 + step))
+                with LayerCapture(list(model.blocks), layers=[0, 2, 4], pools=["mean", "cls"], info=_info(lengths, 7)) as cap:
+                    states = model(x)
+                out = cap.result()
+                for slot, layer in enumerate([0, 2, 4]):
+                    for pool in ("mean", "cls"):
+                        torch.testing.assert_close(out[pool][slot], _oracle(states[layer], lengths, pool), atol=1e-6, rtol=0)
+        except BaseException as exc:  # reported to the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=stream, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for block in model.blocks:
+        assert not block._forward_hooks and not block._forward_pre_hooks

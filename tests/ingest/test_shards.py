@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 import sclstore
+from sclstore.ingest.embed import stream_count
+from sclstore.ingest.plan import CPU_THREADS_PER_BATCH
 from sclstore.ingest.worker import work
 from sclstore.store.errors import InvalidInputError
 from sclstore.store.shards import split_cells
@@ -70,14 +72,24 @@ def test_submit_then_workers_in_random_order_equal_one_ingest(world, reference, 
         assert (sub.shards, sub.shard_cells, sub.cache_hit) == (3, 256, False)
         assert st.run(sub.id).status == "queued"
         assert [(s.lo, s.hi) for s in st.backend.shards.shards(sub.id)] == SHARDS
-        # planned under this process's thread policy, so the worker embeds with its own count
-        assert st.run(sub.id).params["cpu_threads"] == torch.get_num_threads()
-        monkeypatch.setattr(torch, "set_num_threads", lambda n: switched.append(n))
+        # a CPU run pins one torch thread per batch; the worker runs as many batches at once as it has threads
+        assert st.run(sub.id).params["cpu_threads"] == CPU_THREADS_PER_BATCH == 1
+        threads = torch.get_num_threads()
+        real_set, real_embed = torch.set_num_threads, worker.embed_shard
+        real_set(2)  # a two-thread process (the oracle ran with this machine's count): two streams
+        monkeypatch.setattr(torch, "set_num_threads", lambda n: switched.append(n) or real_set(n))
+        monkeypatch.setattr(worker, "embed_shard", lambda *a, **k: streams.append(k["streams"]) or real_embed(*a, **k))
+        streams: list[int] = []
         first = work(st.backend, runs=[sub.id], device="cpu", workers=0, shuffle=random.Random(7), poll_s=0.05)
         monkeypatch.undo()
+        assert torch.get_num_threads() == 2  # restored
+        real_set(threads)
         assert first.shards == 3 and first.cells == N_CELLS and first.runs_finalised == [sub.id]
-        # per worker and run, not per shard: the model, data file and mapping are opened once; no thread switches
-        assert (len(opened), switched) == (1, [])
+        # per worker and run, not per shard: the model, data file and mapping are opened once
+        assert len(opened) == 1
+        # each shard: batches on one thread each, as many at once as this process has threads, then the count restored
+        assert streams == [stream_count(2, 1)] * 3 == [2] * 3
+        assert set(switched) <= {1, 2}
         split = first.to_json()  # the worker's own time split: start-up + embedding + coordination = its seconds
         assert split["startup_seconds"] > 0 and split["embedding_seconds"] > 0 and split["coordination_seconds"] >= 0
         assert split["startup_seconds"] + split["embedding_seconds"] + split["coordination_seconds"] == pytest.approx(split["seconds"], abs=0.003)
@@ -86,6 +98,40 @@ def test_submit_then_workers_in_random_order_equal_one_ingest(world, reference, 
         assert layer_bytes(st, sub.id) == reference
         again = st.submit(world["data"], "tahoe-x1", str(world["ckpt"]), device="cpu", **KW)
         assert again.cache_hit and again.id == sub.id
+
+
+def test_cpu_streams_give_the_bytes_of_one_batch_at_a_time(world, reference, monkeypatch) -> None:
+    """Batches side by side on three stream threads (a three-thread process) store exactly the bytes
+    of a one-thread process that runs one batch after another (a fresh run here, and the oracle
+    fixture's run)."""
+    import threading
+
+    import torch
+
+    from sclstore.ingest.adapter import ModelAdapter
+
+    ran: list[str] = []
+    real_embed = ModelAdapter.embed
+    monkeypatch.setattr(ModelAdapter, "embed", lambda self, *a, **k: ran.append(threading.current_thread().name) or real_embed(self, *a, **k))
+    from sclstore.store import runtime
+
+    before, policy = torch.get_num_threads(), runtime.active_policy()
+    got, where = {}, {}
+    try:
+        for threads in (1, 3):
+            ran.clear()
+            with sclstore.open_store(world["tmp"] / f"s{threads}", create=True) as st:
+                res = st.ingest(world["data"], "tahoe-x1", str(world["ckpt"]), progress=False, workers=0, threads=threads, **KW)
+                got[threads] = layer_bytes(st, res.id)
+            where[threads] = set(ran)
+            assert len(ran) == -(-N_CELLS // KW["batch_size"])  # every batch once
+    finally:  # this process's policy as it was
+        if policy is not None:
+            runtime.apply(policy)
+        torch.set_num_threads(before)
+    assert where[1] == {threading.main_thread().name}
+    assert len(where[3]) == 3 and all(name.startswith("sclstore-stream") for name in where[3])
+    assert got[1] == got[3] == reference
 
 
 def test_submit_defaults_to_shards_of_16_chunks(world) -> None:
@@ -112,6 +158,6 @@ def test_cli_submit_pins_the_thread_policy_count_the_workers_use(world, how: str
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["thread_policy"]["threads"] == 3 and out["shards"] == 3
-    with sclstore.open_store(store) as st:
-        assert st.run(out["run_id"]).params["cpu_threads"] == 3
-        assert [s.cpu_threads for s in st.backend.shards.shards(out["run_id"])] == [3, 3, 3]
+    with sclstore.open_store(store) as st:  # the run pins threads per batch, whatever the submitting process's count
+        assert st.run(out["run_id"]).params["cpu_threads"] == CPU_THREADS_PER_BATCH
+        assert [s.cpu_threads for s in st.backend.shards.shards(out["run_id"])] == [CPU_THREADS_PER_BATCH] * 3
