@@ -69,13 +69,21 @@ def child_ingest(data: str, store: str) -> dict[str, Any]:
     if os.environ.get(SPLIT_VAR):
         plan.CPU_THREADS_PER_BATCH = torch.get_num_threads()
     with sclstore.open_store(store, create=True) as st:
-        t0 = time.perf_counter()
+        t0, c0, k0 = time.perf_counter(), time.process_time(), _children_cpu()
         res = st.ingest(data, "sclstore-tiny", workers=1, device="cpu", progress=False)
         secs = time.perf_counter() - t0
+        cpu = time.process_time() - c0 + _children_cpu() - k0  # every thread, and the (reaped) tokenizer worker
         per_batch = int(st.run(res.run_id).params["cpu_threads"])
     threads = torch.get_num_threads()
-    return {"seconds": secs, "cells": res.cells, "torch_threads": threads, "threads_per_batch": per_batch,
+    return {"seconds": secs, "cpu": cpu, "cells": res.cells, "torch_threads": threads, "threads_per_batch": per_batch,
             "streams": embed.stream_count(threads, per_batch)}
+
+
+def _children_cpu() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def child_trajectory(store: str, run: int, subsamples: int) -> dict[str, Any]:
@@ -323,6 +331,7 @@ def main() -> None:
                             if task == "ingest":
                                 res = _child(["ingest", str(data), str(work / tag)], policy, args.timeout)
                                 cell["torch_threads"], cell["streams"] = res["torch_threads"], res["streams"]
+                                cell.setdefault("cpu", []).append(res["cpu"])
                                 shutil.rmtree(work / tag, ignore_errors=True)
                             elif task == "blas":
                                 res = _child(["blas", str(args.blas_rounds)], policy, args.timeout)
@@ -333,8 +342,9 @@ def main() -> None:
                                 shutil.rmtree(work / tag, ignore_errors=True)
                             cell["seconds"].append(res["seconds"])
                             cell["load1"].append((load0, os.getloadavg()[0]))  # 1-minute load average before / after the rep
+                            cpu = f", CPU {res['cpu']:.2f} s" if "cpu" in res else ""
                             print(f"  {task:10s} policy={policy:5s} {'loaded' if loaded else 'idle  '} rep {i}: "
-                                  f"{res['seconds']:.2f} s (load {load0:.1f} -> {cell['load1'][-1][1]:.1f})", flush=True)
+                                  f"{res['seconds']:.2f} s{cpu} (load {load0:.1f} -> {cell['load1'][-1][1]:.1f})", flush=True)
                 rows += [cell | _stats(cell["seconds"]) | ({"cpu_median": statistics.median(cell["cpu"])} if "cpu" in cell else {})
                          for cell in cells.values()]
         rows.sort(key=lambda r: (tasks.index(r["task"]), MODES.index(r["policy"]), r["loaded"]))
@@ -378,9 +388,14 @@ def render(report: dict[str, Any]) -> str:
                      f"{r['median']:.2f} | {r['min']:.2f} | {r['max']:.2f} | {r['max_over_min']:.2f} | {ratio} | "
                      f"{threads} | {_load_range(r.get('load1', []))} |")
     cpu = [r for r in report.get("rows", []) if "cpu_median" in r]
-    if cpu:
-        lines += ["", "CPU seconds (median) of the blas task: " + "; ".join(
-            f"{r['policy']} {'loaded' if r['loaded'] else 'idle'} {r['cpu_median']:.2f}" for r in cpu)]
+    if cpu:  # CPU seconds the same work took, and the CPUs it got (CPU s / wall s): its share of the machine
+        lines += ["", "| task | policy | condition | CPU s median | CPU s min-max | max/min | CPUs used (CPU s / wall s), min-max |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in cpu:
+            used = [c / w for c, w in zip(r["cpu"], r["seconds"], strict=True)]
+            lines.append(f"| {r['task']} | {label[r['policy']]} | {'loaded' if r['loaded'] else 'idle'} | {r['cpu_median']:.2f} | "
+                         f"{min(r['cpu']):.2f}-{max(r['cpu']):.2f} | {max(r['cpu']) / min(r['cpu']):.2f} | "
+                         f"{min(used):.2f}-{max(used):.2f} |")
     if "startup" in report:
         s = report["startup"]
         base, bcpu, cpu_s = s.get("baseline_wall_s", {}), s.get("baseline_cpu_s", {}), s.get("cpu_s", {})

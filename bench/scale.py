@@ -230,7 +230,7 @@ def _sharded_run(data: Path, store: Path, *, shard_cells: int, chunk_cells: int,
     planned = json.loads(subprocess.run(_cli("submit", str(data), "--model", "sclstore-tiny", "--device", "cpu", "--store", str(store),
                                              "--shard-cells", str(shard_cells), "--chunk-cells", str(chunk_cells), "--json"),
                                         check=True, capture_output=True, cwd=cwd, env=env).stdout)
-    if (planned.get("thread_policy") or {}).get("threads") != 1:  # the run pins the torch threads its workers embed with
+    if (planned.get("thread_policy") or {}).get("threads") != 1:  # planned under the workers' policy (one thread each)
         raise SystemExit(f"the run was planned for {planned.get('thread_policy')}, not one thread per worker")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()

@@ -47,12 +47,12 @@ logger = logging.getLogger(__name__)
 PLAN_VERSION = 1
 MAX_CHUNK_CELLS = 4096
 SUBMIT_SHARD_CHUNKS = 16
-#: Torch threads per batch of a new CPU run. One thread per batch, with several batches at once,
-#: is faster than one batch split over the threads and keeps its speed on a CPU shared with other
-#: busy processes (:mod:`sclstore.ingest.embed`); and a run's numbers then do not depend on the
-#: machine's or the worker's thread count.
-CPU_THREADS_PER_BATCH = 1
 """Default shard size of ``sclstore submit``, in chunks."""
+CPU_THREADS_PER_BATCH = 1
+"""Torch threads per batch of a new CPU run. One thread per batch, with several batches at once,
+is faster than one batch split over the threads and keeps its speed on a CPU shared with other
+busy processes (:mod:`sclstore.ingest.embed`); and a run's numbers then do not depend on the
+machine's or the worker's thread count."""
 
 
 def resolve_device(device: str, *, check: bool = True) -> torch.device:

@@ -177,15 +177,15 @@ class Store:
 
         ``options`` are :class:`~sclstore.store.IngestConfig` fields; ``device`` names the
         workers' device (it sets the run's precision and need not exist here); ``shard_cells``
-        sizes the shards (default 16 chunks). A CPU run is pinned to the torch thread count of
-        the thread policy (``threads``, ``$SCLSTORE_THREADS``, else this process's allowance; see
-        :meth:`thread_policy`), as :meth:`ingest` is: give the workers' count. Returns a
+        sizes the shards (default 16 chunks). A CPU run pins one torch thread per batch; each
+        worker runs as many batches at once as its own thread policy allows (see
+        :meth:`thread_policy`). ``threads`` applies the policy to this process's planning. Returns a
         ``SubmitResult`` (``.id``: the run id).
         """
         policy = runtime.configure(threads)
         from sclstore.ingest.pipeline import submit
 
-        runtime.apply(policy)  # torch is loaded now: the planner pins its thread count
+        runtime.apply(policy)  # torch is loaded now: planning (hashing, the model load) runs under the policy
         return submit(self.backend, data, IngestConfig(model=model, checkpoint=checkpoint, **options))
 
     def work(

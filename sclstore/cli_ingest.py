@@ -144,8 +144,8 @@ def submit(
     """Plan a run once (hash, register the dataset, create the run, its array and shards); prints the run id.
 
     Workers anywhere then embed it: `sclstore work RUN` (see the README's Slurm and Kubernetes recipes).
-    A CPU run is pinned to the thread policy's count here (`--threads`, `$SCLSTORE_THREADS`, else
-    this machine's allowance): give the workers' count.
+    A CPU run pins one torch thread per batch: each worker runs as many batches at once as its own
+    thread policy allows (`--threads`, `$SCLSTORE_THREADS`, else its CPU allowance).
     """
     opts = IngestOptions(name, pool, layers, dtype, batch_size, device, counts_layer, gene_column, cluster_by, seed, max_genes,
                          precision, model_option, workers, chunk_cells, memory_mb, shard_cells, rehash).config()

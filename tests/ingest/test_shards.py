@@ -141,11 +141,11 @@ def test_submit_defaults_to_shards_of_16_chunks(world) -> None:
 
 
 @pytest.mark.parametrize("how", ["--threads", "SCLSTORE_THREADS"])
-def test_cli_submit_pins_the_thread_policy_count_the_workers_use(world, how: str) -> None:
-    """`sclstore submit` applies the thread policy before planning, as `ingest` does: a CPU run is
-    pinned to the count the workers are given, not to torch's default on the submitting machine
-    (which made every `--threads 1` worker switch torch to the machine's core count per shard).
-    3 is no machine's default here, so the pinned value can only come from the policy."""
+def test_cli_submit_applies_the_thread_policy_and_pins_one_thread_per_batch(world, how: str) -> None:
+    """`sclstore submit` applies the thread policy before planning, as `ingest` does (3 is no
+    machine's default here, so the reported count can only come from the policy); the CPU run it
+    plans pins one torch thread per batch whatever that count, so workers with any allowance give
+    the same numbers (each runs as many batches at once as it has threads)."""
     store = world["tmp"] / "s"
     argv = [sys.executable, "-m", "sclstore.cli", "submit", str(world["data"]), "--model", "tahoe-x1", "--checkpoint", str(world["ckpt"]),
             "--device", "cpu", "--store", str(store), "--chunk-cells", "32", "--batch-size", "8", "--shard-cells", "200", "--json"]
