@@ -110,8 +110,8 @@ def work(
         This worker's device (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
     forever
         Keep polling for new runs (the ingest service); otherwise return once the runs in scope
-        have no shard queued or being embedded (a worker waits while others hold shards, so it
-        can take over a dead one's).
+        have no shard queued or being embedded and none is waiting for its finaliser (a worker
+        waits while others hold shards or finalise a run, so it can take over a dead one's).
     batch_size, precision
         Only to check: a worker whose settings would change a run's numbers refuses it
         (:class:`~.plan.NumericsRefused`) before claiming anything of ``runs``; serving any run
@@ -152,7 +152,10 @@ def work(
                 lease = backend.shards.claim(runs=runs, device=device, shuffle=shuffle, exclude=sorted(refused))
                 if lease is None:
                     report.runs_finalised += _finalise_ready(backend, runs, final_stats)
-                    if not forever and not set(backend.shards.pending_runs(runs)) - refused:
+                    # done only when no run in scope has a shard left or a finaliser still at work (another
+                    # process consolidating it; if that process died, this one finalises it after its lease)
+                    unfinished = set(backend.shards.pending_runs(runs)) | set(backend.shards.finishable_runs(runs))
+                    if not forever and not unfinished - refused:
                         break
                     outage.ok()
                     stop.wait(poll_s)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -132,6 +133,37 @@ def test_cpu_streams_give_the_bytes_of_one_batch_at_a_time(world, reference, mon
     assert where[1] == {threading.main_thread().name}
     assert len(where[3]) == 3 and all(name.startswith("sclstore-stream") for name in where[3])
     assert got[1] == got[3] == reference
+
+
+def test_a_worker_waits_while_another_process_finalises_the_run(world, reference) -> None:
+    """Every shard done while another process holds the run's lease (it is consolidating the array):
+    the worker neither returns (a plain `ingest` would then find its run unfinished: two processes
+    ingesting the same data raced on this) nor finalises; once the finaliser lets go without
+    finishing, the worker finalises the run itself."""
+    import threading
+    import time
+
+    from sclstore.store.lease import try_acquire
+
+    with sclstore.open_store(world["tmp"] / "s", create=True) as st:
+        b = st.backend
+        sub = st.submit(world["data"], "tahoe-x1", str(world["ckpt"]), shard_cells=200, device="cpu", **KW)
+        finaliser = try_acquire(b.engine, sub.id, ttl_s=b.settings.lease_ttl_s, heartbeat_s=b.settings.heartbeat_s)
+        assert finaliser is not None
+        box: dict[str, Any] = {}
+        worker_thread = threading.Thread(target=lambda: box.setdefault("report", work(b, runs=[sub.id], device="cpu", workers=0,
+                                                                                        poll_s=0.02)))
+        worker_thread.start()
+        deadline = time.time() + 300
+        while time.time() < deadline and b.shards.counts(sub.id)["done"] < len(SHARDS):
+            time.sleep(0.05)
+        time.sleep(1.0)  # ~50 polls with nothing to claim
+        assert worker_thread.is_alive() and st.run(sub.id).status == "running"
+        finaliser.release()
+        worker_thread.join(timeout=120)
+        assert not worker_thread.is_alive() and box["report"].runs_finalised == [sub.id]
+        assert st.run(sub.id).status == "complete"
+        assert layer_bytes(st, sub.id) == reference
 
 
 def test_submit_defaults_to_shards_of_16_chunks(world) -> None:
