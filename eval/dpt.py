@@ -237,16 +237,10 @@ def _graph(X: np.ndarray, n_neighbors: int, n_dcs: int, seed: int, *, transforme
     k = min(n_neighbors, n - 1)
     a = ad.AnnData(obs=pd.DataFrame(index=pd.RangeIndex(n).astype(str)))
     direct = direct and k >= 2 and isinstance(transformer, PrecomputedKnn)
-    if direct:  # connectivities only: no distance matrix, no AnnData round trips
-        from sclstore.eval.connectivity import umap_connectivities
-
-        pre = transformer
-        a.obsp["connectivities"] = umap_connectivities(*_with_self(pre.indices, pre.distances))
-        a.uns["neighbors"] = {"connectivities_key": "connectivities", "distances_key": "distances",
-                              "params": {"n_neighbors": int(pre.indices.shape[1] + 1), "method": "umap"}}
-    elif k >= 2 and (transformer == "sklearn" or isinstance(transformer, PrecomputedKnn)):
-        a.obsm["rep"] = X
-        _neighbour_graph(a, X, k, seed, transformer)
+    if k >= 2 and (transformer == "sklearn" or isinstance(transformer, PrecomputedKnn)):
+        if not direct:  # direct: connectivities only, no representation or distance matrix kept
+            a.obsm["rep"] = X
+        _neighbour_graph(a, X, k, seed, transformer, distances=not direct)
     else:
         a.obsm["rep"] = X
         with warnings.catch_warnings():
@@ -257,10 +251,11 @@ def _graph(X: np.ndarray, n_neighbors: int, n_dcs: int, seed: int, *, transforme
     return a
 
 
-def _neighbour_graph(a: AnnData, X: np.ndarray, k: int, seed: int, transformer: Any) -> None:
+def _neighbour_graph(a: AnnData, X: np.ndarray, k: int, seed: int, transformer: Any, *, distances: bool = True) -> None:
     """Write what ``sc.pp.neighbors(a, n_neighbors=k, use_rep="rep", transformer=...)`` writes.
 
-    ``distances`` holds each cell's ``k - 1`` neighbours, ``connectivities`` umap's fuzzy union
+    ``distances`` holds each cell's ``k - 1`` neighbours (not written with ``distances=False``:
+    the diffusion map reads only the connectivities), ``connectivities`` umap's fuzzy union
     (:func:`~sclstore.eval.connectivity.umap_connectivities`), ``uns["neighbors"]`` scanpy's keys.
     """
     from sclstore.eval.connectivity import umap_connectivities
@@ -272,7 +267,9 @@ def _neighbour_graph(a: AnnData, X: np.ndarray, k: int, seed: int, transformer: 
         pre = PrecomputedKnn(lists.indices, lists.distances)
     n = X.shape[0]
     m = pre.indices.shape[1]
-    a.obsp["distances"] = sparse.csr_matrix((pre.distances.ravel(), pre.indices.ravel(), np.arange(0, n * m + 1, m)), shape=(n, n))
+    if distances:
+        a.obsp["distances"] = sparse.csr_matrix((pre.distances.ravel(), pre.indices.ravel(), np.arange(0, n * m + 1, m)),
+                                                shape=(n, n))
     a.obsp["connectivities"] = umap_connectivities(*_with_self(pre.indices, pre.distances))
     a.uns["neighbors"] = {"connectivities_key": "connectivities", "distances_key": "distances",
                           "params": {"n_neighbors": int(m + 1), "method": "umap", "random_state": seed, "metric": "euclidean",

@@ -252,7 +252,7 @@ def _pinned_threads(ctx: RunContext) -> Iterator[int]:
     import torch
 
     before = torch.get_num_threads()
-    if ctx.cpu_threads is None or ctx.device.type != "cpu":
+    if ctx.cpu_threads is None:  # CUDA (a CPU run always pins its threads per batch)
         yield 1
         return
     streams = stream_count(before, ctx.cpu_threads)
