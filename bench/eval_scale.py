@@ -17,11 +17,17 @@ E6  trajectory cost per layer vs cells, in-process CPU seconds (load-independent
 E7  RSA cost per layer and condition vs perturbations, in-process CPU seconds: cross-fitted
     ``rsa_folds`` (2 folds, 200 bootstraps, 999 permutations) at ``--rsa-k`` perturbations
     (the target 2,000 included), extrapolated to 3 conditions x ``--layers`` on ``--jobs`` cores.
+E8  neighbour search of one E3 layer (the final, noisiest one; ``--traj-cells`` x ``--dim``), one
+    CPU: the blocked exact search vs pynndescent (times, pynndescent's recall against the exact
+    lists), scikit-learn's brute force timed on ``--knn-sklearn-cells`` cells; then the best
+    layer's trajectory scores (all cells + ``--e8-subsamples`` subsamples) with exact vs
+    approximate graphs.
 
 Usage::
 
     python bench/eval_scale.py [--size 1.0] [--jobs 2] [--subsamples 20] [--only E3 E4 E5 E6 E7] [--dir WORK]
                                [--layer-cells 5000 10000 20000] [--knn approx] [--rsa-k 500 1000 2000]
+                               [--knn-sklearn-cells 20000] [--e8-subsamples 5]
 """
 
 from __future__ import annotations
@@ -67,10 +73,12 @@ def e3(work: Path, args: argparse.Namespace) -> None:
     factor = (full / n) ** 2  # exact kNN: O(n^2 d) dominates
     approx = (full / n) ** 1.14  # ASSUMPTION: pynndescent's empirical ~n^1.14, the diffusion map ~linear (sparse graph)
     reps = (1 + 20) / (1 + args.subsamples)  # the library default is 20 subsamples
-    print(f"E3 trajectory {n} cells x {args.layers} layers x {args.dim} dims, {args.subsamples} subsamples, jobs {args.jobs}: "
-          f"{sec:.1f} s ({sec / args.layers:.1f} s per layer); best layer {int(rep.summary['best_layer'].iloc[0])}  [{load()}]")
-    print(f"   EXTRAPOLATED to {full} cells, 20 subsamples: exact kNN (x (n/{n})^2) {sec * factor * reps / 60:.0f} min; "
-          f"approximate kNN (knn=auto above 8,192 cells; x (n/{n})^1.14, assumed) {sec * approx * reps / 60:.0f} min")
+    print(f"E3 trajectory {n} cells x {args.layers} layers x {args.dim} dims, {args.subsamples} subsamples, jobs {args.jobs}, "
+          f"kNN {rep.notes.get('knn', 'auto')}: {sec:.1f} s ({sec / args.layers:.1f} s per layer); "
+          f"best layer {int(rep.summary['best_layer'].iloc[0])}  [{load()}]")
+    if n < full or args.subsamples != 20:
+        print(f"   EXTRAPOLATED to {full} cells, 20 subsamples: exact kNN (x (n/{n})^2) {sec * factor * reps / 60:.0f} min; "
+              f"approximate kNN (x (n/{n})^1.14, assumed) {sec * approx * reps / 60:.0f} min")
 
 
 def e4(work: Path, args: argparse.Namespace) -> None:
@@ -119,7 +127,7 @@ def e6(args: argparse.Namespace) -> None:
     from sclstore.eval.stats import subsample_indices
     from sclstore.eval.trajectory import GraphOptions, layer_pseudotimes
 
-    tr = {"exact": "sklearn", "approx": "pynndescent"}[args.knn]
+    tr = {"exact": "sklearn", "blocked": "blocked", "approx": "pynndescent"}[args.knn]
     cpu = []
     for n in args.layer_cells:
         rng = np.random.default_rng(0)
@@ -159,6 +167,53 @@ def e7(args: argparse.Namespace) -> None:
           f"{cpu[-1] * 3 * args.layers / args.jobs / 60:.1f} min of RSA (plus DE and centroids, linear in cells: E4)")
 
 
+def e8(args: argparse.Namespace) -> None:
+    from threadpoolctl import threadpool_limits
+
+    from sclstore.eval.knn import list_length, neighbour_lists
+    from sclstore.eval.stats import subsample_indices
+    from sclstore.eval.trajectory import GraphOptions, combine_layer_pseudotimes, layer_pseudotimes
+
+    n = max(2000, int(args.traj_cells * args.size))
+    rng = np.random.default_rng(0)
+    t = rng.uniform(0, 1, n)
+    latent = np.c_[t, np.sin(3 * t), rng.normal(scale=0.3, size=(n, 3))]  # E3's data; its final layer
+    layers = simulate_layers(latent, n_layers=args.layers, best_layer=args.layers // 2, dim=args.dim, seed=1)
+    X, best = layers[-1], layers[args.layers // 2]
+    del layers
+    K = list_length(n, 29, 0.8)  # the runner's list at k = 30 and 80% subsamples
+    with threadpool_limits(limits=1):  # as the runner runs a layer
+        neighbour_lists(X[:3000], 20, method="pynndescent")  # numba compilation paid before timing
+        neighbour_lists(X[:3000], 20, method="blocked")
+        cpu = {}
+        lists = {}
+        for m in ("blocked", "pynndescent"):
+            c0 = time.process_time()
+            lists[m] = neighbour_lists(X, K, method=m)
+            cpu[m] = time.process_time() - c0
+        m_sk = min(n, args.knn_sklearn_cells)
+        c0 = time.process_time()
+        neighbour_lists(X[:m_sk], K, method="sklearn")
+        sk = time.process_time() - c0
+        ex, ap_ = lists["blocked"].indices, lists["pynndescent"].indices
+        recall = float(np.mean([len(set(a[:29]) & set(e[:29])) / 29 for a, e in zip(ap_, ex, strict=True)]))
+        print(f"E8 neighbour lists (K = {K}) of {n} cells x {args.dim} dims, one CPU: blocked exact {cpu['blocked']:.1f} s, "
+              f"pynndescent {cpu['pynndescent']:.1f} s (recall of the 29 nearest {recall:.3f}); scikit-learn brute force "
+              f"{sk:.1f} s at {m_sk} cells (x (n/{m_sk})^2 = {sk * (n / m_sk) ** 2:.0f} s at {n}, extrapolated)  [{load()}]")
+        idx = subsample_indices(n, n_subsamples=args.e8_subsamples, fraction=0.8, seed=0)
+        layer_pseudotimes(best[:3000], t[:3000], options=GraphOptions(transformer="blocked"))  # imports paid before timing
+        scores = {}
+        for m in ("blocked", "pynndescent"):
+            c0 = time.process_time()
+            pts = layer_pseudotimes(best, t, subsamples=idx, options=GraphOptions(transformer=m))
+            sc_ = combine_layer_pseudotimes([pts], t, subsamples=idx)
+            scores[m] = (float(sc_.rho_time[0]), sc_.resamples_time[0], time.process_time() - c0)
+    (re_, rs_e, ce), (ra, rs_a, ca) = scores["blocked"], scores["pynndescent"]
+    print(f"   trajectory score of the best layer ({args.layers // 2}), all cells: exact graph {re_:.4f} vs approximate {ra:.4f} "
+          f"(difference {ra - re_:+.4f}); "
+          f"{args.e8_subsamples} subsamples: largest difference {np.abs(rs_a - rs_e).max():.4f}; CPU {ce:.0f} s vs {ca:.0f} s  [{load()}]")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=float, default=1.0, help="scale of every cell/perturbation count (1 = the issue's targets)")
@@ -172,9 +227,12 @@ def main() -> None:
     ap.add_argument("--knn-cells", type=int, default=50_000)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--layer-cells", type=int, nargs="+", default=[5000, 10000, 20000], help="E6 sizes")
-    ap.add_argument("--knn", choices=["exact", "approx"], default="approx", help="E6 neighbour search (auto picks approx above 8,192)")
+    ap.add_argument("--knn", choices=["exact", "blocked", "approx"], default="approx",
+                    help="E6 neighbour search (exact: scikit-learn's; auto picks blocked above 8,192 cells, approx above 131,072)")
+    ap.add_argument("--knn-sklearn-cells", type=int, default=20_000, help="E8: cells for scikit-learn's brute force")
+    ap.add_argument("--e8-subsamples", type=int, default=5, help="E8: subsamples scored with each graph")
     ap.add_argument("--rsa-k", type=int, nargs="+", default=[500, 1000, 2000], help="E7 perturbation counts")
-    ap.add_argument("--only", nargs="+", default=["E3", "E4", "E5", "E6", "E7"])
+    ap.add_argument("--only", nargs="+", default=["E3", "E4", "E5", "E6", "E7", "E8"])
     ap.add_argument("--dir", type=Path, default=None)
     args = ap.parse_args()
     work = Path(args.dir or tempfile.mkdtemp(prefix="sclstore-bench-scale-"))
@@ -190,6 +248,8 @@ def main() -> None:
             e6(args)
         if "E7" in args.only:
             e7(args)
+        if "E8" in args.only:
+            e8(args)
     finally:
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)

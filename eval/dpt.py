@@ -21,7 +21,7 @@ from scipy import sparse
 from scipy import stats as sps
 from scipy.sparse.csgraph import connected_components
 
-from sclstore.eval.knn import PrecomputedKnn, neighbour_lists
+from sclstore.eval.knn import EXACT_METHODS, PrecomputedKnn, neighbour_lists
 from sclstore.store.errors import EvaluationError, InvalidInputError
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ __all__ = [
     "as_time",
     "diffusion_map",
     "dpt_pseudotime",
+    "lanczos_vectors",
     "reference_pseudotime",
     "standardize_columns",
 ]
@@ -173,8 +174,19 @@ def standardize_columns(X: np.ndarray) -> np.ndarray:
 EIGSH_TOL = 1e-8
 
 
+def lanczos_vectors(n: int, k: int) -> int:
+    """Lanczos basis size of the fast diffusion map: ``3k + 6`` (scanpy/scipy: ``max(2k + 1, 20)``).
+
+    Diffusion spectra of large kNN graphs are clustered (at 100,000 cells x 512 dims the 10
+    eigenvalues of largest magnitude lie within 0.77-0.85 of each other, in +/- pairs); a larger
+    basis needs fewer restarts: ~35% fewer products and ~30% less time at ``k = 10`` (36 vectors
+    vs 21), the eigenpairs unchanged at the solver tolerance (``tests/eval/test_diffmap.py``).
+    """
+    return int(min(n - 1, max(3 * k + 6, 20)))
+
+
 def diffusion_map(a: AnnData, n_comps: int, seed: int, *, tol: float = EIGSH_TOL, v0: np.ndarray | None = None,
-                  float64_transitions: bool = False) -> None:
+                  float64_transitions: bool = False, ncv: int | None = None) -> None:
     """``sc.tl.diffmap`` with a solver tolerance and an optional start vector.
 
     The same transition matrix (Coifman-Lafon density normalisation, symmetric) and the same
@@ -197,6 +209,8 @@ def diffusion_map(a: AnnData, n_comps: int, seed: int, *, tol: float = EIGSH_TOL
     float64_transitions
         Build the transition matrix in float64 in one pass (:func:`~sclstore.eval.connectivity.transitions_sym`)
         instead of scanpy's float32 diagonal-matrix products (entries agree to float32 rounding).
+    ncv
+        Lanczos basis size (``None``: scipy's ``max(2k + 1, 20)``, as scanpy; see :func:`lanczos_vectors`).
     """
     from scipy.sparse.linalg import eigsh
     from sklearn.utils import check_random_state
@@ -216,7 +230,7 @@ def diffusion_map(a: AnnData, n_comps: int, seed: int, *, tol: float = EIGSH_TOL
         matrix = (Z @ conn_norm @ Z).astype(np.float64)
     k = min(n - 1, n_comps)
     start = check_random_state(seed).standard_normal(n) if v0 is None else np.asarray(v0, dtype=np.float64)
-    evals, evecs = eigsh(matrix, k=k, which="LM", ncv=None, v0=start, tol=tol)
+    evals, evecs = eigsh(matrix, k=k, which="LM", ncv=None if ncv is None else min(n - 1, max(ncv, k + 1)), v0=start, tol=tol)
     a.obsm["X_diffmap"] = evecs.astype(np.float32)[:, ::-1]
     a.uns["diffmap_evals"] = evals.astype(np.float32)[::-1]
 
@@ -226,9 +240,11 @@ def _graph(X: np.ndarray, n_neighbors: int, n_dcs: int, seed: int, *, transforme
     """kNN graph + diffusion map; ``transformer`` may be a precomputed one (:class:`~sclstore.eval.knn.PrecomputedKnn`).
 
     ``eigen_tol=0``, ``v0=None`` and ``direct=False`` give ``sc.pp.neighbors`` + ``sc.tl.diffmap`` bit
-    for bit (every caller but the per-layer runner). ``direct=True`` with precomputed neighbours
-    builds the connectivities and the transition matrix straight from the lists
-    (:mod:`sclstore.eval.connectivity`: the same graph without scanpy's matrix round trips).
+    for bit (every caller but the per-layer runner); ``eigen_tol > 0`` also enlarges the Lanczos
+    basis (:func:`lanczos_vectors`). ``direct=True`` with precomputed neighbours builds the
+    connectivities and the transition matrix straight from the lists (:mod:`sclstore.eval.connectivity`:
+    the same graph without scanpy's matrix round trips). ``transformer="blocked"`` is an exact
+    search like ``"sklearn"``.
     """
     import anndata as ad
     import scanpy as sc
@@ -237,7 +253,7 @@ def _graph(X: np.ndarray, n_neighbors: int, n_dcs: int, seed: int, *, transforme
     k = min(n_neighbors, n - 1)
     a = ad.AnnData(obs=pd.DataFrame(index=pd.RangeIndex(n).astype(str)))
     direct = direct and k >= 2 and isinstance(transformer, PrecomputedKnn)
-    if k >= 2 and (transformer == "sklearn" or isinstance(transformer, PrecomputedKnn)):
+    if k >= 2 and (transformer in EXACT_METHODS or isinstance(transformer, PrecomputedKnn)):
         if not direct:  # direct: connectivities only, no representation or distance matrix kept
             a.obsm["rep"] = X
         _neighbour_graph(a, X, k, seed, transformer, distances=not direct)
@@ -246,7 +262,9 @@ def _graph(X: np.ndarray, n_neighbors: int, n_dcs: int, seed: int, *, transforme
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sc.pp.neighbors(a, n_neighbors=k, use_rep="rep", transformer=transformer, random_state=seed)
-    diffusion_map(a, min(diffmap_comps or n_dcs, n - 2), seed, v0=v0, tol=eigen_tol, float64_transitions=direct)
+    comps = min(diffmap_comps or n_dcs, n - 2)
+    diffusion_map(a, comps, seed, v0=v0, tol=eigen_tol, float64_transitions=direct,
+                  ncv=lanczos_vectors(n, comps) if eigen_tol > 0 else None)  # the fast solver (tol > 0) only
     a.uns["sclstore_n_dcs"] = int(min(n_dcs, a.obsm["X_diffmap"].shape[1]))
     return a
 
@@ -262,8 +280,8 @@ def _neighbour_graph(a: AnnData, X: np.ndarray, k: int, seed: int, transformer: 
 
     if isinstance(transformer, PrecomputedKnn):
         pre = transformer
-    else:  # the exact search scanpy's transformer="sklearn" makes (tests/eval/test_knn.py)
-        lists = neighbour_lists(X, k - 1, method="sklearn")
+    else:  # an exact search: scanpy's transformer="sklearn" (tests/eval/test_knn.py) or the blocked one
+        lists = neighbour_lists(X, k - 1, method=str(transformer))
         pre = PrecomputedKnn(lists.indices, lists.distances)
     n = X.shape[0]
     m = pre.indices.shape[1]

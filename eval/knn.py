@@ -27,10 +27,15 @@ from scipy import sparse
 
 from sclstore.store.errors import InvalidInputError
 
-__all__ = ["NEIGHBOUR_METHODS", "NeighbourLists", "PrecomputedKnn", "list_length", "neighbour_lists", "restrict", "subsample_fraction"]
+__all__ = ["EXACT_METHODS", "NEIGHBOUR_METHODS", "NeighbourLists", "PrecomputedKnn", "list_length", "neighbour_lists", "restrict",
+           "subsample_fraction"]
 
-#: ``sklearn``: exact brute-force search; ``pynndescent``: approximate.
-NEIGHBOUR_METHODS = ("sklearn", "pynndescent")
+#: ``sklearn``: exact brute-force search (scanpy's ``transformer="sklearn"``); ``blocked``: exact, by
+#: blocked matrix products (:mod:`sclstore.eval.knn_exact`, ~5x faster at 20,000 cells and more);
+#: ``pynndescent``: approximate.
+NEIGHBOUR_METHODS = ("sklearn", "blocked", "pynndescent")
+#: The exact ones.
+EXACT_METHODS = ("sklearn", "blocked")
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)  # holds arrays
@@ -96,8 +101,9 @@ def neighbour_lists(X: np.ndarray, K: int, *, method: str = "sklearn", seed: int
     K
         List length (``1 <= K < n``).
     method
-        ``sklearn`` (exact, brute force, as ``sc.pp.neighbors(transformer="sklearn")``) or
-        ``pynndescent`` (approximate).
+        ``sklearn`` (exact, brute force, as ``sc.pp.neighbors(transformer="sklearn")``),
+        ``blocked`` (exact, :func:`~sclstore.eval.knn_exact.exact_neighbours`) or ``pynndescent``
+        (approximate).
     seed
         Seed of pynndescent.
 
@@ -114,6 +120,11 @@ def neighbour_lists(X: np.ndarray, K: int, *, method: str = "sklearn", seed: int
 
         index = NNDescent(X, n_neighbors=K + 1, random_state=seed, n_jobs=1)
         idx, dist = index.neighbor_graph
+    elif method == "blocked":
+        from sclstore.eval.knn_exact import exact_neighbours
+
+        idx, dist = exact_neighbours(X, K)
+        return NeighbourLists(indices=idx, distances=dist, method=method)
     elif method == "sklearn":
         from sklearn.neighbors import NearestNeighbors
 

@@ -36,6 +36,7 @@ from .claims import layer_claims
 from .report import EvalReport
 from .results import LayerScore, apply_claim, claim_summary_row
 from .tasks import (
+    LAYER_THREADS,
     Task,
     TaskConfig,
     TaskContext,
@@ -198,40 +199,55 @@ class LayerProgress:
 def _worker_compute(task: Task, config: TaskConfig, state: Any, threads: int, layer: int, data: Any) -> Any:
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=threads):
-        return task.compute_layer(config, state, layer, data)
+    token = LAYER_THREADS.set(threads)
+    try:
+        with threadpool_limits(limits=threads):
+            return task.compute_layer(config, state, layer, data)
+    finally:
+        LAYER_THREADS.reset(token)
 
 
 def _compute_layers(task: Task, ctx: TaskContext, config: TaskConfig, state: Any, layers: list[int],
                     progress: LayerProgress) -> dict[int, Any]:
-    jobs = max(1, min(int(config.n_jobs), cpu_allowance(), len(layers)))
+    cpus = cpu_allowance()
+    jobs = max(1, min(int(config.n_jobs), cpus, len(layers)))
     results: dict[int, Any] = {}
     if jobs == 1:
-        for layer in layers:  # stream: one layer in memory at a time
-            results[layer] = task.compute_layer(config, state, layer, task.layer_input(ctx, config, state, layer))
-            progress.advance()
+        token = LAYER_THREADS.set(cpus if task.threaded_layers else 1)
+        try:
+            for layer in layers:  # stream: one layer in memory at a time
+                results[layer] = task.compute_layer(config, state, layer, task.layer_input(ctx, config, state, layer))
+                progress.advance()
+        finally:
+            LAYER_THREADS.reset(token)
         return results
     # loky (joblib's) reusable executor: spawn-safe without re-running the caller's __main__, tasks and
     # configs pickled with cloudpickle (tasks registered in-process work too), and its workers stay warm
     # between evaluations (their imports and JIT compilation are paid once per session, not per call).
     from joblib.externals.loky import get_reusable_executor
 
-    threads = max(1, cpu_allowance() // jobs)  # processes x threads never exceed the CPUs we may use
-    logger.info("%s: %d worker processes x %d threads over %d layers", task.name, jobs, threads, len(layers))
+    threads = max(1, cpus // jobs)  # processes x threads never exceed the CPUs we may use
+    # a task that uses several threads per layer gets the last len % jobs layers (which would leave
+    # workers idle) after the others, with every CPU shared among them
+    tail = len(layers) % jobs if task.threaded_layers else 0
+    rounds = [(layers[:len(layers) - tail], jobs, threads)] + ([(layers[len(layers) - tail:], tail, max(1, cpus // tail))] if tail else [])
+    logger.info("%s: %d worker processes x %d threads over %d layers%s", task.name, jobs, threads, len(layers),
+                f"; the last {tail} with {rounds[-1][2]} threads each" if tail else "")
     wstate = task.worker_state(state)
     pool = get_reusable_executor(max_workers=jobs, timeout=300)
     pending: dict[Future[Any], int] = {}
-    todo = list(layers)
     try:
-        while todo or pending:
-            while todo and len(pending) < jobs:  # at most `jobs` layers read and in flight
-                layer = todo.pop(0)
-                data = task.layer_input(ctx, config, state, layer)
-                pending[pool.submit(_worker_compute, task, config, wstate, threads, layer, data)] = layer
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                results[pending.pop(fut)] = fut.result()
-                progress.advance()
+        for todo_layers, width, per_layer in rounds:
+            todo = list(todo_layers)
+            while todo or pending:
+                while todo and len(pending) < width:  # at most `width` layers read and in flight
+                    layer = todo.pop(0)
+                    data = task.layer_input(ctx, config, state, layer)
+                    pending[pool.submit(_worker_compute, task, config, wstate, per_layer, layer, data)] = layer
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    results[pending.pop(fut)] = fut.result()
+                    progress.advance()
     finally:
         for fut in pending:
             fut.cancel()

@@ -21,7 +21,7 @@ from .report import EvalReport
 from .results import BASELINE_LAYER, LayerScore, layer_table, summarize_layers
 from .runner import PROTOCOLS, _cached_intermediate, _claimed_rows, _counts, _finite
 from .stats import subsample_indices
-from .tasks import Task, TaskConfig, TaskContext, register_task
+from .tasks import Task, TaskConfig, TaskContext, layer_threads, register_task
 from .trajectory import (
     GraphOptions,
     as_time,
@@ -31,10 +31,15 @@ from .trajectory import (
     reference_pseudotime,
 )
 
-__all__ = ["APPROX_KNN_ABOVE", "KNN_METHODS", "TrajectoryConfig", "TrajectoryTask"]
+__all__ = ["APPROX_KNN_ABOVE", "BLOCKED_KNN_ABOVE", "KNN_METHODS", "TrajectoryConfig", "TrajectoryTask"]
 
-#: Above this many cells ``knn="auto"`` uses pynndescent's approximate neighbours (scanpy's rule).
-APPROX_KNN_ABOVE = 8192
+#: Above this many cells an exact search is the blocked one (scikit-learn's brute force below: scanpy's
+#: exact search, ~4x slower at 20,000 cells).
+BLOCKED_KNN_ABOVE = 8192
+#: Above this many cells ``knn="auto"`` uses pynndescent's approximate neighbours. The blocked exact
+#: search costs ~n^2 and pynndescent ~n^1.14: at 100,000 cells x 512 dims they take ~60 and ~75 s of
+#: one CPU (``bench/eval_scale.py`` E8), so up to 2^17 cells ``auto`` keeps the search exact.
+APPROX_KNN_ABOVE = 131072
 KNN_METHODS = ("auto", "exact", "approx")
 SUBSAMPLE_FRACTION = 0.8
 
@@ -65,7 +70,7 @@ class TrajectoryConfig(TaskConfig):
     n_roots
         Random earliest-time roots of the root-sensitivity report.
     knn
-        ``auto`` (exact up to 8,192 cells, pynndescent above), ``exact`` or ``approx``.
+        ``auto`` (exact up to 131,072 cells, pynndescent above), ``exact`` or ``approx``.
     """
 
     pseudotime_key: str
@@ -94,17 +99,19 @@ def _transformer(config: TrajectoryConfig, n_cells: int) -> str | None:
         return None  # scanpy's own choice, as in the authors' code
     if config.knn == "approx" or (config.knn == "auto" and n_cells > APPROX_KNN_ABOVE):
         return "pynndescent"
-    return "sklearn"
+    return "blocked" if n_cells > BLOCKED_KNN_ABOVE else "sklearn"
 
 
 class TrajectoryTask(Task):
     """Trajectory inference per layer (see :mod:`sclstore.eval.trajectory`)."""
 
     name = "trajectory"
-    version = "4"  # 3: one neighbour search per layer reused by the subsamples (approximate kNN results changed)
+    version = "5"  # 3: one neighbour search per layer reused by the subsamples (approximate kNN results changed)
     # 4: diffusion maps with ARPACK tol 1e-8 and warm-started subsamples (DPT within ~1e-7)
+    # 5: auto is exact (blocked search) up to 2^17 cells; a larger Lanczos basis (eigenpairs within the tolerance)
     title = "Trajectory inference (DPT vs time)"
     config_cls = TrajectoryConfig
+    threaded_layers = True
 
     def primary_metric(self, config: TaskConfig) -> str:
         assert isinstance(config, TrajectoryConfig)
@@ -170,10 +177,13 @@ class TrajectoryTask(Task):
     def compute_layer(self, config: TaskConfig, state: dict[str, Any], layer: int, data: np.ndarray) -> Any:
         if np.ptp(data, axis=0).max() == 0:
             return "the embedding is the same for every cell (e.g. cls at the input layer)"
+        threads = layer_threads()
         try:
-            with threadpool_limits(limits=1):  # kNN/diffmap on these sizes: oversubscribed threads cost up to 10x
+            # the runner's share of CPUs: BLAS in the neighbour search, a thread per subsample graph
+            # (more BLAS threads than that oversubscribe the sparse work: up to 10x slower)
+            with threadpool_limits(limits=threads):
                 return layer_pseudotimes(data, state["time"], subsamples=state["idxs"], root=state["root"], options=state["options"],
-                                         extra_roots=state["extra"])
+                                         extra_roots=state["extra"], threads=threads)
         except EvaluationError as exc:
             return str(exc)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
@@ -43,6 +44,7 @@ __all__ = [
     "TaskContext",
     "config_params",
     "get_task",
+    "layer_threads",
     "nokey",
     "register_task",
     "task_names",
@@ -50,6 +52,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "sclstore.tasks"
+#: CPU threads the runner gives the layer being computed (set around each ``compute_layer`` call).
+LAYER_THREADS: ContextVar[int] = ContextVar("sclstore_layer_threads", default=1)
+
+
+def layer_threads() -> int:
+    """CPU threads ``compute_layer`` may use for the layer it computes (see ``Task.threaded_layers``)."""
+    return LAYER_THREADS.get()
 
 
 def nokey(default: Any = None, **kw: Any) -> Any:
@@ -151,13 +160,16 @@ class Task:
     """One evaluation task (subclass and register an instance).
 
     Class attributes: ``name`` (the CLI/API name and the catalog's task column), ``version``
-    (bump when a metric changes so cached results are not reused), ``config_cls``, ``title``.
+    (bump when a metric changes so cached results are not reused), ``config_cls``, ``title``,
+    ``threaded_layers`` (``compute_layer`` uses :func:`layer_threads` CPUs: the runner then gives
+    the last layers, which would leave worker processes idle, every CPU between them).
     """
 
     name: ClassVar[str] = ""
     version: ClassVar[str] = "1"
     title: ClassVar[str] = ""
     config_cls: ClassVar[type[TaskConfig]] = TaskConfig
+    threaded_layers: ClassVar[bool] = False
 
     def primary_metric(self, config: TaskConfig) -> str:
         """The metric the headline and the plot use."""

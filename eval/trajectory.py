@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time as _time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -411,14 +412,17 @@ class GraphOptions:
         Components computed by the diffusion map (``None``: ``n_dcs``; the paper's code uses
         scanpy's default 15 with DPT on the first 10).
     transformer
-        ``"sklearn"`` (exact kNN, default) or ``None`` (scanpy's default choice, the paper's).
+        ``"sklearn"`` (exact kNN, default), ``"blocked"`` (exact, by blocked matrix products: faster
+        above a few thousand cells), ``"pynndescent"`` (approximate) or ``None`` (scanpy's default
+        choice, the paper's).
     standardize
         Z-score every coordinate before the graph (:func:`~sclstore.eval.dpt.standardize_columns`).
     seed
         ``random_state`` of neighbours and eigen solvers.
     fast_eigen
-        Diffusion maps with ARPACK tolerance :data:`~sclstore.eval.dpt.EIGSH_TOL` and, on the
-        subsamples, a start vector from the full-data eigenvectors (~40% fewer Lanczos products);
+        Diffusion maps with ARPACK tolerance :data:`~sclstore.eval.dpt.EIGSH_TOL`, a larger Lanczos
+        basis (:func:`~sclstore.eval.dpt.lanczos_vectors`) and, on the subsamples, a start vector
+        from the full-data eigenvectors (~40% fewer Lanczos products);
         with reused neighbour lists, connectivities and transition matrix built straight from the
         lists (:mod:`sclstore.eval.connectivity`). DPT within 5e-6 of ``False``, which is
         ``sc.pp.neighbors`` + ``sc.tl.diffmap`` bit for bit.
@@ -536,6 +540,7 @@ def layer_pseudotimes(
     options: GraphOptions = GraphOptions(),
     extra_roots: Sequence[int] = (),
     reuse_neighbours: bool = True,
+    threads: int = 1,
 ) -> LayerPseudotimes:
     """DPT of one representation on all cells and on the given subsamples.
 
@@ -557,8 +562,13 @@ def layer_pseudotimes(
     reuse_neighbours
         Search the neighbours once on all cells and restrict them to each subsample
         (:mod:`sclstore.eval.knn`; the same graphs as a fresh exact search per subsample) instead
-        of searching every subsample again. Applies to ``options.transformer`` ``"sklearn"``
-        and ``"pynndescent"``; scanpy's own choice (``None``, the paper protocol) searches anew.
+        of searching every subsample again. Applies to ``options.transformer`` ``"sklearn"``,
+        ``"blocked"`` and ``"pynndescent"``; scanpy's own choice (``None``, the paper protocol)
+        searches anew.
+    threads
+        CPU threads: the neighbour search's matrix products use the caller's BLAS threads, and the
+        subsample graphs run ``threads`` at a time, each on one BLAS thread (the results do not
+        depend on it).
 
     Returns
     -------
@@ -587,18 +597,32 @@ def layer_pseudotimes(
         rr = _choose_root(a, ts, r)
         return _dpt_from_graph(a, rr), rr, a
 
-    full, r0, a = dpt(X, t, root, None)
-    # warm start: the subsample's leading eigenvectors are close to the full data's, restricted
-    basis = np.asarray(a.obsm["X_diffmap"], dtype=np.float64) if o.fast_eigen else None
-    extra = np.vstack([_dpt_from_graph(a, int(e)) for e in extra_roots]) if len(extra_roots) else np.empty((0, t.shape[0]))
-    subs = []
-    forced = None if isinstance(root, str) else int(root)
-    for idx in subsamples:
-        sr: RootRule | int = root if forced is None else int(np.searchsorted(idx, forced))
-        v0 = basis[idx].sum(axis=1) if basis is not None and len(idx) > basis.shape[1] + 1 else None
-        if v0 is not None and not (np.isfinite(v0).all() and np.abs(v0).max() > 0):
-            v0 = None  # scanpy's seeded random start
-        subs.append(dpt(X[idx], t[idx], sr, np.asarray(idx), v0)[0])
+    from threadpoolctl import threadpool_limits
+
+    # past the search, one BLAS thread everywhere: the sparse work gains nothing from more, and the
+    # numbers then do not depend on ``threads``
+    with threadpool_limits(limits=1):
+        full, r0, a = dpt(X, t, root, None)
+        # warm start: the subsample's leading eigenvectors are close to the full data's, restricted
+        basis = np.asarray(a.obsm["X_diffmap"], dtype=np.float64) if o.fast_eigen else None
+        extra = np.vstack([_dpt_from_graph(a, int(e)) for e in extra_roots]) if len(extra_roots) else np.empty((0, t.shape[0]))
+        forced = None if isinstance(root, str) else int(root)
+
+        def one(idx: np.ndarray) -> np.ndarray:
+            sr: RootRule | int = root if forced is None else int(np.searchsorted(idx, forced))
+            v0 = basis[idx].sum(axis=1) if basis is not None and len(idx) > basis.shape[1] + 1 else None
+            if v0 is not None and not (np.isfinite(v0).all() and np.abs(v0).max() > 0):
+                v0 = None  # scanpy's seeded random start
+            return dpt(X[idx], t[idx], sr, np.asarray(idx), v0)[0]
+
+        if threads > 1 and len(subsamples) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            # threads share the process's warning filters: restore them once all are done
+            with warnings.catch_warnings(), ThreadPoolExecutor(min(threads, len(subsamples))) as ex:
+                subs = list(ex.map(one, subsamples))
+        else:
+            subs = [one(idx) for idx in subsamples]
     return LayerPseudotimes(full=full, root=r0, subsamples=tuple(subs), extra_roots=extra)
 
 

@@ -121,7 +121,7 @@ def eval_trajectory(
     protocol: ProtocolOpt = "default",
     standardize: Annotated[bool, typer.Option("--standardize", help="Z-score every embedding coordinate first.")] = False,
     roots: Annotated[int, typer.Option("--roots", help="Random earliest-time roots for the root-sensitivity report.")] = 5,
-    knn: Annotated[str, typer.Option("--knn", help="auto (exact up to 8,192 cells, pynndescent above), exact or approx.")] = "auto",
+    knn: Annotated[str, typer.Option("--knn", help="auto (exact up to 131,072 cells, pynndescent above), exact or approx.")] = "auto",
     threads: ThreadsOpt = None,
     store: StoreOpt = default_store_path(),
     catalog: CatalogOpt = None,

@@ -132,7 +132,53 @@ def test_trajectory_approximate_knn_scores_match_exact(monkeypatch: pytest.Monke
     assert scores["sklearn"] > 0.8
     assert abs(scores["sklearn"] - scores["pynndescent"]) < 0.02, scores
     cfg = tt.TrajectoryConfig(pseudotime_key="t")
-    assert tt._transformer(cfg, 8192) == "sklearn" and tt._transformer(cfg, 8193) == "pynndescent"  # scanpy's threshold
-    assert tt._transformer(tasks.replace_config(cfg, knn="exact"), 10**6) == "sklearn"
+    assert tt._transformer(cfg, 8192) == "sklearn" and tt._transformer(cfg, 8193) == "blocked"
+    assert tt._transformer(cfg, 2**17) == "blocked" and tt._transformer(cfg, 2**17 + 1) == "pynndescent"
+    assert tt._transformer(tasks.replace_config(cfg, knn="exact"), 10**6) == "blocked"
+    assert tt._transformer(tasks.replace_config(cfg, knn="exact"), 100) == "sklearn"
     assert tt._transformer(tasks.replace_config(cfg, knn="approx"), 100) == "pynndescent"
     assert tt._transformer(tasks.replace_config(cfg, protocol="paper"), 100) is None
+
+
+@pytest.mark.parametrize(("threaded", "jobs", "want"), [
+    (True, 2, [1, 1, 1, 1, 2]),  # the odd last layer gets both CPUs, after the others
+    (False, 2, [1, 1, 1, 1, 1]),  # a task that does not use threads keeps one per layer
+    (True, 1, [2, 2, 2, 2, 2]),  # one process: every CPU for each layer
+])
+def test_runner_gives_threaded_layers_the_idle_cpus(monkeypatch: pytest.MonkeyPatch, threaded: bool, jobs: int,
+                                                    want: list[int]) -> None:
+    class ThreadsSeen(tasks.Task):  # defined here: pickled by value into the worker processes
+        name = "threads-seen-test"
+        threaded_layers = threaded
+
+        def layer_input(self, ctx, config, state, layer):  # type: ignore[no-untyped-def]
+            return layer
+
+        def compute_layer(self, config, state, layer, data):  # type: ignore[no-untyped-def]
+            from threadpoolctl import threadpool_info
+
+            from sclstore.eval.tasks import layer_threads
+
+            return layer_threads(), {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    monkeypatch.setattr(runner, "cpu_allowance", lambda: 2)
+    got = runner._compute_layers(ThreadsSeen(), None, tasks.TaskConfig(n_jobs=jobs), None, list(range(5)),  # type: ignore[arg-type]
+                                 runner.LayerProgress(5, "t", enabled=False))
+    assert [got[la][0] for la in range(5)] == want
+    if jobs > 1:  # in the workers, the BLAS limit follows
+        assert [got[la][1] for la in range(5)] == [{w} for w in want]
+
+
+def test_threaded_subsample_graphs_give_the_same_numbers() -> None:
+    from sclstore.eval.stats import subsample_indices
+    from sclstore.eval.trajectory import GraphOptions, layer_pseudotimes
+
+    rng = np.random.default_rng(5)
+    n = 1200
+    t = rng.uniform(0, 1, n)
+    X = simulate_layers(np.c_[t, np.sin(4 * t), rng.normal(scale=0.2, size=(n, 2))], n_layers=1, best_layer=0, dim=16, seed=5)[0]
+    idx = subsample_indices(n, n_subsamples=6, fraction=0.8, seed=1)
+    one, two = (layer_pseudotimes(X, t, subsamples=idx, options=GraphOptions(n_neighbors=15), threads=th) for th in (1, 2))
+    assert np.array_equal(one.full, two.full) and one.root == two.root
+    for a, b in zip(one.subsamples, two.subsamples, strict=True):
+        assert np.array_equal(a, b)
