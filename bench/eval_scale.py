@@ -54,6 +54,28 @@ def load() -> str:
     return f"load average {a:.2f} {b:.2f} {c:.2f} ({os.cpu_count()} CPUs, affinity {len(os.sched_getaffinity(0))})"
 
 
+def speed_anchor() -> str:
+    """One CPU's time for a fixed dense product and fixed sparse products (this VM's speed drifts by up to ~1.4x)."""
+    from scipy import sparse
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((4096, 512)).astype(np.float32)
+    S = sparse.csr_matrix((rng.random(100_000 * 50), rng.integers(0, 100_000, 100_000 * 50), np.arange(0, 100_000 * 50 + 1, 50)),
+                          shape=(100_000, 100_000))  # 50 entries a row, like a kNN graph's transitions
+    x = rng.standard_normal(100_000)
+    with threadpool_limits(limits=1):
+        c0 = time.process_time()
+        for _ in range(4):
+            A @ A.T
+        dense = time.process_time() - c0
+        c0 = time.process_time()
+        for _ in range(200):
+            S @ x
+        sparse_ = time.process_time() - c0
+    return f"speed anchor: dense {dense:.2f} s, sparse {sparse_:.2f} s"
+
+
 def e3(work: Path, args: argparse.Namespace) -> None:
     n = max(200, int(args.traj_cells * args.size))
     rng = np.random.default_rng(0)
@@ -65,6 +87,7 @@ def e3(work: Path, args: argparse.Namespace) -> None:
     adata = ad.AnnData(np.ones((n, 5), np.float32), obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(5)]))
     backend, run = store_with_layers(work / "e3", adata, layers, name="traj")
     del layers
+    print(f"E3 before: {speed_anchor()}")
     t0 = time.perf_counter()
     rep = sclstore.Store(backend).evaluate_trajectory(run, pseudotime_key="time", reference=False, n_subsamples=args.subsamples,
                                                       n_jobs=args.jobs, progress=True)
@@ -76,6 +99,7 @@ def e3(work: Path, args: argparse.Namespace) -> None:
     print(f"E3 trajectory {n} cells x {args.layers} layers x {args.dim} dims, {args.subsamples} subsamples, jobs {args.jobs}, "
           f"kNN {rep.notes.get('knn', 'auto')}: {sec:.1f} s ({sec / args.layers:.1f} s per layer); "
           f"best layer {int(rep.summary['best_layer'].iloc[0])}  [{load()}]")
+    print(f"E3 after: {speed_anchor()}")
     if n < full or args.subsamples != 20:
         print(f"   EXTRAPOLATED to {full} cells, 20 subsamples: exact kNN (x (n/{n})^2) {sec * factor * reps / 60:.0f} min; "
               f"approximate kNN (x (n/{n})^1.14, assumed) {sec * approx * reps / 60:.0f} min")
