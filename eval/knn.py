@@ -31,7 +31,7 @@ __all__ = ["EXACT_METHODS", "NEIGHBOUR_METHODS", "NeighbourLists", "PrecomputedK
            "subsample_fraction"]
 
 #: ``sklearn``: exact brute-force search (scanpy's ``transformer="sklearn"``); ``blocked``: exact, by
-#: blocked matrix products (:mod:`sclstore.eval.knn_exact`, ~5x faster at 20,000 cells and more);
+#: blocked matrix products (:mod:`sclstore.eval.knn_exact`, ~4x faster at 20,000 cells, more above);
 #: ``pynndescent``: approximate.
 NEIGHBOUR_METHODS = ("sklearn", "blocked", "pynndescent")
 #: The exact ones.

@@ -12,9 +12,11 @@ exact search measures them) and sorted. A cell's list is provably its exact ``K`
 its ``K``-th re-measured distance lies below its last float32 candidate's distance minus the
 rounding bound of the float32 computation (see :func:`_rounding_bound`); any other cell is
 searched again in float64 against all cells. So the result is the exact search's, ties aside,
-at the cost of ~half a brute-force matrix product: at 100,000 cells x 512 dims, ~55 s of one CPU
-against ~290 s for scikit-learn's brute force and ~75 s for pynndescent's approximate graph
-(``bench/eval_scale.py``).
+at the cost of ~half a brute-force matrix product, whatever the data's structure: at 100,000
+cells x 512 dims, 60-72 s of one CPU against ~270 s for scikit-learn's brute force (extrapolated
+from 20,000 cells). pynndescent's approximate graph took 75-90 s on the benchmark's noisiest layer
+(recall 0.52) but is faster on structured layers, where it also finds more true neighbours
+(``bench/eval_scale.py`` E8; BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from sclstore.store.errors import InvalidInputError
 
 __all__ = ["BLOCK", "MARGIN", "exact_neighbours"]
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 #: Cells per block: a 512 x 512 float32 block of distances (1 MiB) stays in a core's L2 cache.
 BLOCK = 512
@@ -166,7 +168,7 @@ def exact_neighbours(X: np.ndarray, K: int, *, block: int = BLOCK, margin: int =
     last = hd.max(axis=1).astype(np.float64)
     unproven = np.flatnonzero((Kc < n - 1) & ~(cand_d[:, K - 1] < last - _rounding_bound(sq, dim)))
     if unproven.size:
-        log.debug("exact kNN: %d of %d cells searched again in float64 (rounding bound above their margin)", unproven.size, n)
+        logger.debug("exact kNN: %d of %d cells searched again in float64 (rounding bound above their margin)", unproven.size, n)
         _search_again(X, unproven, K, cand_i, cand_d)
     return cand_i[:, :K].copy(), np.sqrt(cand_d[:, :K]).astype(np.float32)
 

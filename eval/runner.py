@@ -121,11 +121,21 @@ def _claimed_rows(rows: list[LayerScore], est: np.ndarray, resamples: np.ndarray
 
 
 def cpu_allowance() -> int:
-    """CPUs this process may use (its affinity set; 1 when unknown)."""
+    """CPUs this process may use: its affinity set (1 when unknown), capped by the thread policy in force.
+
+    The policy (``--threads``, ``SCLSTORE_THREADS``, cgroup quota, Slurm: :mod:`sclstore.store.runtime`)
+    is the one the ``Store`` methods apply before evaluating.
+    """
+    from sclstore.store import runtime
+
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+        cpus = max(1, os.cpu_count() or 1)
+    policy = runtime.active_policy()
+    if policy is not None and policy.enabled:
+        cpus = min(cpus, max(1, policy.threads))
+    return cpus
 
 
 # ----------------------------------------------------------------------------------- progress

@@ -37,8 +37,9 @@ __all__ = ["APPROX_KNN_ABOVE", "BLOCKED_KNN_ABOVE", "KNN_METHODS", "TrajectoryCo
 #: exact search, ~4x slower at 20,000 cells).
 BLOCKED_KNN_ABOVE = 8192
 #: Above this many cells ``knn="auto"`` uses pynndescent's approximate neighbours. The blocked exact
-#: search costs ~n^2 and pynndescent ~n^1.14: at 100,000 cells x 512 dims they take ~60 and ~75 s of
-#: one CPU (``bench/eval_scale.py`` E8), so up to 2^17 cells ``auto`` keeps the search exact.
+#: search costs ~n^2 (60-72 s of one CPU at 100,000 cells x 512 dims, whatever the layer) and
+#: pynndescent ~n^1.14 (75-90 s on a noise-dominated layer, recall 0.52; less on structured ones:
+#: ``bench/eval_scale.py`` E8), so up to 2^17 cells ``auto`` keeps the search exact.
 APPROX_KNN_ABOVE = 131072
 KNN_METHODS = ("auto", "exact", "approx")
 SUBSAMPLE_FRACTION = 0.8

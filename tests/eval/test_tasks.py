@@ -182,3 +182,14 @@ def test_threaded_subsample_graphs_give_the_same_numbers() -> None:
     assert np.array_equal(one.full, two.full) and one.root == two.root
     for a, b in zip(one.subsamples, two.subsamples, strict=True):
         assert np.array_equal(a, b)
+
+
+def test_cpu_allowance_follows_the_thread_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sclstore.store import runtime
+
+    monkeypatch.setattr(runtime, "_ACTIVE", None)
+    free = runner.cpu_allowance()
+    monkeypatch.setattr(runtime, "_ACTIVE", runtime.decide(1))  # --threads 1
+    assert runner.cpu_allowance() == 1
+    monkeypatch.setattr(runtime, "_ACTIVE", runtime.decide(env={"SCLSTORE_THREADS": "off"}))  # disabled: the affinity set
+    assert runner.cpu_allowance() == free
