@@ -27,7 +27,7 @@ Usage::
 
     python bench/eval_scale.py [--size 1.0] [--jobs 2] [--subsamples 20] [--only E3 E4 E5 E6 E7] [--dir WORK]
                                [--layer-cells 5000 10000 20000] [--knn approx] [--rsa-k 500 1000 2000]
-                               [--knn-sklearn-cells 20000] [--e8-subsamples 5]
+                               [--knn-sklearn-cells 20000] [--e8-subsamples 5] [--e3-knn auto]
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def e3(work: Path, args: argparse.Namespace) -> None:
     print(f"E3 before: {speed_anchor()}")
     t0 = time.perf_counter()
     rep = sclstore.Store(backend).evaluate_trajectory(run, pseudotime_key="time", reference=False, n_subsamples=args.subsamples,
-                                                      n_jobs=args.jobs, progress=True)
+                                                      n_jobs=args.jobs, progress=True, knn=args.e3_knn)
     sec = time.perf_counter() - t0
     full = args.traj_cells
     factor = (full / n) ** 2  # exact kNN: O(n^2 d) dominates
@@ -253,6 +253,7 @@ def main() -> None:
     ap.add_argument("--layer-cells", type=int, nargs="+", default=[5000, 10000, 20000], help="E6 sizes")
     ap.add_argument("--knn", choices=["exact", "blocked", "approx"], default="approx",
                     help="E6 neighbour search (exact: scikit-learn's; auto picks blocked above 8,192 cells, approx above 131,072)")
+    ap.add_argument("--e3-knn", choices=["auto", "exact", "approx"], default="auto", help="E3 neighbour search (the task's knn)")
     ap.add_argument("--knn-sklearn-cells", type=int, default=20_000, help="E8: cells for scikit-learn's brute force")
     ap.add_argument("--e8-subsamples", type=int, default=5, help="E8: subsamples scored with each graph")
     ap.add_argument("--rsa-k", type=int, nargs="+", default=[500, 1000, 2000], help="E7 perturbation counts")
