@@ -19,7 +19,8 @@ E7  RSA cost per layer and condition vs perturbations, in-process CPU seconds: c
     (the target 2,000 included), extrapolated to 3 conditions x ``--layers`` on ``--jobs`` cores.
 E8  neighbour search of one E3 layer (the final, noisiest one; ``--traj-cells`` x ``--dim``), one
     CPU: the blocked exact search vs pynndescent (times, pynndescent's recall against the exact
-    lists), scikit-learn's brute force timed on ``--knn-sklearn-cells`` cells; then the best
+    lists), scikit-learn's brute force timed on ``--knn-sklearn-cells`` cells; the blocked search
+    with int8 and with float32 products on the final and the best layer; then the best
     layer's trajectory scores (all cells + ``--e8-subsamples`` subsamples) with exact vs
     approximate graphs.
 
@@ -195,6 +196,7 @@ def e8(args: argparse.Namespace) -> None:
     from threadpoolctl import threadpool_limits
 
     from sclstore.eval.knn import list_length, neighbour_lists
+    from sclstore.eval.knn_exact import exact_neighbours
     from sclstore.eval.stats import subsample_indices
     from sclstore.eval.trajectory import GraphOptions, combine_layer_pseudotimes, layer_pseudotimes
 
@@ -215,6 +217,17 @@ def e8(args: argparse.Namespace) -> None:
             c0 = time.process_time()
             lists[m] = neighbour_lists(X, K, method=m)
             cpu[m] = time.process_time() - c0
+        prod = {}
+        for p in ("int8", "float32"):  # the blocked search's two kinds of products, on the noisy and the best layer
+            for name, Y in (("final", X), ("best", best)):
+                c0 = time.process_time()
+                got = exact_neighbours(Y, K, products=p)
+                prod[p, name] = (time.process_time() - c0, got)
+        same = all(np.array_equal(prod["int8", m][1][0], prod["float32", m][1][0]) for m in ("final", "best"))
+        print(f"E8 blocked search, one CPU: final layer int8 {prod['int8', 'final'][0]:.1f} s, float32 {prod['float32', 'final'][0]:.1f} s; "
+              f"best layer int8 {prod['int8', 'best'][0]:.1f} s, float32 {prod['float32', 'best'][0]:.1f} s; "
+              f"lists identical: {same}  [{load()}]")
+        del prod
         m_sk = min(n, args.knn_sklearn_cells)
         c0 = time.process_time()
         neighbour_lists(X[:m_sk], K, method="sklearn")
