@@ -301,8 +301,11 @@ def _with_self(indices: np.ndarray, distances: np.ndarray) -> tuple[np.ndarray, 
             np.hstack([np.zeros((n, 1), dtype=np.float32), np.asarray(distances, dtype=np.float32)]))
 
 
-def _choose_root(a: AnnData, time: np.ndarray, root: RootRule | int) -> int:
-    """Root cell index on the graph of ``a`` (AnnData after neighbors + diffmap)."""
+def _choose_root(a: AnnData, time: np.ndarray, root: RootRule | int, labels: np.ndarray | None = None) -> int:
+    """Root cell index on the graph of ``a`` (AnnData after neighbors + diffmap).
+
+    ``labels``: the graph's component labels when known (:func:`~sclstore.eval.dpt_direct.components`).
+    """
     n = a.n_obs
     if not isinstance(root, str):
         r = int(root)
@@ -323,7 +326,8 @@ def _choose_root(a: AnnData, time: np.ndarray, root: RootRule | int) -> int:
     # the component where the candidates lie. Ties (three different picks) are broken by the
     # summed standardised extremeness over the three components, not by cell order: on branching
     # data the order-based tie-break picked branch-point cells in ~20% of subsamples.
-    _, labels = connected_components(a.obsp["connectivities"], directed=False)
+    if labels is None:
+        _, labels = connected_components(a.obsp["connectivities"], directed=False)
     big = np.bincount(labels).argmax()
     in_big = cand[labels[cand] == big]
     if in_big.size == 0:

@@ -42,6 +42,7 @@ from sclstore.eval.dpt import (
     reference_pseudotime,
     standardize_columns,
 )
+from sclstore.eval.dpt_direct import components, dpt_pseudotime_from_map
 from sclstore.eval.knn import NEIGHBOUR_METHODS, PrecomputedKnn, list_length, neighbour_lists, restrict, subsample_fraction
 from sclstore.eval.stats import (
     PairedDifference,
@@ -424,8 +425,9 @@ class GraphOptions:
         basis (:func:`~sclstore.eval.dpt.lanczos_vectors`) and, on the subsamples, a start vector
         from the full-data eigenvectors (~40% fewer Lanczos products);
         with reused neighbour lists, connectivities and transition matrix built straight from the
-        lists (:mod:`sclstore.eval.connectivity`). DPT within 5e-6 of ``False``, which is
-        ``sc.pp.neighbors`` + ``sc.tl.diffmap`` bit for bit.
+        lists (:mod:`sclstore.eval.connectivity`); the graph's components found once for the root rule
+        and the pseudotime, which is ``sc.tl.dpt``'s formula bit for bit (:mod:`sclstore.eval.dpt_direct`).
+        DPT within 5e-6 of ``False``, which is ``sc.pp.neighbors`` + ``sc.tl.diffmap`` bit for bit.
     """
 
     n_neighbors: int = 30
@@ -594,8 +596,16 @@ def layer_pseudotimes(
             transformer = PrecomputedKnn(*restrict(lists, X, sel, k - 1))
         a = _graph(Xs, o.n_neighbors, o.n_dcs, o.seed, transformer=transformer, diffmap_comps=o.diffmap_comps, v0=v0,
                    eigen_tol=EIGSH_TOL if o.fast_eigen else 0.0, direct=o.fast_eigen)
-        rr = _choose_root(a, ts, r)
-        return _dpt_from_graph(a, rr), rr, a
+        if not o.fast_eigen:
+            rr = _choose_root(a, ts, r)
+            return _dpt_from_graph(a, rr), rr, a
+        a.uns["sclstore_components"] = labels = components(a.obsp["connectivities"])  # symmetric: one search serves both
+        rr = _choose_root(a, ts, r, labels)
+        return _direct_dpt(a, rr), rr, a
+
+    def _direct_dpt(a: Any, root_: int) -> np.ndarray:
+        m = int(a.uns["sclstore_n_dcs"])
+        return dpt_pseudotime_from_map(a.uns["diffmap_evals"][:m], a.obsm["X_diffmap"][:, :m], root_, a.uns["sclstore_components"])
 
     from threadpoolctl import threadpool_limits
 
@@ -605,7 +615,8 @@ def layer_pseudotimes(
         full, r0, a = dpt(X, t, root, None)
         # warm start: the subsample's leading eigenvectors are close to the full data's, restricted
         basis = np.asarray(a.obsm["X_diffmap"], dtype=np.float64) if o.fast_eigen else None
-        extra = np.vstack([_dpt_from_graph(a, int(e)) for e in extra_roots]) if len(extra_roots) else np.empty((0, t.shape[0]))
+        dpt_at = _direct_dpt if o.fast_eigen else _dpt_from_graph
+        extra = np.vstack([dpt_at(a, int(e)) for e in extra_roots]) if len(extra_roots) else np.empty((0, t.shape[0]))
         forced = None if isinstance(root, str) else int(root)
 
         def one(idx: np.ndarray) -> np.ndarray:
