@@ -217,6 +217,15 @@ def e8(args: argparse.Namespace) -> None:
             c0 = time.process_time()
             lists[m] = neighbour_lists(X, K, method=m)
             cpu[m] = time.process_time() - c0
+        m_sk = min(n, args.knn_sklearn_cells)
+        c0 = time.process_time()
+        neighbour_lists(X[:m_sk], K, method="sklearn")
+        sk = time.process_time() - c0
+        ex, ap_ = lists["blocked"].indices, lists["pynndescent"].indices
+        recall = float(np.mean([len(set(a[:29]) & set(e[:29])) / 29 for a, e in zip(ap_, ex, strict=True)]))
+        print(f"E8 neighbour lists (K = {K}) of {n} cells x {args.dim} dims, one CPU: blocked exact {cpu['blocked']:.1f} s, "
+              f"pynndescent {cpu['pynndescent']:.1f} s (recall of the 29 nearest {recall:.3f}); scikit-learn brute force "
+              f"{sk:.1f} s at {m_sk} cells (x (n/{m_sk})^2 = {sk * (n / m_sk) ** 2:.0f} s at {n}, extrapolated)  [{load()}]")
         prod = {}
         for p in ("int8", "float32"):  # the blocked search's two kinds of products, on the noisy and the best layer
             for name, Y in (("final", X), ("best", best)):
@@ -228,15 +237,6 @@ def e8(args: argparse.Namespace) -> None:
               f"best layer int8 {prod['int8', 'best'][0]:.1f} s, float32 {prod['float32', 'best'][0]:.1f} s; "
               f"lists identical: {same}  [{load()}]")
         del prod
-        m_sk = min(n, args.knn_sklearn_cells)
-        c0 = time.process_time()
-        neighbour_lists(X[:m_sk], K, method="sklearn")
-        sk = time.process_time() - c0
-        ex, ap_ = lists["blocked"].indices, lists["pynndescent"].indices
-        recall = float(np.mean([len(set(a[:29]) & set(e[:29])) / 29 for a, e in zip(ap_, ex, strict=True)]))
-        print(f"E8 neighbour lists (K = {K}) of {n} cells x {args.dim} dims, one CPU: blocked exact {cpu['blocked']:.1f} s, "
-              f"pynndescent {cpu['pynndescent']:.1f} s (recall of the 29 nearest {recall:.3f}); scikit-learn brute force "
-              f"{sk:.1f} s at {m_sk} cells (x (n/{m_sk})^2 = {sk * (n / m_sk) ** 2:.0f} s at {n}, extrapolated)  [{load()}]")
         idx = subsample_indices(n, n_subsamples=args.e8_subsamples, fraction=0.8, seed=0)
         layer_pseudotimes(best[:3000], t[:3000], options=GraphOptions(transformer="blocked"))  # imports paid before timing
         scores = {}

@@ -84,5 +84,6 @@ def dpt_pseudotime_from_map(evals: np.ndarray, basis: np.ndarray, root: int, lab
     if labels.max() > 0:
         row[labels != labels[root]] = np.inf
     pt = np.sqrt(row)
-    pt /= np.max(pt[pt < np.inf])
+    with np.errstate(divide="ignore", invalid="ignore"):  # all distances 0 (identical cells): nan, as scanpy's
+        pt /= np.max(pt[pt < np.inf])
     return pt.astype(np.float64)
