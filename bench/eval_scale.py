@@ -230,9 +230,9 @@ def e8(args: argparse.Namespace) -> None:
         for p in ("int8", "float32"):  # the blocked search's two kinds of products, on the noisy and the best layer
             for name, Y in (("final", X), ("best", best)):
                 c0 = time.process_time()
-                got = exact_neighbours(Y, K, products=p)
-                prod[p, name] = (time.process_time() - c0, got)
-        same = all(np.array_equal(prod["int8", m][1][0], prod["float32", m][1][0]) for m in ("final", "best"))
+                got, _ = exact_neighbours(Y, K, products=p)
+                prod[p, name] = (time.process_time() - c0, got)  # the indices only (distances follow from them)
+        same = all(np.array_equal(prod["int8", m][1], prod["float32", m][1]) for m in ("final", "best"))
         print(f"E8 blocked search, one CPU: final layer int8 {prod['int8', 'final'][0]:.1f} s, float32 {prod['float32', 'final'][0]:.1f} s; "
               f"best layer int8 {prod['int8', 'best'][0]:.1f} s, float32 {prod['float32', 'best'][0]:.1f} s; "
               f"lists identical: {same}  [{load()}]")
