@@ -47,3 +47,23 @@ def test_a_sweep_keeps_each_cells_smallest_values(n: int, block: int, keep: int,
     assert np.array_equal(np.sort(got, axis=1).astype(np.int64), want)
     assert np.array_equal(last, want[:, -1].astype(np.float64))
     assert ((bi[:, :keep] != np.arange(n)[:, None]).all())  # never a cell with itself
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int64])
+def test_diagonal_blocks_seed_empty_buffers_and_offer_otherwise(dtype: type) -> None:
+    # diagonal blocks first fill the buffers by one selection each; visited last they offer their
+    # upper triangle like any block: the same lists either way (oracle: each row's smallest values)
+    n, block, keep = 300, 64, 20
+    rng = np.random.default_rng(4)
+    upper = rng.permutation(n * n).reshape(n, n).astype(dtype)
+    D = np.triu(upper, 1) + np.triu(upper, 1).T
+    pairs = list(knn_blocks.block_pairs(n, block))
+    want = np.sort(np.where(np.eye(n, dtype=bool), np.iinfo(np.int64).max, D.astype(np.int64)), axis=1)[:, :keep]
+    for order in (pairs, pairs[::-1]):
+        bd, bi, count, thr = knn_blocks.buffers(n, keep, dtype)
+        for i0, j0 in order:
+            knn_blocks.scan(np.ascontiguousarray(D[i0:i0 + block, j0:j0 + block]), i0, j0, i0 == j0, bd, bi, count, keep, thr)
+        knn_blocks.finish(bd, bi, count, keep)
+        got = np.sort(np.take_along_axis(D, bi[:, :keep], axis=1), axis=1).astype(np.int64)
+        assert np.array_equal(got, want)
+        assert (thr >= want[:, -1]).all()  # a threshold is never below the list's last (what the proof uses)
