@@ -237,12 +237,15 @@ def _has_int_mm() -> bool:
 
 
 @functools.cache
-def _int8_products_pay() -> bool:
-    """Whether exact int8 products (torch's ``_int_mm``) are exact here and faster than float32's.
+def _int8_products_pay(dim: int) -> bool:
+    """Whether exact int8 products (torch's ``_int_mm``) are exact here and faster than float32's at ``dim``.
 
     Exactness is checked on inputs that saturate 16-bit pair sums (as some int8 kernels without
-    VNNI or AMX do); speed by timing both on one block (AMX makes int8 ~5x faster; without it,
-    float32 may win). Either way the neighbours are the same: only the time differs.
+    VNNI or AMX do); speed by timing one block pair of each search at the search's own width, on
+    one thread, alternately, comparing medians. The ratio depends on the width: with AMX int8
+    takes ~0.55x float32's time at 512 dims, ~0.75x at 256 and loses at 64 (its int32 outputs
+    cost the same at any width), so a decision timed at another width, or on single best-of
+    timings on a busy machine, flips. Either way the neighbours are the same: only the time differs.
     """
     if not _has_int_mm():
         return False
@@ -250,7 +253,7 @@ def _int8_products_pay() -> bool:
 
     try:
         rng = np.random.default_rng(0)
-        a = rng.integers(-128, 128, (BLOCK, 2 * 256), dtype=np.int8)
+        a = rng.integers(-128, 128, (BLOCK, 512), dtype=np.int8)
         a[:64] = 127
         a[64:128] = -128
         b = a[::-1].copy()
@@ -258,31 +261,32 @@ def _int8_products_pay() -> bool:
         if not np.array_equal(got, a.astype(np.int64) @ b.astype(np.int64).T):
             logger.info("exact kNN: int8 products are not exact on this CPU; using float32 products")
             return False
-        # one block pair of each search at 256 dims, on one thread: the int8 products of lengths d and
-        # 2d against the float32 product of length d + 2
         from threadpoolctl import threadpool_limits
 
-        a1, a2 = torch.from_numpy(a[:, :256].copy()), torch.from_numpy(b[:, :256].copy())
-        l2, r2 = torch.from_numpy(a), torch.from_numpy(b)
-        x, y = rng.standard_normal((2, BLOCK, 258)).astype(np.float32)
+        # the int8 search's two products (lengths dim and 2 dim) against the float32 one (dim + 2)
+        limb = torch.from_numpy(rng.integers(-128, 128, (2, BLOCK, dim), dtype=np.int8))
+        pair = torch.from_numpy(rng.integers(-128, 128, (2, BLOCK, 2 * dim), dtype=np.int8))
+        x, y = rng.standard_normal((2, BLOCK, dim + 2)).astype(np.float32)
         with _torch_threads(torch, 1), threadpool_limits(limits=1):
-            int8 = _best_of(lambda: (torch._int_mm(a1, a2.T), torch._int_mm(l2, r2.T)))
-            f32 = _best_of(lambda: x @ y.T)
-        logger.debug("exact kNN: one block of products, int8 %.3f ms, float32 %.3f ms", int8 * 1e3, f32 * 1e3)
+            int8, f32 = _medians(lambda: (torch._int_mm(limb[0], limb[1].T), torch._int_mm(pair[0], pair[1].T)), lambda: x @ y.T)
+        logger.debug("exact kNN: one block pair of products at %d dims, int8 %.3f ms, float32 %.3f ms", dim, int8 * 1e3, f32 * 1e3)
         return int8 < 0.8 * f32
     except RuntimeError:  # no int8 kernel for this CPU
         return False
 
 
-def _best_of(f: Callable[[], object], repeats: int = 7) -> float:
-    """Fastest of a few runs of ``f`` (seconds), after one warm-up."""
-    f()
-    best = np.inf
+def _medians(f: Callable[[], object], g: Callable[[], object], repeats: int = 15) -> tuple[float, float]:
+    """Median seconds of ``f`` and of ``g``, run alternately after a warm-up (a busy machine slows both alike)."""
+    f(), g()
+    tf, tg = [], []
     for _ in range(repeats):
         t = time.perf_counter()
         f()
-        best = min(best, time.perf_counter() - t)
-    return best
+        tf.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        g()
+        tg.append(time.perf_counter() - t)
+    return float(np.median(tf)), float(np.median(tg))
 
 
 def exact_neighbours(X: np.ndarray, K: int, *, block: int = BLOCK, margin: int = MARGIN,
@@ -320,7 +324,7 @@ def exact_neighbours(X: np.ndarray, K: int, *, block: int = BLOCK, margin: int =
     if products not in ("auto", "float32", "int8"):
         raise InvalidInputError(f"products must be auto, float32 or int8, got {products!r}")
     if products == "auto":
-        products = "int8" if dim <= _INT8_MAX_DIM and _int8_products_pay() else "float32"
+        products = "int8" if dim <= _INT8_MAX_DIM and _int8_products_pay(min(4096, -(-dim // 64) * 64)) else "float32"
     if products == "int8" and dim > _INT8_MAX_DIM:
         raise InvalidInputError(f"int8 products sum {2 * dim} terms of up to 2^14, beyond int32; use float32 above {_INT8_MAX_DIM} dims")
     if products == "int8" and not _has_int_mm():

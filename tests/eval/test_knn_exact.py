@@ -143,6 +143,41 @@ def test_int8_products_that_are_not_exact_are_caught(monkeypatch: pytest.MonkeyP
     assert "not exact on this CPU" in caplog.text
 
 
+def test_auto_products_are_decided_at_the_searchs_own_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    # int8's advantage depends on the width (its int32 outputs cost the same at any width): the
+    # decision is timed at the search's width, rounded up to 64, and either choice is exact
+    seen: list[int] = []
+
+    def pay(dim: int) -> bool:
+        seen.append(dim)
+        return len(seen) == 2
+
+    monkeypatch.setattr(knn_exact, "_int8_products_pay", pay)
+    X = np.random.default_rng(3).standard_normal((200, 100)).astype(np.float32)
+    want_i, want_d = _oracle(X, 5)
+    for _ in range(2):  # float32, then int8 products
+        idx, dist = exact_neighbours(X, 5)
+        assert np.array_equal(idx, want_i) and np.array_equal(dist, want_d)
+    assert seen == [128, 128]
+
+
+def test_int8_products_do_not_pay_where_they_saturate(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    real = torch._int_mm
+
+    def saturating(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        got = real(a, b).clamp(-(2**15), 2**15 - 1)
+        return got if out is None else out.copy_(got)
+
+    monkeypatch.setattr(torch, "_int_mm", saturating)
+    knn_exact._int8_products_pay.cache_clear()
+    try:
+        assert knn_exact._int8_products_pay(64) is False
+    finally:
+        knn_exact._int8_products_pay.cache_clear()
+
+
 def test_quantised_cells_hold_the_grid_and_its_error() -> None:
     rng = np.random.default_rng(8)
     X = (rng.standard_normal((500, 33)) * [10] + 100).astype(np.float32)
