@@ -169,7 +169,7 @@ def block_pairs(n: int, block: int) -> Iterator[tuple[int, int]]:
 
     A diagonal block fills each of its cells' buffers with its best ``keep`` of ``block - 1`` by one
     selection (:func:`_seed`), so every threshold is set before the first off-diagonal block (the
-    first block row otherwise offers every value, and a push per value costs ~2x the selection).
+    first block row otherwise offers every value, one push each).
     """
     yield from ((i0, i0) for i0 in range(0, n, block))
     yield from ((i0, j0) for i0 in range(0, n, block) for j0 in range(i0 + block, n, block))
