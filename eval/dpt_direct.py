@@ -71,15 +71,13 @@ def dpt_pseudotime_from_map(evals: np.ndarray, basis: np.ndarray, root: int, lab
     """
     ev = np.asarray(evals, dtype=np.float32)
     B = np.asarray(basis, dtype=np.float32)
-    weighted = [j for j in range(ev.size) if ev[j] < STATIONARY]
-    row = np.zeros(B.shape[0], dtype=np.float32)
-    for n_terms, j in enumerate(weighted):
-        term = (ev[j] / (1 - ev[j]) * (B[root, j] - B[:, j])) ** 2
-        row = term if n_terms == 0 else row + term
+    row = np.zeros(B.shape[0], dtype=np.float32)  # 0 + x is x: the same sums as scanpy's
     stationary = np.zeros(B.shape[0], dtype=np.float32)
-    for n_terms, j in enumerate(k for k in range(ev.size) if ev[k] >= STATIONARY):
-        term = (B[root, j] - B[:, j]) ** 2
-        stationary = term if n_terms == 0 else stationary + term
+    for j in range(ev.size):
+        if ev[j] < STATIONARY:
+            row += (ev[j] / (1 - ev[j]) * (B[root, j] - B[:, j])) ** 2
+        else:
+            stationary += (B[root, j] - B[:, j]) ** 2
     row += stationary
     if labels.max() > 0:
         row[labels != labels[root]] = np.inf

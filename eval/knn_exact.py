@@ -257,8 +257,9 @@ def _int8_products_pay(dim: int) -> bool:
         a[:64] = 127
         a[64:128] = -128
         b = a[::-1].copy()
-        got = torch._int_mm(torch.from_numpy(a), torch.from_numpy(b).T).numpy()
-        if not np.array_equal(got, a.astype(np.int64) @ b.astype(np.int64).T):
+        try:
+            _check_products(torch._int_mm(torch.from_numpy(a), torch.from_numpy(b).T).numpy(), a, b)
+        except _InexactProducts:
             logger.info("exact kNN: int8 products are not exact on this CPU; using float32 products")
             return False
         from threadpoolctl import threadpool_limits
