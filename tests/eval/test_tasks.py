@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 import sclstore
-from sclstore.eval import runner, tasks
+from sclstore.eval import diagnostics, runner, tasks
 from sclstore.eval.simulate import simulate_layers
 from sclstore.store.errors import EvaluationError, InvalidInputError
 from sclstore.testing import store_with_layers
@@ -69,7 +69,7 @@ def test_diagnostics_sequential_equals_parallel_and_progress(tmp_path: Path) -> 
         assert t.loc[3, "cka_previous"] == pytest.approx(1.0)  # CKA is invariant to rotation and scaling
         for la in range(5):
             X = layers[la].astype(np.float64)
-            assert t.loc[la, "participation_ratio"] == pytest.approx(sclstore.eval.diagnostics.participation_ratio(X), rel=1e-5)
+            assert t.loc[la, "participation_ratio"] == pytest.approx(diagnostics.participation_ratio(X), rel=1e-5)
         M = np.asarray(seq.notes["cka_map"]["matrix"])
         assert M.shape == (5, 5) and M[2, 3] == pytest.approx(1.0) and M[0, 4] == pytest.approx(t.loc[0, "cka_final"])
         backend.close()

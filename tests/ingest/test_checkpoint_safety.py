@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 import sclstore
 from sclstore.cli import app
+from sclstore.ingest.convert import convert_checkpoint
 from sclstore.ingest.models import load_adapter
 from sclstore.store.errors import CheckpointError
 
@@ -172,7 +173,7 @@ def test_converted_tahoe_is_the_hf_layout(tmp_path: Path, write_tiny_tahoe: Call
     src = write_tiny_tahoe(tmp_path / "src", "composer")
     _poison("tahoe-x1", src, fractions.Fraction(2, 3))
     dst = tmp_path / "hf"
-    sclstore.ingest.convert.convert_checkpoint(src, dst, trust_pickle=True)
+    convert_checkpoint(src, dst, trust_pickle=True)
     assert sorted(p.name for p in dst.iterdir()) == ["collator_config.yml", "model.safetensors", "model_config.yml", "vocab.json"]
     assert load_adapter("tahoe-x1", dst).describe()["checkpoint_format"] == "hf"
     shutil.rmtree(dst)
