@@ -48,7 +48,7 @@ from sclstore.store.errors import IngestError
 from sclstore.store.shards import ShardLease
 
 from .adapter import GeneMapping, ModelAdapter
-from .lifecycle import worker_setup
+from .lifecycle import signals_blocked, worker_setup
 from .source import CountsSource
 
 __all__ = ["embed_shard", "peak_rss_bytes", "start_workers", "stream_count"]
@@ -74,8 +74,8 @@ def _worker_init(parent_pid: int) -> None:
 
     A forked child must not enter the OpenMP pool its parent already started (libgomp hangs);
     like torch's DataLoader workers, each worker runs its ops on one thread. It exits when its
-    parent dies by any signal and leaves SIGINT/SIGTERM handling to the parent
-    (:func:`.lifecycle.worker_setup`).
+    parent dies by any signal and ignores SIGINT/SIGTERM, which the parent handles by shutting the
+    pool down (:func:`.lifecycle.worker_setup`).
     """
     from threadpoolctl import threadpool_limits
 
@@ -99,7 +99,9 @@ def start_workers(workers: int) -> cf.ProcessPoolExecutor | None:
         # TileDB warns about fork after a context exists; the workers only tokenize (numpy/torch)
         # and never touch TileDB, so its internal threads and locks are irrelevant to them.
         warnings.filterwarnings("ignore", message="TileDB is a multithreading library")
-        for fut in [pool.submit(os.getpid) for _ in range(workers)]:
+        with signals_blocked():  # the workers start (the first submit) with them blocked, until they ignore them
+            futs = [pool.submit(os.getpid) for _ in range(workers)]
+        for fut in futs:
             fut.result()
     return pool
 

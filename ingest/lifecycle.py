@@ -4,8 +4,11 @@ Worker side (:func:`worker_setup`, the tokenizer pool's initializer): on Linux t
 ``SIGKILL`` to the worker when its parent dies by any means (``PR_SET_PDEATHSIG``), and a
 watchdog thread also exits the worker as soon as its parent pid changes (re-parenting), so no
 worker outlives its parent by more than a second and none keeps the caller's stdout/stderr
-pipes open. Workers ignore ``SIGINT`` (a Ctrl-C reaches the whole process group; the parent
-handles it) and die silently on ``SIGTERM``.
+pipes open. Workers ignore ``SIGINT`` and ``SIGTERM``: a Ctrl-C reaches the whole process group,
+and so does a Slurm or ``kill -- -PGID`` SIGTERM; the parent gets the same signal and shuts its
+workers down. A worker that died of the signal could die between the two writes of a large reply
+(its length, then its bytes), and the pool's result reader in the parent would then wait forever
+for the missing bytes: the parent would never exit (CPython's ``ProcessPoolExecutor``).
 
 Parent side (:func:`signals_as_exceptions`, used by the CLI): the first ``SIGTERM``/``SIGINT``
 raises :class:`Interrupted` in the main thread, so the pipeline's cleanup runs (writer stopped
@@ -26,11 +29,12 @@ import time
 from collections.abc import Iterator
 from types import FrameType
 
-__all__ = ["Interrupted", "die_with_parent", "exit_code", "signals_as_exceptions", "signals_as_stop", "worker_setup"]
+__all__ = ["Interrupted", "die_with_parent", "exit_code", "signals_as_exceptions", "signals_as_stop", "signals_blocked", "worker_setup"]
 
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+_PARENT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Interrupted(BaseException):
@@ -72,10 +76,33 @@ def die_with_parent(parent_pid: int, *, poll_s: float = 0.5) -> None:
 
 
 def worker_setup(parent_pid: int) -> None:
-    """Initializer of a tokenizer worker: die with the parent, leave signals to the parent."""
+    """Initializer of a tokenizer worker: die with the parent, leave SIGINT and SIGTERM to the parent.
+
+    The worker starts with both signals blocked (:func:`signals_blocked` around the fork), so the
+    parent's handlers it inherits never run in it; they are ignored, then unblocked.
+    """
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # not on Windows
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENT_SIGNALS)
+
+
+@contextlib.contextmanager
+def signals_blocked() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM pending in the calling thread (and in processes it forks) for the block.
+
+    A signal that arrives meanwhile is delivered when the block ends. A no-op where signal masks
+    do not exist (Windows).
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _PARENT_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextlib.contextmanager
