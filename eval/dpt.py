@@ -208,7 +208,9 @@ def diffusion_map(a: AnnData, n_comps: int, seed: int, *, tol: float = EIGSH_TOL
         Start vector of the Lanczos iteration (e.g. from a larger graph's eigenvectors).
     float64_transitions
         Build the transition matrix in float64 in one pass (:func:`~sclstore.eval.connectivity.transitions_sym`)
-        instead of scanpy's float32 diagonal-matrix products (entries agree to float32 rounding).
+        instead of scanpy's float32 diagonal-matrix products (entries agree to float32 rounding),
+        and let the solver read only its upper triangle (:class:`~sclstore.eval.symmetric.UpperSymmetric`:
+        products ~0.6-0.7x the CSR product's time, equal to rounding).
     ncv
         Lanczos basis size (``None``: scipy's ``max(2k + 1, 20)``, as scanpy; see :func:`lanczos_vectors`).
     """
@@ -217,10 +219,12 @@ def diffusion_map(a: AnnData, n_comps: int, seed: int, *, tol: float = EIGSH_TOL
 
     conn = a.obsp["connectivities"]
     n = conn.shape[0]
+    matrix: Any
     if float64_transitions:
         from sclstore.eval.connectivity import transitions_sym
+        from sclstore.eval.symmetric import UpperSymmetric
 
-        matrix = transitions_sym(conn)
+        matrix = UpperSymmetric(transitions_sym(conn))  # exactly symmetric: products read half the matrix
     else:
         dens = np.asarray(conn.sum(axis=0))
         D = sparse.spdiags(1.0 / dens, 0, n, n)

@@ -107,9 +107,10 @@ class TrajectoryTask(Task):
     """Trajectory inference per layer (see :mod:`sclstore.eval.trajectory`)."""
 
     name = "trajectory"
-    version = "5"  # 3: one neighbour search per layer reused by the subsamples (approximate kNN results changed)
+    version = "6"  # 3: one neighbour search per layer reused by the subsamples (approximate kNN results changed)
     # 4: diffusion maps with ARPACK tol 1e-8 and warm-started subsamples (DPT within ~1e-7)
     # 5: auto is exact (blocked search) up to 2^17 cells; a larger Lanczos basis (eigenpairs within the tolerance)
+    # 6: the solver's products read the upper triangle (sums in another order: equal to rounding)
     title = "Trajectory inference (DPT vs time)"
     config_cls = TrajectoryConfig
     threaded_layers = True
