@@ -185,7 +185,7 @@ def memberships(indices: np.ndarray, distances: np.ndarray) -> np.ndarray:
     return w
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)  # the last layer builds its subsample graphs in threads
 def _fuzzy_union(idx: np.ndarray, val: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - numba
     """CSR (sorted columns) of ``P + P^T - P * P^T`` in float32; ``P[i, idx[i, j]] = val[i, j]`` (zeros dropped)."""
     k = idx.shape[1]
