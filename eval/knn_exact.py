@@ -276,6 +276,12 @@ def _int8_products_pay(dim: int) -> bool:
         return False
 
 
+def _timed_width(dim: int) -> int:
+    """The width the product choice is timed at: ``dim`` rounded up to 64 (one timing per 64 widths,
+    each cached for the process), at most 4,096 (the timing's int8 matrices are ``BLOCK x 2 x width``)."""
+    return min(4096, -(-dim // 64) * 64)
+
+
 def _medians(f: Callable[[], object], g: Callable[[], object], repeats: int = 15) -> tuple[float, float]:
     """Median seconds of ``f`` and of ``g``, run alternately after a warm-up (a busy machine slows both alike)."""
     f(), g()
@@ -325,7 +331,7 @@ def exact_neighbours(X: np.ndarray, K: int, *, block: int = BLOCK, margin: int =
     if products not in ("auto", "float32", "int8"):
         raise InvalidInputError(f"products must be auto, float32 or int8, got {products!r}")
     if products == "auto":
-        products = "int8" if dim <= _INT8_MAX_DIM and _int8_products_pay(min(4096, -(-dim // 64) * 64)) else "float32"
+        products = "int8" if dim <= _INT8_MAX_DIM and _int8_products_pay(_timed_width(dim)) else "float32"
     if products == "int8" and dim > _INT8_MAX_DIM:
         raise InvalidInputError(f"int8 products sum {2 * dim} terms of up to 2^14, beyond int32; use float32 above {_INT8_MAX_DIM} dims")
     if products == "int8" and not _has_int_mm():
